@@ -1,0 +1,26 @@
+"Shared fixtures: the reference decoder (Hugging Face generate) and the models under test."
+import pytest, torch
+from specdec import load_model
+
+
+def hf_greedy(target, prompt, max_new_tokens, eos_token_id=None):
+    "Hugging Face `generate(do_sample=False)` of the same target: the reference output, prompt excluded."
+    kw = {} if eos_token_id is None else {"eos_token_id": eos_token_id}
+    out = target.model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                                max_new_tokens=max_new_tokens, pad_token_id=target.eos_token_ids[0], **kw)
+    return out[:, prompt.shape[1]:]
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    return load_model("tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_draft():
+    return load_model("tiny-llama-draft")
+
+
+@pytest.fixture(scope="session")
+def smol():
+    return load_model("smollm2-135m")
