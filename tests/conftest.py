@@ -1,4 +1,6 @@
 "Shared fixtures: the reference decoder (Hugging Face generate) and the models under test."
+import os
+os.environ.setdefault("HF_HUB_OFFLINE", "1")   # tests never reach the hub: fail fast instead of retrying for ~20 s
 import pytest, torch
 from specdec import load_model
 

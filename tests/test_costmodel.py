@@ -1,0 +1,89 @@
+"The cost model: expected tokens, interpolated step costs, predicted speedup, best K, and measured costs."
+import pytest, torch
+from specdec.costmodel import (StepCosts, expected_tokens, predicted_speedup, best_k, conditional_acceptance,
+                               measure_step_costs)
+from specdec.stats import Stats
+
+
+@pytest.mark.parametrize("acceptance, k, expected", [
+    ([0.8], 0, 1.0),                          # no drafts: the target's token only
+    ([1.0], 4, 5.0),                          # all accepted
+    ([0.0], 4, 1.0),
+    ([], 3, 1.0),                             # no rates: nothing accepted
+    ([0.5], 2, 1.75),
+    ([0.9, 0.5], 3, 1 + 0.9 + 0.45 + 0.225),  # the last rate is reused
+    ([0.9, 0.5, 0.0, 1.0], 4, 1 + 0.9 + 0.45),  # nothing survives a zero
+    (0.5, 2, 1.75),                           # a single rate as a number
+])
+def test_expected_tokens(acceptance, k, expected):
+    assert expected_tokens(acceptance, k) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("a", [0.1, 0.5, 0.9])
+def test_expected_tokens_closed_form(a):
+    for k in range(10): assert expected_tokens([a], k) == pytest.approx((1 - a ** (k + 1)) / (1 - a))
+
+
+def test_interpolation():
+    c = StepCosts({8: 0.021, 1: 0.010, 4: 0.013, 2: 0.011})   # any order
+    assert list(c.verify) == [1, 2, 4, 8]
+    for q, t in c.verify.items(): assert c.verify_cost(q) == t
+    assert c.verify_cost(3) == pytest.approx(0.012)
+    assert c.verify_cost(6) == pytest.approx(0.017)
+    assert c.verify_cost(12) == pytest.approx(0.029)          # extrapolated from 4 and 8
+    assert StepCosts({2: 0.02, 4: 0.03}).verify_cost(1) == pytest.approx(0.015)   # below the first point
+    assert StepCosts({1: 0.01, 4: 0.02, 8: 0.019}).verify_cost(16) == pytest.approx(0.019)   # no downward extrapolation
+    assert StepCosts({1: 0.01}).verify_cost(7) == 0.01
+    with pytest.raises(ValueError, match="at least one verification cost"): StepCosts({})
+
+
+def test_predicted_speedup():
+    c = StepCosts({1: 0.010, 2: 0.011, 4: 0.013}, draft=0.001, overhead=0.002)
+    assert predicted_speedup(c, [0.0], 0) == 1.0
+    assert predicted_speedup(c, [0.8], 0) == 1.0
+    # k=3: (1 + .8 + .64 + .512) tokens in 3*1 + 13 + 2 ms, against 1 token per 12 ms
+    assert predicted_speedup(c, [0.8], 3) == pytest.approx(2.952 / 0.018 * 0.012)
+    assert predicted_speedup(c, [0.0], 3) < 1
+
+
+def test_best_k_edges():
+    cheap = StepCosts({1: 0.020, 2: 0.0201, 16: 0.021}, draft=0.0)
+    assert best_k(cheap, [0.0]) == 0                            # never accepted: do not draft
+    assert best_k(cheap, []) == 0
+    assert best_k(cheap, [0.02]) == 0 or predicted_speedup(cheap, [0.02], best_k(cheap, [0.02])) > 1
+    assert best_k(cheap, [1.0]) == 16                           # always accepted, free drafts: draft the most
+    assert best_k(cheap, [1.0], k_max=5) == 5
+    assert best_k(cheap, [1.0], k_max=0) == 0
+    assert best_k(cheap, [0.9]) > 0
+    assert best_k(StepCosts({1: 0.01, 2: 0.02}), [0.9]) == 0   # verifying 2 tokens costs 2 plain steps
+    assert best_k(StepCosts({1: 0.01}, draft=0.05), [0.9]) == 0   # drafts dearer than the target
+    flat = StepCosts({1: 0.01})                                 # ties between k keep the smaller one
+    assert best_k(flat, [0.9, 0.0]) == 1
+    ks = [best_k(StepCosts({1: 0.02, 16: 0.035}, draft=0.002), [a]) for a in (0.3, 0.6, 0.8, 0.95)]
+    assert ks == sorted(ks) and ks[0] < ks[-1]                  # more acceptance, longer drafts
+
+
+def test_conditional_acceptance():
+    s = Stats()
+    for n in [4, 4, 2, 0]: s.record_step(4, n)
+    assert conditional_acceptance(s) == pytest.approx([0.75, 1.0, 2 / 3, 1.0])
+    s = Stats(); s.record_step(3, 0); s.record_step(3, 0)
+    assert conditional_acceptance(s) == [0.0]                   # nothing passed position 0: no later rates
+    assert conditional_acceptance(Stats()) == []
+
+
+def test_measure_synthetic_costs():
+    from specdec.synthetic import SyntheticTarget
+    verify = {1: 0.002, 2: 0.003, 4: 0.005}
+    costs = measure_step_costs(SyntheticTarget(verify_cost=verify), context=16, q_values=(1, 2, 4), repeats=3)
+    for q, t in verify.items(): assert t <= costs.verify[q] < t + 0.003   # sleep overshoot only
+    assert costs.draft == 0.0 and costs.source["context"] == 16
+
+
+def test_measure_tiny_costs(tiny):
+    from specdec.drafters import LayerSkip, PromptLookup
+    costs = measure_step_costs(tiny, LayerSkip(tiny, 2), context=32, q_values=(4, 1, 2), repeats=2)
+    assert list(costs.verify) == [1, 2, 4] and all(t > 0 for t in costs.verify.values())
+    assert costs.draft > 0
+    assert measure_step_costs(tiny, PromptLookup(), context=0, q_values=(1,), repeats=1).draft == 0.0
+    with pytest.raises(ValueError, match="repeats must be >= 1"): measure_step_costs(tiny, repeats=0)
