@@ -89,3 +89,16 @@ def test_bad_bench_parameters():
     with pytest.raises(ValueError, match="K >= 1"): BenchConfig(ks=["0"])
     with pytest.raises(ValueError, match="drafters is empty"): BenchConfig(drafters=[])
     with pytest.raises(ValueError, match="unknown policy 'nope'"): BenchConfig(policies=["nope"])
+
+
+def test_dry_run_checks_pipeline_and_cost_model(tmp_path):
+    "The synthetic target and drafters (set costs and acceptance) run the whole harness in seconds."
+    cfg = BenchConfig(model="synthetic", drafters=["synthetic:0.9", "synthetic:0.3"], ks=["1", "4"], categories=["qa", "code"],
+                      n_prompts=1, max_new_tokens=32, warmup=1, out=str(tmp_path), run_id="dry")
+    manifest = validate_manifest(run_benchmark(cfg, progress=False) / "MANIFEST.json")
+    assert all(c["passed"] for c in manifest["certificate"].values())
+    good, poor = manifest["results"]["synthetic:0.9/k4"], manifest["results"]["synthetic:0.3/k4"]
+    assert good["tau"] > 2.5 and poor["tau"] < 2.0 and good["speedup"][AR]["geomean"] > 1.5
+    for name, r in manifest["results"].items():
+        if r.get("predicted_speedup") is not None:
+            assert abs(r["predicted_speedup"] / r["speedup"][AR]["of_mean_tok_s"] - 1) < 0.35, name
