@@ -6,9 +6,10 @@ Docs: https://specdec.github.io/specdec/controllers.html.md"""
 
 # %% ../nbs/06_controllers.ipynb #9669956a
 from __future__ import annotations
+from .costmodel import StepCosts, best_k, measure_step_costs
 
 # %% auto #0
-__all__ = ['Controller', 'FixedK', 'AdaptiveK', 'CostAwareK', 'controller_from_spec']
+__all__ = ['Controller', 'FixedK', 'AdaptiveK', 'shrunk_estimates', 'CostAwareK']
 
 # %% ../nbs/06_controllers.ipynb #98b4d711
 def _check_k(name:str, k) -> int:
@@ -83,16 +84,26 @@ class AdaptiveK(Controller):
         elif accepted < self.early * proposed: self.k = max(self.k // 2, self.k_min)
     def describe(self): return f"k_init={self.k_init}, k_min={self.k_min}, k_max={self.k_max}, pause_below={self.pause_below}"
 
+# %% ../nbs/06_controllers.ipynb #438f8cf0
+def shrunk_estimates(passed:list[float], # (decayed) drafts accepted at each position
+                     tried:list[float], # (decayed) drafts judged at each position
+                     prior:float, prior_weight:float) -> list[float]:
+    "Conditional acceptance per draft position: running counts, shrunk towards the previous position's estimate."
+    estimates = []
+    for p, t in zip(passed, tried):     # an unexplored position is assumed as good as the one before it
+        prior = (p + prior * prior_weight) / (t + prior_weight)
+        estimates.append(prior)
+    return estimates
+
 # %% ../nbs/06_controllers.ipynb #894a4dbd
 class CostAwareK(Controller):
     "Each step, the K in 0..k_max that the cost model predicts fastest under running acceptance estimates."
-    _measured = {}   # (id of target model, drafter name) -> StepCosts, measured once per process
-
-    def __init__(self, k_max:int=8, costs=None, # StepCosts; measured at the first generation when None
+    def __init__(self, k_max:int=8,
+                 costs:StepCosts|None=None, # measured step costs; None: measured at the first start() and kept
                  prior:float=0.5, prior_weight:float=2.0, # acceptance prior and its weight in pseudo-steps
                  decay:float=0.95, # weight kept by old observations at each step
                  probe_every:int=8):
-        self.k_max, self.costs = _check_k("k_max", k_max), costs
+        self.k_max, self.costs, self.measured_on = _check_k("k_max", k_max), costs, None
         self.prior, self.prior_weight, self.decay, self.probe_every = prior, prior_weight, decay, probe_every
         super().__init__(None)
 
@@ -101,28 +112,20 @@ class CostAwareK(Controller):
         self.passed, self.tried, self.plain_steps = [0.0] * self.k_max, [0.0] * self.k_max, 0
 
     def start(self, target, drafter):
+        "Reset, and measure the pair's step costs unless they were given or measured on this same pair."
         self.reset()
+        if self.measured_on is not None and not (self.measured_on[0] is target and self.measured_on[1] is drafter):
+            self.costs = None                                  # measured on another pair: measure again
         if self.costs is None:
-            from specdec.costmodel import measure_step_costs
-            key = (id(getattr(target, "model", target)), getattr(drafter, "name", None), self.k_max)
-            if key not in self._measured:
-                self._measured[key] = measure_step_costs(target, drafter, q_values=range(1, self.k_max + 2), repeats=3)
-            self.costs = self._measured[key]
+            self.costs = measure_step_costs(target, drafter, q_values=range(1, self.k_max + 2), repeats=3)
+            self.measured_on = (target, drafter)
 
     @property
     def max_k(self): return self.k_max
-
-    def acceptance_estimates(self) -> list[float]:
-        "Conditional acceptance per draft position: running counts, shrunk towards the previous position's estimate."
-        estimates, prior = [], self.prior          # an unexplored position is assumed as good as the one before it
-        for passed, tried in zip(self.passed, self.tried):
-            prior = (passed + prior * self.prior_weight) / (tried + self.prior_weight)
-            estimates.append(prior)
-        return estimates
+    def acceptance_estimates(self) -> list[float]: return shrunk_estimates(self.passed, self.tried, self.prior, self.prior_weight)
 
     def choose_k(self):
-        from specdec.costmodel import best_k
-        k = best_k(self.costs, self.acceptance_estimates(), self.k_max) if self.costs is not None else 1
+        k = best_k(self.costs, self.acceptance_estimates(), self.k_max)
         if k == 0:
             self.plain_steps += 1
             if self.plain_steps >= self.probe_every: self.plain_steps, k = 0, 1
@@ -130,21 +133,9 @@ class CostAwareK(Controller):
 
     def update(self, proposed, accepted):
         if proposed == 0: return
-        self.passed = [p * self.decay for p in self.passed]
-        self.tried = [t * self.decay for t in self.tried]
-        for i in range(min(accepted + 1, proposed)):        # positions that were judged: the accepted ones and the first rejection
+        self.passed, self.tried = [p * self.decay for p in self.passed], [t * self.decay for t in self.tried]
+        for i in range(min(accepted + 1, proposed)):        # judged positions: the accepted ones and the first rejection
             self.tried[i] += 1
             if i < accepted: self.passed[i] += 1
 
     def describe(self): return f"k_max={self.k_max}, prior={self.prior}"
-
-# %% ../nbs/06_controllers.ipynb #de9f70b9
-def controller_from_spec(spec:str|int) -> Controller:
-    "`4` or `fixed:4` gives FixedK(4); `adaptive[:K_MAX]` gives AdaptiveK; `cost[:K_MAX]` gives CostAwareK."
-    spec = str(spec).strip().lower()
-    kind, _, arg = spec.partition(":")
-    if kind.lstrip("-").isdigit(): return FixedK(int(kind))
-    if kind == "fixed": return FixedK(int(arg) if arg else 4)
-    if kind == "adaptive": return AdaptiveK(k_max=int(arg)) if arg else AdaptiveK()
-    if kind == "cost": return CostAwareK(k_max=int(arg)) if arg else CostAwareK()
-    raise ValueError(f"unknown controller {spec!r}: use K, fixed:K, adaptive[:K_MAX] or cost[:K_MAX]")

@@ -9,8 +9,7 @@ from __future__ import annotations
 import statistics, time
 from dataclasses import dataclass, field
 import torch
-from .net import DecoderNet
-from .decode import decoder_net
+from .sampling import SamplingConfig
 
 # %% auto #0
 __all__ = ['expected_tokens', 'StepCosts', 'predicted_speedup', 'best_k', 'conditional_acceptance', 'measure_step_costs']
@@ -103,21 +102,37 @@ def _time_forward(net, q:int, context:int, repeats:int, device:torch.device, log
         if r: times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
+def _time_drafter(drafter, target, k:int, context:int, repeats:int, device:torch.device, seed:int=0) -> float:
+    "Median seconds per draft token of a step (`propose(..., k)`, then `observe(0)`), one token longer each step."
+    context = max(context, 1)
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, target.vocab_size, (1, context + repeats + 1), generator=gen).to(device)   # [1, S_max]
+    drafter.start(target, ids[:, :context], context + repeats + k + 2)
+    times = []
+    for r in range(repeats + 1):                                 # the first (a draft model's prefill) is a warm-up
+        _sync(device); t0 = time.perf_counter()
+        drafter.propose(ids[:, :context + r], k, SamplingConfig())
+        _sync(device)
+        drafter.observe(0)
+        if r: times.append(time.perf_counter() - t0)
+    return statistics.median(times) / k
+
+# %% ../nbs/12_costmodel.ipynb #7fd9d0bd
 @torch.inference_mode()
-def measure_step_costs(target, # a LoadedModel (or anything `decoder_net` accepts)
-                       drafter=None, # a drafter; model drafters (`.net` is a DecoderNet) are timed too
+def measure_step_costs(target, # a LoadedModel, or a stand-in with a `.net`
+                       drafter=None, # any drafter, timed through propose/observe; None: drafts cost 0
                        context:int=256, # cached tokens before the timed forward
                        q_values=(1, 2, 3, 4, 5, 6, 8, 12, 16), # verification widths to time
                        repeats:int=5,
                        verify:dict|None=None, # target costs already measured ({q: seconds}): only the drafter is timed
+                       draft_k:int=4, # tokens per timed propose
                       ) -> StepCosts:
-    "Time target forwards over q tokens (and a drafter's one-token forward) as `StepCosts`."
+    "Time target forwards over q tokens (`target.net`) and a drafter's steps, as `StepCosts`."
     if repeats < 1: raise ValueError(f"repeats must be >= 1, got {repeats}")
-    net = decoder_net(target)
+    if draft_k < 1: raise ValueError(f"draft_k must be >= 1, got {draft_k}")
     device = torch.device(target.device)
-    if verify is None: verify = {q: _time_forward(net, q, context, repeats, device, "all") for q in sorted(set(q_values))}
-    draft_net = getattr(drafter, "net", None)
-    draft = (_time_forward(draft_net, 1, context, repeats, device, "last") if isinstance(draft_net, DecoderNet)
-             else float(getattr(drafter, "draft_cost", 0.0)))       # synthetic drafters declare their cost
+    if verify is None: verify = {q: _time_forward(target.net, q, context, repeats, device, "all") for q in sorted(set(q_values))}
+    draft = _time_drafter(drafter, target, draft_k, context, repeats, device) if drafter is not None else 0.0
     return StepCosts(verify, draft, source={"target": getattr(target, "name", None), "device": str(device),
-                                            "drafter": getattr(drafter, "name", None), "context": context, "repeats": repeats})
+                                            "drafter": getattr(drafter, "name", None), "context": context,
+                                            "repeats": repeats, "draft_k": draft_k})

@@ -7,37 +7,40 @@ Docs: https://specdec.github.io/specdec/decode.html.md"""
 # %% ../nbs/08_decode.ipynb #d93bf44d
 from __future__ import annotations
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 import torch
 from .models import LoadedModel
-from .net import DecoderNet
 from .sampling import SamplingConfig
 from .policies import AcceptancePolicy, Greedy, RejectionSampling
 from .drafters import Drafter, no_draft
 from .controllers import Controller, FixedK
+from .engine import Engine, engine_for, resolve_compile
+from . import kernels
 from .stats import Stats
 from .timing import StepTimer
 
 # %% auto #0
-__all__ = ['decoder_net', 'GenerationOutput', 'generate']
+__all__ = ['GenerationOutput', 'StepEvent', 'read_step', 'generate']
 
 # %% ../nbs/08_decode.ipynb #4734dd9a
-_NETS: dict[int, DecoderNet] = {}
-
-def decoder_net(target:LoadedModel) -> DecoderNet:
-    "The (cached) `DecoderNet` over the target's weights (or the target's own `.net`, as synthetic targets have)."
-    if getattr(target, "net", None) is not None: return target.net
-    key = id(target.model)
-    net = _NETS.get(key)
-    if net is None or net.hf_model is not target.model: net = _NETS[key] = DecoderNet(target.model)
-    return net
-
 @dataclass
 class GenerationOutput:
     "Generated tokens (prompt excluded, ending at the first EOS), the statistics of the run, and each step's accepted drafts."
     tokens: torch.Tensor   # [B, n_new]
     stats: Stats
     accepted_lengths: list # [target forwards] drafts accepted at each verification step
+    engine: dict = field(default_factory=dict) # compile mode, and the seconds spent compiling/capturing per shape (not in wall_time)
+
+@dataclass
+class StepEvent:
+    "What one verification step did, for callbacks (`generate(on_step=...)`): host values, read only when a callback asks."
+    step: int                      # 0-based verification step
+    proposed: int                  # drafts proposed (K, or fewer valid slots)
+    accepted: int                  # drafts kept (counted up to an EOS)
+    draft_tokens: list             # [proposed] the drafted ids
+    draft_probs: list|None         # [accepted] the draft's probability of each kept draft (model drafters), else None
+    emitted: list                  # [accepted + 1] (or up to the EOS) tokens this step added
+    times: dict = field(default_factory=dict)   # seconds of this step: draft, verify, accept (CPU; zeros on CUDA)
 
 def _prompt_tensor(input_ids, device) -> torch.Tensor:
     ids = torch.as_tensor(input_ids, dtype=torch.long, device=device)
@@ -50,9 +53,70 @@ def _prompt_tensor(input_ids, device) -> torch.Tensor:
 def _sync(device:torch.device) -> None:
     if device.type == "cuda": torch.cuda.synchronize(device)
 
+def read_step(summary:torch.Tensor # [3] n_accepted, eos_index, n_proposed (of row 0)
+             ) -> list[int]:
+    "The step's one device-to-host read."
+    return summary.tolist()
+
+# %% ../nbs/08_decode.ipynb #61309650
+def _emitted(draft_tokens, verdict, eos_ids):
+    "On the device: the step's tokens `[B, K+1]` (accepted drafts, then the next token; later slots are junk) and the first EOS among the emitted ones (`K+1`: none)."
+    n, next_token = verdict.n_accepted, verdict.next_token                               # [B], [B]
+    new = torch.cat([draft_tokens, next_token[:, None]], 1).scatter(1, n[:, None], next_token[:, None])   # [B, K+1]
+    slots = torch.arange(new.shape[1], device=new.device)                                # [K+1]
+    is_eos = (new[..., None] == eos_ids).any(-1) & (slots[None, :] <= n[:, None])        # [B, K+1]
+    eos_index = torch.where(is_eos.any(1), is_eos.int().argmax(1), new.shape[1])         # [B]
+    return new, eos_index
+
+def _setup_seconds(runners) -> float:
+    return sum(r.setup_total for r in runners if isinstance(r, Engine))
+
 # %% ../nbs/08_decode.ipynb #7f487a00
+def _runners(target, drafter, compile:str, B:int, capacity:int, max_k:int):
+    "The target's runner and cache, the drafter's runner, each engine's shapes built now (off the clock)."
+    mode = resolve_compile(compile, target.net)
+    runner = engine_for(target.net, mode)                                  # the net, or its engine
+    cache = runner.new_cache(B, capacity)
+    runners, engine = [runner], {"mode": mode}
+    if target.device.type == "cuda":                                      # the kernel registry times its choices now, not in step 1
+        for name in ("greedy_verify", "rejection_verify", "ngram_match"): kernels.choose(name, target.device)
+    if isinstance(runner, Engine):
+        runner.warmup(cache, [(runner.prefill_chunk, "none"), (1, "all"), (max_k + 1, "all")])
+    if drafter is not None:
+        engine["drafter"] = drafter.use_engine(mode)
+        draft_runner = getattr(drafter, "runner", None)
+        if isinstance(draft_runner, Engine):
+            runners.append(draft_runner)
+            draft_runner.warmup(draft_runner.new_cache(B, capacity), [(draft_runner.prefill_chunk, "none"), (1, "last"), (2, "last")])
+    return runner, cache, runners, engine
+
+def _step(runner, cache, drafter, policy, tokens, length:int, k:int, sampling, generator, eos_ids, timer):
+    "One speculative step, on the device up to its one read: `(draft, n_accepted, eos_index, n_proposed)`."
+    timer.start()
+    draft = drafter.propose(tokens[:, :length], k, sampling, generator) if k > 0 else no_draft(tokens)
+    timer.lap("draft")
+    K = draft.k
+    verify_ids = torch.cat([tokens[:, length - 1:length], draft.tokens], dim=1)   # [B, K+1]
+    target_logits = runner(verify_ids, cache)                                      # [B, K+1, V]
+    timer.lap("verify")
+    extra = {} if draft.n_valid is None else {"n_valid": draft.n_valid}
+    verdict = policy(draft.tokens, draft.probs, target_logits, sampling, generator, **extra)
+    new, eos_index = _emitted(draft.tokens, verdict, eos_ids)                      # [B, K+1], [B]
+    tokens[:, length:length + K + 1] = new                                         # slots past the emitted ones: overwritten later
+    proposed = torch.full_like(eos_index, K) if draft.n_valid is None else draft.n_valid
+    return (draft, *read_step(torch.stack([verdict.n_accepted[0], eos_index[0], proposed[0]])))   # the one sync
+
+def _event(step:int, draft, proposed:int, accepted:int, emitted, before:dict, timer) -> StepEvent:
+    "The host-side record of a step, for `on_step` callbacks."
+    probs = None
+    if draft.probs is not None and accepted:
+        probs = draft.probs[0, :accepted].gather(-1, draft.tokens[0, :accepted, None]).squeeze(-1).tolist()   # [accepted]
+    return StepEvent(step, proposed, accepted, draft.tokens[0, :proposed].tolist(), probs, emitted.tolist(),
+                     {k: timer.totals[k] - before[k] for k in before})
+
+# %% ../nbs/08_decode.ipynb #01109196
 @torch.inference_mode()
-def generate(target:LoadedModel, # the model whose output we want
+def generate(target:LoadedModel, # the model whose output we want (anything with `.net`, `.device`, `.eos_token_ids`)
              input_ids, # [B, S] (or [S]) prompt token ids
              drafter:Drafter|None=None, # None: plain autoregressive decoding through the same loop
              policy:AcceptancePolicy|None=None, # default: Greedy at temperature 0, else RejectionSampling
@@ -61,7 +125,9 @@ def generate(target:LoadedModel, # the model whose output we want
              temperature:float=0.0, # 0 is greedy
              top_p:float=1.0,
              seed:int=0, # seeds the sampling generator
-             eos_token_id:int|list[int]|None=None, # default: the target's EOS ids; [] never stops early
+             eos_token_id:int|list[int]|None=None, # None: the target's EOS ids; [] never stops early
+             compile:str="auto", # "auto" (CUDA graphs on CUDA, eager on CPU), "eager", "fixed", "compile", "graphs", "compile+graphs"
+             on_step=None, # called with a `StepEvent` after each step (extra host reads); returning False stops the generation
             ) -> GenerationOutput:
     "Decode from `target`, speculatively when a `drafter` is given."
     sampling = SamplingConfig(temperature, top_p)
@@ -75,18 +141,15 @@ def generate(target:LoadedModel, # the model whose output we want
     if controller is not None and drafter is not None: controller.start(target, drafter)
     eos = list(target.eos_token_ids if eos_token_id is None else
                ([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id))
-    eos_ids = torch.tensor(eos, dtype=torch.long, device=target.device)
-
-    net, device = decoder_net(target), target.device
-    B, S = prompt.shape
-    max_k = controller.max_k if drafter is not None else 0
-    capacity = S + max_new_tokens + max_k + 1
+    eos_ids = torch.tensor(eos, dtype=torch.long, device=target.device)   # [E]
+    device, (B, S) = target.device, prompt.shape
+    capacity = S + max_new_tokens + (controller.max_k if drafter is not None else 0) + 1
+    runner, cache, runners, engine = _runners(target, drafter, compile, B, capacity, controller.max_k if drafter else 0)
     generator = torch.Generator(device=device).manual_seed(seed)
-    stats = Stats(generations=1)
+    stats, setup_before = Stats(generations=1), _setup_seconds(runners)
     _sync(device); t0 = time.perf_counter()
 
-    cache = net.new_cache(B, capacity)
-    if S > 1: net(prompt[:, :-1], cache, logits="none")                   # prefill all but the current token
+    if S > 1: runner(prompt[:, :-1], cache, logits="none")               # prefill all but the current token
     if drafter is not None: drafter.start(target, prompt, capacity)
     tokens = torch.empty(B, capacity, dtype=torch.long, device=device)    # prompt + output, [B, capacity]
     tokens[:, :S] = prompt
@@ -95,35 +158,28 @@ def generate(target:LoadedModel, # the model whose output we want
 
     accepted_lengths, timer = [], StepTimer(device)
     while length - S < max_new_tokens:
-        remaining = max_new_tokens - (length - S)
-        k = min(controller.next_k(), remaining - 1) if drafter is not None else 0
-        timer.start()
-        draft = drafter.propose(tokens[:, :length], k, sampling, generator) if k > 0 else no_draft(prompt)
-        timer.lap("draft")
-        k = draft.k
-        verify_ids = torch.cat([tokens[:, length - 1:length], draft.tokens], dim=1)   # [B, K+1]
-        target_logits = net(verify_ids, cache)                                         # [B, K+1, V]
-        timer.lap("verify")
-        verdict = policy(draft.tokens, draft.probs, target_logits, sampling, generator)
-        n = int(verdict.n_accepted[0])                                                 # one host sync per step
-        cache.rollback(cache.length - k + n)             # keep the current token and the n accepted drafts
-        if k > 0:
-            drafter.observe(n); controller.update(k, n)
-        stats.record_step(k, n)
-        new = torch.cat([draft.tokens[:, :n], verdict.next_token[:, None]], dim=1)     # [B, n+1]
-        stop = torch.isin(new[0], eos_ids).nonzero()
-        if len(stop): new = new[:, : int(stop[0]) + 1]                                 # keep the EOS, drop the rest
-        tokens[:, length:length + new.shape[1]] = new
-        length += new.shape[1]
+        k = min(controller.next_k(), max_new_tokens - (length - S) - 1) if drafter is not None else 0
+        before = dict(timer.totals) if on_step is not None else None
+        draft, n, eos_at, proposed = _step(runner, cache, drafter, policy, tokens, length, k, sampling, generator, eos_ids, timer)
+        cache.rollback(cache.length - draft.k + n)       # keep the current token and the n accepted drafts
+        if proposed > 0:
+            drafter.observe(n); controller.update(proposed, n)
+        stats.record_step(proposed, min(n, eos_at))      # drafts after an EOS are not counted
+        length += min(n, eos_at) + 1
         timer.lap("accept")
         if not accepted_lengths: stats.first_token_time = time.perf_counter() - t0
-        accepted_lengths.append(n)
-        if len(stop): break
+        accepted_lengths.append(min(n, eos_at))
+        if on_step is not None and on_step(_event(len(accepted_lengths) - 1, draft, proposed, min(n, eos_at),
+                                                 tokens[0, length - min(n, eos_at) - 1:length], before, timer)) is False: break
+        if eos_at <= n: break
 
     _sync(device)
-    stats.wall_time = time.perf_counter() - t0
+    setup = _setup_seconds(runners) - setup_before                     # shapes first met inside the loop
+    stats.wall_time = time.perf_counter() - t0 - setup
     phases = timer.finish()
     stats.draft_time, stats.verify_time, stats.accept_time = phases["draft"], phases["verify"], phases["accept"]
-    stats.new_tokens = length - S
-    stats.draft_forwards = drafter.forwards if drafter is not None else 0
-    return GenerationOutput(tokens[:, S:length].clone(), stats, accepted_lengths)
+    stats.new_tokens, stats.draft_forwards = length - S, (drafter.forwards if drafter is not None else 0)
+    engine["setup_seconds"] = {f"{role}:{key}": round(v, 4) for role, r in zip(("target", "draft"), runners)
+                               if isinstance(r, Engine) for key, v in r.setup_seconds.items()}
+    engine["setup_in_loop_seconds"] = round(setup, 4)                   # subtracted from wall_time
+    return GenerationOutput(tokens[:, S:length].clone(), stats, accepted_lengths, engine)

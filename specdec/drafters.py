@@ -11,10 +11,11 @@ import torch
 from .models import LoadedModel, load_model
 from .net import DecoderNet
 from .sampling import SamplingConfig, logits_to_probs, sample
+from .engine import Engine, engine_for
+from . import kernels
 
 # %% auto #0
-__all__ = ['Draft', 'Drafter', 'no_draft', 'PromptLookup', 'check_same_vocabulary', 'DraftModel', 'LayerSkip',
-           'drafter_from_spec']
+__all__ = ['Draft', 'Drafter', 'no_draft', 'PromptLookup', 'check_same_vocabulary', 'DraftModel', 'LayerSkip']
 
 # %% ../nbs/05_drafters.ipynb #4cf13ffe
 @dataclass
@@ -22,6 +23,7 @@ class Draft:
     "Proposed tokens and, for model drafters, the distributions they were drawn from."
     tokens: torch.Tensor            # [B, k] drafted token ids (k may be 0)
     probs: torch.Tensor|None = None # [B, k, V] draft distributions after temperature/top-p; None: one-hot
+    n_valid: torch.Tensor|None = None # [B] real drafts per row when only the device knows (the rest are padding)
 
     @property
     def k(self) -> int: return self.tokens.shape[1]
@@ -32,6 +34,7 @@ class Drafter:
     def start(self, target:LoadedModel, prompt_ids:torch.Tensor, capacity:int) -> None: self.forwards = 0
     def propose(self, tokens:torch.Tensor, k:int, sampling:SamplingConfig, generator=None) -> Draft: raise NotImplementedError
     def observe(self, n_accepted:int) -> None: pass
+    def use_engine(self, compile:str) -> dict: return {}   # model drafters: run forwards in this mode; the mode used
     @property
     def name(self) -> str: return type(self).__name__
 
@@ -42,17 +45,23 @@ def no_draft(tokens:torch.Tensor) -> Draft:
 # %% ../nbs/05_drafters.ipynb #1f16e722
 class PromptLookup(Drafter):
     "Draft by copying what followed the latest earlier occurrence of the last n-gram (n = max_ngram..min_ngram)."
-    def __init__(self, max_ngram:int=3, min_ngram:int=1):
+    def __init__(self, max_ngram:int=3, min_ngram:int=1,
+                 on_device:bool|None=None, # match on the device (fixed k, `n_valid`); None: on CUDA only
+                ):
         if not 1 <= min_ngram <= max_ngram: raise ValueError(f"need 1 <= min_ngram <= max_ngram, got {min_ngram}, {max_ngram}")
-        self.max_ngram, self.min_ngram = max_ngram, min_ngram
+        self.max_ngram, self.min_ngram, self.on_device = max_ngram, min_ngram, on_device
 
     @property
     def name(self): return f"pld({self.max_ngram},{self.min_ngram})"
 
     def propose(self, tokens, k, sampling=None, generator=None):
-        if tokens.shape[0] != 1: raise NotImplementedError("PromptLookup drafts for batch size 1")
+        B, S = tokens.shape
+        if self.on_device or (self.on_device is None and tokens.device.type == "cuda"):
+            lengths = torch.full((B,), S, dtype=torch.long, device=tokens.device)          # [B]
+            draft, n_valid = kernels.ngram_match(tokens, lengths, self.max_ngram, self.min_ngram, k)   # [B, k], [B]
+            return Draft(draft, n_valid=n_valid)
+        if B != 1: raise NotImplementedError("PromptLookup drafts on the host for batch size 1 (on_device=True for more)")
         seq = tokens[0].cpu()                                       # [S]
-        S = seq.shape[0]
         for n in range(min(self.max_ngram, S - 1), self.min_ngram - 1, -1):
             windows = seq.unfold(0, n, 1)[:-1]                      # [S-n, n], every earlier n-gram
             starts = (windows == seq[S - n:]).all(-1).nonzero().flatten()
@@ -76,37 +85,45 @@ class DraftModel(Drafter):
     "Draft with a smaller causal LM sharing the target's vocabulary (its own KV cache)."
     def __init__(self, draft:LoadedModel|str, num_layers:int|None=None, device=None, dtype=None):
         self.draft = load_model(draft, device=device, dtype=dtype) if isinstance(draft, str) else draft
-        self.net = DecoderNet(self.draft.model, num_layers)
-        self.cache = None
+        self.net = self.draft.net if num_layers is None else DecoderNet(self.draft.model, num_layers)
+        self.runner, self.cache = self.net, None    # runner: the net, or its engine (use_engine)
 
     @property
     def name(self): return f"model:{self.draft.name}"
 
     def check(self, target:LoadedModel) -> None: check_same_vocabulary(target, self.draft)
 
-    def start(self, target, prompt_ids, capacity):
-        self.check(target)
-        self.forwards = 0
-        if self.cache is None or self.cache.capacity < capacity or self.cache.keys.shape[1] != prompt_ids.shape[0]:
-            self.cache = self.net.new_cache(prompt_ids.shape[0], capacity)
-        self.cache.rollback(0)
+    def use_engine(self, compile:str) -> dict:
+        self.runner = engine_for(self.net, compile, role="draft")
+        return {"mode": self.runner.mode if isinstance(self.runner, Engine) else "eager"}
 
-    def propose(self, tokens, k, sampling=SamplingConfig(), generator=None):
-        S = tokens.shape[1]
-        self._base, self._k = S, k
-        if k == 0: return no_draft(tokens)
-        logits = self.net(tokens[:, self.cache.length:], self.cache, logits="last")[:, -1]   # [B, V]
-        drafted, probs = [], []
-        for i in range(k):
-            p = logits_to_probs(logits, sampling)                                  # [B, V]
-            t = p.argmax(-1) if sampling.greedy else sample(p, generator)          # [B]
-            drafted.append(t); probs.append(p)
-            if i < k - 1: logits = self.net(t[:, None], self.cache, logits="last")[:, -1]
-        self.forwards += k
-        return Draft(torch.stack(drafted, 1), torch.stack(probs, 1))               # [B, k], [B, k, V]
+# %% ../nbs/05_drafters.ipynb #3c52815f
+def _start(self:DraftModel, target, prompt_ids, capacity):
+    self.check(target)
+    self.forwards = 0
+    B = prompt_ids.shape[0]
+    if isinstance(self.runner, Engine) or self.cache is None or self.cache.capacity < capacity or self.cache.keys.shape[1] != B:
+        self.cache = self.runner.new_cache(B, capacity)     # an engine hands back its own (static) cache
+    self.cache.rollback(0)
 
-    def observe(self, n_accepted):
-        self.cache.rollback(min(self._base + n_accepted, self._base + self._k - 1))
+def _propose(self:DraftModel, tokens, k, sampling=SamplingConfig(), generator=None):
+    S = tokens.shape[1]
+    self._base, self._k = S, k
+    if k == 0: return no_draft(tokens)
+    logits = self.runner(tokens[:, self.cache.length:], self.cache, logits="last")[:, -1]   # [B, V]
+    drafted, probs = [], []
+    for i in range(k):
+        p = logits_to_probs(logits, sampling)                                  # [B, V]
+        t = p.argmax(-1) if sampling.greedy else sample(p, generator)          # [B]
+        drafted.append(t); probs.append(p)
+        if i < k - 1: logits = self.runner(t[:, None], self.cache, logits="last")[:, -1]
+    self.forwards += k
+    return Draft(torch.stack(drafted, 1), torch.stack(probs, 1))               # [B, k], [B, k, V]
+
+def _observe(self:DraftModel, n_accepted):
+    self.cache.rollback(min(self._base + n_accepted, self._base + self._k - 1))
+
+DraftModel.start, DraftModel.propose, DraftModel.observe = _start, _propose, _observe
 
 # %% ../nbs/05_drafters.ipynb #43344514
 class LayerSkip(DraftModel):
@@ -123,22 +140,3 @@ class LayerSkip(DraftModel):
     def check(self, target):
         if target.model is not self.target.model:
             raise ValueError(f"LayerSkip was built on {self.target.name!r} but generate() got target {target.name!r}")
-
-# %% ../nbs/05_drafters.ipynb #19fdf4e2
-def drafter_from_spec(spec:str|None, # "none", "pld", "pld:MAX_NGRAM", "layerskip:N", "model:NAME" or "synthetic:ALPHA"
-                      target:LoadedModel) -> Drafter|None:
-    "The drafter a spec names (`None` for no drafter)."
-    kind, _, arg = (spec or "none").partition(":")
-    kind = kind.strip().lower()
-    if kind in ("none", "ar", ""): return None
-    if kind == "pld": return PromptLookup(int(arg)) if arg else PromptLookup()
-    if kind == "layerskip":
-        if not arg.isdigit(): raise ValueError(f"layerskip needs a layer count, e.g. layerskip:8 (got {spec!r})")
-        return LayerSkip(target, int(arg))
-    if kind == "synthetic":
-        from specdec.synthetic import SyntheticDrafter, DRY_RUN_DRAFT_COST
-        return SyntheticDrafter([float(a) for a in arg.split("/")] if arg else 0.8, DRY_RUN_DRAFT_COST)
-    if kind == "model":
-        if not arg: raise ValueError(f"model drafter needs a model name, e.g. model:tiny-llama-draft (got {spec!r})")
-        return DraftModel(arg, device=target.device, dtype=target.dtype)
-    raise ValueError(f"unknown drafter {spec!r}: use none, pld, pld:N, layerskip:N, model:NAME or synthetic:ALPHA")

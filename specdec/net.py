@@ -8,9 +8,11 @@ Docs: https://specdec.github.io/specdec/net.html.md"""
 from __future__ import annotations
 import torch
 import torch.nn.functional as F
+from fastcore.basics import patch
 
 # %% auto #0
-__all__ = ['SUPPORTED_ARCHITECTURES', 'KVCache', 'onednn_available', 'linear_backend', 'Linear', 'DecoderNet']
+__all__ = ['SUPPORTED_ARCHITECTURES', 'KVCache', 'onednn_available', 'linear_backend', 'Linear', 'layer_windows',
+           'attention_mask', 'DecoderNet']
 
 # %% ../nbs/02_net.ipynb #bf03e52f
 class KVCache:
@@ -19,10 +21,24 @@ class KVCache:
         shape = (num_layers, batch, num_kv_heads, capacity, head_dim)
         self.keys = torch.zeros(shape, dtype=dtype, device=device)
         self.values = torch.zeros(shape, dtype=dtype, device=device)
-        self.length = 0
+        self.steps = torch.arange(capacity, device=device)                  # [capacity] key positions
+        self.length_t = torch.zeros((), dtype=torch.long, device=device)    # the length, on the device
+        self._length = 0                                                    # its host mirror
 
     @property
     def capacity(self) -> int: return self.keys.shape[3]
+
+    @property
+    def length(self) -> int: return self._length
+    @length.setter
+    def length(self, n:int):
+        "Set the length on the host and on the device (a fill, not a sync)."
+        self._length = int(n)
+        self.length_t.fill_(self._length)
+
+    def positions(self, q:int) -> torch.Tensor:
+        "Device positions `[q]` of the next `q` tokens: `length_t + 0..q-1`."
+        return self.steps[:q] + self.length_t
 
     def check_room(self, n:int) -> int:
         "Raise unless `n` more positions fit; return where they start."
@@ -66,8 +82,10 @@ class Linear:
                 _PACKED[key] = (len(linears), torch.ops.mkldnn._reorder_linear_weight(weight, 8), bias)
             _, self.packed, self.bias = _PACKED[key]
 
-    def __call__(self, x:torch.Tensor) -> list[torch.Tensor]:
-        if self.backend == "onednn" and x.numel() // x.shape[-1] <= self.max_packed_rows:
+    def __call__(self, x:torch.Tensor,
+                 packed:bool=True, # False: plain F.linear (torch.compile cannot trace the packed oneDNN weights)
+                ) -> list[torch.Tensor]:
+        if packed and self.backend == "onednn" and x.numel() // x.shape[-1] <= self.max_packed_rows:
             out = torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
             return list(out.split(self.sizes, dim=-1)) if len(self.sizes) > 1 else [out]
         return [F.linear(x, l.weight, l.bias) for l in self.linears]
@@ -79,6 +97,24 @@ def _rotate_half(x):
     x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2 :]
     return torch.cat((-x2, x1), dim=-1)
 
+def layer_windows(config, num_layers:int) -> list:
+    "Each layer's sliding attention window (`None`: full attention), as Hugging Face decides it."
+    window = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None)
+    if types is not None: return [window if types[i] == "sliding_attention" else None for i in range(num_layers)]
+    if config.model_type == "mistral": return [window] * num_layers      # Mistral: every layer, when set
+    return [None] * num_layers
+
+def attention_mask(query_pos:torch.Tensor, # [q] positions of the new tokens
+                   key_pos:torch.Tensor,   # [n] positions of the keys
+                   window:int|None=None,   # sliding window: keys older than window-1 positions are hidden
+                  ) -> torch.Tensor:
+    "Boolean `[q, n]`: a query sees keys at its position or before (and inside its window)."
+    visible = key_pos[None, :] <= query_pos[:, None]
+    if window is not None: visible &= key_pos[None, :] > query_pos[:, None] - window   # as transformers' sliding_window_overlay
+    return visible
+
+# %% ../nbs/02_net.ipynb #7bddfc93
 class DecoderNet:
     "The forward pass of a Hugging Face Llama-family causal LM (optionally its first `num_layers` only) over a `KVCache`."
     def __init__(self, hf_model, num_layers:int|None=None,
@@ -95,6 +131,7 @@ class DecoderNet:
         self.hf_model, self.num_layers = hf_model, num_layers
         self.embed, self.layers, self.norm = inner.embed_tokens, list(inner.layers)[:num_layers], inner.norm
         self.rotary = inner.rotary_emb
+        self.windows = layer_windows(cfg, num_layers)                    # [layers] sliding window or None
         attn = self.layers[0].self_attn
         self.head_dim, self.scaling = attn.head_dim, attn.scaling
         self.num_heads, self.num_kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
@@ -106,6 +143,8 @@ class DecoderNet:
         self.gate_up = [lin(l.mlp.gate_proj, l.mlp.up_proj) for l in self.layers]
         self.down = [lin(l.mlp.down_proj) for l in self.layers]
         self.head = lin(hf_model.lm_head)
+        self.cos = self.sin = None   # rotary tables [positions, D], grown by new_cache
+        self.engines = {}            # compiled / graph-captured runners of this net, filled by specdec.engine
 
     @property
     def device(self): return self.hf_model.lm_head.weight.device
@@ -113,50 +152,85 @@ class DecoderNet:
     def dtype(self): return self.hf_model.lm_head.weight.dtype
 
     def new_cache(self, batch:int, capacity:int) -> KVCache:
-        "An empty cache for `batch` sequences of up to `capacity` tokens."
+        "An empty cache for `batch` sequences of up to `capacity` tokens (and rotary tables that cover it)."
+        if self.cos is None or self.cos.shape[0] < capacity:
+            probe = torch.zeros(1, device=self.device, dtype=self.dtype)
+            cos, sin = self.rotary(probe, torch.arange(capacity, device=self.device)[None])   # [1, capacity, D]
+            self.cos, self.sin = cos[0], sin[0]
         return KVCache(self.num_layers, batch, self.num_kv_heads, capacity, self.head_dim, self.dtype, self.device)
 
-    def _attention(self, i:int, hidden, cos, sin, cache:KVCache, start:int, mask):
-        attn = self.layers[i].self_attn
-        B, q_len, _ = hidden.shape
-        shape = (B, q_len, -1, self.head_dim)
-        query, key, value = (t.view(shape) for t in self.qkv[i](hidden))
-        if hasattr(attn, "q_norm"): query, key = attn.q_norm(query), attn.k_norm(key)   # Qwen3
-        query, key, value = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)  # [B, heads, q, D]
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-        query = query * cos + _rotate_half(query) * sin
-        key = key * cos + _rotate_half(key) * sin
+# %% ../nbs/02_net.ipynb #b50dbbbc
+@patch
+def _attention(self:DecoderNet, i:int, hidden, cos, sin, cache:KVCache, start:int|None, positions, masks:dict, packed:bool):
+    "Layer `i`'s attention; writes K/V at `start..` (sliced path) or at device `positions` (fixed shapes)."
+    attn = self.layers[i].self_attn
+    B, q_len, _ = hidden.shape
+    shape = (B, q_len, -1, self.head_dim)
+    query, key, value = (t.view(shape) for t in self.qkv[i](hidden, packed))
+    if hasattr(attn, "q_norm"): query, key = attn.q_norm(query), attn.k_norm(key)   # Qwen3
+    query, key, value = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)  # [B, heads, q, D]
+    query = query * cos + _rotate_half(query) * sin
+    key = key * cos + _rotate_half(key) * sin
+    if positions is None:                                # sliced: write at start.., attend over the first end keys
         end = start + q_len
-        cache.keys[i, :, :, start:end] = key             # write by position
+        cache.keys[i, :, :, start:end] = key
         cache.values[i, :, :, start:end] = value
         keys, values = cache.keys[i, :, :, :end], cache.values[i, :, :, :end]   # [B, kv_heads, end, D]
-        out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, is_causal=mask is None and start == 0 and q_len > 1,
-                                             scale=self.scaling, enable_gqa=self.num_heads != self.num_kv_heads)
-        return self.o[i](out.transpose(1, 2).reshape(B, q_len, -1))[0]
+    else:                                                # fixed shapes: write at device positions, attend over all
+        cache.keys[i].index_copy_(2, positions, key)
+        cache.values[i].index_copy_(2, positions, value)
+        keys, values = cache.keys[i], cache.values[i]                             # [B, kv_heads, capacity, D]
+    mask = masks[self.windows[i]]
+    out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, is_causal=mask is None and q_len > 1,
+                                         scale=self.scaling, enable_gqa=self.num_heads != self.num_kv_heads)
+    return self.o[i](out.transpose(1, 2).reshape(B, q_len, -1), packed)[0]
 
-    def _mlp(self, i:int, hidden):
-        gate, up = self.gate_up[i](hidden)
-        return self.down[i](self.layers[i].mlp.act_fn(gate) * up)[0]
+@patch
+def _mlp(self:DecoderNet, i:int, hidden, packed:bool=True):
+    gate, up = self.gate_up[i](hidden, packed)
+    return self.down[i](self.layers[i].mlp.act_fn(gate) * up, packed)[0]
 
-    def forward(self, input_ids:torch.Tensor, # [B, q] new tokens, written at positions length..length+q-1
-                cache:KVCache,
-                logits:str="all", # "all" positions, the "last" one, or "none" (prefill only fills the cache)
-               ) -> torch.Tensor|None:
-        "Run the new tokens through the model, append their keys and values to `cache`, return logits `[B, q|1, V]`."
-        B, q_len = input_ids.shape
-        start = cache.check_room(q_len)
-        positions = torch.arange(start, start + q_len, device=input_ids.device)
-        hidden = self.embed(input_ids)                                      # [B, q, H]
-        cos, sin = self.rotary(hidden, positions[None].expand(B, -1))      # [B, q, D]
-        mask = None
-        if q_len > 1 and start > 0:   # a block of new tokens after a prefix: causal within the block
-            mask = torch.arange(start + q_len, device=input_ids.device)[None, :] <= positions[:, None]   # [q, start+q]
-        for i, layer in enumerate(self.layers):
-            hidden = hidden + self._attention(i, layer.input_layernorm(hidden), cos, sin, cache, start, mask)
-            hidden = hidden + self._mlp(i, layer.post_attention_layernorm(hidden))
-        cache.length = start + q_len
-        if logits == "none": return None
-        if logits == "last": hidden = hidden[:, -1:]
-        return self.head(self.norm(hidden))[0].float()                     # [B, q|1, V]
+@patch
+def _layers_and_head(self:DecoderNet, hidden, cos, sin, cache, start, positions, masks, logits:str, packed:bool):
+    for i, layer in enumerate(self.layers):
+        hidden = hidden + self._attention(i, layer.input_layernorm(hidden), cos, sin, cache, start, positions, masks, packed)
+        hidden = hidden + self._mlp(i, layer.post_attention_layernorm(hidden), packed)
+    if logits == "none": return None
+    if logits == "last": hidden = hidden[:, -1:]
+    return self.head(self.norm(hidden), packed)[0].float()             # [B, q|1, V]
 
-    __call__ = forward
+# %% ../nbs/02_net.ipynb #b7c62973
+@patch
+def forward(self:DecoderNet, input_ids:torch.Tensor, # [B, q] new tokens, written at positions length..length+q-1
+            cache:KVCache,
+            logits:str="all", # "all" positions, the "last" one, or "none" (prefill only fills the cache)
+           ) -> torch.Tensor|None:
+    "Run the new tokens through the model, append their keys and values to `cache`, return logits `[B, q|1, V]`."
+    B, q_len = input_ids.shape
+    start = cache.check_room(q_len)
+    end = start + q_len
+    positions = torch.arange(start, end, device=input_ids.device)
+    hidden = self.embed(input_ids)                                      # [B, q, H]
+    cos, sin = self.rotary(hidden, positions[None].expand(B, -1))      # [B, q, D]
+    masks = {}
+    for w in set(self.windows):
+        needs_mask = (q_len > 1 and start > 0) or (w is not None and end > w)
+        masks[w] = attention_mask(positions, torch.arange(end, device=input_ids.device), w) if needs_mask else None
+    out = self._layers_and_head(hidden, cos[:, None], sin[:, None], cache, start, None, masks, logits, True)
+    cache.length = end
+    return out
+
+@patch
+def forward_at(self:DecoderNet, input_ids:torch.Tensor, # [B, q] new tokens
+               positions:torch.Tensor, # [q] their positions (a device tensor: no host read)
+               cache:KVCache,
+               logits:str="all", # "all", "last" or "none"
+               packed:bool=True, # False for torch.compile: plain F.linear
+              ) -> torch.Tensor|None:
+    "The same forward at fixed shapes: writes K/V at `positions`, attends over the whole cache; leaves `cache.length` alone."
+    hidden = self.embed(input_ids)                                      # [B, q, H]
+    cos, sin = self.cos[positions], self.sin[positions]                 # [q, D]
+    masks = {w: attention_mask(positions, cache.steps, w) for w in set(self.windows)}   # [q, capacity]
+    return self._layers_and_head(hidden, cos, sin, cache, None, positions, masks, logits, packed)
+
+DecoderNet.__call__ = DecoderNet.forward

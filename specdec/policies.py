@@ -8,10 +8,11 @@ Docs: https://specdec.github.io/specdec/policies.html.md"""
 from __future__ import annotations
 from dataclasses import dataclass
 import torch
-from .sampling import SamplingConfig, logits_to_probs, sample
+from .sampling import SamplingConfig, logits_to_probs, sample, exponential_noise
+from . import kernels
 
 # %% auto #0
-__all__ = ['POLICIES', 'Verdict', 'accepted_prefix', 'AcceptancePolicy', 'Greedy', 'RejectionSampling', 'Typical',
+__all__ = ['Verdict', 'accepted_prefix', 'valid_slots', 'AcceptancePolicy', 'Greedy', 'RejectionSampling', 'Typical',
            'ConfidenceThreshold', 'TopKAgreement']
 
 # %% ../nbs/04_policies.ipynb #8e50f97e
@@ -26,41 +27,54 @@ def accepted_prefix(accept:torch.Tensor # [B, K] bool, per draft position
     "Length of the leading run of `True` in each row: `[B]`."
     return accept.long().cumprod(dim=1).sum(dim=1)
 
+def valid_slots(draft_tokens:torch.Tensor, # [B, K]
+                n_valid:torch.Tensor|None  # [B] real drafts per row, or None (all K)
+               ) -> torch.Tensor|None:
+    "Boolean `[B, K]`: which draft slots hold a real draft (None when all do)."
+    if n_valid is None: return None
+    return torch.arange(draft_tokens.shape[1], device=draft_tokens.device)[None, :] < n_valid[:, None]
+
 class AcceptancePolicy:
     "Base class: `lossless` policies keep the target's output distribution exactly."
     lossless:bool = True
     def __call__(self, draft_tokens, draft_probs, target_logits, sampling:SamplingConfig,
-                 generator:torch.Generator|None=None) -> Verdict: raise NotImplementedError
+                 generator:torch.Generator|None=None, n_valid:torch.Tensor|None=None) -> Verdict: raise NotImplementedError
     def __repr__(self): return f"{type(self).__name__}({', '.join(f'{k}={v}' for k, v in vars(self).items())})"
 
 # %% ../nbs/04_policies.ipynb #104bf3f7
 class Greedy(AcceptancePolicy):
-    "Lossless for temperature 0: keep drafts that equal the target's argmax."
-    def __call__(self, draft_tokens, draft_probs, target_logits, sampling=SamplingConfig(), generator=None):
+    "Lossless for temperature 0: keep drafts that equal the target's argmax (`specdec.kernels.greedy_verify`)."
+    def __call__(self, draft_tokens, draft_probs, target_logits, sampling=SamplingConfig(), generator=None, n_valid=None):
         if not sampling.greedy:
             raise ValueError(f"Greedy policy needs temperature=0 (got {sampling.temperature}); use RejectionSampling to sample")
-        target_argmax = target_logits.argmax(-1)                        # [B, K+1]
-        K = draft_tokens.shape[1]
-        n = accepted_prefix(draft_tokens == target_argmax[:, :K])       # [B]
-        return Verdict(n, target_argmax.gather(1, n[:, None]).squeeze(1))
+        valid = valid_slots(draft_tokens, n_valid)
+        if valid is not None: draft_tokens = torch.where(valid, draft_tokens, -1)   # -1 equals no argmax
+        return Verdict(*kernels.greedy_verify(draft_tokens, target_logits))
 
 # %% ../nbs/04_policies.ipynb #c4d037d0
 class RejectionSampling(AcceptancePolicy):
     "Lossless speculative sampling (Leviathan et al. 2023, Chen et al. 2023)."
-    def __call__(self, draft_tokens, draft_probs, target_logits, sampling=SamplingConfig(), generator=None):
+    def __call__(self, draft_tokens, draft_probs, target_logits, sampling=SamplingConfig(), generator=None, n_valid=None):
         B, K = draft_tokens.shape
         target_probs = logits_to_probs(target_logits, sampling)                  # [B, K+1, V]
         V = target_probs.shape[-1]
+        uniforms = torch.rand(B, K, device=target_probs.device, generator=generator)   # [B, K]
+        exp_noise = exponential_noise((B, V), target_probs.device, generator)           # [B, V] for the residual draw
+        if n_valid is None and type(self).residual is RejectionSampling.residual:       # the registry's kernel
+            return Verdict(*kernels.rejection_verify(draft_tokens, draft_probs, target_probs, uniforms, exp_noise))
+        valid = valid_slots(draft_tokens, n_valid)
         if draft_probs is None:                                                  # no probabilities: one-hot draft
-            draft_probs = torch.zeros(B, K, V, device=target_probs.device).scatter_(-1, draft_tokens[..., None], 1.0)
+            draft_probs = torch.zeros(B, K, V, device=target_probs.device).scatter_(-1, draft_tokens.clamp_min(0)[..., None], 1.0)
         draft_probs = draft_probs.float()                                        # [B, K, V]
-        target_p = target_probs[:, :K].gather(-1, draft_tokens[..., None]).squeeze(-1)   # [B, K]
-        draft_p = draft_probs.gather(-1, draft_tokens[..., None]).squeeze(-1)           # [B, K]
-        u = torch.rand(B, K, device=target_probs.device, generator=generator)
-        n = accepted_prefix(u * draft_p < target_p)                             # u < target/draft, without dividing
+        if valid is not None: draft_probs = draft_probs * valid[..., None]      # no draft in an empty slot
+        target_p = target_probs[:, :K].gather(-1, draft_tokens.clamp_min(0)[..., None]).squeeze(-1)   # [B, K]
+        draft_p = draft_probs.gather(-1, draft_tokens.clamp_min(0)[..., None]).squeeze(-1)           # [B, K]
+        accept = uniforms * draft_p < target_p                                   # u < target/draft, without dividing
+        n = accepted_prefix(accept if valid is None else accept & valid)
         rows = torch.arange(B, device=n.device)
         draft_at_n = torch.cat([draft_probs, torch.zeros_like(target_probs[:, :1])], 1)[rows, n]   # [B, V]; zero after K
-        return Verdict(n, sample(self.residual(target_probs[rows, n], draft_at_n), generator))
+        residual = self.residual(target_probs[rows, n], draft_at_n)              # [B, V]
+        return Verdict(n, (residual / exp_noise).argmax(-1))                    # the exponential race: a draw from residual
 
     def residual(self, target_row, draft_row):
         "Distribution `[B, V]` after a rejection: norm(max(0, target - draft)); the target itself after K accepts."
@@ -73,12 +87,15 @@ class _ThresholdPolicy(AcceptancePolicy):
     "Lossy: accept drafts while `accepts(...)` holds, then take the target's token."
     lossless = False
     def accepts(self, draft_target_p, target_probs): raise NotImplementedError
-    def __call__(self, draft_tokens, draft_probs, target_logits, sampling=SamplingConfig(), generator=None):
+    def __call__(self, draft_tokens, draft_probs, target_logits, sampling=SamplingConfig(), generator=None, n_valid=None):
         K = draft_tokens.shape[1]
         criteria = SamplingConfig(sampling.temperature if not sampling.greedy else 1.0, 1.0)
         target_probs = logits_to_probs(target_logits, criteria)                           # [B, K+1, V]
-        draft_target_p = target_probs[:, :K].gather(-1, draft_tokens[..., None]).squeeze(-1)   # [B, K]
-        n = accepted_prefix(self.accepts(draft_target_p, target_probs[:, :K], draft_tokens))
+        tokens = draft_tokens.clamp_min(0)
+        draft_target_p = target_probs[:, :K].gather(-1, tokens[..., None]).squeeze(-1)   # [B, K]
+        accept = self.accepts(draft_target_p, target_probs[:, :K], tokens)
+        valid = valid_slots(draft_tokens, n_valid)
+        n = accepted_prefix(accept if valid is None else accept & valid)
         rows = torch.arange(n.shape[0], device=n.device)
         final = target_logits[rows, n]                                                    # [B, V]
         next_token = final.argmax(-1) if sampling.greedy else sample(logits_to_probs(final, sampling), generator)
@@ -108,7 +125,3 @@ class TopKAgreement(_ThresholdPolicy):
     def accepts(self, draft_target_p, target_probs, draft_tokens):
         top = target_probs.topk(min(self.k, target_probs.shape[-1]), dim=-1).indices      # [B, K, k]
         return (top == draft_tokens[..., None]).any(-1)
-
-# %% ../nbs/04_policies.ipynb #df23f829
-POLICIES = {"greedy": Greedy, "rejection": RejectionSampling, "typical": Typical,
-            "confidence": ConfidenceThreshold, "topk": TopKAgreement}

@@ -54,7 +54,6 @@ class Prompt:
               ) -> torch.Tensor:
         "Token ids `[1, S]` of the conversation on `model.device`."
         tok = getattr(model, "tokenizer", None)
-        if tok is None and hasattr(model, "net"): return model.encode(self.plain_text())   # synthetic dry-run targets
         if tok is None: raise ValueError(f"model {getattr(model, 'name', model)!r} has no tokenizer: cannot encode prompt {self.id!r}")
         if chat and getattr(tok, "chat_template", None):
             text = tok.apply_chat_template(self.messages(), tokenize=False, add_generation_prompt=True)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 # %% auto #0
-__all__ = ['SamplingConfig', 'logits_to_probs', 'sample']
+__all__ = ['SamplingConfig', 'logits_to_probs', 'exponential_noise', 'sample']
 
 # %% ../nbs/03_sampling.ipynb #ddf3099b
 @dataclass(frozen=True)
@@ -44,8 +44,11 @@ def logits_to_probs(logits:torch.Tensor, # [..., V] raw logits
         probs = probs / probs.sum(-1, keepdim=True)
     return probs
 
-def sample(probs:torch.Tensor, # [..., V]
+def exponential_noise(shape, device, generator:torch.Generator|None=None) -> torch.Tensor:
+    "Exp(1) draws of `shape` (float32), for sampling by the exponential race."
+    return torch.empty(shape, dtype=torch.float32, device=device).exponential_(generator=generator)
+
+def sample(probs:torch.Tensor, # [..., V] probabilities (or any non-negative weights)
            generator:torch.Generator|None=None) -> torch.Tensor:
-    "One token id per row of `probs`: shape `probs.shape[:-1]`."
-    flat = probs.reshape(-1, probs.shape[-1])
-    return torch.multinomial(flat, 1, generator=generator).reshape(probs.shape[:-1])
+    "One token id per row of `probs` (shape `probs.shape[:-1]`): `argmax(probs / E)` with E ~ Exp(1), no host sync."
+    return (probs.float() / exponential_noise(probs.shape, probs.device, generator)).argmax(-1)

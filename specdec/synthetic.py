@@ -14,8 +14,8 @@ from .drafters import Draft, Drafter, no_draft
 from .costmodel import StepCosts
 
 # %% auto #0
-__all__ = ['DRY_RUN_VERIFY_COST', 'DRY_RUN_DRAFT_COST', 'truth', 'SyntheticNet', 'SyntheticHF', 'SyntheticTarget',
-           'SyntheticDrafter', 'dry_run_target']
+__all__ = ['DRY_RUN_VERIFY_COST', 'DRY_RUN_DRAFT_COST', 'truth', 'SyntheticNet', 'SyntheticHF', 'SyntheticTokenizer',
+           'SyntheticTarget', 'SyntheticDrafter', 'dry_run_target']
 
 # %% ../nbs/13_synthetic.ipynb #78de73a5
 def truth(positions, # an int or a tensor of absolute positions
@@ -78,14 +78,23 @@ class SyntheticHF:
         "Logits `[B, S, V]` peaked at the next true token (for perplexity)."
         return SimpleNamespace(logits=self.net(input_ids, self.net.new_cache(input_ids.shape[0], input_ids.shape[1])))
 
+class SyntheticTokenizer:
+    "Text to the truth's first tokens, one per word (at least one); ids to space-separated numbers."
+    chat_template, eos_token_id = None, None
+    def __init__(self, vocab_size:int=64): self.vocab_size = vocab_size
+    def encode(self, text:str, add_special_tokens:bool=True) -> list[int]:
+        return truth(torch.arange(max(1, len(text.split()))), self.vocab_size).tolist()
+    def decode(self, ids, skip_special_tokens:bool=True) -> str:
+        return " ".join(map(str, torch.as_tensor(ids).flatten().tolist()))
+
+# %% ../nbs/13_synthetic.ipynb #567fdaaa
 class SyntheticTarget:
     "A `LoadedModel` stand-in over a `SyntheticNet`, for dry runs of the decoding loop."
-    tokenizer = None
     name = "synthetic"
 
     def __init__(self, vocab_size:int=64, verify_cost=0.0, margin:float=10.0, num_layers:int=1):
         self.net = SyntheticNet(vocab_size, verify_cost, margin)
-        self.model = SyntheticHF(self.net)
+        self.model, self.tokenizer = SyntheticHF(self.net), SyntheticTokenizer(vocab_size)
         self.vocab_size, self.num_layers = vocab_size, num_layers
         self.device, self.dtype = self.net.device, self.net.dtype
         self.eos_token_ids = []   # never stops early
@@ -97,12 +106,9 @@ class SyntheticTarget:
 
     def encode(self, prompt:str, chat:bool=False) -> torch.Tensor:
         "A prompt of the truth's first tokens, one per word: `[1, S]`."
-        return self.truth(0, max(1, len(prompt.split())))
+        return torch.tensor([self.tokenizer.encode(prompt)], dtype=torch.long, device=self.device)
 
-    def decode(self, ids) -> str:
-        "Token ids as space-separated numbers."
-        return " ".join(map(str, torch.as_tensor(ids).flatten().tolist()))
-
+    def decode(self, ids) -> str: return self.tokenizer.decode(ids)
     def __repr__(self): return f"SyntheticTarget(vocab {self.vocab_size}, verify_cost={self.net.verify_cost!r})"
 
 # %% ../nbs/13_synthetic.ipynb #3e3f6727
@@ -146,5 +152,5 @@ DRY_RUN_VERIFY_COST = {1: 0.020, 2: 0.021, 4: 0.023, 8: 0.027, 16: 0.035}   # se
 DRY_RUN_DRAFT_COST = 0.002                                                  # seconds per draft token
 
 def dry_run_target() -> SyntheticTarget:
-    "The synthetic target of `load_model('synthetic')`."
+    "The dry-run target that `specdec.specs.load_target('synthetic')` gives."
     return SyntheticTarget(verify_cost=DRY_RUN_VERIFY_COST)

@@ -3,6 +3,10 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")   # tests never reach the hub: fail fast instead of retrying for ~20 s
 import pytest, torch
 from specdec import load_model
+from specdec.models import perturbed
+
+
+SMOL_DRAFT_NOISE = 0.05   # relative noise on SmolLM2's weights for its co-seeded draft
 
 
 def hf_greedy(target, prompt, max_new_tokens, eos_token_id=None):
@@ -20,9 +24,16 @@ def tiny():
 
 @pytest.fixture(scope="session")
 def tiny_draft():
+    "tiny-llama's weights plus 2% noise: a co-seeded draft that the target accepts often, not always."
     return load_model("tiny-llama-draft")
 
 
 @pytest.fixture(scope="session")
 def smol():
     return load_model("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def smol_draft(smol):
+    "SmolLM2's weights plus noise: a co-seeded draft with partial acceptance."
+    return perturbed(smol, SMOL_DRAFT_NOISE, seed=1, name="smollm2-135m+noise")

@@ -1,54 +1,143 @@
-"The benchmark harness: papermill smoke run, manifest schema, resume after a kill, certificates, errors."
-import json, os, signal, subprocess, sys, time
+"The benchmark harness: papermill smoke run, provenance and resume, statistics, certificates, CLI flags, errors."
+import dataclasses, json, signal, subprocess, sys, time
 from pathlib import Path
+import numpy as np
 import pytest, torch
-from specdec.bench import BenchConfig, run_benchmark, read_records, record_key, certificate, methods_from, tokens_equal, HF, AR
+import specdec.bench as bench
+from specdec.bench import (BenchConfig, run_benchmark, read_records, record_key, certificate, methods_from, tokens_equal,
+                           git_state, bootstrap_geomean, speedup, ResumeRefused, HF, HF_PLD, AR)
 from specdec.policies import Greedy, Verdict
-from specdec.report import validate_manifest, MANIFEST_SCHEMA
+from specdec.report import validate_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = dict(model="tiny-llama", drafters=["pld", "layerskip:2"], ks=["1", "4"], categories=["qa", "code"], n_prompts=1,
-            max_new_tokens=12, warmup=1, iterations=2)
+METHODS_NB = ROOT / "nbs/bench/methods.ipynb"
+COMMIT_A = {"commit": "a" * 40, "dirty": False, "diff": None}
+COMMIT_B = {"commit": "b" * 40, "dirty": False, "diff": None}
+SYNTH = dict(model="synthetic", drafters="synthetic:0.9", ks="4", categories="qa", n_prompts=2, hf_pld=False,
+             max_new_tokens=8, iterations=1, warmup=0, cost_model=False, bootstrap=100)
 
 
-def test_papermill_smoke_run_writes_a_complete_run(tmp_path):
-    import papermill as pm
-    params = dict(model="tiny-llama", drafters="pld,layerskip:2", ks="1,4", policies="greedy,typical", categories="qa,rag",
-                  n_prompts=1, max_new_tokens=12, iterations=1, warmup=1, out=str(tmp_path), run_id="smoke")
-    pm.execute_notebook(str(ROOT / "nbs/bench/methods.ipynb"), str(tmp_path / "executed.ipynb"), parameters=params,
-                        kernel_name="python3", progress_bar=False)
-    run = tmp_path / "smoke"
-    manifest = validate_manifest(run / "MANIFEST.json")
-    assert manifest["status"] == "complete" and manifest["params"]["model"] == "tiny-llama"
-    records = read_records(run / "records.jsonl")
-    assert len(records) == 2 * (2 + 2 * 2 * 2)            # prompts × (baselines + drafters × ks × policies)
-    assert manifest["certificate"]["pld/k4"]["passed"] and manifest["certificate"][AR]["passed"]
-    assert manifest["certificate"]["pld/k4/typical"]["lossless"] is False
-    assert "agreement" in manifest["certificate"]["pld/k4/typical"]
-    html = (run / "report.html").read_text()
-    assert (run / "report.ipynb").exists() and "../plotly.min.js" in html
-    assert len(html) < 2_000_000 and "Plotly.newPlot" in html          # figures, without an embedded plotly.js
-    assert (tmp_path / "plotly.min.js").stat().st_size > 1_000_000   # one shared copy beside the runs
-    with pytest.raises(Exception): validate_manifest({**manifest, "results": {"x": {"tok_s": {}}}})
+def cli(*args, **kw):
+    return subprocess.run([sys.executable, "-c", "from specdec.cli import main; raise SystemExit(main())", *args],
+                          capture_output=True, text=True, cwd=kw.get("cwd", ROOT))
 
 
-def test_killed_run_resumes_without_duplicates(tmp_path):
-    code = ("import sys; from specdec.bench import BenchConfig, run_benchmark; "
-            f"run_benchmark(BenchConfig(**{TINY!r}, out={str(tmp_path)!r}, run_id='r', cost_model=False, perplexity=False), progress=False)")
+def test_papermill_smoke_run_through_the_cli(tmp_path):
+    "`specdec bench` executes the notebook into a new run folder: schema-valid manifest, records, report.html."
+    run = cli("bench", "--model", "tiny-llama", "--drafters", "pld", "--ks", "4", "--policies", "greedy,typical",
+              "--categories", "qa,code", "--n-prompts", "1", "--max-new-tokens", "8", "--iterations", "2",
+              "--no-cost-model", "--bootstrap", "100", "--out", str(tmp_path))
+    assert run.returncode == 0, run.stderr[-3000:]
+    run_dir = Path(run.stdout.strip().splitlines()[-1])
+    manifest = validate_manifest(run_dir / "MANIFEST.json")
+    methods = [HF, HF_PLD, AR, "pld/k4", "pld/k4/typical"]
+    assert manifest["status"] == "done" and manifest["methods"] == methods
+    records = read_records(run_dir / "records.jsonl")
+    assert len(records) == manifest["counts"]["records"] == manifest["this_invocation"]["measured"] == 2 * len(methods) * 2
+    assert manifest["counts"]["iterations_complete"] == 2 and manifest["this_invocation"]["reused"] == 0
+    for r in records:
+        assert {"commit", "dirty", "diff", "time", "loadavg", "threads", "device"} <= set(r)
+    cert = manifest["certificate"]
+    assert cert["pld/k4"]["passed"] and cert["pld/k4"]["vs"][AR]["identical"] == cert["pld/k4"]["vs"][HF]["identical"] == 2
+    assert cert["pld/k4/typical"]["lossless"] is False and "agreement" in cert["pld/k4/typical"]
+    assert str(tmp_path) not in (run_dir / "MANIFEST.json").read_text()          # no machine paths
+    html = (run_dir / "report.html").read_text()
+    assert (run_dir / "report.ipynb").exists() and "../plotly.min.js" in html and "Plotly.newPlot" in html
+    assert len(html) < 3_000_000 and (tmp_path / "plotly.min.js").stat().st_size > 1_000_000
+
+
+def test_notebook_parameters_are_the_config_fields():
+    "One parameter list: BenchConfig has exactly the notebook's parameters, with the same defaults."
+    from specdec.cli import notebook_parameters
+    params = notebook_parameters(METHODS_NB)
+    fields = {f.name: f.default for f in dataclasses.fields(BenchConfig)}
+    assert {n: p["default"] for n, p in params.items()} == fields
+
+
+def test_a_parameter_added_to_the_notebook_is_a_cli_flag(tmp_path):
+    import argparse, nbformat
+    from specdec.cli import _bench_parser
+    nb = nbformat.read(METHODS_NB, as_version=4)
+    cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
+    cell.source += '\nnew_knob = 7                      # a knob added to the notebook\n'
+    nbformat.write(nb, tmp_path / "methods.ipynb")
+    parser = argparse.ArgumentParser(); sub = parser.add_subparsers(dest="command")
+    _bench_parser(sub, notebook=tmp_path / "methods.ipynb")
+    bench_parser = sub.choices["bench"]
+    assert "--new-knob" in bench_parser.format_help() and "a knob added to the notebook" in bench_parser.format_help()
+    assert bench_parser.parse_args(["--new-knob", "9"]).new_knob == 9
+    assert "--max-new-tokens" in bench_parser.format_help() and "--resume" in bench_parser.format_help()
+
+
+def test_git_state_outside_a_repository_and_without_commits_is_unknown(tmp_path):
+    assert git_state(tmp_path) == {"commit": None, "dirty": None, "diff": None}
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    assert git_state(tmp_path) == {"commit": None, "dirty": None, "diff": None}
+    git = lambda *a: subprocess.run(["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t", *a], check=True,
+                                    capture_output=True)
+    (tmp_path / "code.py").write_text("x = 1\n"); (tmp_path / "results").mkdir(); (tmp_path / "results" / "r.jsonl").write_text("")
+    git("add", "."); git("commit", "-q", "-m", "c")
+    clean = git_state(tmp_path)
+    assert len(clean["commit"]) == 40 and clean["dirty"] is False and clean["diff"] is None
+    (tmp_path / "results" / "r.jsonl").write_text("{}\n")                          # a run writing its records: still clean
+    assert git_state(tmp_path) == clean
+    (tmp_path / "code.py").write_text("x = 2\n")
+    dirty = git_state(tmp_path)
+    assert dirty["commit"] == clean["commit"] and dirty["dirty"] is True and len(dirty["diff"]) == 12
+    from specdec.report import run_summary
+    assert "code unknown" in run_summary({"run_id": "r", "status": "done", "params": {"model": "m", "iterations": 1, "max_new_tokens": 1, "temperature": 0},
+                                          "counts": {}, "git": {"commit": None, "dirty": None}, "system": {"device": "cpu", "cpu": "x"},
+                                          "prompt_set": {"name": "builtin"}, "options": {"ignore_eos": False},
+                                          "this_invocation": {"measured": 0, "reused": 0}})
+
+
+def test_resume_after_a_new_commit_is_refused_and_reuses_nothing(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "git_state", lambda *a, **k: dict(COMMIT_A))
+    run_dir = run_benchmark(BenchConfig(**SYNTH, out=str(tmp_path), run_id="r"), progress=False)
+    before = (run_dir / "records.jsonl").read_text()
+    with pytest.raises(ValueError, match="already holds a run"):                      # a fresh run never writes into it
+        run_benchmark(BenchConfig(**SYNTH, out=str(tmp_path), run_id="r"), progress=False)
+    monkeypatch.setattr(bench, "git_state", lambda *a, **k: dict(COMMIT_B))
+    with pytest.raises(ResumeRefused, match="measured at commit aaaaaaaaaa.*this code is commit bbbbbbbbbb.*leave out --resume"):
+        run_benchmark(BenchConfig(**SYNTH, out=str(tmp_path), resume="r"), progress=False)
+    assert (run_dir / "records.jsonl").read_text() == before
+    assert json.loads((run_dir / "MANIFEST.json").read_text())["git"] == COMMIT_A
+    monkeypatch.setattr(bench, "git_state", lambda *a, **k: dict(COMMIT_A))              # same code: a valid resume reuses all
+    manifest = json.loads((run_benchmark(BenchConfig(**SYNTH, out=str(tmp_path), resume=str(run_dir)), progress=False)
+                           / "MANIFEST.json").read_text())
+    assert manifest["this_invocation"] == {**manifest["this_invocation"], "measured": 0, "reused": 2 * 3}
+    assert (run_dir / "records.jsonl").read_text() == before and len(manifest["invocations"]) == 2
+
+
+def test_fresh_invocations_make_new_run_ids():
+    a = BenchConfig(**SYNTH).new_run_id(); time.sleep(1.1); b = BenchConfig(**SYNTH).new_run_id()
+    assert a != b and a.endswith(BenchConfig(**SYNTH).config_hash())
+
+
+def test_killed_run_resumes_explicitly_without_duplicates(tmp_path, monkeypatch):
+    cfg = dict(model="tiny-llama", drafters="pld", ks="4", categories="qa,code", n_prompts=1, max_new_tokens=8,
+               warmup=1, iterations=2, cost_model=False, perplexity=False, bootstrap=100)
+    code = ("import specdec.bench as b; b.git_state = lambda *a, **k: {'commit': 'a' * 40, 'dirty': False, 'diff': None}; "
+            f"b.run_benchmark(b.BenchConfig(**{cfg!r}, out={str(tmp_path)!r}, run_id='r'), progress=False)")
     proc = subprocess.Popen([sys.executable, "-c", code])
     records = tmp_path / "r" / "records.jsonl"
     deadline = time.time() + 120
-    while time.time() < deadline and (not records.exists() or len(records.read_text().splitlines()) < 5): time.sleep(0.05)
+    while time.time() < deadline and proc.poll() is None and (not records.exists() or len(records.read_text().splitlines()) < 5):
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed"
     proc.send_signal(signal.SIGKILL); proc.wait()
     partial = read_records(records)
-    assert 5 <= len(partial) < 2 * 2 * (2 + 4)                          # killed part-way
-    cfg = BenchConfig(**TINY, out=str(tmp_path), run_id="r", cost_model=False, perplexity=False)
-    run_benchmark(cfg, progress=False)
+    total = 2 * 2 * (3 + 1)                                                       # prompts × iterations × methods
+    assert 5 <= len(partial) < total
+    assert json.loads((tmp_path / "r" / "MANIFEST.json").read_text())["status"] == "running"
+    monkeypatch.setattr(bench, "git_state", lambda *a, **k: dict(COMMIT_A))
+    manifest = json.loads((run_benchmark(BenchConfig(**cfg, out=str(tmp_path), resume="r"), progress=False) / "MANIFEST.json").read_text())
     full = read_records(records)
     keys = [record_key(r) for r in full]
-    assert len(keys) == len(set(keys)) == 2 * 2 * (2 + 4)               # prompts × iterations × methods, once each
-    assert full[:len(partial)] == partial                              # finished records were kept as they were
-    assert json.loads((tmp_path / "r" / "MANIFEST.json").read_text())["status"] == "complete"
+    assert len(keys) == len(set(keys)) == total
+    assert full[:len(partial)] == partial                                      # finished records were kept as they were
+    assert manifest["status"] == "done" and manifest["this_invocation"]["reused"] == len(partial)
+    assert manifest["this_invocation"]["measured"] == total - len(partial)
 
 
 class AcceptEverything(Greedy):
@@ -59,17 +148,57 @@ class AcceptEverything(Greedy):
 
 
 def test_lossless_method_made_lossy_fails_its_certificate(tmp_path):
-    cfg = BenchConfig(model="tiny-llama", drafters=["model:tiny-llama-draft"], ks=["4"], policies=[AcceptEverything()],
-                      categories=["qa", "summarization", "code"], n_prompts=1, max_new_tokens=16, warmup=0,
-                      out=str(tmp_path), run_id="broken", cost_model=False)
+    cfg = BenchConfig(model="tiny-llama", drafters="model:tiny-llama-draft", ks="4", policies=[AcceptEverything()],
+                      categories="qa,summarization", n_prompts=1, max_new_tokens=16, warmup=0, iterations=1, hf_pld=False,
+                      out=str(tmp_path), run_id="broken", cost_model=False, bootstrap=100)
     manifest = json.loads((run_benchmark(cfg, progress=False) / "MANIFEST.json").read_text())
     cert = manifest["certificate"]["model:tiny-llama-draft/k4/accepteverything"]
-    assert cert["lossless"] and not cert["passed"] and cert["identical"] < cert["prompts"] == 3
+    assert cert["lossless"] and not cert["passed"] and cert["vs"][AR]["identical"] < cert["vs"][AR]["prompts"] == 2
     assert manifest["certificate"][AR]["passed"]
 
 
+def test_float32_certificate_pass_and_equal_work(tmp_path):
+    "A bf16 speed run gets its certificate from float32 records; with ignore_eos every method does max_new_tokens."
+    cfg = BenchConfig(model="tiny-llama", dtype="bfloat16", drafters="pld", ks="4", categories="qa,code", n_prompts=1,
+                      max_new_tokens=8, iterations=1, warmup=0, ignore_eos="true", certify_prompts=1, hf_pld=False,
+                      cost_model=False, bootstrap=100, out=str(tmp_path), run_id="c")
+    run_dir = run_benchmark(cfg, progress=False)
+    manifest, records = json.loads((run_dir / "MANIFEST.json").read_text()), read_records(run_dir / "records.jsonl")
+    certify = [r for r in records if r["purpose"] == "certify"]
+    assert sorted(r["method"] for r in certify) == sorted([HF, AR, "pld/k4"]) and {r["dtype"] for r in certify} == {"float32"}
+    assert {r["dtype"] for r in records if r["purpose"] == "speed"} == {"bfloat16"}
+    cert = manifest["certificate"]["pld/k4"]
+    assert cert["dtype"] == "float32" and cert["passed"] and cert["vs"][HF]["prompts"] == 1
+    assert cert["speed_run_vs_hf"]["dtype"] == "bfloat16" and cert["speed_run_vs_hf"]["prompts"] == 2
+    assert all(r["new_tokens"] == 8 for r in records)
+
+
+def test_speedup_excludes_unequal_work():
+    rec = lambda m, p, n, wall: {"prompt_id": p, "method": m, "iteration": 0, "new_tokens": n, "wall_time": wall}
+    base = [rec(AR, "a", 10, 1.0), rec(AR, "b", 10, 1.0)]
+    mine = [rec("x", "a", 10, 0.5), rec("x", "b", 4, 0.1)]                        # b stopped early: not the same work
+    s = speedup(mine, base, n_boot=50)
+    assert s["geomean"] == pytest.approx(2.0) and s["prompts"] == 1 and s["excluded_unequal_length"] == ["b"]
+
+
+def test_bootstrap_ci_contains_the_point_and_narrows_with_more_prompts():
+    rng = np.random.default_rng(0)
+    few, many = bootstrap_geomean(rng.lognormal(0.3, 0.4, 6)), bootstrap_geomean(rng.lognormal(0.3, 0.4, 200))
+    for s in (few, many): assert s["ci95"][0] < s["geomean"] < s["ci95"][1]
+    assert many["ci95"][1] - many["ci95"][0] < 0.5 * (few["ci95"][1] - few["ci95"][0])
+    assert 1.2 < many["geomean"] < 1.5 and bootstrap_geomean([2.0])["ci95"] is None
+    assert bootstrap_geomean([1.1, 1.3, 1.2], seed=3) == bootstrap_geomean([1.1, 1.3, 1.2], seed=3)      # fixed seed
+
+
+def test_interleaved_schedule_rotates_methods():
+    order = bench.schedule(["p", "q"], ["a", "b", "c"], 3)
+    assert [i for i, _, _ in order] == [0] * 6 + [1] * 6 + [2] * 6              # iteration i finishes before i + 1
+    firsts = [m for k, (_, _, m) in enumerate(order) if k % 3 == 0]
+    assert set(firsts) == {"a", "b", "c"}                                         # no method always goes first
+
+
 def test_certificate_fails_on_truncated_output():
-    methods = methods_from(["pld"], ["4"], ["greedy"])
+    methods = methods_from(["pld"], ["4"], ["greedy"], (HF, AR))
     rec = lambda m, p, toks: {"prompt_id": p, "method": m, "iteration": 0, "tokens": toks}
     records = [rec(HF, "a", [1, 2, 3, 4]), rec(AR, "a", [1, 2, 3, 4]), rec("pld/k4", "a", [1, 2, 3])]
     cert = certificate(records, methods, 0.0)
@@ -80,25 +209,28 @@ def test_certificate_fails_on_truncated_output():
 def test_malformed_prompts_file_names_the_line(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question_id": 1, "category": "qa", "turns": ["hi"]}\n{"question_id": 2, "category": "qa"\n')
-    run = subprocess.run([sys.executable, "-c", "from specdec.cli import main; raise SystemExit(main())", "bench",
-                          "--model", "tiny-llama", "--prompts", str(bad), "--out", str(tmp_path)], capture_output=True, text=True)
+    run = cli("bench", "--model", "tiny-llama", "--prompts", str(bad), "--out", str(tmp_path))
     assert run.returncode == 2 and "line 2" in run.stderr and "bad.jsonl" in run.stderr
+    assert not any(tmp_path.glob("*/MANIFEST.json"))
 
 
 def test_bad_bench_parameters():
-    with pytest.raises(ValueError, match="K >= 1"): BenchConfig(ks=["0"])
-    with pytest.raises(ValueError, match="drafters is empty"): BenchConfig(drafters=[])
-    with pytest.raises(ValueError, match="unknown policy 'nope'"): BenchConfig(policies=["nope"])
+    with pytest.raises(ValueError, match="K >= 1"): BenchConfig(ks="0")
+    with pytest.raises(ValueError, match="drafters is empty"): BenchConfig(drafters="")
+    with pytest.raises(ValueError, match="unknown policy 'nope'"): BenchConfig(policies="nope")
+    with pytest.raises(ValueError, match="iterations must be an integer >= 1"): BenchConfig(iterations=0)
+    with pytest.raises(ValueError, match="unknown preset 'nope'"): BenchConfig(preset="nope")
+    with pytest.raises(ValueError, match="ignore_eos must be auto, true or false"): BenchConfig(ignore_eos="maybe")
 
 
 def test_dry_run_checks_pipeline_and_cost_model(tmp_path):
     "The synthetic target and drafters (set costs and acceptance) run the whole harness in seconds."
-    cfg = BenchConfig(model="synthetic", drafters=["synthetic:0.9", "synthetic:0.3"], ks=["1", "4"], categories=["qa", "code"],
-                      n_prompts=1, max_new_tokens=32, warmup=1, out=str(tmp_path), run_id="dry")
+    cfg = BenchConfig(model="synthetic", drafters="synthetic:0.9,synthetic:0.3", ks="1,4", categories="qa,code", n_prompts=1,
+                      hf_pld=False, max_new_tokens=32, iterations=3, warmup=1, bootstrap=200, out=str(tmp_path), run_id="dry")
     manifest = validate_manifest(run_benchmark(cfg, progress=False) / "MANIFEST.json")
     assert all(c["passed"] for c in manifest["certificate"].values())
     good, poor = manifest["results"]["synthetic:0.9/k4"], manifest["results"]["synthetic:0.3/k4"]
     assert good["tau"] > 2.5 and poor["tau"] < 2.0 and good["speedup"][AR]["geomean"] > 1.5
     for name, r in manifest["results"].items():
         if r.get("predicted_speedup") is not None:
-            assert abs(r["predicted_speedup"] / r["speedup"][AR]["of_mean_tok_s"] - 1) < 0.35, name
+            assert abs(r["predicted_speedup"] / r["speedup"][AR]["geomean"] - 1) < 0.35, name

@@ -73,11 +73,16 @@ def test_conditional_acceptance():
 
 
 def test_measure_synthetic_costs():
-    from specdec.synthetic import SyntheticTarget
+    "Target forwards through the target's own `.net`; the drafter timed through propose, like any drafter."
+    from specdec.synthetic import SyntheticTarget, SyntheticDrafter
     verify = {1: 0.002, 2: 0.003, 4: 0.005}
-    costs = measure_step_costs(SyntheticTarget(verify_cost=verify), context=16, q_values=(1, 2, 4), repeats=3)
+    target = SyntheticTarget(verify_cost=verify)
+    costs = measure_step_costs(target, context=16, q_values=(1, 2, 4), repeats=3)
     for q, t in verify.items(): assert t <= costs.verify[q] < t + 0.003   # sleep overshoot only
     assert costs.draft == 0.0 and costs.source["context"] == 16
+    drafted = measure_step_costs(target, SyntheticDrafter(0.5, draft_cost=0.002), context=16, verify=costs.verify, repeats=3)
+    assert 0.002 <= drafted.draft < 0.002 + 0.001 and drafted.verify == costs.verify   # the set sleep per token, found
+    assert drafted.source["drafter"] == "synthetic(a=0.5)" and drafted.source["draft_k"] == 4
 
 
 def test_measure_tiny_costs(tiny):
@@ -85,5 +90,18 @@ def test_measure_tiny_costs(tiny):
     costs = measure_step_costs(tiny, LayerSkip(tiny, 2), context=32, q_values=(4, 1, 2), repeats=2)
     assert list(costs.verify) == [1, 2, 4] and all(t > 0 for t in costs.verify.values())
     assert costs.draft > 0
-    assert measure_step_costs(tiny, PromptLookup(), context=0, q_values=(1,), repeats=1).draft == 0.0
+    pld = measure_step_costs(tiny, PromptLookup(), context=0, q_values=(1,), repeats=1).draft
+    assert 0 < pld < costs.verify[1]                 # a host-side search: cheap, but measured, not assumed 0
     with pytest.raises(ValueError, match="repeats must be >= 1"): measure_step_costs(tiny, repeats=0)
+    with pytest.raises(ValueError, match="draft_k must be >= 1"): measure_step_costs(tiny, PromptLookup(), draft_k=0)
+
+
+def test_draft_model_timed_in_steady_state(tiny):
+    "One timed propose of k tokens after the warm-up costs k draft forwards of one token each: no re-prefill."
+    from specdec.drafters import DraftModel
+    drafter, fed = DraftModel(tiny), []
+    hook = drafter.draft.model.model.embed_tokens.register_forward_hook(lambda m, args, out: fed.append(args[0].shape[1]))
+    try: measure_step_costs(tiny, drafter, context=20, q_values=(1,), repeats=3, draft_k=4)
+    finally: hook.remove()
+    draft_fed = fed[-(1 + 3) * 4:]                   # the drafter's forwards: warm-up and 3 timed steps of 4 each
+    assert draft_fed[0] == 20 and draft_fed[1:] == [1] * 15

@@ -90,16 +90,30 @@ def test_rejection_sampling_keeps_target_distribution(pair, sampling):
     assert _chi2_pvalue(wrong, joint) < 1e-6
 
 
-def test_generate_samples_from_target_distribution(pair):
-    "End to end through generate(): 4,000 seeded runs of two tokens, drafted by another model with K=2."
-    target, draft = pair
-    sampling = SamplingConfig(1.0)
-    tables = _tables(target, draft, torch.tensor([[1, 5, 7]]))
-    joint = logits_to_probs(tables[0], sampling)[:, None] * logits_to_probs(tables[1], sampling)
-    drafter = DraftModel(draft)
-    cells = []
-    for seed in range(4000):
-        out = generate(target, torch.tensor([[1, 5, 7]]), drafter=drafter, controller=FixedK(2), max_new_tokens=2,
-                       temperature=1.0, seed=seed, eos_token_id=[])
+def _generated_pairs(target, draft, prompt, sampling, policy, runs):
+    """The first two tokens of `runs` seeded generate() calls of 3 tokens with a draft model and FixedK(2) (the first
+    step drafts 2: with max_new_tokens=2 the loop would clamp K to 1), and the number of steps that drafted 2."""
+    drafter, cells, k2_steps = DraftModel(draft), [], 0
+    for seed in range(runs):
+        out = generate(target, prompt, drafter=drafter, policy=policy, controller=FixedK(2), max_new_tokens=3,
+                       temperature=sampling.temperature, top_p=sampling.top_p, seed=seed, eos_token_id=[])
         cells.append(out.tokens[0, 0] * V + out.tokens[0, 1])
-    assert _chi2_pvalue(torch.stack(cells), joint) > 1e-3
+        by_position = out.stats.proposed_by_position
+        k2_steps += by_position[1] if len(by_position) > 1 else 0                     # steps that proposed 2 drafts
+    return torch.stack(cells), k2_steps
+
+
+def test_generate_samples_from_target_distribution(pair):
+    "End to end through generate(): 4,000 seeded runs at T=0.7, top-p 0.9, drafted by another model with K=2."
+    target, draft = pair
+    sampling, prompt, runs = SamplingConfig(0.7, top_p=0.9), torch.tensor([[1, 5, 7]]), 4000
+    tables = _tables(target, draft, prompt)
+    p1 = logits_to_probs(tables[0], sampling)                                    # [V]
+    joint = p1[:, None] * logits_to_probs(tables[1], sampling)                   # [V, V] target's two-token law
+    assert (p1 == 0).sum() > 0 and (logits_to_probs(tables[0], SamplingConfig(0.7)) > 0).all()   # top-p cuts tokens
+    cells, k2_steps = _generated_pairs(target, draft, prompt, sampling, RejectionSampling(), runs)
+    assert k2_steps == runs                                                      # every run's first step drafted K=2
+    assert _chi2_pvalue(cells, joint) > 1e-3
+    # the same end-to-end test rejects a rule that resamples from the target after a rejection
+    wrong, _ = _generated_pairs(target, draft, prompt, sampling, ResampleFromTarget(), runs)
+    assert _chi2_pvalue(wrong, joint) < 1e-6

@@ -2,7 +2,9 @@
 import math, subprocess, sys, pytest, torch
 from specdec import generate, load_model
 from specdec.models import tiny_llama
-from specdec.drafters import PromptLookup, DraftModel, LayerSkip, drafter_from_spec
+from specdec.drafters import PromptLookup, DraftModel, LayerSkip
+from specdec.specs import make_drafter
+from specdec.stats import Stats
 from specdec.controllers import FixedK, AdaptiveK
 from specdec.policies import Greedy, ConfidenceThreshold
 from specdec.cli import main
@@ -57,8 +59,8 @@ def test_bad_max_new_tokens_and_policy(tiny):
 
 
 def test_bad_drafter_spec(tiny):
-    with pytest.raises(ValueError, match="unknown drafter 'eagle'"): drafter_from_spec("eagle", tiny)
-    with pytest.raises(ValueError, match="layerskip needs a layer count"): drafter_from_spec("layerskip:x", tiny)
+    with pytest.raises(ValueError, match="unknown drafter 'eagle'"): make_drafter("eagle", tiny)
+    with pytest.raises(ValueError, match="layerskip needs a layer count"): make_drafter("layerskip:x", tiny)
 
 
 def test_cli_reports_errors(capsys):
@@ -79,7 +81,7 @@ def test_cli_prints_text_and_stats():
 
 @pytest.mark.parametrize("drafter", ["pld", "layerskip:2", "model:tiny-llama-draft", None])
 def test_stats_add_up(tiny, drafter):
-    d = drafter_from_spec(drafter, tiny)
+    d = make_drafter(drafter, tiny)
     total = None
     for text in ["the cat sat on the mat, the cat sat on the", "0123456789 0123456789 01234", "xyz"]:
         s = generate(tiny, tiny.encode(text), drafter=d, controller=FixedK(4) if d else None, max_new_tokens=30).stats
@@ -92,3 +94,15 @@ def test_stats_add_up(tiny, drafter):
         total = s if total is None else total + s
     assert sum(total.accepted_hist) == total.target_forwards and total.generations == 3
     if d is None: assert total.proposed == 0 and total.tau == 1.0
+
+
+def test_stats_round_trip_through_a_record(tiny):
+    "A benchmark record holds a generation's Stats and gives back the same Stats (through JSON too)."
+    import json
+    s = generate(tiny, tiny.encode("the cat sat on the mat, the cat sat"), drafter=PromptLookup(), controller=FixedK(4),
+                 max_new_tokens=20).stats
+    record = {"prompt_id": "p", "method": "pld/k4", "tokens": [1, 2], **s.to_record()}
+    back = Stats.from_record(json.loads(json.dumps(record)))
+    assert back == s and back.tau == s.tau and back.per_position_acceptance == s.per_position_acceptance
+    assert sum([Stats.from_record(record)] * 2, Stats()).target_forwards == 2 * s.target_forwards
+    with pytest.raises(ValueError, match="not a Stats record"): Stats.from_record({"new_tokens": 1})

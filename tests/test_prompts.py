@@ -6,8 +6,7 @@ import pytest, torch
 from specdec.prompts import Prompt, BUILTIN_PROMPTS, builtin_prompts, read_spec_bench, load_prompts, prompt_set_hash, summarize
 
 ROOT = Path(__file__).resolve().parents[1]
-DEV = next((p for p in [ROOT.parent / "shared" / "prompts" / "spec_bench_dev.jsonl",
-                        ROOT / "shared" / "prompts" / "spec_bench_dev.jsonl"] if p.exists()), None)
+SAMPLE = ROOT / "tests" / "fixtures" / "spec_bench_sample.jsonl"   # a few lines in Spec-Bench's format, committed
 SEVEN = ["multi_turn", "translation", "summarization", "qa", "math_reasoning", "rag", "code"]
 
 
@@ -128,13 +127,15 @@ def test_bad_utf8(tmp_path):
     with pytest.raises(ValueError, match="latin.jsonl line 2: not valid UTF-8"): read_spec_bench(tmp_path / "latin.jsonl")
 
 
-@pytest.mark.skipif(DEV is None, reason="shared/prompts/spec_bench_dev.jsonl not present")
-def test_spec_bench_dev_file():
-    prompts = load_prompts(str(DEV))
-    assert len(prompts) == 160 and len(summarize(prompts)) == 13
-    assert all(p.source == "spec_bench_dev.jsonl" and not p.replies for p in prompts)
-    assert summarize(load_prompts(str(DEV), categories="rag,writing", n_prompts=3)) == {"writing": 3, "rag": 3}
-    assert all(len(p.messages()) == 1 for p in prompts)
+def test_spec_bench_sample_file():
+    prompts = load_prompts(str(SAMPLE))
+    assert [p.id for p in prompts] == ["81", "82", "111", "sum-1", "sum-2", "rag-1", "rag-2", "qa-1"]
+    assert summarize(prompts) == {"writing": 2, "math": 1, "summarization": 2, "rag": 2, "qa": 1}
+    assert all(p.source == "spec_bench_sample.jsonl" and not p.replies for p in prompts)
+    assert [len(p.turns) for p in prompts[:3]] == [2, 2, 2] and all(len(p.messages()) == 1 for p in prompts)
+    assert prompts[0].plain_text() == f"User: {prompts[0].turns[0]}\nAssistant:"      # first turn only
+    assert summarize(load_prompts(str(SAMPLE), categories="rag,writing", n_prompts=1)) == {"writing": 1, "rag": 1}
+    assert prompt_set_hash(prompts) == prompt_set_hash(read_spec_bench(SAMPLE))
 
 
 # --- encoding ---

@@ -2,7 +2,7 @@
 import pytest, torch
 from specdec.decode import generate
 from specdec.controllers import FixedK, AdaptiveK
-from specdec.costmodel import StepCosts, predicted_speedup, conditional_acceptance
+from specdec.costmodel import StepCosts, predicted_speedup, conditional_acceptance, measure_step_costs
 from specdec.synthetic import SyntheticTarget, SyntheticDrafter, SyntheticNet, truth
 
 
@@ -54,17 +54,29 @@ VERIFY = {1: 0.003, 2: 0.0035, 4: 0.0045, 8: 0.0065}   # seconds: sleeps dominat
 
 @pytest.mark.parametrize("acceptance, k", [(0.8, 4), (0.3, 2), (0.95, 8)])
 def test_predicted_speedup_matches(acceptance, k):
+    "The cost model, fed costs measured as the benchmark measures them, predicts the speedup the loop shows."
     target = SyntheticTarget(verify_cost=VERIFY)
+    drafter = SyntheticDrafter(acceptance, draft_cost=0.0005)
     prompt = target.encode("a b c d")
     decode_time = lambda out: out.stats.wall_time - out.stats.prefill_time
     plain = generate(target, prompt, max_new_tokens=200)
-    spec = generate(target, prompt, drafter=SyntheticDrafter(acceptance, draft_cost=0.0005), controller=FixedK(k),
-                    max_new_tokens=200)
+    spec = generate(target, prompt, drafter=drafter, controller=FixedK(k), max_new_tokens=200)
     assert spec.tokens.equal(plain.tokens)
     measured = (spec.stats.new_tokens / decode_time(spec)) / (plain.stats.new_tokens / decode_time(plain))
-    overhead = decode_time(plain) / plain.stats.target_forwards - VERIFY[1]   # the loop's own work per step
-    predicted = predicted_speedup(StepCosts(VERIFY, draft=0.0005, overhead=overhead), [acceptance], k)
+    costs = measure_step_costs(target, drafter, context=16, q_values=(1, 2, 4, 8), repeats=3)
+    assert 0.0005 <= costs.draft < 0.0015 and all(t <= costs.verify[q] < t + 0.002 for q, t in VERIFY.items())
+    overhead = decode_time(plain) / plain.stats.target_forwards - costs.verify[1]   # the loop's own work per step
+    predicted = predicted_speedup(StepCosts(costs.verify, costs.draft, max(overhead, 0.0)), [acceptance], k)
     assert measured == pytest.approx(predicted, rel=0.3)
+
+
+def test_target_needs_no_special_case():
+    "The synthetic target goes through the same paths as a model: its own net, a tokenizer, ordinary prompt encoding."
+    from specdec.prompts import load_prompts
+    target = SyntheticTarget()
+    p = load_prompts(categories="qa", n_prompts=1)[0]
+    assert p.encode(target).equal(target.truth(0, len(p.plain_text().split())))
+    assert target.tokenizer.decode(target.tokenizer.encode("a b")) == target.decode(target.truth(0, 2))
 
 
 def test_sleeps_and_overflow():

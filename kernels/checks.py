@@ -1,0 +1,81 @@
+"""Input checks shared by each kernel's torch reference and its Triton version (shapes, dtypes, devices; no host sync)."""
+from __future__ import annotations
+import torch
+
+def check_tensor(name:str, x, ndim:int, dtypes:tuple|None=None) -> None:
+    "Raise a `TypeError`/`ValueError` naming `name` unless `x` is a tensor with `ndim` dims (and one of `dtypes`)."
+    if not isinstance(x, torch.Tensor): raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != ndim: raise ValueError(f"{name} must have {ndim} dims, got shape {tuple(x.shape)}")
+    if dtypes is not None and x.dtype not in dtypes:
+        raise TypeError(f"{name} must have dtype {' or '.join(str(d) for d in dtypes)}, got {x.dtype}")
+
+def check_shape(name:str, x:torch.Tensor, shape:tuple) -> None:
+    "Raise unless `x.shape == shape`."
+    if tuple(x.shape) != tuple(shape): raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(x.shape)}")
+
+def check_same_device(**tensors) -> torch.device:
+    "Raise unless every (non-None) tensor is on one device; return it."
+    devices = {name: t.device for name, t in tensors.items() if t is not None}
+    if len(set(devices.values())) > 1:
+        raise ValueError("tensors on different devices: " + ", ".join(f"{n} on {d}" for n, d in devices.items()))
+    return next(iter(devices.values()))
+
+FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+TOKEN_IDS = (torch.long,)
+
+def check_verify(draft_tokens, target, target_name:str) -> tuple[int, int, int]:
+    "Check `draft_tokens [B, K]` long against `target [B, K+1, V]`; return `(B, K, V)`."
+    check_tensor("draft_tokens", draft_tokens, 2, TOKEN_IDS)
+    check_tensor(target_name, target, 3, FLOATS)
+    B, K = draft_tokens.shape
+    if target.shape[0] != B or target.shape[1] != K + 1:
+        raise ValueError(f"{target_name} must have shape [B, K+1, V] = [{B}, {K + 1}, V] for draft_tokens {tuple(draft_tokens.shape)}, "
+                         f"got {tuple(target.shape)}")
+    V = target.shape[2]
+    if V == 0: raise ValueError(f"{target_name} has an empty vocabulary (V = 0)")
+    return B, K, V
+
+def check_rejection(draft_tokens, draft_probs, target_probs, uniforms, exp_noise) -> tuple[int, int, int]:
+    "Check the inputs of `rejection_verify`; return `(B, K, V)`."
+    B, K, V = check_verify(draft_tokens, target_probs, "target_probs")
+    if draft_probs is not None:
+        check_tensor("draft_probs", draft_probs, 3, FLOATS)
+        check_shape("draft_probs", draft_probs, (B, K, V))
+    check_tensor("uniforms", uniforms, 2, FLOATS)
+    check_shape("uniforms", uniforms, (B, K))
+    check_tensor("exp_noise", exp_noise, 2, FLOATS)
+    check_shape("exp_noise", exp_noise, (B, V))
+    check_same_device(draft_tokens=draft_tokens, draft_probs=draft_probs, target_probs=target_probs, uniforms=uniforms,
+                      exp_noise=exp_noise)
+    return B, K, V
+
+def check_ngram(tokens, lengths, max_ngram, min_ngram, k) -> tuple[int, int]:
+    "Check the inputs of `ngram_match`; return `(B, S_cap)`."
+    check_tensor("tokens", tokens, 2, TOKEN_IDS)
+    check_tensor("lengths", lengths, 1, TOKEN_IDS)
+    B, S_cap = tokens.shape
+    check_shape("lengths", lengths, (B,))
+    for name, v in (("max_ngram", max_ngram), ("min_ngram", min_ngram), ("k", k)):
+        if not isinstance(v, int) or isinstance(v, bool): raise TypeError(f"{name} must be an int, got {v!r}")
+    if not 1 <= min_ngram <= max_ngram: raise ValueError(f"need 1 <= min_ngram <= max_ngram, got {min_ngram}, {max_ngram}")
+    if k < 0: raise ValueError(f"k must be >= 0, got {k}")
+    check_same_device(tokens=tokens, lengths=lengths)
+    if lengths.device.type == "cpu" and lengths.numel() and not bool(((lengths >= 0) & (lengths <= S_cap)).all()):
+        raise ValueError(f"lengths must lie in [0, {S_cap}] (the tokens' capacity), got {lengths.tolist()}")
+    return B, S_cap
+
+def check_kv_write(cache, new, positions) -> tuple[int, int, int, int, int]:
+    "Check the inputs of `kv_write`; return `(B, H, C, D, q)`."
+    check_tensor("cache", cache, 4, FLOATS)
+    check_tensor("new", new, 4, FLOATS)
+    check_tensor("positions", positions, 1, TOKEN_IDS)
+    B, H, C, D = cache.shape
+    q = new.shape[2]
+    check_shape("new", new, (B, H, q, D))
+    check_shape("positions", positions, (B,))
+    if new.dtype != cache.dtype: raise TypeError(f"new has dtype {new.dtype} but cache has {cache.dtype}: cast it first")
+    check_same_device(cache=cache, new=new, positions=positions)
+    if positions.device.type == "cpu" and B and not bool(((positions >= 0) & (positions + q <= C)).all()):
+        # on the CPU the check is free; on a GPU it would cost a host sync, so there it is the caller's contract
+        raise ValueError(f"positions + q must fit the cache: need 0 <= position and position + {q} <= {C}, got {positions.tolist()}")
+    return B, H, C, D, q

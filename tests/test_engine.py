@@ -1,0 +1,180 @@
+"""The fixed-shape engine: `forward_at` equals the sliced forward, prefill chunks and compiled steps give the eager
+tokens, and a decoding step reads the device once."""
+import traceback
+import pytest, torch
+from torch.utils._python_dispatch import TorchDispatchMode
+import specdec.decode as decode
+from specdec import generate
+from specdec.models import tiny_llama
+from specdec.net import DecoderNet
+from specdec.engine import Engine, engine_for, resolve_compile
+from specdec.drafters import PromptLookup, DraftModel, LayerSkip
+from specdec.controllers import FixedK
+from specdec.policies import RejectionSampling
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+TEXT = "the cat sat on the mat; the cat sat on the mat and the cat sat"
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_llama(seed=5)
+
+
+def _sliced_and_fixed(net, ids, steps):
+    "Logits of the same schedule of blocks (prefill, steps, a rollback) through `forward` and through `forward_at`."
+    outs = []
+    for fixed in (False, True):
+        cache, got = net.new_cache(1, 64), []
+        for kind, a, b in steps:
+            if kind == "rollback": cache.rollback(a); continue
+            block = ids[:, a:b]
+            if fixed:
+                got.append(net.forward_at(block, cache.positions(b - a), cache)); cache.length = cache.length + b - a
+            else: got.append(net(block, cache))
+        outs.append(torch.cat(got, 1))
+    return outs
+
+
+def test_fixed_shape_forward_equals_sliced_forward(model):
+    net = DecoderNet(model.model, linear="torch")
+    ids = torch.randint(0, model.vocab_size, (1, 48), generator=torch.Generator().manual_seed(1))
+    steps = [("fwd", 0, 20), ("fwd", 20, 21), ("fwd", 21, 26), ("rollback", 23, None), ("fwd", 23, 28), ("fwd", 28, 29)]
+    with torch.inference_mode():
+        sliced, fixed = _sliced_and_fixed(net, ids, steps)
+        ref = model.model(ids[:, :29]).logits
+    torch.testing.assert_close(fixed, sliced, atol=1e-5, rtol=1e-5)
+    expected = torch.cat([ref[:, :26], ref[:, 23:29]], 1)      # the rollback re-runs positions 23..25
+    torch.testing.assert_close(fixed, expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("prompt_len", [1, 2, 63, 64, 65, 66, 129])
+def test_prefill_chunks_give_the_eager_tokens(model, prompt_len):
+    "Prompt lengths around the 64-token chunk: the padded last chunk never changes a token."
+    ids = torch.randint(0, 256, (1, prompt_len), generator=torch.Generator().manual_seed(prompt_len))
+    eager = generate(model, ids, max_new_tokens=12, eos_token_id=[], compile="eager")
+    fixed = generate(model, ids, max_new_tokens=12, eos_token_id=[], compile="fixed")
+    assert fixed.engine["mode"] == "fixed" and eager.engine["mode"] == "eager"
+    assert torch.equal(fixed.tokens, eager.tokens)
+    pld = generate(model, ids, drafter=PromptLookup(on_device=True), controller=FixedK(3), max_new_tokens=12,
+                   eos_token_id=[], compile="fixed")
+    assert torch.equal(pld.tokens, eager.tokens)
+
+
+def test_fixed_engine_with_every_drafter_is_lossless(model):
+    prompt = model.encode(TEXT)
+    ref = generate(model, prompt, max_new_tokens=30, eos_token_id=[], compile="eager").tokens
+    draft = tiny_llama(seed=6, num_layers=2)
+    for drafter in (PromptLookup(), PromptLookup(on_device=True), DraftModel(draft), DraftModel(model), LayerSkip(model, 2)):
+        for k in (1, 4):
+            out = generate(model, prompt, drafter=drafter, controller=FixedK(k), max_new_tokens=30, eos_token_id=[], compile="fixed")
+            assert torch.equal(out.tokens, ref), (drafter.name, k)
+            assert out.stats.new_tokens == out.stats.accepted + out.stats.target_forwards
+
+
+def test_engine_reuses_its_cache_and_reports_setup(model):
+    net = DecoderNet(model.model)
+    engine = engine_for(net, "fixed")
+    assert engine_for(net, "fixed") is engine and engine_for(net, "fixed", role="draft") is not engine
+    assert engine_for(net, "eager") is net
+    a = engine.new_cache(1, 100)
+    assert engine.new_cache(1, 50) is a and a.length == 0 and a.capacity >= 100 + engine.prefill_chunk
+    assert engine.new_cache(1, 1000) is not a                     # grown: a new cache (and new shapes)
+    with pytest.raises(ValueError, match="unknown compile mode 'fast'"): resolve_compile("fast", net)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="needs a CUDA device"): resolve_compile("graphs", net)
+        assert resolve_compile("auto", net) == "eager"
+
+
+SYNCING_OPS = {"_local_scalar_dense", "item", "nonzero", "is_nonzero", "equal", "allclose", "unique", "masked_select",
+               "_unique2", "repeat_interleave", "multinomial"}
+
+class CountSyncs(TorchDispatchMode):
+    "Counts ops that make a GPU wait for the host (a scalar read, data-dependent shapes, copies to the CPU)."
+    def __init__(self): super().__init__(); self.seen = []
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func.overloadpacket.__name__
+        to_cpu = name in ("_to_copy", "copy_") and any(isinstance(a, torch.Tensor) and a.device.type == "cpu" for a in args[:1]) \
+                 and kwargs.get("device") is not None and torch.device(kwargs["device"]).type == "cpu"
+        if (name in SYNCING_OPS or to_cpu) and not _cpu_only_check(): self.seen.append(name)
+        return func(*args, **kwargs)
+
+
+def _cpu_only_check() -> bool:
+    "Whether the op comes from the kernels' input checks, which read values only on the CPU (free there, skipped on a GPU)."
+    return any(f.filename.replace("\\", "/").endswith("kernels/checks.py") for f in traceback.extract_stack())
+
+
+@pytest.mark.parametrize("compile", ["eager", "fixed"])
+def test_one_host_read_per_step(model, monkeypatch, compile):
+    "The loop reads the device once per step (`read_step`), and no other op in generate would sync a GPU."
+    reads, real = [], decode.read_step
+    monkeypatch.setattr(decode, "read_step", lambda summary: reads.append(1) or real(summary))
+    prompt = model.encode(TEXT)
+    draft = tiny_llama(seed=6, num_layers=2)
+    cases = [dict(), dict(drafter=PromptLookup(on_device=True), controller=FixedK(4)),
+             dict(drafter=DraftModel(draft), controller=FixedK(3)),
+             dict(drafter=DraftModel(draft), policy=RejectionSampling(), temperature=0.8, top_p=0.9)]
+    for kw in cases:
+        reads.clear()
+        with CountSyncs() as syncs:
+            out = generate(model, prompt, max_new_tokens=20, eos_token_id=[], compile=compile, **kw)
+        assert len(reads) == out.stats.target_forwards, kw
+        assert syncs.seen == [], (kw, syncs.seen)
+
+
+def test_the_counter_sees_a_sync(model):
+    "The sync counter can fail: a host PromptLookup copies the sequence to the host and searches it there."
+    with CountSyncs() as syncs:
+        generate(model, model.encode(TEXT), drafter=PromptLookup(), max_new_tokens=8, eos_token_id=[])
+    assert "nonzero" in syncs.seen
+
+
+def test_compile_gives_the_eager_tokens():
+    "torch.compile (CPU, two step widths: 1 and K+1) reproduces the eager greedy tokens; compile time is reported, not timed."
+    small = tiny_llama(seed=7, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64)
+    prompt = small.encode(TEXT)
+    ref = generate(small, prompt, max_new_tokens=10, eos_token_id=[], compile="eager")
+    out = generate(small, prompt, max_new_tokens=10, eos_token_id=[], compile="compile")
+    assert torch.equal(out.tokens, ref.tokens)
+    pld = generate(small, prompt, drafter=PromptLookup(on_device=True), controller=FixedK(3), max_new_tokens=10,
+                   eos_token_id=[], compile="compile")
+    assert torch.equal(pld.tokens, ref.tokens)
+    setup = pld.engine["setup_seconds"]
+    assert setup["target:q=1/all"] > 0 and setup["target:q=4/all"] > 0
+    assert pld.stats.wall_time < sum(setup.values())              # the compile is reported beside, not inside, wall time
+
+
+@cuda
+def test_graphs_give_the_eager_tokens_on_cuda():
+    gpu = tiny_llama(seed=5, device="cuda", dtype=torch.float32)
+    prompt = gpu.encode(TEXT)
+    ref = generate(gpu, prompt, max_new_tokens=40, eos_token_id=[], compile="eager").tokens
+    draft = tiny_llama(seed=6, num_layers=2, device="cuda", dtype=torch.float32)
+    for drafter in (None, PromptLookup(), DraftModel(draft), LayerSkip(gpu, 2)):
+        for k in (1, 4):
+            out = generate(gpu, prompt, drafter=drafter, controller=FixedK(k) if drafter else None, max_new_tokens=40,
+                           eos_token_id=[], compile="graphs")
+            assert out.engine["mode"] == "graphs"
+            assert torch.equal(out.tokens, ref), (drafter and drafter.name, k)
+    assert generate(gpu, prompt, max_new_tokens=4).engine["mode"] == "graphs"     # auto on CUDA
+
+
+@cuda
+def test_graph_steps_do_not_sync_on_cuda(monkeypatch):
+    "Under torch.cuda.set_sync_debug_mode('error'), only read_step may synchronise inside the loop."
+    gpu = tiny_llama(seed=5, device="cuda", dtype=torch.float32)
+    prompt = gpu.encode(TEXT)
+    real = decode.read_step
+    def read(summary):
+        torch.cuda.set_sync_debug_mode(0)
+        try: return real(summary)
+        finally: torch.cuda.set_sync_debug_mode("error")        # every later op of the loop must not sync
+    monkeypatch.setattr(decode, "read_step", read)
+    try:
+        for drafter in (None, PromptLookup(), DraftModel(tiny_llama(seed=6, num_layers=2, device="cuda", dtype=torch.float32))):
+            generate(gpu, prompt, drafter=drafter, max_new_tokens=24, eos_token_id=[], compile="graphs")
+            torch.cuda.set_sync_debug_mode(0)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)

@@ -1,0 +1,63 @@
+"""The import graph of `specdec/*.py` (read with `ast`, nothing imported): no circles, and the lower floors never
+name the modules above them (test doubles, the spec language, the harness, the reports, the CLI)."""
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "specdec"
+LOWER = ["models", "net", "sampling", "stats", "timing", "kernels", "engine", "policies", "drafters", "controllers", "costmodel",
+         "decode"]
+UPPER = ["synthetic", "specs", "bench", "report", "cli"]
+
+
+def import_graph(package:Path=PACKAGE) -> dict[str, set[str]]:
+    "Module -> the package modules it imports (at any depth of its code: lazy imports in functions count too)."
+    mods = {p.stem: p for p in package.glob("*.py") if not p.stem.startswith("_")}
+    edges = {m: set() for m in mods}
+    for m, path in mods.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level == 1: names = [base.split(".")[0]] if base else [a.name for a in node.names]
+                elif base == package.name: names = [a.name for a in node.names]
+                elif base.startswith(package.name + "."): names = [base.split(".")[1]]
+            elif isinstance(node, ast.Import):
+                names = [a.name.split(".")[1] for a in node.names if a.name.startswith(package.name + ".")]
+            edges[m] |= {n for n in names if n in mods and n != m}
+    return edges
+
+
+def reachable(edges, start) -> set[str]:
+    seen, todo = set(), [start]
+    while todo:
+        for nxt in edges[todo.pop()]:
+            if nxt not in seen: seen.add(nxt); todo.append(nxt)
+    return seen
+
+
+def circles(edges) -> list[list[str]]:
+    "Groups of modules that import each other back (strongly connected, more than one module or a self-loop)."
+    reach = {m: reachable(edges, m) for m in edges}
+    return sorted({tuple(sorted({m} | {x for x in reach[m] if m in reach[x]})) for m in edges if m in reach[m]})
+
+
+def test_graph_reads_relative_absolute_and_lazy_imports(tmp_path):
+    pkg = tmp_path / "specdec"
+    pkg.mkdir()
+    (pkg / "a.py").write_text("from .b import x\n")
+    (pkg / "b.py").write_text("def f():\n    from specdec.c import y\n")
+    (pkg / "c.py").write_text("import specdec.a\nfrom specdec import b\n")
+    (pkg / "_modidx.py").write_text("from .a import x\n")
+    g = import_graph(pkg)
+    assert g == {"a": {"b"}, "b": {"c"}, "c": {"a", "b"}}
+    assert circles(g) == [("a", "b", "c")]                       # the check can fail
+
+
+def test_no_import_circles():
+    assert circles(import_graph()) == []
+
+
+def test_lower_floors_never_import_upper_ones():
+    graph = import_graph()
+    bad = {m: sorted(graph[m] & set(UPPER)) for m in LOWER if m in graph and graph[m] & set(UPPER)}
+    assert bad == {}
