@@ -17,6 +17,7 @@ import specdec
 from . import specs
 from .models import LoadedModel, seed_everything
 from .decode import generate
+from .engine import COMPILE_MODES
 from .policies import AcceptancePolicy
 from .prompts import load_prompts, prompt_set_hash
 from .stats import Stats
@@ -70,7 +71,7 @@ def methods_from(drafters:list[str], ks:list, policies:list, baselines=(HF, HF_P
 # %% ../nbs/11_bench.ipynb #4095f51e
 PRESETS = {
     "default": {},
-    "k_sweep": {"drafters": "pld,layerskip:8", "ks": "1,2,3,4,6,8", "n_prompts": 1},
+    "k_sweep": {"drafters": "pld", "ks": "1,2,3,4,6,8", "n_prompts": 1},   # LayerSkip's untrained exit accepts ~7%: K sweep it with --drafters
     "spec_bench": {"prompts": "../shared/prompts/spec_bench_dev.jsonl", "categories": "summarization,rag", "n_prompts": 4},
     "synthetic": {"model": "synthetic", "drafters": "synthetic:0.9,synthetic:0.5", "ks": "1,2,4,cost:8",
                   "categories": "qa,code,summarization", "n_prompts": 2, "hf_pld": False},
@@ -117,6 +118,7 @@ class BenchConfig:
     seed: int = 0
     device: str = ""
     dtype: str = ""
+    compile: str = "auto"
     chat: bool = True
     hf_pld: bool = True
     hf_static: str = "auto"
@@ -145,6 +147,7 @@ class BenchConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1: raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
         if self.warmup < 0: raise ValueError(f"warmup must be >= 0, got {self.warmup}")
+        if self.compile not in COMPILE_MODES: raise ValueError(f"unknown compile mode {self.compile!r}: use one of {', '.join(COMPILE_MODES)}")
         _auto(self.hf_static, False, "hf_static"); _auto(self.ignore_eos, False, "ignore_eos")
         if str(self.certify_dtype).lower() not in ("auto", "none", "", "float32", "float16", "bfloat16"):
             raise ValueError(f"certify_dtype must be auto, none or a dtype (float32), got {self.certify_dtype!r}")
@@ -337,7 +340,7 @@ def run_method(method:Method, target:LoadedModel, prompt_ids, cfg:BenchConfig, o
     controller = specs.make_controller(method.k, costs=costs) if drafter is not None else None
     out = generate(target, prompt_ids, drafter=drafter, policy=method.policy_object(), controller=controller,
                    max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed,
-                   eos_token_id=[] if opts["ignore_eos"] else None)
+                   eos_token_id=[] if opts["ignore_eos"] else None, compile=cfg.compile)
     return out.tokens[0].tolist(), out.stats, getattr(out, "engine", None)
 
 @torch.inference_mode()

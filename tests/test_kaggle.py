@@ -32,6 +32,7 @@ if args[:2] == ["kernels", "output"]:
     run.mkdir(parents=True)
     (run / "MANIFEST.json").write_text('{{"run_id": "20990101-000000-smollm2-135m-abcd1234"}}')
     (run / "records.jsonl").write_text("")
+    (run.parent.parent / "specdec-methods-t4.ipynb").write_text('{{"cells": [], "metadata": {{}}, "nbformat": 4, "nbformat_minor": 5}}')
 print("ok from fake kaggle")
 """)
     script.chmod(script.stat().st_mode | stat.S_IEXEC)
@@ -71,6 +72,7 @@ def test_push_and_pull_through_the_kaggle_command(tmp_path, credentials, fake_ka
     assert calls[0] == ["kernels", "push", "-p", str(folder)]
     assert calls[1][:3] == ["kernels", "output", "alice/specdec-methods-t4"]
     assert [r.name for r in runs] == ["20990101-000000-smollm2-135m-abcd1234"] and (runs[0] / "MANIFEST.json").exists()
+    assert (runs[0] / "report.ipynb").exists()                    # the notebook as Kaggle executed it
     with pytest.raises(ValueError, match="exists already"): pull("alice/specdec-methods-t4", tmp_path / "results")
 
 def test_push_and_pull_without_credentials_say_what_is_missing(tmp_path, credentials, fake_kaggle, monkeypatch):
@@ -84,3 +86,19 @@ def test_missing_kaggle_executable(tmp_path, credentials, monkeypatch):
     folder = write_kernel("methods", tmp_path / "k", gpu="t4")
     monkeypatch.setenv("PATH", str(tmp_path / "nowhere"))
     with pytest.raises(ValueError, match="pip install kaggle"): push(folder)
+
+def test_generated_notebook_runs_under_local_papermill(tmp_path, credentials):
+    "The Kaggle notebook, written for a CPU, runs to a complete run folder here (its install cell is a no-op off Kaggle)."
+    import papermill as pm
+    from specdec.report import validate_manifest
+    out = tmp_path / "results"
+    params = {"model": "tiny-llama", "categories": "qa", "n_prompts": 1, "max_new_tokens": 8, "iterations": 1,
+              "warmup": 0, "ks": "4", "cost_model": False, "bootstrap": 50, "out": str(out)}
+    folder = write_kernel("methods", tmp_path / "k", gpu="none", parameters=params)
+    meta = json.loads((folder / "kernel-metadata.json").read_text())
+    pm.execute_notebook(str(folder / meta["code_file"]), str(tmp_path / "executed.ipynb"), kernel_name="python3",
+                        cwd=str(tmp_path), progress_bar=False)
+    [run] = [p for p in out.iterdir() if p.is_dir()]
+    manifest = validate_manifest(run / "MANIFEST.json")
+    assert manifest["status"] == "done" and manifest["params"]["device"] == "cpu" and manifest["params"]["model"] == "tiny-llama"
+    assert manifest["counts"]["records"] == len(manifest["methods"])
