@@ -6,7 +6,7 @@ Docs: https://specdec.github.io/specdec/cli.html.md"""
 
 # %% ../nbs/09_cli.ipynb #5e4df292
 from __future__ import annotations
-import argparse, ast, sys
+import argparse, ast, os, sys
 from pathlib import Path
 import specdec
 from . import specs
@@ -109,7 +109,8 @@ def run_bench(args) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     executed = run_dir / "report.ipynb"
     try:
-        pm.execute_notebook(str(notebook), str(executed), parameters=params, kernel_name="python3",
+        # relative paths: papermill records them in the executed notebook, which is committed with the run
+        pm.execute_notebook(os.path.relpath(notebook), os.path.relpath(executed), parameters=params, kernel_name="python3",
                             cwd=str(Path.cwd()), progress_bar=False, stdout_file=sys.stderr, stderr_file=sys.stderr)
     except pm.PapermillExecutionError as e:
         if e.ename in ("ResumeRefused", "ValueError"): print(f"specdec: error: {e.evalue}", file=sys.stderr); return 2

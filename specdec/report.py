@@ -17,8 +17,8 @@ from .bench import read_records, HF, HF_PLD, HF_STATIC, AR
 # %% auto #0
 __all__ = ['MANIFEST_SCHEMA', 'validate_manifest', 'load_run', 'run_summary', 'headline_table', 'framework_table',
            'category_table', 'certificate_table', 'best_k', 'fig_speedup', 'fig_acceptance', 'fig_k_sweep',
-           'fig_histogram', 'fig_time_split', 'fig_predicted', 'fig_quality', 'fig_load', 'figures', 'write_plotly_js',
-           'plotly_loader', 'show', 'render_html']
+           'fig_histogram', 'fig_time_split', 'fig_predicted', 'fig_quality', 'fig_load', 'figures', 'readable',
+           'write_plotly_js', 'plotly_loader', 'show', 'render_html']
 
 # %% ../nbs/14_report.ipynb #72900eb1
 _SPEEDUP = {"type": "object", "required": ["geomean", "ci95", "n", "prompts", "excluded_unequal_length"]}
@@ -89,6 +89,7 @@ def run_summary(manifest:dict) -> str:
             f"load average (1 min) {_fmt(la.get('min'))}-{_fmt(la.get('max'))}; "
             f"this invocation measured {manifest['this_invocation']['measured']} records and reused {manifest['this_invocation']['reused']}.")
 
+# %% ../nbs/14_report.ipynb #9019e758
 def _lossless_cell(cert:dict) -> str:
     if not cert or not cert.get("applies") or not cert.get("lossless"): return "-"
     parts = [f"{v['identical']}/{v['prompts']} vs {'AR' if b == AR else 'HF'}" for b, v in cert["vs"].items()]
@@ -114,6 +115,7 @@ def framework_table(manifest:dict) -> pd.DataFrame:
             for b, v in (manifest.get("framework_gain") or {}).items()]
     return pd.DataFrame(rows).set_index("comparison") if rows else pd.DataFrame()
 
+# %% ../nbs/14_report.ipynb #b90f82e6
 def category_table(manifest:dict, baseline:str=AR) -> pd.DataFrame:
     "Speedup (geometric mean over prompts) against `baseline`, per category (rows) and method (columns)."
     return pd.DataFrame({c: {m: (v["speedup"].get(baseline) or {}).get("geomean") for m, v in ms.items()}
@@ -176,6 +178,7 @@ def fig_acceptance(manifest:dict) -> go.Figure|None:
     fig.update_xaxes(title="draft position", dtick=1); fig.update_yaxes(title="acceptance rate", range=[0, 1.05])
     return _layout(fig, "Per-position acceptance (τ = tokens per target forward)")
 
+# %% ../nbs/14_report.ipynb #8ff7917b
 def fig_k_sweep(manifest:dict) -> go.Figure|None:
     "Median tok/s and τ against K, one line per drafter (and policy); None unless some drafter ran at several fixed K."
     from plotly.subplots import make_subplots
@@ -208,6 +211,7 @@ def fig_histogram(manifest:dict) -> go.Figure|None:
     fig.update_xaxes(title="drafts accepted in a step", dtick=1); fig.update_yaxes(title="share of target forwards")
     return _layout(fig, "Accepted-length histogram", barmode="group")
 
+# %% ../nbs/14_report.ipynb #98749c76
 def fig_time_split(manifest:dict) -> go.Figure|None:
     "Where specdec's time went: draft, verify, accept and the rest, per generated token."
     rows = []
@@ -241,6 +245,7 @@ def fig_quality(manifest:dict) -> go.Figure|None:
     fig.update_xaxes(title="agreement with HF greedy tokens"); fig.update_yaxes(title="speedup vs specdec-AR")
     return _layout(fig, "Lossy policies: speed against quality", showlegend=False)
 
+# %% ../nbs/14_report.ipynb #1d52ca2f
 def fig_load(records:pd.DataFrame) -> go.Figure|None:
     "The machine's 1-minute load average over the run, with each record's tok/s (is a slow stretch the machine's fault?)."
     if not len(records) or "loadavg" not in records: return None
@@ -260,6 +265,27 @@ def figures(manifest:dict, records:pd.DataFrame|None=None) -> dict[str, go.Figur
            "predicted": fig_predicted(manifest), "quality": fig_quality(manifest),
            "load": fig_load(records) if records is not None else None}
     return {k: v for k, v in out.items() if v is not None}
+
+# %% ../nbs/14_report.ipynb #5eadab1e
+def _terminal_text(text:str) -> str:
+    "What a terminal would show: on each line, only what follows the last carriage return."
+    return "\n".join(line.rsplit("\r", 1)[-1] for line in text.split("\n"))
+
+def readable(nb):
+    "An executed notebook as people should read it: consecutive stream outputs merged and shown as a terminal would (progress bars at their final state), no Quarto front matter."
+    import re
+    for cell in nb.cells:
+        if cell.cell_type == "markdown": cell.source = re.sub(r"\A---\n.*?\n---\n", "", cell.source, flags=re.S)
+        if cell.cell_type != "code": continue
+        merged = []
+        for out in cell.get("outputs", []):
+            if out.get("output_type") == "stream" and merged and merged[-1].get("output_type") == "stream" and merged[-1]["name"] == out["name"]:
+                merged[-1]["text"] += out["text"]
+            else: merged.append(out)
+        for out in merged:
+            if out.get("output_type") == "stream": out["text"] = _terminal_text(out["text"])
+        cell.outputs = [o for o in merged if o.get("output_type") != "stream" or o["text"].strip()]
+    return nb
 
 # %% ../nbs/14_report.ipynb #bb9fa8f6
 def write_plotly_js(results_dir) -> Path:
@@ -290,6 +316,7 @@ def render_html(notebook, html:Path|str|None=None) -> Path:
     notebook = Path(notebook)
     html = Path(html) if html else notebook.with_name("report.html")
     write_plotly_js(html.parent.parent)
-    body, _ = HTMLExporter().from_notebook_node(nbformat.read(notebook, as_version=4))
+    nb = nbformat.read(notebook, as_version=4)
+    body, _ = HTMLExporter().from_notebook_node(readable(nb))
     html.write_text(body, encoding="utf-8")
     return html
