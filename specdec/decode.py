@@ -75,6 +75,10 @@ def _setup_seconds(runners) -> float:
 def _runners(target, drafter, compile:str, B:int, capacity:int, max_k:int):
     "The target's runner and cache, the drafter's runner, each engine's shapes built now (off the clock)."
     mode = resolve_compile(compile, target.net)
+    if getattr(drafter, "reads_target_features", False) and mode != "eager":   # heads read the net's last eager forward
+        if compile != "auto": raise ValueError(f"drafter {drafter.name} reads the target's features: it needs compile='eager' "
+                                               f"(or 'auto'), got {compile!r}")
+        mode = "eager"
     runner = engine_for(target.net, mode)                                  # the net, or its engine
     cache = runner.new_cache(B, capacity)
     runners, engine = [runner], {"mode": mode}
@@ -164,6 +168,7 @@ def generate(target:LoadedModel, # the model whose output we want (anything with
         cache.rollback(cache.length - draft.k + n)       # keep the current token and the n accepted drafts
         if proposed > 0:
             drafter.observe(n); controller.update(proposed, n)
+        elif getattr(drafter, "reads_target_features", False): drafter.observe(0)   # heads keep the committed token's features
         stats.record_step(proposed, min(n, eos_at))      # drafts after an EOS are not counted
         length += min(n, eos_at) + 1
         timer.lap("accept")

@@ -145,6 +145,7 @@ class DecoderNet:
         self.head = lin(hf_model.lm_head)
         self.cos = self.sin = None   # rotary tables [positions, D], grown by new_cache
         self.engines = {}            # compiled / graph-captured runners of this net, filled by specdec.engine
+        self.features, self.features_start = None, None   # last eager forward's hidden states [B, q, H] and first position
 
     @property
     def device(self): return self.hf_model.lm_head.weight.device
@@ -195,6 +196,7 @@ def _layers_and_head(self:DecoderNet, hidden, cos, sin, cache, start, positions,
     for i, layer in enumerate(self.layers):
         hidden = hidden + self._attention(i, layer.input_layernorm(hidden), cos, sin, cache, start, positions, masks, packed)
         hidden = hidden + self._mlp(i, layer.post_attention_layernorm(hidden), packed)
+    self.features = hidden                                              # [B, q, H] before the final norm, for draft heads
     if logits == "none": return None
     if logits == "last": hidden = hidden[:, -1:]
     return self.head(self.norm(hidden), packed)[0].float()             # [B, q|1, V]
@@ -217,6 +219,7 @@ def forward(self:DecoderNet, input_ids:torch.Tensor, # [B, q] new tokens, writte
         needs_mask = (q_len > 1 and start > 0) or (w is not None and end > w)
         masks[w] = attention_mask(positions, torch.arange(end, device=input_ids.device), w) if needs_mask else None
     out = self._layers_and_head(hidden, cos[:, None], sin[:, None], cache, start, None, masks, logits, True)
+    self.features_start = start                                         # `features` are those of positions start..end-1
     cache.length = end
     return out
 
@@ -231,6 +234,7 @@ def forward_at(self:DecoderNet, input_ids:torch.Tensor, # [B, q] new tokens
     hidden = self.embed(input_ids)                                      # [B, q, H]
     cos, sin = self.cos[positions], self.sin[positions]                 # [q, D]
     masks = {w: attention_mask(positions, cache.steps, w) for w in set(self.windows)}   # [q, capacity]
+    self.features_start = None                                          # positions known only on the device
     return self._layers_and_head(hidden, cos, sin, cache, None, positions, masks, logits, packed)
 
 DecoderNet.__call__ = DecoderNet.forward

@@ -1,4 +1,5 @@
 "The spec language: names round-trip to canonical specs and back to equal objects; bad specs name the problem."
+from pathlib import Path
 import re
 import pytest, torch
 from specdec import specs
@@ -11,6 +12,7 @@ from specdec.controllers import CostAwareK
 from specdec.synthetic import SyntheticTarget
 
 # (kind, spec as a user writes it, canonical spec)
+HEADS = Path(__file__).resolve().parent / "fixtures" / "heads"   # tiny-llama head checkpoints (fixtures/make_heads.py)
 CASES = [
     ("drafter", "pld", "pld:3"), ("drafter", "pld:3", "pld:3"), ("drafter", " PLD:2 ", "pld:2"),
     ("drafter", "pld:3:2", "pld:3:2"), ("drafter", "pld:4:1", "pld:4"),
@@ -18,6 +20,8 @@ CASES = [
     ("drafter", "model:tiny-llama-draft", "model:tiny-llama-draft"),
     ("drafter", "synthetic", "synthetic:0.8"), ("drafter", "synthetic:0.90", "synthetic:0.9"),
     ("drafter", "synthetic:0.9/0.7", "synthetic:0.9/0.7"),
+    ("drafter", f"eagle:{HEADS}/eagle-tiny", f"eagle:{HEADS}/eagle-tiny"),
+    ("drafter", f" Medusa:{HEADS}/medusa-tiny", f"medusa:{HEADS}/medusa-tiny"),
     ("policy", "greedy", "greedy"), ("policy", "REJECTION", "rejection"), ("policy", "typical", "typical"),
     ("policy", "typical:0.09", "typical"), ("policy", "typical:0.2", "typical:0.2"), ("policy", "typical:0.09:0.5", "typical:0.09:0.5"),
     ("policy", "confidence", "confidence:0.1"), ("policy", "confidence:0.25", "confidence:0.25"),
@@ -76,7 +80,8 @@ def test_no_policy():
 
 
 @pytest.mark.parametrize("kind, spec, message", [
-    ("drafter", "eagle", "unknown drafter 'eagle': use none, pld[:MAX_NGRAM[:MIN_NGRAM]], layerskip:N, model:NAME, synthetic"),
+    ("drafter", "eagle", "eagle needs a head checkpoint folder, e.g. eagle:heads/eagle-tiny (got 'eagle')"),
+    ("drafter", "hydra", "unknown drafter 'hydra': use none, pld[:MAX_NGRAM[:MIN_NGRAM]], layerskip:N, model:NAME, synthetic"),
     ("drafter", "layerskip", "layerskip needs a layer count, e.g. layerskip:8 (got 'layerskip')"),
     ("drafter", "layerskip:x", "layerskip needs a layer count, e.g. layerskip:8 (got 'layerskip:x')"),
     ("drafter", "pld:x", "pld needs an integer n-gram length, e.g. pld:3 (got 'pld:x')"),

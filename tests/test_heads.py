@@ -1,0 +1,134 @@
+"""EAGLE and Medusa heads, trained a few steps inside the test on tiny models: greedy output equals the target's own,
+and rejection sampling with a head keeps the target's distribution (the chi-square setup of test_distribution)."""
+import pytest, torch
+from specdec import generate
+from specdec.models import tiny_llama
+from specdec.heads import DraftVocab, EagleHead, MedusaHeads
+from specdec.train import new_head, train_head, target_features
+from specdec.controllers import FixedK, AdaptiveK
+from specdec.policies import RejectionSampling
+from specdec.sampling import SamplingConfig, logits_to_probs
+from conftest import hf_greedy
+from test_lossless_tiny import TEXTS
+from test_distribution import V, ResampleFromTarget, _chi2_pvalue, _tables
+
+
+def own_records(target, prompts, max_new_tokens=40):
+    "Training records from the target's own greedy answers to `prompts` ([1, S] id tensors)."
+    records = []
+    for prompt in prompts:
+        out = hf_greedy(target, prompt, max_new_tokens)
+        records.append({"ids": prompt[0].tolist() + out[0].tolist(), "answer_start": prompt.shape[1]})
+    return records
+
+
+@pytest.fixture(scope="module")
+def heads(tiny):
+    "Both heads trained for a few steps on the target's own answers, over a reduced draft vocabulary."
+    records = own_records(tiny, [tiny.encode(t) for t in TEXTS[:6]])
+    vocab = DraftVocab.most_frequent([r["ids"] for r in records], 200, tiny.vocab_size, always=tiny.eos_token_ids)
+    out = {}
+    for kind in ("eagle", "medusa"):
+        head = new_head(kind, tiny, vocab, n=3, seed=0)
+        curve = train_head(head, tiny, records, epochs=4, lr=3e-3, batch_size=4, seed=0, progress=False)["losses"]
+        assert curve[-1] < curve[0], (kind, curve)
+        out[kind] = head
+    return out
+
+
+@pytest.mark.parametrize("kind", ["eagle", "medusa"])
+def test_greedy_with_a_head_equals_the_targets_greedy(tiny, heads, kind):
+    head = heads[kind]
+    accepted = proposed = 0
+    for text in TEXTS[:8]:
+        prompt = tiny.encode(text)
+        ref = hf_greedy(tiny, prompt, 40)
+        for controller in (FixedK(1), FixedK(4), AdaptiveK(k_max=6)):
+            out = generate(tiny, prompt, drafter=head, controller=controller, max_new_tokens=40)
+            assert torch.equal(out.tokens, ref), (kind, text, controller)
+            assert head.missing_features == 0                     # it drafted from the target's own features every step
+            accepted, proposed = accepted + out.stats.accepted, proposed + out.stats.proposed
+        out = generate(tiny, prompt, drafter=head, policy=RejectionSampling(), max_new_tokens=40)
+        assert torch.equal(out.tokens, ref), (kind, text)
+    assert 0 < accepted < proposed, (kind, accepted, proposed)        # both the accept and the reject paths ran
+
+
+def test_drafting_reads_the_features_training_used(tiny, heads):
+    "The first draft of a generation is the argmax the training forward gives at the same position: no off-by-one."
+    prompt = tiny.encode(TEXTS[0])                                        # [1, S]
+    S = prompt.shape[1]
+    features = target_features(tiny, prompt)                              # [1, S, H]
+    eagle, medusa = heads["eagle"], heads["medusa"]
+    with torch.no_grad():
+        normed = eagle.target_norm(features)
+        eagle_first = eagle.draft_logits(eagle(prompt[:, 1:], normed[:, :-1]))[0, -1].argmax()   # predicts g_{S-1}
+        medusa_first = medusa(features)[0, 0, S - 2].argmax()                 # head 0 at S-2 predicts token S
+    drafts = {}
+    for name, head in heads.items():
+        generate(tiny, prompt, drafter=head, controller=FixedK(2), max_new_tokens=3,
+                 on_step=lambda e, name=name: drafts.setdefault(name, e.draft_tokens))
+    assert drafts["eagle"][0] == eagle.draft_vocab.ids[eagle_first].item()
+    assert drafts["medusa"][0] == medusa.draft_vocab.ids[medusa_first].item()
+
+
+def test_heads_draft_only_from_the_draft_vocabulary(tiny, heads):
+    "Draft tokens are full ids inside the draft vocabulary; their distributions are zero outside it."
+    prompt = tiny.encode(TEXTS[0])
+    for head in heads.values():
+        drafts = []
+        generate(tiny, prompt, drafter=head, controller=FixedK(3), max_new_tokens=20, temperature=0.9, seed=1,
+                 on_step=lambda e: drafts.extend(e.draft_tokens))
+        allowed = set(head.draft_vocab.ids.tolist())
+        assert drafts and set(drafts) <= allowed
+    medusa = heads["medusa"]
+    generate(tiny, prompt, max_new_tokens=2)                              # leaves the net's features of the prompt
+    medusa.start(tiny, prompt[:, :5], 64)
+    medusa.pending = [tiny.net.features[:, :4]]
+    draft = medusa.propose(prompt[:, :5], 3, SamplingConfig(0.9), torch.Generator().manual_seed(0))
+    outside = torch.ones(tiny.vocab_size, dtype=torch.bool); outside[medusa.draft_vocab.ids] = False
+    assert draft.k == 3 and draft.probs[..., outside].abs().sum() == 0
+    torch.testing.assert_close(draft.probs.sum(-1), torch.ones(1, 3))
+
+
+@pytest.fixture(scope="module")
+def small_vocab_target():
+    "test_distribution's V=16 target."
+    return tiny_llama(vocab_size=V, hidden_size=32, num_layers=2, intermediate_size=64, seed=3, init_std=0.3)
+
+
+def _head_pairs(target, head, prompt, sampling, policy, runs):
+    "The first two tokens of `runs` seeded 3-token generations drafted by `head` with FixedK(2)."
+    cells, k2_steps = [], 0
+    for seed in range(runs):
+        out = generate(target, prompt, drafter=head, policy=policy, controller=FixedK(2), max_new_tokens=3,
+                       temperature=sampling.temperature, top_p=sampling.top_p, seed=seed, eos_token_id=[])
+        cells.append(out.tokens[0, 0] * V + out.tokens[0, 1])
+        k2_steps += out.stats.proposed_by_position[1] if len(out.stats.proposed_by_position) > 1 else 0
+    return torch.stack(cells), k2_steps
+
+
+@pytest.fixture
+def one_thread():
+    "Thousands of tiny forwards run faster on one thread."
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("kind", ["eagle", "medusa"])
+def test_rejection_sampling_with_a_head_keeps_the_target_distribution(small_vocab_target, kind, one_thread):
+    target = small_vocab_target
+    g = torch.Generator().manual_seed(0)
+    records = [{"ids": torch.randint(0, V, (24,), generator=g).tolist(), "answer_start": 1} for _ in range(8)]
+    head = new_head(kind, target, DraftVocab(list(range(0, V, 2)) + [1, 3], V), n=2, seed=0)   # 10 of the 16 ids
+    train_head(head, target, records, epochs=1, lr=1e-3, batch_size=4, seed=0, progress=False)
+    sampling, prompt, runs = SamplingConfig(0.7, top_p=0.9), torch.tensor([[1, 5, 7]]), 2000
+    t1, t2, *_ = _tables(target, target, prompt)
+    joint = logits_to_probs(t1, sampling)[:, None] * logits_to_probs(t2, sampling)      # [V, V] the target's law
+    cells, k2_steps = _head_pairs(target, head, prompt, sampling, RejectionSampling(), runs)
+    assert k2_steps == runs and head.missing_features == 0
+    assert _chi2_pvalue(cells, joint) > 1e-3
+    if kind == "eagle":                                                   # the same test rejects a wrong rule (once: time)
+        wrong, _ = _head_pairs(target, head, prompt, sampling, ResampleFromTarget(), 1200)
+        assert _chi2_pvalue(wrong, joint) < 1e-6

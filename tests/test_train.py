@@ -1,0 +1,120 @@
+"""Self-distillation data (resumable, hashed, never the evaluation prompts), seeded repeatable training, and head
+checkpoints: a round trip through the registry and clear errors for a corrupt file, another target, a mismatched
+draft vocabulary."""
+import json, pytest, torch
+from specdec import generate
+from specdec.models import tiny_llama
+from specdec.heads import DraftVocab, EagleHead, MedusaHeads, save_head, load_head
+from specdec.train import (write_distill_data, read_data, data_hash, magpie_prefix, evaluation_texts, new_head,
+                           train_head, _write_batch)
+from specdec.specs import make_drafter, spec_of
+from specdec.controllers import FixedK
+
+
+def records_of(target, n=6, length=24, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [{"ids": torch.randint(0, 256, (length,), generator=g).tolist(), "answer_start": 8} for _ in range(n)]
+
+
+@pytest.mark.parametrize("kind", ["eagle", "medusa"])
+def test_training_is_repeatable_with_a_seed(tiny, kind):
+    records = records_of(tiny)
+    curve = lambda seed: train_head(new_head(kind, tiny, seed=seed), tiny, records, epochs=2, lr=1e-3, batch_size=2,
+                                    seed=seed, progress=False)["losses"]
+    first, again, other = curve(0), curve(0), curve(1)
+    assert len(first) == 6
+    torch.testing.assert_close(torch.tensor(again), torch.tensor(first), rtol=1e-5, atol=1e-6)
+    assert (torch.tensor(other) - torch.tensor(first)).abs().max() > 1e-4   # the seed matters (init and order)
+
+
+def test_distill_data_is_resumable_hashed_and_recorded(tiny, tmp_path):
+    kw = dict(n_batches=2, batch_size=2, max_prompt_tokens=8, max_new_tokens=8, seed=0, progress=False)
+    whole = write_distill_data(tiny, tmp_path / "whole.jsonl", **kw)
+    assert whole["records"] > 0 and whole["tokens"] == sum(len(r["ids"]) for r in read_data(tmp_path / "whole.jsonl")[0])
+    assert whole["prompt_sources"]["magpie"]["prefix_ids"] == magpie_prefix(tiny)
+    assert "builtin" in whole["excluded_evaluation_sets"]
+    # an interrupted run: batch 0 finished, batch 1 torn mid-line; resuming writes batch 1 again, the same data
+    lines = (tmp_path / "whole.jsonl").read_text().splitlines()
+    cut = lines.index(json.dumps({"batch_done": 0}))
+    (tmp_path / "part.jsonl").write_text("\n".join(lines[:cut + 2]) + "\n" + lines[cut + 2][:10])
+    assert read_data(tmp_path / "part.jsonl")[1] == {0}
+    resumed = write_distill_data(tiny, tmp_path / "part.jsonl", **kw)
+    assert resumed["hash"] == whole["hash"] and resumed["records"] == whole["records"]
+    assert json.loads((tmp_path / "part.json").read_text())["hash"] == whole["hash"]
+
+
+def test_evaluation_prompts_never_enter_the_data(tiny):
+    prefix = magpie_prefix(tiny)
+    records, excluded = _write_batch(tiny, 0, prefix, 2, 8, 4, 0.7, 0, set())
+    assert records and excluded == 0
+    evaluation = {" ".join(r["prompt"].lower().split()) for r in records}     # pretend they are evaluation prompts
+    again, excluded = _write_batch(tiny, 0, prefix, 2, 8, 4, 0.7, 0, evaluation)
+    assert again == [] and excluded == len(records)
+    from specdec.prompts import builtin_prompts
+    first = builtin_prompts()[0].turns[0]
+    assert " ".join(first.lower().split()) in evaluation_texts()        # the built-in benchmark set is always excluded
+
+
+def test_prompt_files_are_excluded_too(tmp_path):
+    (tmp_path / "eval.jsonl").write_text(json.dumps({"question_id": 1, "category": "qa", "turns": ["What  is Zorblax?"]}) + "\n")
+    assert "what is zorblax?" in evaluation_texts([tmp_path / "eval.jsonl"])
+    assert "what is zorblax?" not in evaluation_texts()
+
+
+@pytest.fixture(scope="module")
+def saved(tiny, tmp_path_factory):
+    "An EAGLE and a Medusa checkpoint trained two steps for tiny-llama, over a reduced draft vocabulary."
+    root = tmp_path_factory.mktemp("heads")
+    records = records_of(tiny)
+    vocab = DraftVocab.most_frequent([r["ids"] for r in records], 100, tiny.vocab_size, always=tiny.eos_token_ids)
+    out = {}
+    for kind in ("eagle", "medusa"):
+        head = new_head(kind, tiny, vocab, n=2, seed=0)
+        metrics = train_head(head, tiny, records, epochs=1, lr=1e-3, batch_size=3, seed=0, progress=False)
+        out[kind] = (head, save_head(head, root / kind, data={"hash": "test"}, metrics=metrics))
+    return out
+
+
+@pytest.mark.parametrize("kind", ["eagle", "medusa"])
+def test_checkpoint_round_trip_through_the_registry(tiny, saved, kind):
+    head, path = saved[kind]
+    loaded = make_drafter(f"{kind}:{path}", tiny)
+    assert type(loaded) is type(head) and loaded.draft_vocab == head.draft_vocab
+    assert spec_of(loaded) == f"{kind}:{path}"
+    for name, tensor in head.state_dict().items(): torch.testing.assert_close(loaded.state_dict()[name], tensor)
+    config = json.loads((path / "config.json").read_text())
+    assert config["head_type"] == kind and config["target"]["name"] == tiny.name and config["data"] == {"hash": "test"}
+    prompt = tiny.encode("the cat sat on the mat; the cat")
+    drafts = lambda h: generate(tiny, prompt, drafter=h, controller=FixedK(2), max_new_tokens=12).accepted_lengths
+    assert drafts(loaded) == drafts(head)
+    with pytest.raises(ValueError, match=f"holds a {kind} head"): load_head(path, tiny, "medusa" if kind == "eagle" else "eagle")
+
+
+def test_corrupt_checkpoint(tiny, saved, tmp_path):
+    import shutil
+    path = shutil.copytree(saved["eagle"][1], tmp_path / "corrupt")
+    data = bytearray((path / "head.safetensors").read_bytes())
+    (path / "head.safetensors").write_bytes(b"\x07" * 16 + data[16:200])
+    with pytest.raises(ValueError, match="corrupt head checkpoint .*head.safetensors"): load_head(path, tiny)
+    (path / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="corrupt head checkpoint .*config.json"): load_head(path, tiny)
+    with pytest.raises(ValueError, match="not a head checkpoint"): load_head(tmp_path / "missing", tiny)
+
+
+def test_head_trained_for_another_target(saved):
+    other = tiny_llama(seed=1, name="tiny-llama-seed1")                  # same shapes, other weights
+    with pytest.raises(ValueError, match=r"trained for target 'tiny-llama'.*not for 'tiny-llama-seed1'"):
+        load_head(saved["medusa"][1], other)
+    with pytest.raises(ValueError, match="trained for target 'tiny-llama'"): make_drafter(f"eagle:{saved['eagle'][1]}", other)
+
+
+def test_mismatched_draft_vocabulary(tiny, saved, tmp_path):
+    import shutil
+    path = shutil.copytree(saved["medusa"][1], tmp_path / "vocab")
+    config = json.loads((path / "config.json").read_text())
+    config["draft_vocab"] = config["draft_vocab"][1:] + [config["draft_vocab"][0]]
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="draft vocabulary in config.json does not match"): load_head(path, tiny)
+    with pytest.raises(ValueError, match="outside the target's vocabulary"): DraftVocab([5, 600], tiny.vocab_size)
+    with pytest.raises(ValueError, match="vocabulary of 256 ids, the target 'tiny-llama' has 512"):
+        EagleHead(tiny, DraftVocab([1, 2], 256))
