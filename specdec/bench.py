@@ -73,6 +73,8 @@ PRESETS = {
     "default": {},
     "k_sweep": {"drafters": "pld", "ks": "1,2,3,4,6,8", "n_prompts": 1},   # LayerSkip's untrained exit accepts ~7%: K sweep it with --drafters
     "spec_bench": {"prompts": "../shared/prompts/spec_bench_dev.jsonl", "categories": "summarization,rag", "n_prompts": 4},
+    "heads": {"prompts": "../shared/prompts/spec_bench_dev.jsonl", "n_prompts": 2, "ks": "2", "hf_pld": False,
+              "categories": "summarization,qa,rag,translation,math_reasoning,writing,roleplay,coding"},   # the trained heads (issue 8)
     "synthetic": {"model": "synthetic", "drafters": "synthetic:0.9,synthetic:0.5", "ks": "1,2,4,cost:8",
                   "categories": "qa,code,summarization", "n_prompts": 2, "hf_pld": False},
 }
@@ -104,7 +106,7 @@ class BenchConfig:
     "All parameters of a benchmark run: the fields and defaults of `nbs/bench/methods.ipynb`'s parameters cell."
     model: str = "smollm2-135m"
     preset: str = ""
-    drafters: str = "pld"
+    drafters: str = "pld,eagle,medusa"
     ks: str = "4,cost:8"
     policies: str = "greedy"
     temperature: float = 0.0

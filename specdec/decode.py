@@ -75,6 +75,7 @@ def _setup_seconds(runners) -> float:
 def _runners(target, drafter, compile:str, B:int, capacity:int, max_k:int):
     "The target's runner and cache, the drafter's runner, each engine's shapes built now (off the clock)."
     mode = resolve_compile(compile, target.net)
+    target.net.keep_layers = tuple(getattr(drafter, "target_layers", None) or ())   # the layers a head reads (none otherwise)
     if getattr(drafter, "reads_target_features", False) and mode != "eager":   # heads read the net's last eager forward
         if compile != "auto": raise ValueError(f"drafter {drafter.name} reads the target's features: it needs compile='eager' "
                                                f"(or 'auto'), got {compile!r}")

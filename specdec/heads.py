@@ -17,8 +17,8 @@ from .sampling import SamplingConfig, logits_to_probs, sample
 from .drafters import Draft, Drafter, no_draft
 
 # %% auto #0
-__all__ = ['HEAD_FORMAT', 'HEAD_TYPES', 'DraftVocab', 'target_fingerprint', 'ResBlock', 'MedusaHeads', 'EagleHead', 'save_head',
-           'load_head']
+__all__ = ['HEAD_FORMAT', 'HEAD_TYPES', 'SHIPPED_HEADS', 'DraftVocab', 'target_fingerprint', 'ResBlock', 'MedusaHeads',
+           'eagle3_layers', 'EagleHead', 'save_head', 'load_head', 'shipped_head']
 
 # %% ../nbs/05a_heads.ipynb #3ecc78ec
 class DraftVocab:
@@ -75,6 +75,7 @@ class _Head(nn.Module, Drafter):
     "What EAGLE and Medusa heads share: the target they draft for, its norm and output head over the draft vocabulary."
     reads_target_features = True
     head_type = ""
+    target_layers = None   # None: the last layer's features; a tuple: the outputs of those target layers, concatenated
 
     def __init__(self, target:LoadedModel, draft_vocab:DraftVocab|None=None):
         nn.Module.__init__(self)
@@ -102,16 +103,24 @@ class _Head(nn.Module, Drafter):
         if target.model is not self.target.model:
             raise ValueError(f"{self.name} was built on {self.target.name!r} but generate() got target {target.name!r}")
 
-    def _last_features(self, count:int, first:int|None=None) -> torch.Tensor:
-        """The first `count` positions' features `[B, count, H]` of the target's last eager forward (which began at
-        `first`); zeros, counted in `missing_features`, when it did not give them (the draft is then poor, never wrong)."""
+    def _net_features(self) -> torch.Tensor|None:
+        "The target's last eager forward's features this head reads `[B, q, F]`, or None."
         net = self.target.net
-        if net.features_start is None or net.features is None or net.features.shape[1] < count \
+        if self.target_layers is None: return net.features
+        if any(i not in net.layer_features for i in self.target_layers): return None
+        return torch.cat([net.layer_features[i] for i in self.target_layers], -1)
+
+    def _last_features(self, count:int, first:int|None=None) -> torch.Tensor:
+        """The first `count` positions' features `[B, count, F]` of the target's last eager forward (which began at
+        `first`); zeros, counted in `missing_features`, when it did not give them (the draft is then poor, never wrong)."""
+        net, features = self.target.net, self._net_features()
+        if net.features_start is None or features is None or features.shape[1] < count \
                 or (first is not None and net.features_start != first):
             self.missing_features += 1
             w = self.target.model.lm_head.weight
-            return w.new_zeros(1 if net.features is None else net.features.shape[0], count, w.shape[1])
-        return net.features[:, :count]
+            width = w.shape[1] * (1 if self.target_layers is None else len(self.target_layers))
+            return w.new_zeros(1 if features is None else features.shape[0], count, width)
+        return features[:, :count]
 
     def start(self, target, prompt_ids, capacity):
         "Keep the prefill's features (all prompt tokens but the last)."
@@ -170,15 +179,28 @@ class MedusaHeads(_Head):
         return Draft(torch.stack(drafted, 1), torch.stack(probs, 1))           # [B, k], [B, k, V]
 
 # %% ../nbs/05a_heads.ipynb #4de40c15
+def eagle3_layers(num_layers:int) -> tuple[int, ...]:
+    "EAGLE-3's low, middle and high target layers (0-based): 2, L/2 and L-3, clipped to the model."
+    return (min(2, num_layers - 1), num_layers // 2, max(num_layers - 3, 0))
+
 class EagleHead(_Head):
-    "One decoder layer over [token embedding ; target feature] predicting the next (normed) feature; drafts in feature space."
+    """EAGLE-3: one decoder layer over [token embedding ; hidden]. For committed tokens the hidden is the target's low,
+    middle and high layer outputs fused by a linear map; as it drafts ahead, its own output. Logits come from the target's
+    output head (draft vocabulary rows) after the head's own norm."""
     head_type = "eagle"
-    def __init__(self, target:LoadedModel, draft_vocab:DraftVocab|None=None):
+    def __init__(self, target:LoadedModel, draft_vocab:DraftVocab|None=None,
+                 layers=None): # target layers to fuse (default `eagle3_layers`)
         super().__init__(target, draft_vocab)
         cfg, H = target.config, self.hidden_size
+        n_layers = cfg.num_hidden_layers
+        self.target_layers = tuple(int(i) for i in (eagle3_layers(n_layers) if layers is None else layers))
+        if not self.target_layers or any(not 0 <= i < n_layers for i in self.target_layers):
+            raise ValueError(f"EagleHead layers must be target layers 0..{n_layers - 1}, got {self.target_layers}")
         self.num_heads, self.num_kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or H // self.num_heads
-        self.fc = nn.Linear(2 * H, H)
+        self.fuse = nn.Linear(len(self.target_layers) * H, H, bias=False)      # [layers*H] -> [H]
+        self.fc = nn.Linear(2 * H, H)                                          # [embedding ; hidden] -> [H]
+        self.input_layernorm = nn.RMSNorm(H, eps=cfg.rms_norm_eps)
         self.q_proj = nn.Linear(H, self.num_heads * self.head_dim, bias=False)
         self.k_proj = nn.Linear(H, self.num_kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(H, self.num_kv_heads * self.head_dim, bias=False)
@@ -187,31 +209,61 @@ class EagleHead(_Head):
         self.gate_proj = nn.Linear(H, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(H, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, H, bias=False)
+        self.norm = nn.RMSNorm(H, eps=cfg.rms_norm_eps)                        # before the target's output head
         self.cache, self.known = None, 0
 
     @property
     def name(self): return "eagle"
+
+    def fused(self, features:torch.Tensor # [B, T, layers*H] the target layers' outputs
+             ) -> torch.Tensor:
+        "The hidden `[B, T, H]` of committed tokens: each layer's output RMS-normalised, then fused."
+        B, T, _ = features.shape
+        per_layer = features.to(self.fuse.weight.dtype).view(B, T, len(self.target_layers), -1)
+        return self.fuse(F.rms_norm(per_layer, (per_layer.shape[-1],)).view(B, T, -1))
+
+    def logits(self, hidden:torch.Tensor # [..., H] the head's outputs
+              ) -> torch.Tensor:
+        "Draft logits `[..., N]`."
+        return self.draft_logits(self.norm(hidden))
 
 # %% ../nbs/05a_heads.ipynb #4912f9b1
 def _rotate_half(x):
     x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2 :]
     return torch.cat((-x2, x1), dim=-1)
 
-def _eagle_forward(self:EagleHead, input_ids:torch.Tensor, # [B, q] tokens x_{t+1}
-                   normed:torch.Tensor, # [B, q, H] features g_t (target's, or predicted)
-                   start:int=0, # position t of the first pair
-                   cache:KVCache|None=None, # None: causal attention within the q pairs (training)
-                  ) -> torch.Tensor:
-    "Predicted normed features `[B, q, H]` of positions start+1..start+q."
+def _eagle_inputs(self:EagleHead, input_ids:torch.Tensor, # [B, q] tokens x_{t+1}
+                  hidden:torch.Tensor, # [B, q] hidden of position t (fused target features, or the head's own output)
+                  positions:torch.Tensor): # [q] the positions t
+    "The layer's residual stream `[B, q, H]` and its rotated query, key and value `[B, heads, q, D]`."
     B, q = input_ids.shape
     emb = self.target.model.model.embed_tokens(input_ids).to(self.fc.weight.dtype)       # [B, q, H], frozen
-    x = self.fc(torch.cat([emb, normed.to(emb.dtype)], -1))                               # [B, q, H]
-    positions = torch.arange(start, start + q, device=x.device)
+    x = self.fc(torch.cat([emb, hidden.to(emb.dtype)], -1))                               # [B, q, H]
+    h = self.input_layernorm(x)
     cos, sin = self.target.model.model.rotary_emb(x, positions[None])                     # [1, q, D]
     cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)
     shape = (B, q, -1, self.head_dim)
-    query, key, value = (p(x).view(shape).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))  # [B, h, q, D]
-    query, key = query * cos + _rotate_half(query) * sin, key * cos + _rotate_half(key) * sin
+    query, key, value = (p(h).view(shape).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))  # [B, h, q, D]
+    return x, query * cos + _rotate_half(query) * sin, key * cos + _rotate_half(key) * sin, value
+
+def _eagle_outputs(self:EagleHead, x:torch.Tensor, # [B, q, H] residual stream
+                   attended:torch.Tensor # [B, heads, q, D]
+                  ) -> torch.Tensor:
+    "The layer's output hidden `[B, q, H]` (before the norm)."
+    B, _, q, _ = attended.shape
+    x = x + self.o_proj(attended.transpose(1, 2).reshape(B, q, -1))
+    h = self.post_attention_layernorm(x)
+    return x + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
+
+def _eagle_forward(self:EagleHead, input_ids:torch.Tensor, # [B, q] tokens x_{t+1}
+                   hidden:torch.Tensor, # [B, q, H] hidden of positions t
+                   start:int=0, # position t of the first pair
+                   cache:KVCache|None=None, # None: causal attention within the q pairs
+                  ) -> torch.Tensor:
+    "Output hiddens `[B, q, H]` of the pairs at positions start..start+q-1 (each drafts the token two ahead of its position)."
+    q = input_ids.shape[1]
+    positions = torch.arange(start, start + q, device=input_ids.device)
+    x, query, key, value = self._inputs(input_ids, hidden, positions)
     mask = None
     if cache is not None:
         cache.keys[0, :, :, start:start + q], cache.values[0, :, :, start:start + q] = key, value
@@ -220,10 +272,47 @@ def _eagle_forward(self:EagleHead, input_ids:torch.Tensor, # [B, q] tokens x_{t+
         if start > 0 and q > 1: mask = positions[:, None] >= torch.arange(start + q, device=x.device)[None]   # [q, start+q]
     out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, is_causal=mask is None and q > 1,
                                          enable_gqa=self.num_heads != self.num_kv_heads)
-    x = x + self.o_proj(out.transpose(1, 2).reshape(B, q, -1))
-    h = self.post_attention_layernorm(x)
-    return x + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
-EagleHead.forward = _eagle_forward
+    return self._outputs(x, out)
+EagleHead._inputs, EagleHead._outputs, EagleHead.forward = _eagle_inputs, _eagle_outputs, _eagle_forward
+
+# %% ../nbs/05a_heads.ipynb #fe3a7c11
+def _unrolled_attention(query:torch.Tensor, # [B, h, T, D] step j's queries
+                        keys:list, values:list, # steps 0..j: [B, kv, T, D] each
+                       ) -> torch.Tensor:
+    """Step j of the training-time test: the query at t sees step 0's keys at s <= t-j (the target's features) and step
+    i's key at t-(j-i) for i = 1..j (the head's own earlier drafts), as drafting does. Returns `[B, h, T, D]`."""
+    j, (B, h, T, D) = len(keys) - 1, query.shape
+    rep = h // keys[0].shape[1]
+    grow = lambda t: t.repeat_interleave(rep, 1)                                    # GQA: [B, kv, T, D] -> [B, h, T, D]
+    scale = D ** -0.5
+    scores = [(query @ grow(keys[0]).transpose(-1, -2) * scale)                      # [B, h, T, T]
+              .masked_fill(~torch.ones(T, T, dtype=torch.bool, device=query.device).tril(-j), float("-inf"))]
+    shifted = []
+    for i in range(1, j + 1):
+        shift = j - i                                                                 # step i's key at t - shift
+        k_i, v_i = (F.pad(grow(t), (0, 0, shift, 0))[:, :, :T] for t in (keys[i], values[i]))   # [B, h, T, D]
+        score = (query * k_i).sum(-1, keepdim=True) * scale                          # [B, h, T, 1]
+        scores.append(score.masked_fill((torch.arange(T, device=query.device) < shift)[:, None], float("-inf")))
+        shifted.append(v_i)
+    probs = torch.softmax(torch.cat(scores, -1), -1)                                 # [B, h, T, T+j]
+    out = probs[..., :T] @ grow(values[0])
+    for i, v_i in enumerate(shifted): out = out + probs[..., T + i:T + i + 1] * v_i
+    return out
+
+def _eagle_unroll(self:EagleHead, input_ids:torch.Tensor, # [B, T] tokens x_{t+1} of the pairs at t = 0..T-1
+                  features:torch.Tensor, # [B, T, layers*H] the target's features of positions t
+                  steps:int=1) -> list:
+    """Training-time test: `steps` outputs `[B, T, H]`; step j's at t is what drafting computes for position t after j
+    drafts of its own (its hidden input is step j-1's output at t-1), so it drafts token t+2 as draft j+1."""
+    positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+    hidden, keys, values, outputs = self.fused(features), [], [], []
+    for j in range(steps):
+        x, query, key, value = self._inputs(input_ids, hidden, positions)
+        keys.append(key); values.append(value)
+        outputs.append(self._outputs(x, _unrolled_attention(query, keys, values)))
+        hidden = F.pad(outputs[-1][:, :-1], (0, 0, 1, 0))                           # step j+1 at t reads step j at t-1
+    return outputs
+EagleHead.unroll = _eagle_unroll
 
 # %% ../nbs/05a_heads.ipynb #75a7aea1
 def _eagle_reset(self:EagleHead, batch:int, capacity:int):
@@ -235,20 +324,19 @@ def _eagle_reset(self:EagleHead, batch:int, capacity:int):
 def _eagle_propose(self:EagleHead, tokens, k, sampling=SamplingConfig(), generator=None):
     L = tokens.shape[1]
     if k == 0 or L < 2: return no_draft(tokens)
-    # catch up: the committed pairs (g_t, x_{t+1}) for t = known..L-2, with the target's true features
-    features = torch.cat(self.pending, 1) if len(self.pending) > 1 else self.pending[0]   # [B, m, H]
+    # catch up: the committed pairs (features_t, x_{t+1}) for t = known..L-2, from the target's features
+    features = torch.cat(self.pending, 1) if len(self.pending) > 1 else self.pending[0]   # [B, m, layers*H]
     if features.shape[1] != L - 1 - self.known:
         raise RuntimeError(f"eagle: holds features of {features.shape[1]} new positions, the sequence has {L - 1 - self.known}")
     self.pending = []
     self.cache.rollback(self.known)
-    normed = self.target_norm(features)                                         # [B, m, H]
-    pred = self(tokens[:, self.known + 1:L], normed, self.known, self.cache)[:, -1:]   # [B, 1, H] predicted g_{L-1}
+    out = self(tokens[:, self.known + 1:L], self.fused(features), self.known, self.cache)[:, -1:]   # [B, 1, H] at L-2
     self.known = L - 1
     drafted, probs = [], []
     for i in range(k):
-        t, p = self._pick(self.draft_logits(pred[:, -1]), sampling, generator)   # [B], [B, V]
+        t, p = self._pick(self.logits(out[:, -1]), sampling, generator)         # [B], [B, V]
         drafted.append(t); probs.append(p)
-        if i < k - 1: pred = self(t[:, None], pred, L - 1 + i, self.cache)      # feed back its own prediction
+        if i < k - 1: out = self(t[:, None], out, L - 1 + i, self.cache)         # feed back its own output
     self.forwards += k
     return Draft(torch.stack(drafted, 1), torch.stack(probs, 1))               # [B, k], [B, k, V]
 
@@ -270,6 +358,7 @@ def save_head(head:_Head, path, # a folder (created)
     tensors["draft_vocab"] = head.draft_vocab.ids.clone()
     save_file(tensors, str(path / "head.safetensors"))
     config = {"format": HEAD_FORMAT, "head_type": head.head_type, "num_heads": getattr(head, "n", 1),
+              "target_layers": list(head.target_layers) if head.target_layers is not None else None,
               "target": {"name": head.target.name, "weights": target_fingerprint(head.target), "vocab_size": head.target.vocab_size},
               "draft_vocab": head.draft_vocab.ids.tolist(), "data": data or {}, "metrics": metrics or {}}
     (path / "config.json").write_text(json.dumps(config, indent=1))
@@ -305,8 +394,25 @@ def load_head(path, target:LoadedModel,
     if stored is None or stored.tolist() != config.get("draft_vocab"):
         raise ValueError(f"head {path}: the draft vocabulary in config.json does not match the one in head.safetensors")
     vocab = DraftVocab(stored, target.vocab_size)
-    head = (MedusaHeads(target, config.get("num_heads", 1), vocab) if kind == "medusa" else EagleHead(target, vocab))
+    head = (MedusaHeads(target, config.get("num_heads", 1), vocab) if kind == "medusa"
+            else EagleHead(target, vocab, layers=config.get("target_layers")))
     try: head.load_state_dict(tensors)
     except RuntimeError as e: raise ValueError(f"corrupt head checkpoint {path}: weights do not fit a {kind} head: {e}") from None
     head.config, head.checkpoint = config, str(path)
     return head.to(device=target.device, dtype=target.dtype).eval().requires_grad_(False)
+
+SHIPPED_HEADS = Path(__file__).parent / "assets" / "heads"   # trained heads that ship with the package
+
+def shipped_head(target:LoadedModel, head_type:str) -> _Head:
+    "The `head_type` head shipped for `target` (matched by its weight fingerprint), or an error saying how to get one."
+    fingerprint = target_fingerprint(target)
+    for config in sorted(SHIPPED_HEADS.glob("*/config.json")):
+        try: meta = json.loads(config.read_text())
+        except json.JSONDecodeError: continue
+        if meta.get("head_type") == head_type and meta.get("target", {}).get("weights") == fingerprint:
+            head = load_head(config.parent, target, head_type)
+            head.checkpoint = None                                  # named by the spec `eagle` / `medusa` alone
+            return head
+    shipped = sorted(p.parent.name for p in SHIPPED_HEADS.glob("*/config.json"))
+    raise ValueError(f"no {head_type} head ships for target {target.name!r} (shipped: {', '.join(shipped) or 'none'}); "
+                     f"train one with nbs/bench/train_head.ipynb and pass {head_type}:PATH")

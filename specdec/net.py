@@ -146,6 +146,7 @@ class DecoderNet:
         self.cos = self.sin = None   # rotary tables [positions, D], grown by new_cache
         self.engines = {}            # compiled / graph-captured runners of this net, filled by specdec.engine
         self.features, self.features_start = None, None   # last eager forward's hidden states [B, q, H] and first position
+        self.keep_layers, self.layer_features = (), {}      # layers whose outputs a draft head reads: {layer: [B, q, H]}
 
     @property
     def device(self): return self.hf_model.lm_head.weight.device
@@ -196,6 +197,7 @@ def _layers_and_head(self:DecoderNet, hidden, cos, sin, cache, start, positions,
     for i, layer in enumerate(self.layers):
         hidden = hidden + self._attention(i, layer.input_layernorm(hidden), cos, sin, cache, start, positions, masks, packed)
         hidden = hidden + self._mlp(i, layer.post_attention_layernorm(hidden), packed)
+        if i in self.keep_layers: self.layer_features[i] = hidden             # [B, q, H] (EAGLE-3 fuses several layers)
     self.features = hidden                                              # [B, q, H] before the final norm, for draft heads
     if logits == "none": return None
     if logits == "last": hidden = hidden[:, -1:]

@@ -12,7 +12,7 @@ from typing import Any, Callable
 from .models import load_model
 from .policies import AcceptancePolicy, Greedy, RejectionSampling, Typical, ConfidenceThreshold, TopKAgreement
 from .drafters import Drafter, PromptLookup, DraftModel, LayerSkip
-from .heads import EagleHead, MedusaHeads, load_head
+from .heads import EagleHead, MedusaHeads, load_head, shipped_head
 from .controllers import Controller, FixedK, AdaptiveK, CostAwareK
 from .synthetic import SyntheticDrafter, dry_run_target, DRY_RUN_DRAFT_COST
 
@@ -183,10 +183,11 @@ DRAFTERS.register("synthetic", lambda rates, **_: SyntheticDrafter(rates, DRY_RU
                   help="dry runs: drafts the synthetic target's text, right with probability ALPHA per position",
                   cls=SyntheticDrafter, example="synthetic:0.8")
 for _kind in ("eagle", "medusa"):
-    DRAFTERS.register(_kind, lambda path, target=None, _kind=_kind, **_: load_head(path, target, _kind),
-                      Arg("PATH", nonempty, "checkpoint", what="a head checkpoint folder", rest=True),
-                      help=f"a trained {'EAGLE head' if _kind == 'eagle' else 'set of Medusa heads'} for the target "
-                           "(a folder written by specdec.heads.save_head)",
+    DRAFTERS.register(_kind, lambda path, target=None, _kind=_kind, **_: (load_head(path, target, _kind) if path
+                                                                          else shipped_head(target, _kind)),
+                      Arg("PATH", nonempty, "checkpoint", None, "a head checkpoint folder", always=False, rest=True),
+                      help=f"a trained {'EAGLE head' if _kind == 'eagle' else 'set of Medusa heads'} for the target: "
+                           "a folder written by specdec.heads.save_head, or (no PATH) the one shipped for the target",
                       cls=EagleHead if _kind == "eagle" else MedusaHeads, example=f"{_kind}:heads/{_kind}-tiny", needs_target=True)
 DRAFTERS
 

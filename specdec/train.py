@@ -6,7 +6,8 @@ Docs: https://specdec.github.io/specdec/train.html.md"""
 
 # %% ../nbs/08a_train.ipynb #adce3572
 from __future__ import annotations
-import hashlib, json, time
+import hashlib, json, math, time
+from contextlib import contextmanager
 from pathlib import Path
 import torch
 import torch.nn.functional as F
@@ -18,8 +19,9 @@ from .decode import generate
 from .controllers import FixedK
 
 # %% auto #0
-__all__ = ['magpie_prefix', 'evaluation_texts', 'read_data', 'data_hash', 'write_distill_data', 'target_features', 'medusa_loss',
-           'eagle_loss', 'new_head', 'train_head', 'measure_tau']
+__all__ = ['magpie_prefix', 'evaluation_texts', 'feature_layers', 'read_data', 'features_dir', 'read_features', 'data_hash',
+           'write_distill_data', 'record_features', 'soft_cross_entropy', 'head_loss', 'new_head', 'train_head',
+           'measure_tau']
 
 # %% ../nbs/08a_train.ipynb #79515e6c
 _MARKER = "\u2063SPECDEC-USER-TEXT\u2063"
@@ -53,8 +55,8 @@ def _cut(ids:list[int], stops) -> list[int]:
     return ids
 
 @torch.no_grad()
-def _hf_generate(target, rows:list[list[int]], max_new_tokens:int, temperature:float, stop_ids:list[int]) -> list[list[int]]:
-    "Batched Hugging Face generate over left-padded rows; the new tokens of each row."
+def _hf_generate(target, rows:list[list[int]], max_new_tokens:int, temperature:float, stop_ids:list[int]) -> tuple[list[list[int]], int]:
+    "Batched Hugging Face generate over left-padded rows: the new tokens of each row, and the padded width."
     pad = target.eos_token_ids[0] if target.eos_token_ids else 0
     width = max(map(len, rows))
     ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=target.device)              # [B, W]
@@ -62,31 +64,61 @@ def _hf_generate(target, rows:list[list[int]], max_new_tokens:int, temperature:f
     kw = dict(do_sample=True, temperature=temperature, top_p=1.0, top_k=0) if temperature > 0 else dict(do_sample=False)
     out = target.model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, eos_token_id=stop_ids,
                                 pad_token_id=pad, **kw)
-    return [row[width:].tolist() for row in out]
+    return [row[width:].tolist() for row in out], width
+
+def feature_layers(num_layers:int) -> tuple[int, ...]:
+    "The layers whose outputs the data keeps: EAGLE-3's low, middle and high layers, and the last one (Medusa)."
+    return tuple(sorted({min(2, num_layers - 1), num_layers // 2, max(num_layers - 3, 0), num_layers - 1}))
+
+@contextmanager
+def _recording(target:LoadedModel, layers, top_k:int):
+    "While HF runs the target: each forward's outputs of `layers` (fp16) and the top-`top_k` of its next-token probabilities."
+    rec = {"layers": {i: [] for i in layers}, "top_ids": [], "top_probs": []}
+    def keep_layer(i):
+        def hook(module, args, out):
+            rec["layers"][i].append((out[0] if isinstance(out, tuple) else out).detach().to(torch.float16))   # [B, q, H]
+        return hook
+    def keep_top(module, args, logits):
+        probs, ids = torch.softmax(logits[:, -1].float(), -1).topk(top_k, -1)                                 # [B, k]
+        rec["top_ids"].append(ids.int()); rec["top_probs"].append(probs.half())
+    decoder = target.model.model.layers
+    hooks = [decoder[i].register_forward_hook(keep_layer(i)) for i in layers]
+    hooks.append(target.model.lm_head.register_forward_hook(keep_top))
+    try: yield rec
+    finally:
+        for h in hooks: h.remove()
 
 # %% ../nbs/08a_train.ipynb #da68c8e4
 def _write_batch(target, b:int, prefix, n:int, max_prompt_tokens:int, max_new_tokens:int, temperature:float,
-                 seed:int, evaluation:set, chat:bool=True) -> tuple[list[dict], int]:
-    "Batch `b`: `n` prompts written by the target, then its answers; the records and how many prompts were excluded."
+                 seed:int, evaluation:set, layers=(), top_k:int=16, chat:bool=True) -> tuple[list[dict], dict, int]:
+    """Batch `b`: `n` prompts written by the target, then its answers. Returns the records, their features (the outputs of
+    `layers` at every position but the last, `[T-1, len(layers), H]`, and the top-`top_k` next-token probabilities at each
+    answer token's position) and how many prompts were excluded."""
     torch.manual_seed(seed * 1_000_003 + b)                                   # each batch repeats alone: resumable
     stops = _stop_ids(target)
     prompts, excluded = [], 0
-    for ids in _hf_generate(target, [prefix] * n, max_prompt_tokens, 1.0, stops):
+    for ids in _hf_generate(target, [prefix] * n, max_prompt_tokens, 1.0, stops)[0]:
         text = target.tokenizer.decode(_cut(ids, stops), skip_special_tokens=True).strip()
         if not text or text in prompts: continue
         if _normal(text) in evaluation: excluded += 1; continue
         prompts.append(text)
-    if not prompts: return [], excluded
+    if not prompts: return [], {}, excluded
     rows = [target.encode(p, chat=chat)[0].tolist() for p in prompts]
     mode_temperature = 0.0 if b % 2 == 0 else temperature                    # even batches greedy, odd ones sampled
-    answers = _hf_generate(target, rows, max_new_tokens, mode_temperature, target.eos_token_ids)
-    records = []
-    for p, row, ans in zip(prompts, rows, answers):
+    with _recording(target, layers, top_k) as rec:
+        answers, width = _hf_generate(target, rows, max_new_tokens, mode_temperature, target.eos_token_ids)
+    hidden = torch.stack([torch.cat(rec["layers"][i], 1) for i in layers], 2) if layers else None   # [B, W+steps-1, layers, H]
+    top_ids, top_probs = torch.stack(rec["top_ids"], 1), torch.stack(rec["top_probs"], 1)           # [B, steps, k]
+    records, features = [], {}
+    for j, (p, row, ans) in enumerate(zip(prompts, rows, answers)):
         eos = [i for i, t in enumerate(ans) if t in target.eos_token_ids]
         ans = ans[:eos[0] + 1] if eos else ans                               # keep the EOS: the head should draft it
         records.append({"batch": b, "prompt": p, "mode": "greedy" if mode_temperature == 0 else f"T={temperature:g}",
-                        "ids": row + ans, "answer_start": len(row)})
-    return records, excluded
+                        "ids": row + ans, "answer_start": len(row), "row": j})
+        pad, T = width - len(row), len(row) + len(ans)
+        if hidden is not None: features[f"{j}.hidden"] = hidden[j, pad:pad + T - 1].contiguous()        # [T-1, layers, H]
+        features[f"{j}.top_ids"], features[f"{j}.top_probs"] = top_ids[j, :len(ans)].contiguous(), top_probs[j, :len(ans)].contiguous()
+    return records, features, excluded
 
 # %% ../nbs/08a_train.ipynb #409cb1b6
 def read_data(path) -> tuple[list[dict], set[int]]:
@@ -101,6 +133,27 @@ def read_data(path) -> tuple[list[dict], set[int]]:
         else: pending.append(obj)
     return records, done
 
+def features_dir(path) -> Path:
+    "Where the target's recorded features for the data file `path` live."
+    path = Path(path); return path.with_name(path.stem + ".features")
+
+def read_features(path, records:list[dict]) -> list[dict]:
+    "Each record's recorded tensors: `hidden` `[T-1, layers, H]` (when kept), `top_ids`, `top_probs` `[answer tokens, k]`."
+    from safetensors.torch import load_file
+    out, files = [], {}
+    for r in records:
+        file = features_dir(path) / f"{r['batch']:05d}.safetensors"
+        if r["batch"] not in files:
+            if not file.exists(): raise ValueError(f"no recorded features for batch {r['batch']} of {path}: expected {file}")
+            files[r["batch"]] = load_file(str(file))
+        tensors, j = files[r["batch"]], r.get("row", -1)
+        T, n = len(r["ids"]), len(r["ids"]) - r["answer_start"]
+        got = {k: tensors[f"{j}.{k}"] for k in ("hidden", "top_ids", "top_probs") if f"{j}.{k}" in tensors}
+        if "top_ids" not in got or ("hidden" in got and got["hidden"].shape[0] != T - 1) or got["top_ids"].shape[0] != n:
+            raise ValueError(f"recorded features of batch {r['batch']} do not fit its records ({file})")
+        out.append(got)
+    return out
+
 def data_hash(records:list[dict]) -> str:
     "SHA-256 of the records' token ids, in order."
     h = hashlib.sha256()
@@ -114,9 +167,16 @@ def write_distill_data(target:LoadedModel, path, # a .jsonl file (appended to; r
                        temperature:float=0.7, # of the sampled (odd) batches' answers; even batches are greedy
                        seed:int=0,
                        exclude=(), # Spec-Bench-format prompt files never to train on (the built-in set always)
+                       layers=None, # target layers whose outputs are kept (default `feature_layers`; () keeps none)
+                       top_k:int=16, # target next-token probabilities kept per answer token
                        progress:bool=True) -> dict:
-    "Write self-distillation data: Magpie-style prompts by the target and its answers; returns the manifest (also `path.json`)."
+    """Write self-distillation data: Magpie-style prompts by the target and its answers (`path`), the target's features
+    and next-token probabilities recorded while it wrote them (`features_dir(path)`, one safetensors file per batch);
+    returns the manifest (also `path.json`)."""
+    from safetensors.torch import save_file
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+    layers = feature_layers(target.num_layers) if layers is None else tuple(layers)
+    features = features_dir(path); features.mkdir(exist_ok=True)
     records, done = read_data(path)
     if path.exists():                                                      # drop a torn tail: keep the finished batches
         by_batch = {}
@@ -127,8 +187,10 @@ def write_distill_data(target:LoadedModel, path, # a .jsonl file (appended to; r
     with open(path, "a") as f:
         for b in tqdm(range(n_batches), desc="self-distillation", disable=not progress):
             if b in done: continue
-            new, dropped = _write_batch(target, b, prefix, batch_size, max_prompt_tokens, max_new_tokens, temperature, seed, evaluation)
+            new, tensors, dropped = _write_batch(target, b, prefix, batch_size, max_prompt_tokens, max_new_tokens, temperature,
+                                                 seed, evaluation, layers, top_k)
             excluded += dropped
+            save_file(tensors, str(features / f"{b:05d}.safetensors"))       # before the batch is marked done
             f.write("".join(json.dumps(r) + "\n" for r in new) + json.dumps({"batch_done": b}) + "\n"); f.flush()
     records, _ = read_data(path)
     records = [r for r in records if r["batch"] < n_batches]
@@ -139,48 +201,108 @@ def write_distill_data(target:LoadedModel, path, # a .jsonl file (appended to; r
                                               "n_batches": n_batches, "batch_size": batch_size, "seed": seed},
                                    "answers": {"even_batches": "greedy", "odd_batches": f"T={temperature:g}",
                                                "max_new_tokens": max_new_tokens}},
+                "features": {"dir": features.name, "layers": list(layers), "top_k": top_k, "dtype": "float16"},
                 "excluded_evaluation_sets": ["builtin"] + [str(p) for p in exclude], "excluded_prompts_this_run": excluded}
     path.with_suffix(".json").write_text(json.dumps(manifest, indent=1))
     return manifest
 
 # %% ../nbs/08a_train.ipynb #de2812d8
 @torch.no_grad()
-def target_features(target:LoadedModel, ids:torch.Tensor # [1, T]
-                   ) -> torch.Tensor:
-    "The target's features `[1, T, H]` (hidden states before the final norm) of a sequence."
-    net = target.net
-    net(ids, net.new_cache(ids.shape[0], ids.shape[1]), logits="none")
-    return net.features.float()
+def record_features(target:LoadedModel, records:list[dict], layers=None, # default `feature_layers`
+                    top_k:int=16) -> list[dict]:
+    """What `write_distill_data` records while the target writes, computed afterwards by one target forward per record
+    (for data written without features, or records made elsewhere): `hidden` `[T-1, layers, H]`, `top_ids`/`top_probs`."""
+    layers = feature_layers(target.num_layers) if layers is None else tuple(layers)
+    net, out = target.net, []
+    net.keep_layers = layers
+    try:
+        for r in records:
+            ids = torch.tensor([r["ids"]], device=target.device)                        # [1, T]
+            logits = net(ids, net.new_cache(1, ids.shape[1]), logits="all")[0]          # [T, V]
+            hidden = torch.stack([net.layer_features[i][0, :-1] for i in layers], 1)     # [T-1, layers, H]
+            probs, top = torch.softmax(logits[r["answer_start"] - 1:-1].float(), -1).topk(min(top_k, logits.shape[-1]), -1)
+            out.append({"hidden": hidden.to(torch.float16).cpu(), "top_ids": top.int().cpu(), "top_probs": probs.half().cpu()})
+    finally: net.keep_layers = ()
+    return out
 
-def medusa_loss(head:MedusaHeads, target:LoadedModel, ids:torch.Tensor, answer_start:int) -> torch.Tensor:
-    "Mean over heads and answer positions of CE(head i at t, token t+2+i)."
-    features = target_features(target, ids)
-    logits = head(features)[:, 0]                                               # [n, T, N]
-    labels = head.draft_vocab.to_draft.to(ids.device)[ids[0]]                   # [T] draft ids, -1 outside
-    T, losses = ids.shape[1], []
-    for i in range(head.n):
-        lab = labels[2 + i:].clone()                                             # [T-2-i]
-        lab[torch.arange(2 + i, T, device=ids.device) < answer_start] = -1
-        if (lab >= 0).any(): losses.append(F.cross_entropy(logits[i, :T - 2 - i], lab, ignore_index=-1))
-    return torch.stack(losses).mean() if losses else logits.sum() * 0
+# %% ../nbs/08a_train.ipynb #a7d3e610
+def _soft_labels(record:dict, recorded:dict, positions:int, offset:int, to_draft:torch.Tensor) -> tuple:
+    """The target's recorded next-token distribution at position t+`offset`, for t = 0..positions-1, in draft ids:
+    `ids` `[positions, k]` (-1 where unknown or outside the draft vocabulary) and `probs` `[positions, k]`."""
+    top_ids, top_probs = recorded["top_ids"].long(), recorded["top_probs"].float()    # [n, k]: positions a-1 .. T-2
+    k, first = top_ids.shape[1], record["answer_start"] - 1
+    ids, probs = torch.full((positions, k), -1, dtype=torch.long), torch.zeros(positions, k)
+    t = torch.arange(positions)
+    rows = t + offset - first                                                          # [positions] row of position t+offset
+    ok = (rows >= 0) & (rows < top_ids.shape[0])
+    ids[ok], probs[ok] = to_draft[top_ids[rows[ok]]], top_probs[rows[ok]]
+    probs[ids < 0] = 0
+    return ids, probs
 
-def eagle_loss(head:EagleHead, target:LoadedModel, ids:torch.Tensor, answer_start:int,
-               token_weight:float=0.1) -> torch.Tensor:
-    "EAGLE-1: SmoothL1 on the next normed feature + `token_weight` × soft CE against the target's next-token distribution."
-    normed = head.target_norm(target_features(target, ids)).float().detach()    # [1, T, H]
-    pred = head(ids[:, 1:], normed[:, :-1])                                     # [1, T-1, H] predicted g_{t+1}
-    truth = normed[:, 1:]
-    feature_loss = F.smooth_l1_loss(pred, truth, reduction="none").mean(-1)     # [1, T-1]
-    target_probs = torch.softmax(head.draft_logits(truth), -1)                  # [1, T-1, N]
-    token_loss = -(target_probs * torch.log_softmax(head.draft_logits(pred), -1)).sum(-1)   # [1, T-1]
-    mask = (torch.arange(1, ids.shape[1], device=ids.device) >= answer_start - 1).float()[None]   # predicts an answer token
-    return ((feature_loss + token_weight * token_loss) * mask).sum() / mask.sum().clamp_min(1)
+def _batch(head, records:list[dict], recorded:list[dict], layers:list, # the recorded layers, in their order
+           max_len:int, offsets) -> dict:
+    """Right-padded training batch: `tokens` `[B, P]` (x_{t+1} of the pairs at t), `features` `[B, P, F]` (of position t),
+    and per offset o the soft labels `[B, P, k]` (the target's distribution at t+o). P = longest - 1, at most max_len - 1."""
+    to_draft = head.draft_vocab.to_draft
+    P = min(max(len(r["ids"]) for r in records), max_len) - 1
+    tokens = torch.zeros(len(records), P, dtype=torch.long)
+    features = None
+    label_ids = {o: [] for o in offsets}; label_probs = {o: [] for o in offsets}
+    for b, (r, rec) in enumerate(zip(records, recorded)):
+        n = min(len(r["ids"]), max_len) - 1                                            # pairs in this record
+        tokens[b, :n] = torch.tensor(r["ids"][1:n + 1])
+        hidden = rec["hidden"][:n]                                                     # [n, layers, H]
+        wanted = head.target_layers if head.target_layers is not None else (head.target.num_layers - 1,)
+        picked = hidden[:, [layers.index(i) for i in wanted]].flatten(1)              # [n, F]
+        if features is None: features = torch.zeros(len(records), P, picked.shape[1])
+        features[b, :n] = picked.float()
+        for o in offsets:
+            ids, probs = _soft_labels(r, rec, P, o, to_draft)
+            ids[n:] = -1; probs[n:] = 0
+            label_ids[o].append(ids); label_probs[o].append(probs)
+    device = head.target.device
+    return {"tokens": tokens.to(device), "features": features.to(device),
+            "labels": {o: (torch.stack(label_ids[o]).to(device), torch.stack(label_probs[o]).to(device)) for o in offsets}}
+
+# %% ../nbs/08a_train.ipynb #b81c44f2
+def soft_cross_entropy(logits_of, # hidden [M, ...] -> draft logits [M, N]
+                       hidden:torch.Tensor, # [B, P, ...] what the draft logits come from
+                       label_ids:torch.Tensor, label_probs:torch.Tensor, # [B, P, k] draft ids (-1: none) and their probabilities
+                       valid:torch.Tensor|None=None, # [P] positions that count
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mean over labelled positions of -sum p log q (logits only there: the output head is most of the cost), and the
+    count of positions where the draft's argmax is the target's top token, and of labelled positions."""
+    labelled = label_probs.sum(-1) > 0                                                   # [B, P]
+    if valid is not None: labelled = labelled & valid[None]
+    logits = logits_of(hidden[labelled]).float()                                         # [M, N]
+    ids, probs = label_ids[labelled], label_probs[labelled]                              # [M, k]
+    logq = torch.log_softmax(logits, -1).gather(-1, ids.clamp_min(0))                   # [M, k]
+    loss = -(probs * logq).sum(-1).sum() / max(ids.shape[0], 1)
+    return loss, (logits.argmax(-1) == ids[:, 0]).sum(), ids.shape[0]
+
+def head_loss(head, batch:dict, ttt_steps:int=1, step_weight:float=0.8) -> tuple[torch.Tensor, list]:
+    """EAGLE-3: soft CE of each training-time-test step (weights `step_weight`**j); Medusa: soft CE of each head.
+    Returns the loss and each step's (head's) (top-1 agreements with the target, positions)."""
+    losses, agreement = [], []
+    P = batch["tokens"].shape[1]
+    if isinstance(head, EagleHead):
+        outputs = head.unroll(batch["tokens"], batch["features"], ttt_steps)              # [steps] x [B, P, H]
+        for j, out in enumerate(outputs):
+            valid = torch.arange(P, device=out.device) >= j                              # step j needs j earlier pairs
+            loss, hits, count = soft_cross_entropy(head.logits, out, *batch["labels"][1], valid)
+            losses.append(step_weight ** j * loss); agreement.append((hits, count))
+    else:
+        normed = head.target_norm(batch["features"])                                      # [B, P, H]
+        for i, block in enumerate(head.blocks):
+            loss, hits, count = soft_cross_entropy(lambda h: head.draft_logits(block(h)), normed, *batch["labels"][1 + i])
+            losses.append(loss); agreement.append((hits, count))
+    return torch.stack(losses).sum(), agreement
 
 # %% ../nbs/08a_train.ipynb #3836b77e
 def new_head(head_type:str, target:LoadedModel, draft_vocab:DraftVocab|None=None,
              n:int=3, # Medusa heads
              seed:int=0) -> EagleHead|MedusaHeads:
-    "A fresh head, its initialisation seeded; EAGLE's layer starts from the target's last layer, `fc` passing the feature through."
+    "A fresh head, its initialisation seeded; EAGLE's layer starts from the target's last layer, `fuse` and `fc` passing the last fused layer through."
     if head_type not in HEAD_TYPES: raise ValueError(f"unknown head type {head_type!r}: use {', '.join(HEAD_TYPES)}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -190,43 +312,64 @@ def new_head(head_type:str, target:LoadedModel, draft_vocab:DraftVocab|None=None
         with torch.no_grad():
             for name in ("q_proj", "k_proj", "v_proj", "o_proj"): getattr(head, name).weight.copy_(getattr(last.self_attn, name).weight)
             for name in ("gate_proj", "up_proj", "down_proj"): getattr(head, name).weight.copy_(getattr(last.mlp, name).weight)
-            head.post_attention_layernorm.weight.copy_(last.post_attention_layernorm.weight)
+            for name in ("input_layernorm", "post_attention_layernorm"): getattr(head, name).weight.copy_(getattr(last, name).weight)
+            head.norm.weight.copy_(target.model.model.norm.weight)
             head.fc.weight.zero_(); head.fc.weight[:, H:].copy_(torch.eye(H)); head.fc.bias.zero_()
+            head.fuse.weight.zero_(); head.fuse.weight[:, -H:].copy_(torch.eye(H))      # starts as the last fused layer (the highest by default)
     return head.float().to(target.device)
 
 # %% ../nbs/08a_train.ipynb #c1793192
-def train_head(head:EagleHead|MedusaHeads, target:LoadedModel, records:list[dict],
-               epochs:int=1, lr:float=1e-3, batch_size:int=4, # conversations per optimizer step
+def train_head(head:EagleHead|MedusaHeads, records:list[dict],
+               recorded:list[dict]|None=None, # `read_features` of the records; None: `record_features` computes them now
+               layers=None, # the target layers `recorded` holds (the data manifest's `features.layers`)
+               epochs:int=1, lr:float=1e-3, batch_size:int=8, # conversations per optimizer step
                max_len:int=512, # tokens per conversation (longer ones are cut)
+               ttt_steps:int=3, # EAGLE: training-time-test steps (drafts unrolled on its own outputs)
                max_steps:int|None=None, seed:int=0, progress:bool=True) -> dict:
-    "Train `head` (the target frozen) with AdamW; returns the loss curve (one mean loss per step), steps and seconds."
+    """Train `head` on the target's recorded features and distributions (the target itself is not run) with AdamW, a
+    linear warm-up and a cosine decay; returns the loss curve, each step's (head's) top-1 agreement, steps and seconds."""
     if not records: raise ValueError("no training records")
-    loss_fn = eagle_loss if isinstance(head, EagleHead) else medusa_loss
+    if recorded is None:
+        layers = head.target_layers or (head.target.num_layers - 1,)
+        recorded = record_features(head.target, records, layers)
+    if layers is None: raise ValueError("train_head: give the target layers the recorded features hold (`layers`)")
+    if len(recorded) != len(records): raise ValueError(f"{len(records)} records but features of {len(recorded)}")
+    layers = list(layers)
+    missing = [i for i in (head.target_layers or (head.target.num_layers - 1,)) if i not in layers]
+    if missing: raise ValueError(f"the data recorded target layers {layers}; the {head.head_type} head needs {missing} too")
+    offsets = [1] if isinstance(head, EagleHead) else [1 + i for i in range(head.n)]
     head.train().requires_grad_(True)
     params = [p for p in head.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     gen = torch.Generator().manual_seed(seed)
-    losses, t0, tokens = [], time.perf_counter(), 0
-    total = epochs * -(-len(records) // batch_size)
-    bar = tqdm(total=total if max_steps is None else min(total, max_steps), desc=f"train {head.head_type}", disable=not progress)
-    for epoch in range(epochs):
-        order = torch.randperm(len(records), generator=gen).tolist()
-        for s in range(0, len(order), batch_size):
-            if max_steps is not None and len(losses) >= max_steps: break
-            opt.zero_grad()
-            batch = [records[i] for i in order[s:s + batch_size]]
-            step_loss = 0.0
-            for r in batch:
-                ids = torch.tensor([r["ids"][:max_len]], device=target.device)
-                loss = loss_fn(head, target, ids, r["answer_start"]) / len(batch)
-                loss.backward(); step_loss += loss.item(); tokens += ids.shape[1]
-            torch.nn.utils.clip_grad_value_(params, 0.5)
-            opt.step()
-            losses.append(step_loss); bar.update(1); bar.set_postfix(loss=f"{step_loss:.4f}")
+    per_epoch = -(-len(records) // batch_size)
+    total = epochs * per_epoch if max_steps is None else min(epochs * per_epoch, max_steps)
+    warmup = max(1, total // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * min(s / total, 1)))))
+    losses, agreement, t0, tokens = [], [], time.perf_counter(), 0
+    bar = tqdm(total=total, desc=f"train {head.head_type}", disable=not progress)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for epoch in range(epochs):
+            order = torch.randperm(len(records), generator=gen).tolist()
+            for s in range(0, len(order), batch_size):
+                if len(losses) >= total: break
+                pick = order[s:s + batch_size]
+                batch = _batch(head, [records[i] for i in pick], [recorded[i] for i in pick], layers, max_len, offsets)
+                opt.zero_grad()
+                loss, agree = head_loss(head, batch, ttt_steps)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                opt.step(); sched.step()
+                losses.append(loss.item()); tokens += int((batch["tokens"] > 0).sum())
+                agreement.append([round(int(h) / max(int(c), 1), 4) for h, c in agree])
+                bar.update(1); bar.set_postfix(loss=f"{losses[-1]:.3f}", top1=agreement[-1][0])
     bar.close()
     head.eval().requires_grad_(False)
-    return {"losses": losses, "steps": len(losses), "tokens": tokens, "seconds": round(time.perf_counter() - t0, 2),
-            "epochs": epochs, "lr": lr, "batch_size": batch_size, "max_len": max_len, "seed": seed, "device": str(target.device)}
+    return {"losses": losses, "agreement": agreement, "steps": len(losses), "tokens": tokens,
+            "seconds": round(time.perf_counter() - t0, 2), "epochs": epochs, "lr": lr, "batch_size": batch_size,
+            "max_len": max_len, "ttt_steps": ttt_steps if isinstance(head, EagleHead) else None, "seed": seed,
+            "device": str(head.target.device)}
 
 # %% ../nbs/08a_train.ipynb #4057a148
 def measure_tau(target:LoadedModel, drafter, prompts:list, # `Prompt`s (encoded through the chat template) or id tensors

@@ -60,7 +60,8 @@ def test_bad_max_new_tokens_and_policy(tiny):
 
 def test_bad_drafter_spec(tiny):
     with pytest.raises(ValueError, match="unknown drafter 'hydra'"): make_drafter("hydra", tiny)
-    with pytest.raises(ValueError, match="eagle needs a head checkpoint folder"): make_drafter("eagle", tiny)
+    with pytest.raises(ValueError, match="no eagle head ships for target 'tiny-llama'"): make_drafter("eagle", tiny)
+    with pytest.raises(ValueError, match="eagle needs a head checkpoint folder"): make_drafter("eagle:", tiny)
     with pytest.raises(ValueError, match="layerskip needs a layer count"): make_drafter("layerskip:x", tiny)
 
 

@@ -80,7 +80,7 @@ def test_no_policy():
 
 
 @pytest.mark.parametrize("kind, spec, message", [
-    ("drafter", "eagle", "eagle needs a head checkpoint folder, e.g. eagle:heads/eagle-tiny (got 'eagle')"),
+    ("drafter", "eagle:", "eagle needs a head checkpoint folder, e.g. eagle:heads/eagle-tiny (got 'eagle:')"),
     ("drafter", "hydra", "unknown drafter 'hydra': use none, pld[:MAX_NGRAM[:MIN_NGRAM]], layerskip:N, model:NAME, synthetic"),
     ("drafter", "layerskip", "layerskip needs a layer count, e.g. layerskip:8 (got 'layerskip')"),
     ("drafter", "layerskip:x", "layerskip needs a layer count, e.g. layerskip:8 (got 'layerskip:x')"),
@@ -107,6 +107,10 @@ def test_bad_specs_name_the_problem(kind, spec, message):
 
 def test_errors_that_need_the_target(tiny):
     assert validate("drafter", "layerskip:9") == "layerskip:9"           # validate loads no model
+    assert validate("drafter", "eagle") == "eagle" and validate("drafter", "medusa") == "medusa"   # the shipped heads
+    with pytest.raises(ValueError, match=r"no eagle head ships for target 'tiny-llama' \(shipped: .*\); train one with "
+                                         r"nbs/bench/train_head.ipynb and pass eagle:PATH"):
+        make_drafter("eagle", tiny)
     with pytest.raises(ValueError, match="drafter 'layerskip:9': LayerSkip needs 1 <= num_layers < 4"):
         make_drafter("layerskip:9", tiny)
     with pytest.raises(ValueError, match="unknown model 'no-such-model-xyz'"): make_drafter("model:no-such-model-xyz", tiny)

@@ -5,8 +5,8 @@ import json, pytest, torch
 from specdec import generate
 from specdec.models import tiny_llama
 from specdec.heads import DraftVocab, EagleHead, MedusaHeads, save_head, load_head
-from specdec.train import (write_distill_data, read_data, data_hash, magpie_prefix, evaluation_texts, new_head,
-                           train_head, _write_batch)
+from specdec.train import (write_distill_data, read_data, read_features, record_features, feature_layers, data_hash,
+                           magpie_prefix, evaluation_texts, new_head, train_head, _write_batch)
 from specdec.specs import make_drafter, spec_of
 from specdec.controllers import FixedK
 
@@ -19,12 +19,24 @@ def records_of(target, n=6, length=24, seed=0):
 @pytest.mark.parametrize("kind", ["eagle", "medusa"])
 def test_training_is_repeatable_with_a_seed(tiny, kind):
     records = records_of(tiny)
-    curve = lambda seed: train_head(new_head(kind, tiny, seed=seed), tiny, records, epochs=2, lr=1e-3, batch_size=2,
+    curve = lambda seed: train_head(new_head(kind, tiny, seed=seed), records, epochs=2, lr=1e-3, batch_size=2,
                                     seed=seed, progress=False)["losses"]
     first, again, other = curve(0), curve(0), curve(1)
     assert len(first) == 6
     torch.testing.assert_close(torch.tensor(again), torch.tensor(first), rtol=1e-5, atol=1e-6)
     assert (torch.tensor(other) - torch.tensor(first)).abs().max() > 1e-4   # the seed matters (init and order)
+
+
+def test_training_data_that_cannot_train_the_head_is_refused(tiny):
+    records = records_of(tiny, n=2)
+    head = new_head("eagle", tiny, seed=0)                                   # fuses layers 2, 2 and 1 of tiny-llama
+    recorded = record_features(tiny, records, layers=(3,))
+    with pytest.raises(ValueError, match=r"the data recorded target layers \[3\]; the eagle head needs \[2, 2, 1\] too"):
+        train_head(head, records, recorded, layers=(3,), progress=False)
+    with pytest.raises(ValueError, match="2 records but features of 1"):
+        train_head(head, records, recorded[:1], layers=(3,), progress=False)
+    with pytest.raises(ValueError, match="give the target layers"): train_head(head, records, recorded, progress=False)
+    with pytest.raises(ValueError, match="no training records"): train_head(head, [], progress=False)
 
 
 def test_distill_data_is_resumable_hashed_and_recorded(tiny, tmp_path):
@@ -43,12 +55,31 @@ def test_distill_data_is_resumable_hashed_and_recorded(tiny, tmp_path):
     assert json.loads((tmp_path / "part.json").read_text())["hash"] == whole["hash"]
 
 
+def test_features_recorded_while_writing_equal_a_forward_over_the_data(tiny, tmp_path):
+    "The layer outputs and next-token probabilities recorded inside HF's batched, left-padded generate are the target's own."
+    write_distill_data(tiny, tmp_path / "d.jsonl", n_batches=2, batch_size=3, max_prompt_tokens=8, max_new_tokens=12,
+                       seed=0, progress=False)
+    records, _ = read_data(tmp_path / "d.jsonl")
+    recorded, again = read_features(tmp_path / "d.jsonl", records), record_features(tiny, records)
+    assert len(records) >= 4 and {r["mode"] for r in records} == {"greedy", "T=0.7"}
+    for r, got, ref in zip(records, recorded, again):
+        assert got["hidden"].shape == (len(r["ids"]) - 1, len(feature_layers(tiny.num_layers)), tiny.config.hidden_size)
+        torch.testing.assert_close(got["hidden"].float(), ref["hidden"].float(), rtol=2e-3, atol=2e-3)
+        torch.testing.assert_close(got["top_probs"].float(), ref["top_probs"].float(), rtol=0, atol=2e-3)
+        assert (got["top_ids"][:, 0] == ref["top_ids"][:, 0]).float().mean() > 0.9     # near-ties may swap
+        if r["mode"] == "greedy":                                  # the recorded top token is the token it wrote next
+            assert got["top_ids"][:, 0].tolist() == r["ids"][r["answer_start"]:]
+    (tmp_path / "d.features" / "00001.safetensors").unlink()
+    with pytest.raises(ValueError, match="no recorded features for batch 1"):
+        read_features(tmp_path / "d.jsonl", records)
+
+
 def test_evaluation_prompts_never_enter_the_data(tiny):
     prefix = magpie_prefix(tiny)
-    records, excluded = _write_batch(tiny, 0, prefix, 2, 8, 4, 0.7, 0, set())
+    records, _, excluded = _write_batch(tiny, 0, prefix, 2, 8, 4, 0.7, 0, set())
     assert records and excluded == 0
     evaluation = {" ".join(r["prompt"].lower().split()) for r in records}     # pretend they are evaluation prompts
-    again, excluded = _write_batch(tiny, 0, prefix, 2, 8, 4, 0.7, 0, evaluation)
+    again, _, excluded = _write_batch(tiny, 0, prefix, 2, 8, 4, 0.7, 0, evaluation)
     assert again == [] and excluded == len(records)
     from specdec.prompts import builtin_prompts
     first = builtin_prompts()[0].turns[0]
@@ -70,7 +101,7 @@ def saved(tiny, tmp_path_factory):
     out = {}
     for kind in ("eagle", "medusa"):
         head = new_head(kind, tiny, vocab, n=2, seed=0)
-        metrics = train_head(head, tiny, records, epochs=1, lr=1e-3, batch_size=3, seed=0, progress=False)
+        metrics = train_head(head, records, epochs=1, lr=1e-3, batch_size=3, seed=0, progress=False)
         out[kind] = (head, save_head(head, root / kind, data={"hash": "test"}, metrics=metrics))
     return out
 
