@@ -140,8 +140,8 @@ def test_rejection_sampling_with_a_head_keeps_the_target_distribution(small_voca
     assert k2_steps == runs and head.missing_features == 0
     assert _chi2_pvalue(cells, joint) > 1e-3
     if kind == "eagle":                                                   # the same test rejects a wrong rule (once: time)
-        wrong, _ = _head_pairs(target, head, prompt, sampling, ResampleFromTarget(), 1200)
-        assert _chi2_pvalue(wrong, joint) < 1e-6
+        wrong, _ = _head_pairs(target, head, prompt, sampling, ResampleFromTarget(), 4000)
+        assert _chi2_pvalue(wrong, joint) < 1e-4                          # far below the 1e-3 the right rule must pass
 
 
 @pytest.mark.parametrize("kind", ["eagle", "medusa"])
