@@ -6,7 +6,7 @@ Docs: https://specdec.github.io/specdec/heads.html.md"""
 
 # %% ../nbs/05a_heads.ipynb #a54b6ac7
 from __future__ import annotations
-import hashlib, json
+import hashlib, importlib.resources, json
 from pathlib import Path
 import torch
 import torch.nn as nn
@@ -401,7 +401,7 @@ def load_head(path, target:LoadedModel,
     head.config, head.checkpoint = config, str(path)
     return head.to(device=target.device, dtype=target.dtype).eval().requires_grad_(False)
 
-SHIPPED_HEADS = Path(__file__).parent / "assets" / "heads"   # trained heads that ship with the package
+SHIPPED_HEADS = Path(str(importlib.resources.files("specdec"))) / "assets" / "heads"   # trained heads shipped with the package
 
 def shipped_head(target:LoadedModel, head_type:str) -> _Head:
     "The `head_type` head shipped for `target` (matched by its weight fingerprint), or an error saying how to get one."
