@@ -92,7 +92,7 @@ def test_generated_notebook_runs_under_local_papermill(tmp_path, credentials):
     import papermill as pm
     from specdec.report import validate_manifest
     out = tmp_path / "results"
-    params = {"model": "tiny-llama", "categories": "qa", "n_prompts": 1, "max_new_tokens": 8, "iterations": 1,
+    params = {"model": "tiny-llama", "drafters": "pld", "categories": "qa", "n_prompts": 1, "max_new_tokens": 8, "iterations": 1,
               "warmup": 0, "ks": "4", "cost_model": False, "bootstrap": 50, "out": str(out)}
     folder = write_kernel("methods", tmp_path / "k", gpu="none", parameters=params)
     meta = json.loads((folder / "kernel-metadata.json").read_text())
