@@ -92,12 +92,26 @@ class _Head(nn.Module, Drafter):
 
     def target_norm(self, features): return self.target.model.model.norm(features)
 
+    @property
+    def layers_read(self) -> tuple[int, ...]:
+        "The target layers whose outputs this head reads (the last one unless `target_layers` names others)."
+        return self.target_layers or (self.target.config.num_hidden_layers - 1,)
+
+    def draft_weight(self) -> torch.Tensor:
+        "The target's output-head rows of the draft vocabulary `[N, H]`, selected once per weight (not per draft token)."
+        weight = self.target.model.lm_head.weight                             # [V, H], frozen
+        key = (weight.data_ptr(), weight.dtype, weight.device)
+        if getattr(self, "_draft_rows", (None,))[0] != key:
+            with torch.inference_mode(False), torch.no_grad():                 # a plain tensor: training may use it later
+                rows = weight if len(self.draft_vocab) == weight.shape[0] else weight.index_select(0, self.draft_vocab.ids.to(weight.device))
+            self._draft_rows = (key, rows)
+        return self._draft_rows[1]
+
     def draft_logits(self, normed:torch.Tensor # [..., H] normed (or predicted normed) features
                     ) -> torch.Tensor:
         "Logits `[..., N]` over the draft vocabulary from the target's output head rows."
-        weight = self.target.model.lm_head.weight                             # [V, H], frozen
-        ids = self.draft_vocab.ids.to(weight.device)
-        return F.linear(normed.to(weight.dtype), weight.index_select(0, ids) if len(ids) < weight.shape[0] else weight).float()
+        weight = self.draft_weight()
+        return F.linear(normed.to(weight.dtype), weight).float()
 
     def check(self, target:LoadedModel) -> None:
         if target.model is not self.target.model:

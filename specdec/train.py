@@ -70,6 +70,12 @@ def feature_layers(num_layers:int) -> tuple[int, ...]:
     "The layers whose outputs the data keeps: EAGLE-3's low, middle and high layers, and the last one (Medusa)."
     return tuple(sorted({min(2, num_layers - 1), num_layers // 2, max(num_layers - 3, 0), num_layers - 1}))
 
+def _top(logits:torch.Tensor, # [..., V]
+         k:int) -> tuple[torch.Tensor, torch.Tensor]:
+    "The top-`k` of the next-token distribution: ids (int32) and probabilities (fp16), `[..., k]` each."
+    probs, ids = torch.softmax(logits.float(), -1).topk(min(k, logits.shape[-1]), -1)
+    return ids.int(), probs.half()
+
 @contextmanager
 def _recording(target:LoadedModel, layers, top_k:int):
     "While HF runs the target: each forward's outputs of `layers` (fp16) and the top-`top_k` of its next-token probabilities."
@@ -79,8 +85,8 @@ def _recording(target:LoadedModel, layers, top_k:int):
             rec["layers"][i].append((out[0] if isinstance(out, tuple) else out).detach().to(torch.float16))   # [B, q, H]
         return hook
     def keep_top(module, args, logits):
-        probs, ids = torch.softmax(logits[:, -1].float(), -1).topk(top_k, -1)                                 # [B, k]
-        rec["top_ids"].append(ids.int()); rec["top_probs"].append(probs.half())
+        ids, probs = _top(logits[:, -1], top_k)                                                              # [B, k]
+        rec["top_ids"].append(ids); rec["top_probs"].append(probs)
     decoder = target.model.model.layers
     hooks = [decoder[i].register_forward_hook(keep_layer(i)) for i in layers]
     hooks.append(target.model.lm_head.register_forward_hook(keep_top))
@@ -220,8 +226,8 @@ def record_features(target:LoadedModel, records:list[dict], layers=None, # defau
             ids = torch.tensor([r["ids"]], device=target.device)                        # [1, T]
             logits = net(ids, net.new_cache(1, ids.shape[1]), logits="all")[0]          # [T, V]
             hidden = torch.stack([net.layer_features[i][0, :-1] for i in layers], 1)     # [T-1, layers, H]
-            probs, top = torch.softmax(logits[r["answer_start"] - 1:-1].float(), -1).topk(min(top_k, logits.shape[-1]), -1)
-            out.append({"hidden": hidden.to(torch.float16).cpu(), "top_ids": top.int().cpu(), "top_probs": probs.half().cpu()})
+            top_ids, top_probs = _top(logits[r["answer_start"] - 1:-1], top_k)         # [answer tokens, k]
+            out.append({"hidden": hidden.to(torch.float16).cpu(), "top_ids": top_ids.cpu(), "top_probs": top_probs.cpu()})
     finally: net.keep_layers = ()
     return out
 
@@ -248,12 +254,11 @@ def _batch(head, records:list[dict], recorded:list[dict], layers:list, # the rec
     tokens = torch.zeros(len(records), P, dtype=torch.long)
     features = None
     label_ids = {o: [] for o in offsets}; label_probs = {o: [] for o in offsets}
+    slots = [layers.index(i) for i in head.layers_read]                               # where each read layer was recorded
     for b, (r, rec) in enumerate(zip(records, recorded)):
         n = min(len(r["ids"]), max_len) - 1                                            # pairs in this record
         tokens[b, :n] = torch.tensor(r["ids"][1:n + 1])
-        hidden = rec["hidden"][:n]                                                     # [n, layers, H]
-        wanted = head.target_layers if head.target_layers is not None else (head.target.num_layers - 1,)
-        picked = hidden[:, [layers.index(i) for i in wanted]].flatten(1)              # [n, F]
+        picked = rec["hidden"][:n, slots].flatten(1)                                   # [n, F]
         if features is None: features = torch.zeros(len(records), P, picked.shape[1])
         features[b, :n] = picked.float()
         for o in offsets:
@@ -330,12 +335,12 @@ def train_head(head:EagleHead|MedusaHeads, records:list[dict],
     linear warm-up and a cosine decay; returns the loss curve, each step's (head's) top-1 agreement, steps and seconds."""
     if not records: raise ValueError("no training records")
     if recorded is None:
-        layers = head.target_layers or (head.target.num_layers - 1,)
+        layers = head.layers_read
         recorded = record_features(head.target, records, layers)
     if layers is None: raise ValueError("train_head: give the target layers the recorded features hold (`layers`)")
     if len(recorded) != len(records): raise ValueError(f"{len(records)} records but features of {len(recorded)}")
     layers = list(layers)
-    missing = [i for i in (head.target_layers or (head.target.num_layers - 1,)) if i not in layers]
+    missing = [i for i in head.layers_read if i not in layers]
     if missing: raise ValueError(f"the data recorded target layers {layers}; the {head.head_type} head needs {missing} too")
     offsets = [1] if isinstance(head, EagleHead) else [1 + i for i in range(head.n)]
     head.train().requires_grad_(True)
