@@ -101,11 +101,12 @@ class _Head(nn.Module, Drafter):
         "The target's output-head rows of the draft vocabulary `[N, H]`, selected once per weight (not per draft token)."
         weight = self.target.model.lm_head.weight                             # [V, H], frozen
         key = (weight.data_ptr(), weight.dtype, weight.device)
-        if getattr(self, "_draft_rows", (None,))[0] != key:
+        cached = getattr(self, "_draft_rows", (None, None, None))
+        if cached[0] != key or cached[1] is not self.draft_vocab:                 # a new weight, or a draft vocabulary set since
             with torch.inference_mode(False), torch.no_grad():                 # a plain tensor: training may use it later
                 rows = weight if len(self.draft_vocab) == weight.shape[0] else weight.index_select(0, self.draft_vocab.ids.to(weight.device))
-            self._draft_rows = (key, rows)
-        return self._draft_rows[1]
+            self._draft_rows = (key, self.draft_vocab, rows)
+        return self._draft_rows[2]
 
     def draft_logits(self, normed:torch.Tensor # [..., H] normed (or predicted normed) features
                     ) -> torch.Tensor:

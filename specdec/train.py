@@ -17,11 +17,12 @@ from .prompts import builtin_prompts, read_spec_bench
 from .heads import DraftVocab, EagleHead, MedusaHeads, HEAD_TYPES, target_fingerprint
 from .decode import generate
 from .controllers import FixedK
+from .stats import Stats
 
 # %% auto #0
-__all__ = ['magpie_prefix', 'evaluation_texts', 'feature_layers', 'read_data', 'features_dir', 'read_features', 'data_hash',
-           'write_distill_data', 'record_features', 'soft_cross_entropy', 'head_loss', 'new_head', 'train_head',
-           'measure_tau']
+__all__ = ['PROMPT_STYLES', 'magpie_prefix', 'evaluation_texts', 'feature_layers', 'read_data', 'features_dir', 'read_features',
+           'data_hash', 'write_distill_data', 'read_training_data', 'record_features', 'soft_cross_entropy',
+           'head_loss', 'new_head', 'train_head', 'measure_tau']
 
 # %% ../nbs/08a_train.ipynb #79515e6c
 _MARKER = "\u2063SPECDEC-USER-TEXT\u2063"
@@ -53,6 +54,30 @@ def _cut(ids:list[int], stops) -> list[int]:
     for i, t in enumerate(ids):
         if t in stops: return ids[:i]
     return ids
+
+PROMPT_STYLES = {   # Magpie with a task: the user's turn begins with a starter and the target writes the rest
+    "open":      {"starters": [""], "max_prompt_tokens": 48, "one_line": True},
+    "qa":        {"starters": ["Who", "What is", "Why do", "How does", "When did", "Where is", "Which", "What are the differences between"],
+                  "max_prompt_tokens": 40, "one_line": True},
+    "translate": {"starters": ["Translate German to English: Der", "Translate German to English: Die", "Translate German to English: Ich",
+                               "Translate German to English: Wir", "Translate into English: La", "Translate into English: Le",
+                               "Translate into English: El", "Translate into German: The", "Translate into French: I"],
+                  "max_prompt_tokens": 64, "one_line": True},
+    "summarize": {"starters": ["Summarize:", "Summarize the following article in two sentences.\n\n", "Give a one-sentence summary of this text.\n\n",
+                               "Write a short summary of this news story:\n\n", "TL;DR this passage:\n\n"],
+                  "max_prompt_tokens": 192, "one_line": False},
+    "passage":   {"starters": ["Answer the question using only the passage below.\n\nPassage:", "Read the text and answer the question at the end.\n\n",
+                               "Extract every name, date and place from this text:\n\n", "Based on this document, what is the main point?\n\n"],
+                  "max_prompt_tokens": 192, "one_line": False},
+    "code":      {"starters": ["Write a Python function that", "Fix the bug in this Python code:\n\n```python\n", "Explain what this code does:\n\n```python\n",
+                               "Write a JavaScript function to", "Refactor this function:\n\n```python\ndef", "Write a SQL query that"],
+                  "max_prompt_tokens": 128, "one_line": False},
+    "math":      {"starters": ["Solve step by step:", "A shop sells", "If a train travels", "Calculate", "A farmer has", "What is the probability that"],
+                  "max_prompt_tokens": 64, "one_line": True},
+    "roles":     {"starters": ["Act as", "Pretend you are", "Write an email to", "Write a short story about", "Write a poem about",
+                               "Give me advice on", "Describe", "Imagine you are"],
+                  "max_prompt_tokens": 64, "one_line": True},
+}
 
 @torch.no_grad()
 def _hf_generate(target, rows:list[list[int]], max_new_tokens:int, temperature:float, stop_ids:list[int]) -> tuple[list[list[int]], int]:
@@ -95,19 +120,33 @@ def _recording(target:LoadedModel, layers, top_k:int):
         for h in hooks: h.remove()
 
 # %% ../nbs/08a_train.ipynb #da68c8e4
-def _write_batch(target, b:int, prefix, n:int, max_prompt_tokens:int, max_new_tokens:int, temperature:float,
-                 seed:int, evaluation:set, layers=(), top_k:int=16, chat:bool=True) -> tuple[list[dict], dict, int]:
-    """Batch `b`: `n` prompts written by the target, then its answers. Returns the records, their features (the outputs of
-    `layers` at every position but the last, `[T-1, len(layers), H]`, and the top-`top_k` next-token probabilities at each
-    answer token's position) and how many prompts were excluded."""
-    torch.manual_seed(seed * 1_000_003 + b)                                   # each batch repeats alone: resumable
-    stops = _stop_ids(target)
+def _write_prompts(target, b:int, prefix, n:int, style:dict, max_prompt_tokens:int|None, seed:int, evaluation:set) -> tuple[list, int]:
+    """`n` user prompts written by the target in `style`: each begins with one of its starters (picked at random) and the
+    target writes the rest of the user's turn (at temperature 1). Returns (prompt, starter) pairs and how many were excluded."""
+    tok, gen = target.tokenizer, torch.Generator().manual_seed(seed * 1_000_003 + b)
+    starters = [style["starters"][int(i)] for i in torch.randint(len(style["starters"]), (n,), generator=gen)]
+    starter_ids = [tok.encode(s, add_special_tokens=False) if s else [] for s in starters]
+    stops = _stop_ids(target) if style.get("one_line", True) else list(target.eos_token_ids)
+    limit = style.get("max_prompt_tokens", 48) if max_prompt_tokens is None else min(max_prompt_tokens, style.get("max_prompt_tokens", 48))
+    written = _hf_generate(target, [prefix + ids for ids in starter_ids], limit, 1.0, stops)[0]
     prompts, excluded = [], 0
-    for ids in _hf_generate(target, [prefix] * n, max_prompt_tokens, 1.0, stops)[0]:
-        text = target.tokenizer.decode(_cut(ids, stops), skip_special_tokens=True).strip()
-        if not text or text in prompts: continue
+    for starter, ids, new in zip(starters, starter_ids, written):
+        text = tok.decode(ids + _cut(new, stops), skip_special_tokens=True).strip()
+        if not text or text == starter.strip() or text in [p for p, _ in prompts]: continue
         if _normal(text) in evaluation: excluded += 1; continue
-        prompts.append(text)
+        prompts.append((text, starter))
+    return prompts, excluded
+
+def _write_batch(target, b:int, prefix, n:int, max_prompt_tokens:int|None, max_new_tokens:int, temperature:float,
+                 seed:int, evaluation:set, layers=(), top_k:int=16, chat:bool=True,
+                 style:tuple[str, dict]=("open", None)) -> tuple[list[dict], dict, int]:
+    """Batch `b`: `n` prompts written by the target in `style` (a name and its `PROMPT_STYLES` entry), then its answers.
+    Returns the records, their features (the outputs of `layers` at every position but the last, `[T-1, len(layers), H]`,
+    and the top-`top_k` next-token probabilities at each answer token's position) and how many prompts were excluded."""
+    torch.manual_seed(seed * 1_000_003 + b)                                   # each batch repeats alone: resumable
+    style_name, style_spec = style[0], style[1] or PROMPT_STYLES["open"]
+    written, excluded = _write_prompts(target, b, prefix, n, style_spec, max_prompt_tokens, seed, evaluation)
+    prompts = [p for p, _ in written]
     if not prompts: return [], {}, excluded
     rows = [target.encode(p, chat=chat)[0].tolist() for p in prompts]
     mode_temperature = 0.0 if b % 2 == 0 else temperature                    # even batches greedy, odd ones sampled
@@ -119,12 +158,38 @@ def _write_batch(target, b:int, prefix, n:int, max_prompt_tokens:int, max_new_to
     for j, (p, row, ans) in enumerate(zip(prompts, rows, answers)):
         eos = [i for i, t in enumerate(ans) if t in target.eos_token_ids]
         ans = ans[:eos[0] + 1] if eos else ans                               # keep the EOS: the head should draft it
-        records.append({"batch": b, "prompt": p, "mode": "greedy" if mode_temperature == 0 else f"T={temperature:g}",
+        records.append({"batch": b, "prompt": p, "style": style_name, "mode": "greedy" if mode_temperature == 0 else f"T={temperature:g}",
                         "ids": row + ans, "answer_start": len(row), "row": j})
         pad, T = width - len(row), len(row) + len(ans)
         if hidden is not None: features[f"{j}.hidden"] = hidden[j, pad:pad + T - 1].contiguous()        # [T-1, layers, H]
         features[f"{j}.top_ids"], features[f"{j}.top_probs"] = top_ids[j, :len(ans)].contiguous(), top_probs[j, :len(ans)].contiguous()
     return records, features, excluded
+
+def _settings_of(manifest:dict) -> dict:
+    "What a data file's batches depend on, from its manifest (files written before prompt styles were all 'open')."
+    magpie, answers, features = manifest["prompt_sources"]["magpie"], manifest["prompt_sources"]["answers"], manifest["features"]
+    styles = magpie.get("styles") or {"open": dict(PROMPT_STYLES["open"], max_prompt_tokens=magpie["max_prompt_tokens"])}
+    return {"styles": styles, "batch_size": magpie["batch_size"], "seed": magpie["seed"], "max_new_tokens": answers["max_new_tokens"],
+            "answer temperature": answers["odd_batches"], "layers": features["layers"], "top_k": features["top_k"]}
+
+def _styles(styles, max_prompt_tokens:int|None=None) -> dict:
+    """The prompt styles to write in, checked: `PROMPT_STYLES` names (a list or comma-separated) or a dict like
+    `PROMPT_STYLES`; each style's `max_prompt_tokens` capped at `max_prompt_tokens`."""
+    if styles is None: styles = list(PROMPT_STYLES)
+    if isinstance(styles, str): styles = [s.strip() for s in styles.split(",") if s.strip()]
+    if isinstance(styles, dict): named = dict(styles)
+    else:
+        unknown = [s for s in styles if s not in PROMPT_STYLES]
+        if unknown: raise ValueError(f"unknown prompt style(s) {unknown}: use {', '.join(PROMPT_STYLES)} or a dict like PROMPT_STYLES")
+        named = {s: PROMPT_STYLES[s] for s in styles}
+    if not named: raise ValueError("no prompt styles given")
+    for name, spec in named.items():
+        if not isinstance(spec, dict) or not spec.get("starters") or not all(isinstance(t, str) for t in spec["starters"]):
+            raise ValueError(f"prompt style {name!r} needs a non-empty list of starter strings ('starters')")
+    if max_prompt_tokens is not None and (isinstance(max_prompt_tokens, bool) or not isinstance(max_prompt_tokens, int) or max_prompt_tokens <= 0):
+        raise ValueError(f"max_prompt_tokens must be a positive integer or None, got {max_prompt_tokens!r}")
+    return {name: dict(PROMPT_STYLES["open"], **spec) | ({"max_prompt_tokens": min(max_prompt_tokens, spec.get("max_prompt_tokens", 48))}
+                                                         if max_prompt_tokens else {}) for name, spec in named.items()}
 
 # %% ../nbs/08a_train.ipynb #409cb1b6
 def read_data(path) -> tuple[list[dict], set[int]]:
@@ -169,21 +234,31 @@ def data_hash(records:list[dict]) -> str:
 # %% ../nbs/08a_train.ipynb #4d1694ab
 def write_distill_data(target:LoadedModel, path, # a .jsonl file (appended to; resumed when it exists)
                        n_batches:int=4, batch_size:int=8, # prompts written per batch
-                       max_prompt_tokens:int=48, max_new_tokens:int=128,
+                       max_prompt_tokens:int|None=None, # cap on a written prompt's tokens (default: each style's own)
+                       max_new_tokens:int=128,
+                       styles=None, # prompt styles, batch b written in styles[b % len]: names of `PROMPT_STYLES` or a dict like it (default: all)
                        temperature:float=0.7, # of the sampled (odd) batches' answers; even batches are greedy
                        seed:int=0,
                        exclude=(), # Spec-Bench-format prompt files never to train on (the built-in set always)
                        layers=None, # target layers whose outputs are kept (default `feature_layers`; () keeps none)
                        top_k:int=16, # target next-token probabilities kept per answer token
                        progress:bool=True) -> dict:
-    """Write self-distillation data: Magpie-style prompts by the target and its answers (`path`), the target's features
-    and next-token probabilities recorded while it wrote them (`features_dir(path)`, one safetensors file per batch);
-    returns the manifest (also `path.json`)."""
+    """Write self-distillation data: Magpie-style prompts by the target (open, or begun with a task's starter) and its
+    answers (`path`), the target's features and next-token probabilities recorded while it wrote them (`features_dir(path)`,
+    one safetensors file per batch); returns the manifest (also `path.json`)."""
     from safetensors.torch import save_file
+    styles = _styles(styles, max_prompt_tokens)
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
     layers = feature_layers(target.num_layers) if layers is None else tuple(layers)
     features = features_dir(path); features.mkdir(exist_ok=True)
     records, done = read_data(path)
+    if done and path.with_suffix(".json").exists():                        # resuming: the same settings, or say which differ
+        now = {"styles": styles, "batch_size": batch_size, "seed": seed, "max_new_tokens": max_new_tokens,
+               "answer temperature": f"T={temperature:g}", "layers": list(layers), "top_k": top_k}
+        then = _settings_of(json.loads(path.with_suffix(".json").read_text()))
+        differ = [k for k in now if then.get(k) != now[k]]
+        if differ: raise ValueError(f"{path} was written with other settings ({', '.join(differ)}: "
+                                    f"{', '.join(f'{then.get(k)!r} there' for k in differ)}): resume it with those, or write a new file")
     if path.exists():                                                      # drop a torn tail: keep the finished batches
         by_batch = {}
         for r in records: by_batch.setdefault(r["batch"], []).append(json.dumps(r))
@@ -193,8 +268,9 @@ def write_distill_data(target:LoadedModel, path, # a .jsonl file (appended to; r
     with open(path, "a") as f:
         for b in tqdm(range(n_batches), desc="self-distillation", disable=not progress):
             if b in done: continue
-            new, tensors, dropped = _write_batch(target, b, prefix, batch_size, max_prompt_tokens, max_new_tokens, temperature,
-                                                 seed, evaluation, layers, top_k)
+            style = list(styles.items())[b % len(styles)]
+            new, tensors, dropped = _write_batch(target, b, prefix, batch_size, None, max_new_tokens, temperature,
+                                                 seed, evaluation, layers, top_k, style=style)
             excluded += dropped
             save_file(tensors, str(features / f"{b:05d}.safetensors"))       # before the batch is marked done
             f.write("".join(json.dumps(r) + "\n" for r in new) + json.dumps({"batch_done": b}) + "\n"); f.flush()
@@ -204,13 +280,44 @@ def write_distill_data(target:LoadedModel, path, # a .jsonl file (appended to; r
                 "records": len(records), "tokens": sum(len(r["ids"]) for r in records),
                 "answer_tokens": sum(len(r["ids"]) - r["answer_start"] for r in records), "hash": data_hash(records),
                 "prompt_sources": {"magpie": {"prefix_ids": prefix, "temperature": 1.0, "max_prompt_tokens": max_prompt_tokens,
-                                              "n_batches": n_batches, "batch_size": batch_size, "seed": seed},
+                                              "n_batches": n_batches, "batch_size": batch_size, "seed": seed,
+                                              "styles": styles, "style_of_batch": "styles[b % len(styles)], in this order"},
                                    "answers": {"even_batches": "greedy", "odd_batches": f"T={temperature:g}",
                                                "max_new_tokens": max_new_tokens}},
                 "features": {"dir": features.name, "layers": list(layers), "top_k": top_k, "dtype": "float16"},
+                "records_by_style": {k: sum(r.get("style", "open") == k for r in records) for k in styles},
                 "excluded_evaluation_sets": ["builtin"] + [str(p) for p in exclude], "excluded_prompts_this_run": excluded}
     path.with_suffix(".json").write_text(json.dumps(manifest, indent=1))
     return manifest
+
+def read_training_data(paths, # data files written by `write_distill_data` (their manifests `path.json` beside them)
+                       n_batches:int|None=None, # of the first file: only its batches below this (the rest of a larger run)
+                      ) -> tuple[list[dict], list[dict], dict]:
+    """The records of one or more data files, their recorded features, and one manifest: each file's manifest (`parts`),
+    the totals, the layers all of them recorded, and the hash of all records in order."""
+    paths = [Path(p) for p in ([paths] if isinstance(paths, (str, Path)) else paths)]
+    if not paths: raise ValueError("no data files given")
+    for path in paths:
+        if not path.with_suffix(".json").exists(): raise ValueError(f"{path} has no manifest {path.with_suffix('.json')}: write it with write_distill_data")
+    parts = [json.loads(path.with_suffix(".json").read_text()) for path in paths]
+    if len({m["target_weights"] for m in parts}) > 1:
+        raise ValueError(f"the data files were written by different targets: {', '.join(str(p) for p in paths)}")
+    layers = [l for l in parts[0]["features"]["layers"] if all(l in m["features"]["layers"] for m in parts)]   # recorded by all
+    records, recorded = [], []
+    for i, (path, manifest) in enumerate(zip(paths, parts)):
+        got, _ = read_data(path)
+        if i == 0 and n_batches is not None: got = [r for r in got if r["batch"] < n_batches]
+        if not got: raise ValueError(f"{path} holds no finished batches")
+        slots = [manifest["features"]["layers"].index(l) for l in layers]
+        records += got
+        same = slots == list(range(len(manifest["features"]["layers"])))
+        recorded += [dict(rec, hidden=rec["hidden"][:, slots]) if "hidden" in rec and not same else rec for rec in read_features(path, got)]
+    manifest = dict(parts[0]) if len(parts) == 1 else {
+        "target": parts[0]["target"], "target_weights": parts[0]["target_weights"], "parts": parts,
+        "features": dict(parts[0]["features"], layers=layers)}
+    manifest.update(records=len(records), tokens=sum(len(r["ids"]) for r in records),
+                    answer_tokens=sum(len(r["ids"]) - r["answer_start"] for r in records), hash=data_hash(records))
+    return records, recorded, manifest
 
 # %% ../nbs/08a_train.ipynb #de2812d8
 @torch.no_grad()
@@ -379,16 +486,16 @@ def train_head(head:EagleHead|MedusaHeads, records:list[dict],
 # %% ../nbs/08a_train.ipynb #4057a148
 def measure_tau(target:LoadedModel, drafter, prompts:list, # `Prompt`s (encoded through the chat template) or id tensors
                 k:int=4, max_new_tokens:int=64) -> dict:
-    "Mean τ over the prompts (greedy, FixedK(k)), per-position acceptance, and the total new tokens."
-    new = forwards = 0
-    accepted_at = [0] * k
-    steps = 0
+    """Mean τ over the prompts (greedy, FixedK(k)), per-position acceptance, the total new tokens, and the time taken
+    (tokens per second, and the drafter's milliseconds per drafted token: one run, a rough figure beside a benchmark)."""
+    total, accepted_at, steps = Stats(), [0] * k, 0
     for p in prompts:
         ids = p if isinstance(p, torch.Tensor) else p.encode(target)
         out = generate(target, ids, drafter=drafter, controller=FixedK(k), max_new_tokens=max_new_tokens)
-        new, forwards = new + out.stats.new_tokens, forwards + out.stats.target_forwards
+        total = total + out.stats
         for n in out.accepted_lengths:
             steps += 1
             for i in range(min(n, k)): accepted_at[i] += 1
-    return {"tau": new / max(forwards, 1), "new_tokens": new, "target_forwards": forwards,
-            "accepted_by_position": [a / max(steps, 1) for a in accepted_at]}
+    return {"tau": total.new_tokens / max(total.target_forwards, 1), "new_tokens": total.new_tokens,
+            "target_forwards": total.target_forwards, "accepted_by_position": [a / max(steps, 1) for a in accepted_at],
+            "tok_per_s": total.new_tokens / max(total.wall_time, 1e-9), "draft_ms_per_token": 1e3 * total.draft_time / max(total.proposed, 1)}

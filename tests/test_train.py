@@ -6,7 +6,8 @@ from specdec import generate
 from specdec.models import tiny_llama
 from specdec.heads import DraftVocab, EagleHead, MedusaHeads, save_head, load_head
 from specdec.train import (write_distill_data, read_data, read_features, record_features, feature_layers, data_hash,
-                           magpie_prefix, evaluation_texts, new_head, train_head, _write_batch)
+                           magpie_prefix, evaluation_texts, new_head, train_head, _write_batch,
+                           PROMPT_STYLES, read_training_data)
 from specdec.specs import make_drafter, spec_of
 from specdec.controllers import FixedK
 
@@ -86,6 +87,54 @@ def test_evaluation_prompts_never_enter_the_data(tiny):
     assert " ".join(first.lower().split()) in evaluation_texts()        # the built-in benchmark set is always excluded
 
 
+def test_prompt_styles_begin_the_users_turn(tiny, tmp_path):
+    "A style's batches hold prompts that begin with one of its starters, the target writing the rest; styles take turns by batch."
+    styles = {"tr": {"starters": ["Translate into English:", "Translate into German:"], "max_prompt_tokens": 6, "one_line": False},
+              "open": PROMPT_STYLES["open"]}
+    manifest = write_distill_data(tiny, tmp_path / "d.jsonl", n_batches=3, batch_size=3, max_new_tokens=4, styles=styles,
+                                  seed=0, progress=False)
+    records, _ = read_data(tmp_path / "d.jsonl")
+    assert {r["style"] for r in records} == {"tr", "open"}
+    for r in records:
+        assert r["style"] == ("tr" if r["batch"] % 2 == 0 else "open")
+        if r["style"] == "tr":
+            assert r["prompt"].startswith(("Translate into English:", "Translate into German:"))
+            assert len(r["prompt"]) > len("Translate into English:")                       # the target wrote more
+    assert manifest["prompt_sources"]["magpie"]["styles"] == styles
+    assert manifest["records_by_style"] == {k: sum(r["style"] == k for r in records) for k in styles}
+    again = write_distill_data(tiny, tmp_path / "d.jsonl", n_batches=3, batch_size=3, max_new_tokens=4, styles=styles, seed=0, progress=False)
+    assert again["hash"] == manifest["hash"]                              # resumed with its settings: nothing rewritten
+    with pytest.raises(ValueError, match=r"written with other settings \(styles, batch_size"):   # never mixed into one file
+        write_distill_data(tiny, tmp_path / "d.jsonl", n_batches=4, batch_size=2, max_new_tokens=4, styles="open", seed=0, progress=False)
+    with pytest.raises(ValueError, match="unknown prompt style.*'poetry'"):
+        write_distill_data(tiny, tmp_path / "e.jsonl", n_batches=1, styles="qa,poetry", progress=False)
+    with pytest.raises(ValueError, match="prompt style 'x' needs a non-empty list of starter strings"):
+        write_distill_data(tiny, tmp_path / "e.jsonl", n_batches=1, styles={"x": {"starters": []}}, progress=False)
+
+
+def test_training_data_from_several_files(tiny, tmp_path):
+    kw = dict(batch_size=2, max_prompt_tokens=6, max_new_tokens=6, progress=False)
+    write_distill_data(tiny, tmp_path / "a.jsonl", n_batches=3, styles="open", seed=0, **kw)
+    write_distill_data(tiny, tmp_path / "b.jsonl", n_batches=1, styles="qa", seed=1, layers=feature_layers(tiny.num_layers)[:2], **kw)
+    records, recorded, manifest = read_training_data([tmp_path / "a.jsonl", tmp_path / "b.jsonl"], n_batches=2)
+    a, b = read_data(tmp_path / "a.jsonl")[0], read_data(tmp_path / "b.jsonl")[0]
+    assert records == [r for r in a if r["batch"] < 2] + b                 # the first file cut at n_batches
+    assert manifest["hash"] == data_hash(records) and len(manifest["parts"]) == 2 and manifest["records"] == len(records)
+    assert manifest["features"]["layers"] == list(feature_layers(tiny.num_layers)[:2])     # the layers both recorded
+    assert all(rec["hidden"].shape[1] == 2 for rec in recorded)
+    first = read_features(tmp_path / "a.jsonl", records[:1])[0]["hidden"]
+    torch.testing.assert_close(recorded[0]["hidden"], first[:, :2])
+    head = new_head("medusa", tiny, seed=0)                                # it reads the last layer, which b did not record
+    with pytest.raises(ValueError, match=r"the medusa head needs \[3\]"):
+        train_head(head, records, recorded, manifest["features"]["layers"], max_steps=1, progress=False)
+    other = json.loads((tmp_path / "b.json").read_text()) | {"target_weights": "file-sha256:other"}
+    (tmp_path / "b.json").write_text(json.dumps(other))
+    with pytest.raises(ValueError, match="different targets"):
+        read_training_data([tmp_path / "a.jsonl", tmp_path / "b.jsonl"])
+    with pytest.raises(ValueError, match="no manifest"):
+        read_training_data([tmp_path / "missing.jsonl"])
+
+
 def test_prompt_files_are_excluded_too(tmp_path):
     (tmp_path / "eval.jsonl").write_text(json.dumps({"question_id": 1, "category": "qa", "turns": ["What  is Zorblax?"]}) + "\n")
     assert "what is zorblax?" in evaluation_texts([tmp_path / "eval.jsonl"])
@@ -149,3 +198,26 @@ def test_mismatched_draft_vocabulary(tiny, saved, tmp_path):
     with pytest.raises(ValueError, match="outside the target's vocabulary"): DraftVocab([5, 600], tiny.vocab_size)
     with pytest.raises(ValueError, match="vocabulary of 256 ids, the target 'tiny-llama' has 512"):
         EagleHead(tiny, DraftVocab([1, 2], 256))
+
+
+def test_training_notebook_runs_under_papermill(tiny, tmp_path):
+    "nbs/bench/train_head.ipynb on the tiny model: its own data plus a file written before, a checkpoint the registry loads."
+    import papermill as pm
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    write_distill_data(tiny, tmp_path / "before" / "data.jsonl", n_batches=1, batch_size=2, max_prompt_tokens=6, max_new_tokens=6,
+                       styles="qa", seed=3, progress=False)
+    params = {"target": "tiny-llama", "head_type": "eagle", "n_batches": 2, "batch_size": 2, "max_prompt_tokens": 6,
+              "max_new_tokens": 8, "styles": "open,code", "epochs": 1, "draft_vocab_size": 64, "out_dir": str(tmp_path / "run"),
+              "extra_data": str(tmp_path / "before" / "data.jsonl"), "tau_prompts": 2, "tau_ks": "1,2", "tau_new_tokens": 6}
+    pm.execute_notebook(str(root / "nbs/bench/train_head.ipynb"), str(tmp_path / "executed.ipynb"), parameters=params,
+                        kernel_name="python3", cwd=str(tmp_path), progress_bar=False)
+    report = json.loads((tmp_path / "run" / "eagle" / "report.json").read_text())
+    data, metrics = report["data"], report["metrics"]
+    assert [part["prompt_sources"]["magpie"]["seed"] for part in data["parts"]] == [0, 3]       # both files, in order
+    assert set(data["parts"][0]["records_by_style"]) == {"open", "code"} and data["parts"][1]["records_by_style"].keys() == {"qa"}
+    assert data["answer_tokens"] == sum(p["answer_tokens"] for p in data["parts"])
+    assert metrics["steps"] >= 1 and set(metrics["tau_heldout"]["by_k"]) == {"1", "2"}
+    assert {row["draft vocabulary"].split()[0] for row in metrics["draft_vocab_effect"]} == {"reduced", "full"}
+    head = make_drafter(f"eagle:{tmp_path / 'run' / 'eagle'}", tiny)
+    assert len(head.draft_vocab) <= 64 and head.config["data"]["hash"] == data["hash"]
