@@ -120,15 +120,14 @@ def _recording(target:LoadedModel, layers, top_k:int):
         for h in hooks: h.remove()
 
 # %% ../nbs/08a_train.ipynb #da68c8e4
-def _write_prompts(target, b:int, prefix, n:int, style:dict, max_prompt_tokens:int|None, seed:int, evaluation:set) -> tuple[list, int]:
+def _write_prompts(target, b:int, prefix, n:int, style:dict, seed:int, evaluation:set) -> tuple[list, int]:
     """`n` user prompts written by the target in `style`: each begins with one of its starters (picked at random) and the
     target writes the rest of the user's turn (at temperature 1). Returns (prompt, starter) pairs and how many were excluded."""
     tok, gen = target.tokenizer, torch.Generator().manual_seed(seed * 1_000_003 + b)
     starters = [style["starters"][int(i)] for i in torch.randint(len(style["starters"]), (n,), generator=gen)]
     starter_ids = [tok.encode(s, add_special_tokens=False) if s else [] for s in starters]
     stops = _stop_ids(target) if style.get("one_line", True) else list(target.eos_token_ids)
-    limit = style.get("max_prompt_tokens", 48) if max_prompt_tokens is None else min(max_prompt_tokens, style.get("max_prompt_tokens", 48))
-    written = _hf_generate(target, [prefix + ids for ids in starter_ids], limit, 1.0, stops)[0]
+    written = _hf_generate(target, [prefix + ids for ids in starter_ids], style["max_prompt_tokens"], 1.0, stops)[0]
     prompts, excluded = [], 0
     for starter, ids, new in zip(starters, starter_ids, written):
         text = tok.decode(ids + _cut(new, stops), skip_special_tokens=True).strip()
@@ -144,8 +143,8 @@ def _write_batch(target, b:int, prefix, n:int, max_prompt_tokens:int|None, max_n
     Returns the records, their features (the outputs of `layers` at every position but the last, `[T-1, len(layers), H]`,
     and the top-`top_k` next-token probabilities at each answer token's position) and how many prompts were excluded."""
     torch.manual_seed(seed * 1_000_003 + b)                                   # each batch repeats alone: resumable
-    style_name, style_spec = style[0], style[1] or PROMPT_STYLES["open"]
-    written, excluded = _write_prompts(target, b, prefix, n, style_spec, max_prompt_tokens, seed, evaluation)
+    style_name, style_spec = style[0], _styles({style[0]: style[1] or PROMPT_STYLES["open"]}, max_prompt_tokens)[style[0]]
+    written, excluded = _write_prompts(target, b, prefix, n, style_spec, seed, evaluation)
     prompts = [p for p, _ in written]
     if not prompts: return [], {}, excluded
     rows = [target.encode(p, chat=chat)[0].tolist() for p in prompts]
@@ -488,14 +487,11 @@ def measure_tau(target:LoadedModel, drafter, prompts:list, # `Prompt`s (encoded 
                 k:int=4, max_new_tokens:int=64) -> dict:
     """Mean τ over the prompts (greedy, FixedK(k)), per-position acceptance, the total new tokens, and the time taken
     (tokens per second, and the drafter's milliseconds per drafted token: one run, a rough figure beside a benchmark)."""
-    total, accepted_at, steps = Stats(), [0] * k, 0
+    total = Stats()
     for p in prompts:
         ids = p if isinstance(p, torch.Tensor) else p.encode(target)
-        out = generate(target, ids, drafter=drafter, controller=FixedK(k), max_new_tokens=max_new_tokens)
-        total = total + out.stats
-        for n in out.accepted_lengths:
-            steps += 1
-            for i in range(min(n, k)): accepted_at[i] += 1
-    return {"tau": total.new_tokens / max(total.target_forwards, 1), "new_tokens": total.new_tokens,
-            "target_forwards": total.target_forwards, "accepted_by_position": [a / max(steps, 1) for a in accepted_at],
+        total = total + generate(target, ids, drafter=drafter, controller=FixedK(k), max_new_tokens=max_new_tokens).stats
+    steps, accepted_at = max(total.target_forwards, 1), (total.accepted_by_position + [0] * k)[:k]   # verification steps; [k]
+    return {"tau": total.new_tokens / steps, "new_tokens": total.new_tokens,
+            "target_forwards": total.target_forwards, "accepted_by_position": [a / steps for a in accepted_at],
             "tok_per_s": total.new_tokens / max(total.wall_time, 1e-9), "draft_ms_per_token": 1e3 * total.draft_time / max(total.proposed, 1)}
