@@ -73,7 +73,8 @@ PRESETS = {
     "default": {},
     "k_sweep": {"drafters": "pld", "ks": "1,2,3,4,6,8", "n_prompts": 1},   # LayerSkip's untrained exit accepts ~7%: K sweep it with --drafters
     "spec_bench": {"prompts": "../shared/prompts/spec_bench_dev.jsonl", "categories": "summarization,rag", "n_prompts": 4},
-    "heads": {"prompts": "../shared/prompts/spec_bench_dev.jsonl", "n_prompts": 2, "ks": "2", "hf_pld": False,
+    "heads": {"prompts": "../shared/prompts/spec_bench_dev.jsonl", "n_prompts": 2, "ks": "2,3", "hf_pld": False,
+              "drafters": "pld,eagle,medusa,pld:3:2+eagle",
               "categories": "summarization,qa,rag,translation,math_reasoning,writing,roleplay,coding"},   # the trained heads (issue 8)
     "synthetic": {"model": "synthetic", "drafters": "synthetic:0.9,synthetic:0.5", "ks": "1,2,4,cost:8",
                   "categories": "qa,code,summarization", "n_prompts": 2, "hf_pld": False},
@@ -494,6 +495,8 @@ class _Runner:
                "purpose": purpose, "dtype": str(self.target.dtype).replace("torch.", ""),
                "prompt_tokens": int(self.encoded[p.id].shape[1]), "tokens": tokens, **stats.to_record(),
                "peak_memory_bytes": mem["bytes"], "peak_memory_kind": mem["kind"], **provenance(device, self.git)}
+        usage = getattr(self.drafters.get(m.drafter), "usage", None)
+        if usage is not None and not m.is_hf: rec["drafter_usage"] = [dict(u) for u in usage]   # which drafter drafted (Fallback)
         if (self.cfg.perplexity and purpose == "speed" and i == 0 and not m.lossless(self.cfg.temperature)
                 and not m.is_hf and m.name != AR):
             rec["perplexity"] = perplexity(self.target, self.encoded[p.id], tokens)

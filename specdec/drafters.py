@@ -15,7 +15,7 @@ from .engine import Engine, engine_for
 from . import kernels
 
 # %% auto #0
-__all__ = ['Draft', 'Drafter', 'no_draft', 'PromptLookup', 'check_same_vocabulary', 'DraftModel', 'LayerSkip']
+__all__ = ['Draft', 'Drafter', 'no_draft', 'PromptLookup', 'check_same_vocabulary', 'DraftModel', 'LayerSkip', 'Fallback']
 
 # %% ../nbs/05_drafters.ipynb #4cf13ffe
 @dataclass
@@ -140,3 +140,73 @@ class LayerSkip(DraftModel):
     def check(self, target):
         if target.model is not self.target.model:
             raise ValueError(f"LayerSkip was built on {self.target.name!r} but generate() got target {target.name!r}")
+
+# %% ../nbs/05_drafters.ipynb #97227af7
+class Fallback(Drafter):
+    "The first drafter's draft where it has one, else the next one's (e.g. prompt lookup where the text repeats, a head elsewhere)."
+    def __init__(self, drafters:list):
+        drafters = list(drafters)
+        if len(drafters) < 2 or not all(isinstance(d, Drafter) for d in drafters):
+            raise ValueError(f"Fallback needs two or more drafters, got {drafters!r}")
+        self.drafters = drafters
+        self.reads_target_features = any(getattr(d, "reads_target_features", False) for d in drafters)
+        layers = sorted({i for d in drafters for i in (getattr(d, "target_layers", None) or ())})
+        self.target_layers = tuple(layers) or None        # what the loop keeps of the target's layers for the heads
+        self._used, self._proposed_by = None, []
+        self._reset_usage()
+
+    def _reset_usage(self): self.usage = [dict(drafter=d.name, steps=0, proposed=0, accepted=0) for d in self.drafters]
+
+    @property
+    def name(self): return "+".join(d.name for d in self.drafters)
+
+    @property
+    def forwards(self) -> int: return sum(d.forwards for d in self.drafters)
+
+    def use_engine(self, compile:str) -> dict: return {d.name: d.use_engine(compile) for d in self.drafters}
+
+    def check(self, target) -> None:
+        for d in self.drafters:
+            if hasattr(d, "check"): d.check(target)
+
+    def start(self, target, prompt_ids, capacity):
+        for d in self.drafters: d.start(target, prompt_ids, capacity)
+        self._reset_usage()
+
+    def propose(self, tokens, k, sampling=SamplingConfig(), generator=None):
+        self._used, self._proposed_by, merged = None, [], None
+        for i, d in enumerate(self.drafters):
+            draft = d.propose(tokens, k, sampling, generator)
+            self._proposed_by.append(i)
+            if draft.k == 0: continue
+            if draft.n_valid is None and merged is None:               # a draft the host knows is real: use it
+                self._used = i
+                self.usage[i]["proposed"] += draft.k
+                return draft
+            merged = draft if merged is None else _merge(merged, draft)  # rows without a real draft take the next one's
+        self._used = "device" if merged is not None else None
+        return merged if merged is not None else no_draft(tokens)
+
+    def observe(self, n_accepted:int) -> None:
+        """Heads keep every step's features; the drafter whose draft was used keeps its accepted drafts; others, none.
+        `usage` counts the steps each drafter drafted (on the host only: on the device, rows choose unread)."""
+        for i, d in enumerate(self.drafters):
+            if getattr(d, "reads_target_features", False) or i == self._used: d.observe(n_accepted)
+            elif i in self._proposed_by and self._used == "device": d.observe(0)     # may not have been used: drop its drafts
+        if isinstance(self._used, int):
+            u = self.usage[self._used]; u["steps"] += 1; u["accepted"] += n_accepted
+
+def _merge(first:Draft, second:Draft) -> Draft:
+    "Per row: `first` where it has real drafts (`n_valid` > 0), else `second`; on the device, no host read."
+    K = max(first.k, second.k)
+    pad = lambda t: torch.nn.functional.pad(t, (0, K - t.shape[1]))            # [B, K]
+    use_first = first.n_valid > 0                                                # [B]
+    second_valid = second.n_valid if second.n_valid is not None else torch.full_like(first.n_valid, second.k)
+    tokens = torch.where(use_first[:, None], pad(first.tokens), pad(second.tokens))   # [B, K]
+    probs = None
+    if first.probs is not None or second.probs is not None:                     # one-hot for a drafter without distributions
+        V = (first.probs if first.probs is not None else second.probs).shape[-1]
+        as_probs = lambda d: (d.probs if d.probs is not None else torch.nn.functional.one_hot(d.tokens, V).float())
+        probs = torch.where(use_first[:, None, None], torch.nn.functional.pad(as_probs(first), (0, 0, 0, K - first.k)),
+                            torch.nn.functional.pad(as_probs(second), (0, 0, 0, K - second.k)))   # [B, K, V]
+    return Draft(tokens, probs, torch.where(use_first, first.n_valid, second_valid))

@@ -16,9 +16,9 @@ from .bench import read_records, HF, HF_PLD, HF_STATIC, AR
 
 # %% auto #0
 __all__ = ['MANIFEST_SCHEMA', 'validate_manifest', 'load_run', 'run_summary', 'headline_table', 'framework_table',
-           'category_table', 'certificate_table', 'best_k', 'fig_speedup', 'fig_acceptance', 'fig_k_sweep',
-           'fig_histogram', 'fig_time_split', 'fig_predicted', 'fig_quality', 'fig_load', 'figures', 'readable',
-           'write_plotly_js', 'plotly_loader', 'show', 'render_html']
+           'category_table', 'certificate_table', 'best_k', 'fallback_table', 'fig_speedup', 'fig_acceptance',
+           'fig_k_sweep', 'fig_histogram', 'fig_time_split', 'fig_predicted', 'fig_quality', 'fig_load', 'figures',
+           'readable', 'write_plotly_js', 'plotly_loader', 'show', 'render_html']
 
 # %% ../nbs/14_report.ipynb #72900eb1
 _SPEEDUP = {"type": "object", "required": ["geomean", "ci95", "n", "prompts", "excluded_unequal_length"]}
@@ -145,6 +145,21 @@ def best_k(manifest:dict) -> dict:
         key = f"{r['drafter']}" + (f" ({r['policy']})" if r.get("policy") not in (None, "greedy") else "")
         if key not in best or r["tok_s"]["median"] > best[key][1]: best[key] = (r["k"], r["tok_s"]["median"])
     return {k: {"k": v[0], "tok_s": v[1]} for k, v in best.items()}
+
+# %% ../nbs/14_report.ipynb #3931f702
+def fallback_table(records:pd.DataFrame) -> pd.DataFrame|str:
+    """Joined drafters (`pld:3:2+eagle`): per method and category, the share of verification steps each member drafted
+    and the drafts accepted per step it drafted (timed records; the remaining steps had no draft)."""
+    if not len(records) or "drafter_usage" not in records: return "no joined drafter (A+B) in this run"
+    rows = [{"method": r["method"], "category": r["category"], "drafter": u["drafter"], "steps": u["steps"],
+             "accepted": u["accepted"], "all steps": r["target_forwards"]}
+            for r in records.to_dict("records") if r.get("purpose") == "speed" and isinstance(r.get("drafter_usage"), list)
+            for u in r["drafter_usage"]]
+    if not rows: return "no joined drafter (A+B) in this run"
+    t = pd.DataFrame(rows).groupby(["method", "category", "drafter"], sort=False)[["steps", "accepted", "all steps"]].sum()
+    t["share of steps"] = (t["steps"] / t["all steps"]).round(2)
+    t["accepted per step"] = (t["accepted"] / t["steps"].where(t["steps"] > 0)).round(2)
+    return t[["steps", "share of steps", "accepted per step"]].unstack("drafter")
 
 # %% ../nbs/14_report.ipynb #379d2252
 def _layout(fig, title, **kw):

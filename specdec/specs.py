@@ -11,7 +11,7 @@ from functools import reduce
 from typing import Any, Callable
 from .models import load_model
 from .policies import AcceptancePolicy, Greedy, RejectionSampling, Typical, ConfidenceThreshold, TopKAgreement
-from .drafters import Drafter, PromptLookup, DraftModel, LayerSkip
+from .drafters import Drafter, PromptLookup, DraftModel, LayerSkip, Fallback
 from .heads import EagleHead, MedusaHeads, load_head, shipped_head
 from .controllers import Controller, FixedK, AdaptiveK, CostAwareK
 from .synthetic import SyntheticDrafter, dry_run_target, DRY_RUN_DRAFT_COST
@@ -97,8 +97,10 @@ class Registry:
     def __init__(self, kind:str, # "drafter", "policy", "controller": used in messages
                  none:tuple=(), # specs that mean no object (None, and "" too); the first is canonical
                  none_help:str="", # the help line of the no-object spec
-                 shorthand:tuple|None=None): # (form, help, rewrite): a spec form rewritten before parsing
+                 shorthand:tuple|None=None, # (form, help, rewrite): a spec form rewritten before parsing
+                 join:tuple|None=None): # (separator, build, cls, help, example): specs joined by the separator make build([objects])
         self.kind, self.none, self.none_help, self.shorthand, self.entries = kind, tuple(none), none_help, shorthand, {}
+        self.join = join
 
     def register(self, name:str, build:Callable, *args:Arg, help:str, cls:type|None=None, example:str="",
                  needs_target:bool=False) -> Entry:
@@ -117,7 +119,21 @@ class Registry:
     def forms(self) -> str:
         "The valid forms, for messages."
         return ", ".join(list(self.none[:1]) + ([self.shorthand[0]] if self.shorthand else []) +
-                         [e.grammar for e in self.entries.values()])
+                         [e.grammar for e in self.entries.values()] + ([f"SPEC{self.join[0]}SPEC..."] if self.join else []))
+
+    def parts(self, spec) -> list[str]|None:
+        """The specs joined in `spec` (`pld:3:2+eagle` -> ['pld:3:2', 'eagle']), or None for a single spec. A separator
+        counts only where every piece begins with a registered name (a path may hold one)."""
+        if not self.join or spec is None: return None
+        pieces = str(spec).split(self.join[0])
+        if len(pieces) < 2: return None
+        names = [p.strip().partition(":")[0].lower() for p in pieces]
+        if not all(n in self.entries for n in names):
+            if any(n in self.entries for n in names[1:]) or not all(p.strip() for p in pieces):
+                unknown = [p for p, n in zip(pieces, names) if n not in self.entries]
+                raise ValueError(f"{self.kind} {spec!r}: {', '.join(map(repr, unknown))} is not a {self.kind}: use {self.forms()}")
+            return None
+        return [p.strip() for p in pieces]
 
     def parse(self, spec) -> tuple:
         "`(entry, values)` of a spec; `(None, ())` for a spec that means no object."
@@ -132,6 +148,8 @@ class Registry:
 # %% ../nbs/15_specs.ipynb #9cb44584
 def _make(self:Registry, spec, **context):
     "The object `spec` names (None for no object); `context` (target, costs) goes to the builder."
+    parts = self.parts(spec)
+    if parts is not None: return self.join[1]([self.make(p, **context) for p in parts])
     entry, values = self.parse(spec)
     if entry is None: return None
     try: return entry.build(*values, **context)
@@ -139,6 +157,8 @@ def _make(self:Registry, spec, **context):
 
 def _validate(self:Registry, spec) -> str:
     "The canonical spec, or a ValueError naming the problem; needs no model."
+    parts = self.parts(spec)
+    if parts is not None: return self.join[0].join(self.validate(p) for p in parts)
     entry, values = self.parse(spec)
     if entry is None: return self.none[0]
     if not entry.needs_target: self.make(spec)
@@ -147,6 +167,7 @@ def _validate(self:Registry, spec) -> str:
 def _spec_of(self:Registry, obj) -> str:
     "The canonical spec of an object of exactly a registered class (None: the no-object spec)."
     if obj is None and self.none: return self.none[0]
+    if self.join and type(obj) is self.join[2]: return self.join[0].join(self.spec_of(d) for d in obj.drafters)
     for entry in self.entries.values():
         if entry.cls is not None and type(obj) is entry.cls: return entry.canonical(entry.values_of(obj))
     classes = ", ".join(e.cls.__name__ for e in self.entries.values() if e.cls is not None)
@@ -157,13 +178,17 @@ def _help_text(self:Registry) -> str:
     rows = [(" | ".join(self.none[:2]), self.none_help)] if self.none else []
     rows += [self.shorthand[:2]] if self.shorthand else []
     rows += [(e.grammar, e.help) for e in self.entries.values()]
+    rows += [(f"SPEC{self.join[0]}SPEC...", self.join[3])] if self.join else []
     width = max(len(form) for form, _ in rows)
     return "\n".join(f"  {form:<{width}}  {help}" for form, help in rows)
 
 Registry.make, Registry.validate, Registry.spec_of, Registry.help_text = _make, _validate, _spec_of, _help_text
 
 # %% ../nbs/15_specs.ipynb #c276731d
-DRAFTERS = Registry("drafter", none=("none", "ar"), none_help="no drafter: plain autoregressive decoding through the same loop")
+DRAFTERS = Registry("drafter", none=("none", "ar"), none_help="no drafter: plain autoregressive decoding through the same loop",
+                    join=("+", Fallback, Fallback, "the first drafter's draft where it has one, else the next one's "
+                                                   "(e.g. pld:3:2+eagle: prompt lookup where a 2-gram recurs, the EAGLE head elsewhere)",
+                          "pld:3:2+eagle"))
 DRAFTERS.register("pld", lambda max_ngram, min_ngram, **_: PromptLookup(max_ngram, min_ngram),
                   Arg("MAX_NGRAM", int, "max_ngram", 3, "an integer n-gram length"),
                   Arg("MIN_NGRAM", int, "min_ngram", 1, "an integer n-gram length", always=False),

@@ -173,6 +173,25 @@ def test_float32_certificate_pass_and_equal_work(tmp_path):
     assert all(r["new_tokens"] == 8 for r in records)
 
 
+def test_joined_drafter_records_who_drafted_and_stays_lossless(tmp_path):
+    "pld:3:2+model:...: each record counts the steps each member drafted; the report tabulates them; the certificate passes."
+    from specdec.report import fallback_table, load_run
+    spec = "pld:3:2+model:tiny-llama-draft"
+    cfg = BenchConfig(model="tiny-llama", drafters=spec, ks="3", categories="qa,summarization", n_prompts=1, max_new_tokens=24,
+                      warmup=0, iterations=1, hf_pld=False, cost_model=False, bootstrap=100, out=str(tmp_path), run_id="joined")
+    run_dir = run_benchmark(cfg, progress=False)
+    manifest, records = load_run(run_dir)
+    assert manifest["certificate"][f"{spec}/k3"]["passed"]
+    joined = records[records.method == f"{spec}/k3"].to_dict("records")
+    assert joined and all([u["drafter"] for u in r["drafter_usage"]] == ["pld(3,2)", "model:tiny-llama-draft"] for r in joined)
+    steps = [[u["steps"] for u in r["drafter_usage"]] for r in joined]
+    assert all(sum(s) <= r["target_forwards"] for s, r in zip(steps, joined)) and sum(s[1] for s in steps) > 0
+    table = fallback_table(records)
+    qa = next(r for r in joined if r["category"] == "qa")
+    assert table.loc[(f"{spec}/k3", "qa"), ("steps", "model:tiny-llama-draft")] == qa["drafter_usage"][1]["steps"]
+    assert fallback_table(records[records.method == AR]) == "no joined drafter (A+B) in this run"
+
+
 def test_speedup_excludes_unequal_work():
     rec = lambda m, p, n, wall: {"prompt_id": p, "method": m, "iteration": 0, "new_tokens": n, "wall_time": wall}
     base = [rec(AR, "a", 10, 1.0), rec(AR, "b", 10, 1.0)]

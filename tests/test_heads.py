@@ -4,6 +4,7 @@ import pytest, torch
 from specdec import generate
 from specdec.models import tiny_llama
 from specdec.heads import DraftVocab, EagleHead, MedusaHeads
+from specdec.drafters import Draft, Fallback, PromptLookup, _merge
 from specdec.train import new_head, train_head, record_features, feature_layers
 from specdec.controllers import FixedK, AdaptiveK
 from specdec.policies import RejectionSampling
@@ -51,6 +52,36 @@ def test_greedy_with_a_head_equals_the_targets_greedy(tiny, heads, kind):
         out = generate(tiny, prompt, drafter=head, policy=RejectionSampling(), max_new_tokens=40)
         assert torch.equal(out.tokens, ref), (kind, text)
     assert 0 < accepted < proposed, (kind, accepted, proposed)        # both the accept and the reject paths ran
+
+
+@pytest.mark.parametrize("kind", ["eagle", "medusa"])
+def test_prompt_lookup_falling_back_to_a_head_is_lossless(tiny, heads, kind):
+    "pld+head: greedy and rejection-sampled (at temperature 0) output equal the target's; both drafters draft; the head never misses features."
+    head = heads[kind]
+    for on_device in (False, True):
+        drafter, used = Fallback([PromptLookup(2, 1, on_device=on_device), head]), [0, 0]
+        for text in TEXTS[:6]:
+            prompt = tiny.encode(text)
+            ref = hf_greedy(tiny, prompt, 40)
+            out = generate(tiny, prompt, drafter=drafter, controller=FixedK(3), max_new_tokens=40)
+            assert torch.equal(out.tokens, ref), (kind, on_device, text)
+            assert head.missing_features == 0 and out.stats.accepted > 0
+            used = [u + x["steps"] for u, x in zip(used, drafter.usage)]
+            out = generate(tiny, prompt, drafter=drafter, policy=RejectionSampling(), controller=FixedK(2), max_new_tokens=40)
+            assert torch.equal(out.tokens, ref), (kind, on_device, text)
+        if on_device: assert used == [0, 0]                                # rows choose on the device: no host count
+        else: assert used[0] > 0 and used[1] > 0, used
+
+
+def test_fallback_merges_drafts_per_row_on_the_device():
+    "Rows where the first drafter found nothing (n_valid 0) take the second's draft and distribution; the others keep the first's, one-hot."
+    first = Draft(torch.tensor([[4, 5, 0], [0, 0, 0]]), n_valid=torch.tensor([2, 0]))         # prompt lookup: row 1 found nothing
+    probs = torch.softmax(torch.randn(2, 2, 8, generator=torch.Generator().manual_seed(0)), -1)
+    second = Draft(torch.tensor([[1, 2], [3, 6]]), probs)                                       # a head: K=2, every row
+    merged = _merge(first, second)
+    assert merged.tokens.tolist() == [[4, 5, 0], [3, 6, 0]] and merged.n_valid.tolist() == [2, 2]
+    torch.testing.assert_close(merged.probs[0, :2], torch.nn.functional.one_hot(torch.tensor([4, 5]), 8).float())
+    torch.testing.assert_close(merged.probs[1, :2], probs[1])
 
 
 def test_drafting_computes_what_training_unrolled(tiny, heads):
@@ -142,6 +173,26 @@ def test_rejection_sampling_with_a_head_keeps_the_target_distribution(small_voca
     if kind == "eagle":                                                   # the same test rejects a wrong rule (once: time)
         wrong, _ = _head_pairs(target, head, prompt, sampling, ResampleFromTarget(), 4000)
         assert _chi2_pvalue(wrong, joint) < 1e-4                          # far below the 1e-3 the right rule must pass
+
+
+def test_rejection_sampling_with_prompt_lookup_falling_back_to_a_head_keeps_the_target_distribution(small_vocab_target, one_thread):
+    "Steps drafted by prompt lookup (one-hot) and by the head mix within a generation; the pair law stays the target's."
+    target = small_vocab_target
+    g = torch.Generator().manual_seed(0)
+    records = [{"ids": torch.randint(0, V, (24,), generator=g).tolist(), "answer_start": 1} for _ in range(8)]
+    head = new_head("eagle", target, DraftVocab(list(range(0, V, 2)) + [1, 3], V), seed=0)
+    train_head(head, records, epochs=1, lr=1e-3, batch_size=4, seed=0, progress=False)
+    drafter, used = Fallback([PromptLookup(1, 1), head]), [0, 0]
+    sampling, prompt, runs, cells = SamplingConfig(0.7, top_p=0.9), torch.tensor([[1, 5, 7]]), 2000, []
+    for seed in range(runs):
+        out = generate(target, prompt, drafter=drafter, policy=RejectionSampling(), controller=FixedK(2), max_new_tokens=3,
+                       temperature=sampling.temperature, top_p=sampling.top_p, seed=seed, eos_token_id=[])
+        cells.append(out.tokens[0, 0] * V + out.tokens[0, 1])
+        used = [u + x["steps"] for u, x in zip(used, drafter.usage)]
+    t1, t2, *_ = _tables(target, target, prompt)
+    joint = logits_to_probs(t1, sampling)[:, None] * logits_to_probs(t2, sampling)      # [V, V] the target's law
+    assert used[0] > 0 and used[1] >= runs and head.missing_features == 0, used
+    assert _chi2_pvalue(torch.stack(cells), joint) > 1e-3
 
 
 @pytest.mark.parametrize("kind", ["eagle", "medusa"])

@@ -100,6 +100,9 @@ def test_no_policy():
     ("controller", "fixed:abc", "fixed needs an integer K, e.g. fixed:4 (got 'fixed:abc')"),
     ("controller", "turbo", "unknown controller 'turbo'"),
     ("widget", "x", "unknown kind 'widget': use drafter, policy, controller"),
+    ("drafter", "foo+pld", "drafter 'foo+pld': 'foo' is not a drafter: use none, pld[:MAX_NGRAM[:MIN_NGRAM]]"),
+    ("drafter", "pld+", "drafter 'pld+': '' is not a drafter"),
+    ("drafter", "pld:x+eagle", "pld needs an integer n-gram length, e.g. pld:3 (got 'pld:x')"),
 ])
 def test_bad_specs_name_the_problem(kind, spec, message):
     with pytest.raises(ValueError, match=re.escape(message)): validate(kind, spec)
@@ -116,6 +119,20 @@ def test_errors_that_need_the_target(tiny):
     with pytest.raises(ValueError, match="unknown model 'no-such-model-xyz'"): make_drafter("model:no-such-model-xyz", tiny)
 
 
+def test_joined_drafters_round_trip(tiny):
+    "`A+B` makes a Fallback of A then B; its canonical spec joins theirs; a '+' inside a name or path stays in it."
+    from specdec.drafters import Fallback, PromptLookup, LayerSkip
+    assert validate("drafter", "pld+layerskip:2") == "pld:3+layerskip:2"
+    drafter = make_drafter(" PLD:3:2 + layerskip:2", tiny)
+    assert isinstance(drafter, Fallback) and [type(d) for d in drafter.drafters] == [PromptLookup, LayerSkip]
+    assert spec_of(drafter) == "pld:3:2+layerskip:2" and drafter.name == "pld(3,2)+layerskip:2"
+    again = make_drafter(spec_of(drafter), tiny)
+    assert spec_of(again) == spec_of(drafter) and [settings(d) for d in again.drafters[:1]] == [settings(drafter.drafters[0])]
+    assert validate("drafter", f"medusa:{HEADS}/medusa-tiny+pld:2") == f"medusa:{HEADS}/medusa-tiny+pld:2"
+    assert validate("drafter", "model:org/a+b") == "model:org/a+b"        # one model whose name holds a '+'
+    with pytest.raises(ValueError, match="Fallback needs two or more drafters"): Fallback([PromptLookup()])
+
+
 def test_spec_of_unregistered_class():
     from specdec.policies import Greedy
     class Mine(Greedy): pass
@@ -130,6 +147,8 @@ def test_help_lists_every_form_with_its_line():
             entry = registry.entries[name]
             assert any(entry.grammar in line and entry.help in line for line in text.splitlines()), (kind, name)
     assert "none | ar" in help_text("drafter") and "the same as fixed:K" in help_text("controller")
+    assert any(line.split()[:1] == ["SPEC+SPEC..."] and "the first drafter's draft where it has one" in line
+               for line in help_text("drafter").splitlines())
 
 
 def test_costs_passed_to_cost_controller():
