@@ -89,10 +89,11 @@ def _runners(target, drafter, compile:str, B:int, capacity:int, max_k:int):
         runner.warmup(cache, [(runner.prefill_chunk, "none"), (1, "all"), (max_k + 1, "all")])
     if drafter is not None:
         engine["drafter"] = drafter.use_engine(mode)
-        draft_runner = getattr(drafter, "runner", None)
-        if isinstance(draft_runner, Engine):
-            runners.append(draft_runner)
-            draft_runner.warmup(draft_runner.new_cache(B, capacity), [(draft_runner.prefill_chunk, "none"), (1, "last"), (2, "last")])
+        for member in getattr(drafter, "drafters", [drafter]):              # a Fallback's members, or the drafter itself
+            draft_runner = getattr(member, "runner", None)
+            if isinstance(draft_runner, Engine):
+                runners.append(draft_runner)
+                draft_runner.warmup(draft_runner.new_cache(B, capacity), [(draft_runner.prefill_chunk, "none"), (1, "last"), (2, "last")])
     return runner, cache, runners, engine
 
 def _step(runner, cache, drafter, policy, tokens, length:int, k:int, sampling, generator, eos_ids, timer):
@@ -185,7 +186,7 @@ def generate(target:LoadedModel, # the model whose output we want (anything with
     phases = timer.finish()
     stats.draft_time, stats.verify_time, stats.accept_time = phases["draft"], phases["verify"], phases["accept"]
     stats.new_tokens, stats.draft_forwards = length - S, (drafter.forwards if drafter is not None else 0)
-    engine["setup_seconds"] = {f"{role}:{key}": round(v, 4) for role, r in zip(("target", "draft"), runners)
+    engine["setup_seconds"] = {f"{role}:{key}": round(v, 4) for role, r in zip(("target",) + ("draft",) * (len(runners) - 1), runners)
                                if isinstance(r, Engine) for key, v in r.setup_seconds.items()}
     engine["setup_in_loop_seconds"] = round(setup, 4)                   # subtracted from wall_time
     return GenerationOutput(tokens[:, S:length].clone(), stats, accepted_lengths, engine)

@@ -8,7 +8,7 @@ from specdec import generate
 from specdec.models import tiny_llama
 from specdec.net import DecoderNet
 from specdec.engine import Engine, engine_for, resolve_compile
-from specdec.drafters import PromptLookup, DraftModel, LayerSkip
+from specdec.drafters import PromptLookup, DraftModel, LayerSkip, Fallback
 from specdec.controllers import FixedK
 from specdec.policies import RejectionSampling
 
@@ -65,11 +65,14 @@ def test_fixed_engine_with_every_drafter_is_lossless(model):
     prompt = model.encode(TEXT)
     ref = generate(model, prompt, max_new_tokens=30, eos_token_id=[], compile="eager").tokens
     draft = tiny_llama(seed=6, num_layers=2)
-    for drafter in (PromptLookup(), PromptLookup(on_device=True), DraftModel(draft), DraftModel(model), LayerSkip(model, 2)):
+    for drafter in (PromptLookup(), PromptLookup(on_device=True), DraftModel(draft), DraftModel(model), LayerSkip(model, 2),
+                    Fallback([PromptLookup(3, 2), DraftModel(draft)])):
         for k in (1, 4):
             out = generate(model, prompt, drafter=drafter, controller=FixedK(k), max_new_tokens=30, eos_token_id=[], compile="fixed")
             assert torch.equal(out.tokens, ref), (drafter.name, k)
             assert out.stats.new_tokens == out.stats.accepted + out.stats.target_forwards
+            if not isinstance(drafter, PromptLookup):                     # a draft model's engine (a Fallback member's too) built off the clock
+                assert any(key.startswith("draft:") for key in out.engine["setup_seconds"]), (drafter.name, out.engine)
 
 
 def test_engine_reuses_its_cache_and_reports_setup(model):
