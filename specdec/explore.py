@@ -126,7 +126,7 @@ def spec_examples(registry:specs.Registry) -> list[str]:
     for name, entry in registry.entries.items():
         for form in (name, entry.example):
             if form and form not in out: out.append(form)
-    return out + ([registry.join[4]] if registry.join else [])   # a joined spec (drafters: pld:3:2+eagle)
+    return out + ([registry.join[3]] if registry.join else [])   # a joined spec (drafters: pld:3:2+eagle)
 
 class Explorer:
     "The interactive explorer; `Explorer().widget` is what a notebook displays."

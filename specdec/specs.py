@@ -98,7 +98,7 @@ class Registry:
                  none:tuple=(), # specs that mean no object (None, and "" too); the first is canonical
                  none_help:str="", # the help line of the no-object spec
                  shorthand:tuple|None=None, # (form, help, rewrite): a spec form rewritten before parsing
-                 join:tuple|None=None): # (separator, build, cls, help, example): specs joined by the separator make build([objects])
+                 join:tuple|None=None): # (separator, cls, help, example): specs joined by the separator make cls([objects])
         self.kind, self.none, self.none_help, self.shorthand, self.entries = kind, tuple(none), none_help, shorthand, {}
         self.join = join
 
@@ -149,7 +149,7 @@ class Registry:
 def _make(self:Registry, spec, **context):
     "The object `spec` names (None for no object); `context` (target, costs) goes to the builder."
     parts = self.parts(spec)
-    if parts is not None: return self.join[1]([self.make(p, **context) for p in parts])
+    if parts is not None: return self.join[1]([self.make(p, **context) for p in parts])   # e.g. Fallback([...])
     entry, values = self.parse(spec)
     if entry is None: return None
     try: return entry.build(*values, **context)
@@ -167,7 +167,7 @@ def _validate(self:Registry, spec) -> str:
 def _spec_of(self:Registry, obj) -> str:
     "The canonical spec of an object of exactly a registered class (None: the no-object spec)."
     if obj is None and self.none: return self.none[0]
-    if self.join and type(obj) is self.join[2]: return self.join[0].join(self.spec_of(d) for d in obj.drafters)
+    if self.join and type(obj) is self.join[1]: return self.join[0].join(self.spec_of(d) for d in obj.drafters)
     for entry in self.entries.values():
         if entry.cls is not None and type(obj) is entry.cls: return entry.canonical(entry.values_of(obj))
     classes = ", ".join(e.cls.__name__ for e in self.entries.values() if e.cls is not None)
@@ -178,7 +178,7 @@ def _help_text(self:Registry) -> str:
     rows = [(" | ".join(self.none[:2]), self.none_help)] if self.none else []
     rows += [self.shorthand[:2]] if self.shorthand else []
     rows += [(e.grammar, e.help) for e in self.entries.values()]
-    rows += [(f"SPEC{self.join[0]}SPEC...", self.join[3])] if self.join else []
+    rows += [(f"SPEC{self.join[0]}SPEC...", self.join[2])] if self.join else []
     width = max(len(form) for form, _ in rows)
     return "\n".join(f"  {form:<{width}}  {help}" for form, help in rows)
 
@@ -186,8 +186,8 @@ Registry.make, Registry.validate, Registry.spec_of, Registry.help_text = _make, 
 
 # %% ../nbs/15_specs.ipynb #c276731d
 DRAFTERS = Registry("drafter", none=("none", "ar"), none_help="no drafter: plain autoregressive decoding through the same loop",
-                    join=("+", Fallback, Fallback, "the first drafter's draft where it has one, else the next one's "
-                                                   "(e.g. pld:3:2+eagle: prompt lookup where a 2-gram recurs, the EAGLE head elsewhere)",
+                    join=("+", Fallback, "the first drafter's draft where it has one, else the next one's "
+                                         "(e.g. pld:3:2+eagle: prompt lookup where a 2-gram recurs, the EAGLE head elsewhere)",
                           "pld:3:2+eagle"))
 DRAFTERS.register("pld", lambda max_ngram, min_ngram, **_: PromptLookup(max_ngram, min_ngram),
                   Arg("MAX_NGRAM", int, "max_ngram", 3, "an integer n-gram length"),
