@@ -3,7 +3,8 @@ and rejection sampling with a head keeps the target's distribution (the chi-squa
 import pytest, torch
 from specdec import generate
 from specdec.models import tiny_llama
-from specdec.heads import DraftVocab, EagleHead, MedusaHeads
+from types import SimpleNamespace
+from specdec.heads import DraftVocab, EagleHead, MedusaHeads, save_head, load_head, head_dtype
 from specdec.drafters import Draft, Fallback, PromptLookup, _merge
 from specdec.train import new_head, train_head, record_features, feature_layers
 from specdec.controllers import FixedK, AdaptiveK
@@ -52,6 +53,32 @@ def test_greedy_with_a_head_equals_the_targets_greedy(tiny, heads, kind):
         out = generate(tiny, prompt, drafter=head, policy=RejectionSampling(), max_new_tokens=40)
         assert torch.equal(out.tokens, ref), (kind, text)
     assert 0 < accepted < proposed, (kind, accepted, proposed)        # both the accept and the reject paths ran
+
+
+@pytest.mark.parametrize("kind", ["eagle", "medusa"])
+def test_a_half_precision_head_on_a_float32_target_stays_lossless(tiny, heads, kind, tmp_path):
+    "Loaded with dtype auto, a head computes in float16 on a float32 target (weights, cache, draft rows): output still equals HF greedy."
+    half = load_head(save_head(heads[kind], tmp_path / kind), tiny)
+    assert half.dtype == torch.float16 and half.draft_weight().dtype == torch.float16
+    assert half.use_engine("eager") == {"mode": "eager", "dtype": "float16"}           # what a benchmark records
+    accepted = 0
+    for text in TEXTS[:4]:
+        prompt = tiny.encode(text)
+        out = generate(tiny, prompt, drafter=half, controller=FixedK(3), max_new_tokens=40)
+        assert torch.equal(out.tokens, hf_greedy(tiny, prompt, 40)), (kind, text)
+        accepted += out.stats.accepted
+    assert accepted > 0 and half.missing_features == 0
+    if kind == "eagle": assert half.cache.keys.dtype == torch.float16
+
+
+def test_head_dtype():
+    "auto: a half-precision target's own dtype, else float16; names and torch dtypes pass through; anything else is refused."
+    target = lambda dtype: SimpleNamespace(dtype=dtype)
+    assert head_dtype(target(torch.float32)) == torch.float16
+    assert head_dtype(target(torch.bfloat16)) == torch.bfloat16 and head_dtype(target(torch.float16)) == torch.float16
+    assert head_dtype(target(torch.float32), "float32") == torch.float32 == head_dtype(target(torch.bfloat16), torch.float32)
+    for bad in ("int8", "fp16", torch.int32, None):
+        with pytest.raises(ValueError, match="head dtype must be auto, float32, float16 or bfloat16, got"): head_dtype(target(torch.float32), bad)
 
 
 @pytest.mark.parametrize("kind", ["eagle", "medusa"])

@@ -161,6 +161,9 @@ def test_checkpoint_round_trip_through_the_registry(tiny, saved, kind):
     loaded = make_drafter(f"{kind}:{path}", tiny)
     assert type(loaded) is type(head) and loaded.draft_vocab == head.draft_vocab
     assert spec_of(loaded) == f"{kind}:{path}"
+    assert loaded.dtype == torch.float16                          # `auto` on a float32 target (test_heads: still lossless)
+    for name, tensor in head.state_dict().items(): torch.testing.assert_close(loaded.state_dict()[name], tensor.half())
+    loaded = load_head(path, tiny, dtype="float32")               # the weights as trained
     for name, tensor in head.state_dict().items(): torch.testing.assert_close(loaded.state_dict()[name], tensor)
     config = json.loads((path / "config.json").read_text())
     assert config["head_type"] == kind and config["target"]["name"] == tiny.name and config["data"] == {"hash": "test"}
@@ -218,6 +221,15 @@ def test_training_notebook_runs_under_papermill(tiny, tmp_path):
     assert set(data["parts"][0]["records_by_style"]) == {"open", "code"} and data["parts"][1]["records_by_style"].keys() == {"qa"}
     assert data["answer_tokens"] == sum(p["answer_tokens"] for p in data["parts"])
     assert metrics["steps"] >= 1 and set(metrics["tau_heldout"]["by_k"]) == {"1", "2"}
-    assert {row["draft vocabulary"].split()[0] for row in metrics["draft_vocab_effect"]} == {"reduced", "full"}
+    effect = metrics["draft_cost_effect"]                        # the same weights: reduced/full vocabulary, float16/float32
+    assert {(row["draft vocabulary"].split()[0], row["head dtype"]) for row in effect} == {("reduced", "float16"), ("full", "float16"), ("reduced", "float32")}
     head = make_drafter(f"eagle:{tmp_path / 'run' / 'eagle'}", tiny)
     assert len(head.draft_vocab) <= 64 and head.config["data"]["hash"] == data["hash"]
+    # continuing that checkpoint on the same data: its draft vocabulary kept, its first loss below the fresh head's, recorded
+    params.update(init_head=str(tmp_path / "run" / "eagle"), out_dir=str(tmp_path / "more"), data_dir=str(tmp_path / "run"), draft_vocab_size=32)
+    pm.execute_notebook(str(root / "nbs/bench/train_head.ipynb"), str(tmp_path / "more.ipynb"), parameters=params,
+                        kernel_name="python3", cwd=str(tmp_path), progress_bar=False)
+    more = json.loads((tmp_path / "more" / "eagle" / "report.json").read_text())["metrics"]
+    assert more["init_head"]["path"] == str(tmp_path / "run" / "eagle") and more["init_head"]["steps"] == metrics["steps"]
+    assert make_drafter(f"eagle:{tmp_path / 'more' / 'eagle'}", tiny).draft_vocab == head.draft_vocab
+    assert more["losses"][0] < metrics["losses"][0], (more["losses"], metrics["losses"])
