@@ -386,20 +386,28 @@ def stats_of(records:list[dict]) -> Stats:
     "The records' `Stats`, added up."
     return sum((Stats.from_record(r) for r in records), Stats())
 
+def _decode_tok_s(r:dict) -> float|None:
+    "New tokens per second after the prefill; None where the prefill was not timed apart (HF's methods)."
+    if r["method"] in HF_METHODS or not r.get("prefill_time"): return None
+    return r["new_tokens"] / max(r["wall_time"] - r["prefill_time"], 1e-9)
+
 def per_prompt(records:list[dict]) -> dict[str, dict]:
-    "Per prompt: median tok/s over iterations and the set of generated lengths."
+    "Per prompt: median tok/s over iterations (end to end, and after the prefill where it was timed) and the set of generated lengths."
     by = {}
     for r in records: by.setdefault(r["prompt_id"], []).append(r)
-    return {p: {"tok_s": float(np.median([r["new_tokens"] / r["wall_time"] for r in rs])),
+    decode = lambda rs: None if any(_decode_tok_s(r) is None for r in rs) else float(np.median([_decode_tok_s(r) for r in rs]))
+    return {p: {"tok_s": float(np.median([r["new_tokens"] / r["wall_time"] for r in rs])), "decode_tok_s": decode(rs),
                 "ms_per_token": float(np.median([1000 * r["wall_time"] / max(r["new_tokens"], 1) for r in rs])),
                 "lengths": sorted({r["new_tokens"] for r in rs}), "iterations": len(rs)} for p, rs in by.items()}
 
-def speedup(records:list[dict], base_records:list[dict], n_boot:int=2000, seed:int=0) -> dict:
+def speedup(records:list[dict], base_records:list[dict], n_boot:int=2000, seed:int=0,
+            key:str="tok_s", # or "decode_tok_s": the decode phase alone (prompts without it are left out)
+           ) -> dict:
     "Geometric-mean speedup over prompts (ratio of median tok/s) with a bootstrap CI; prompts of unequal work excluded."
     mine, base = per_prompt(records), per_prompt(base_records)
-    common = [p for p in mine if p in base]
+    common = [p for p in mine if p in base and mine[p][key] is not None and base[p][key] is not None]
     equal = [p for p in common if mine[p]["lengths"] == base[p]["lengths"]]
-    return {**bootstrap_geomean([mine[p]["tok_s"] / base[p]["tok_s"] for p in equal], n_boot, seed),
+    return {**bootstrap_geomean([mine[p][key] / base[p][key] for p in equal], n_boot, seed),
             "prompts": len(equal), "excluded_unequal_length": [p for p in common if p not in equal]}
 
 def summarize_method(records:list[dict], baselines:dict[str, list[dict]], n_boot:int=2000, seed:int=0) -> dict:
@@ -411,6 +419,7 @@ def summarize_method(records:list[dict], baselines:dict[str, list[dict]], n_boot
                       "prompts": len(tps), "records": len(records)},
             "ms_per_token": float(np.median([v["ms_per_token"] for v in pp.values()])),
             "speedup": {b: speedup(records, rs, n_boot, seed) for b, rs in baselines.items() if rs},
+            "decode_speedup": None if hf or not baselines.get(AR) else speedup(records, baselines[AR], n_boot, seed, "decode_tok_s"),
             "tau": _none(s.tau), "acceptance_rate": _none(s.acceptance_rate), "per_position_acceptance": _none(s.per_position_acceptance),
             "accepted_length_hist": s.accepted_hist, "proposed": s.proposed, "accepted": s.accepted,
             "target_forwards": s.target_forwards, "draft_forwards": s.draft_forwards, "new_tokens": s.new_tokens,

@@ -404,9 +404,8 @@ def _read_config(path:Path) -> dict:
 def head_dtype(target:LoadedModel, dtype="auto") -> torch.dtype:
     """The dtype a loaded head computes in. `"auto"`: the target's when it is half precision (bfloat16/float16 on GPUs), else
     float16. Each draft token reads all of the head's weights and its draft-vocabulary rows, so on the CPU (a float32
-    target) half precision cuts the draft's cost: the shipped EAGLE head drafted at 2.5 instead of 3.8 ms per token with the
-    same τ on this project's CPU (nbs/05a_heads). Drafts are proposals: the target's verification keeps the output lossless
-    whatever the head's dtype."""
+    target) half precision halves the draft's cost (see "Checkpoints" in nbs/05a_heads). Drafts are proposals: the
+    target's verification keeps the output lossless whatever the head's dtype."""
     if dtype == "auto": return target.dtype if target.dtype in (torch.float16, torch.bfloat16) else torch.float16
     named = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
     if named not in (torch.float32, torch.float16, torch.bfloat16):

@@ -200,6 +200,16 @@ def test_speedup_excludes_unequal_work():
     assert s["geomean"] == pytest.approx(2.0) and s["prompts"] == 1 and s["excluded_unequal_length"] == ["b"]
 
 
+def test_decode_speedup_leaves_the_prefill_out():
+    "Both methods spend 1 s in the prefill: end to end 3.0/2.0 = 1.5x, the decode alone 2.0/1.0 = 2x; HF's untimed prefill gives none."
+    rec = lambda m, p, wall, prefill: {"prompt_id": p, "method": m, "iteration": 0, "new_tokens": 20, "wall_time": wall, "prefill_time": prefill}
+    base, mine = [rec(AR, "a", 3.0, 1.0)], [rec("x", "a", 2.0, 1.0)]
+    assert speedup(mine, base, n_boot=50)["geomean"] == pytest.approx(1.5)
+    assert speedup(mine, base, n_boot=50, key="decode_tok_s")["geomean"] == pytest.approx(2.0)
+    hf = speedup([rec(HF, "a", 2.0, 0.0)], base, n_boot=50, key="decode_tok_s")
+    assert hf["geomean"] is None and hf["prompts"] == 0
+
+
 def test_bootstrap_ci_contains_the_point_and_narrows_with_more_prompts():
     rng = np.random.default_rng(0)
     few, many = bootstrap_geomean(rng.lognormal(0.3, 0.4, 6)), bootstrap_geomean(rng.lognormal(0.3, 0.4, 200))
