@@ -17,8 +17,8 @@ from .sampling import SamplingConfig, logits_to_probs, sample
 from .drafters import Draft, Drafter, no_draft
 
 # %% auto #0
-__all__ = ['HEAD_FORMAT', 'HEAD_TYPES', 'SHIPPED_HEADS', 'DraftVocab', 'target_fingerprint', 'ResBlock', 'MedusaHeads',
-           'eagle3_layers', 'EagleHead', 'save_head', 'head_dtype', 'load_head', 'shipped_head']
+__all__ = ['HALF_ROWS', 'HEAD_FORMAT', 'HEAD_TYPES', 'SHIPPED_HEADS', 'DraftVocab', 'target_fingerprint', 'ResBlock',
+           'MedusaHeads', 'eagle3_layers', 'EagleHead', 'save_head', 'head_dtype', 'load_head', 'shipped_head']
 
 # %% ../nbs/05a_heads.ipynb #3ecc78ec
 class DraftVocab:
@@ -205,6 +205,18 @@ class MedusaHeads(_Head):
         return Draft(torch.stack(drafted, 1), torch.stack(probs, 1))           # [B, k], [B, k, V]
 
 # %% ../nbs/05a_heads.ipynb #4de40c15
+HALF_ROWS = 16   # a float16 head on the CPU runs a product over more rows than this in float32
+
+def _linear(layer:nn.Linear, x:torch.Tensor # [..., in]
+           ) -> torch.Tensor:
+    """`layer(x)`; a float16 head on the CPU computes a product over many rows (a long prompt's catch-up) in float32: the
+    CPU's float16 product is as fast as float32's for one row (a draft token, where half the bytes pay) but about 4x
+    slower for hundreds (nbs/05a_heads)."""
+    if x.dtype == torch.float16 and x.device.type == "cpu" and x[..., 0].numel() > HALF_ROWS:
+        bias = None if layer.bias is None else layer.bias.float()
+        return F.linear(x.float(), layer.weight.float(), bias).half()
+    return layer(x)
+
 def eagle3_layers(num_layers:int) -> tuple[int, ...]:
     "EAGLE-3's low, middle and high target layers (0-based): 2, L/2 and L-3, clipped to the model."
     return (min(2, num_layers - 1), num_layers // 2, max(num_layers - 3, 0))
@@ -246,7 +258,7 @@ class EagleHead(_Head):
         "The hidden `[B, T, H]` of committed tokens: each layer's output RMS-normalised, then fused."
         B, T, _ = features.shape
         per_layer = features.to(self.fuse.weight.dtype).view(B, T, len(self.target_layers), -1)
-        return self.fuse(F.rms_norm(per_layer, (per_layer.shape[-1],)).view(B, T, -1))
+        return _linear(self.fuse, F.rms_norm(per_layer, (per_layer.shape[-1],)).view(B, T, -1))
 
     def logits(self, hidden:torch.Tensor # [..., H] the head's outputs
               ) -> torch.Tensor:
@@ -264,12 +276,12 @@ def _eagle_inputs(self:EagleHead, input_ids:torch.Tensor, # [B, q] tokens x_{t+1
     "The layer's residual stream `[B, q, H]` and its rotated query, key and value `[B, heads, q, D]`."
     B, q = input_ids.shape
     emb = self.target.model.model.embed_tokens(input_ids).to(self.fc.weight.dtype)       # [B, q, H], frozen
-    x = self.fc(torch.cat([emb, hidden.to(emb.dtype)], -1))                               # [B, q, H]
+    x = _linear(self.fc, torch.cat([emb, hidden.to(emb.dtype)], -1))                      # [B, q, H]
     h = self.input_layernorm(x)
     cos, sin = self.target.model.model.rotary_emb(x, positions[None])                     # [1, q, D]
     cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)
     shape = (B, q, -1, self.head_dim)
-    query, key, value = (p(h).view(shape).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))  # [B, h, q, D]
+    query, key, value = (_linear(p, h).view(shape).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))  # [B, h, q, D]
     return x, query * cos + _rotate_half(query) * sin, key * cos + _rotate_half(key) * sin, value
 
 def _eagle_outputs(self:EagleHead, x:torch.Tensor, # [B, q, H] residual stream
@@ -277,9 +289,9 @@ def _eagle_outputs(self:EagleHead, x:torch.Tensor, # [B, q, H] residual stream
                   ) -> torch.Tensor:
     "The layer's output hidden `[B, q, H]` (before the norm)."
     B, _, q, _ = attended.shape
-    x = x + self.o_proj(attended.transpose(1, 2).reshape(B, q, -1))
+    x = x + _linear(self.o_proj, attended.transpose(1, 2).reshape(B, q, -1))
     h = self.post_attention_layernorm(x)
-    return x + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
+    return x + _linear(self.down_proj, F.silu(_linear(self.gate_proj, h)) * _linear(self.up_proj, h))
 
 def _eagle_forward(self:EagleHead, input_ids:torch.Tensor, # [B, q] tokens x_{t+1}
                    hidden:torch.Tensor, # [B, q, H] hidden of positions t

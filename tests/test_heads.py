@@ -4,7 +4,7 @@ import pytest, torch
 from specdec import generate
 from specdec.models import tiny_llama
 from types import SimpleNamespace
-from specdec.heads import DraftVocab, EagleHead, MedusaHeads, save_head, load_head, head_dtype
+from specdec.heads import DraftVocab, EagleHead, MedusaHeads, save_head, load_head, head_dtype, HALF_ROWS, _linear
 from specdec.drafters import Draft, Fallback, PromptLookup, _merge
 from specdec.train import new_head, train_head, record_features, feature_layers
 from specdec.controllers import FixedK, AdaptiveK
@@ -69,6 +69,20 @@ def test_a_half_precision_head_on_a_float32_target_stays_lossless(tiny, heads, k
         accepted += out.stats.accepted
     assert accepted > 0 and half.missing_features == 0
     if kind == "eagle": assert half.cache.keys.dtype == torch.float16
+
+
+def test_a_float16_product_over_many_rows_runs_in_float32():
+    "Few rows: the float16 layer itself; more than HALF_ROWS (a prompt's catch-up): float32 over the float16 weights, cast back."
+    g = torch.Generator().manual_seed(0)
+    layer = torch.nn.Linear(24, 40).half()
+    for rows in (1, HALF_ROWS, HALF_ROWS + 1, 300):
+        x = torch.randn(2, rows, 24, generator=g).half()
+        got = _linear(layer, x)
+        assert got.dtype == torch.float16 and got.shape == (2, rows, 40)
+        exact = torch.nn.functional.linear(x.float(), layer.weight.float(), layer.bias.float())
+        torch.testing.assert_close(got.float(), exact, rtol=2e-3, atol=2e-3)
+        if 2 * rows > HALF_ROWS: assert torch.equal(got, exact.half())       # rounded once, from float32
+        else: assert torch.equal(got, layer(x))
 
 
 def test_head_dtype():
