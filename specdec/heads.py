@@ -18,7 +18,8 @@ from .drafters import Draft, Drafter, no_draft
 
 # %% auto #0
 __all__ = ['HALF_ROWS', 'HEAD_FORMAT', 'HEAD_TYPES', 'SHIPPED_HEADS', 'DraftVocab', 'target_fingerprint', 'ResBlock',
-           'MedusaHeads', 'eagle3_layers', 'EagleHead', 'save_head', 'head_dtype', 'load_head', 'shipped_head']
+           'MedusaHeads', 'eagle3_layers', 'EagleLayer', 'EagleHead', 'save_head', 'head_dtype', 'load_head',
+           'shipped_head']
 
 # %% ../nbs/05a_heads.ipynb #3ecc78ec
 class DraftVocab:
@@ -221,14 +222,31 @@ def eagle3_layers(num_layers:int) -> tuple[int, ...]:
     "EAGLE-3's low, middle and high target layers (0-based): 2, L/2 and L-3, clipped to the model."
     return (min(2, num_layers - 1), num_layers // 2, max(num_layers - 3, 0))
 
+class EagleLayer(nn.Module):
+    "A further decoder layer of an EAGLE head (the target's layer layout): attention over the head's cache, then a gated MLP."
+    def __init__(self, cfg, H:int, num_heads:int, num_kv_heads:int, head_dim:int):
+        super().__init__()
+        self.input_layernorm = nn.RMSNorm(H, eps=cfg.rms_norm_eps)
+        self.q_proj = nn.Linear(H, num_heads * head_dim, bias=False)
+        self.k_proj = nn.Linear(H, num_kv_heads * head_dim, bias=False)
+        self.v_proj = nn.Linear(H, num_kv_heads * head_dim, bias=False)
+        self.o_proj = nn.Linear(num_heads * head_dim, H, bias=False)
+        self.post_attention_layernorm = nn.RMSNorm(H, eps=cfg.rms_norm_eps)
+        self.gate_proj = nn.Linear(H, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(H, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, H, bias=False)
+
 class EagleHead(_Head):
     """EAGLE-3: one decoder layer over [token embedding ; hidden]. For committed tokens the hidden is the target's low,
     middle and high layer outputs fused by a linear map; as it drafts ahead, its own output. Logits come from the target's
     output head (draft vocabulary rows) after the head's own norm."""
     head_type = "eagle"
     def __init__(self, target:LoadedModel, draft_vocab:DraftVocab|None=None,
-                 layers=None): # target layers to fuse (default `eagle3_layers`)
+                 layers=None, # target layers to fuse (default `eagle3_layers`)
+                 num_layers:int=1): # decoder layers in the head (EAGLE-3: 1)
         super().__init__(target, draft_vocab)
+        if isinstance(num_layers, bool) or int(num_layers) != num_layers or num_layers < 1:
+            raise ValueError(f"EagleHead num_layers must be a positive integer, got {num_layers!r}")
         cfg, H = target.config, self.hidden_size
         n_layers = cfg.num_hidden_layers
         self.target_layers = tuple(int(i) for i in (eagle3_layers(n_layers) if layers is None else layers))
@@ -248,7 +266,16 @@ class EagleHead(_Head):
         self.up_proj = nn.Linear(H, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, H, bias=False)
         self.norm = nn.RMSNorm(H, eps=cfg.rms_norm_eps)                        # before the target's output head
+        self.more_layers = nn.ModuleList(EagleLayer(cfg, H, self.num_heads, self.num_kv_heads, self.head_dim)
+                                         for _ in range(int(num_layers) - 1))   # layers 2.. (the first is the head's own)
         self.cache, self.known = None, 0
+
+    @property
+    def num_layers(self) -> int: return 1 + len(self.more_layers)
+
+    def decoder_layers(self) -> list:
+        "Each layer's weights: the head itself holds the first (the EAGLE-3 layout), `more_layers` the rest."
+        return [self, *self.more_layers]
 
     @property
     def name(self): return "eagle"
@@ -273,45 +300,53 @@ def _rotate_half(x):
 def _eagle_inputs(self:EagleHead, input_ids:torch.Tensor, # [B, q] tokens x_{t+1}
                   hidden:torch.Tensor, # [B, q] hidden of position t (fused target features, or the head's own output)
                   positions:torch.Tensor): # [q] the positions t
-    "The layer's residual stream `[B, q, H]` and its rotated query, key and value `[B, heads, q, D]`."
-    B, q = input_ids.shape
+    "The residual stream `[B, q, H]` entering the first layer, and the rotary `cos`, `sin` `[1, 1, q, D]` of the positions."
     emb = self.target.model.model.embed_tokens(input_ids).to(self.fc.weight.dtype)       # [B, q, H], frozen
     x = _linear(self.fc, torch.cat([emb, hidden.to(emb.dtype)], -1))                      # [B, q, H]
-    h = self.input_layernorm(x)
     cos, sin = self.target.model.model.rotary_emb(x, positions[None])                     # [1, q, D]
-    cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)
-    shape = (B, q, -1, self.head_dim)
-    query, key, value = (_linear(p, h).view(shape).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))  # [B, h, q, D]
-    return x, query * cos + _rotate_half(query) * sin, key * cos + _rotate_half(key) * sin, value
+    return x, cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)
 
-def _eagle_outputs(self:EagleHead, x:torch.Tensor, # [B, q, H] residual stream
+def _eagle_qkv(self:EagleHead, layer, # the head (its first layer) or an `EagleLayer`
+               x:torch.Tensor, # [B, q, H] residual stream
+               cos, sin) -> tuple:
+    "The layer's rotated query, key and value `[B, heads, q, D]`."
+    B, q, _ = x.shape
+    h = layer.input_layernorm(x)
+    shape = (B, q, -1, self.head_dim)
+    query, key, value = (_linear(p, h).view(shape).transpose(1, 2) for p in (layer.q_proj, layer.k_proj, layer.v_proj))  # [B, h, q, D]
+    return query * cos + _rotate_half(query) * sin, key * cos + _rotate_half(key) * sin, value
+
+def _eagle_outputs(self:EagleHead, layer, x:torch.Tensor, # [B, q, H] residual stream
                    attended:torch.Tensor # [B, heads, q, D]
                   ) -> torch.Tensor:
     "The layer's output hidden `[B, q, H]` (before the norm)."
     B, _, q, _ = attended.shape
-    x = x + _linear(self.o_proj, attended.transpose(1, 2).reshape(B, q, -1))
-    h = self.post_attention_layernorm(x)
-    return x + _linear(self.down_proj, F.silu(_linear(self.gate_proj, h)) * _linear(self.up_proj, h))
+    x = x + _linear(layer.o_proj, attended.transpose(1, 2).reshape(B, q, -1))
+    h = layer.post_attention_layernorm(x)
+    return x + _linear(layer.down_proj, F.silu(_linear(layer.gate_proj, h)) * _linear(layer.up_proj, h))
 
 def _eagle_forward(self:EagleHead, input_ids:torch.Tensor, # [B, q] tokens x_{t+1}
                    hidden:torch.Tensor, # [B, q, H] hidden of positions t
                    start:int=0, # position t of the first pair
-                   cache:KVCache|None=None, # None: causal attention within the q pairs
+                   cache:KVCache|None=None, # one layer per head layer; None: causal attention within the q pairs
                   ) -> torch.Tensor:
     "Output hiddens `[B, q, H]` of the pairs at positions start..start+q-1 (each drafts the token two ahead of its position)."
     q = input_ids.shape[1]
     positions = torch.arange(start, start + q, device=input_ids.device)
-    x, query, key, value = self._inputs(input_ids, hidden, positions)
+    x, cos, sin = self._inputs(input_ids, hidden, positions)
     mask = None
-    if cache is not None:
-        cache.keys[0, :, :, start:start + q], cache.values[0, :, :, start:start + q] = key, value
-        key, value = cache.keys[0, :, :, :start + q], cache.values[0, :, :, :start + q]
-        cache.length = start + q
-        if start > 0 and q > 1: mask = positions[:, None] >= torch.arange(start + q, device=x.device)[None]   # [q, start+q]
-    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, is_causal=mask is None and q > 1,
-                                         enable_gqa=self.num_heads != self.num_kv_heads)
-    return self._outputs(x, out)
-EagleHead._inputs, EagleHead._outputs, EagleHead.forward = _eagle_inputs, _eagle_outputs, _eagle_forward
+    if cache is not None and start > 0 and q > 1: mask = positions[:, None] >= torch.arange(start + q, device=x.device)[None]   # [q, start+q]
+    for i, layer in enumerate(self.decoder_layers()):
+        query, key, value = self._qkv(layer, x, cos, sin)
+        if cache is not None:
+            cache.keys[i, :, :, start:start + q], cache.values[i, :, :, start:start + q] = key, value
+            key, value = cache.keys[i, :, :, :start + q], cache.values[i, :, :, :start + q]
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, is_causal=mask is None and q > 1,
+                                             enable_gqa=self.num_heads != self.num_kv_heads)
+        x = self._outputs(layer, x, out)
+    if cache is not None: cache.length = start + q
+    return x
+EagleHead._inputs, EagleHead._qkv, EagleHead._outputs, EagleHead.forward = _eagle_inputs, _eagle_qkv, _eagle_outputs, _eagle_forward
 
 # %% ../nbs/05a_heads.ipynb #fe3a7c11
 def _unrolled_attention(query:torch.Tensor, # [B, h, T, D] step j's queries
@@ -343,12 +378,17 @@ def _eagle_unroll(self:EagleHead, input_ids:torch.Tensor, # [B, T] tokens x_{t+1
     """Training-time test: `steps` outputs `[B, T, H]`; step j's at t is what drafting computes for position t after j
     drafts of its own (its hidden input is step j-1's output at t-1), so it drafts token t+2 as draft j+1."""
     positions = torch.arange(input_ids.shape[1], device=input_ids.device)
-    hidden, keys, values, outputs = self.fused(features), [], [], []
+    layers = self.decoder_layers()
+    hidden, outputs = self.fused(features), []
+    keys, values = [[] for _ in layers], [[] for _ in layers]                      # per layer: steps 0..j
     for j in range(steps):
-        x, query, key, value = self._inputs(input_ids, hidden, positions)
-        keys.append(key); values.append(value)
-        outputs.append(self._outputs(x, _unrolled_attention(query, keys, values)))
-        hidden = F.pad(outputs[-1][:, :-1], (0, 0, 1, 0))                           # step j+1 at t reads step j at t-1
+        x, cos, sin = self._inputs(input_ids, hidden, positions)
+        for i, layer in enumerate(layers):
+            query, key, value = self._qkv(layer, x, cos, sin)
+            keys[i].append(key); values[i].append(value)
+            x = self._outputs(layer, x, _unrolled_attention(query, keys[i], values[i]))
+        outputs.append(x)
+        hidden = F.pad(x[:, :-1], (0, 0, 1, 0))                                      # step j+1 at t reads step j at t-1
     return outputs
 EagleHead.unroll = _eagle_unroll
 
@@ -356,8 +396,9 @@ EagleHead.unroll = _eagle_unroll
 def _eagle_reset(self:EagleHead, batch:int, capacity:int):
     self.known, w = 0, self.fc.weight
     if self.cache is None or self.cache.capacity < capacity or self.cache.keys.shape[1] != batch \
-            or self.cache.keys.dtype != w.dtype or self.cache.keys.device != w.device:     # a new size, or the head moved
-        self.cache = KVCache(1, batch, self.num_kv_heads, capacity, self.head_dim, w.dtype, w.device)
+            or self.cache.keys.shape[0] != self.num_layers \
+            or self.cache.keys.dtype != w.dtype or self.cache.keys.device != w.device:     # a new size, or the head moved or grew
+        self.cache = KVCache(self.num_layers, batch, self.num_kv_heads, capacity, self.head_dim, w.dtype, w.device)
     self.cache.rollback(0)
 
 def _eagle_propose(self:EagleHead, tokens, k, sampling=SamplingConfig(), generator=None):
@@ -397,6 +438,7 @@ def save_head(head:_Head, path, # a folder (created)
     tensors["draft_vocab"] = head.draft_vocab.ids.clone()
     save_file(tensors, str(path / "head.safetensors"))
     config = {"format": HEAD_FORMAT, "head_type": head.head_type, "num_heads": getattr(head, "n", 1),
+              "num_layers": getattr(head, "num_layers", 1),
               "target_layers": list(head.target_layers) if head.target_layers is not None else None,
               "target": {"name": head.target.name, "weights": target_fingerprint(head.target), "vocab_size": head.target.vocab_size},
               "draft_vocab": head.draft_vocab.ids.tolist(), "data": data or {}, "metrics": metrics or {}}
@@ -446,7 +488,7 @@ def load_head(path, target:LoadedModel,
         raise ValueError(f"head {path}: the draft vocabulary in config.json does not match the one in head.safetensors")
     vocab = DraftVocab(stored, target.vocab_size)
     head = (MedusaHeads(target, config.get("num_heads", 1), vocab) if kind == "medusa"
-            else EagleHead(target, vocab, layers=config.get("target_layers")))
+            else EagleHead(target, vocab, layers=config.get("target_layers"), num_layers=config.get("num_layers", 1)))
     try: head.load_state_dict(tensors)
     except RuntimeError as e: raise ValueError(f"corrupt head checkpoint {path}: weights do not fit a {kind} head: {e}") from None
     head.config, head.checkpoint = config, str(path)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from .models import LoadedModel
 from .prompts import builtin_prompts, read_spec_bench
-from .heads import DraftVocab, EagleHead, MedusaHeads, HEAD_TYPES, target_fingerprint
+from .heads import DraftVocab, EagleHead, EagleLayer, MedusaHeads, HEAD_TYPES, target_fingerprint
 from .decode import generate
 from .controllers import FixedK
 from .stats import Stats
@@ -22,7 +22,7 @@ from .stats import Stats
 # %% auto #0
 __all__ = ['PROMPT_STYLES', 'magpie_prefix', 'evaluation_texts', 'feature_layers', 'read_data', 'features_dir', 'read_features',
            'data_hash', 'write_distill_data', 'read_training_data', 'record_features', 'soft_cross_entropy',
-           'head_loss', 'new_head', 'train_head', 'measure_tau']
+           'head_loss', 'add_eagle_layers', 'new_head', 'train_head', 'measure_tau']
 
 # %% ../nbs/08a_train.ipynb #79515e6c
 _MARKER = "\u2063SPECDEC-USER-TEXT\u2063"
@@ -410,23 +410,48 @@ def head_loss(head, batch:dict, ttt_steps:int=1, step_weight:float=0.8) -> tuple
     return torch.stack(losses).sum(), agreement
 
 # %% ../nbs/08a_train.ipynb #3836b77e
+def _copy_target_layer(layer, target:LoadedModel) -> None:
+    "Copy the target's last decoder layer (attention, MLP, norms) into an EAGLE layer (the head itself or an `EagleLayer`)."
+    last = target.model.model.layers[-1]
+    with torch.no_grad():
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"): getattr(layer, name).weight.copy_(getattr(last.self_attn, name).weight)
+        for name in ("gate_proj", "up_proj", "down_proj"): getattr(layer, name).weight.copy_(getattr(last.mlp, name).weight)
+        for name in ("input_layernorm", "post_attention_layernorm"): getattr(layer, name).weight.copy_(getattr(last, name).weight)
+
+def add_eagle_layers(head:EagleHead, num_layers:int) -> EagleHead:
+    """Grow `head` to `num_layers` decoder layers. Each new layer is the target's last layer with its output projections
+    (`o_proj`, `down_proj`) at zero, so it adds nothing yet: the grown head drafts exactly as before, and training goes on
+    from there (a 1-layer checkpoint continued as a 2-layer head)."""
+    if not isinstance(head, EagleHead): raise ValueError(f"only an EAGLE head takes more layers, got {head.name}")
+    if isinstance(num_layers, bool) or int(num_layers) != num_layers or num_layers < head.num_layers:
+        raise ValueError(f"an EAGLE head with {head.num_layers} layers cannot grow to {num_layers!r}")
+    w = head.fc.weight
+    for _ in range(int(num_layers) - head.num_layers):
+        layer = EagleLayer(head.target.config, head.hidden_size, head.num_heads, head.num_kv_heads, head.head_dim)
+        _copy_target_layer(layer, head.target)
+        with torch.no_grad(): layer.o_proj.weight.zero_(); layer.down_proj.weight.zero_()
+        head.more_layers.append(layer.to(device=w.device, dtype=w.dtype).requires_grad_(w.requires_grad))
+    head.cache = None                                                     # the next generation builds one per layer
+    return head
+
 def new_head(head_type:str, target:LoadedModel, draft_vocab:DraftVocab|None=None,
              n:int=3, # Medusa heads
-             seed:int=0) -> EagleHead|MedusaHeads:
+             seed:int=0,
+             num_layers:int=1, # EAGLE: decoder layers (the second and later start as the identity, `add_eagle_layers`)
+            ) -> EagleHead|MedusaHeads:
     "A fresh head, its initialisation seeded; EAGLE's layer starts from the target's last layer, `fuse` and `fc` passing the last fused layer through."
     if head_type not in HEAD_TYPES: raise ValueError(f"unknown head type {head_type!r}: use {', '.join(HEAD_TYPES)}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         head = MedusaHeads(target, n, draft_vocab) if head_type == "medusa" else EagleHead(target, draft_vocab)
     if head_type == "eagle":
-        last, H = target.model.model.layers[-1], head.hidden_size
+        H = head.hidden_size
+        _copy_target_layer(head, target)
         with torch.no_grad():
-            for name in ("q_proj", "k_proj", "v_proj", "o_proj"): getattr(head, name).weight.copy_(getattr(last.self_attn, name).weight)
-            for name in ("gate_proj", "up_proj", "down_proj"): getattr(head, name).weight.copy_(getattr(last.mlp, name).weight)
-            for name in ("input_layernorm", "post_attention_layernorm"): getattr(head, name).weight.copy_(getattr(last, name).weight)
             head.norm.weight.copy_(target.model.model.norm.weight)
             head.fc.weight.zero_(); head.fc.weight[:, H:].copy_(torch.eye(H)); head.fc.bias.zero_()
             head.fuse.weight.zero_(); head.fuse.weight[:, -H:].copy_(torch.eye(H))      # starts as the last fused layer (the highest by default)
+        add_eagle_layers(head, num_layers)
     return head.float().to(target.device)
 
 # %% ../nbs/08a_train.ipynb #c1793192

@@ -6,7 +6,7 @@ from specdec.models import tiny_llama
 from types import SimpleNamespace
 from specdec.heads import DraftVocab, EagleHead, MedusaHeads, save_head, load_head, head_dtype, HALF_ROWS, _linear
 from specdec.drafters import Draft, Fallback, PromptLookup, _merge
-from specdec.train import new_head, train_head, record_features, feature_layers
+from specdec.train import new_head, train_head, record_features, feature_layers, add_eagle_layers
 from specdec.controllers import FixedK, AdaptiveK
 from specdec.policies import RejectionSampling
 from specdec.sampling import SamplingConfig, logits_to_probs
@@ -30,15 +30,15 @@ def heads(tiny):
     records = own_records(tiny, [tiny.encode(t) for t in TEXTS[:6]])
     vocab = DraftVocab.most_frequent([r["ids"] for r in records], 200, tiny.vocab_size, always=tiny.eos_token_ids)
     out = {}
-    for kind in ("eagle", "medusa"):
-        head = new_head(kind, tiny, vocab, n=3, seed=0)
+    for kind in ("eagle", "medusa", "eagle2"):                             # eagle2: a 2-layer EAGLE head
+        head = new_head(kind.rstrip("2"), tiny, vocab, n=3, seed=0, num_layers=2 if kind == "eagle2" else 1)
         curve = train_head(head, records, epochs=8, lr=1e-2, batch_size=3, seed=0, progress=False)["losses"]
         assert sum(curve[-2:]) < sum(curve[:2]), (kind, curve)          # the last epoch's loss below the first's
         out[kind] = head
     return out
 
 
-@pytest.mark.parametrize("kind", ["eagle", "medusa"])
+@pytest.mark.parametrize("kind", ["eagle", "medusa", "eagle2"])
 def test_greedy_with_a_head_equals_the_targets_greedy(tiny, heads, kind):
     head = heads[kind]
     accepted = proposed = 0
@@ -125,12 +125,13 @@ def test_fallback_merges_drafts_per_row_on_the_device():
     torch.testing.assert_close(merged.probs[1, :2], probs[1])
 
 
-def test_drafting_computes_what_training_unrolled(tiny, heads):
+@pytest.mark.parametrize("eagle_kind", ["eagle", "eagle2"])
+def test_drafting_computes_what_training_unrolled(tiny, heads, eagle_kind):
     """EAGLE's training-time test at step j and position t equals drafting's j-th fed-back step after the committed pairs
-    0..t-j (teacher-forced with the true tokens); Medusa's first draft is head 0 at the last known position."""
+    0..t-j (teacher-forced with the true tokens), with one layer or two; Medusa's first draft is head 0 at the last known position."""
     prompt = tiny.encode(TEXTS[0])                                        # [1, S]
     S = prompt.shape[1]
-    eagle, medusa = heads["eagle"], heads["medusa"]
+    eagle, medusa = heads[eagle_kind], heads["medusa"]
     recorded = record_features(tiny, [{"ids": prompt[0].tolist(), "answer_start": 1}], feature_layers(tiny.num_layers))[0]
     layers = list(feature_layers(tiny.num_layers))
     features = recorded["hidden"][None, :, [layers.index(i) for i in eagle.target_layers]].flatten(2).float()   # [1, S-1, F]
@@ -146,7 +147,7 @@ def test_drafting_computes_what_training_unrolled(tiny, heads):
         eagle_first = eagle.logits(unrolled[0][0, S - 2]).argmax()       # drafts token S from the pair at S-2
         medusa_first = medusa(recorded["hidden"][None, :, -1].float())[0, 0, S - 2].argmax()   # head 0 at S-2
     drafts = {}
-    for name, head in heads.items():
+    for name, head in (("eagle", eagle), ("medusa", medusa)):
         generate(tiny, prompt, drafter=head, controller=FixedK(2), max_new_tokens=3,
                  on_step=lambda e, name=name: drafts.setdefault(name, e.draft_tokens))
     assert drafts["eagle"][0] == eagle.draft_vocab.ids[eagle_first].item()
@@ -250,3 +251,28 @@ def test_the_shipped_heads_are_lossless_on_the_default_model(smol, kind):
         assert torch.equal(out.tokens, hf_greedy(smol, ids, 32)), (kind, prompt.id)
         accepted += out.stats.accepted
     assert accepted > 0
+
+
+def test_a_grown_eagle_head_drafts_as_before_and_keeps_its_layers(tiny, heads, tmp_path):
+    """`add_eagle_layers` adds layers that start as the identity: the grown head drafts exactly what the 1-layer head did;
+    a 2-layer checkpoint loads back with its 2 layers and drafts what it drafted before saving."""
+    one = heads["eagle"]
+    grown = add_eagle_layers(load_head(save_head(one, tmp_path / "one"), tiny, "eagle", dtype="float32"), 2)
+    assert grown.num_layers == 2 and one.num_layers == 1
+    drafts = {}
+    for name, head in (("one", one), ("grown", grown), ("two", heads["eagle2"])):
+        for text in TEXTS[:3]:
+            generate(tiny, tiny.encode(text), drafter=head, controller=FixedK(3), max_new_tokens=12,
+                     on_step=lambda e, name=name: drafts.setdefault(name, []).append(e.draft_tokens))
+    assert drafts["grown"] == drafts["one"]
+    assert drafts["two"] != drafts["one"]                                 # the trained second layer changes the drafts
+    loaded = load_head(save_head(heads["eagle2"], tmp_path / "eagle2"), tiny, "eagle", dtype="float32")
+    assert loaded.num_layers == 2
+    for text in TEXTS[:3]:
+        generate(tiny, tiny.encode(text), drafter=loaded, controller=FixedK(3), max_new_tokens=12,
+                 on_step=lambda e: drafts.setdefault("loaded", []).append(e.draft_tokens))
+    assert drafts["loaded"] == drafts["two"]
+    assert loaded.cache.keys.shape[0] == 2                                # one cache layer per head layer
+    with pytest.raises(ValueError, match="cannot grow to 1"): add_eagle_layers(grown, 1)
+    with pytest.raises(ValueError, match="num_layers must be a positive integer, got 0"): EagleHead(tiny, num_layers=0)
+    with pytest.raises(ValueError, match="only an EAGLE head"): add_eagle_layers(heads["medusa"], 2)

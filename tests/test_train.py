@@ -225,11 +225,15 @@ def test_training_notebook_runs_under_papermill(tiny, tmp_path):
     assert {(row["draft vocabulary"].split()[0], row["head dtype"]) for row in effect} == {("reduced", "float16"), ("full", "float16"), ("reduced", "float32")}
     head = make_drafter(f"eagle:{tmp_path / 'run' / 'eagle'}", tiny)
     assert len(head.draft_vocab) <= 64 and head.config["data"]["hash"] == data["hash"]
-    # continuing that checkpoint on the same data: its draft vocabulary kept, its first loss below the fresh head's, recorded
-    params.update(init_head=str(tmp_path / "run" / "eagle"), out_dir=str(tmp_path / "more"), data_dir=str(tmp_path / "run"), draft_vocab_size=32)
+    # continuing that checkpoint on the same data, grown to 2 layers: its draft vocabulary kept, its first loss below the
+    # fresh head's (the new layer starts as the identity), recorded
+    params.update(init_head=str(tmp_path / "run" / "eagle"), out_dir=str(tmp_path / "more"), data_dir=str(tmp_path / "run"), draft_vocab_size=32,
+                  eagle_layers=2)
     pm.execute_notebook(str(root / "nbs/bench/train_head.ipynb"), str(tmp_path / "more.ipynb"), parameters=params,
                         kernel_name="python3", cwd=str(tmp_path), progress_bar=False)
     more = json.loads((tmp_path / "more" / "eagle" / "report.json").read_text())["metrics"]
     assert more["init_head"]["path"] == str(tmp_path / "run" / "eagle") and more["init_head"]["steps"] == metrics["steps"]
-    assert make_drafter(f"eagle:{tmp_path / 'more' / 'eagle'}", tiny).draft_vocab == head.draft_vocab
+    grown = make_drafter(f"eagle:{tmp_path / 'more' / 'eagle'}", tiny)
+    assert grown.draft_vocab == head.draft_vocab and grown.num_layers == 2 and head.num_layers == 1
+    assert more["num_layers"] == 2 and more["init_head"]["num_layers"] == 1 and metrics["num_layers"] == 1
     assert more["losses"][0] < metrics["losses"][0], (more["losses"], metrics["losses"])
