@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from .models import LoadedModel
 from .prompts import builtin_prompts, read_spec_bench
 from .heads import DraftVocab, EagleHead, EagleLayer, MedusaHeads, HEAD_TYPES, target_fingerprint
+from .drafters import PromptLookup
 from .decode import generate
 from .controllers import FixedK
 from .stats import Stats
@@ -22,7 +23,7 @@ from .stats import Stats
 # %% auto #0
 __all__ = ['PROMPT_STYLES', 'magpie_prefix', 'evaluation_texts', 'feature_layers', 'read_data', 'features_dir', 'read_features',
            'data_hash', 'write_distill_data', 'read_training_data', 'record_features', 'soft_cross_entropy',
-           'head_loss', 'add_eagle_layers', 'new_head', 'train_head', 'measure_tau']
+           'head_loss', 'add_eagle_layers', 'new_head', 'train_head', 'measure_tau', 'copy_agreement']
 
 # %% ../nbs/08a_train.ipynb #79515e6c
 _MARKER = "\u2063SPECDEC-USER-TEXT\u2063"
@@ -520,3 +521,30 @@ def measure_tau(target:LoadedModel, drafter, prompts:list, # `Prompt`s (encoded 
     return {"tau": total.new_tokens / steps, "new_tokens": total.new_tokens,
             "target_forwards": total.target_forwards, "accepted_by_position": [a / steps for a in accepted_at],
             "tok_per_s": total.new_tokens / max(total.wall_time, 1e-9), "draft_ms_per_token": 1e3 * total.draft_time / max(total.proposed, 1)}
+
+# %% ../nbs/08a_train.ipynb #3fc077f5
+def copy_agreement(head:EagleHead, records:list[dict], recorded:list[dict], # records and their `read_features`
+                   layers, # the target layers `recorded` holds
+                   lookup:PromptLookup|None=None, # default PromptLookup(3, 2), as in `pld:3:2+eagle`
+                  ) -> dict:
+    """Teacher-forced top-1 agreement of the head's first draft with the target's greedy token at each answer position,
+    split by whether `lookup` drafts that token there: `{"copyable": [hits, positions], "other": [hits, positions]}`."""
+    if not isinstance(head, EagleHead): raise ValueError(f"copy_agreement measures an EAGLE head, got {head.name}")
+    lookup, layers = lookup or PromptLookup(3, 2), list(layers)
+    missing = [i for i in head.target_layers if i not in layers]
+    if missing: raise ValueError(f"the data recorded target layers {layers}; the head needs {missing} too")
+    counts = {"copyable": [0, 0], "other": [0, 0]}
+    with torch.inference_mode():
+        for r, rec in zip(records, recorded):
+            ids, a = torch.tensor(r["ids"]), r["answer_start"]                          # [T]
+            greedy = rec["top_ids"][:, 0].long()                                         # [T-a] the target's argmax of tokens a..T-1
+            features = rec["hidden"][None, :, [layers.index(i) for i in head.target_layers]].flatten(2).to(head.fc.weight)  # [1, T-1, F]
+            hidden = head.unroll(ids[None, 1:].to(features.device), features, steps=1)[0][0]   # [T-1, H]: pair t drafts token t+2
+            first = max(a - 2, 0)
+            drafts = head.draft_vocab.ids.to(hidden.device)[head.logits(hidden[first:]).argmax(-1)].cpu()   # [T-1-first]
+            for t in range(first, len(ids) - 2):
+                want = greedy[t + 2 - a].item()
+                copied = lookup.propose(ids[None, :t + 2], 1)                           # what lookup drafts for token t+2
+                kind = "copyable" if copied.k and copied.tokens[0, 0].item() == want else "other"
+                counts[kind][0] += int(drafts[t - first].item() == want); counts[kind][1] += 1
+    return counts

@@ -276,3 +276,30 @@ def test_a_grown_eagle_head_drafts_as_before_and_keeps_its_layers(tiny, heads, t
     with pytest.raises(ValueError, match="cannot grow to 1"): add_eagle_layers(grown, 1)
     with pytest.raises(ValueError, match="num_layers must be a positive integer, got 0"): EagleHead(tiny, num_layers=0)
     with pytest.raises(ValueError, match="only an EAGLE head"): add_eagle_layers(heads["medusa"], 2)
+
+
+def test_copy_agreement_splits_the_heads_agreement_where_lookup_is_right(tiny, heads):
+    """Every drafted answer position lands in exactly one group; a lookup that always drafts the target's greedy token puts
+    them all in `copyable`, one that never drafts puts them all in `other`, with the same hits."""
+    from specdec.train import copy_agreement
+    from specdec.drafters import Draft, no_draft
+    records = own_records(tiny, [tiny.encode(t) for t in TEXTS[:2]], max_new_tokens=16)
+    layers = feature_layers(tiny.num_layers)
+    recorded = record_features(tiny, records, layers)
+    positions = sum(len(r["ids"]) - 2 - max(r["answer_start"] - 2, 0) for r in records)
+    split = copy_agreement(heads["eagle"], records, recorded, layers)
+    assert split["copyable"][1] + split["other"][1] == positions
+    assert 0 <= split["copyable"][0] <= split["copyable"][1] and 0 <= split["other"][0] <= split["other"][1]
+
+    greedy = {}                                                          # prefix length -> the target's greedy next token
+    for r, rec in zip(records, recorded):
+        for i, token in enumerate(rec["top_ids"][:, 0].tolist()): greedy[(tuple(r["ids"][:r["answer_start"] + i]))] = token
+    class Oracle(PromptLookup):
+        def propose(self, tokens, k, sampling=None, generator=None):
+            return Draft(torch.tensor([[greedy[tuple(tokens[0].tolist())]]]))
+    class Never(PromptLookup):
+        def propose(self, tokens, k, sampling=None, generator=None): return no_draft(tokens)
+    always, never = (copy_agreement(heads["eagle"], records, recorded, layers, lookup) for lookup in (Oracle(), Never()))
+    assert always["other"][1] == 0 and never["copyable"][1] == 0 and always["copyable"][1] == never["other"][1] == positions
+    assert always["copyable"][0] == never["other"][0] == split["copyable"][0] + split["other"][0] > 0
+    with pytest.raises(ValueError, match="measures an EAGLE head"): copy_agreement(heads["medusa"], records, recorded, layers)

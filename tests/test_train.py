@@ -221,6 +221,8 @@ def test_training_notebook_runs_under_papermill(tiny, tmp_path):
     assert set(data["parts"][0]["records_by_style"]) == {"open", "code"} and data["parts"][1]["records_by_style"].keys() == {"qa"}
     assert data["answer_tokens"] == sum(p["answer_tokens"] for p in data["parts"])
     assert metrics["steps"] >= 1 and set(metrics["tau_heldout"]["by_k"]) == {"1", "2"}
+    copying = metrics["copy_agreement"]                           # where the head copies, per prompt style of the data
+    assert set(copying) == {"open", "code", "qa"} and all(c["copyable"][1] + c["other"][1] > 0 for c in copying.values())
     effect = metrics["draft_cost_effect"]                        # the same weights: reduced/full vocabulary, float16/float32
     assert {(row["draft vocabulary"].split()[0], row["head dtype"]) for row in effect} == {("reduced", "float16"), ("full", "float16"), ("reduced", "float32")}
     head = make_drafter(f"eagle:{tmp_path / 'run' / 'eagle'}", tiny)
