@@ -107,7 +107,7 @@ class BenchConfig:
     "All parameters of a benchmark run: the fields and defaults of `nbs/bench/methods.ipynb`'s parameters cell."
     model: str = "smollm2-135m"
     preset: str = ""
-    drafters: str = "pld,eagle,medusa"
+    drafters: str = "pld,eagle,medusa,pld:3:2+eagle"
     ks: str = "4,cost:8"
     policies: str = "greedy"
     temperature: float = 0.0
