@@ -237,7 +237,7 @@ class EagleLayer(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, H, bias=False)
 
 class EagleHead(_Head):
-    """EAGLE-3: one decoder layer over [token embedding ; hidden]. For committed tokens the hidden is the target's low,
+    """EAGLE-3: one decoder layer (`num_layers` > 1: more) over [token embedding ; hidden]. For committed tokens the hidden is the target's low,
     middle and high layer outputs fused by a linear map; as it drafts ahead, its own output. Logits come from the target's
     output head (draft vocabulary rows) after the head's own norm."""
     head_type = "eagle"
