@@ -222,19 +222,23 @@ def eagle3_layers(num_layers:int) -> tuple[int, ...]:
     "EAGLE-3's low, middle and high target layers (0-based): 2, L/2 and L-3, clipped to the model."
     return (min(2, num_layers - 1), num_layers // 2, max(num_layers - 3, 0))
 
+def _decoder_layer_weights(module:nn.Module, cfg, H:int, num_heads:int, num_kv_heads:int, head_dim:int) -> None:
+    "Give `module` one decoder layer's weights in the target's layout: norms, attention projections, gated MLP."
+    module.input_layernorm = nn.RMSNorm(H, eps=cfg.rms_norm_eps)
+    module.q_proj = nn.Linear(H, num_heads * head_dim, bias=False)
+    module.k_proj = nn.Linear(H, num_kv_heads * head_dim, bias=False)
+    module.v_proj = nn.Linear(H, num_kv_heads * head_dim, bias=False)
+    module.o_proj = nn.Linear(num_heads * head_dim, H, bias=False)
+    module.post_attention_layernorm = nn.RMSNorm(H, eps=cfg.rms_norm_eps)
+    module.gate_proj = nn.Linear(H, cfg.intermediate_size, bias=False)
+    module.up_proj = nn.Linear(H, cfg.intermediate_size, bias=False)
+    module.down_proj = nn.Linear(cfg.intermediate_size, H, bias=False)
+
 class EagleLayer(nn.Module):
     "A further decoder layer of an EAGLE head (the target's layer layout): attention over the head's cache, then a gated MLP."
     def __init__(self, cfg, H:int, num_heads:int, num_kv_heads:int, head_dim:int):
         super().__init__()
-        self.input_layernorm = nn.RMSNorm(H, eps=cfg.rms_norm_eps)
-        self.q_proj = nn.Linear(H, num_heads * head_dim, bias=False)
-        self.k_proj = nn.Linear(H, num_kv_heads * head_dim, bias=False)
-        self.v_proj = nn.Linear(H, num_kv_heads * head_dim, bias=False)
-        self.o_proj = nn.Linear(num_heads * head_dim, H, bias=False)
-        self.post_attention_layernorm = nn.RMSNorm(H, eps=cfg.rms_norm_eps)
-        self.gate_proj = nn.Linear(H, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(H, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, H, bias=False)
+        _decoder_layer_weights(self, cfg, H, num_heads, num_kv_heads, head_dim)
 
 class EagleHead(_Head):
     """EAGLE-3: one decoder layer (`num_layers` > 1: more) over [token embedding ; hidden]. For committed tokens the hidden is the target's low,
@@ -256,15 +260,7 @@ class EagleHead(_Head):
         self.head_dim = getattr(cfg, "head_dim", None) or H // self.num_heads
         self.fuse = nn.Linear(len(self.target_layers) * H, H, bias=False)      # [layers*H] -> [H]
         self.fc = nn.Linear(2 * H, H)                                          # [embedding ; hidden] -> [H]
-        self.input_layernorm = nn.RMSNorm(H, eps=cfg.rms_norm_eps)
-        self.q_proj = nn.Linear(H, self.num_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(H, self.num_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(H, self.num_kv_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, H, bias=False)
-        self.post_attention_layernorm = nn.RMSNorm(H, eps=cfg.rms_norm_eps)
-        self.gate_proj = nn.Linear(H, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(H, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, H, bias=False)
+        _decoder_layer_weights(self, cfg, H, self.num_heads, self.num_kv_heads, self.head_dim)   # the first layer: the head's own
         self.norm = nn.RMSNorm(H, eps=cfg.rms_norm_eps)                        # before the target's output head
         self.more_layers = nn.ModuleList(EagleLayer(cfg, H, self.num_heads, self.num_kv_heads, self.head_dim)
                                          for _ in range(int(num_layers) - 1))   # layers 2.. (the first is the head's own)

@@ -352,6 +352,12 @@ def _soft_labels(record:dict, recorded:dict, positions:int, offset:int, to_draft
     probs[ids < 0] = 0
     return ids, probs
 
+def _read_slots(head, layers:list) -> list[int]:
+    "Where each target layer the head reads sits among the recorded `layers`; an error names the ones not recorded."
+    missing = [i for i in head.layers_read if i not in layers]
+    if missing: raise ValueError(f"the data recorded target layers {layers}; the {head.head_type} head needs {missing} too")
+    return [layers.index(i) for i in head.layers_read]
+
 def _batch(head, records:list[dict], recorded:list[dict], layers:list, # the recorded layers, in their order
            max_len:int, offsets) -> dict:
     """Right-padded training batch: `tokens` `[B, P]` (x_{t+1} of the pairs at t), `features` `[B, P, F]` (of position t),
@@ -361,7 +367,7 @@ def _batch(head, records:list[dict], recorded:list[dict], layers:list, # the rec
     tokens = torch.zeros(len(records), P, dtype=torch.long)
     features = None
     label_ids = {o: [] for o in offsets}; label_probs = {o: [] for o in offsets}
-    slots = [layers.index(i) for i in head.layers_read]                               # where each read layer was recorded
+    slots = _read_slots(head, layers)                                                 # where each read layer was recorded
     for b, (r, rec) in enumerate(zip(records, recorded)):
         n = min(len(r["ids"]), max_len) - 1                                            # pairs in this record
         tokens[b, :n] = torch.tensor(r["ids"][1:n + 1])
@@ -472,8 +478,7 @@ def train_head(head:EagleHead|MedusaHeads, records:list[dict],
     if layers is None: raise ValueError("train_head: give the target layers the recorded features hold (`layers`)")
     if len(recorded) != len(records): raise ValueError(f"{len(records)} records but features of {len(recorded)}")
     layers = list(layers)
-    missing = [i for i in head.layers_read if i not in layers]
-    if missing: raise ValueError(f"the data recorded target layers {layers}; the {head.head_type} head needs {missing} too")
+    _read_slots(head, layers)                                                          # every layer it reads was recorded
     offsets = [1] if isinstance(head, EagleHead) else [1 + i for i in range(head.n)]
     head.train().requires_grad_(True)
     params = [p for p in head.parameters() if p.requires_grad]
@@ -530,15 +535,13 @@ def copy_agreement(head:EagleHead, records:list[dict], recorded:list[dict], # re
     """Teacher-forced top-1 agreement of the head's first draft with the target's greedy token at each answer position,
     split by whether `lookup` drafts that token there: `{"copyable": [hits, positions], "other": [hits, positions]}`."""
     if not isinstance(head, EagleHead): raise ValueError(f"copy_agreement measures an EAGLE head, got {head.name}")
-    lookup, layers = lookup or PromptLookup(3, 2), list(layers)
-    missing = [i for i in head.target_layers if i not in layers]
-    if missing: raise ValueError(f"the data recorded target layers {layers}; the head needs {missing} too")
+    lookup, slots = lookup or PromptLookup(3, 2), _read_slots(head, list(layers))
     counts = {"copyable": [0, 0], "other": [0, 0]}
     with torch.inference_mode():
         for r, rec in zip(records, recorded):
             ids, a = torch.tensor(r["ids"]), r["answer_start"]                          # [T]
             greedy = rec["top_ids"][:, 0].long()                                         # [T-a] the target's argmax of tokens a..T-1
-            features = rec["hidden"][None, :, [layers.index(i) for i in head.target_layers]].flatten(2).to(head.fc.weight)  # [1, T-1, F]
+            features = rec["hidden"][:, slots].flatten(1)[None].to(head.fc.weight)      # [1, T-1, F]
             hidden = head.unroll(ids[None, 1:].to(features.device), features, steps=1)[0][0]   # [T-1, H]: pair t drafts token t+2
             first = max(a - 2, 0)
             drafts = head.draft_vocab.ids.to(hidden.device)[head.logits(hidden[first:]).argmax(-1)].cpu()   # [T-1-first]
