@@ -74,8 +74,8 @@ PRESETS = {
     "k_sweep": {"drafters": "pld", "ks": "1,2,3,4,6,8", "n_prompts": 1},   # LayerSkip's untrained exit accepts ~7%: K sweep it with --drafters
     "spec_bench": {"prompts": "../shared/prompts/spec_bench_dev.jsonl", "categories": "summarization,rag", "n_prompts": 4},
     "heads": {"prompts": "../shared/prompts/spec_bench_dev.jsonl", "n_prompts": 2, "ks": "2,3", "hf_pld": False,
-              "drafters": "pld,eagle,medusa,pld:3:2+eagle",
-              "categories": "summarization,qa,rag,translation,math_reasoning,writing,roleplay,coding"},   # the trained heads (issue 8)
+              "drafters": "pld,eagle,eagle-tree:2:4,medusa,pld:3:2+eagle,pld:3:2+eagle-tree:2:4",
+              "categories": "summarization,qa,rag,translation,math_reasoning,writing,roleplay,coding"},   # the trained heads, chains and trees (issue 8)
     "synthetic": {"model": "synthetic", "drafters": "synthetic:0.9,synthetic:0.5", "ks": "1,2,4,cost:8",
                   "categories": "qa,code,summarization", "n_prompts": 2, "hf_pld": False},
 }

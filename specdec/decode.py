@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 import torch
 from .models import LoadedModel
 from .sampling import SamplingConfig
-from .policies import AcceptancePolicy, Greedy, RejectionSampling
+from .policies import AcceptancePolicy, Greedy, RejectionSampling, Verdict
+from .net import DecoderNet, TreeLayout
 from .drafters import Drafter, no_draft
 from .controllers import Controller, FixedK
 from .engine import Engine, engine_for, resolve_compile
@@ -103,6 +104,7 @@ def _step(runner, cache, drafter, policy, tokens, length:int, k:int, sampling, g
     timer.lap("draft")
     K = draft.k
     verify_ids = torch.cat([tokens[:, length - 1:length], draft.tokens], dim=1)   # [B, K+1]
+    if draft.parents is not None: return _tree_step(runner, cache, policy, draft, verify_ids, tokens, length, sampling, generator, eos_ids, timer)
     target_logits = runner(verify_ids, cache)                                      # [B, K+1, V]
     timer.lap("verify")
     extra = {} if draft.n_valid is None else {"n_valid": draft.n_valid}
@@ -111,6 +113,21 @@ def _step(runner, cache, drafter, policy, tokens, length:int, k:int, sampling, g
     tokens[:, length:length + K + 1] = new                                         # slots past the emitted ones: overwritten later
     proposed = torch.full_like(eos_index, K) if draft.n_valid is None else draft.n_valid
     return (draft, *read_step(torch.stack([verdict.n_accepted[0], eos_index[0], proposed[0]])))   # the one sync
+
+def _tree_step(runner, cache, policy, draft, verify_ids, tokens, length:int, sampling, generator, eos_ids, timer):
+    "`_step` for a token tree: verify every branch in one forward, keep the accepted branch's cache entries and features."
+    if not isinstance(runner, DecoderNet):
+        raise ValueError(f"token trees are verified by the eager forward; this target runs {type(runner).__name__} (use compile='eager')")
+    target_logits = runner(verify_ids, cache, tree=TreeLayout.of_draft(draft.parents))   # [B, K+1, V]
+    timer.lap("verify")
+    branch, next_token = policy.verify_tree(draft.tokens, draft.parents, target_logits, sampling, generator)   # [n], [B]
+    runner.keep_path(cache, length - 1, [i + 1 for i in branch])                  # the branch's K/V where a chain's would be
+    n = len(branch)
+    branch_tokens = draft.tokens[:, branch]                                        # [B, n]
+    verdict = Verdict(torch.full_like(next_token, n), next_token)
+    new, eos_index = _emitted(branch_tokens, verdict, eos_ids)                     # [B, n+1], [B]
+    tokens[:, length:length + n + 1] = new
+    return draft, n, int(eos_index[0]), draft.k
 
 def _event(step:int, draft, proposed:int, accepted:int, emitted, before:dict, timer) -> StepEvent:
     "The host-side record of a step, for `on_step` callbacks."
@@ -143,14 +160,18 @@ def generate(target:LoadedModel, # the model whose output we want (anything with
     if policy is None: policy = Greedy() if sampling.greedy else RejectionSampling()
     if isinstance(policy, Greedy) and not sampling.greedy:
         raise ValueError(f"Greedy policy needs temperature=0 (got {temperature}); use RejectionSampling to sample")
+    if getattr(drafter, "drafts_trees", False) and type(policy).verify_tree is AcceptancePolicy.verify_tree:
+        raise ValueError(f"{drafter.name} drafts token trees, which policy {type(policy).__name__} cannot verify: "
+                         "use greedy or rejection")
     if drafter is not None and controller is None: controller = FixedK(4)
     if controller is not None and drafter is not None: controller.start(target, drafter)
     eos = list(target.eos_token_ids if eos_token_id is None else
                ([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id))
     eos_ids = torch.tensor(eos, dtype=torch.long, device=target.device)   # [E]
     device, (B, S) = target.device, prompt.shape
-    capacity = S + max_new_tokens + (controller.max_k if drafter is not None else 0) + 1
-    runner, cache, runners, engine = _runners(target, drafter, compile, B, capacity, controller.max_k if drafter else 0)
+    block = 0 if drafter is None else getattr(drafter, "max_drafts", lambda k: k)(controller.max_k)   # the most drafts one step verifies
+    capacity = S + max_new_tokens + block + 1
+    runner, cache, runners, engine = _runners(target, drafter, compile, B, capacity, block)
     generator = torch.Generator(device=device).manual_seed(seed)
     stats, setup_before = Stats(generations=1), _setup_seconds(runners)
     _sync(device); t0 = time.perf_counter()
@@ -167,9 +188,9 @@ def generate(target:LoadedModel, # the model whose output we want (anything with
         k = min(controller.next_k(), max_new_tokens - (length - S) - 1) if drafter is not None else 0
         before = dict(timer.totals) if on_step is not None else None
         draft, n, eos_at, proposed = _step(runner, cache, drafter, policy, tokens, length, k, sampling, generator, eos_ids, timer)
-        cache.rollback(cache.length - draft.k + n)       # keep the current token and the n accepted drafts
+        cache.rollback(length + n)                       # keep the current token and the n accepted drafts
         if proposed > 0:
-            drafter.observe(n); controller.update(proposed, n)
+            drafter.observe(n); controller.update(proposed if draft.parents is None else draft.depth, n)   # a tree: its depth
         elif getattr(drafter, "reads_target_features", False): drafter.observe(0)   # heads keep the committed token's features
         stats.record_step(proposed, min(n, eos_at))      # drafts after an EOS are not counted
         length += min(n, eos_at) + 1

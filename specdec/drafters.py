@@ -24,9 +24,18 @@ class Draft:
     tokens: torch.Tensor            # [B, k] drafted token ids (k may be 0)
     probs: torch.Tensor|None = None # [B, k, V] draft distributions after temperature/top-p; None: one-hot
     n_valid: torch.Tensor|None = None # [B] real drafts per row when only the device knows (the rest are padding)
+    parents: list[int]|None = None  # [k] a token tree: the parent draft of each draft (-1: the current token); None: a chain
 
     @property
     def k(self) -> int: return self.tokens.shape[1]
+
+    @property
+    def depth(self) -> int:
+        "The most drafts a step can accept: `k` for a chain, the deepest node's depth for a tree."
+        if self.parents is None: return self.k
+        depths = []
+        for p in self.parents: depths.append(1 if p == -1 else depths[p] + 1)
+        return max(depths, default=0)
 
 class Drafter:
     "Base class of drafters."
@@ -35,6 +44,7 @@ class Drafter:
     def propose(self, tokens:torch.Tensor, k:int, sampling:SamplingConfig, generator=None) -> Draft: raise NotImplementedError
     def observe(self, n_accepted:int) -> None: pass
     def use_engine(self, compile:str) -> dict: return {}   # model drafters: run forwards in this mode; the mode used
+    def max_drafts(self, k:int) -> int: return k           # the most drafts one proposal holds for K=k (a tree: its nodes)
     @property
     def name(self) -> str: return type(self).__name__
 
@@ -150,6 +160,7 @@ class Fallback(Drafter):
             raise ValueError(f"Fallback needs two or more drafters, got {drafters!r}")
         self.drafters = drafters
         self.reads_target_features = any(getattr(d, "reads_target_features", False) for d in drafters)
+        self.drafts_trees = any(getattr(d, "drafts_trees", False) for d in drafters)
         layers = sorted({i for d in drafters for i in (getattr(d, "target_layers", None) or ())})
         self.target_layers = tuple(layers) or None        # what the loop keeps of the target's layers for the heads
         self._used, self._proposed_by = None, []
@@ -164,6 +175,7 @@ class Fallback(Drafter):
     def forwards(self) -> int: return sum(d.forwards for d in self.drafters)
 
     def use_engine(self, compile:str) -> dict: return {d.name: d.use_engine(compile) for d in self.drafters}
+    def max_drafts(self, k:int) -> int: return max(d.max_drafts(k) for d in self.drafters)
 
     def check(self, target) -> None:
         for d in self.drafters:
@@ -179,6 +191,8 @@ class Fallback(Drafter):
             draft = d.propose(tokens, k, sampling, generator)
             self._proposed_by.append(i)
             if draft.k == 0: continue
+            if draft.parents is not None and merged is not None:
+                raise NotImplementedError(f"{self.name}: a token tree cannot fill in for rows of a draft made on the device")
             if draft.n_valid is None and merged is None:               # a draft the host knows is real: use it
                 self._used = i
                 self.usage[i]["proposed"] += draft.k

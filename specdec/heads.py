@@ -18,8 +18,8 @@ from .drafters import Draft, Drafter, no_draft
 
 # %% auto #0
 __all__ = ['HALF_ROWS', 'HEAD_FORMAT', 'HEAD_TYPES', 'SHIPPED_HEADS', 'DraftVocab', 'target_fingerprint', 'ResBlock',
-           'MedusaHeads', 'eagle3_layers', 'EagleLayer', 'EagleHead', 'save_head', 'head_dtype', 'load_head',
-           'shipped_head']
+           'MedusaHeads', 'eagle3_layers', 'EagleLayer', 'EagleHead', 'TokenTree', 'save_head', 'head_dtype',
+           'load_head', 'shipped_head']
 
 # %% ../nbs/05a_heads.ipynb #3ecc78ec
 class DraftVocab:
@@ -323,15 +323,16 @@ def _eagle_outputs(self:EagleHead, layer, x:torch.Tensor, # [B, q, H] residual s
 
 def _eagle_forward(self:EagleHead, input_ids:torch.Tensor, # [B, q] tokens x_{t+1}
                    hidden:torch.Tensor, # [B, q, H] hidden of positions t
-                   start:int=0, # position t of the first pair
+                   start:int=0, # position t of the first pair (the cache slot it is written at)
                    cache:KVCache|None=None, # one layer per head layer; None: causal attention within the q pairs
+                   positions:torch.Tensor|None=None, # [q] positions of the pairs when they are tree nodes (default start..start+q-1)
+                   mask:torch.Tensor|None=None, # [q, start+q] which cache slots each pair sees, for tree nodes (default causal)
                   ) -> torch.Tensor:
     "Output hiddens `[B, q, H]` of the pairs at positions start..start+q-1 (each drafts the token two ahead of its position)."
     q = input_ids.shape[1]
-    positions = torch.arange(start, start + q, device=input_ids.device)
+    if positions is None: positions = torch.arange(start, start + q, device=input_ids.device)
     x, cos, sin = self._inputs(input_ids, hidden, positions)
-    mask = None
-    if cache is not None and start > 0 and q > 1: mask = positions[:, None] >= torch.arange(start + q, device=x.device)[None]   # [q, start+q]
+    if mask is None and cache is not None and start > 0 and q > 1: mask = positions[:, None] >= torch.arange(start + q, device=x.device)[None]   # [q, start+q]
     for i, layer in enumerate(self.decoder_layers()):
         query, key, value = self._qkv(layer, x, cos, sin)
         if cache is not None:
@@ -397,10 +398,10 @@ def _eagle_reset(self:EagleHead, batch:int, capacity:int):
         self.cache = KVCache(self.num_layers, batch, self.num_kv_heads, capacity, self.head_dim, w.dtype, w.device)
     self.cache.rollback(0)
 
-def _eagle_propose(self:EagleHead, tokens, k, sampling=SamplingConfig(), generator=None):
+def _eagle_catch_up(self:EagleHead, tokens:torch.Tensor # [B, L] the sequence so far
+                   ) -> torch.Tensor:
+    "Run the committed pairs (features_t, x_{t+1}) for t = known..L-2 from the target's features; the output `[B, 1, H]` at L-2."
     L = tokens.shape[1]
-    if k == 0 or L < 2: return no_draft(tokens)
-    # catch up: the committed pairs (features_t, x_{t+1}) for t = known..L-2, from the target's features
     features = torch.cat(self.pending, 1) if len(self.pending) > 1 else self.pending[0]   # [B, m, layers*H]
     if features.shape[1] != L - 1 - self.known:
         raise RuntimeError(f"eagle: holds features of {features.shape[1]} new positions, the sequence has {L - 1 - self.known}")
@@ -408,6 +409,12 @@ def _eagle_propose(self:EagleHead, tokens, k, sampling=SamplingConfig(), generat
     self.cache.rollback(self.known)
     out = self(tokens[:, self.known + 1:L], self.fused(features), self.known, self.cache)[:, -1:]   # [B, 1, H] at L-2
     self.known = L - 1
+    return out
+
+def _eagle_propose(self:EagleHead, tokens, k, sampling=SamplingConfig(), generator=None):
+    L = tokens.shape[1]
+    if k == 0 or L < 2: return no_draft(tokens)
+    out = self._catch_up(tokens)                                                 # [B, 1, H] at L-2
     drafted, probs = [], []
     for i in range(k):
         t, p = self._pick(self.logits(out[:, -1]), sampling, generator)         # [B], [B, V]
@@ -416,7 +423,91 @@ def _eagle_propose(self:EagleHead, tokens, k, sampling=SamplingConfig(), generat
     self.forwards += k
     return Draft(torch.stack(drafted, 1), torch.stack(probs, 1))               # [B, k], [B, k, V]
 
-EagleHead._reset, EagleHead.propose = _eagle_reset, _eagle_propose
+EagleHead._reset, EagleHead._catch_up, EagleHead.propose = _eagle_reset, _eagle_catch_up, _eagle_propose
+
+# %% ../nbs/05a_heads.ipynb #e827d843
+def _eagle_propose_tree(self:EagleHead, tokens, k:int, # the deepest draft (as a chain's K: at most k drafts are accepted)
+                        width:int, # children tried per expanded node, and nodes expanded per depth
+                        nodes:int, # drafts in the tree (verified in one target forward)
+                        sampling=SamplingConfig(), generator=None) -> Draft:
+    """EAGLE-2's tree: from the `width` best nodes of each depth (by the draft's cumulative log-probability) expand their
+    `width` likeliest next tokens, up to depth `k`; draft the `nodes` best nodes of all (parents before children). The
+    tree is the same whatever the temperature: a policy takes its nodes as one-hot drafts (`RejectionSampling.verify_tree`)."""
+    B, L = tokens.shape
+    if B != 1: raise NotImplementedError("token trees are drafted for batch size 1")
+    if k == 0 or L < 2: return no_draft(tokens)
+    depth = min(k, nodes)
+    out = self._catch_up(tokens)                                                   # [1, 1, H] at L-2
+    full_ids = self.draft_vocab.ids.to(tokens.device)
+    logp = torch.log_softmax(self.logits(out[0]), -1)                             # [1, N] the next token after L-1
+    top = logp.topk(min(width, logp.shape[-1]), -1)                                # [1, w]
+    cand_tokens = [full_ids[top.indices[0]]]                                       # per depth: [n_d] full ids
+    scores = top.values[0].tolist()                                                 # [n] cumulative log-probs of all candidates
+    parents, depths = [-1] * len(scores), [1] * len(scores)                        # [n] parent candidate (-1: current token), depth
+    frontier, hidden = list(range(len(scores))), out.expand(1, len(scores), -1)   # candidates to expand, the hidden each reads
+    slot_of, slot = {}, L - 1                                                       # head-cache slot of each expanded candidate
+    for d in range(2, depth + 1):
+        f = len(frontier)
+        for j, c in enumerate(frontier): slot_of[c] = slot + j
+        mask = torch.zeros(f, slot + f, dtype=torch.bool)                          # [f, slots]: the prefix and each one's ancestors
+        mask[:, :L - 1] = True
+        for j, c in enumerate(frontier):
+            a = c
+            while a != -1: mask[j, slot_of[a]] = True; a = parents[a]
+        ids = torch.cat(cand_tokens)[torch.tensor(frontier, device=tokens.device)][None]   # [1, f]
+        positions = torch.full((f,), L - 3 + d, device=tokens.device)             # depth d-1 candidates sit at L-2+(d-1)
+        out = self(ids, hidden, slot, self.cache, positions, mask.to(tokens.device))   # [1, f, H]
+        slot += f
+        logp = torch.log_softmax(self.logits(out[0]), -1)                         # [f, N]
+        top = logp.topk(min(width, logp.shape[-1]), -1)                            # [f, w]
+        child_scores = (torch.tensor([scores[c] for c in frontier], device=logp.device)[:, None] + top.values).flatten()   # [f*w]
+        first = len(scores)
+        cand_tokens.append(full_ids[top.indices.flatten()])
+        scores += child_scores.tolist()
+        parents += [c for c in frontier for _ in range(top.values.shape[1])]
+        depths += [d] * child_scores.numel()
+        best = child_scores.topk(min(width, child_scores.numel())).indices.tolist()   # the next frontier
+        frontier = [first + i for i in best]
+        hidden = out[:, [i // top.values.shape[1] for i in best]]                  # [1, f', H] each reads its parent's output
+    self.forwards += depth
+    chosen = sorted(range(len(scores)), key=lambda c: (-scores[c], depths[c], c))[:nodes]   # a parent scores >= its children
+    chosen.sort(key=lambda c: (depths[c], c))                                      # parents before children
+    index = {c: i for i, c in enumerate(chosen)}
+    all_tokens = torch.cat(cand_tokens)                                            # [n]
+    return Draft(all_tokens[torch.tensor(chosen, device=all_tokens.device)][None],  # [1, nodes]
+                 parents=[index[parents[c]] if parents[c] != -1 else -1 for c in chosen])
+EagleHead.propose_tree = _eagle_propose_tree
+
+class TokenTree(Drafter):
+    """A head drafting a token tree of up to `nodes` drafts (`propose_tree`) instead of a chain; the controller's K is the
+    tree's depth (the most drafts a step can accept, as for a chain). Verified by `Greedy` or `RejectionSampling`."""
+    reads_target_features, drafts_trees = True, True
+    def __init__(self, head:Drafter, width:int=4, nodes:int=10):
+        for what, v in (("width", width), ("nodes", nodes)):
+            if isinstance(v, bool) or int(v) != v or v < 1: raise ValueError(f"token tree {what} must be a positive integer, got {v!r}")
+        if not hasattr(head, "propose_tree"): raise ValueError(f"{head.name} does not draft token trees")
+        self.head, self.width, self.nodes = head, int(width), int(nodes)
+
+    def __getattr__(self, name):                                                   # checkpoint, config, dtype...: the head's
+        if name == "head": raise AttributeError(name)
+        return getattr(self.head, name)
+
+    @property
+    def name(self): return f"{self.head.name}-tree({self.width},{self.nodes})"
+    @property
+    def forwards(self) -> int: return self.head.forwards
+    @property
+    def target_layers(self): return self.head.target_layers
+
+    def max_drafts(self, k:int) -> int: return self.nodes
+    def use_engine(self, compile:str) -> dict: return self.head.use_engine(compile)
+    def check(self, target) -> None: self.head.check(target)
+    def start(self, target, prompt_ids, capacity):
+        "The head starts with room for the nodes it expands past the sequence (`width` per depth)."
+        self.head.start(target, prompt_ids, capacity + (self.nodes - 1) * self.width)
+    def observe(self, n_accepted:int) -> None: self.head.observe(n_accepted)
+    def propose(self, tokens, k, sampling=SamplingConfig(), generator=None):
+        return self.head.propose_tree(tokens, k, self.width, self.nodes, sampling, generator)
 
 # %% ../nbs/05a_heads.ipynb #63c51c2c
 HEAD_FORMAT = "specdec-head/1"

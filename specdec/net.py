@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from fastcore.basics import patch
 
 # %% auto #0
-__all__ = ['SUPPORTED_ARCHITECTURES', 'KVCache', 'onednn_available', 'linear_backend', 'Linear', 'layer_windows',
+__all__ = ['SUPPORTED_ARCHITECTURES', 'KVCache', 'onednn_available', 'linear_backend', 'Linear', 'layer_windows', 'TreeLayout',
            'attention_mask', 'DecoderNet']
 
 # %% ../nbs/02_net.ipynb #bf03e52f
@@ -104,6 +104,26 @@ def layer_windows(config, num_layers:int) -> list:
     if types is not None: return [window if types[i] == "sliding_attention" else None for i in range(num_layers)]
     if config.model_type == "mistral": return [window] * num_layers      # Mistral: every layer, when set
     return [None] * num_layers
+
+class TreeLayout:
+    "A token tree of `q` nodes in order (node 0 the root, each parent before its children): depths and ancestor mask."
+    def __init__(self, parents:list[int]): # [q] parent of each node; -1 for the root (node 0) only
+        q = len(parents)
+        if q == 0 or parents[0] != -1 or any(not 0 <= p < i for i, p in enumerate(parents) if i > 0):
+            raise ValueError(f"a token tree lists its root first (parent -1) and each parent before its children, got {parents}")
+        self.parents = list(parents)
+        depths, ancestors = [0] * q, torch.eye(q, dtype=torch.bool)       # [q], [q, q]: node i sees node j
+        for i in range(1, q):
+            depths[i] = depths[parents[i]] + 1
+            ancestors[i] |= ancestors[parents[i]]
+        self.depths, self.ancestors = torch.tensor(depths), ancestors
+
+    @classmethod
+    def of_draft(cls, draft_parents:list[int]) -> "TreeLayout":
+        "The layout of a verification block: the current token (root), then drafts whose parents are draft indices (-1: the root)."
+        return cls([-1] + [p + 1 for p in draft_parents])
+
+    def __len__(self): return len(self.parents)
 
 def attention_mask(query_pos:torch.Tensor, # [q] positions of the new tokens
                    key_pos:torch.Tensor,   # [n] positions of the keys
@@ -208,22 +228,45 @@ def _layers_and_head(self:DecoderNet, hidden, cos, sin, cache, start, positions,
 def forward(self:DecoderNet, input_ids:torch.Tensor, # [B, q] new tokens, written at positions length..length+q-1
             cache:KVCache,
             logits:str="all", # "all" positions, the "last" one, or "none" (prefill only fills the cache)
+            tree:TreeLayout|None=None, # the new tokens form a token tree (`TreeLayout`): each sees its ancestors only
            ) -> torch.Tensor|None:
-    "Run the new tokens through the model, append their keys and values to `cache`, return logits `[B, q|1, V]`."
+    """Run the new tokens through the model, append their keys and values to `cache`, return logits `[B, q|1, V]`. With a
+    `tree`, token i sits at position `length + depth[i]` and attends to the cache and to its ancestors in the tree."""
     B, q_len = input_ids.shape
     start = cache.check_room(q_len)
     end = start + q_len
-    positions = torch.arange(start, end, device=input_ids.device)
+    device = input_ids.device
+    positions = torch.arange(start, end, device=device) if tree is None else start + tree.depths.to(device)   # [q]
     hidden = self.embed(input_ids)                                      # [B, q, H]
     cos, sin = self.rotary(hidden, positions[None].expand(B, -1))      # [B, q, D]
     masks = {}
+    key_pos = torch.arange(end, device=device) if tree is None else torch.cat([torch.arange(start, device=device), positions])   # [end]
     for w in set(self.windows):
-        needs_mask = (q_len > 1 and start > 0) or (w is not None and end > w)
-        masks[w] = attention_mask(positions, torch.arange(end, device=input_ids.device), w) if needs_mask else None
+        needs_mask = tree is not None or (q_len > 1 and start > 0) or (w is not None and end > w)
+        masks[w] = attention_mask(positions, key_pos, w) if needs_mask else None
+        if tree is not None: masks[w][:, start:] &= tree.ancestors.to(device)   # [q, q] within the tree: ancestors only
     out = self._layers_and_head(hidden, cos[:, None], sin[:, None], cache, start, None, masks, logits, True)
     self.features_start = start                                         # `features` are those of positions start..end-1
     cache.length = end
     return out
+
+@patch
+def keep_path(self:DecoderNet, cache:KVCache,
+              start:int, # the slot of the block's first token (a tree's root)
+              path:list[int], # block indices to keep after the first, in order (a tree's accepted branch)
+             ) -> None:
+    """After verifying a token tree: move the keys and values of the kept `path` to the slots right after `start` (where a
+    chain's would be) and keep the last forward's features of `[start] + path` in that order. `cache.length` is left alone."""
+    if not path: return
+    device = cache.keys.device
+    src = torch.tensor([start + i for i in path], device=device)                   # [n] slots now
+    dest = slice(start + 1, start + 1 + len(path))                                   # [n] slots a chain would use
+    cache.keys[:, :, :, dest] = cache.keys.index_select(3, src)                      # index_select copies: no overlap
+    cache.values[:, :, :, dest] = cache.values.index_select(3, src)
+    if self.features is not None and self.features_start == start:
+        keep = torch.tensor([0] + list(path), device=self.features.device)          # [1+n] rows of the block
+        self.features = self.features.index_select(1, keep)                          # [B, 1+n, H]
+        self.layer_features = {i: f.index_select(1, keep) for i, f in self.layer_features.items() if i in self.keep_layers}   # this forward's
 
 @patch
 def forward_at(self:DecoderNet, input_ids:torch.Tensor, # [B, q] new tokens

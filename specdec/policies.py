@@ -12,8 +12,8 @@ from .sampling import SamplingConfig, logits_to_probs, sample, exponential_noise
 from . import kernels
 
 # %% auto #0
-__all__ = ['Verdict', 'accepted_prefix', 'valid_slots', 'AcceptancePolicy', 'Greedy', 'RejectionSampling', 'Typical',
-           'ConfidenceThreshold', 'TopKAgreement']
+__all__ = ['Verdict', 'accepted_prefix', 'valid_slots', 'AcceptancePolicy', 'greedy_branch', 'Greedy', 'RejectionSampling',
+           'Typical', 'ConfidenceThreshold', 'TopKAgreement']
 
 # %% ../nbs/04_policies.ipynb #8e50f97e
 @dataclass
@@ -40,6 +40,24 @@ class AcceptancePolicy:
     def __call__(self, draft_tokens, draft_probs, target_logits, sampling:SamplingConfig,
                  generator:torch.Generator|None=None, n_valid:torch.Tensor|None=None) -> Verdict: raise NotImplementedError
     def __repr__(self): return f"{type(self).__name__}({', '.join(f'{k}={v}' for k, v in vars(self).items())})"
+    def verify_tree(self, draft_tokens, parents:list[int], target_logits, sampling:SamplingConfig, generator=None) -> tuple[list[int], torch.Tensor]:
+        "A token tree's verdict: the accepted branch (draft indices, root to leaf) and the next token `[B]`."
+        raise NotImplementedError(f"{type(self).__name__} cannot verify token trees: tree drafters need the greedy policy "
+                                  "(temperature 0) for now; use a chain drafter (e.g. eagle) to sample")
+
+def greedy_branch(parents:list[int], # [k] parent draft index of each draft (-1: the current token)
+                  draft_tokens:list[int], # [k] drafted ids
+                  target_next:list[int], # [k+1] the target's argmax after the current token (0) and after each draft (1..k)
+                 ) -> list[int]:
+    "The longest branch of drafts that each equal the target's argmax after their parent: draft indices, root to leaf."
+    children = {}
+    for i, p in enumerate(parents): children.setdefault(p, []).append(i)
+    branch, node = [], -1
+    while True:
+        match = [c for c in children.get(node, []) if draft_tokens[c] == target_next[node + 1]]
+        if not match: return branch
+        node = match[0]                   # a tree drafter never repeats a token among siblings
+        branch.append(node)
 
 # %% ../nbs/04_policies.ipynb #104bf3f7
 class Greedy(AcceptancePolicy):
@@ -50,6 +68,16 @@ class Greedy(AcceptancePolicy):
         valid = valid_slots(draft_tokens, n_valid)
         if valid is not None: draft_tokens = torch.where(valid, draft_tokens, -1)   # -1 equals no argmax
         return Verdict(*kernels.greedy_verify(draft_tokens, target_logits))
+
+    def verify_tree(self, draft_tokens, parents, target_logits, sampling=SamplingConfig(), generator=None):
+        "Greedy over a tree (batch size 1): one host read of the target's argmax at every node."
+        if not sampling.greedy:
+            raise ValueError(f"Greedy policy needs temperature=0 (got {sampling.temperature}); use RejectionSampling to sample")
+        if draft_tokens.shape[0] != 1: raise NotImplementedError("token trees are verified for batch size 1")
+        target_next = target_logits[0].argmax(-1)                                    # [k+1]
+        branch = greedy_branch(parents, draft_tokens[0].tolist(), target_next.tolist())
+        last = branch[-1] + 1 if branch else 0                                       # the block index the branch ends at
+        return branch, target_next[last][None]                                       # [1]
 
 # %% ../nbs/04_policies.ipynb #c4d037d0
 class RejectionSampling(AcceptancePolicy):
@@ -75,6 +103,37 @@ class RejectionSampling(AcceptancePolicy):
         draft_at_n = torch.cat([draft_probs, torch.zeros_like(target_probs[:, :1])], 1)[rows, n]   # [B, V]; zero after K
         residual = self.residual(target_probs[rows, n], draft_at_n)              # [B, V]
         return Verdict(n, (residual / exp_noise).argmax(-1))                    # the exponential race: a draw from residual
+
+    def verify_tree(self, draft_tokens, parents, target_logits, sampling=SamplingConfig(), generator=None):
+        """Speculative sampling over a tree (batch size 1), each drafted child taken as a one-hot draft: from the current node,
+        try its children in order; accept child x with probability p(x) under the current target distribution p, else
+        remove x from p (renormalised: the residual of a one-hot draft) and try the next; when none is accepted, draw the
+        next token from what is left. An accepted child becomes the current node, with the target's own distribution there.
+        Each try is a lossless step of speculative sampling, so the output follows the target's distribution."""
+        if draft_tokens.shape[0] != 1: raise NotImplementedError("token trees are verified for batch size 1")
+        target_probs = logits_to_probs(target_logits, sampling)[0].float()        # [k+1, V]
+        children = {}
+        for i, p in enumerate(parents): children.setdefault(p, []).append(i)
+        drafted = draft_tokens[0].tolist()
+        branch, node = [], -1
+        while True:
+            probs = target_probs[node + 1]                                         # [V] the target after `node`
+            for child in children.get(node, []):
+                if self.accept_child(probs, drafted[child], generator): break
+                probs = self.without(probs, drafted[child])
+            else:
+                return branch, sample(probs[None], generator)                      # [1]
+            branch.append(child); node = child
+
+    def accept_child(self, probs, token:int, generator) -> bool:
+        "Accept a one-hot draft of `token` with probability `probs[token]`."
+        u = torch.rand((), device=probs.device, generator=generator)
+        return bool(u < probs[token])
+
+    def without(self, probs, token:int):
+        "The residual `[V]` after rejecting a one-hot draft of `token`: `probs` with `token` removed, renormalised."
+        probs = probs.clone(); probs[token] = 0
+        return probs / probs.sum().clamp_min(1e-30)
 
     def residual(self, target_row, draft_row):
         "Distribution `[B, V]` after a rejection: norm(max(0, target - draft)); the target itself after K accepts."

@@ -12,7 +12,7 @@ from typing import Any, Callable
 from .models import load_model
 from .policies import AcceptancePolicy, Greedy, RejectionSampling, Typical, ConfidenceThreshold, TopKAgreement
 from .drafters import Drafter, PromptLookup, DraftModel, LayerSkip, Fallback
-from .heads import EagleHead, MedusaHeads, load_head, shipped_head
+from .heads import EagleHead, MedusaHeads, TokenTree, load_head, shipped_head
 from .controllers import Controller, FixedK, AdaptiveK, CostAwareK
 from .synthetic import SyntheticDrafter, dry_run_target, DRY_RUN_DRAFT_COST
 
@@ -214,6 +214,14 @@ for _kind in ("eagle", "medusa"):
                       help=f"a trained {'EAGLE head' if _kind == 'eagle' else 'set of Medusa heads'} for the target: "
                            "a folder written by specdec.heads.save_head, or (no PATH) the one shipped for the target",
                       cls=EagleHead if _kind == "eagle" else MedusaHeads, example=f"{_kind}:heads/{_kind}-tiny", needs_target=True)
+DRAFTERS.register("eagle-tree", lambda width, nodes, path, target=None, **_: TokenTree(
+                      load_head(path, target, "eagle") if path else shipped_head(target, "eagle"), width, nodes),
+                  Arg("WIDTH", int, "width", 4, "an integer tree width", always=False),
+                  Arg("NODES", int, "nodes", 10, "an integer node count", always=False),
+                  Arg("PATH", nonempty, "head.checkpoint", None, "a head checkpoint folder", always=False, rest=True),
+                  help="the EAGLE head drafting a token tree (EAGLE-2): expand the WIDTH best nodes of each depth "
+                       "by their WIDTH likeliest tokens, K deep, and verify the NODES best in one forward",
+                  cls=TokenTree, example="eagle-tree:4:10", needs_target=True)
 DRAFTERS
 
 # %% ../nbs/15_specs.ipynb #201c5a11

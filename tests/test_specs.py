@@ -22,6 +22,8 @@ CASES = [
     ("drafter", "synthetic:0.9/0.7", "synthetic:0.9/0.7"),
     ("drafter", f"eagle:{HEADS}/eagle-tiny", f"eagle:{HEADS}/eagle-tiny"),
     ("drafter", f" Medusa:{HEADS}/medusa-tiny", f"medusa:{HEADS}/medusa-tiny"),
+    ("drafter", f"eagle-tree:4:10:{HEADS}/eagle-tiny", f"eagle-tree:4:10:{HEADS}/eagle-tiny"),
+    ("drafter", f"eagle-tree:2:6:{HEADS}/eagle-tiny", f"eagle-tree:2:6:{HEADS}/eagle-tiny"),
     ("policy", "greedy", "greedy"), ("policy", "REJECTION", "rejection"), ("policy", "typical", "typical"),
     ("policy", "typical:0.09", "typical"), ("policy", "typical:0.2", "typical:0.2"), ("policy", "typical:0.09:0.5", "typical:0.09:0.5"),
     ("policy", "confidence", "confidence:0.1"), ("policy", "confidence:0.25", "confidence:0.25"),
@@ -103,6 +105,8 @@ def test_no_policy():
     ("drafter", "foo+pld", "drafter 'foo+pld': 'foo' is not a drafter: use none, pld[:MAX_NGRAM[:MIN_NGRAM]]"),
     ("drafter", "pld+", "drafter 'pld+': '' is not a drafter"),
     ("drafter", "pld:x+eagle", "pld needs an integer n-gram length, e.g. pld:3 (got 'pld:x')"),
+    ("drafter", "eagle-tree:x", "eagle-tree needs an integer tree width, e.g. eagle-tree:4:10 (got 'eagle-tree:x')"),
+    ("drafter", "eagle-tree:4:many", "eagle-tree needs an integer node count, e.g. eagle-tree:4:10 (got 'eagle-tree:4:many')"),
 ])
 def test_bad_specs_name_the_problem(kind, spec, message):
     with pytest.raises(ValueError, match=re.escape(message)): validate(kind, spec)

@@ -1,0 +1,193 @@
+"""Token trees: the target verifies every branch in one forward (each node sees its ancestors only), the greedy policy keeps
+the branch that matches its argmax, the cache keeps that branch where a chain's would be, and the output stays the target's
+own greedy output."""
+import re
+import pytest, torch
+from specdec import generate
+from specdec.net import TreeLayout
+from specdec.policies import greedy_branch, RejectionSampling, Greedy, Typical
+from specdec.sampling import SamplingConfig, logits_to_probs
+from specdec.heads import TokenTree, DraftVocab
+from specdec.drafters import Fallback, PromptLookup
+from specdec.controllers import FixedK
+from specdec.train import new_head, train_head
+from specdec.specs import make_drafter, spec_of
+from conftest import hf_greedy
+from test_lossless_tiny import TEXTS
+from test_heads import own_records, small_vocab_target, one_thread, _head_pairs
+from test_distribution import V, _chi2_pvalue, _tables
+
+
+def test_tree_layout_depths_and_ancestors():
+    #        0
+    #      /   \
+    #     1     2
+    #    / \     \
+    #   3   4     5
+    layout = TreeLayout([-1, 0, 0, 1, 1, 2])
+    assert layout.depths.tolist() == [0, 1, 1, 2, 2, 2]
+    assert [row.nonzero().flatten().tolist() for row in layout.ancestors] == [[0], [0, 1], [0, 2], [0, 1, 3], [0, 1, 4], [0, 2, 5]]
+    assert TreeLayout.of_draft([-1, -1, 0]).parents == [-1, 0, 0, 1]       # drafts' parents shift by the root
+    for bad in ([], [0, 0], [-1, 2, 0], [-1, -1]):
+        with pytest.raises(ValueError, match="a token tree lists its root first"): TreeLayout(bad)
+
+
+def test_greedy_branch_follows_the_targets_argmax():
+    parents, drafts = [-1, -1, 0, 1, 3], [7, 8, 9, 5, 6]     # two children of the root (7, 8); 8 -> 5 -> 6; 7 -> 9
+    assert greedy_branch(parents, drafts, [8, 0, 5, 0, 6, 1]) == [1, 3, 4]   # root's argmax 8, then 5, then 6
+    assert greedy_branch(parents, drafts, [8, 0, 5, 0, 2, 1]) == [1, 3]      # 6 is not the argmax after 5
+    assert greedy_branch(parents, drafts, [7, 9, 0, 0, 0, 0]) == [0, 2]
+    assert greedy_branch(parents, drafts, [3, 9, 5, 0, 6, 0]) == []          # no child of the root matches
+    assert greedy_branch([], [], [4]) == []
+
+
+def _chain_logits(net, prompt, branch):
+    "Logits of `prompt`'s last token followed by `branch` decoded as a plain chain `[len(branch)+1, V]`."
+    cache = net.new_cache(1, 64)
+    net(prompt[:, :-1], cache, logits="none")
+    return net(torch.cat([prompt[:, -1:], torch.tensor([branch])], 1), cache)[0]
+
+
+def test_a_tree_forward_gives_each_branch_the_logits_of_its_chain_and_keeps_one(tiny):
+    net, prompt = tiny.net, tiny.encode(TEXTS[0])
+    parents, drafts = [-1, -1, 0, 1, 1, 3], [11, 12, 13, 14, 15, 16]   # branches 11-13, 12-14-16, 12-15
+    cache = net.new_cache(1, 64)
+    net(prompt[:, :-1], cache, logits="none")
+    start = cache.length
+    logits = net(torch.cat([prompt[:, -1:], torch.tensor([drafts])], 1), cache, tree=TreeLayout.of_draft(parents))[0]   # [7, V]
+    features = net.features.clone()                                                       # [1, 7, H]
+    net.keep_path(cache, start, [2, 4, 6])                                                # keep 12-14-16 where a chain puts it
+    assert torch.equal(net.features, features[:, [0, 2, 4, 6]])
+    cache.rollback(start + 4)
+    after = net(torch.tensor([[17]]), cache)[0, -1]                                       # decoding goes on from the kept branch
+    torch.testing.assert_close(after, _chain_logits(net, prompt, [12, 14, 16, 17])[-1], atol=1e-4, rtol=1e-4)
+    for branch in ([0, 2], [1, 3, 5], [1, 4]):
+        chain = _chain_logits(net, prompt, [drafts[i] for i in branch])                   # [len+1, V]
+        torch.testing.assert_close(logits[[0] + [i + 1 for i in branch]], chain, atol=1e-4, rtol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def eagle(tiny):
+    "An EAGLE head trained a few steps on the tiny target's own answers, over a reduced draft vocabulary."
+    records = own_records(tiny, [tiny.encode(t) for t in TEXTS[:6]])
+    vocab = DraftVocab.most_frequent([r["ids"] for r in records], 200, tiny.vocab_size, always=tiny.eos_token_ids)
+    head = new_head("eagle", tiny, vocab, seed=0)
+    train_head(head, records, epochs=8, lr=1e-2, batch_size=3, seed=0, progress=False)
+    return head
+
+
+def test_greedy_with_an_eagle_tree_equals_the_targets_greedy(tiny, eagle):
+    steps = {}
+    for width, nodes, K in ((2, 5, 3), (3, 10, 4), (4, 8, 2)):
+        tree = TokenTree(eagle, width, nodes)
+        for text in TEXTS[:8]:
+            prompt = tiny.encode(text)
+            out = generate(tiny, prompt, drafter=tree, controller=FixedK(K), max_new_tokens=40)
+            assert torch.equal(out.tokens, hf_greedy(tiny, prompt, 40)), (width, nodes, text)
+            assert eagle.missing_features == 0                     # the head read the kept branch's features every step
+            assert max(out.accepted_lengths) <= K                  # K is the tree's depth
+            steps[width] = steps.get(width, 0) + len(out.accepted_lengths)
+    assert steps[3] < steps[2]                                    # a wider, deeper tree needs fewer target forwards
+
+
+def test_a_tree_of_width_one_drafts_the_heads_chain(tiny, eagle):
+    "Width 1 keeps one node per depth: the tree is the chain the head drafts, so each step accepts the same drafts."
+    for text in TEXTS[:6]:
+        prompt = tiny.encode(text)
+        chain = generate(tiny, prompt, drafter=eagle, controller=FixedK(3), max_new_tokens=40)
+        tree = generate(tiny, prompt, drafter=TokenTree(eagle, 1, 3), controller=FixedK(3), max_new_tokens=40)
+        assert tree.accepted_lengths == chain.accepted_lengths, text
+        assert torch.equal(tree.tokens, chain.tokens)
+
+
+def _head_after_prefill(tiny, head, prompt):
+    "The head started on `prompt` as generate() starts it: the target's prefill features of all tokens but the last."
+    tiny.net.keep_layers = head.target_layers
+    tiny.net(prompt[:, :-1], tiny.net.new_cache(1, prompt.shape[1] + 64), logits="none")
+    head.start(tiny, prompt, prompt.shape[1] + 64)
+
+
+def test_each_tree_node_drafts_what_the_head_drafts_after_its_branch(smol):
+    """A node's children are the head's `width` likeliest tokens after the node's own branch, as a chain along it would draft
+    (the shipped head in float32 on SmolLM2: its attention, unlike a tiny random head's, tells siblings apart)."""
+    from specdec.heads import shipped_head
+    from specdec.prompts import builtin_prompts
+    tiny, eagle, width = smol, shipped_head(smol, "eagle", dtype="float32"), 3
+    prompt = builtin_prompts()[0].encode(smol)
+    _head_after_prefill(tiny, eagle, prompt)
+    draft = eagle.propose_tree(prompt, 3, width, 100)                             # every expanded node kept
+    tokens, parents, L = draft.tokens[0].tolist(), draft.parents, prompt.shape[1]
+    children = {}
+    for i, p in enumerate(parents): children.setdefault(p, []).append(tokens[i])
+    expanded = [i for i in range(len(tokens)) if i in children]
+    assert len(children[-1]) == width and len(expanded) == width + width          # depth 1: all; depth 2: the best `width`
+    assert any(parents[i] != parents[expanded[0]] or i != expanded[0] for i in expanded[1:])
+    for node in [-1] + expanded:
+        branch, a = [], node
+        while a != -1: branch.insert(0, tokens[a]); a = parents[a]
+        _head_after_prefill(tiny, eagle, prompt)
+        out = eagle._catch_up(prompt)                                              # [1, 1, H] at L-2
+        for i, t in enumerate(branch): out = eagle(torch.tensor([[t]]), out, L - 1 + i, eagle.cache)
+        top = eagle.logits(out[0, -1]).topk(width).indices                        # [w] draft ids
+        assert sorted(eagle.draft_vocab.ids[top].tolist()) == sorted(children[node]), (node, branch)
+
+
+def test_prompt_lookup_falling_back_to_an_eagle_tree_is_lossless(tiny, eagle):
+    drafter = Fallback([PromptLookup(3, 2), TokenTree(eagle, 3, 12)])
+    for text in TEXTS[:8]:
+        prompt = tiny.encode(text)
+        out = generate(tiny, prompt, drafter=drafter, controller=FixedK(4), max_new_tokens=40)
+        assert torch.equal(out.tokens, hf_greedy(tiny, prompt, 40)), text
+    assert all(u["steps"] > 0 for u in drafter.usage), drafter.usage
+
+
+def test_tree_errors_name_the_problem(tiny, eagle):
+    prompt = tiny.encode(TEXTS[0])
+    with pytest.raises(ValueError, match=re.escape("eagle-tree(4,10) drafts token trees, which policy Typical cannot verify: "
+                                                   "use greedy or rejection")):
+        generate(tiny, prompt, drafter=TokenTree(eagle), policy=Typical(), temperature=0.8, max_new_tokens=8)
+    with pytest.raises(NotImplementedError, match="Typical cannot verify token trees"):
+        Typical().verify_tree(torch.tensor([[1]]), [-1], torch.zeros(1, 2, 5), None)
+    with pytest.raises(ValueError, match="token tree width must be a positive integer, got 0"): TokenTree(eagle, 0)
+    with pytest.raises(ValueError, match="token tree nodes must be a positive integer, got 1.5"): TokenTree(eagle, 2, 1.5)
+    medusa = new_head("medusa", tiny, n=2, seed=0)
+    with pytest.raises(ValueError, match=r"medusa\(2\) does not draft token trees"): TokenTree(medusa)
+
+
+def test_the_shipped_eagle_head_drafts_trees_losslessly_and_accepts_more(smol):
+    "On SmolLM2-135M (float32): eagle-tree's output equals HF greedy, with fewer target forwards than the chain."
+    from specdec.prompts import builtin_prompts
+    tree = make_drafter("eagle-tree:4:10", smol)
+    assert spec_of(tree) == "eagle-tree" and spec_of(make_drafter("eagle-tree:3:5", smol)) == "eagle-tree:3:5"
+    chain = make_drafter("eagle", smol)
+    forwards = {"tree": 0, "chain": 0}
+    for prompt in builtin_prompts()[:3]:
+        ids = prompt.encode(smol)
+        ref = hf_greedy(smol, ids, 32)
+        for name, drafter, K in (("tree", tree, 3), ("chain", chain, 3)):
+            out = generate(smol, ids, drafter=drafter, controller=FixedK(K), max_new_tokens=32)
+            assert torch.equal(out.tokens, ref), (name, prompt.id)
+            forwards[name] += out.stats.target_forwards
+    assert forwards["tree"] < forwards["chain"], forwards
+
+
+class KeepRejectedSiblings(RejectionSampling):
+    "A wrong tree rule, for the test to reject: after a rejected child, the next one is tried against the unchanged p."
+    def without(self, probs, token): return probs
+
+
+def test_rejection_sampling_over_an_eagle_tree_keeps_the_target_distribution(small_vocab_target, one_thread):
+    "The pair law of the first two tokens is the target's (chi-square, fixed seeds); the wrong rule fails the same test."
+    target = small_vocab_target
+    g = torch.Generator().manual_seed(0)
+    records = [{"ids": torch.randint(0, V, (24,), generator=g).tolist(), "answer_start": 1} for _ in range(8)]
+    head = new_head("eagle", target, DraftVocab(list(range(0, V, 2)) + [1, 3], V), seed=0)    # 10 of the 16 ids
+    train_head(head, records, epochs=1, lr=1e-3, batch_size=4, seed=0, progress=False)
+    tree, sampling, prompt = TokenTree(head, 3, 6), SamplingConfig(0.7, top_p=0.9), torch.tensor([[1, 5, 7]])
+    t1, t2, *_ = _tables(target, target, prompt)
+    joint = logits_to_probs(t1, sampling)[:, None] * logits_to_probs(t2, sampling)              # [V, V] the target's law
+    cells, two_deep = _head_pairs(target, tree, prompt, sampling, RejectionSampling(), 2000)   # trees of depth 2 (FixedK(2))
+    assert two_deep >= 2000 and head.missing_features == 0
+    assert _chi2_pvalue(cells, joint) > 1e-3
+    wrong, _ = _head_pairs(target, tree, prompt, sampling, KeepRejectedSiblings(), 4000)
+    assert _chi2_pvalue(wrong, joint) < 1e-4
