@@ -36,9 +36,9 @@ class GenerationOutput:
 class StepEvent:
     "What one verification step did, for callbacks (`generate(on_step=...)`): host values, read only when a callback asks."
     step: int                      # 0-based verification step
-    proposed: int                  # drafts proposed (K, or fewer valid slots)
+    proposed: int                  # drafts proposed (K, or fewer valid slots; a token tree: its depth)
     accepted: int                  # drafts kept (counted up to an EOS)
-    draft_tokens: list             # [proposed] the drafted ids
+    draft_tokens: list             # [proposed] the drafted ids (a token tree: all its nodes, parents first)
     draft_probs: list|None         # [accepted] the draft's probability of each kept draft (model drafters), else None
     emitted: list                  # [accepted + 1] (or up to the EOS) tokens this step added
     times: dict = field(default_factory=dict)   # seconds of this step: draft, verify, accept (CPU; zeros on CUDA)
@@ -127,14 +127,15 @@ def _tree_step(runner, cache, policy, draft, verify_ids, tokens, length:int, sam
     verdict = Verdict(torch.full_like(next_token, n), next_token)
     new, eos_index = _emitted(branch_tokens, verdict, eos_ids)                     # [B, n+1], [B]
     tokens[:, length:length + n + 1] = new
-    return draft, n, int(eos_index[0]), draft.k
+    return draft, n, int(eos_index[0]), draft.depth                               # a tree proposes `depth` positions
 
 def _event(step:int, draft, proposed:int, accepted:int, emitted, before:dict, timer) -> StepEvent:
     "The host-side record of a step, for `on_step` callbacks."
     probs = None
     if draft.probs is not None and accepted:
         probs = draft.probs[0, :accepted].gather(-1, draft.tokens[0, :accepted, None]).squeeze(-1).tolist()   # [accepted]
-    return StepEvent(step, proposed, accepted, draft.tokens[0, :proposed].tolist(), probs, emitted.tolist(),
+    drafted = draft.tokens[0, :proposed] if draft.parents is None else draft.tokens[0]   # a tree: all its nodes
+    return StepEvent(step, proposed, accepted, drafted.tolist(), probs, emitted.tolist(),
                      {k: timer.totals[k] - before[k] for k in before})
 
 # %% ../nbs/08_decode.ipynb #01109196
@@ -190,7 +191,7 @@ def generate(target:LoadedModel, # the model whose output we want (anything with
         draft, n, eos_at, proposed = _step(runner, cache, drafter, policy, tokens, length, k, sampling, generator, eos_ids, timer)
         cache.rollback(length + n)                       # keep the current token and the n accepted drafts
         if proposed > 0:
-            drafter.observe(n); controller.update(proposed if draft.parents is None else draft.depth, n)   # a tree: its depth
+            drafter.observe(n); controller.update(proposed, n)
         elif getattr(drafter, "reads_target_features", False): drafter.observe(0)   # heads keep the committed token's features
         stats.record_step(proposed, min(n, eos_at))      # drafts after an EOS are not counted
         length += min(n, eos_at) + 1

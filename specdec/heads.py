@@ -18,8 +18,8 @@ from .drafters import Draft, Drafter, no_draft
 
 # %% auto #0
 __all__ = ['HALF_ROWS', 'HEAD_FORMAT', 'HEAD_TYPES', 'SHIPPED_HEADS', 'DraftVocab', 'target_fingerprint', 'ResBlock',
-           'MedusaHeads', 'eagle3_layers', 'EagleLayer', 'EagleHead', 'TokenTree', 'save_head', 'head_dtype',
-           'load_head', 'shipped_head']
+           'MedusaHeads', 'eagle3_layers', 'EagleLayer', 'EagleHead', 'grow_tree', 'TokenTree', 'save_head',
+           'head_dtype', 'load_head', 'shipped_head']
 
 # %% ../nbs/05a_heads.ipynb #3ecc78ec
 class DraftVocab:
@@ -426,56 +426,87 @@ def _eagle_propose(self:EagleHead, tokens, k, sampling=SamplingConfig(), generat
 EagleHead._reset, EagleHead._catch_up, EagleHead.propose = _eagle_reset, _eagle_catch_up, _eagle_propose
 
 # %% ../nbs/05a_heads.ipynb #e827d843
-def _eagle_propose_tree(self:EagleHead, tokens, k:int, # the deepest draft (as a chain's K: at most k drafts are accepted)
-                        width:int, # children tried per expanded node, and nodes expanded per depth
-                        nodes:int, # drafts in the tree (verified in one target forward)
-                        sampling=SamplingConfig(), generator=None) -> Draft:
-    """EAGLE-2's tree: from the `width` best nodes of each depth (by the draft's cumulative log-probability) expand their
-    `width` likeliest next tokens, up to depth `k`; draft the `nodes` best nodes of all (parents before children). The
-    tree is the same whatever the temperature: a policy takes its nodes as one-hot drafts (`RejectionSampling.verify_tree`)."""
-    B, L = tokens.shape
-    if B != 1: raise NotImplementedError("token trees are drafted for batch size 1")
-    if k == 0 or L < 2: return no_draft(tokens)
-    depth = min(k, nodes)
-    out = self._catch_up(tokens)                                                   # [1, 1, H] at L-2
-    full_ids = self.draft_vocab.ids.to(tokens.device)
-    logp = torch.log_softmax(self.logits(out[0]), -1)                             # [1, N] the next token after L-1
-    top = logp.topk(min(width, logp.shape[-1]), -1)                                # [1, w]
-    cand_tokens = [full_ids[top.indices[0]]]                                       # per depth: [n_d] full ids
-    scores = top.values[0].tolist()                                                 # [n] cumulative log-probs of all candidates
+def grow_tree(first_logp:torch.Tensor, # [N] the draft's log-probabilities of the first draft (draft ids)
+              expand, # expand(d, frontier_tokens [f], parent_rows [f], ancestors [f] lists) -> [f, N] log-probs after each
+              depth:int, width:int, nodes:int,
+              full_ids:torch.Tensor, # [N] full id of each draft id
+             ) -> Draft:
+    """EAGLE-2's tree: from the `width` best nodes of each depth (by cumulative draft log-probability) expand their `width`
+    likeliest next tokens, `depth` deep; draft the `nodes` best nodes of all, parents before children. `expand` gets, for
+    depth d, the tokens of the nodes to expand, the row of each one's parent among the previous call's nodes (all 0 for the
+    first call: the root) and each one's ancestors (candidate ids, itself first)."""
+    top = first_logp.topk(min(width, first_logp.shape[-1]))                       # [w]
+    cand_tokens = [full_ids[top.indices]]                                          # per depth: [n_d] full ids
+    scores = top.values.tolist()                                                    # [n] cumulative log-probs of all candidates
     parents, depths = [-1] * len(scores), [1] * len(scores)                        # [n] parent candidate (-1: current token), depth
-    frontier, hidden = list(range(len(scores))), out.expand(1, len(scores), -1)   # candidates to expand, the hidden each reads
-    slot_of, slot = {}, L - 1                                                       # head-cache slot of each expanded candidate
+    frontier, parent_rows = list(range(len(scores))), [0] * len(scores)            # candidates to expand; their parents' rows
     for d in range(2, depth + 1):
-        f = len(frontier)
-        for j, c in enumerate(frontier): slot_of[c] = slot + j
-        mask = torch.zeros(f, slot + f, dtype=torch.bool)                          # [f, slots]: the prefix and each one's ancestors
-        mask[:, :L - 1] = True
-        for j, c in enumerate(frontier):
-            a = c
-            while a != -1: mask[j, slot_of[a]] = True; a = parents[a]
-        ids = torch.cat(cand_tokens)[torch.tensor(frontier, device=tokens.device)][None]   # [1, f]
-        positions = torch.full((f,), L - 3 + d, device=tokens.device)             # depth d-1 candidates sit at L-2+(d-1)
-        out = self(ids, hidden, slot, self.cache, positions, mask.to(tokens.device))   # [1, f, H]
-        slot += f
-        logp = torch.log_softmax(self.logits(out[0]), -1)                         # [f, N]
+        lineage = []
+        for c in frontier:
+            chain = [c]
+            while parents[chain[-1]] != -1: chain.append(parents[chain[-1]])
+            lineage.append(chain)
+        frontier_tokens = torch.cat(cand_tokens)[torch.tensor(frontier, device=full_ids.device)]   # [f]
+        logp = expand(d, frontier_tokens, parent_rows, lineage)                    # [f, N]
         top = logp.topk(min(width, logp.shape[-1]), -1)                            # [f, w]
+        w = top.values.shape[1]
         child_scores = (torch.tensor([scores[c] for c in frontier], device=logp.device)[:, None] + top.values).flatten()   # [f*w]
         first = len(scores)
         cand_tokens.append(full_ids[top.indices.flatten()])
         scores += child_scores.tolist()
-        parents += [c for c in frontier for _ in range(top.values.shape[1])]
+        parents += [c for c in frontier for _ in range(w)]
         depths += [d] * child_scores.numel()
         best = child_scores.topk(min(width, child_scores.numel())).indices.tolist()   # the next frontier
-        frontier = [first + i for i in best]
-        hidden = out[:, [i // top.values.shape[1] for i in best]]                  # [1, f', H] each reads its parent's output
-    self.forwards += depth
+        frontier, parent_rows = [first + i for i in best], [i // w for i in best]
     chosen = sorted(range(len(scores)), key=lambda c: (-scores[c], depths[c], c))[:nodes]   # a parent scores >= its children
     chosen.sort(key=lambda c: (depths[c], c))                                      # parents before children
     index = {c: i for i, c in enumerate(chosen)}
     all_tokens = torch.cat(cand_tokens)                                            # [n]
     return Draft(all_tokens[torch.tensor(chosen, device=all_tokens.device)][None],  # [1, nodes]
                  parents=[index[parents[c]] if parents[c] != -1 else -1 for c in chosen])
+
+def _eagle_propose_tree(self:EagleHead, tokens, k:int, # the deepest draft (as a chain's K: at most k drafts are accepted)
+                        width:int, # children tried per expanded node, and nodes expanded per depth
+                        nodes:int, # drafts in the tree (verified in one target forward)
+                        sampling=SamplingConfig(), generator=None) -> Draft:
+    """An EAGLE-2 tree (`grow_tree`): one head forward per depth over the nodes it expands, each attending to the committed
+    prefix and its own ancestors in the head's cache. The tree is the same whatever the temperature: a policy takes its
+    nodes as one-hot drafts (`RejectionSampling.verify_tree`)."""
+    B, L = tokens.shape
+    if B != 1: raise NotImplementedError("token trees are drafted for batch size 1")
+    if k == 0 or L < 2: return no_draft(tokens)
+    depth = min(k, nodes)
+    out = self._catch_up(tokens)                                                   # [1, 1, H] at L-2
+    state, slot_of = {"out": out, "slot": L - 1}, {}                               # the last outputs; head-cache slot of each expanded node
+
+    def expand(d, frontier_tokens, parent_rows, lineage):
+        f, slot = len(lineage), state["slot"]
+        for j, chain in enumerate(lineage): slot_of[chain[0]] = slot + j
+        mask = torch.zeros(f, slot + f, dtype=torch.bool)                          # [f, slots]: the prefix and each one's ancestors
+        mask[:, :L - 1] = True
+        for j, chain in enumerate(lineage): mask[j, [slot_of[c] for c in chain]] = True
+        hidden = state["out"][:, parent_rows]                                      # [1, f, H] each reads its parent's output
+        positions = torch.full((f,), L - 3 + d, device=tokens.device)             # depth d-1 nodes sit at L-2+(d-1)
+        state["out"] = self(frontier_tokens[None], hidden, slot, self.cache, positions, mask.to(tokens.device))   # [1, f, H]
+        state["slot"] = slot + f
+        return torch.log_softmax(self.logits(state["out"][0]), -1)                # [f, N]
+
+    draft = grow_tree(torch.log_softmax(self.logits(out[0, -1]), -1), expand, depth, width, nodes, self.draft_vocab.ids.to(tokens.device))
+    self.forwards += depth
+    return draft
+
+def _medusa_propose_tree(self:MedusaHeads, tokens, k:int, width:int, nodes:int, sampling=SamplingConfig(), generator=None) -> Draft:
+    """A Medusa tree (`grow_tree`, depth at most the number of heads): head d's log-probabilities score every node of depth
+    d, whatever its parent (Medusa's heads all read the same last feature), so the tree costs one forward of the heads."""
+    k = min(k, self.n)
+    self.pending = self.pending[-1:]                                               # only the newest feature matters
+    if k == 0 or not self.pending: return no_draft(tokens)
+    if tokens.shape[0] != 1: raise NotImplementedError("token trees are drafted for batch size 1")
+    logp = torch.log_softmax(self(self.pending[-1][:, -1:])[:k, 0, -1], -1)       # [k, N] head d-1 drafts depth d
+    self.forwards += 1
+    return grow_tree(logp[0], lambda d, frontier_tokens, *_: logp[d - 1].expand(frontier_tokens.numel(), -1),
+                     min(k, nodes), width, nodes, self.draft_vocab.ids.to(tokens.device))
+MedusaHeads.propose_tree = _medusa_propose_tree
 EagleHead.propose_tree = _eagle_propose_tree
 
 class TokenTree(Drafter):

@@ -60,6 +60,7 @@ class Entry:
     cls: type|None = None      # spec_of reads back objects of exactly this class
     example: str = ""          # a valid spec, quoted in errors
     needs_target: bool = False # built for a target model: validate checks the grammar only
+    accepts: Callable|None = None # spec_of: which objects of `cls` this entry names (None: all)
 
     @property
     def grammar(self) -> str:
@@ -103,11 +104,11 @@ class Registry:
         self.join = join
 
     def register(self, name:str, build:Callable, *args:Arg, help:str, cls:type|None=None, example:str="",
-                 needs_target:bool=False) -> Entry:
-        "Add `name`, whose objects `build(*values, **context)` makes."
+                 needs_target:bool=False, accepts:Callable|None=None) -> Entry:
+        "Add `name`, whose objects `build(*values, **context)` makes (`accepts`: which objects of `cls` it names, when several names share it)."
         name = name.lower()
         if name in self.entries or name in self.none: raise ValueError(f"{self.kind} {name!r} is already registered")
-        self.entries[name] = entry = Entry(name, build, list(args), help, cls, example, needs_target)
+        self.entries[name] = entry = Entry(name, build, list(args), help, cls, example, needs_target, accepts)
         return entry
 
     def unregister(self, name:str) -> None: del self.entries[name]
@@ -169,8 +170,9 @@ def _spec_of(self:Registry, obj) -> str:
     if obj is None and self.none: return self.none[0]
     if self.join and type(obj) is self.join[1]: return self.join[0].join(self.spec_of(d) for d in obj.drafters)
     for entry in self.entries.values():
-        if entry.cls is not None and type(obj) is entry.cls: return entry.canonical(entry.values_of(obj))
-    classes = ", ".join(e.cls.__name__ for e in self.entries.values() if e.cls is not None)
+        if entry.cls is not None and type(obj) is entry.cls and (entry.accepts is None or entry.accepts(obj)):
+            return entry.canonical(entry.values_of(obj))
+    classes = ", ".join(dict.fromkeys(e.cls.__name__ for e in self.entries.values() if e.cls is not None))
     raise ValueError(f"{type(obj).__name__} is not a registered {self.kind} class (registered: {classes})")
 
 def _help_text(self:Registry) -> str:
@@ -214,14 +216,17 @@ for _kind in ("eagle", "medusa"):
                       help=f"a trained {'EAGLE head' if _kind == 'eagle' else 'set of Medusa heads'} for the target: "
                            "a folder written by specdec.heads.save_head, or (no PATH) the one shipped for the target",
                       cls=EagleHead if _kind == "eagle" else MedusaHeads, example=f"{_kind}:heads/{_kind}-tiny", needs_target=True)
-DRAFTERS.register("eagle-tree", lambda width, nodes, path, target=None, **_: TokenTree(
-                      load_head(path, target, "eagle") if path else shipped_head(target, "eagle"), width, nodes),
-                  Arg("WIDTH", int, "width", 4, "an integer tree width", always=False),
-                  Arg("NODES", int, "nodes", 10, "an integer node count", always=False),
-                  Arg("PATH", nonempty, "head.checkpoint", None, "a head checkpoint folder", always=False, rest=True),
-                  help="the EAGLE head drafting a token tree (EAGLE-2): expand the WIDTH best nodes of each depth "
-                       "by their WIDTH likeliest tokens, K deep, and verify the NODES best in one forward",
-                  cls=TokenTree, example="eagle-tree:4:10", needs_target=True)
+for _kind in ("eagle", "medusa"):
+    DRAFTERS.register(f"{_kind}-tree", lambda width, nodes, path, target=None, _kind=_kind, **_: TokenTree(
+                          load_head(path, target, _kind) if path else shipped_head(target, _kind), width, nodes),
+                      Arg("WIDTH", int, "width", 4, "an integer tree width", always=False),
+                      Arg("NODES", int, "nodes", 10, "an integer node count", always=False),
+                      Arg("PATH", nonempty, "head.checkpoint", None, "a head checkpoint folder", always=False, rest=True),
+                      help=f"the {'EAGLE head' if _kind == 'eagle' else 'Medusa heads'} drafting a token tree (EAGLE-2's): expand "
+                           "the WIDTH best nodes of each depth by their WIDTH likeliest tokens, K deep, and verify the NODES best "
+                           "in one forward",
+                      cls=TokenTree, example=f"{_kind}-tree:4:10", needs_target=True,
+                      accepts=lambda tree, _kind=_kind: tree.head.head_type == _kind)
 DRAFTERS
 
 # %% ../nbs/15_specs.ipynb #201c5a11

@@ -24,6 +24,7 @@ CASES = [
     ("drafter", f" Medusa:{HEADS}/medusa-tiny", f"medusa:{HEADS}/medusa-tiny"),
     ("drafter", f"eagle-tree:4:10:{HEADS}/eagle-tiny", f"eagle-tree:4:10:{HEADS}/eagle-tiny"),
     ("drafter", f"eagle-tree:2:6:{HEADS}/eagle-tiny", f"eagle-tree:2:6:{HEADS}/eagle-tiny"),
+    ("drafter", f"medusa-tree:3:8:{HEADS}/medusa-tiny", f"medusa-tree:3:8:{HEADS}/medusa-tiny"),
     ("policy", "greedy", "greedy"), ("policy", "REJECTION", "rejection"), ("policy", "typical", "typical"),
     ("policy", "typical:0.09", "typical"), ("policy", "typical:0.2", "typical:0.2"), ("policy", "typical:0.09:0.5", "typical:0.09:0.5"),
     ("policy", "confidence", "confidence:0.1"), ("policy", "confidence:0.25", "confidence:0.25"),
