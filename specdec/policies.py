@@ -42,8 +42,8 @@ class AcceptancePolicy:
     def __repr__(self): return f"{type(self).__name__}({', '.join(f'{k}={v}' for k, v in vars(self).items())})"
     def verify_tree(self, draft_tokens, parents:list[int], target_logits, sampling:SamplingConfig, generator=None) -> tuple[list[int], torch.Tensor]:
         "A token tree's verdict: the accepted branch (draft indices, root to leaf) and the next token `[B]`."
-        raise NotImplementedError(f"{type(self).__name__} cannot verify token trees: tree drafters need the greedy policy "
-                                  "(temperature 0) for now; use a chain drafter (e.g. eagle) to sample")
+        raise NotImplementedError(f"{type(self).__name__} cannot verify token trees: use Greedy or RejectionSampling, "
+                                  "or a chain drafter (e.g. eagle)")
 
 def greedy_branch(parents:list[int], # [k] parent draft index of each draft (-1: the current token)
                   draft_tokens:list[int], # [k] drafted ids
