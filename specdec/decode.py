@@ -118,7 +118,8 @@ def _tree_step(runner, cache, policy, draft, verify_ids, tokens, length:int, sam
     "`_step` for a token tree: verify every branch in one forward, keep the accepted branch's cache entries and features."
     if not isinstance(runner, DecoderNet):
         raise ValueError(f"token trees are verified by the eager forward; this target runs {type(runner).__name__} (use compile='eager')")
-    target_logits = runner(verify_ids, cache, tree=TreeLayout.of_draft(draft.parents))   # [B, K+1, V]
+    layout = TreeLayout.of_draft(draft.parents)
+    target_logits = runner(verify_ids, cache, tree=layout)                         # [B, K+1, V]
     timer.lap("verify")
     branch, next_token = policy.verify_tree(draft.tokens, draft.parents, target_logits, sampling, generator)   # [n], [B]
     runner.keep_path(cache, length - 1, [i + 1 for i in branch])                  # the branch's K/V where a chain's would be
@@ -127,7 +128,7 @@ def _tree_step(runner, cache, policy, draft, verify_ids, tokens, length:int, sam
     verdict = Verdict(torch.full_like(next_token, n), next_token)
     new, eos_index = _emitted(branch_tokens, verdict, eos_ids)                     # [B, n+1], [B]
     tokens[:, length:length + n + 1] = new
-    return draft, n, int(eos_index[0]), draft.depth                               # a tree proposes `depth` positions
+    return draft, n, int(eos_index[0]), int(layout.depths.max())                  # a tree proposes `depth` positions
 
 def _event(step:int, draft, proposed:int, accepted:int, emitted, before:dict, timer) -> StepEvent:
     "The host-side record of a step, for `on_step` callbacks."
@@ -170,7 +171,7 @@ def generate(target:LoadedModel, # the model whose output we want (anything with
                ([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id))
     eos_ids = torch.tensor(eos, dtype=torch.long, device=target.device)   # [E]
     device, (B, S) = target.device, prompt.shape
-    block = 0 if drafter is None else getattr(drafter, "max_drafts", lambda k: k)(controller.max_k)   # the most drafts one step verifies
+    block = drafter.max_drafts(controller.max_k) if drafter is not None else 0   # the most drafts one step verifies
     capacity = S + max_new_tokens + block + 1
     runner, cache, runners, engine = _runners(target, drafter, compile, B, capacity, block)
     generator = torch.Generator(device=device).manual_seed(seed)

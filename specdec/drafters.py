@@ -29,14 +29,6 @@ class Draft:
     @property
     def k(self) -> int: return self.tokens.shape[1]
 
-    @property
-    def depth(self) -> int:
-        "The most drafts a step can accept: `k` for a chain, the deepest node's depth for a tree."
-        if self.parents is None: return self.k
-        depths = []
-        for p in self.parents: depths.append(1 if p == -1 else depths[p] + 1)
-        return max(depths, default=0)
-
 class Drafter:
     "Base class of drafters."
     forwards:int = 0   # draft forward passes in the current generation

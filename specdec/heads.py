@@ -196,13 +196,18 @@ class MedusaHeads(_Head):
         normed = self.target_norm(features).to(self.blocks[0].linear.weight.dtype)
         return torch.stack([self.draft_logits(block(normed)) for block in self.blocks])
 
+    def newest_logits(self, k:int) -> torch.Tensor|None:
+        "The first `k` heads' draft logits `[k, B, N]` from the newest feature (position L-2); None when there is nothing to draft."
+        self.pending = self.pending[-1:]                                       # only the newest feature matters
+        if k == 0 or not self.pending: return None
+        self.forwards += 1
+        return self(self.pending[-1][:, -1:])[:k, :, -1]                      # [k, B, N]
+
     def propose(self, tokens, k, sampling=SamplingConfig(), generator=None):
         k = min(k, self.n)
-        self.pending = self.pending[-1:]                                       # only the newest feature matters
-        if k == 0 or not self.pending: return no_draft(tokens)
-        logits = self(self.pending[-1][:, -1:])[:k, :, -1]                     # [k, B, N] from position L-2
+        logits = self.newest_logits(k)                                         # [k, B, N]
+        if logits is None: return no_draft(tokens)
         drafted, probs = zip(*(self._pick(logits[i], sampling, generator) for i in range(k)))
-        self.forwards += 1
         return Draft(torch.stack(drafted, 1), torch.stack(probs, 1))           # [B, k], [B, k, V]
 
 # %% ../nbs/05a_heads.ipynb #4de40c15
@@ -498,12 +503,11 @@ def _eagle_propose_tree(self:EagleHead, tokens, k:int, # the deepest draft (as a
 def _medusa_propose_tree(self:MedusaHeads, tokens, k:int, width:int, nodes:int, sampling=SamplingConfig(), generator=None) -> Draft:
     """A Medusa tree (`grow_tree`, depth at most the number of heads): head d's log-probabilities score every node of depth
     d, whatever its parent (Medusa's heads all read the same last feature), so the tree costs one forward of the heads."""
-    k = min(k, self.n)
-    self.pending = self.pending[-1:]                                               # only the newest feature matters
-    if k == 0 or not self.pending: return no_draft(tokens)
     if tokens.shape[0] != 1: raise NotImplementedError("token trees are drafted for batch size 1")
-    logp = torch.log_softmax(self(self.pending[-1][:, -1:])[:k, 0, -1], -1)       # [k, N] head d-1 drafts depth d
-    self.forwards += 1
+    k = min(k, self.n)
+    logits = self.newest_logits(k)                                                 # [k, 1, N]
+    if logits is None: return no_draft(tokens)
+    logp = torch.log_softmax(logits[:, 0], -1)                                     # [k, N] head d-1 drafts depth d
     return grow_tree(logp[0], lambda d, frontier_tokens, *_: logp[d - 1].expand(frontier_tokens.numel(), -1),
                      min(k, nodes), width, nodes, self.draft_vocab.ids.to(tokens.device))
 MedusaHeads.propose_tree = _medusa_propose_tree

@@ -12,8 +12,8 @@ from .sampling import SamplingConfig, logits_to_probs, sample, exponential_noise
 from . import kernels
 
 # %% auto #0
-__all__ = ['Verdict', 'accepted_prefix', 'valid_slots', 'AcceptancePolicy', 'greedy_branch', 'Greedy', 'RejectionSampling',
-           'Typical', 'ConfidenceThreshold', 'TopKAgreement']
+__all__ = ['Verdict', 'accepted_prefix', 'valid_slots', 'AcceptancePolicy', 'tree_children', 'greedy_branch', 'Greedy',
+           'RejectionSampling', 'Typical', 'ConfidenceThreshold', 'TopKAgreement']
 
 # %% ../nbs/04_policies.ipynb #8e50f97e
 @dataclass
@@ -45,14 +45,19 @@ class AcceptancePolicy:
         raise NotImplementedError(f"{type(self).__name__} cannot verify token trees: use Greedy or RejectionSampling, "
                                   "or a chain drafter (e.g. eagle)")
 
+def tree_children(parents:list[int] # [k] parent draft index of each draft (-1: the current token)
+                 ) -> dict:
+    "Each node's children in draft order: `{parent: [draft indices]}` (-1: the current token)."
+    children = {}
+    for i, p in enumerate(parents): children.setdefault(p, []).append(i)
+    return children
+
 def greedy_branch(parents:list[int], # [k] parent draft index of each draft (-1: the current token)
                   draft_tokens:list[int], # [k] drafted ids
                   target_next:list[int], # [k+1] the target's argmax after the current token (0) and after each draft (1..k)
                  ) -> list[int]:
     "The longest branch of drafts that each equal the target's argmax after their parent: draft indices, root to leaf."
-    children = {}
-    for i, p in enumerate(parents): children.setdefault(p, []).append(i)
-    branch, node = [], -1
+    children, branch, node = tree_children(parents), [], -1
     while True:
         match = [c for c in children.get(node, []) if draft_tokens[c] == target_next[node + 1]]
         if not match: return branch
@@ -112,9 +117,7 @@ class RejectionSampling(AcceptancePolicy):
         Each try is a lossless step of speculative sampling, so the output follows the target's distribution."""
         if draft_tokens.shape[0] != 1: raise NotImplementedError("token trees are verified for batch size 1")
         target_probs = logits_to_probs(target_logits, sampling)[0].float()        # [k+1, V]
-        children = {}
-        for i, p in enumerate(parents): children.setdefault(p, []).append(i)
-        drafted = draft_tokens[0].tolist()
+        children, drafted = tree_children(parents), draft_tokens[0].tolist()
         branch, node = [], -1
         while True:
             probs = target_probs[node + 1]                                         # [V] the target after `node`
