@@ -52,6 +52,13 @@ class DraftVocab:
         order = sorted(range(vocab_size), key=lambda i: (-int(counts[i]), i))[:size]
         return cls(sorted(order), vocab_size)
 
+    def with_ids(self, extra # full ids (any shape), e.g. a prompt's tokens
+                ) -> "DraftVocab":
+        "This vocabulary with the ids of `extra` it lacks appended (sorted); the draft ids it had keep their meaning."
+        extra = torch.as_tensor(extra, dtype=torch.long).flatten().cpu()
+        new = extra[self.to_draft[extra] < 0].unique()                       # [n] ids not drafted so far
+        return self if new.numel() == 0 else DraftVocab(torch.cat([self.ids, new]), self.vocab_size)
+
     def __len__(self): return self.ids.numel()
     def __eq__(self, other): return isinstance(other, DraftVocab) and torch.equal(self.ids, other.ids) and self.vocab_size == other.vocab_size
     def __repr__(self): return f"DraftVocab({len(self)} of {self.vocab_size})"
@@ -87,6 +94,13 @@ class _Head(nn.Module, Drafter):
                              f"the target {target.name!r} has {target.vocab_size}")
         self.forwards, self.missing_features = 0, 0   # missing: steps without the target's features (e.g. timing alone)
         self.checkpoint = None                        # the folder it was loaded from, for specs
+        self.prompt_vocab = False                     # also draft the prompt's tokens the draft vocabulary lacks (copied names, foreign words)
+        self.run_vocab = None                         # the vocabulary of this generation (or training batch) when it differs
+
+    @property
+    def vocab(self) -> DraftVocab:
+        "The vocabulary drafts come from now: `draft_vocab`, with the prompt's tokens when `prompt_vocab` (set by `start`)."
+        return self.draft_vocab if self.run_vocab is None else self.run_vocab
 
     @property
     def hidden_size(self) -> int: return self.target.config.hidden_size
@@ -113,11 +127,12 @@ class _Head(nn.Module, Drafter):
         weight = self.target.model.lm_head.weight                             # [V, H], frozen
         key = (weight.data_ptr(), weight.dtype, weight.device, self.dtype)
         cached = getattr(self, "_draft_rows", (None, None, None))
-        if cached[0] != key or cached[1] is not self.draft_vocab:                 # a new weight or dtype, or a draft vocabulary set since
+        vocab = self.vocab
+        if cached[0] != key or cached[1] is not vocab:                         # a new weight or dtype, or a vocabulary set since
             with torch.inference_mode(False), torch.no_grad():                 # a plain tensor: training may use it later
-                rows = weight if len(self.draft_vocab) == weight.shape[0] else weight.index_select(0, self.draft_vocab.ids.to(weight.device))
+                rows = weight if len(vocab) == weight.shape[0] else weight.index_select(0, vocab.ids.to(weight.device))
                 rows = rows.to(self.dtype)                                     # a draft reads these rows once per token
-            self._draft_rows = (key, self.draft_vocab, rows)
+            self._draft_rows = (key, vocab, rows)
         return self._draft_rows[2]
 
     def draft_logits(self, normed:torch.Tensor # [..., H] normed (or predicted normed) features
@@ -150,10 +165,11 @@ class _Head(nn.Module, Drafter):
         return features[:, :count]
 
     def start(self, target, prompt_ids, capacity):
-        "Keep the prefill's features (all prompt tokens but the last)."
+        "Keep the prefill's features (all prompt tokens but the last); with `prompt_vocab`, draft from the prompt's tokens too."
         self.check(target)
         S = prompt_ids.shape[1]
         self.forwards, self.missing_features = 0, 0
+        self.run_vocab = self.draft_vocab.with_ids(prompt_ids) if self.prompt_vocab else None
         self.pending = ([self._last_features(S - 1, first=0)] if S > 1 else [])   # [[B, m, H]]
         self._reset(prompt_ids.shape[0], capacity)
 
@@ -167,7 +183,7 @@ class _Head(nn.Module, Drafter):
         "Draft tokens `[B]` (full ids) and their full-vocabulary distributions `[B, V]` from draft logits `[B, N]`."
         probs = logits_to_probs(logits, sampling)                             # [B, N]
         choice = probs.argmax(-1) if sampling.greedy else sample(probs, generator)
-        return self.draft_vocab.ids.to(choice.device)[choice], self.draft_vocab.expand(probs)
+        return self.vocab.ids.to(choice.device)[choice], self.vocab.expand(probs)
 
 # %% ../nbs/05a_heads.ipynb #9940efe2
 class ResBlock(nn.Module):
@@ -496,7 +512,7 @@ def _eagle_propose_tree(self:EagleHead, tokens, k:int, # the deepest draft (as a
         state["slot"] = slot + f
         return torch.log_softmax(self.logits(state["out"][0]), -1)                # [f, N]
 
-    draft = grow_tree(torch.log_softmax(self.logits(out[0, -1]), -1), expand, depth, width, nodes, self.draft_vocab.ids.to(tokens.device))
+    draft = grow_tree(torch.log_softmax(self.logits(out[0, -1]), -1), expand, depth, width, nodes, self.vocab.ids.to(tokens.device))
     self.forwards += depth
     return draft
 
@@ -509,7 +525,7 @@ def _medusa_propose_tree(self:MedusaHeads, tokens, k:int, width:int, nodes:int, 
     if logits is None: return no_draft(tokens)
     logp = torch.log_softmax(logits[:, 0], -1)                                     # [k, N] head d-1 drafts depth d
     return grow_tree(logp[0], lambda d, frontier_tokens, *_: logp[d - 1].expand(frontier_tokens.numel(), -1),
-                     min(k, nodes), width, nodes, self.draft_vocab.ids.to(tokens.device))
+                     min(k, nodes), width, nodes, self.vocab.ids.to(tokens.device))
 MedusaHeads.propose_tree = _medusa_propose_tree
 EagleHead.propose_tree = _eagle_propose_tree
 
@@ -563,7 +579,8 @@ def save_head(head:_Head, path, # a folder (created)
               "num_layers": getattr(head, "num_layers", 1),
               "target_layers": list(head.target_layers) if head.target_layers is not None else None,
               "target": {"name": head.target.name, "weights": target_fingerprint(head.target), "vocab_size": head.target.vocab_size},
-              "draft_vocab": head.draft_vocab.ids.tolist(), "data": data or {}, "metrics": metrics or {}}
+              "draft_vocab": head.draft_vocab.ids.tolist(), "prompt_vocab": bool(head.prompt_vocab),
+              "data": data or {}, "metrics": metrics or {}}
     (path / "config.json").write_text(json.dumps(config, indent=1))
     return path
 
@@ -614,6 +631,7 @@ def load_head(path, target:LoadedModel,
     try: head.load_state_dict(tensors)
     except RuntimeError as e: raise ValueError(f"corrupt head checkpoint {path}: weights do not fit a {kind} head: {e}") from None
     head.config, head.checkpoint = config, str(path)
+    head.prompt_vocab = bool(config.get("prompt_vocab", False))             # drafts as it was trained to
     return head.to(device=target.device, dtype=head_dtype(target, dtype)).eval().requires_grad_(False)
 
 SHIPPED_HEADS = Path(str(importlib.resources.files("specdec"))) / "assets" / "heads"   # trained heads shipped with the package

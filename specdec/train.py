@@ -6,7 +6,7 @@ Docs: https://specdec.github.io/specdec/train.html.md"""
 
 # %% ../nbs/08a_train.ipynb #adce3572
 from __future__ import annotations
-import hashlib, json, math, time
+import hashlib, json, math, re, time
 from contextlib import contextmanager
 from pathlib import Path
 import torch
@@ -21,9 +21,10 @@ from .controllers import FixedK
 from .stats import Stats
 
 # %% auto #0
-__all__ = ['PROMPT_STYLES', 'magpie_prefix', 'evaluation_texts', 'feature_layers', 'read_data', 'features_dir', 'read_features',
-           'data_hash', 'write_distill_data', 'read_training_data', 'record_features', 'soft_cross_entropy',
-           'head_loss', 'add_eagle_layers', 'new_head', 'train_head', 'measure_tau', 'copy_agreement']
+__all__ = ['PROMPT_STYLES', 'COPY_TASKS', 'magpie_prefix', 'evaluation_texts', 'feature_layers', 'read_data', 'features_dir',
+           'read_features', 'data_hash', 'write_distill_data', 'read_training_data', 'copy_records', 'write_copy_data',
+           'record_features', 'soft_cross_entropy', 'head_loss', 'add_eagle_layers', 'new_head', 'train_head',
+           'measure_tau', 'copy_agreement']
 
 # %% ../nbs/08a_train.ipynb #79515e6c
 _MARKER = "\u2063SPECDEC-USER-TEXT\u2063"
@@ -232,6 +233,23 @@ def data_hash(records:list[dict]) -> str:
     return h.hexdigest()
 
 # %% ../nbs/08a_train.ipynb #4d1694ab
+def _resume_data(path:Path, now:dict, # the settings of this call
+                 settings_of, # manifest -> the settings it was written with
+                ) -> set[int]:
+    """The finished batches of the data file `path` (none when it is new), after checking that it was written with the
+    settings `now` (an error names the ones that differ) and dropping a torn tail."""
+    records, done = read_data(path)
+    if done and path.with_suffix(".json").exists():                        # resuming: the same settings, or say which differ
+        then = settings_of(json.loads(path.with_suffix(".json").read_text()))
+        differ = [k for k in now if then.get(k) != now[k]]
+        if differ: raise ValueError(f"{path} was written with other settings ({', '.join(differ)}: "
+                                    f"{', '.join(f'{then.get(k)!r} there' for k in differ)}): resume it with those, or write a new file")
+    if path.exists():                                                      # drop a torn tail: keep the finished batches
+        by_batch = {}
+        for r in records: by_batch.setdefault(r["batch"], []).append(json.dumps(r))
+        path.write_text("".join(line + "\n" for b in sorted(done) for line in by_batch.get(b, []) + [json.dumps({"batch_done": b})]))
+    return done
+
 def write_distill_data(target:LoadedModel, path, # a .jsonl file (appended to; resumed when it exists)
                        n_batches:int=4, batch_size:int=8, # prompts written per batch
                        max_prompt_tokens:int|None=None, # cap on a written prompt's tokens (default: each style's own)
@@ -251,18 +269,8 @@ def write_distill_data(target:LoadedModel, path, # a .jsonl file (appended to; r
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
     layers = feature_layers(target.num_layers) if layers is None else tuple(layers)
     features = features_dir(path); features.mkdir(exist_ok=True)
-    records, done = read_data(path)
-    if done and path.with_suffix(".json").exists():                        # resuming: the same settings, or say which differ
-        now = {"styles": styles, "batch_size": batch_size, "seed": seed, "max_new_tokens": max_new_tokens,
-               "answer temperature": f"T={temperature:g}", "layers": list(layers), "top_k": top_k}
-        then = _settings_of(json.loads(path.with_suffix(".json").read_text()))
-        differ = [k for k in now if then.get(k) != now[k]]
-        if differ: raise ValueError(f"{path} was written with other settings ({', '.join(differ)}: "
-                                    f"{', '.join(f'{then.get(k)!r} there' for k in differ)}): resume it with those, or write a new file")
-    if path.exists():                                                      # drop a torn tail: keep the finished batches
-        by_batch = {}
-        for r in records: by_batch.setdefault(r["batch"], []).append(json.dumps(r))
-        path.write_text("".join(line + "\n" for b in sorted(done) for line in by_batch.get(b, []) + [json.dumps({"batch_done": b})]))
+    done = _resume_data(path, {"styles": styles, "batch_size": batch_size, "seed": seed, "max_new_tokens": max_new_tokens,
+                               "answer temperature": f"T={temperature:g}", "layers": list(layers), "top_k": top_k}, _settings_of)
     prefix, evaluation = magpie_prefix(target), evaluation_texts(exclude)
     excluded = 0
     with open(path, "a") as f:
@@ -319,6 +327,96 @@ def read_training_data(paths, # data files written by `write_distill_data` (thei
                     answer_tokens=sum(len(r["ids"]) - r["answer_start"] for r in records), hash=data_hash(records))
     return records, recorded, manifest
 
+# %% ../nbs/08a_train.ipynb #a75d0490
+COPY_TASKS = {   # prompt template, and what the answer copies: "all" the text, "lead" its first sentences, "span" a run of them
+    "repeat":    ("Repeat the following text exactly.\n\n{text}", "all"),
+    "translate": ("Translate German to English: {text}", "all"),
+    "summarize": ("Summarize the following text.\n\n{text}", "lead"),
+    "extract":   ("Extract the most important sentences from this text:\n\n{text}", "span"),
+    "edit":      ("Fix the grammar and spelling of this text:\n\n{text}", "all"),
+}
+
+def _sentences(text:str) -> list[str]: return [s for s in re.split(r"(?<=[.!?\n])\s+", text) if s.strip()]
+
+def copy_records(target:LoadedModel, sources:list[dict], # records of data files (`read_data`): their answers are quoted
+                 n:int, seed:int=0,
+                 tasks=None, # names of `COPY_TASKS`, record i in tasks[i % len] (default: all)
+                 min_tokens:int=24, max_tokens:int=256, # answers shorter are skipped, longer ones cut
+                 evaluation:set|None=None, # normalised evaluation texts (`evaluation_texts`): sources prompted by one are skipped
+                ) -> list[dict]:
+    """`n` conversations (at most one per usable source) whose answer copies the quoted text: all of it ("all"), its first
+    sentences ("lead") or a run of sentences ("span"), then EOS. Each names its task (`style` "copy-TASK") and source."""
+    tasks = list(COPY_TASKS) if tasks is None else [tasks] if isinstance(tasks, str) else list(tasks)
+    unknown = [t for t in tasks if t not in COPY_TASKS]
+    if unknown or not tasks: raise ValueError(f"unknown copy task(s) {unknown or tasks}: use {', '.join(COPY_TASKS)}")
+    tok, gen = target.tokenizer, torch.Generator().manual_seed(seed)
+    texts = []
+    for r in sources:
+        answer = r["ids"][r["answer_start"]:]
+        if len(answer) < min_tokens or (evaluation and _normal(r.get("prompt", "")) in evaluation): continue
+        text = tok.decode(answer[:max_tokens], skip_special_tokens=True).strip()
+        if text: texts.append((text, r))
+    records = []
+    for i, k in enumerate(torch.randperm(len(texts), generator=gen).tolist()[:n]):
+        (text, source), task = texts[k], tasks[i % len(tasks)]
+        template, copies = COPY_TASKS[task]
+        sentences = _sentences(text)
+        if copies == "all" or len(sentences) < 3: span = text
+        else:
+            first = 0 if copies == "lead" else int(torch.randint(len(sentences) - 1, (1,), generator=gen))
+            span = " ".join(sentences[first:first + int(torch.randint(1, max(2, (len(sentences) - first) // 2 + 1), (1,), generator=gen))])
+        prompt = template.format(text=text)
+        row = target.encode(prompt, chat=True)[0].tolist()
+        records.append({"prompt": prompt, "style": f"copy-{task}", "mode": "copy", "answer_start": len(row),
+                        "ids": row + tok.encode(span, add_special_tokens=False) + [target.eos_token_ids[0]],
+                        "source": {"batch": source.get("batch"), "row": source.get("row", -1)}})
+    return records
+
+def write_copy_data(target:LoadedModel, path, # a .jsonl file (appended to; resumed when it exists)
+                    sources, # data files (`write_distill_data`) whose answers are quoted
+                    n_records:int=256, batch_size:int=32, # conversations, and per features file
+                    tasks=None, seed:int=0,
+                    min_tokens:int=24, # answers shorter than this are not quoted
+                    exclude=(), # Spec-Bench-format prompt files never to train on (the built-in set always)
+                    layers=None, top_k:int=16, progress:bool=True) -> dict:
+    """Write copy-task conversations (`copy_records`) and the target's features and next-token probabilities over them
+    (one forward each), in `write_distill_data`'s format; returns the manifest (also `path.json`)."""
+    from safetensors.torch import save_file
+    path, sources = Path(path), [Path(p) for p in ([sources] if isinstance(sources, (str, Path)) else sources)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    layers = feature_layers(target.num_layers) if layers is None else tuple(layers)
+    quoted = []
+    for p in sources:
+        got, _ = read_data(p)
+        if not got: raise ValueError(f"copy data needs written data to quote: {p} holds no finished batches")
+        quoted.append((p, got))
+    tasks = list(COPY_TASKS) if tasks is None else [t.strip() for t in tasks.split(",")] if isinstance(tasks, str) else list(tasks)
+    records = copy_records(target, [r for _, got in quoted for r in got], n_records, seed, tasks, min_tokens, evaluation=evaluation_texts(exclude))
+    if not records: raise ValueError(f"no answer of {len(sources)} data file(s) has {min_tokens} tokens or more to quote")
+    settings = {"tasks": tasks, "sources": [data_hash(got) for _, got in quoted], "n_records": n_records, "min_tokens": min_tokens,
+                "batch_size": batch_size, "seed": seed, "layers": list(layers), "top_k": top_k}
+    features = features_dir(path); features.mkdir(exist_ok=True)
+    done = _resume_data(path, settings, lambda m: m["prompt_sources"]["copy"]["settings"])
+    with open(path, "a") as f:
+        for b in tqdm(range(-(-len(records) // batch_size)), desc="copy data", disable=not progress):
+            if b in done: continue
+            batch = [dict(r, batch=b, row=j) for j, r in enumerate(records[b * batch_size:(b + 1) * batch_size])]
+            with torch.inference_mode(): got = record_features(target, batch, layers, top_k)
+            save_file({f"{j}.{k}": v.contiguous() for j, g in enumerate(got) for k, v in g.items()}, str(features / f"{b:05d}.safetensors"))
+            f.write("".join(json.dumps(r) + "\n" for r in batch) + json.dumps({"batch_done": b}) + "\n"); f.flush()
+    records, _ = read_data(path)
+    manifest = {"target": target.name, "target_weights": target_fingerprint(target), "file": path.name,
+                "records": len(records), "tokens": sum(len(r["ids"]) for r in records),
+                "answer_tokens": sum(len(r["ids"]) - r["answer_start"] for r in records), "hash": data_hash(records),
+                "prompt_sources": {"copy": {"templates": {t: COPY_TASKS[t] for t in tasks}, "settings": settings,
+                                            "quoted_files": [{"file": str(p), "records": len(got), "hash": h}
+                                                             for (p, got), h in zip(quoted, settings["sources"])]}},
+                "features": {"dir": features.name, "layers": list(layers), "top_k": top_k, "dtype": "float16"},
+                "records_by_style": {f"copy-{t}": sum(r["style"] == f"copy-{t}" for r in records) for t in tasks},
+                "excluded_evaluation_sets": ["builtin"] + [str(p) for p in exclude]}
+    path.with_suffix(".json").write_text(json.dumps(manifest, indent=1))
+    return manifest
+
 # %% ../nbs/08a_train.ipynb #de2812d8
 @torch.no_grad()
 def record_features(target:LoadedModel, records:list[dict], layers=None, # default `feature_layers`
@@ -362,7 +460,7 @@ def _batch(head, records:list[dict], recorded:list[dict], layers:list, # the rec
            max_len:int, offsets) -> dict:
     """Right-padded training batch: `tokens` `[B, P]` (x_{t+1} of the pairs at t), `features` `[B, P, F]` (of position t),
     and per offset o the soft labels `[B, P, k]` (the target's distribution at t+o). P = longest - 1, at most max_len - 1."""
-    to_draft = head.draft_vocab.to_draft
+    to_draft = head.vocab.to_draft
     P = min(max(len(r["ids"]) for r in records), max_len) - 1
     tokens = torch.zeros(len(records), P, dtype=torch.long)
     features = None
@@ -468,7 +566,9 @@ def train_head(head:EagleHead|MedusaHeads, records:list[dict],
                epochs:int=1, lr:float=1e-3, batch_size:int=8, # conversations per optimizer step
                max_len:int=512, # tokens per conversation (longer ones are cut)
                ttt_steps:int=3, # EAGLE: training-time-test steps (drafts unrolled on its own outputs)
-               max_steps:int|None=None, seed:int=0, progress:bool=True) -> dict:
+               max_steps:int|None=None, seed:int=0, progress:bool=True,
+               prompt_vocab:bool=False, # each batch's vocabulary adds its prompts' tokens (as drafting with `prompt_vocab` does)
+              ) -> dict:
     """Train `head` on the target's recorded features and distributions (the target itself is not run) with AdamW, a
     linear warm-up and a cosine decay; returns the loss curve, each step's (head's) top-1 agreement, steps and seconds."""
     if not records: raise ValueError("no training records")
@@ -497,6 +597,7 @@ def train_head(head:EagleHead|MedusaHeads, records:list[dict],
             for s in range(0, len(order), batch_size):
                 if len(losses) >= total: break
                 pick = order[s:s + batch_size]
+                if prompt_vocab: head.run_vocab = head.draft_vocab.with_ids([t for i in pick for t in records[i]["ids"][:records[i]["answer_start"]]])
                 batch = _batch(head, [records[i] for i in pick], [recorded[i] for i in pick], layers, max_len, offsets)
                 opt.zero_grad()
                 loss, agree = head_loss(head, batch, ttt_steps)
@@ -507,10 +608,11 @@ def train_head(head:EagleHead|MedusaHeads, records:list[dict],
                 agreement.append([round(int(h) / max(int(c), 1), 4) for h, c in agree])
                 bar.update(1); bar.set_postfix(loss=f"{losses[-1]:.3f}", top1=agreement[-1][0])
     bar.close()
+    head.prompt_vocab, head.run_vocab = prompt_vocab, None
     head.eval().requires_grad_(False)
     return {"losses": losses, "agreement": agreement, "steps": len(losses), "tokens": tokens,
             "seconds": round(time.perf_counter() - t0, 2), "epochs": epochs, "lr": lr, "batch_size": batch_size,
-            "max_len": max_len, "ttt_steps": ttt_steps if isinstance(head, EagleHead) else None, "seed": seed,
+            "max_len": max_len, "ttt_steps": ttt_steps if isinstance(head, EagleHead) else None, "seed": seed, "prompt_vocab": prompt_vocab,
             "device": str(head.target.device)}
 
 # %% ../nbs/08a_train.ipynb #4057a148
@@ -544,7 +646,7 @@ def copy_agreement(head:EagleHead, records:list[dict], recorded:list[dict], # re
             features = rec["hidden"][:, slots].flatten(1)[None].to(head.fc.weight)      # [1, T-1, F]
             hidden = head.unroll(ids[None, 1:].to(features.device), features, steps=1)[0][0]   # [T-1, H]: pair t drafts token t+2
             first = max(a - 2, 0)
-            drafts = head.draft_vocab.ids.to(hidden.device)[head.logits(hidden[first:]).argmax(-1)].cpu()   # [T-1-first]
+            drafts = head.vocab.ids.to(hidden.device)[head.logits(hidden[first:]).argmax(-1)].cpu()   # [T-1-first]
             for t in range(first, len(ids) - 2):
                 want = greedy[t + 2 - a].item()
                 copied = lookup.propose(ids[None, :t + 2], 1)                           # what lookup drafts for token t+2

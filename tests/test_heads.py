@@ -303,3 +303,41 @@ def test_copy_agreement_splits_the_heads_agreement_where_lookup_is_right(tiny, h
     assert always["other"][1] == 0 and never["copyable"][1] == 0 and always["copyable"][1] == never["other"][1] == positions
     assert always["copyable"][0] == never["other"][0] == split["copyable"][0] + split["other"][0] > 0
     with pytest.raises(ValueError, match="measures an EAGLE head"): copy_agreement(heads["medusa"], records, recorded, layers)
+
+
+def test_a_vocabulary_with_more_ids_keeps_its_draft_ids():
+    vocab = DraftVocab([5, 2, 9], 20)
+    assert vocab.with_ids(torch.tensor([[9, 2, 5]])) is vocab                  # nothing new: the same vocabulary
+    grown = vocab.with_ids(torch.tensor([[7, 2, 3, 7]]))
+    assert grown.ids.tolist() == [5, 2, 9, 3, 7] and grown.vocab_size == 20   # old draft ids unchanged, new ones appended sorted
+    assert grown.to_draft[torch.tensor([5, 2, 9, 3, 7])].tolist() == [0, 1, 2, 3, 4] and grown.to_draft[0] == -1
+
+
+@pytest.mark.parametrize("kind", ["eagle", "medusa"])
+def test_a_head_with_a_prompt_vocabulary_drafts_prompt_tokens_and_stays_lossless(tiny, kind, tmp_path):
+    "Trained and drafting with `prompt_vocab`: drafts come from the draft vocabulary or the prompt, some from the prompt alone; output stays the target's."
+    records = own_records(tiny, [tiny.encode(t) for t in TEXTS[:6]])
+    base = DraftVocab.most_frequent([r["ids"][r["answer_start"]:] for r in records], 24, tiny.vocab_size, always=tiny.eos_token_ids)
+    head = new_head(kind, tiny, base, n=3, seed=0)
+    metrics = train_head(head, records, epochs=4, lr=1e-2, batch_size=3, seed=0, progress=False, prompt_vocab=True)
+    assert head.prompt_vocab and head.run_vocab is None and metrics["prompt_vocab"]
+    head = load_head(save_head(head, tmp_path / kind), tiny, kind, dtype="float32")
+    assert head.prompt_vocab and head.draft_vocab == base                     # the checkpoint drafts as it was trained
+    beyond, accepted = 0, 0
+    for text in TEXTS[:8]:
+        prompt, drafts = tiny.encode(text), []
+        ref = hf_greedy(tiny, prompt, 30)
+        out = generate(tiny, prompt, drafter=head, controller=FixedK(3), max_new_tokens=30, on_step=lambda e: drafts.extend(e.draft_tokens))
+        assert torch.equal(out.tokens, ref), (kind, text)
+        accepted += out.stats.accepted
+        generate(tiny, prompt, drafter=head, controller=FixedK(3), max_new_tokens=30, temperature=1.0, seed=3,
+                 on_step=lambda e: drafts.extend(e.draft_tokens))
+        allowed = set(base.ids.tolist()) | set(prompt[0].tolist())
+        assert set(drafts) <= allowed, (kind, text)
+        beyond += len(set(drafts) - set(base.ids.tolist()))
+    assert beyond > 0 and accepted > 0, (beyond, accepted)
+    head.prompt_vocab = False                                                 # off: back to the draft vocabulary alone
+    drafts = []
+    generate(tiny, tiny.encode(TEXTS[0]), drafter=head, controller=FixedK(3), max_new_tokens=30, temperature=1.0, seed=3,
+             on_step=lambda e: drafts.extend(e.draft_tokens))
+    assert drafts and set(drafts) <= set(base.ids.tolist())

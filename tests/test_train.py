@@ -7,7 +7,7 @@ from specdec.models import tiny_llama
 from specdec.heads import DraftVocab, EagleHead, MedusaHeads, save_head, load_head
 from specdec.train import (write_distill_data, read_data, read_features, record_features, feature_layers, data_hash,
                            magpie_prefix, evaluation_texts, new_head, train_head, _write_batch,
-                           PROMPT_STYLES, read_training_data)
+                           PROMPT_STYLES, read_training_data, write_copy_data, copy_records, COPY_TASKS)
 from specdec.specs import make_drafter, spec_of
 from specdec.controllers import FixedK
 
@@ -230,7 +230,7 @@ def test_training_notebook_runs_under_papermill(tiny, tmp_path):
     # continuing that checkpoint on the same data, grown to 2 layers: its draft vocabulary kept, its first loss below the
     # fresh head's (the new layer starts as the identity), recorded
     params.update(init_head=str(tmp_path / "run" / "eagle"), out_dir=str(tmp_path / "more"), data_dir=str(tmp_path / "run"), draft_vocab_size=32,
-                  eagle_layers=2)
+                  eagle_layers=2, copy_records=3, copy_min_tokens=4, prompt_vocab=True)     # and copies of the answers, the prompts' tokens drafted
     pm.execute_notebook(str(root / "nbs/bench/train_head.ipynb"), str(tmp_path / "more.ipynb"), parameters=params,
                         kernel_name="python3", cwd=str(tmp_path), progress_bar=False)
     more = json.loads((tmp_path / "more" / "eagle" / "report.json").read_text())["metrics"]
@@ -239,3 +239,41 @@ def test_training_notebook_runs_under_papermill(tiny, tmp_path):
     assert grown.draft_vocab == head.draft_vocab and grown.num_layers == 2 and head.num_layers == 1
     assert more["num_layers"] == 2 and more["init_head"]["num_layers"] == 1 and metrics["num_layers"] == 1
     assert more["losses"][0] < metrics["losses"][0], (more["losses"], metrics["losses"])
+    parts = json.loads((tmp_path / "more" / "eagle" / "report.json").read_text())["data"]["parts"]
+    assert set(parts[-1]["records_by_style"]) == {"copy-repeat", "copy-translate", "copy-summarize", "copy-extract", "copy-edit"}
+    assert sum(parts[-1]["records_by_style"].values()) == 3 and parts[-1]["prompt_sources"]["copy"]["settings"]["n_records"] == 3
+    assert more["prompt_vocab"] and grown.prompt_vocab and not head.prompt_vocab
+
+
+def test_copy_data_quotes_answers_and_copies_them(tiny, tmp_path):
+    "Copy conversations quote a written answer and copy it (whole, or a run of its sentences); resumable; never an evaluation prompt's answer."
+    src = tmp_path / "src.jsonl"
+    write_distill_data(tiny, src, n_batches=2, batch_size=4, max_prompt_tokens=6, max_new_tokens=32, seed=0, progress=False)
+    kw = dict(n_records=6, batch_size=2, seed=0, progress=False)
+    made = write_copy_data(tiny, tmp_path / "copy.jsonl", src, **kw)
+    records = read_data(tmp_path / "copy.jsonl")[0]
+    assert made["records"] == len(records) == 6 and made["hash"] == data_hash(records)
+    assert [r["style"] for r in records] == [f"copy-{t}" for t in list(COPY_TASKS) * 2][:6]
+    squash = lambda text: " ".join(text.split())
+    for r in records:
+        answer = r["ids"][r["answer_start"]:]
+        assert answer[-1] == tiny.eos_token_ids[0] and len(answer) > 1
+        assert squash(tiny.tokenizer.decode(answer[:-1])) in squash(r["prompt"]), r["style"]
+    both, recorded, manifest = read_training_data([src, tmp_path / "copy.jsonl"])       # trains beside the data it quotes
+    fresh = record_features(tiny, records[:1], layers=manifest["features"]["layers"])[0]
+    torch.testing.assert_close(recorded[len(both) - 6]["hidden"].float(), fresh["hidden"].float())
+    # interrupted after batch 0: resuming writes the rest again, the same data; other settings are refused
+    lines = (tmp_path / "copy.jsonl").read_text().splitlines()
+    (tmp_path / "part.jsonl").write_text("\n".join(lines[:lines.index(json.dumps({"batch_done": 0})) + 1]) + "\n")
+    (tmp_path / "part.json").write_text((tmp_path / "copy.json").read_text())
+    assert write_copy_data(tiny, tmp_path / "part.jsonl", src, **kw)["hash"] == made["hash"]
+    with pytest.raises(ValueError, match="other settings \\(seed: 0 there\\)"):
+        write_copy_data(tiny, tmp_path / "part.jsonl", src, **(kw | {"seed": 1}))
+    # a source prompted by an evaluation prompt is never quoted; unknown tasks and empty sources are named
+    sources = read_data(src)[0]
+    evaluation = {" ".join(sources[0]["prompt"].lower().split())}
+    quoted = [r["source"] for r in copy_records(tiny, sources, 100, evaluation=evaluation, min_tokens=1)]
+    assert {"batch": sources[0]["batch"], "row": sources[0]["row"]} not in quoted and len(quoted) == len(sources) - 1
+    with pytest.raises(ValueError, match="unknown copy task"): copy_records(tiny, sources, 2, tasks=["poem"])
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(ValueError, match="holds no finished batches"): write_copy_data(tiny, tmp_path / "c2.jsonl", tmp_path / "empty.jsonl", **kw)
