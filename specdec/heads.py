@@ -118,8 +118,9 @@ class _Head(nn.Module, Drafter):
         return next(self.parameters()).dtype
 
     def use_engine(self, compile:str) -> dict:
-        "Heads run eagerly on the target's features; the dtype they compute in goes into the run's record."
-        return {"mode": "eager", "dtype": str(self.dtype).removeprefix("torch.")}
+        "Heads run eagerly on the target's features; the dtype they compute in and the vocabulary they draft from go into the run's record."
+        return {"mode": "eager", "dtype": str(self.dtype).removeprefix("torch."), "draft_vocab": len(self.draft_vocab),
+                "prompt_vocab": bool(self.prompt_vocab)}
 
     def draft_weight(self) -> torch.Tensor:
         """The target's output-head rows of the draft vocabulary `[N, H]` in the head's dtype, selected once per weight

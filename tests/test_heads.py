@@ -60,7 +60,8 @@ def test_a_half_precision_head_on_a_float32_target_stays_lossless(tiny, heads, k
     "Loaded with dtype auto, a head computes in float16 on a float32 target (weights, cache, draft rows): output still equals HF greedy."
     half = load_head(save_head(heads[kind], tmp_path / kind), tiny)
     assert half.dtype == torch.float16 and half.draft_weight().dtype == torch.float16
-    assert half.use_engine("eager") == {"mode": "eager", "dtype": "float16"}           # what a benchmark records
+    assert half.use_engine("eager") == {"mode": "eager", "dtype": "float16", "draft_vocab": len(half.draft_vocab),
+                                        "prompt_vocab": False}                    # what a benchmark records
     accepted = 0
     for text in TEXTS[:4]:
         prompt = tiny.encode(text)
@@ -323,6 +324,7 @@ def test_a_head_with_a_prompt_vocabulary_drafts_prompt_tokens_and_stays_lossless
     assert head.prompt_vocab and head.run_vocab is None and metrics["prompt_vocab"]
     head = load_head(save_head(head, tmp_path / kind), tiny, kind, dtype="float32")
     assert head.prompt_vocab and head.draft_vocab == base                     # the checkpoint drafts as it was trained
+    assert head.use_engine("eager")["prompt_vocab"] and head.use_engine("eager")["draft_vocab"] == len(base)   # and the run records it
     beyond, accepted = 0, 0
     for text in TEXTS[:8]:
         prompt, drafts = tiny.encode(text), []
