@@ -338,17 +338,22 @@ COPY_TASKS = {   # prompt template, and what the answer copies: "all" the text, 
 
 def _sentences(text:str) -> list[str]: return [s for s in re.split(r"(?<=[.!?\n])\s+", text) if s.strip()]
 
+def _copy_tasks(tasks) -> list[str]:
+    "Copy task names, checked: None (all of `COPY_TASKS`), a list, or a comma-separated string."
+    tasks = list(COPY_TASKS) if tasks is None else [t.strip() for t in tasks.split(",")] if isinstance(tasks, str) else list(tasks)
+    unknown = [t for t in tasks if t not in COPY_TASKS]
+    if unknown or not tasks: raise ValueError(f"unknown copy task(s) {unknown or tasks}: use {', '.join(COPY_TASKS)}")
+    return tasks
+
 def copy_records(target:LoadedModel, sources:list[dict], # records of data files (`read_data`): their answers are quoted
                  n:int, seed:int=0,
-                 tasks=None, # names of `COPY_TASKS`, record i in tasks[i % len] (default: all)
+                 tasks=None, # names of `COPY_TASKS` (a list or comma-separated), record i in tasks[i % len] (default: all)
                  min_tokens:int=24, max_tokens:int=256, # answers shorter are skipped, longer ones cut
                  evaluation:set|None=None, # normalised evaluation texts (`evaluation_texts`): sources prompted by one are skipped
                 ) -> list[dict]:
     """`n` conversations (at most one per usable source) whose answer copies the quoted text: all of it ("all"), its first
     sentences ("lead") or a run of sentences ("span"), then EOS. Each names its task (`style` "copy-TASK") and source."""
-    tasks = list(COPY_TASKS) if tasks is None else [tasks] if isinstance(tasks, str) else list(tasks)
-    unknown = [t for t in tasks if t not in COPY_TASKS]
-    if unknown or not tasks: raise ValueError(f"unknown copy task(s) {unknown or tasks}: use {', '.join(COPY_TASKS)}")
+    tasks = _copy_tasks(tasks)
     tok, gen = target.tokenizer, torch.Generator().manual_seed(seed)
     texts = []
     for r in sources:
@@ -390,7 +395,7 @@ def write_copy_data(target:LoadedModel, path, # a .jsonl file (appended to; resu
         got, _ = read_data(p)
         if not got: raise ValueError(f"copy data needs written data to quote: {p} holds no finished batches")
         quoted.append((p, got))
-    tasks = list(COPY_TASKS) if tasks is None else [t.strip() for t in tasks.split(",")] if isinstance(tasks, str) else list(tasks)
+    tasks = _copy_tasks(tasks)
     records = copy_records(target, [r for _, got in quoted for r in got], n_records, seed, tasks, min_tokens, evaluation=evaluation_texts(exclude))
     if not records: raise ValueError(f"no answer of {len(sources)} data file(s) has {min_tokens} tokens or more to quote")
     settings = {"tasks": tasks, "sources": [data_hash(got) for _, got in quoted], "n_records": n_records, "min_tokens": min_tokens,

@@ -275,5 +275,7 @@ def test_copy_data_quotes_answers_and_copies_them(tiny, tmp_path):
     quoted = [r["source"] for r in copy_records(tiny, sources, 100, evaluation=evaluation, min_tokens=1)]
     assert {"batch": sources[0]["batch"], "row": sources[0]["row"]} not in quoted and len(quoted) == len(sources) - 1
     with pytest.raises(ValueError, match="unknown copy task"): copy_records(tiny, sources, 2, tasks=["poem"])
+    with pytest.raises(ValueError, match=r"unknown copy task\(s\) \[.poem.\]"): write_copy_data(tiny, tmp_path / "c3.jsonl", src, tasks="repeat,poem", **kw)
+    assert {r["style"] for r in copy_records(tiny, sources, 4, tasks="repeat, edit", min_tokens=1)} == {"copy-repeat", "copy-edit"}
     (tmp_path / "empty.jsonl").write_text("")
     with pytest.raises(ValueError, match="holds no finished batches"): write_copy_data(tiny, tmp_path / "c2.jsonl", tmp_path / "empty.jsonl", **kw)
