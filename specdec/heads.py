@@ -33,6 +33,7 @@ class DraftVocab:
                              f"(min {int(ids.min())}, max {int(ids.max())})")
         if ids.unique().numel() != ids.numel(): raise ValueError("draft vocabulary repeats ids")
         self.ids, self.vocab_size = ids, vocab_size
+        self._on_device = {}                                                # device -> `ids` there, copied once
         self.to_draft = torch.full((vocab_size,), -1, dtype=torch.long)   # [V] draft id of each full id, -1 outside
         self.to_draft[ids] = torch.arange(ids.numel())
 
@@ -59,6 +60,12 @@ class DraftVocab:
         new = extra[self.to_draft[extra] < 0].unique()                       # [n] ids not drafted so far
         return self if new.numel() == 0 else DraftVocab(torch.cat([self.ids, new]), self.vocab_size)
 
+    def ids_on(self, device) -> torch.Tensor:
+        "`ids` on `device`, copied there once (drafting maps draft ids to full ids every token)."
+        key = str(torch.device(device))
+        if key not in self._on_device: self._on_device[key] = self.ids.to(device)
+        return self._on_device[key]
+
     def __len__(self): return self.ids.numel()
     def __eq__(self, other): return isinstance(other, DraftVocab) and torch.equal(self.ids, other.ids) and self.vocab_size == other.vocab_size
     def __repr__(self): return f"DraftVocab({len(self)} of {self.vocab_size})"
@@ -67,7 +74,7 @@ class DraftVocab:
               ) -> torch.Tensor:
         "The same distributions over the full vocabulary `[..., V]` (zero outside the draft vocabulary)."
         full = draft_probs.new_zeros(*draft_probs.shape[:-1], self.vocab_size)
-        return full.index_copy_(-1, self.ids.to(draft_probs.device), draft_probs)
+        return full.index_copy_(-1, self.ids_on(draft_probs.device), draft_probs)
 
 # %% ../nbs/05a_heads.ipynb #f015c6fe
 def target_fingerprint(target:LoadedModel) -> str:
@@ -131,7 +138,7 @@ class _Head(nn.Module, Drafter):
         vocab = self.vocab
         if cached[0] != key or cached[1] is not vocab:                         # a new weight or dtype, or a vocabulary set since
             with torch.inference_mode(False), torch.no_grad():                 # a plain tensor: training may use it later
-                rows = weight if len(vocab) == weight.shape[0] else weight.index_select(0, vocab.ids.to(weight.device))
+                rows = weight if len(vocab) == weight.shape[0] else weight.index_select(0, vocab.ids_on(weight.device))
                 rows = rows.to(self.dtype)                                     # a draft reads these rows once per token
             self._draft_rows = (key, vocab, rows)
         return self._draft_rows[2]
@@ -184,7 +191,7 @@ class _Head(nn.Module, Drafter):
         "Draft tokens `[B]` (full ids) and their full-vocabulary distributions `[B, V]` from draft logits `[B, N]`."
         probs = logits_to_probs(logits, sampling)                             # [B, N]
         choice = probs.argmax(-1) if sampling.greedy else sample(probs, generator)
-        return self.vocab.ids.to(choice.device)[choice], self.vocab.expand(probs)
+        return self.vocab.ids_on(choice.device)[choice], self.vocab.expand(probs)
 
 # %% ../nbs/05a_heads.ipynb #9940efe2
 class ResBlock(nn.Module):
@@ -513,7 +520,7 @@ def _eagle_propose_tree(self:EagleHead, tokens, k:int, # the deepest draft (as a
         state["slot"] = slot + f
         return torch.log_softmax(self.logits(state["out"][0]), -1)                # [f, N]
 
-    draft = grow_tree(torch.log_softmax(self.logits(out[0, -1]), -1), expand, depth, width, nodes, self.vocab.ids.to(tokens.device))
+    draft = grow_tree(torch.log_softmax(self.logits(out[0, -1]), -1), expand, depth, width, nodes, self.vocab.ids_on(tokens.device))
     self.forwards += depth
     return draft
 
@@ -526,7 +533,7 @@ def _medusa_propose_tree(self:MedusaHeads, tokens, k:int, width:int, nodes:int, 
     if logits is None: return no_draft(tokens)
     logp = torch.log_softmax(logits[:, 0], -1)                                     # [k, N] head d-1 drafts depth d
     return grow_tree(logp[0], lambda d, frontier_tokens, *_: logp[d - 1].expand(frontier_tokens.numel(), -1),
-                     min(k, nodes), width, nodes, self.vocab.ids.to(tokens.device))
+                     min(k, nodes), width, nodes, self.vocab.ids_on(tokens.device))
 MedusaHeads.propose_tree = _medusa_propose_tree
 EagleHead.propose_tree = _eagle_propose_tree
 

@@ -651,7 +651,7 @@ def copy_agreement(head:EagleHead, records:list[dict], recorded:list[dict], # re
             features = rec["hidden"][:, slots].flatten(1)[None].to(head.fc.weight)      # [1, T-1, F]
             hidden = head.unroll(ids[None, 1:].to(features.device), features, steps=1)[0][0]   # [T-1, H]: pair t drafts token t+2
             first = max(a - 2, 0)
-            drafts = head.vocab.ids.to(hidden.device)[head.logits(hidden[first:]).argmax(-1)].cpu()   # [T-1-first]
+            drafts = head.vocab.ids_on(hidden.device)[head.logits(hidden[first:]).argmax(-1)].cpu()   # [T-1-first]
             for t in range(first, len(ids) - 2):
                 want = greedy[t + 2 - a].item()
                 copied = lookup.propose(ids[None, :t + 2], 1)                           # what lookup drafts for token t+2

@@ -343,3 +343,9 @@ def test_a_head_with_a_prompt_vocabulary_drafts_prompt_tokens_and_stays_lossless
     generate(tiny, tiny.encode(TEXTS[0]), drafter=head, controller=FixedK(3), max_new_tokens=30, temperature=1.0, seed=3,
              on_step=lambda e: drafts.extend(e.draft_tokens))
     assert drafts and set(drafts) <= set(base.ids.tolist())
+
+
+def test_a_vocabulary_copies_its_ids_to_a_device_once():
+    vocab = DraftVocab([5, 2, 9], 20)
+    on_cpu = vocab.ids_on("cpu")
+    assert on_cpu.tolist() == [5, 2, 9] and vocab.ids_on(torch.device("cpu")) is on_cpu   # the same tensor, not a new copy
