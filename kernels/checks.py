@@ -79,3 +79,50 @@ def check_kv_write(cache, new, positions) -> tuple[int, int, int, int, int]:
         # on the CPU the check is free; on a GPU it would cost a host sync, so there it is the caller's contract
         raise ValueError(f"positions + q must fit the cache: need 0 <= position and position + {q} <= {C}, got {positions.tolist()}")
     return B, H, C, D, q
+
+def check_rms_norm(x, weight, residual) -> tuple[int, int]:
+    "Check the inputs of `rms_norm`: `x [..., H]`, `weight [H]`, `residual` like `x` or None; return `(rows, H)`."
+    if not isinstance(x, torch.Tensor) or x.dim() < 1: raise TypeError("x must be a torch.Tensor with a last (hidden) dim")
+    if x.dtype not in FLOATS: raise TypeError(f"x must be floating point, got {x.dtype}")
+    H = x.shape[-1]
+    check_tensor("weight", weight, 1, FLOATS)
+    check_shape("weight", weight, (H,))
+    if residual is not None:
+        check_tensor("residual", residual, x.dim(), FLOATS)
+        check_shape("residual", residual, tuple(x.shape))
+        if residual.dtype != x.dtype: raise TypeError(f"residual has dtype {residual.dtype} but x has {x.dtype}")
+    check_same_device(x=x, weight=weight, residual=residual)
+    return x.numel() // max(H, 1), H
+
+def check_rotary_kv(qkv, cos, sin, keys, values, slots, num_heads, num_kv_heads) -> tuple[int, int, int, int]:
+    "Check the inputs of `rotary_kv`; return `(B, q, D, C)`."
+    check_tensor("qkv", qkv, 3, FLOATS)
+    check_tensor("keys", keys, 4, FLOATS)
+    check_tensor("values", values, 4, FLOATS)
+    B, q, width = qkv.shape
+    _, Hkv, C, D = keys.shape
+    if num_kv_heads != Hkv: raise ValueError(f"keys have {Hkv} heads but num_kv_heads is {num_kv_heads}")
+    if D % 2: raise ValueError(f"head_dim must be even for rotary embeddings, got {D}")
+    if width != (num_heads + 2 * num_kv_heads) * D:
+        raise ValueError(f"qkv's last dim must be (num_heads + 2 * num_kv_heads) * head_dim = "
+                         f"({num_heads} + 2 * {num_kv_heads}) * {D} = {(num_heads + 2 * num_kv_heads) * D}, got {width}")
+    check_shape("keys", keys, (B, Hkv, C, D))
+    check_shape("values", values, (B, Hkv, C, D))
+    for name, t in (("cos", cos), ("sin", sin)):
+        check_tensor(name, t, 2, FLOATS)
+        check_shape(name, t, (q, D))
+    check_tensor("slots", slots, 1, TOKEN_IDS)
+    check_shape("slots", slots, (q,))
+    for name, t in (("keys", keys), ("values", values)):
+        if t.dtype != qkv.dtype: raise TypeError(f"{name} has dtype {t.dtype} but qkv has {qkv.dtype}")
+    check_same_device(qkv=qkv, cos=cos, sin=sin, keys=keys, values=values, slots=slots)
+    if slots.device.type == "cpu" and q and not bool(((slots >= 0) & (slots < C)).all()):
+        raise ValueError(f"slots must lie in [0, {C}) (the cache's capacity), got {slots.tolist()}")
+    return B, q, D, C
+
+def check_silu_mul(gate_up) -> int:
+    "Check `gate_up [..., 2I]` (gate then up); return I."
+    if not isinstance(gate_up, torch.Tensor) or gate_up.dim() < 1: raise TypeError("gate_up must be a torch.Tensor")
+    if gate_up.dtype not in FLOATS: raise TypeError(f"gate_up must be floating point, got {gate_up.dtype}")
+    if gate_up.shape[-1] % 2: raise ValueError(f"gate_up's last dim must be even (gate then up), got {gate_up.shape[-1]}")
+    return gate_up.shape[-1] // 2

@@ -71,3 +71,10 @@ def test_compare_implementations_refuses_a_kernel_that_disagrees(monkeypatch):
     monkeypatch.setattr(sk, "_implementation", implementation)
     decision = sk.compare_implementations("greedy_verify", "cpu", vocab=50)
     assert decision == {"impl": "torch", "reason": "the Triton kernel disagreed with the torch reference"}
+
+def test_step_kernels_agree_within_rounding_and_the_others_exactly():
+    x = torch.randn(3, 8, generator=torch.Generator().manual_seed(0))
+    nudged = x * (1 + 1e-7)                                        # float32 rounding noise
+    assert sk._same_outputs((x,), (nudged,), "rms_norm") and not sk._same_outputs((x,), (x + 1e-3,), "rms_norm")
+    assert not sk._same_outputs((x,), (nudged,), "kv_write") and sk._same_outputs((x,), (x.clone(),), "kv_write")
+    assert not sk._same_outputs((x,), (x.double(),), "rms_norm")     # a dtype change is a disagreement

@@ -4,7 +4,8 @@ import functools, importlib
 import torch
 
 TRITON_MODULES = {"greedy_verify": "greedy_verify_triton", "rejection_verify": "rejection_verify_triton",
-                  "ngram_match": "ngram_match_triton", "kv_write": "kv_write_triton"}
+                  "ngram_match": "ngram_match_triton", "kv_write": "kv_write_triton",
+                  "rms_norm": "rms_norm_triton", "rotary_kv": "rotary_kv_triton", "silu_mul": "silu_mul_triton"}
 
 @functools.cache
 def triton_import_error() -> str|None:

@@ -12,8 +12,9 @@ import specdec_kernels
 from specdec_kernels.triton_support import triton_unavailable, triton_module
 
 # %% auto #0
-__all__ = ['KERNELS', 'IMPLEMENTATIONS', 'available', 'example_inputs', 'compare_implementations', 'choose', 'choices',
-           'greedy_verify', 'rejection_verify', 'ngram_match', 'kv_write']
+__all__ = ['KERNELS', 'IMPLEMENTATIONS', 'WRITTEN_ARGS', 'TOLERANCE', 'available', 'example_inputs', 'compare_implementations',
+           'choose', 'choices', 'greedy_verify', 'rejection_verify', 'ngram_match', 'kv_write', 'rms_norm', 'rotary_kv',
+           'silu_mul']
 
 # %% ../nbs/02b_kernels.ipynb #c7b8f882
 KERNELS = specdec_kernels.KERNEL_NAMES
@@ -44,7 +45,8 @@ def _implementation(name:str, impl:str):
 
 # %% ../nbs/02b_kernels.ipynb #8489786d
 def example_inputs(name:str, device, batch:int=1, k:int=4, vocab:int=49152, context:int=2048,
-                   kv_heads:int=3, head_dim:int=64, generator:torch.Generator|None=None) -> tuple:
+                   kv_heads:int=3, head_dim:int=64, hidden:int=576, intermediate:int=1536,
+                   generator:torch.Generator|None=None) -> tuple:
     "Arguments for kernel `name` shaped like one decoding step (random, on `device`)."
     _check_name(name)
     g = generator or torch.Generator(device).manual_seed(0)
@@ -61,22 +63,53 @@ def example_inputs(name:str, device, batch:int=1, k:int=4, vocab:int=49152, cont
     if name == "ngram_match":
         tokens = torch.randint(64, (batch, context), **opts)                                 # small alphabet: many matches
         return tokens, torch.full((batch,), context, device=device), 3, 1, k
+    if name == "rms_norm":
+        x, residual = torch.randn(batch, k + 1, hidden, **opts), torch.randn(batch, k + 1, hidden, **opts)   # [B, K+1, H]
+        return x, 1 + 0.1 * torch.randn(hidden, **opts), 1e-5, residual
+    if name == "rotary_kv":
+        heads = hidden // head_dim                                                             # query heads
+        qkv = torch.randn(batch, k + 1, (heads + 2 * kv_heads) * head_dim, **opts)             # [B, K+1, (Hq+2Hkv)*D]
+        angles = torch.rand(k + 1, head_dim // 2, **opts) * context
+        cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)        # [K+1, D]
+        keys, values = (torch.zeros(batch, kv_heads, context, head_dim, device=device) for _ in range(2))
+        slots = torch.arange(context // 2, context // 2 + k + 1, device=device)
+        return qkv, cos, sin, keys, values, slots, heads, kv_heads
+    if name == "silu_mul": return (torch.randn(batch, k + 1, 2 * intermediate, **opts),)       # [B, K+1, 2I]
     cache = torch.zeros(batch, kv_heads, context, head_dim, device=device)
     return cache, torch.randn(batch, kv_heads, k + 1, head_dim, **opts), torch.full((batch,), context // 2, device=device)
 
 # %% ../nbs/02b_kernels.ipynb #fac13789
-def _run(name:str, fn, args:tuple):
-    "Outputs of `fn(*args)`; a written cache comes from a fresh copy, so runs never share state."
-    if name == "kv_write": return (fn(args[0].clone(), *args[1:]),)
-    return fn(*args)
+WRITTEN_ARGS = {"kv_write": (0,), "rotary_kv": (3, 4)}   # arguments a kernel writes in place (caches)
 
-def _same_outputs(a:tuple, b:tuple) -> bool:
-    return all(x.shape == y.shape and torch.equal(x, y) for x, y in zip(a, b))
+def _fresh(name:str, args:tuple) -> tuple:
+    "`args` with fresh copies of the arguments kernel `name` writes, so runs never share state."
+    return tuple(a.clone() if i in WRITTEN_ARGS.get(name, ()) else a for i, a in enumerate(args))
+
+def _run(name:str, fn, args:tuple) -> tuple:
+    "Outputs of `fn(*args)` (as a tuple), followed by the arguments it wrote in place, each from a fresh copy."
+    args = _fresh(name, args)
+    out = fn(*args)
+    out = out if isinstance(out, tuple) else (out,)
+    return out + tuple(args[i] for i in WRITTEN_ARGS.get(name, ()) if args[i] is not out[0])
+
+# float outputs of the step kernels may differ from their references by rounding (another reduction order, one rounding
+# instead of several); token ids, counts and the copies of the verify, lookup and write kernels must be equal
+TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float16: dict(rtol=2e-3, atol=2e-3),
+             torch.bfloat16: dict(rtol=1.6e-2, atol=1.6e-2)}
+
+def _same_outputs(a:tuple, b:tuple, name:str="") -> bool:
+    "Whether two kernels' outputs agree: exactly, or within float rounding for the step kernels (`STEP_KERNELS`)."
+    def same(x, y):
+        if x.shape != y.shape or x.dtype != y.dtype: return False
+        if name in specdec_kernels.STEP_KERNELS and x.is_floating_point():
+            return torch.allclose(x.float(), y.float(), **TOLERANCE.get(x.dtype, TOLERANCE[torch.float32]))
+        return torch.equal(x, y)
+    return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
 
 def _time_us(name:str, fn, args:tuple, device:torch.device, reps:int=50) -> float:
     "Microseconds per call of `fn(*args)` on `device` (after warm-up; the best of three rounds)."
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-    if name == "kv_write": args = (args[0].clone(), *args[1:])                   # writing the same slots again is harmless
+    args = _fresh(name, args)                                                    # writing the same slots again is harmless
     for _ in range(3): fn(*args)
     best = float("inf")
     for _ in range(3):
@@ -101,7 +134,7 @@ def compare_implementations(name:str, device, reps:int=50, **shapes) -> dict:
     device = _device(device)
     args = example_inputs(name, device, **shapes)
     reference, kernel = _implementation(name, "torch"), _implementation(name, "triton")
-    try: agree = _same_outputs(_run(name, reference, args), _run(name, kernel, args))
+    try: agree = _same_outputs(_run(name, reference, args), _run(name, kernel, args), name)
     except Exception as e: return {"impl": "torch", "reason": f"the Triton kernel failed: {type(e).__name__}: {e}"}
     if not agree: return {"impl": "torch", "reason": "the Triton kernel disagreed with the torch reference"}
     torch_us, triton_us = _time_us(name, reference, args, device, reps), _time_us(name, kernel, args, device, reps)
@@ -163,3 +196,26 @@ def kv_write(cache:torch.Tensor,     # [B, H, C, D] one layer's keys or values, 
             ) -> torch.Tensor:
     "Write `new` at `positions[b] ..` in each row of `cache`; return `cache`."
     return choose("kv_write", cache.device)(cache, new, positions)
+
+def rms_norm(x:torch.Tensor,            # [..., H]
+             weight:torch.Tensor,       # [H]
+             eps:float,
+             residual:torch.Tensor|None=None  # [..., H] added first
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    "`(weight * norm(x + residual), x + residual)`: the decoder's residual add and RMS norm in one kernel."
+    return choose("rms_norm", x.device)(x, weight, eps, residual)
+
+def rotary_kv(qkv:torch.Tensor,      # [B, q, (Hq + 2*Hkv) * D] the fused q/k/v projection's output
+              cos:torch.Tensor,      # [q, D]
+              sin:torch.Tensor,      # [q, D]
+              keys:torch.Tensor,     # [B, Hkv, C, D] written in place
+              values:torch.Tensor,   # [B, Hkv, C, D] written in place
+              slots:torch.Tensor,    # [q] long cache slots
+              num_heads:int, num_kv_heads:int) -> torch.Tensor:
+    "The rotated queries `[B, Hq, q, D]`; rotated keys and the values are written into the cache at `slots`."
+    return choose("rotary_kv", qkv.device)(qkv, cos, sin, keys, values, slots, num_heads, num_kv_heads)
+
+def silu_mul(gate_up:torch.Tensor   # [..., 2I] gate then up
+            ) -> torch.Tensor:
+    "`silu(gate) * up`, `[..., I]`."
+    return choose("silu_mul", gate_up.device)(gate_up)

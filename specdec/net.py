@@ -9,10 +9,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from fastcore.basics import patch
+import specdec_kernels
+from .kernels import choose
 
 # %% auto #0
-__all__ = ['SUPPORTED_ARCHITECTURES', 'KVCache', 'onednn_available', 'linear_backend', 'Linear', 'layer_windows', 'TreeLayout',
-           'attention_mask', 'DecoderNet']
+__all__ = ['SUPPORTED_ARCHITECTURES', 'STEP_OPS', 'NO_LAUNCH', 'KVCache', 'onednn_available', 'linear_backend', 'fuse_weights',
+           'Linear', 'step_ops', 'layer_windows', 'TreeLayout', 'attention_mask', 'DecoderNet', 'count_step_ops']
 
 # %% ../nbs/02_net.ipynb #bf03e52f
 class KVCache:
@@ -52,8 +54,9 @@ class KVCache:
         self.length = length
 
 # %% ../nbs/02_net.ipynb #09c9a0dd
-import weakref
+import itertools, weakref
 _PACKED = weakref.WeakKeyDictionary()   # nn.Linear (first of a fused group) -> packed oneDNN weights
+_FUSED = weakref.WeakKeyDictionary()    # nn.Linear (first of a fused group) -> (fused weight, fused bias)
 
 def onednn_available() -> bool:
     "Whether torch's oneDNN linear with prepacked weights is available."
@@ -66,36 +69,79 @@ def linear_backend(device:torch.device, dtype:torch.dtype, requested:str="auto")
     if requested == "onednn" and not ok: raise ValueError("the onednn backend needs float32 on a CPU with oneDNN")
     return "onednn" if requested != "torch" and ok else "torch"
 
+def _is_view_of(t:torch.Tensor, base:torch.Tensor, offset:int) -> bool:
+    "Whether `t` is the contiguous block of `base` that starts at element `offset`."
+    return (t.device == base.device and t.dtype == base.dtype and t.is_contiguous()
+            and t.data_ptr() == base.data_ptr() + offset * base.element_size())
+
+def fuse_weights(linears:list) -> tuple[torch.Tensor, torch.Tensor|None]:
+    """One `[sum(out), in]` weight (and bias) for several `nn.Linear`s over the same input, so that one matrix product
+    replaces several. The linears' own weights become views of it (no second copy in memory; the model computes as
+    before); done once per group, again only if the weights were replaced since (`.to()`, loading)."""
+    key = linears[0]
+    if key in _FUSED:
+        weight, bias = _FUSED[key]
+        offsets = [0, *itertools.accumulate(l.weight.numel() for l in linears[:-1])]
+        if all(_is_view_of(l.weight, weight, o) for l, o in zip(linears, offsets)): return weight, bias
+    with torch.no_grad():
+        weight = torch.cat([l.weight for l in linears])                   # [sum(out), in]
+        has_bias = any(l.bias is not None for l in linears)
+        bias = torch.cat([l.bias if l.bias is not None else torch.zeros_like(l.weight[:, 0]) for l in linears]) if has_bias else None
+        start = 0
+        for l in linears:
+            n = l.weight.shape[0]
+            l.weight.data = weight[start:start + n]
+            if l.bias is not None: l.bias.data = bias[start:start + n]
+            start += n
+    _FUSED[key] = (weight, bias)
+    return weight, bias
+
 class Linear:
-    "`x @ W.T + b` for one or several stacked `nn.Linear`s (fused); outputs split back per linear."
+    "`x @ W.T + b` for one or several stacked `nn.Linear`s over the same input, as one matrix product (fused weights)."
     max_packed_rows = 32   # longer blocks go through F.linear
 
     def __init__(self, linears:list, backend:str="torch"):
         self.linears, self.backend = linears, backend
         self.sizes = [l.weight.shape[0] for l in linears]
+        if len(linears) == 1: self.weight, self.bias = linears[0].weight, linears[0].bias
+        else: self.weight, self.bias = fuse_weights(linears)
         if backend == "onednn":
             key = linears[0]
-            if key not in _PACKED or _PACKED[key][0] != len(linears):
-                weight = torch.cat([l.weight for l in linears]) if len(linears) > 1 else linears[0].weight
-                biases = [l.bias if l.bias is not None else torch.zeros_like(l.weight[:, 0]) for l in linears]
-                bias = torch.cat(biases) if any(l.bias is not None for l in linears) else None
-                _PACKED[key] = (len(linears), torch.ops.mkldnn._reorder_linear_weight(weight, 8), bias)
-            _, self.packed, self.bias = _PACKED[key]
+            if key not in _PACKED or _PACKED[key][0] != len(linears) or _PACKED[key][3] is not self.weight:
+                bias = self.bias if self.bias is not None else None
+                _PACKED[key] = (len(linears), torch.ops.mkldnn._reorder_linear_weight(self.weight, 8), bias, self.weight)
+            _, self.packed, _, _ = _PACKED[key]
 
-    def __call__(self, x:torch.Tensor,
-                 packed:bool=True, # False: plain F.linear (torch.compile cannot trace the packed oneDNN weights)
-                ) -> list[torch.Tensor]:
+    def joint(self, x:torch.Tensor,
+              packed:bool=True, # False: plain F.linear (torch.compile cannot trace the packed oneDNN weights)
+             ) -> torch.Tensor:
+        "All the linears' outputs side by side, `[..., sum(out)]`."
         if packed and self.backend == "onednn" and x.numel() // x.shape[-1] <= self.max_packed_rows:
-            out = torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
-            return list(out.split(self.sizes, dim=-1)) if len(self.sizes) > 1 else [out]
-        return [F.linear(x, l.weight, l.bias) for l in self.linears]
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        return F.linear(x, self.weight, self.bias)
+
+    def __call__(self, x:torch.Tensor, packed:bool=True) -> list[torch.Tensor]:
+        "Each linear's output (views of the joint output)."
+        out = self.joint(x, packed)
+        return list(out.split(self.sizes, dim=-1)) if len(self.sizes) > 1 else [out]
 
 # %% ../nbs/02_net.ipynb #4a24c955
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "mistral")
 
-def _rotate_half(x):
-    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2 :]
-    return torch.cat((-x2, x1), dim=-1)
+STEP_OPS = specdec_kernels.STEP_KERNELS   # the decoder step's fused ops, each a kernel in `specdec.kernels`
+
+def step_ops(device, # where the net runs
+             kernels:str="auto", # "auto": the registry's pick per op (Triton on CUDA where it agrees and is faster); "triton"; "torch"
+            ) -> dict:
+    "`{op: fn}` for the step's fused ops (`STEP_OPS`): RMS norm with the residual add, rotary + KV write, SiLU gate."
+    if kernels not in ("auto", "triton", "torch"): raise ValueError(f"kernels must be auto, triton or torch, got {kernels!r}")
+    return {name: choose(name, device, kernels) for name in STEP_OPS}
+
+def _rms_norm_of(norm) -> tuple:
+    "`(weight, eps)` of a Hugging Face RMS norm module (the arithmetic `rms_norm` reproduces)."
+    if not type(norm).__name__.endswith("RMSNorm") or not hasattr(norm, "variance_epsilon"):
+        raise NotImplementedError(f"specdec's decoder computes Llama-style RMS norms; {type(norm).__name__} is not one")
+    return norm.weight, norm.variance_epsilon
 
 def layer_windows(config, num_layers:int) -> list:
     "Each layer's sliding attention window (`None`: full attention), as Hugging Face decides it."
@@ -139,6 +185,7 @@ class DecoderNet:
     "The forward pass of a Hugging Face Llama-family causal LM (optionally its first `num_layers` only) over a `KVCache`."
     def __init__(self, hf_model, num_layers:int|None=None,
                  linear:str="auto", # "auto": oneDNN prepacked weights on CPU float32, else torch; or "onednn"/"torch"
+                 kernels:str="auto", # the step's fused ops (`STEP_OPS`): "auto" (the registry: Triton on CUDA where faster), "triton" or "torch"
                 ):
         cfg = hf_model.config
         if cfg.model_type not in SUPPORTED_ARCHITECTURES:
@@ -163,6 +210,10 @@ class DecoderNet:
         self.gate_up = [lin(l.mlp.gate_proj, l.mlp.up_proj) for l in self.layers]
         self.down = [lin(l.mlp.down_proj) for l in self.layers]
         self.head = lin(hf_model.lm_head)
+        self.norms = [_rms_norm_of(n) for l in self.layers for n in (l.input_layernorm, l.post_attention_layernorm)]
+        self.norms.append(_rms_norm_of(self.norm))                          # [2 * layers + 1] (weight, eps), in order
+        self.silu = cfg.hidden_act in ("silu", "swish")
+        self.ops = step_ops(self.device, kernels)                          # {"rms_norm", "rotary_kv", "silu_mul"} -> fn
         self.cos = self.sin = None   # rotary tables [positions, D], grown by new_cache
         self.engines = {}            # compiled / graph-captured runners of this net, filled by specdec.engine
         self.features, self.features_start = None, None   # last eager forward's hidden states [B, q, H] and first position
@@ -183,45 +234,52 @@ class DecoderNet:
 
 # %% ../nbs/02_net.ipynb #b50dbbbc
 @patch
-def _attention(self:DecoderNet, i:int, hidden, cos, sin, cache:KVCache, start:int|None, positions, masks:dict, packed:bool):
-    "Layer `i`'s attention; writes K/V at `start..` (sliced path) or at device `positions` (fixed shapes)."
+def _attention(self:DecoderNet, i:int, normed, cos, sin, cache:KVCache, slots, end:int|None, masks:dict, packed:bool):
+    """Layer `i`'s attention over `normed` `[B, q, H]`: K/V are written at `slots` `[q]`; queries attend to the first
+    `end` cache slots (sliced path) or to the whole cache (`end=None`, fixed shapes)."""
     attn = self.layers[i].self_attn
-    B, q_len, _ = hidden.shape
-    shape = (B, q_len, -1, self.head_dim)
-    query, key, value = (t.view(shape) for t in self.qkv[i](hidden, packed))
-    if hasattr(attn, "q_norm"): query, key = attn.q_norm(query), attn.k_norm(key)   # Qwen3
-    query, key, value = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)  # [B, heads, q, D]
-    query = query * cos + _rotate_half(query) * sin
-    key = key * cos + _rotate_half(key) * sin
-    if positions is None:                                # sliced: write at start.., attend over the first end keys
-        end = start + q_len
-        cache.keys[i, :, :, start:end] = key
-        cache.values[i, :, :, start:end] = value
-        keys, values = cache.keys[i, :, :, :end], cache.values[i, :, :, :end]   # [B, kv_heads, end, D]
-    else:                                                # fixed shapes: write at device positions, attend over all
-        cache.keys[i].index_copy_(2, positions, key)
-        cache.values[i].index_copy_(2, positions, value)
-        keys, values = cache.keys[i], cache.values[i]                             # [B, kv_heads, capacity, D]
+    B, q_len, _ = normed.shape
+    qkv = self.qkv[i].joint(normed, packed)                             # [B, q, (Hq + 2*Hkv) * D]
+    if hasattr(attn, "q_norm"):                                          # Qwen3: per-head norms before the rotary
+        query, key, value = qkv.split(self.qkv[i].sizes, dim=-1)
+        shape = (B, q_len, -1, self.head_dim)
+        qkv = torch.cat([attn.q_norm(query.view(shape)).flatten(2), attn.k_norm(key.view(shape)).flatten(2), value], -1)
+    query = self._op("rotary_kv", packed)(qkv, cos, sin, cache.keys[i], cache.values[i], slots, self.num_heads,
+                                          self.num_kv_heads)            # [B, Hq, q, D]; K/V written at slots
+    keys, values = (cache.keys[i], cache.values[i]) if end is None else (cache.keys[i, :, :, :end], cache.values[i, :, :, :end])
     mask = masks[self.windows[i]]
     out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, is_causal=mask is None and q_len > 1,
                                          scale=self.scaling, enable_gqa=self.num_heads != self.num_kv_heads)
     return self.o[i](out.transpose(1, 2).reshape(B, q_len, -1), packed)[0]
 
 @patch
-def _mlp(self:DecoderNet, i:int, hidden, packed:bool=True):
-    gate, up = self.gate_up[i](hidden, packed)
-    return self.down[i](self.layers[i].mlp.act_fn(gate) * up, packed)[0]
+def _mlp(self:DecoderNet, i:int, normed, packed:bool=True):
+    gate_up = self.gate_up[i].joint(normed, packed)                     # [B, q, 2I]
+    if self.silu: gated = self._op("silu_mul", packed)(gate_up)          # [B, q, I]
+    else:
+        gate, up = gate_up.split(self.gate_up[i].sizes, dim=-1)
+        gated = self.layers[i].mlp.act_fn(gate) * up
+    return self.down[i](gated, packed)[0]
 
 @patch
-def _layers_and_head(self:DecoderNet, hidden, cos, sin, cache, start, positions, masks, logits:str, packed:bool):
-    for i, layer in enumerate(self.layers):
-        hidden = hidden + self._attention(i, layer.input_layernorm(hidden), cos, sin, cache, start, positions, masks, packed)
-        hidden = hidden + self._mlp(i, layer.post_attention_layernorm(hidden), packed)
-        if i in self.keep_layers: self.layer_features[i] = hidden             # [B, q, H] (EAGLE-3 fuses several layers)
-    self.features = hidden                                              # [B, q, H] before the final norm, for draft heads
+def _op(self:DecoderNet, name:str, packed:bool=True):
+    "The step op `name`: the chosen kernel, or its torch reference where the forward must stay traceable (`packed=False`)."
+    return self.ops[name] if packed else specdec_kernels.TORCH_REFERENCES[name]
+
+@patch
+def _layers_and_head(self:DecoderNet, hidden, cos, sin, cache, slots, end, masks, logits:str, packed:bool):
+    "The decoder layers and the head; each residual add is fused with the RMS norm that follows it."
+    rms_norm = self._op("rms_norm", packed)
+    normed, residual = rms_norm(hidden, *self.norms[0])               # [B, q, H] each
+    for i in range(self.num_layers):
+        attn_out = self._attention(i, normed, cos, sin, cache, slots, end, masks, packed)
+        normed, residual = rms_norm(attn_out, *self.norms[2 * i + 1], residual)
+        normed, residual = rms_norm(self._mlp(i, normed, packed), *self.norms[2 * i + 2], residual)   # next layer's norm (or the final one)
+        if i in self.keep_layers: self.layer_features[i] = residual      # [B, q, H] (EAGLE-3 fuses several layers)
+    self.features = residual                                            # [B, q, H] before the final norm, for draft heads
     if logits == "none": return None
-    if logits == "last": hidden = hidden[:, -1:]
-    return self.head(self.norm(hidden), packed)[0].float()             # [B, q|1, V]
+    if logits == "last": normed = normed[:, -1:]
+    return self.head(normed, packed)[0].float()                        # [B, q|1, V]
 
 # %% ../nbs/02_net.ipynb #b7c62973
 @patch
@@ -245,7 +303,8 @@ def forward(self:DecoderNet, input_ids:torch.Tensor, # [B, q] new tokens, writte
         needs_mask = tree is not None or (q_len > 1 and start > 0) or (w is not None and end > w)
         masks[w] = attention_mask(positions, key_pos, w) if needs_mask else None
         if tree is not None: masks[w][:, start:] &= tree.ancestors.to(device)   # [q, q] within the tree: ancestors only
-    out = self._layers_and_head(hidden, cos[:, None], sin[:, None], cache, start, None, masks, logits, True)
+    slots = torch.arange(start, end, device=device)                     # [q] cache slots (a tree's too: in node order)
+    out = self._layers_and_head(hidden, cos[0], sin[0], cache, slots, end, masks, logits, True)
     self.features_start = start                                         # `features` are those of positions start..end-1
     cache.length = end
     return out
@@ -280,6 +339,47 @@ def forward_at(self:DecoderNet, input_ids:torch.Tensor, # [B, q] new tokens
     cos, sin = self.cos[positions], self.sin[positions]                 # [q, D]
     masks = {w: attention_mask(positions, cache.steps, w) for w in set(self.windows)}   # [q, capacity]
     self.features_start = None                                          # positions known only on the device
-    return self._layers_and_head(hidden, cos, sin, cache, None, positions, masks, logits, packed)
+    return self._layers_and_head(hidden, cos, sin, cache, positions, None, masks, logits, packed)
 
 DecoderNet.__call__ = DecoderNet.forward
+
+# %% ../nbs/02_net.ipynb #18f56108
+from collections import Counter
+from torch.utils._python_dispatch import TorchDispatchMode
+
+NO_LAUNCH = frozenset({"empty", "empty_strided", "empty_like", "lift_fresh", "detach", "alias", "_local_scalar_dense"})
+
+class _OpCounter(TorchDispatchMode):
+    "Counts ATen ops that launch work (not views, not allocations); ops inside a fused op are not counted."
+    def __init__(self):
+        super().__init__()
+        self.ops, self.inside = Counter(), 0
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if not self.inside and not func.is_view and name not in NO_LAUNCH: self.ops[name] += 1
+        return func(*args, **(kwargs or {}))
+
+def _counted(fn, name:str, counter:_OpCounter):
+    "`fn`, counted as one launch of fused op `name`."
+    def run(*args):
+        counter.ops[f"{name} (fused)"] += 1
+        counter.inside += 1
+        try: return fn(*args)
+        finally: counter.inside -= 1
+    return run
+
+def count_step_ops(net:DecoderNet,
+                   q:int=1,           # new tokens in the step (1: autoregressive; K+1: verification)
+                   context:int=128,   # tokens already in the cache
+                   fused:bool=True,   # count each fused step op as one launch (False: the ops of its torch reference)
+                  ) -> Counter:
+    "Ops one `forward_at` step of `q` tokens dispatches, by name (`sum(...)` is the step's launch count)."
+    cache = net.new_cache(1, context + q)
+    input_ids = torch.zeros(1, q, dtype=torch.long, device=net.device)
+    positions = torch.arange(context, context + q, device=net.device)
+    counter, ops = _OpCounter(), net.ops
+    if fused: net.ops = {name: _counted(fn, name, counter) for name, fn in ops.items()}
+    try:
+        with torch.inference_mode(), counter: net.forward_at(input_ids, positions, cache, "all")
+    finally: net.ops = ops
+    return counter.ops

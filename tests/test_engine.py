@@ -181,3 +181,59 @@ def test_graph_steps_do_not_sync_on_cuda(monkeypatch):
             torch.cuda.set_sync_debug_mode(0)
     finally:
         torch.cuda.set_sync_debug_mode(0)
+
+
+def test_fused_weights_share_the_models_storage():
+    "q/k/v and gate/up become one matrix product each; the model's own weights are views of it (no second copy)."
+    from specdec.net import fuse_weights
+    small = tiny_llama(seed=9)
+    ids = torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode(): before = small.model(ids).logits
+    net = DecoderNet(small.model, linear="torch")
+    attn = small.model.model.layers[1].self_attn
+    weight = net.qkv[1].weight                                       # [(Hq + 2*Hkv) * D, H]
+    assert weight.shape[0] == sum(l.weight.shape[0] for l in (attn.q_proj, attn.k_proj, attn.v_proj))
+    assert attn.k_proj.weight.data_ptr() == weight.data_ptr() + attn.q_proj.weight.numel() * weight.element_size()
+    with torch.inference_mode(): assert torch.equal(small.model(ids).logits, before)   # the model computes as before
+    assert DecoderNet(small.model, linear="torch").qkv[1].weight is weight             # fused once per model
+    old = weight.clone()
+    with torch.no_grad(): small.model.load_state_dict({k: v * 2 for k, v in small.model.state_dict().items()})
+    assert torch.equal(weight, 2 * old)                                # loading new weights reaches the fused product
+    attn.v_proj.weight = torch.nn.Parameter(attn.v_proj.weight.detach().clone())       # replaced: fused again
+    assert fuse_weights([attn.q_proj, attn.k_proj, attn.v_proj])[0] is not weight
+
+
+def test_the_lean_step_launches_about_nine_kernels_per_layer():
+    "Counted on the CPU: each fused op is one launch; the torch references of the same ops launch several."
+    from specdec.net import count_step_ops, STEP_OPS
+    small = tiny_llama(seed=9, num_layers=3)
+    net = DecoderNet(small.model, linear="torch", kernels="torch")
+    lean, unfused = count_step_ops(net, q=5), count_step_ops(net, q=5, fused=False)
+    assert lean["rms_norm (fused)"] == 2 * 3 + 1 and lean["rotary_kv (fused)"] == 3 and lean["silu_mul (fused)"] == 3
+    assert lean["linear"] == 4 * 3 + 1                              # q/k/v, o, gate/up, down per layer; the head
+    assert sum(lean.values()) <= 9 * 3 + 8 < sum(unfused.values())
+    assert not any(name.endswith("(fused)") for name in unfused) and set(STEP_OPS) == {"rms_norm", "rotary_kv", "silu_mul"}
+    assert count_step_ops(net, q=1) == lean                          # the same launches for 1 token as for 5
+
+
+def test_kernel_choice_errors_name_the_problem(model):
+    with pytest.raises(ValueError, match="kernels must be auto, triton or torch, got 'fast'"):
+        DecoderNet(model.model, kernels="fast")
+    from specdec_kernels.triton_support import triton_unavailable
+    if triton_unavailable("cpu") is not None:
+        with pytest.raises(ValueError, match="Triton kernel 'rms_norm' cannot run on cpu"):
+            DecoderNet(model.model, kernels="triton")
+
+
+@cuda
+def test_triton_step_in_graphs_gives_the_eager_tokens_on_cuda():
+    "The lean step with the Triton kernels, captured as CUDA graphs, reproduces the torch-reference eager tokens (float32)."
+    gpu = tiny_llama(seed=5, device="cuda", dtype=torch.float32)
+    prompt = gpu.encode(TEXT)
+    gpu.__dict__["net"] = DecoderNet(gpu.model, kernels="torch")
+    ref = generate(gpu, prompt, max_new_tokens=40, eos_token_id=[], compile="eager").tokens
+    gpu.__dict__["net"] = DecoderNet(gpu.model, kernels="triton")
+    for drafter in (None, PromptLookup()):
+        out = generate(gpu, prompt, drafter=drafter, controller=FixedK(4) if drafter else None, max_new_tokens=40,
+                       eos_token_id=[], compile="graphs")
+        assert out.engine["mode"] == "graphs" and torch.equal(out.tokens, ref), drafter
