@@ -77,9 +77,10 @@ def _runners(target, drafter, compile:str, B:int, capacity:int, max_k:int):
     "The target's runner and cache, the drafter's runner, each engine's shapes built now (off the clock)."
     mode = resolve_compile(compile, target.net)
     target.net.keep_layers = tuple(getattr(drafter, "target_layers", None) or ())   # the layers a head reads (none otherwise)
-    if getattr(drafter, "reads_target_features", False) and mode != "eager":   # heads read the net's last eager forward
-        if compile != "auto": raise ValueError(f"drafter {drafter.name} reads the target's features: it needs compile='eager' "
-                                               f"(or 'auto'), got {compile!r}")
+    target.net.keep_features = bool(getattr(drafter, "reads_target_features", False))   # engines copy them out for heads
+    if getattr(drafter, "drafts_trees", False) and mode != "eager":       # a tree's verification needs the eager forward
+        if compile != "auto": raise ValueError(f"drafter {drafter.name} drafts token trees, verified by the eager forward: "
+                                               f"it needs compile='eager' (or 'auto'), got {compile!r}")
         mode = "eager"
     runner = engine_for(target.net, mode)                                  # the net, or its engine
     cache = runner.new_cache(B, capacity)

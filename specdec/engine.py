@@ -81,15 +81,22 @@ Engine.new_cache = _new_cache
 
 # %% ../nbs/02a_engine.ipynb #2a3b0e4b
 def _forward_fn(self:Engine, logits:str="all"):
-    "`forward_at` as the mode runs it: compiled (`dynamic=False`, plain linears) or eager; prefill chunks are never compiled."
+    """`forward_at` as the mode runs it: compiled (`dynamic=False`, plain linears) or eager; prefill chunks are never
+    compiled. Every layer's output is kept (`net.layer_features`), whichever layers a head reads, so that one compiled
+    or captured step serves every drafter."""
+    net, all_layers = self.net, tuple(range(self.net.num_layers))
+    forward = net.forward_at
     if self.mode in ("compile", "compile+graphs") and logits != "none":
-        if self.compiled is None: self.compiled = torch.compile(self.net.forward_at, dynamic=False)
+        if self.compiled is None: self.compiled = torch.compile(net.forward_at, dynamic=False)
         compiled = self.compiled
-        def run(ids, positions, cache, logits):
+        def forward(ids, positions, cache, logits):
             with torch._dynamo.config.patch(recompile_limit=64):   # one entry per width, not the default 8
                 return compiled(ids, positions, cache, logits, packed=False)
-        return run
-    return self.net.forward_at
+    def run(ids, positions, cache, logits):
+        kept, net.keep_layers = net.keep_layers, all_layers
+        try: return forward(ids, positions, cache, logits)
+        finally: net.keep_layers = kept
+    return run
 
 def _capture(self:Engine, q:int, logits:str, cache:KVCache):
     "Warm up, capture `forward_at` of width `q` as a CUDA graph; return the replaying step function."
@@ -104,10 +111,12 @@ def _capture(self:Engine, q:int, logits:str, cache:KVCache):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph, pool=pool, stream=stream):
         static_out = fn(static_ids, static_pos, cache, logits)
+    static_features, static_layers = self.net.features, dict(self.net.layer_features)   # [B, q, H]; every layer's
     def replay(input_ids, cache):
         static_ids.copy_(input_ids)
         torch.add(cache.steps[:q], cache.length_t, out=static_pos)          # positions from the device length
         graph.replay()
+        self.net.features, self.net.layer_features = static_features, dict(static_layers)   # a copy: forwards write into theirs
         return static_out                                                    # overwritten by this shape's next replay
     return replay
 
@@ -140,6 +149,7 @@ def _call(self:Engine, input_ids:torch.Tensor, # [B, q] new tokens, written at p
     B, q = input_ids.shape
     start = cache.check_room(q)
     if self.steps and self.tables is not self.net.cos: self.steps.clear()   # the rotary tables grew: rebuild the shapes
+    parts = []                                                             # features of each part of the call, for heads
     if logits == "none" or (logits == "last" and q > self.last_logits_max_q):
         n = q if logits == "none" else q - 1
         P = self.prefill_chunk
@@ -150,16 +160,41 @@ def _call(self:Engine, input_ids:torch.Tensor, # [B, q] new tokens, written at p
                 raise ValueError(f"KV cache overflow: a padded prefill chunk needs {cache.length}+{P} > capacity {cache.capacity}")
             if real < P: chunk = F.pad(chunk, (0, P - real))             # padding: written past the length, hidden, overwritten
             self._step(P, "none", cache)(chunk, cache)
+            self._keep_features(parts, real)
             cache.length = cache.length + real
-        if logits == "none": return None
+        if logits == "none":
+            self._publish_features(parts, start)
+            return None
         out = self._step(1, "last", cache)(input_ids[:, -1:], cache)
-    elif logits == "all" and q > self.max_step:
-        out = self.net.forward_at(input_ids, cache.positions(q), cache, "all")
+        self._keep_features(parts, 1)
     else:
-        out = self._step(q, logits, cache)(input_ids, cache)
+        if logits == "all" and q > self.max_step: out = self.net.forward_at(input_ids, cache.positions(q), cache, "all")
+        else: out = self._step(q, logits, cache)(input_ids, cache)
+        self._keep_features(parts, q)
+    self._publish_features(parts, start)
     cache.length = start + q
     return out
 Engine.__call__ = _call
+
+def _keep_features(self:Engine, parts:list, n:int) -> None:
+    "Copy the first `n` positions' features of the step just run (static buffers in graph modes) if a head reads them."
+    net = self.net
+    if not net.keep_features: return
+    parts.append((net.features[:, :n].clone(), {i: net.layer_features[i][:, :n].clone() for i in net.keep_layers}))
+
+def _publish_features(self:Engine, parts:list, start:int) -> None:
+    """Give the net the features of this call's positions `start..` (and of the layers a head reads), as the eager
+    forward does; `features_start` None (no features) when no head reads them."""
+    net = self.net
+    if not parts:
+        net.features_start = None
+        return
+    if len(parts) == 1: net.features, net.layer_features = parts[0]                      # [B, q, H], {layer: [B, q, H]}
+    else:
+        net.features = torch.cat([f for f, _ in parts], 1)
+        net.layer_features = {i: torch.cat([l[i] for _, l in parts], 1) for i in net.keep_layers}
+    net.features_start = start
+Engine._keep_features, Engine._publish_features = _keep_features, _publish_features
 
 # %% ../nbs/02a_engine.ipynb #f4128992
 @torch.inference_mode()

@@ -83,7 +83,7 @@ def fuse_weights(linears:list) -> tuple[torch.Tensor, torch.Tensor|None]:
         weight, bias = _FUSED[key]
         offsets = [0, *itertools.accumulate(l.weight.numel() for l in linears[:-1])]
         if all(_is_view_of(l.weight, weight, o) for l, o in zip(linears, offsets)): return weight, bias
-    with torch.no_grad():
+    with torch.inference_mode(False), torch.no_grad():                    # plain tensors: the model may be trained later
         weight = torch.cat([l.weight for l in linears])                   # [sum(out), in]
         has_bias = any(l.bias is not None for l in linears)
         bias = torch.cat([l.bias if l.bias is not None else torch.zeros_like(l.weight[:, 0]) for l in linears]) if has_bias else None
@@ -218,6 +218,7 @@ class DecoderNet:
         self.engines = {}            # compiled / graph-captured runners of this net, filled by specdec.engine
         self.features, self.features_start = None, None   # last eager forward's hidden states [B, q, H] and first position
         self.keep_layers, self.layer_features = (), {}      # layers whose outputs a draft head reads: {layer: [B, q, H]}
+        self.keep_features = False                          # a head reads the features: engines copy them out of their steps
 
     @property
     def device(self): return self.hf_model.lm_head.weight.device

@@ -188,8 +188,12 @@ def test_fused_weights_share_the_models_storage():
     from specdec.net import fuse_weights
     small = tiny_llama(seed=9)
     ids = torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(0))
-    with torch.inference_mode(): before = small.model(ids).logits
-    net = DecoderNet(small.model, linear="torch")
+    with torch.inference_mode():
+        before = small.model(ids).logits
+        net = DecoderNet(small.model, linear="torch")                 # built inside inference mode, as generate does
+    embeds = small.model.get_input_embeddings()(ids).detach().requires_grad_()
+    small.model(inputs_embeds=embeds).logits.sum().backward()        # autograd still runs through the fused weights' views
+    assert embeds.grad is not None
     attn = small.model.model.layers[1].self_attn
     weight = net.qkv[1].weight                                       # [(Hq + 2*Hkv) * D, H]
     assert weight.shape[0] == sum(l.weight.shape[0] for l in (attn.q_proj, attn.k_proj, attn.v_proj))

@@ -349,3 +349,44 @@ def test_a_vocabulary_copies_its_ids_to_a_device_once():
     vocab = DraftVocab([5, 2, 9], 20)
     on_cpu = vocab.ids_on("cpu")
     assert on_cpu.tolist() == [5, 2, 9] and vocab.ids_on(torch.device("cpu")) is on_cpu   # the same tensor, not a new copy
+
+
+@pytest.mark.parametrize("kind", ["eagle", "medusa", "eagle2"])
+def test_a_head_drafts_the_same_over_the_fixed_shape_engine(tiny, heads, kind):
+    """The target at fixed shapes (the CPU stand-in for CUDA graphs: chunked prefill, one step function per width) hands
+    a head the same features as the eager forward: the same drafts, so the same acceptances, and the same output."""
+    head = heads[kind]
+    long = " ".join(TEXTS[:6])                                        # > 2 prefill chunks of 64 tokens
+    for text in (TEXTS[0], long):
+        prompt = tiny.encode(text)
+        eager = generate(tiny, prompt, drafter=head, controller=FixedK(4), max_new_tokens=30, eos_token_id=[], compile="eager")
+        fixed = generate(tiny, prompt, drafter=head, controller=FixedK(4), max_new_tokens=30, eos_token_id=[], compile="fixed")
+        assert fixed.engine["mode"] == "fixed" and head.missing_features == 0
+        assert torch.equal(fixed.tokens, eager.tokens)
+        assert (fixed.stats.accepted, fixed.stats.proposed) == (eager.stats.accepted, eager.stats.proposed), kind
+    assert tiny.encode(long).shape[1] > 128
+
+
+def test_a_tree_needs_the_eager_forward(tiny, heads):
+    from specdec.heads import TokenTree
+    prompt = tiny.encode(TEXTS[0])
+    with pytest.raises(ValueError, match=r"drafts token trees, verified by the eager forward: it needs compile='eager'"):
+        generate(tiny, prompt, drafter=TokenTree(heads["eagle"], 2, 4), max_new_tokens=8, compile="fixed")
+    assert generate(tiny, prompt, drafter=TokenTree(heads["eagle"], 2, 4), max_new_tokens=8).engine["mode"] == "eager"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_head_drafts_the_same_over_cuda_graphs():
+    "On CUDA (float32) the captured target's static feature buffers reach the head intact: same drafts as eager."
+    gpu = tiny_llama(seed=0, device="cuda", dtype=torch.float32)
+    records = own_records(gpu, [gpu.encode(t) for t in TEXTS[:4]])
+    for kind, layers in (("eagle", 1), ("medusa", 1), ("eagle", 2)):
+        head = new_head(kind, gpu, None, n=3, seed=0, num_layers=layers)
+        train_head(head, records, epochs=4, lr=1e-2, batch_size=2, seed=0, progress=False)
+        for drafter in (head, Fallback([PromptLookup(3, 2), head])):
+            prompt = gpu.encode(" ".join(TEXTS[:4]))
+            eager = generate(gpu, prompt, drafter=drafter, max_new_tokens=30, eos_token_id=[], compile="eager")
+            graphs = generate(gpu, prompt, drafter=drafter, max_new_tokens=30, eos_token_id=[], compile="graphs")
+            assert graphs.engine["mode"] == "graphs" and head.missing_features == 0
+            assert torch.equal(graphs.tokens, eager.tokens)
+            assert graphs.stats.accepted == eager.stats.accepted, (kind, layers, drafter.name)

@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# One lent-GPU session (15 min of device time in all) in two `run` calls, straight after one another; prepare first
+# with `bash ../shared/device/prepare.sh fastcore plotly jsonschema` (wheels and the SmolLM2 GGUF in two parts).
+#   call 1, carry [".device/wheels", ".device/w1"]:  bash nbs/bench/gpu_session.sh checks   (timeout_s ~300)
+#   call 2, carry [".device/w2"]:                     bash nbs/bench/gpu_session.sh bench    (timeout_s ~540)
+# HF static-cache compile costs ~40 s per prompt length there: one prompt per category keeps the run under the limit.
+# Results go under $OUT (the run folder, the test tail, the kernel counts); the last lines printed are a short table.
+set -uo pipefail
+export PYTHONPATH=/tmp/site:$PWD
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+case "${1:-}" in
+checks)
+  mkdir -p /tmp/sd && cp .device/w1/part1 /tmp/sd/
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site .device/wheels/*.whl
+  ln -sfn "$PWD/kernels" /tmp/site/specdec_kernels                # the package pyproject installs from kernels/
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+  timeout 240 python3 -m pytest -q -p no:cacheprovider kernels/ tests/test_engine.py \
+      tests/test_heads.py -k "cuda or triton or registry or fused or step" 2>&1 | tail -25 | tee "$OUT/checks.txt"
+  python3 - <<'PY' 2>&1 | tee "$OUT/launches.txt"
+# CUDA kernels one forward_at step launches (torch profiler), per step-op choice, on a random SmolLM2-sized model
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+from specdec.net import DecoderNet
+cfg = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                  num_key_value_heads=3, tie_word_embeddings=True, attn_implementation="sdpa")
+model = LlamaForCausalLM(cfg).to("cuda", torch.bfloat16).eval()
+for kernels in ("torch", "triton"):
+    net = DecoderNet(model, kernels=kernels)
+    for q in (1, 5):
+        cache = net.new_cache(1, 512)
+        ids, pos = torch.zeros(1, q, dtype=torch.long, device="cuda"), torch.arange(300, 300 + q, device="cuda")
+        with torch.inference_mode():
+            for _ in range(3): net.forward_at(ids, pos, cache)
+            torch.cuda.synchronize()
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                net.forward_at(ids, pos, cache); torch.cuda.synchronize()
+        n = sum(e.count for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA)
+        print(f"kernels={kernels} q={q}: {n} CUDA kernels per step")
+PY
+  ;;
+bench)
+  cat /tmp/sd/part1 .device/w2/part2 > /tmp/sd/SmolLM2-135M-Instruct.Q4_1.gguf
+  prompts=builtin
+  for f in shared/prompts/spec_bench_dev.jsonl ../shared/prompts/spec_bench_dev.jsonl; do [ -f "$f" ] && prompts=$f && break; done
+  timeout 500 python3 -m specdec.cli bench --model /tmp/sd/SmolLM2-135M-Instruct.Q4_1.gguf --device cuda \
+      --max-new-tokens 128 --prompts "$prompts" --n-prompts 1 --iterations 3 --drafters "pld,eagle,medusa,pld:3:2+eagle" \
+      --ks 4 --out "$OUT" --no-html 2>&1 | tail -40
+  for run in "$OUT"/*/; do [ -f "$run/MANIFEST.json" ] && python3 - "$run" <<'PY'
+import json, sys
+m = json.load(open(sys.argv[1] + "/MANIFEST.json"))
+print(m.get("system", {}).get("gpu"), "| commit", m.get("git", {}).get("commit"))
+print("method | tok/s (median) | x specdec-ar [95% CI] | x hf-generate | tau")
+fmt = lambda s: f"{s['geomean']:.2f} [{s['ci95'][0]:.2f}-{s['ci95'][1]:.2f}]" if s else "-"
+for name, r in m.get("results", {}).items():
+    sp = r.get("speedup") or {}
+    print(name, "|", f"{r['tok_s']['median']:.1f}", "|", fmt(sp.get("specdec-ar")), "|", fmt(sp.get("hf-generate")), "|",
+          r.get("tau") and round(r["tau"], 2))
+PY
+  done
+  ;;
+*) echo "usage: $0 checks|bench" >&2; exit 2 ;;
+esac
