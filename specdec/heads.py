@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from .models import LoadedModel
 from .net import KVCache
+from specdec_kernels.rotary_kv import rotate
 from .sampling import SamplingConfig, logits_to_probs, sample
 from .drafters import Draft, Drafter, no_draft
 
@@ -318,10 +319,6 @@ class EagleHead(_Head):
         return self.draft_logits(self.norm(hidden))
 
 # %% ../nbs/05a_heads.ipynb #4912f9b1
-def _rotate_half(x):
-    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2 :]
-    return torch.cat((-x2, x1), dim=-1)
-
 def _eagle_inputs(self:EagleHead, input_ids:torch.Tensor, # [B, q] tokens x_{t+1}
                   hidden:torch.Tensor, # [B, q] hidden of position t (fused target features, or the head's own output)
                   positions:torch.Tensor): # [q] the positions t
@@ -339,7 +336,7 @@ def _eagle_qkv(self:EagleHead, layer, # the head (its first layer) or an `EagleL
     h = layer.input_layernorm(x)
     shape = (B, q, -1, self.head_dim)
     query, key, value = (_linear(p, h).view(shape).transpose(1, 2) for p in (layer.q_proj, layer.k_proj, layer.v_proj))  # [B, h, q, D]
-    return query * cos + _rotate_half(query) * sin, key * cos + _rotate_half(key) * sin, value
+    return rotate(query, cos, sin), rotate(key, cos, sin), value                # the decoder's rotary arithmetic
 
 def _eagle_outputs(self:EagleHead, layer, x:torch.Tensor, # [B, q, H] residual stream
                    attended:torch.Tensor # [B, heads, q, D]
