@@ -155,14 +155,14 @@ class _Head(nn.Module, Drafter):
             raise ValueError(f"{self.name} was built on {self.target.name!r} but generate() got target {target.name!r}")
 
     def _net_features(self) -> torch.Tensor|None:
-        "The target's last eager forward's features this head reads `[B, q, F]`, or None."
+        "The target's last forward's features this head reads `[B, q, F]`, or None (eager, or the engine's copies)."
         net = self.target.net
         if self.target_layers is None: return net.features
         if any(i not in net.layer_features for i in self.target_layers): return None
         return torch.cat([net.layer_features[i] for i in self.target_layers], -1)
 
     def _last_features(self, count:int, first:int|None=None) -> torch.Tensor:
-        """The first `count` positions' features `[B, count, F]` of the target's last eager forward (which began at
+        """The first `count` positions' features `[B, count, F]` of the target's last forward (which began at
         `first`); zeros, counted in `missing_features`, when it did not give them (the draft is then poor, never wrong)."""
         net, features = self.target.net, self._net_features()
         if net.features_start is None or features is None or features.shape[1] < count \
