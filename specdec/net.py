@@ -107,10 +107,9 @@ class Linear:
         else: self.weight, self.bias = fuse_weights(linears)
         if backend == "onednn":
             key = linears[0]
-            if key not in _PACKED or _PACKED[key][0] != len(linears) or _PACKED[key][3] is not self.weight:
-                bias = self.bias if self.bias is not None else None
-                _PACKED[key] = (len(linears), torch.ops.mkldnn._reorder_linear_weight(self.weight, 8), bias, self.weight)
-            _, self.packed, _, _ = _PACKED[key]
+            if key not in _PACKED or _PACKED[key][0] is not self.weight:         # packed once per (fused) weight
+                _PACKED[key] = (self.weight, torch.ops.mkldnn._reorder_linear_weight(self.weight, 8))
+            self.packed = _PACKED[key][1]
 
     def joint(self, x:torch.Tensor,
               packed:bool=True, # False: plain F.linear (torch.compile cannot trace the packed oneDNN weights)
