@@ -9,7 +9,7 @@ from __future__ import annotations
 from .costmodel import StepCosts, best_k, measure_step_costs
 
 # %% auto #0
-__all__ = ['Controller', 'FixedK', 'AdaptiveK', 'shrunk_estimates', 'CostAwareK']
+__all__ = ['Controller', 'FixedK', 'AdaptiveK', 'DynamicK', 'shrunk_estimates', 'CostAwareK']
 
 # %% ../nbs/06_controllers.ipynb #98b4d711
 def _check_k(name:str, k) -> int:
@@ -18,6 +18,7 @@ def _check_k(name:str, k) -> int:
 
 class Controller:
     "Base class: chooses K per step, may pause drafting when acceptance is low."
+    stop_below:float|None = None   # drafters that draft token by token stop once their chain's probability is below this (`DynamicK`)
     def __init__(self, pause_below:float|None=None, # pause drafting when the acceptance EMA is below this
                  pause_steps:int=8, # steps of plain decoding per pause
                  ema:float=0.5): # weight of the newest step in the acceptance EMA
@@ -83,6 +84,20 @@ class AdaptiveK(Controller):
         if accepted == proposed: self.k = min(self.k + 1, self.k_max)
         elif accepted < self.early * proposed: self.k = max(self.k // 2, self.k_min)
     def describe(self): return f"k_init={self.k_init}, k_min={self.k_min}, k_max={self.k_max}, pause_below={self.pause_below}"
+
+class DynamicK(Controller):
+    """Draft up to `k_max` tokens, stopping where the draft's own probability of its chain so far falls below
+    `stop_below` (EAGLE-2's confidence; HF's `assistant_confidence_threshold`). The stop reads the draft's distribution
+    only, so the output is unchanged (lossless); drafters without distributions (prompt lookup) draft `k_max`."""
+    def __init__(self, k_max:int=8, stop_below:float=0.1):
+        self.k_max = _check_k("k_max", k_max)
+        if isinstance(stop_below, bool) or not 0 < stop_below < 1: raise ValueError(f"stop_below must be a probability in (0, 1), got {stop_below!r}")
+        self.stop_below = float(stop_below)
+        super().__init__(None)
+    @property
+    def max_k(self): return self.k_max
+    def choose_k(self): return self.k_max
+    def describe(self): return f"k_max={self.k_max}, stop_below={self.stop_below}"
 
 # %% ../nbs/06_controllers.ipynb #438f8cf0
 def shrunk_estimates(passed:list[float], # (decayed) drafts accepted at each position

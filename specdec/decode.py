@@ -70,7 +70,7 @@ def _emitted(draft_tokens, verdict, eos_ids):
     return new, eos_index
 
 def _setup_seconds(runners) -> float:
-    return sum(r.setup_total for r in runners if isinstance(r, Engine))
+    return sum(getattr(r, "setup_total", 0.0) for r in runners)          # engines and heads' graphs; an eager net: none
 
 # %% ../nbs/08_decode.ipynb #7f487a00
 def _runners(target, drafter, compile:str, B:int, capacity:int, max_k:int):
@@ -96,6 +96,7 @@ def _runners(target, drafter, compile:str, B:int, capacity:int, max_k:int):
             if isinstance(draft_runner, Engine):
                 runners.append(draft_runner)
                 draft_runner.warmup(draft_runner.new_cache(B, capacity), [(draft_runner.prefill_chunk, "none"), (1, "last"), (2, "last")])
+            elif hasattr(draft_runner, "setup_total"): runners.append(draft_runner)   # a head's `HeadSteps`: graphs captured in the loop
     return runner, cache, runners, engine
 
 def _step(runner, cache, drafter, policy, tokens, length:int, k:int, sampling, generator, eos_ids, timer):
@@ -167,7 +168,9 @@ def generate(target:LoadedModel, # the model whose output we want (anything with
         raise ValueError(f"{drafter.name} drafts token trees, which policy {type(policy).__name__} cannot verify: "
                          "use greedy or rejection")
     if drafter is not None and controller is None: controller = FixedK(4)
-    if controller is not None and drafter is not None: controller.start(target, drafter)
+    if controller is not None and drafter is not None:
+        controller.start(target, drafter)
+        drafter.stop_below = controller.stop_below       # `DynamicK`: drafting token by token stops at an unlikely chain
     eos = list(target.eos_token_ids if eos_token_id is None else
                ([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id))
     eos_ids = torch.tensor(eos, dtype=torch.long, device=target.device)   # [E]
@@ -211,6 +214,6 @@ def generate(target:LoadedModel, # the model whose output we want (anything with
     stats.draft_time, stats.verify_time, stats.accept_time = phases["draft"], phases["verify"], phases["accept"]
     stats.new_tokens, stats.draft_forwards = length - S, (drafter.forwards if drafter is not None else 0)
     engine["setup_seconds"] = {f"{role}:{key}": round(v, 4) for role, r in zip(("target",) + ("draft",) * (len(runners) - 1), runners)
-                               if isinstance(r, Engine) for key, v in r.setup_seconds.items()}
+                               for key, v in getattr(r, "setup_seconds", {}).items()}
     engine["setup_in_loop_seconds"] = round(setup, 4)                   # subtracted from wall_time
     return GenerationOutput(tokens[:, S:length].clone(), stats, accepted_lengths, engine)

@@ -32,6 +32,7 @@ class Draft:
 class Drafter:
     "Base class of drafters."
     forwards:int = 0   # draft forward passes in the current generation
+    stop_below:float|None = None   # set by `generate` from the controller: drafting token by token stops once the chain's probability is below it
     def start(self, target:LoadedModel, prompt_ids:torch.Tensor, capacity:int) -> None: self.forwards = 0
     def propose(self, tokens:torch.Tensor, k:int, sampling:SamplingConfig, generator=None) -> Draft: raise NotImplementedError
     def observe(self, n_accepted:int) -> None: pass
@@ -39,6 +40,17 @@ class Drafter:
     def max_drafts(self, k:int) -> int: return k           # the most drafts one proposal holds for K=k (a tree: its nodes)
     @property
     def name(self) -> str: return type(self).__name__
+
+    def keep_drafting(self, chain:torch.Tensor|None, # [B] the draft's probability of each row's chain before this token (None: first)
+                      logits:torch.Tensor, # [B, N] the draft's logits at this position
+                      choice:torch.Tensor, # [B] the index drafted there (into the logits' last dimension)
+                     ) -> tuple[bool, torch.Tensor|None]:
+        """Whether to draft one more token under `stop_below`, and the chains' probabilities `[B]` with this token: go on
+        while some row's chain keeps at least `stop_below` (its softmax at temperature 1; one host read per token)."""
+        if self.stop_below is None: return True, None
+        p = torch.softmax(logits.float(), -1).gather(-1, choice[:, None])[:, 0]    # [B]
+        chain = p if chain is None else chain * p
+        return bool(chain.max() >= self.stop_below), chain
 
 def no_draft(tokens:torch.Tensor) -> Draft:
     "An empty draft: the step decodes one token."
@@ -113,13 +125,17 @@ def _propose(self:DraftModel, tokens, k, sampling=SamplingConfig(), generator=No
     self._base, self._k = S, k
     if k == 0: return no_draft(tokens)
     logits = self.runner(tokens[:, self.cache.length:], self.cache, logits="last")[:, -1]   # [B, V]
-    drafted, probs = [], []
+    drafted, probs, chain = [], [], None
     for i in range(k):
         p = logits_to_probs(logits, sampling)                                  # [B, V]
         t = p.argmax(-1) if sampling.greedy else sample(p, generator)          # [B]
         drafted.append(t); probs.append(p)
-        if i < k - 1: logits = self.runner(t[:, None], self.cache, logits="last")[:, -1]
-    self.forwards += k
+        if i == k - 1: break
+        go_on, chain = self.keep_drafting(chain, logits, t)
+        if not go_on: break
+        logits = self.runner(t[:, None], self.cache, logits="last")[:, -1]
+    self._k = len(drafted)                                                     # what observe rolls back to
+    self.forwards += len(drafted)
     return Draft(torch.stack(drafted, 1), torch.stack(probs, 1))               # [B, k], [B, k, V]
 
 def _observe(self:DraftModel, n_accepted):
@@ -165,6 +181,12 @@ class Fallback(Drafter):
 
     @property
     def forwards(self) -> int: return sum(d.forwards for d in self.drafters)
+
+    @property
+    def stop_below(self) -> float|None: return self.drafters[0].stop_below
+    @stop_below.setter
+    def stop_below(self, value):
+        for d in self.drafters: d.stop_below = value
 
     def use_engine(self, compile:str) -> dict: return {d.name: d.use_engine(compile) for d in self.drafters}
     def max_drafts(self, k:int) -> int: return max(d.max_drafts(k) for d in self.drafters)

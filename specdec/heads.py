@@ -6,7 +6,7 @@ Docs: https://specdec.github.io/specdec/heads.html.md"""
 
 # %% ../nbs/05a_heads.ipynb #a54b6ac7
 from __future__ import annotations
-import hashlib, importlib.resources, json
+import hashlib, importlib.resources, json, time
 from pathlib import Path
 import torch
 import torch.nn as nn
@@ -16,11 +16,12 @@ from .net import KVCache
 from specdec_kernels.rotary_kv import rotate
 from .sampling import SamplingConfig, logits_to_probs, sample
 from .drafters import Draft, Drafter, no_draft
+from .engine import graph_memory
 
 # %% auto #0
-__all__ = ['HALF_ROWS', 'HEAD_FORMAT', 'HEAD_TYPES', 'SHIPPED_HEADS', 'DraftVocab', 'target_fingerprint', 'ResBlock',
-           'MedusaHeads', 'eagle3_layers', 'EagleLayer', 'EagleHead', 'grow_tree', 'TokenTree', 'save_head',
-           'head_dtype', 'load_head', 'shipped_head']
+__all__ = ['HALF_ROWS', 'HEAD_MODES', 'CAPACITY_MULTIPLE', 'HEAD_FORMAT', 'HEAD_TYPES', 'SHIPPED_HEADS', 'DraftVocab',
+           'target_fingerprint', 'ResBlock', 'MedusaHeads', 'eagle3_layers', 'EagleLayer', 'EagleHead', 'HeadSteps',
+           'grow_tree', 'TokenTree', 'save_head', 'head_dtype', 'load_head', 'shipped_head']
 
 # %% ../nbs/05a_heads.ipynb #3ecc78ec
 class DraftVocab:
@@ -104,6 +105,7 @@ class _Head(nn.Module, Drafter):
         self.checkpoint = None                        # the folder it was loaded from, for specs
         self.prompt_vocab = False                     # also draft the prompt's tokens the draft vocabulary lacks (copied names, foreign words)
         self.run_vocab = None                         # the vocabulary of this generation (or training batch) when it differs
+        self.steps = None                             # `HeadSteps` when the head runs at fixed shapes or as CUDA graphs (`use_engine`)
 
     @property
     def vocab(self) -> DraftVocab:
@@ -126,9 +128,17 @@ class _Head(nn.Module, Drafter):
         return next(self.parameters()).dtype
 
     def use_engine(self, compile:str) -> dict:
-        "Heads run eagerly on the target's features; the dtype they compute in and the vocabulary they draft from go into the run's record."
-        return {"mode": "eager", "dtype": str(self.dtype).removeprefix("torch."), "draft_vocab": len(self.draft_vocab),
+        """Run the head's forwards as the target's resolved mode runs (`HEAD_MODES`: CUDA graphs under `graphs`, fixed
+        shapes under `fixed` and `compile`, eager otherwise); the mode, the dtype it computes in and the vocabulary it
+        drafts from go into the run's record."""
+        mode = HEAD_MODES.get(compile, "eager")
+        if mode == "eager": self.steps = None
+        elif self.steps is None or self.steps.mode != mode: self.steps = HeadSteps(mode)
+        return {"mode": mode, "dtype": str(self.dtype).removeprefix("torch."), "draft_vocab": len(self.draft_vocab),
                 "prompt_vocab": bool(self.prompt_vocab)}
+
+    @property
+    def runner(self): return self.steps                # what `generate` counts setup time of (None: eager)
 
     def draft_weight(self) -> torch.Tensor:
         """The target's output-head rows of the draft vocabulary `[N, H]` in the head's dtype, selected once per weight
@@ -189,10 +199,11 @@ class _Head(nn.Module, Drafter):
         self.pending.append(self._last_features(n_accepted + 1))
 
     def _pick(self, logits, sampling, generator):
-        "Draft tokens `[B]` (full ids) and their full-vocabulary distributions `[B, V]` from draft logits `[B, N]`."
+        """Draft tokens `[B]` (full ids), their full-vocabulary distributions `[B, V]` and the draft ids chosen `[B]`
+        from draft logits `[B, N]`."""
         probs = logits_to_probs(logits, sampling)                             # [B, N]
         choice = probs.argmax(-1) if sampling.greedy else sample(probs, generator)
-        return self.vocab.ids_on(choice.device)[choice], self.vocab.expand(probs)
+        return self.vocab.ids_on(choice.device)[choice], self.vocab.expand(probs), choice
 
 # %% ../nbs/05a_heads.ipynb #9940efe2
 class ResBlock(nn.Module):
@@ -226,13 +237,22 @@ class MedusaHeads(_Head):
         self.pending = self.pending[-1:]                                       # only the newest feature matters
         if k == 0 or not self.pending: return None
         self.forwards += 1
-        return self(self.pending[-1][:, -1:])[:k, :, -1]                      # [k, B, N]
+        newest = self.pending[-1][:, -1:]                                      # [B, 1, H]
+        if self.steps is None: return self(newest)[:k, :, -1]                  # [k, B, N]
+        self.steps.reset(self.draft_weight())
+        return self.steps("heads", 1, self, newest)[:k, :, -1]                 # one replay for every head
 
     def propose(self, tokens, k, sampling=SamplingConfig(), generator=None):
         k = min(k, self.n)
         logits = self.newest_logits(k)                                         # [k, B, N]
         if logits is None: return no_draft(tokens)
-        drafted, probs = zip(*(self._pick(logits[i], sampling, generator) for i in range(k)))
+        drafted, probs, chain = [], [], None
+        for i in range(k):                                                     # stopping early (`stop_below`) saves verification only
+            t, p, choice = self._pick(logits[i], sampling, generator)
+            drafted.append(t); probs.append(p)
+            if i == k - 1: break
+            go_on, chain = self.keep_drafting(chain, logits[i], choice)
+            if not go_on: break
         return Draft(torch.stack(drafted, 1), torch.stack(probs, 1))           # [B, k], [B, k, V]
 
 # %% ../nbs/05a_heads.ipynb #4de40c15
@@ -415,41 +435,154 @@ def _eagle_unroll(self:EagleHead, input_ids:torch.Tensor, # [B, T] tokens x_{t+1
     return outputs
 EagleHead.unroll = _eagle_unroll
 
+# %% ../nbs/05a_heads.ipynb #b5d48c99
+HEAD_MODES = {"fixed": "fixed", "compile": "fixed", "graphs": "graphs", "compile+graphs": "graphs"}   # target's mode -> heads'
+CAPACITY_MULTIPLE = 256   # a head's cache capacity at fixed shapes is rounded up to this, so graphs rarely need a new one
+
+class HeadSteps:
+    """A head's forwards at fixed shapes: run as they are (`fixed`), or each (name, width) captured once as a CUDA graph
+    and replayed (`graphs`); widths over `max_width` run at fixed shapes without a graph."""
+    def __init__(self, mode:str="graphs", max_width:int=16):
+        if mode not in ("fixed", "graphs"): raise ValueError(f"HeadSteps mode must be fixed or graphs, got {mode!r}")
+        self.mode, self.max_width = mode, max_width
+        self.graphs, self.setup_seconds, self.reads = {}, {}, None   # (name, width) -> (inputs, graph, outputs); seconds per shape
+
+    @property
+    def setup_total(self) -> float: return sum(self.setup_seconds.values())
+    def __repr__(self): return f"HeadSteps({self.mode}, {len(self.graphs)} graphs, setup {self.setup_total:.2f} s)"
+
+    def reset(self, *tensors) -> None:
+        "The tensors the graphs read by address (the head's cache, its draft rows): when one is new, the graphs go."
+        reads = tuple((t.data_ptr(), tuple(t.shape)) for t in tensors)
+        if reads != self.reads: self.graphs.clear(); self.reads = reads
+
+    def __call__(self, name:str, width:int, fn, *inputs):
+        "`fn(*inputs)`, replayed from the graph of (`name`, `width`) (captured now if new) in `graphs` mode."
+        if self.mode == "fixed" or width > self.max_width: return fn(*inputs)
+        key = (name, width)
+        if key not in self.graphs: self.graphs[key] = self._capture(f"{name}:q={width}", fn, inputs)
+        static_inputs, graph, outputs = self.graphs[key]
+        for static, x in zip(static_inputs, inputs): static.copy_(x)
+        graph.replay()
+        return outputs                                      # static buffers: overwritten by this shape's next replay
+
+    def _capture(self, label:str, fn, inputs) -> tuple:
+        device = inputs[0].device
+        pool, stream = graph_memory(device)
+        torch.cuda.synchronize(device); t0 = time.perf_counter()
+        static_inputs = [x.clone() for x in inputs]
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            for _ in range(2): fn(*static_inputs)               # warm-up: the same writes the replay makes
+        torch.cuda.current_stream(device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool, stream=stream): outputs = fn(*static_inputs)
+        torch.cuda.synchronize(device)
+        self.setup_seconds[label] = self.setup_seconds.get(label, 0.0) + time.perf_counter() - t0
+        return static_inputs, graph, outputs
+
+def _eagle_forward_at(self:EagleHead, input_ids:torch.Tensor, # [B, q] tokens x_{t+1}
+                      hidden:torch.Tensor, # [B, q, H] hidden of positions t
+                      positions:torch.Tensor, # [q] the positions t (a device tensor: no host read)
+                      cache:KVCache) -> torch.Tensor:
+    "The head's forward at fixed shapes: K/V written at `positions`, attention over the whole cache; output `[B, q, H]`."
+    x, cos, sin = self._inputs(input_ids, hidden, positions)
+    mask = cache.steps[None] <= positions[:, None]                                 # [q, capacity]
+    for i, layer in enumerate(self.decoder_layers()):
+        query, key, value = self._qkv(layer, x, cos, sin)
+        cache.keys[i].index_copy_(2, positions, key); cache.values[i].index_copy_(2, positions, value)
+        out = F.scaled_dot_product_attention(query, cache.keys[i], cache.values[i], attn_mask=mask,
+                                             enable_gqa=self.num_heads != self.num_kv_heads)
+        x = self._outputs(layer, x, out)
+    return x
+
+def _eagle_catch_up_at(self:EagleHead, input_ids, features, # [B, m] tokens x_{t+1}, [B, m, layers*H] target features
+                       start:torch.Tensor): # [1] position of the first pair
+    "The catch-up at fixed shapes: the output `[B, 1, H]` of the last pair and the first draft's logits `[B, N]`."
+    out = self.forward_at(input_ids, self.fused(features), self.cache.steps[:input_ids.shape[1]] + start, self.cache)[:, -1:]
+    return out, self.logits(out[:, -1])
+
+def _eagle_draft_at(self:EagleHead, token, hidden, # [B, 1] the draft, [B, 1, H] the output it came from
+                    position:torch.Tensor): # [1]
+    "One draft forward at fixed shapes: the output `[B, 1, H]` and the next draft's logits `[B, N]`."
+    out = self.forward_at(token, hidden, position, self.cache)
+    return out, self.logits(out[:, -1])
+
+def _eagle_position(self:EagleHead, position:int) -> torch.Tensor:
+    "`[position]` on the head's device (a fill: no host read)."
+    return torch.full((1,), position, dtype=torch.long, device=self.cache.keys.device)
+
+EagleHead.forward_at, EagleHead._catch_up_at, EagleHead._draft_at, EagleHead._position = \
+    _eagle_forward_at, _eagle_catch_up_at, _eagle_draft_at, _eagle_position
+
 # %% ../nbs/05a_heads.ipynb #75a7aea1
 def _eagle_reset(self:EagleHead, batch:int, capacity:int):
     self.known, w = 0, self.fc.weight
+    if self.steps is not None: capacity = -(-capacity // CAPACITY_MULTIPLE) * CAPACITY_MULTIPLE   # graphs keep their cache
     if self.cache is None or self.cache.capacity < capacity or self.cache.keys.shape[1] != batch \
             or self.cache.keys.shape[0] != self.num_layers \
             or self.cache.keys.dtype != w.dtype or self.cache.keys.device != w.device:     # a new size, or the head moved or grew
         self.cache = KVCache(self.num_layers, batch, self.num_kv_heads, capacity, self.head_dim, w.dtype, w.device)
     self.cache.rollback(0)
 
-def _eagle_catch_up(self:EagleHead, tokens:torch.Tensor # [B, L] the sequence so far
-                   ) -> torch.Tensor:
-    "Run the committed pairs (features_t, x_{t+1}) for t = known..L-2 from the target's features; the output `[B, 1, H]` at L-2."
-    L = tokens.shape[1]
+def _eagle_pending(self:EagleHead, L:int) -> torch.Tensor:
+    "The target's features `[B, m, layers*H]` of the committed positions known..L-2, taken (the head holds them until now)."
     features = torch.cat(self.pending, 1) if len(self.pending) > 1 else self.pending[0]   # [B, m, layers*H]
     if features.shape[1] != L - 1 - self.known:
         raise RuntimeError(f"eagle: holds features of {features.shape[1]} new positions, the sequence has {L - 1 - self.known}")
     self.pending = []
+    return features
+
+def _eagle_catch_up(self:EagleHead, tokens:torch.Tensor # [B, L] the sequence so far
+                   ) -> torch.Tensor:
+    "Run the committed pairs (features_t, x_{t+1}) for t = known..L-2 from the target's features; the output `[B, 1, H]` at L-2."
+    L = tokens.shape[1]
+    features = self._pending(L)
     self.cache.rollback(self.known)
     out = self(tokens[:, self.known + 1:L], self.fused(features), self.known, self.cache)[:, -1:]   # [B, 1, H] at L-2
     self.known = L - 1
     return out
 
+def _eagle_first(self:EagleHead, tokens:torch.Tensor # [B, L] the sequence so far
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    "The catch-up's output `[B, 1, H]` at L-2 and the first draft's logits `[B, N]` (at fixed shapes: `HeadSteps`)."
+    if self.steps is None:
+        out = self._catch_up(tokens)
+        return out, self.logits(out[:, -1])
+    L = tokens.shape[1]
+    features, m = self._pending(L), L - 1 - self.known                            # [B, m, layers*H]
+    self.steps.reset(self.cache.keys, self.cache.values, self.draft_weight())
+    out, logits = self.steps("catch_up", m, self._catch_up_at, tokens[:, self.known + 1:L], features,
+                             self._position(self.known))
+    self.known = self.cache.length = L - 1
+    return out, logits
+
+def _eagle_next(self:EagleHead, token:torch.Tensor, # [B, 1] the draft just picked
+                hidden:torch.Tensor, # [B, 1, H] the head's output it was drafted from
+                position:int) -> tuple[torch.Tensor, torch.Tensor]:
+    "One draft forward: the head's output `[B, 1, H]` at `position` and the next draft's logits `[B, N]`."
+    if self.steps is None:
+        out = self(token, hidden, position, self.cache)
+        return out, self.logits(out[:, -1])
+    return self.steps("draft", 1, self._draft_at, token, hidden, self._position(position))
+
 def _eagle_propose(self:EagleHead, tokens, k, sampling=SamplingConfig(), generator=None):
     L = tokens.shape[1]
     if k == 0 or L < 2: return no_draft(tokens)
-    out = self._catch_up(tokens)                                                 # [B, 1, H] at L-2
-    drafted, probs = [], []
+    out, logits = self._first(tokens)                                            # [B, 1, H] at L-2, [B, N]
+    drafted, probs, chain = [], [], None
     for i in range(k):
-        t, p = self._pick(self.logits(out[:, -1]), sampling, generator)         # [B], [B, V]
+        t, p, choice = self._pick(logits, sampling, generator)                    # [B], [B, V], [B]
         drafted.append(t); probs.append(p)
-        if i < k - 1: out = self(t[:, None], out, L - 1 + i, self.cache)         # feed back its own output
-    self.forwards += k
+        if i == k - 1: break
+        go_on, chain = self.keep_drafting(chain, logits, choice)                  # `stop_below`: the chain is unlikely now
+        if not go_on: break
+        out, logits = self._next(t[:, None], out, L - 1 + i)                      # feed back its own output
+    self.forwards += len(drafted)
     return Draft(torch.stack(drafted, 1), torch.stack(probs, 1))               # [B, k], [B, k, V]
 
-EagleHead._reset, EagleHead._catch_up, EagleHead.propose = _eagle_reset, _eagle_catch_up, _eagle_propose
+EagleHead._reset, EagleHead._pending, EagleHead._catch_up, EagleHead.propose = _eagle_reset, _eagle_pending, _eagle_catch_up, _eagle_propose
+EagleHead._first, EagleHead._next = _eagle_first, _eagle_next
 
 # %% ../nbs/05a_heads.ipynb #e827d843
 def grow_tree(first_logp:torch.Tensor, # [N] the draft's log-probabilities of the first draft (draft ids)

@@ -13,7 +13,7 @@ from .models import load_model
 from .policies import AcceptancePolicy, Greedy, RejectionSampling, Typical, ConfidenceThreshold, TopKAgreement
 from .drafters import Drafter, PromptLookup, DraftModel, LayerSkip, Fallback
 from .heads import EagleHead, MedusaHeads, TokenTree, load_head, shipped_head
-from .controllers import Controller, FixedK, AdaptiveK, CostAwareK
+from .controllers import Controller, FixedK, AdaptiveK, DynamicK, CostAwareK
 from .synthetic import SyntheticDrafter, dry_run_target, DRY_RUN_DRAFT_COST
 
 # %% auto #0
@@ -261,6 +261,11 @@ CONTROLLERS.register("cost", lambda k_max, costs=None, **_: CostAwareK(k_max, co
                      Arg("K_MAX", int, "k_max", 8, "an integer K_MAX"),
                      help="the K in 0..K_MAX the cost model predicts fastest (measured step costs)", cls=CostAwareK,
                      example="cost:8")
+CONTROLLERS.register("dynamic", lambda k_max, stop_below, **_: DynamicK(k_max, stop_below),
+                     Arg("K_MAX", int, "k_max", 8, "an integer K_MAX"),
+                     Arg("STOP_BELOW", float, "stop_below", 0.1, "a probability", always=False),
+                     help="draft up to K_MAX tokens, stopping where the draft's probability of its chain falls below "
+                          "STOP_BELOW (lossless)", cls=DynamicK, example="dynamic:8:0.1")
 CONTROLLERS
 
 # %% ../nbs/15_specs.ipynb #aeef3c57

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 from specdec.heads import DraftVocab, EagleHead, MedusaHeads, save_head, load_head, head_dtype, HALF_ROWS, _linear
 from specdec.drafters import Draft, Fallback, PromptLookup, _merge
 from specdec.train import new_head, train_head, record_features, feature_layers, add_eagle_layers
-from specdec.controllers import FixedK, AdaptiveK
+from specdec.controllers import FixedK, AdaptiveK, DynamicK
 from specdec.policies import RejectionSampling
 from specdec.sampling import SamplingConfig, logits_to_probs
 from conftest import hf_greedy
@@ -45,7 +45,7 @@ def test_greedy_with_a_head_equals_the_targets_greedy(tiny, heads, kind):
     for text in TEXTS[:8]:
         prompt = tiny.encode(text)
         ref = hf_greedy(tiny, prompt, 40)
-        for controller in (FixedK(1), FixedK(4), AdaptiveK(k_max=6)):
+        for controller in (FixedK(1), FixedK(4), AdaptiveK(k_max=6), DynamicK(6, stop_below=0.3)):
             out = generate(tiny, prompt, drafter=head, controller=controller, max_new_tokens=40)
             assert torch.equal(out.tokens, ref), (kind, text, controller)
             assert head.missing_features == 0                     # it drafted from the target's own features every step
@@ -359,12 +359,44 @@ def test_a_head_drafts_the_same_over_the_fixed_shape_engine(tiny, heads, kind):
     long = " ".join(TEXTS[:6])                                        # > 2 prefill chunks of 64 tokens
     for text in (TEXTS[0], long):
         prompt = tiny.encode(text)
-        eager = generate(tiny, prompt, drafter=head, controller=FixedK(4), max_new_tokens=30, eos_token_id=[], compile="eager")
-        fixed = generate(tiny, prompt, drafter=head, controller=FixedK(4), max_new_tokens=30, eos_token_id=[], compile="fixed")
-        assert fixed.engine["mode"] == "fixed" and head.missing_features == 0
-        assert torch.equal(fixed.tokens, eager.tokens)
-        assert (fixed.stats.accepted, fixed.stats.proposed) == (eager.stats.accepted, eager.stats.proposed), kind
+        drafts = {}
+        for mode in ("eager", "fixed"):
+            out = generate(tiny, prompt, drafter=head, controller=FixedK(4), max_new_tokens=30, eos_token_id=[], compile=mode,
+                           on_step=lambda e, mode=mode: drafts.setdefault(mode, []).append(e.draft_tokens))
+            assert out.engine["mode"] == out.engine["drafter"]["mode"] == mode and head.missing_features == 0
+            assert (head.steps is None) == (mode == "eager")            # the head's own forwards at fixed shapes too
+            drafts[mode + " out"] = (out.tokens, out.stats.accepted, out.stats.proposed)
+        assert drafts["fixed"] == drafts["eager"], kind
+        assert torch.equal(drafts["fixed out"][0], drafts["eager out"][0]) and drafts["fixed out"][1:] == drafts["eager out"][1:]
     assert tiny.encode(long).shape[1] > 128
+
+
+@pytest.mark.parametrize("kind", ["eagle", "eagle2"])
+def test_the_fixed_shape_head_forward_equals_the_sliced_one(tiny, heads, kind):
+    "`forward_at` (K/V written at device positions, attention over the whole cache) computes what `forward` does."
+    from specdec.net import KVCache
+    head = heads[kind]
+    g = torch.Generator().manual_seed(0)
+    ids, hidden = torch.randint(0, tiny.vocab_size, (1, 9), generator=g), torch.randn(1, 9, head.hidden_size, generator=g)
+    caches = [KVCache(head.num_layers, 1, head.num_kv_heads, 32, head.head_dim, torch.float32, "cpu") for _ in range(2)]
+    with torch.inference_mode():
+        sliced = [head(ids[:, :6], hidden[:, :6], 0, caches[0]), head(ids[:, 6:], hidden[:, 6:], 6, caches[0])]
+        at = [head.forward_at(ids[:, :6], hidden[:, :6], torch.arange(6), caches[1]),
+              head.forward_at(ids[:, 6:], hidden[:, 6:], torch.arange(6, 9), caches[1])]
+    for a, b in zip(sliced, at): torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)   # float32: summed in another order
+    torch.testing.assert_close(caches[0].keys[:, :, :, :9], caches[1].keys[:, :, :, :9])
+
+
+def test_head_steps_modes_and_what_drops_their_graphs():
+    from specdec.heads import HeadSteps, HEAD_MODES
+    with pytest.raises(ValueError, match="HeadSteps mode must be fixed or graphs, got 'eager'"): HeadSteps("eager")
+    assert HEAD_MODES["compile"] == "fixed" and HEAD_MODES["compile+graphs"] == "graphs" and "eager" not in HEAD_MODES
+    steps, a, b = HeadSteps("fixed"), torch.zeros(4), torch.zeros(4)
+    assert steps("draft", 1, lambda x: x + 1, a).tolist() == [1.0] * 4 and steps.setup_total == 0
+    steps.graphs[("draft", 1)] = "captured"
+    steps.reset(a); steps.graphs[("draft", 1)] = "captured"
+    steps.reset(a); assert steps.graphs                                 # the same tensors: the graphs stay
+    steps.reset(b); assert not steps.graphs                             # a new cache or new draft rows: captured again
 
 
 def test_a_tree_needs_the_eager_forward(tiny, heads):
@@ -388,5 +420,45 @@ def test_a_head_drafts_the_same_over_cuda_graphs():
             eager = generate(gpu, prompt, drafter=drafter, max_new_tokens=30, eos_token_id=[], compile="eager")
             graphs = generate(gpu, prompt, drafter=drafter, max_new_tokens=30, eos_token_id=[], compile="graphs")
             assert graphs.engine["mode"] == "graphs" and head.missing_features == 0
+            assert head.steps.mode == "graphs" and head.steps.graphs, (kind, layers)     # the head's forwards replayed too
+            assert any(key.startswith("draft:") for key in graphs.engine["setup_seconds"])
             assert torch.equal(graphs.tokens, eager.tokens)
             assert graphs.stats.accepted == eager.stats.accepted, (kind, layers, drafter.name)
+
+
+def _first_draft(target, prompt, drafter, controller, **kw):
+    "The draft of a generation's first step (temperature 1, seed 0: the same draws whatever stops the draft)."
+    seen, propose = [], drafter.propose
+    def recording(*args, **kwargs):
+        draft = propose(*args, **kwargs)
+        if not seen: seen.append(draft)
+        return draft
+    drafter.propose = recording
+    try: generate(target, prompt, drafter=drafter, controller=controller, temperature=1.0, seed=0, max_new_tokens=12, **kw)
+    finally: del drafter.propose
+    return seen[0]
+
+
+@pytest.mark.parametrize("kind", ["eagle", "medusa", "model"])
+def test_dynamic_k_stops_where_the_chain_probability_falls_below(tiny, tiny_draft, heads, kind):
+    "DynamicK: the drafter stops after the first token whose chain probability (the draft's own) is below stop_below."
+    from specdec.drafters import DraftModel
+    drafter = DraftModel(tiny_draft) if kind == "model" else heads[kind]
+    k = 3 if kind == "medusa" else 6
+    prompt = tiny.encode(TEXTS[1])
+    full = _first_draft(tiny, prompt, drafter, FixedK(k))
+    assert full.k == k
+    chain = full.probs[0].gather(-1, full.tokens[0, :, None])[:, 0].cumprod(0).tolist()    # [k] the chain's probability
+    tried = 0
+    for j in range(k - 1):                                                                 # the chain falls below at draft j
+        above = chain[j - 1] if j else 1.0
+        below = (above * chain[j]) ** 0.5                                                 # between the two chain values
+        if not chain[j] < below <= above: continue                                        # equal values: no threshold between
+        short = _first_draft(tiny, prompt, drafter, DynamicK(k, stop_below=below))
+        assert short.k == j + 1, (kind, j, chain)                                         # it drafts that token, then stops
+        assert torch.equal(short.tokens, full.tokens[:, :j + 1])                          # the same draws, cut
+        tried += 1
+    assert tried >= k // 2, chain
+    assert drafter.stop_below == below                                                    # set by generate from the controller
+    generate(tiny, prompt, drafter=drafter, controller=FixedK(k), max_new_tokens=4)
+    assert drafter.stop_below is None                                                     # and cleared by any other controller

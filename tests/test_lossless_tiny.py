@@ -2,7 +2,7 @@
 import pytest, torch
 from specdec import generate
 from specdec.drafters import PromptLookup, DraftModel, LayerSkip
-from specdec.controllers import FixedK, AdaptiveK, CostAwareK
+from specdec.controllers import FixedK, AdaptiveK, CostAwareK, DynamicK
 from specdec.policies import RejectionSampling
 from conftest import hf_greedy
 
@@ -44,6 +44,8 @@ def test_adaptive_k_and_rejection_sampling_at_t0_are_greedy(tiny, tiny_draft):
             out = generate(tiny, prompt, drafter=drafter, policy=RejectionSampling(), max_new_tokens=40)
             assert torch.equal(out.tokens, ref), (text, drafter.name)
             out = generate(tiny, prompt, drafter=drafter, controller=CostAwareK(k_max=6), max_new_tokens=40)
+            assert torch.equal(out.tokens, ref), (text, drafter.name)
+            out = generate(tiny, prompt, drafter=drafter, controller=DynamicK(6, stop_below=0.2), max_new_tokens=40)
             assert torch.equal(out.tokens, ref), (text, drafter.name)
 
 

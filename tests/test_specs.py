@@ -32,6 +32,7 @@ CASES = [
     ("controller", 4, "fixed:4"), ("controller", "2", "fixed:2"), ("controller", "fixed", "fixed:4"),
     ("controller", "fixed:6", "fixed:6"), ("controller", "adaptive", "adaptive:16"), ("controller", "adaptive:8", "adaptive:8"),
     ("controller", "cost", "cost:8"), ("controller", "Cost:5", "cost:5"),
+    ("controller", "dynamic", "dynamic:8"), ("controller", "dynamic:6:0.25", "dynamic:6:0.25"), ("controller", "dynamic:8:0.1", "dynamic:8"),
 ]
 REGISTRIES = {"drafter": DRAFTERS, "policy": POLICIES, "controller": CONTROLLERS}
 
@@ -102,6 +103,8 @@ def test_no_policy():
     ("controller", "", "unknown controller '': use K, fixed[:K], adaptive[:K_MAX], cost[:K_MAX]"),
     ("controller", "fixed:abc", "fixed needs an integer K, e.g. fixed:4 (got 'fixed:abc')"),
     ("controller", "turbo", "unknown controller 'turbo'"),
+    ("controller", "dynamic:8:1.5", "controller 'dynamic:8:1.5': stop_below must be a probability in (0, 1), got 1.5"),
+    ("controller", "dynamic:8:x", "dynamic needs a probability, e.g. dynamic:8:0.1 (got 'dynamic:8:x')"),
     ("widget", "x", "unknown kind 'widget': use drafter, policy, controller"),
     ("drafter", "foo+pld", "drafter 'foo+pld': 'foo' is not a drafter: use none, pld[:MAX_NGRAM[:MIN_NGRAM]]"),
     ("drafter", "pld+", "drafter 'pld+': '' is not a drafter"),
