@@ -4,7 +4,8 @@
 #   call 1, carry [".device/wheels", ".device/w1"]:  bash nbs/bench/gpu_session.sh checks   (timeout_s ~300)
 #   call 2, carry [".device/w2"]:                     bash nbs/bench/gpu_session.sh bench    (timeout_s ~540)
 # HF static-cache compile costs ~40 s per prompt length there: one prompt per category keeps the run under the limit.
-# Results go under $OUT (the run folder, the test tail, the kernel counts); the last lines printed are a short table.
+# Results go under $OUT (the run folder, the test tail, the kernel counts, the head's draft cost eager and as graphs);
+# the last lines printed are a short table.
 set -uo pipefail
 export PYTHONPATH=/tmp/site:$PWD
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -36,6 +37,27 @@ for kernels in ("torch", "triton"):
                 net.forward_at(ids, pos, cache); torch.cuda.synchronize()
         n = sum(e.count for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA)
         print(f"kernels={kernels} q={q}: {n} CUDA kernels per step")
+PY
+  python3 - <<'PY' 2>&1 | tee "$OUT/head_steps.txt"
+# an EAGLE head's draft cost, its forwards eager against HeadSteps graphs, on a random SmolLM2-shaped target (bf16)
+import torch
+from specdec import generate
+from specdec.models import tiny_llama
+from specdec.train import new_head
+from specdec.controllers import FixedK
+target = tiny_llama(vocab_size=49152, hidden_size=576, num_layers=30, num_heads=9, num_kv_heads=3, intermediate_size=1536,
+                    device="cuda", dtype=torch.bfloat16)
+head = new_head("eagle", target).to(torch.bfloat16)
+prompt = torch.randint(0, 49152, (1, 300), device="cuda")
+eager_head = lambda compile: (setattr(head, "steps", None), {"mode": "eager"})[1]   # the head eager, the target as graphs
+for run in ("ar", "head eager", "head graphs") * 2:
+    if run == "head eager": head.use_engine = eager_head
+    elif run == "head graphs": del head.use_engine
+    out = generate(target, prompt, drafter=None if run == "ar" else head, controller=None if run == "ar" else FixedK(4),
+                   max_new_tokens=64, eos_token_id=[], compile="graphs")
+    s = out.stats
+    print(f"{run:12s}: {s.wall_time:.3f} s for {s.new_tokens} tokens, {s.target_forwards} target steps, "
+          f"{s.draft_forwards} head forwards, {s.accepted} accepted; mode {out.engine.get('drafter', {}).get('mode')}")
 PY
   ;;
 bench)
