@@ -554,7 +554,7 @@ def _eagle_first(self:EagleHead, tokens:torch.Tensor # [B, L] the sequence so fa
     self.steps.reset(self.cache.keys, self.cache.values, self.draft_weight())
     out, logits = self.steps("catch_up", m, self._catch_up_at, tokens[:, self.known + 1:L], features,
                              self._position(self.known))
-    self.known = self.cache.length = L - 1
+    self.known = L - 1                                                            # cache.length is not kept at fixed shapes (a device fill per step)
     return out, logits
 
 def _eagle_next(self:EagleHead, token:torch.Tensor, # [B, 1] the draft just picked
