@@ -26,10 +26,10 @@ from .timing import peak_memory, reset_peak_memory, chrome_trace
 # %% auto #0
 __all__ = ['HF', 'HF_PLD', 'HF_STATIC', 'AR', 'HF_METHODS', 'PRESETS', 'Method', 'methods_from', 'apply_preset', 'BenchConfig',
            'git_state', 'system_info', 'machine_of', 'versions', 'provenance', 'ResumeRefused', 'read_records',
-           'record_key', 'find_run', 'check_resume', 'tokens_equal', 'agreement', 'hf_generate', 'run_method',
-           'perplexity', 'schedule', 'bootstrap_geomean', 'stats_of', 'per_prompt', 'speedup', 'summarize_method',
-           'certificate', 'measure_costs', 'open_run', 'run_benchmark', 'predict_speedups', 'summarize_run',
-           'config_from_parameters', 'run_from_parameters']
+           'record_key', 'find_run', 'check_resume', 'tokens_equal', 'agreement', 'hf_generate', 'static_cache_len',
+           'run_method', 'perplexity', 'schedule', 'bootstrap_geomean', 'stats_of', 'per_prompt', 'speedup',
+           'summarize_method', 'certificate', 'measure_costs', 'open_run', 'run_benchmark', 'predict_speedups',
+           'summarize_run', 'summarize_partial', 'config_from_parameters', 'run_from_parameters']
 
 # %% ../nbs/11_bench.ipynb #438a17ed
 HF, HF_PLD, HF_STATIC, AR = "hf-generate", "hf-pld", "hf-static", "specdec-ar"
@@ -314,19 +314,24 @@ def _sync(device) -> None:
     if torch.device(device).type == "cuda": torch.cuda.synchronize()
 
 def hf_generate(target:LoadedModel, prompt_ids, max_new_tokens:int, temperature:float=0.0, top_p:float=1.0, seed:int=0,
-                ignore_eos:bool=False, mode:str=HF) -> tuple[list[int], Stats]:
-    "Hugging Face `generate` on the target (`mode`: hf-generate, hf-pld or hf-static), timed like specdec's loop."
+                ignore_eos:bool=False, mode:str=HF,
+                max_cache_len:int|None=None, # hf-static: the static cache's size, the same for every prompt of a run
+               ) -> tuple[list[int], Stats]:
+    """Hugging Face `generate` on the target (`mode`: hf-generate, hf-pld or hf-static), timed like specdec's loop.
+    hf-static sizes its cache to `max_cache_len` (at least prompt + new tokens): HF compiles its decode step for one cache
+    size, so a run that fixes the size compiles once, where sizing per prompt would recompile for each longer prompt."""
     if target.model is None or not hasattr(target.model, "generate"):
         raise ValueError(f"target {target.name!r} has no Hugging Face model to run generate() on")
     kw = dict(do_sample=False) if temperature == 0 else dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
     eos = target.eos_token_ids
+    static = {"max_cache_len": max_cache_len} if mode == HF_STATIC and max_cache_len else {}
     torch.manual_seed(seed)
     _sync(target.device)
     t0 = time.perf_counter()
     with torch.inference_mode():
         out = target.model.generate(prompt_ids, attention_mask=torch.ones_like(prompt_ids), max_new_tokens=max_new_tokens,
                                     eos_token_id=[] if ignore_eos else (eos or None), pad_token_id=(eos or [0])[0],
-                                    **HF_METHODS[mode], **kw)
+                                    **HF_METHODS[mode], **static, **kw)
     _sync(target.device)
     wall = time.perf_counter() - t0
     tokens = out[0, prompt_ids.shape[1]:].tolist()
@@ -334,11 +339,16 @@ def hf_generate(target:LoadedModel, prompt_ids, max_new_tokens:int, temperature:
     return tokens, Stats(new_tokens=len(tokens), wall_time=wall, generations=1, target_forwards=len(tokens) if plain else 0,
                          accepted_hist=[len(tokens)] if plain and tokens else [])
 
+def static_cache_len(encoded, # the run's prompts, encoded: id tensors [1, S]
+                     max_new_tokens:int) -> int:
+    "hf-static's cache size for a whole run: its longest prompt plus the new tokens, so that every prompt fits one shape."
+    return max(int(e.shape[1]) for e in encoded) + max_new_tokens
+
 def run_method(method:Method, target:LoadedModel, prompt_ids, cfg:BenchConfig, opts:dict, drafter=None, costs=None) -> tuple[list[int], Stats, dict|None]:
     "One generation of `method`: its tokens, its `Stats`, and the engine's report (None where there is none)."
     if method.is_hf:
         tokens, stats = hf_generate(target, prompt_ids, cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.seed,
-                                    opts["ignore_eos"], method.name)
+                                    opts["ignore_eos"], method.name, opts.get("hf_static_cache_len"))
         return tokens, stats, None
     controller = specs.make_controller(method.k, costs=costs) if drafter is not None else None
     out = generate(target, prompt_ids, drafter=drafter, policy=method.policy_object(), controller=controller,
@@ -545,6 +555,7 @@ def run_benchmark(cfg:BenchConfig, target:LoadedModel|None=None, progress:bool=T
     methods = cfg.methods(opts["hf_static"])
     drafters = {d: specs.make_drafter(d, target) for d in cfg.drafter_list}
     encoded = {p.id: p.encode(target, chat=cfg.chat) for p in prompts}
+    if opts["hf_static"]: opts["hf_static_cache_len"] = static_cache_len(encoded.values(), cfg.max_new_tokens)
     context = int(np.median([e.shape[1] for e in encoded.values()])) + cfg.max_new_tokens // 2
     needs_costs = cfg.cost_model or any(k.startswith("cost") for k in cfg.k_list)
     costs = measure_costs(target, drafters, context, _k_max(cfg.k_list), progress) if needs_costs else {}
@@ -592,7 +603,7 @@ def _measure(runner:_Runner, todo:list, manifest:dict, run_dir:Path, records_pat
             warmed.add((m.name, first.id))
     with open(records_path, "a") as f:
         for i, p, m in tqdm(todo, desc=manifest["run_id"], disable=not progress):
-            if m.name == HF_STATIC and (m.name, p.id) not in warmed:         # a new prompt length recompiles: warm it apart
+            if m.name == HF_STATIC and (m.name, p.id) not in warmed:         # a new prompt length may re-record graphs: warm apart
                 warmup_s[m.name] = warmup_s.get(m.name, 0.0) + runner.warm(m, p, 1); warmed.add((m.name, p.id))
             trace = run_dir / f"trace-{m.name.replace('/', '_')}.json" if cfg.profile and m.name not in traced else None
             traced.add(m.name)
@@ -657,6 +668,22 @@ def summarize_run(records:list[dict], methods:list[Method], cfg:BenchConfig) -> 
     gain = {b: summary[b]["speedup"].get(HF) for b in (AR, HF_PLD, HF_STATIC) if b in summary and HF in summary}
     return {"results": summary, "per_category": per_category, "framework_gain": gain, "counts": counts,
             "load_average": _load(speed), "certificate": certificate(records, methods, cfg.temperature)}
+
+def summarize_partial(run_dir) -> dict:
+    """What an interrupted run measured (killed at a time limit, say): `summarize_run` over the records it wrote, with
+    `planned` and `measured` speed-record counts beside. Nothing is written: the run stays unfinished (`status` running)."""
+    run_dir = Path(run_dir)
+    manifest = json.loads((run_dir / "MANIFEST.json").read_text())
+    names = {f.name for f in dataclasses.fields(BenchConfig)}
+    cfg = BenchConfig(**{k: v for k, v in manifest["params"].items() if k in names})
+    methods = cfg.methods(manifest["options"].get("hf_static", False))
+    if [m.name for m in methods] != manifest["methods"]:
+        raise ValueError(f"run {manifest['run_id']!r}: its parameters give methods {[m.name for m in methods]}, "
+                         f"its manifest lists {manifest['methods']}")
+    summary = summarize_run(read_records(run_dir / "records.jsonl"), methods, cfg)
+    summary["partial"] = {"status": manifest["status"], "measured": summary["counts"]["records"],
+                          "planned": manifest["prompt_set"]["selected"] * len(methods) * cfg.iterations}
+    return summary
 
 # %% ../nbs/11_bench.ipynb #d6642cd9
 def config_from_parameters(params:dict) -> BenchConfig:

@@ -180,3 +180,6 @@ def main(argv:list[str]|None=None) -> int:
     except (ValueError, NotImplementedError) as e:
         print(f"specdec: error: {e}", file=sys.stderr)
         return 2
+
+# %% ../nbs/09_cli.ipynb #0e28becd
+if __name__ == "__main__": raise SystemExit(main())

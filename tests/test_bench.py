@@ -263,3 +263,54 @@ def test_dry_run_checks_pipeline_and_cost_model(tmp_path):
     for name, r in manifest["results"].items():
         if r.get("predicted_speedup") is not None:
             assert abs(r["predicted_speedup"] / r["speedup"][AR]["geomean"] - 1) < 0.35, name
+
+
+def test_hf_static_sizes_its_cache_once_per_run():
+    """hf-static gets one cache size for all of a run's prompts (its longest prompt plus the new tokens), so HF compiles
+    its decode step once; its greedy tokens are HF generate's."""
+    from transformers.cache_utils import Cache
+    from specdec.bench import hf_generate, static_cache_len, HF_STATIC
+    from specdec.models import tiny_llama
+    target = tiny_llama()
+    prompts = [torch.randint(3, 100, (1, n), generator=torch.Generator().manual_seed(n)) for n in (5, 11)]
+    size = static_cache_len(prompts, 8)
+    assert size == 11 + 8
+    sizes = []
+    def keep_cache_size(module, args, kwargs):
+        sizes.extend(v.get_max_length() for v in kwargs.values() if isinstance(v, Cache))
+    hook = target.model.register_forward_pre_hook(keep_cache_size, with_kwargs=True)
+    try:
+        for p in prompts:
+            plain, _ = hf_generate(target, p, 8)
+            sizes.clear()
+            static, stats = hf_generate(target, p, 8, mode=HF_STATIC, max_cache_len=size)
+            assert static == plain and stats.new_tokens == 8
+            assert sizes and set(sizes) == {size}                   # every forward ran on the run's one cache size
+    finally: hook.remove()
+
+
+def test_an_interrupted_run_still_summarizes_what_it_measured(tmp_path):
+    "A run cut off part-way (its MANIFEST still `running`) gives the summaries of the records it wrote, counted as partial."
+    from specdec.bench import summarize_partial
+    run_dir = run_benchmark(BenchConfig(**{**SYNTH, "iterations": 2}, out=str(tmp_path)), progress=False)
+    records = (run_dir / "records.jsonl").read_text().splitlines()
+    speed = [l for l in records if json.loads(l)["purpose"] == "speed"]
+    (run_dir / "records.jsonl").write_text("\n".join(speed[:len(speed) // 2]) + "\n")      # the first iteration only
+    manifest = json.loads((run_dir / "MANIFEST.json").read_text())
+    manifest = {k: v for k, v in manifest.items() if k not in ("results", "per_category", "counts", "certificate")}
+    (run_dir / "MANIFEST.json").write_text(json.dumps({**manifest, "status": "running"}))
+    summary = summarize_partial(run_dir)
+    assert summary["partial"] == {"status": "running", "measured": len(speed) // 2, "planned": len(speed)}
+    assert summary["counts"]["iterations_complete"] == 1 and set(summary["results"]) == set(manifest["methods"])
+    assert summary["results"]["synthetic:0.9/k4"]["speedup"][AR]["n"] == 2
+    (run_dir / "MANIFEST.json").write_text(json.dumps({**manifest, "methods": manifest["methods"][:-1]}))
+    with pytest.raises(ValueError, match="its manifest lists"): summarize_partial(run_dir)
+
+
+def test_python_m_specdec_cli_runs_the_command():
+    "`python -m specdec.cli` (the package on PYTHONPATH, no `specdec` script: a lent GPU machine) runs the command."
+    run = subprocess.run([sys.executable, "-m", "specdec.cli", "bench", "--help"], capture_output=True, text=True, cwd=ROOT)
+    assert run.returncode == 0 and run.stdout.startswith("usage: specdec bench"), run.stderr[-2000:]
+    bad = subprocess.run([sys.executable, "-m", "specdec.cli", "generate", "--model", "tiny-llama", "--k", "0", "--prompt", "x"],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert bad.returncode == 2 and "K >= 1" in bad.stderr
