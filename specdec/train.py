@@ -21,10 +21,10 @@ from .controllers import FixedK
 from .stats import Stats
 
 # %% auto #0
-__all__ = ['PROMPT_STYLES', 'COPY_TASKS', 'magpie_prefix', 'evaluation_texts', 'feature_layers', 'read_data', 'features_dir',
-           'read_features', 'data_hash', 'write_distill_data', 'read_training_data', 'copy_records', 'write_copy_data',
-           'record_features', 'soft_cross_entropy', 'head_loss', 'add_eagle_layers', 'new_head', 'train_head',
-           'measure_tau', 'copy_agreement']
+__all__ = ['PROMPT_STYLES', 'COPY_TASKS', 'FIT_AFTER', 'magpie_prefix', 'evaluation_texts', 'feature_layers', 'read_data',
+           'features_dir', 'read_features', 'data_hash', 'write_distill_data', 'read_training_data', 'copy_records',
+           'write_copy_data', 'record_features', 'soft_cross_entropy', 'head_loss', 'add_eagle_layers', 'new_head',
+           'train_head', 'measure_tau', 'copy_agreement']
 
 # %% ../nbs/08a_train.ipynb #79515e6c
 _MARKER = "\u2063SPECDEC-USER-TEXT\u2063"
@@ -260,10 +260,13 @@ def write_distill_data(target:LoadedModel, path, # a .jsonl file (appended to; r
                        exclude=(), # Spec-Bench-format prompt files never to train on (the built-in set always)
                        layers=None, # target layers whose outputs are kept (default `feature_layers`; () keeps none)
                        top_k:int=16, # target next-token probabilities kept per answer token
-                       progress:bool=True) -> dict:
+                       progress:bool=True,
+                       max_seconds:float|None=None, # no batch is begun after this long (a later call writes the rest)
+                      ) -> dict:
     """Write self-distillation data: Magpie-style prompts by the target (open, or begun with a task's starter) and its
     answers (`path`), the target's features and next-token probabilities recorded while it wrote them (`features_dir(path)`,
-    one safetensors file per batch); returns the manifest (also `path.json`)."""
+    one safetensors file per batch); returns the manifest (also `path.json`). Under `max_seconds` it holds the batches
+    finished in time (`batches_done` of `n_batches`, `stopped` "time")."""
     from safetensors.torch import save_file
     styles = _styles(styles, max_prompt_tokens)
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
@@ -272,17 +275,20 @@ def write_distill_data(target:LoadedModel, path, # a .jsonl file (appended to; r
     done = _resume_data(path, {"styles": styles, "batch_size": batch_size, "seed": seed, "max_new_tokens": max_new_tokens,
                                "answer temperature": f"T={temperature:g}", "layers": list(layers), "top_k": top_k}, _settings_of)
     prefix, evaluation = magpie_prefix(target), evaluation_texts(exclude)
-    excluded = 0
+    excluded, t0, written, stopped = 0, time.perf_counter(), 0, "done"
     with open(path, "a") as f:
         for b in tqdm(range(n_batches), desc="self-distillation", disable=not progress):
             if b in done: continue
+            if max_seconds is not None and written and time.perf_counter() - t0 >= max_seconds:
+                stopped = "time"; break
             style = list(styles.items())[b % len(styles)]
             new, tensors, dropped = _write_batch(target, b, prefix, batch_size, None, max_new_tokens, temperature,
                                                  seed, evaluation, layers, top_k, style=style)
             excluded += dropped
             save_file(tensors, str(features / f"{b:05d}.safetensors"))       # before the batch is marked done
             f.write("".join(json.dumps(r) + "\n" for r in new) + json.dumps({"batch_done": b}) + "\n"); f.flush()
-    records, _ = read_data(path)
+            written += 1
+    records, finished = read_data(path)
     records = [r for r in records if r["batch"] < n_batches]
     manifest = {"target": target.name, "target_weights": target_fingerprint(target), "file": path.name,
                 "records": len(records), "tokens": sum(len(r["ids"]) for r in records),
@@ -294,7 +300,8 @@ def write_distill_data(target:LoadedModel, path, # a .jsonl file (appended to; r
                                                "max_new_tokens": max_new_tokens}},
                 "features": {"dir": features.name, "layers": list(layers), "top_k": top_k, "dtype": "float16"},
                 "records_by_style": {k: sum(r.get("style", "open") == k for r in records) for k in styles},
-                "excluded_evaluation_sets": ["builtin"] + [str(p) for p in exclude], "excluded_prompts_this_run": excluded}
+                "excluded_evaluation_sets": ["builtin"] + [str(p) for p in exclude], "excluded_prompts_this_run": excluded,
+                "batches_done": len([b for b in finished if b < n_batches]), "stopped": stopped}
     path.with_suffix(".json").write_text(json.dumps(manifest, indent=1))
     return manifest
 
@@ -565,6 +572,8 @@ def new_head(head_type:str, target:LoadedModel, draft_vocab:DraftVocab|None=None
     return head.float().to(target.device)
 
 # %% ../nbs/08a_train.ipynb #c1793192
+FIT_AFTER = 10   # steps timed before a time budget fits the schedule
+
 def train_head(head:EagleHead|MedusaHeads, records:list[dict],
                recorded:list[dict]|None=None, # `read_features` of the records; None: `record_features` computes them now
                layers=None, # the target layers `recorded` holds (the data manifest's `features.layers`)
@@ -573,9 +582,12 @@ def train_head(head:EagleHead|MedusaHeads, records:list[dict],
                ttt_steps:int=3, # EAGLE: training-time-test steps (drafts unrolled on its own outputs)
                max_steps:int|None=None, seed:int=0, progress:bool=True,
                prompt_vocab:bool=False, # each batch's vocabulary adds its prompts' tokens (as drafting with `prompt_vocab` does)
+               max_seconds:float|None=None, # a time budget: after `FIT_AFTER` steps the schedule is fitted to the steps that fit
               ) -> dict:
     """Train `head` on the target's recorded features and distributions (the target itself is not run) with AdamW, a
-    linear warm-up and a cosine decay; returns the loss curve, each step's (head's) top-1 agreement, steps and seconds."""
+    linear warm-up and a cosine decay; returns the loss curve, each step's (head's) top-1 agreement, steps and seconds.
+    With `max_seconds` (a short GPU lease, say) training stops once that much time has passed, and the cosine decay ends
+    near there: after the first `FIT_AFTER` steps their pace sets the planned steps (a timed run is not repeatable)."""
     if not records: raise ValueError("no training records")
     if recorded is None:
         layers = head.layers_read
@@ -590,17 +602,17 @@ def train_head(head:EagleHead|MedusaHeads, records:list[dict],
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     gen = torch.Generator().manual_seed(seed)
     per_epoch = -(-len(records) // batch_size)
-    total = epochs * per_epoch if max_steps is None else min(epochs * per_epoch, max_steps)
-    warmup = max(1, total // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * min(s / total, 1)))))
-    losses, agreement, t0, tokens = [], [], time.perf_counter(), 0
-    bar = tqdm(total=total, desc=f"train {head.head_type}", disable=not progress)
+    planned = epochs * per_epoch if max_steps is None else min(epochs * per_epoch, max_steps)
+    total, warmup = [planned], max(1, planned // 20)                                   # total: refitted under a time budget
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * min(s / total[0], 1)))))
+    losses, agreement, t0, tokens, stopped = [], [], time.perf_counter(), 0, "done"
+    bar = tqdm(total=planned, desc=f"train {head.head_type}", disable=not progress)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for epoch in range(epochs):
             order = torch.randperm(len(records), generator=gen).tolist()
             for s in range(0, len(order), batch_size):
-                if len(losses) >= total: break
+                if len(losses) >= total[0] or stopped == "time": break
                 pick = order[s:s + batch_size]
                 if prompt_vocab: head.run_vocab = head.draft_vocab.with_ids([t for i in pick for t in records[i]["ids"][:records[i]["answer_start"]]])
                 batch = _batch(head, [records[i] for i in pick], [recorded[i] for i in pick], layers, max_len, offsets)
@@ -612,13 +624,17 @@ def train_head(head:EagleHead|MedusaHeads, records:list[dict],
                 losses.append(loss.item()); tokens += int((batch["tokens"] > 0).sum())
                 agreement.append([round(int(h) / max(int(c), 1), 4) for h, c in agree])
                 bar.update(1); bar.set_postfix(loss=f"{losses[-1]:.3f}", top1=agreement[-1][0])
+                if max_seconds is not None:
+                    elapsed = time.perf_counter() - t0
+                    if len(losses) == FIT_AFTER: total[0] = min(total[0], max(FIT_AFTER + 1, int(max_seconds * FIT_AFTER / elapsed)))
+                    if elapsed >= max_seconds: stopped = "time"
     bar.close()
     head.prompt_vocab, head.run_vocab = prompt_vocab, None
     head.eval().requires_grad_(False)
     return {"losses": losses, "agreement": agreement, "steps": len(losses), "tokens": tokens,
             "seconds": round(time.perf_counter() - t0, 2), "epochs": epochs, "lr": lr, "batch_size": batch_size,
             "max_len": max_len, "ttt_steps": ttt_steps if isinstance(head, EagleHead) else None, "seed": seed, "prompt_vocab": prompt_vocab,
-            "device": str(head.target.device)}
+            "device": str(head.target.device), "max_seconds": max_seconds, "planned_steps": planned, "stopped": stopped}
 
 # %% ../nbs/08a_train.ipynb #4057a148
 def measure_tau(target:LoadedModel, drafter, prompts:list, # `Prompt`s (encoded through the chat template) or id tensors

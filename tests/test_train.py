@@ -279,3 +279,27 @@ def test_copy_data_quotes_answers_and_copies_them(tiny, tmp_path):
     assert {r["style"] for r in copy_records(tiny, sources, 4, tasks="repeat, edit", min_tokens=1)} == {"copy-repeat", "copy-edit"}
     (tmp_path / "empty.jsonl").write_text("")
     with pytest.raises(ValueError, match="holds no finished batches"): write_copy_data(tiny, tmp_path / "c2.jsonl", tmp_path / "empty.jsonl", **kw)
+
+
+def test_time_budgets_stop_data_and_training_and_say_so(tiny, tmp_path):
+    "A time budget (a short GPU lease): data keeps the batches finished in time (the rest resumes later); training stops, fits its schedule, and says so."
+    kw = dict(n_batches=3, batch_size=2, max_prompt_tokens=6, max_new_tokens=6, seed=0, progress=False)
+    cut = write_distill_data(tiny, tmp_path / "data.jsonl", **kw, max_seconds=1e-9)       # one batch, then out of time
+    assert (cut["batches_done"], cut["stopped"]) == (1, "time") and read_data(tmp_path / "data.jsonl")[1] == {0}
+    whole = write_distill_data(tiny, tmp_path / "data.jsonl", **kw)                        # resumed without a budget
+    assert (whole["batches_done"], whole["stopped"]) == (3, "done")
+    assert whole["hash"] == write_distill_data(tiny, tmp_path / "again.jsonl", **kw)["hash"]   # the same data as in one go
+    records = records_of(tiny, n=40)
+    free = train_head(new_head("eagle", tiny, seed=0), records, epochs=2, batch_size=2, progress=False)
+    assert (free["steps"], free["planned_steps"], free["stopped"]) == (40, 40, "done")
+    timed = train_head(new_head("eagle", tiny, seed=0), records, epochs=2, batch_size=2, progress=False, max_seconds=1e-9)
+    assert (timed["steps"], timed["planned_steps"], timed["stopped"], timed["max_seconds"]) == (1, 40, "time", 1e-9)
+
+
+def test_a_time_budget_fits_the_schedule_to_the_steps_that_fit(tiny, monkeypatch):
+    "After FIT_AFTER steps their pace sets the planned steps: a clock of 1 s per step and 25 s give 25 steps of the 40 planned."
+    import types, itertools, specdec.train as train
+    clock = itertools.count()
+    monkeypatch.setattr(train, "time", types.SimpleNamespace(perf_counter=lambda: float(next(clock))))
+    got = train_head(new_head("eagle", tiny, seed=0), records_of(tiny, n=40), epochs=2, batch_size=2, progress=False, max_seconds=25)
+    assert (got["steps"], got["planned_steps"], got["stopped"]) == (25, 40, "time")

@@ -1,24 +1,41 @@
 #!/usr/bin/env bash
 # One lent-GPU session (15 min of device time in all, a machine's start included) in two `run` calls, straight after one
-# another; prepare first with `bash ../shared/device/prepare.sh fastcore plotly jsonschema` (wheels and the SmolLM2
-# GGUF in two parts).
+# another. Prepare here first: `bash nbs/bench/gpu_session.sh prepare` (wheels, the SmolLM2 GGUF in two parts, and the
+# Spec-Bench dev prompts beside the second part: ../shared does not travel).
 #   call 1, carry [".device/wheels", ".device/w1"]:  bash nbs/bench/gpu_session.sh checks   (timeout_s 240; ~3 min)
+#                                                or: bash nbs/bench/gpu_session.sh setup    (install only; ~30 s)
 #   call 2, carry [".device/w2"]:                     bash nbs/bench/gpu_session.sh bench    (timeout_s 560; ~8 min)
-# The bench: every Spec-Bench dev category (one prompt each), 128 new tokens, 2 interleaved iterations, a float32
+#                                                or: bash nbs/bench/gpu_session.sh train    (timeout_s 560; ~8 min)
+# bench: every Spec-Bench dev category (one prompt each), 128 new tokens, 2 interleaved iterations, a float32
 # certificate on 2 prompts; HF eager and HF prompt lookup (~4.5 s a generation there) are most of its time. hf-static's
 # cache has one size for the run, so HF compiles once (~40 s). A bench cut off by its time limit keeps its records,
 # and the table is then made from them (`summarize_partial`) and says so.
-# Results go under $OUT (the run folder, the test tail, the kernel counts, the head's draft cost eager and as graphs);
-# the last lines printed are a short table. A dry run of the bench here: `bash nbs/bench/gpu_session.sh bench MODEL
-# DEVICE [more bench flags]` (for example `tiny-llama cpu --max-new-tokens 8`).
+# train: continues the shipped EAGLE head on self-distilled data the float32 target writes there (time budgets: 150 s
+# of data, 150 s of training), measures tau on 4 held-out built-in prompts; the checkpoint comes back in $OUT/head/eagle
+# (benchmark it on the CPU before shipping it).
+# Results go under $OUT; the last lines printed are a short table. A dry run here: `bash nbs/bench/gpu_session.sh bench
+# MODEL DEVICE [more bench flags]` (e.g. `tiny-llama cpu --max-new-tokens 8`), `... train MODEL DEVICE [-p NAME VALUE ...]`.
 set -uo pipefail
 export PYTHONPATH=/tmp/site:$PWD
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-case "${1:-}" in
-checks)
+PROMPTS=builtin                                                   # Spec-Bench dev where it travelled (or is here)
+for f in .device/w2/spec_bench_dev.jsonl shared/prompts/spec_bench_dev.jsonl ../shared/prompts/spec_bench_dev.jsonl; do
+  [ -f "$f" ] && PROMPTS=$f && break
+done
+GGUF=/tmp/sd/SmolLM2-135M-Instruct.Q4_1.gguf
+install() {
   mkdir -p /tmp/sd && cp .device/w1/part1 /tmp/sd/
   python3 -m pip install -q --no-index --no-deps --target /tmp/site .device/wheels/*.whl
   ln -sfn "$PWD/kernels" /tmp/site/specdec_kernels                # the package pyproject installs from kernels/
+}
+case "${1:-}" in
+prepare)
+  bash ../shared/device/prepare.sh fastcore plotly jsonschema
+  cp ../shared/prompts/spec_bench_dev.jsonl .device/w2/
+  ;;
+setup) install ;;
+checks)
+  install
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
   timeout 150 python3 -m pytest -q -p no:cacheprovider kernels/ tests/test_engine.py \
       tests/test_heads.py -k "cuda or triton or registry or fused or step" 2>&1 | tail -25 | tee "$OUT/checks.txt"
@@ -66,11 +83,9 @@ for run in ("ar", "head eager", "head graphs") * 2:
 PY
   ;;
 bench)
-  model=${2:-/tmp/sd/SmolLM2-135M-Instruct.Q4_1.gguf}; device=${3:-cuda}; shift $(( $# < 3 ? $# : 3 ))
-  [ "$model" = /tmp/sd/SmolLM2-135M-Instruct.Q4_1.gguf ] && cat /tmp/sd/part1 .device/w2/part2 > "$model"
-  prompts=builtin
-  for f in shared/prompts/spec_bench_dev.jsonl ../shared/prompts/spec_bench_dev.jsonl; do [ -f "$f" ] && prompts=$f && break; done
-  timeout 480 python3 -m specdec.cli bench --model "$model" --device "$device" --max-new-tokens 128 --prompts "$prompts" \
+  model=${2:-$GGUF}; device=${3:-cuda}; shift $(( $# < 3 ? $# : 3 ))
+  [ "$model" = "$GGUF" ] && cat /tmp/sd/part1 .device/w2/part2 > "$model"
+  timeout 480 python3 -m specdec.cli bench --model "$model" --device "$device" --max-new-tokens 128 --prompts "$PROMPTS" \
       --n-prompts 1 --iterations 2 --certify-prompts 2 --no-cost-model --drafters "pld,eagle,medusa,pld:3:2+eagle" \
       --ks 4 --out "$OUT" --no-html "$@" 2>&1 | tail -40
   for run in "$OUT"/*/; do [ -f "$run/MANIFEST.json" ] && python3 - "$run" <<'PY' | tee "$OUT/table.txt"
@@ -97,5 +112,24 @@ for cat in ("summarization", "rag"):
 PY
   done
   ;;
-*) echo "usage: $0 checks|bench" >&2; exit 2 ;;
+train)
+  model=${2:-$GGUF}; device=${3:-cuda}; shift $(( $# < 3 ? $# : 3 ))
+  [ "$model" = "$GGUF" ] && cat /tmp/sd/part1 .device/w2/part2 > "$model"
+  timeout 520 python3 -m papermill nbs/bench/train_head.ipynb "$OUT/train_head.ipynb" -k python3 --no-progress-bar \
+      -p target "$model" -p device "$device" -p dtype float32 -p head_type eagle \
+      -p init_head specdec/assets/heads/smollm2-135m-eagle -p n_batches 32 -p batch_size 512 -p max_new_tokens 128 \
+      -p data_max_seconds 150 -p epochs 4 -p lr 0.001 -p train_batch 16 -p ttt_steps 3 -p train_max_seconds 150 \
+      -p out_dir "$OUT/head" -p data_dir /tmp/sd/data -p exclude "$PROMPTS" -p tau_prompts 4 -r tau_ks 3 \
+      -p draft_cost_iterations 0 "$@" 2>&1 | tail -30
+  python3 - "$OUT/head/eagle/report.json" <<'PY' | tee "$OUT/table.txt"
+import json, sys
+r = json.load(open(sys.argv[1])); m, d = r["metrics"], r["data"]
+print("data:", d["records"], "records,", d["answer_tokens"], "answer tokens; batches done",
+      [p.get("batches_done") for p in d.get("parts", [d])], "| stopped:", [p.get("stopped") for p in d.get("parts", [d])])
+print("training:", m["steps"], "of", m["planned_steps"], "steps,", m["seconds"], "s on", m["device"], "| stopped:", m["stopped"])
+print("tau on held-out built-in prompts (K, tau, accepted by position):",
+      [(k, round(t["tau"], 3), [round(a, 3) for a in t["accepted_by_position"]]) for k, t in m["tau_heldout"]["by_k"].items()])
+PY
+  ;;
+*) echo "usage: $0 prepare|setup|checks|bench|train" >&2; exit 2 ;;
 esac
