@@ -5,7 +5,7 @@ import torch, triton
 import triton.language as tl
 from .checks import check_ngram
 
-@triton.jit
+@triton.jit(do_not_specialize=["S_cap", "stride_tokens"])   # both follow the cache's capacity: no recompile per prompt
 def ngram_match_kernel(tokens_ptr, lengths_ptr, draft_ptr, n_draft_ptr, S_cap, stride_tokens, max_ngram, min_ngram, k,
                        BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)

@@ -548,6 +548,7 @@ def run_benchmark(cfg:BenchConfig, target:LoadedModel|None=None, progress:bool=T
     git = git_state()
     seed_everything(cfg.seed)
     target = target or specs.load_target(cfg.model, device=cfg.device or None, dtype=cfg.dtype or None)
+    target.net                             # built now (q/k/v, gate/up fused): HF's compiled graphs then see the final weights
     system = system_info(target.device)
     run_id, run_dir, old = open_run(cfg, git, system)
     opts = cfg.options(target.device, target.dtype)
@@ -615,6 +616,7 @@ def _measure(runner:_Runner, todo:list, manifest:dict, run_dir:Path, records_pat
 def _certify(cfg, opts, prompts, methods, git, run_id, done, manifest, run_dir, records_path, device, progress) -> None:
     "The float32 certificate pass: HF, AR and the lossless methods on the first `certify_prompts` prompts."
     target = specs.load_target(cfg.model, device=str(device), dtype=opts["certify_dtype"])
+    target.net                             # fused before any HF run, as in the speed pass
     chosen = [m for m in methods if m.name in (HF, AR) or (m.lossless(cfg.temperature) and not m.is_hf)]
     drafters = {d: specs.make_drafter(d, target) for d in {m.drafter for m in chosen if m.drafter}}
     subset = prompts[:cfg.certify_prompts]

@@ -123,6 +123,7 @@ def _capture(self:Engine, q:int, logits:str, cache:KVCache):
 def _step(self:Engine, q:int, logits:str, cache:KVCache):
     "The step function of width `q` (built on first use, its setup time recorded)."
     key = (q, logits)
+    if self.steps and self.tables is not self.net.cos: self.steps.clear()   # the rotary tables grew: every graph read the old ones
     if key not in self.steps:
         if cache is not self.cache and self.mode in ("graphs", "compile+graphs"):
             raise ValueError("a graph engine runs on its own cache: get it from engine.new_cache()")
@@ -148,7 +149,6 @@ def _call(self:Engine, input_ids:torch.Tensor, # [B, q] new tokens, written at p
     "Run `q` new tokens at fixed shapes; logits `[B, q|1, V]` (a static buffer in graph modes: read it before the next call)."
     B, q = input_ids.shape
     start = cache.check_room(q)
-    if self.steps and self.tables is not self.net.cos: self.steps.clear()   # the rotary tables grew: rebuild the shapes
     parts = []                                                             # features of each part of the call, for heads
     if logits == "none" or (logits == "last" and q > self.last_logits_max_q):
         n = q if logits == "none" else q - 1

@@ -314,3 +314,17 @@ def test_python_m_specdec_cli_runs_the_command():
     bad = subprocess.run([sys.executable, "-m", "specdec.cli", "generate", "--model", "tiny-llama", "--k", "0", "--prompt", "x"],
                          capture_output=True, text=True, cwd=ROOT)
     assert bad.returncode == 2 and "K >= 1" in bad.stderr
+
+
+def test_the_target_is_fused_before_any_hf_generation(tmp_path, monkeypatch):
+    """specdec's net (q/k/v and gate/up fused into new tensors) exists before HF's first generation, so hf-static's
+    compiled graphs never record weight addresses that fusing replaces later."""
+    seen = []
+    real = bench.hf_generate
+    def spy(target, *args, **kw):
+        seen.append("net" in vars(target))
+        return real(target, *args, **kw)
+    monkeypatch.setattr(bench, "hf_generate", spy)
+    run_benchmark(BenchConfig(model="tiny-llama", drafters="pld", ks="4", categories="qa", n_prompts=1, max_new_tokens=4,
+                              iterations=1, warmup=1, cost_model=False, bootstrap=100, out=str(tmp_path)), progress=False)
+    assert seen and all(seen)

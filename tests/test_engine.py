@@ -89,6 +89,22 @@ def test_engine_reuses_its_cache_and_reports_setup(model):
         assert resolve_compile("auto", net) == "eager"
 
 
+def test_rotary_tables_grown_outside_the_engine_drop_every_step_built_on_the_old_ones(model):
+    """A graph reads the rotary tables by address: once something else grows them (an eager cache for feature recording,
+    a cost probe), a newly built width must not vouch for the widths built before; all are rebuilt."""
+    net = DecoderNet(model.model)
+    engine = engine_for(net, "fixed", role="tables-test")
+    cache = engine.new_cache(1, 64)
+    engine.warmup(cache, [(1, "all")])
+    old_step = engine.steps[(1, "all")]
+    net.new_cache(1, 4096)                                         # the tables grow, outside the engine
+    engine.warmup(cache, [(2, "all")])                             # a new width is built on the new tables...
+    assert (1, "all") not in engine.steps                          # ...and the old width is gone, not re-blessed
+    ids = torch.tensor([[5]])
+    engine(ids, cache)
+    assert engine.steps[(1, "all")] is not old_step and engine.tables is net.cos
+
+
 SYNCING_OPS = {"_local_scalar_dense", "item", "nonzero", "is_nonzero", "equal", "allclose", "unique", "masked_select",
                "_unique2", "repeat_interleave", "multinomial"}
 
@@ -186,7 +202,7 @@ def test_graph_steps_do_not_sync_on_cuda(monkeypatch):
 def test_fused_weights_share_the_models_storage():
     "q/k/v and gate/up become one matrix product each; the model's own weights are views of it (no second copy)."
     from specdec.net import fuse_weights
-    small = tiny_llama(seed=9)
+    small = tiny_llama(seed=9, device="cpu", dtype=torch.float32)   # on the CPU on a GPU machine too: the ids are a CPU generator's
     ids = torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         before = small.model(ids).logits

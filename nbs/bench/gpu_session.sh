@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One lent-GPU session (15 min of device time in all, a machine's start included) in two `run` calls, straight after one
-# another. Prepare here first: `bash nbs/bench/gpu_session.sh prepare` (wheels, the SmolLM2 GGUF in two parts, and the
+# another (the machine goes back 30 s after a call: call 2 on a fresh machine finds neither the packages nor part 1, and
+# stops at once saying so). Prepare here first: `bash nbs/bench/gpu_session.sh prepare` (wheels, the SmolLM2 GGUF in two parts, and the
 # Spec-Bench dev prompts beside the second part: ../shared does not travel).
 #   call 1, carry [".device/wheels", ".device/w1"]:  bash nbs/bench/gpu_session.sh checks   (timeout_s 240; ~3 min)
 #                                                or: bash nbs/bench/gpu_session.sh setup    (install only; ~30 s)
@@ -27,6 +28,12 @@ install() {
   mkdir -p /tmp/sd && cp .device/w1/part1 /tmp/sd/
   python3 -m pip install -q --no-index --no-deps --target /tmp/site .device/wheels/*.whl
   ln -sfn "$PWD/kernels" /tmp/site/specdec_kernels                # the package pyproject installs from kernels/
+}
+model_here() {                                                    # call 2: what call 1 left on this machine
+  [ -d /tmp/site/papermill ] && [ -s /tmp/sd/part1 ] || {
+    echo "call 2 found a fresh machine (no /tmp/site packages or /tmp/sd/part1): run checks or setup first, then this at once" >&2
+    exit 3; }
+  cat /tmp/sd/part1 .device/w2/part2 > "$GGUF" || exit 3
 }
 case "${1:-}" in
 prepare)
@@ -84,7 +91,7 @@ PY
   ;;
 bench)
   model=${2:-$GGUF}; device=${3:-cuda}; shift $(( $# < 3 ? $# : 3 ))
-  [ "$model" = "$GGUF" ] && cat /tmp/sd/part1 .device/w2/part2 > "$model"
+  [ "$model" = "$GGUF" ] && model_here
   timeout 480 python3 -m specdec.cli bench --model "$model" --device "$device" --max-new-tokens 128 --prompts "$PROMPTS" \
       --n-prompts 1 --iterations 2 --certify-prompts 2 --no-cost-model --drafters "pld,eagle,medusa,pld:3:2+eagle" \
       --ks 4 --out "$OUT" --no-html "$@" 2>&1 | tail -40
@@ -114,7 +121,7 @@ PY
   ;;
 train)
   model=${2:-$GGUF}; device=${3:-cuda}; shift $(( $# < 3 ? $# : 3 ))
-  [ "$model" = "$GGUF" ] && cat /tmp/sd/part1 .device/w2/part2 > "$model"
+  [ "$model" = "$GGUF" ] && model_here
   timeout 520 python3 -m papermill nbs/bench/train_head.ipynb "$OUT/train_head.ipynb" -k python3 --no-progress-bar \
       -p target "$model" -p device "$device" -p dtype float32 -p head_type eagle \
       -p init_head specdec/assets/heads/smollm2-135m-eagle -p n_batches 32 -p batch_size 512 -p max_new_tokens 128 \
