@@ -44,8 +44,9 @@ setup) install ;;
 checks)
   install
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
-  timeout 150 python3 -m pytest -q -p no:cacheprovider kernels/ tests/test_engine.py \
-      tests/test_heads.py -k "cuda or triton or registry or fused or step" 2>&1 | tail -25 | tee "$OUT/checks.txt"
+  # one line per test as it ends, all kept in checks.txt (a run cut off by its timeout still says what passed)
+  timeout 150 python3 -m pytest -v -rfE -p no:cacheprovider kernels/ tests/test_engine.py \
+      tests/test_heads.py -k "cuda or triton or registry or fused or step" 2>&1 | tee "$OUT/checks.txt" | tail -25
   python3 - <<'PY' 2>&1 | tee "$OUT/launches.txt"
 # CUDA kernels one forward_at step launches (torch profiler), per step-op choice, on a random SmolLM2-sized model
 import torch
