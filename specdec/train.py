@@ -628,6 +628,7 @@ def train_head(head:EagleHead|MedusaHeads, records:list[dict],
                     elapsed = time.perf_counter() - t0
                     if len(losses) == FIT_AFTER: total[0] = min(total[0], max(FIT_AFTER + 1, int(max_seconds * FIT_AFTER / elapsed)))
                     if elapsed >= max_seconds: stopped = "time"
+    if total[0] < planned: stopped = "time"                                              # the budget cut the planned steps
     bar.close()
     head.prompt_vocab, head.run_vocab = prompt_vocab, None
     head.eval().requires_grad_(False)

@@ -303,3 +303,8 @@ def test_a_time_budget_fits_the_schedule_to_the_steps_that_fit(tiny, monkeypatch
     monkeypatch.setattr(train, "time", types.SimpleNamespace(perf_counter=lambda: float(next(clock))))
     got = train_head(new_head("eagle", tiny, seed=0), records_of(tiny, n=40), epochs=2, batch_size=2, progress=False, max_seconds=25)
     assert (got["steps"], got["planned_steps"], got["stopped"]) == (25, 40, "time")
+    # a clock that stops after the fit: the fitted steps end the run before the budget does, and it still says "time"
+    ticks = itertools.chain(range(11), itertools.repeat(10))
+    monkeypatch.setattr(train, "time", types.SimpleNamespace(perf_counter=lambda: float(next(ticks))))
+    got = train_head(new_head("eagle", tiny, seed=0), records_of(tiny, n=40), epochs=2, batch_size=2, progress=False, max_seconds=25)
+    assert (got["steps"], got["planned_steps"], got["stopped"]) == (25, 40, "time")
