@@ -626,7 +626,7 @@ def train_head(head:EagleHead|MedusaHeads, records:list[dict],
                 bar.update(1); bar.set_postfix(loss=f"{losses[-1]:.3f}", top1=agreement[-1][0])
                 if max_seconds is not None:
                     elapsed = time.perf_counter() - t0
-                    if len(losses) == FIT_AFTER: total[0] = min(total[0], max(FIT_AFTER + 1, int(max_seconds * FIT_AFTER / elapsed)))
+                    if len(losses) == FIT_AFTER: total[0] = min(total[0], max(FIT_AFTER + 1, int(max_seconds * FIT_AFTER / max(elapsed, 1e-9))))
                     if elapsed >= max_seconds: stopped = "time"
     if total[0] < planned: stopped = "time"                                              # the budget cut the planned steps
     bar.close()
