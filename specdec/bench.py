@@ -676,8 +676,7 @@ def summarize_partial(run_dir) -> dict:
     `planned` and `measured` speed-record counts beside. Nothing is written: the run stays unfinished (`status` running)."""
     run_dir = Path(run_dir)
     manifest = json.loads((run_dir / "MANIFEST.json").read_text())
-    names = {f.name for f in dataclasses.fields(BenchConfig)}
-    cfg = BenchConfig(**{k: v for k, v in manifest["params"].items() if k in names})
+    cfg = config_from_parameters({**manifest["params"], "resume": ""})                  # its own parameters, no lookup
     methods = cfg.methods(manifest["options"].get("hf_static", False))
     if [m.name for m in methods] != manifest["methods"]:
         raise ValueError(f"run {manifest['run_id']!r}: its parameters give methods {[m.name for m in methods]}, "
