@@ -69,7 +69,33 @@ def test_a_half_precision_head_on_a_float32_target_stays_lossless(tiny, heads, k
         assert torch.equal(out.tokens, hf_greedy(tiny, prompt, 40)), (kind, text)
         accepted += out.stats.accepted
     assert accepted > 0 and half.missing_features == 0
-    if kind == "eagle": assert half.cache.keys.dtype == torch.float16
+    if kind == "eagle":
+        assert half.cache.keys.dtype == torch.float32                  # a float16 head attends in float32 on the CPU (`cache_dtype`)
+        drafts = {}                                                    # and its fixed-shape forwards write that cache as the eager ones do
+        for mode in ("eager", "fixed"):
+            out = generate(tiny, prompt, drafter=half, controller=FixedK(3), max_new_tokens=20, compile=mode,
+                           on_step=lambda e, mode=mode: drafts.setdefault(mode, []).append(e.draft_tokens))
+            assert torch.equal(out.tokens, hf_greedy(tiny, prompt, 20)), mode
+        same = sum(a == b for a, b in zip(drafts["fixed"], drafts["eager"]))   # float16 outputs: a near-tie may round apart
+        assert len(drafts["fixed"]) == len(drafts["eager"]) and same >= 0.9 * len(drafts["eager"]), drafts
+        from specdec.net import KVCache                                # the fixed-shape forward over a float32 cache: the sliced one's
+        g = torch.Generator().manual_seed(0)
+        ids, hidden = torch.randint(0, tiny.vocab_size, (1, 9), generator=g), torch.randn(1, 9, half.hidden_size, generator=g).half()
+        caches = [KVCache(1, 1, half.num_kv_heads, 32, half.head_dim, torch.float32, "cpu") for _ in range(2)]
+        with torch.inference_mode():
+            sliced = [half(ids[:, :6], hidden[:, :6], 0, caches[0]), half(ids[:, 6:], hidden[:, 6:], 6, caches[0])]
+            at = [half.forward_at(ids[:, :6], hidden[:, :6], torch.arange(6), caches[1]),
+                  half.forward_at(ids[:, 6:], hidden[:, 6:], torch.arange(6, 9), caches[1])]
+        for a, b in zip(sliced, at): assert a.dtype == torch.float16; torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-2)
+        torch.testing.assert_close(caches[0].keys[:, :, :, :9], caches[1].keys[:, :, :, :9])
+
+
+def test_a_heads_cache_dtype():
+    "Its own dtype, except float32 for a float16 head on the CPU (the CPU's float16 attention is slow)."
+    from specdec.heads import cache_dtype
+    assert cache_dtype(torch.float16, "cpu") == torch.float32 == cache_dtype(torch.float32, "cpu")
+    assert cache_dtype(torch.bfloat16, "cpu") == torch.bfloat16
+    assert cache_dtype(torch.float16, "cuda") == torch.float16 == cache_dtype(torch.float16, torch.device("cuda", 0))
 
 
 def test_a_float16_product_over_many_rows_runs_in_float32():
