@@ -277,9 +277,10 @@ def _attention(query:torch.Tensor, # [B, heads, q, D]
     return out.to(query.dtype)
 
 def cache_dtype(dtype:torch.dtype, device) -> torch.dtype:
-    """The dtype of a head's KV cache: the head's own, except float32 for a float16 head on the CPU, whose float16
-    attention took about 4x float32's time over a 300-token cache (nbs/05a_heads)."""
-    return torch.float32 if dtype == torch.float16 and torch.device(device).type == "cpu" else dtype
+    """The dtype of a head's KV cache: the head's own, except float32 for a half-precision head on the CPU, whose
+    float16 and bfloat16 attention took about 11x and 6x float32's time over a 300-token cache (nbs/05a_heads)."""
+    half = dtype in (torch.float16, torch.bfloat16)
+    return torch.float32 if half and torch.device(device).type == "cpu" else dtype
 
 def eagle3_layers(num_layers:int) -> tuple[int, ...]:
     "EAGLE-3's low, middle and high target layers (0-based): 2, L/2 and L-3, clipped to the model."

@@ -90,12 +90,20 @@ def test_a_half_precision_head_on_a_float32_target_stays_lossless(tiny, heads, k
         torch.testing.assert_close(caches[0].keys[:, :, :, :9], caches[1].keys[:, :, :, :9])
 
 
+def test_a_bfloat16_head_on_the_cpu_attends_over_a_float32_cache(tiny, heads, tmp_path):
+    "The same for bfloat16 (a bfloat16 target's head on the CPU): a float32 cache, bfloat16 outputs, output equal to HF greedy."
+    head = load_head(save_head(heads["eagle"], tmp_path / "eagle"), tiny, dtype="bfloat16")
+    prompt = tiny.encode(TEXTS[1])
+    out = generate(tiny, prompt, drafter=head, controller=FixedK(3), max_new_tokens=30)
+    assert torch.equal(out.tokens, hf_greedy(tiny, prompt, 30)) and out.stats.accepted > 0
+    assert head.dtype == torch.bfloat16 and head.cache.keys.dtype == torch.float32
+
 def test_a_heads_cache_dtype():
-    "Its own dtype, except float32 for a float16 head on the CPU (the CPU's float16 attention is slow)."
+    "Its own dtype, except float32 for a half-precision head on the CPU (the CPU's float16 and bfloat16 attention is slow)."
     from specdec.heads import cache_dtype
-    assert cache_dtype(torch.float16, "cpu") == torch.float32 == cache_dtype(torch.float32, "cpu")
-    assert cache_dtype(torch.bfloat16, "cpu") == torch.bfloat16
+    assert cache_dtype(torch.float16, "cpu") == torch.float32 == cache_dtype(torch.float32, "cpu") == cache_dtype(torch.bfloat16, "cpu")
     assert cache_dtype(torch.float16, "cuda") == torch.float16 == cache_dtype(torch.float16, torch.device("cuda", 0))
+    assert cache_dtype(torch.bfloat16, "cuda") == torch.bfloat16
 
 
 def test_a_float16_product_over_many_rows_runs_in_float32():
