@@ -530,11 +530,12 @@ EagleHead.forward_at, EagleHead._catch_up_at, EagleHead._draft_at, EagleHead._po
 # %% ../nbs/05a_heads.ipynb #75a7aea1
 def _eagle_reset(self:EagleHead, batch:int, capacity:int):
     self.known, w = 0, self.fc.weight
+    dtype = cache_dtype(w.dtype, w.device)
     if self.steps is not None: capacity = -(-capacity // CAPACITY_MULTIPLE) * CAPACITY_MULTIPLE   # graphs keep their cache
     if self.cache is None or self.cache.capacity < capacity or self.cache.keys.shape[1] != batch \
             or self.cache.keys.shape[0] != self.num_layers \
-            or self.cache.keys.dtype != cache_dtype(w.dtype, w.device) or self.cache.keys.device != w.device:   # a new size, or the head moved or grew
-        self.cache = KVCache(self.num_layers, batch, self.num_kv_heads, capacity, self.head_dim, cache_dtype(w.dtype, w.device), w.device)
+            or self.cache.keys.dtype != dtype or self.cache.keys.device != w.device:     # a new size, or the head moved or grew
+        self.cache = KVCache(self.num_layers, batch, self.num_kv_heads, capacity, self.head_dim, dtype, w.device)
     self.cache.rollback(0)
 
 def _eagle_pending(self:EagleHead, L:int) -> torch.Tensor:

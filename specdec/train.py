@@ -605,14 +605,14 @@ def train_head(head:EagleHead|MedusaHeads, records:list[dict],
     planned = epochs * per_epoch if max_steps is None else min(epochs * per_epoch, max_steps)
     total, warmup = [planned], max(1, planned // 20)                                   # total: refitted under a time budget
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * min(s / total[0], 1)))))
-    losses, agreement, t0, tokens, stopped = [], [], time.perf_counter(), 0, "done"
+    losses, agreement, t0, tokens, out_of_time = [], [], time.perf_counter(), 0, False
     bar = tqdm(total=planned, desc=f"train {head.head_type}", disable=not progress)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for epoch in range(epochs):
             order = torch.randperm(len(records), generator=gen).tolist()
             for s in range(0, len(order), batch_size):
-                if len(losses) >= total[0] or stopped == "time": break
+                if len(losses) >= total[0] or out_of_time: break
                 pick = order[s:s + batch_size]
                 if prompt_vocab: head.run_vocab = head.draft_vocab.with_ids([t for i in pick for t in records[i]["ids"][:records[i]["answer_start"]]])
                 batch = _batch(head, [records[i] for i in pick], [recorded[i] for i in pick], layers, max_len, offsets)
@@ -627,8 +627,8 @@ def train_head(head:EagleHead|MedusaHeads, records:list[dict],
                 if max_seconds is not None:
                     elapsed = time.perf_counter() - t0
                     if len(losses) == FIT_AFTER: total[0] = min(total[0], max(FIT_AFTER + 1, int(max_seconds * FIT_AFTER / max(elapsed, 1e-9))))
-                    if elapsed >= max_seconds: stopped = "time"
-    if total[0] < planned: stopped = "time"                                              # the budget cut the planned steps
+                    out_of_time = elapsed >= max_seconds
+    stopped = "time" if len(losses) < planned else "done"                             # only the budget cuts the planned steps
     bar.close()
     head.prompt_vocab, head.run_vocab = prompt_vocab, None
     head.eval().requires_grad_(False)
