@@ -12,7 +12,7 @@ import torch
 from .models import LoadedModel
 from .sampling import SamplingConfig
 from .policies import AcceptancePolicy, Greedy, RejectionSampling, Verdict
-from .net import DecoderNet, TreeLayout
+from .net import TreeLayout
 from .drafters import Drafter, no_draft
 from .controllers import Controller, FixedK
 from .engine import Engine, engine_for, resolve_compile
@@ -78,17 +78,14 @@ def _runners(target, drafter, compile:str, B:int, capacity:int, max_k:int):
     mode = resolve_compile(compile, target.net)
     target.net.keep_layers = tuple(getattr(drafter, "target_layers", None) or ())   # the layers a head reads (none otherwise)
     target.net.keep_features = bool(getattr(drafter, "reads_target_features", False))   # engines copy them out for heads
-    if getattr(drafter, "drafts_trees", False) and mode != "eager":       # a tree's verification needs the eager forward
-        if compile != "auto": raise ValueError(f"drafter {drafter.name} drafts token trees, verified by the eager forward: "
-                                               f"it needs compile='eager' (or 'auto'), got {compile!r}")
-        mode = "eager"
     runner = engine_for(target.net, mode)                                  # the net, or its engine
     cache = runner.new_cache(B, capacity)
     runners, engine = [runner], {"mode": mode}
     if target.device.type == "cuda":                                      # the kernel registry times its choices now, not in step 1
         for name in ("greedy_verify", "rejection_verify", "ngram_match"): kernels.choose(name, target.device)
     if isinstance(runner, Engine):
-        runner.warmup(cache, [(runner.prefill_chunk, "none"), (1, "all"), (max_k + 1, "all")])
+        trees = [(max_k + 1, "tree")] if getattr(drafter, "drafts_trees", False) else []   # a full tree: its nodes and the root
+        runner.warmup(cache, [(runner.prefill_chunk, "none"), (1, "all"), (max_k + 1, "all")] + trees)
     if drafter is not None:
         engine["drafter"] = drafter.use_engine(mode)
         for member in getattr(drafter, "drafters", [drafter]):              # a Fallback's members, or the drafter itself
@@ -118,8 +115,8 @@ def _step(runner, cache, drafter, policy, tokens, length:int, k:int, sampling, g
 
 def _tree_step(runner, cache, policy, draft, verify_ids, tokens, length:int, sampling, generator, eos_ids, timer):
     "`_step` for a token tree: verify every branch in one forward, keep the accepted branch's cache entries and features."
-    if not isinstance(runner, DecoderNet):
-        raise ValueError(f"token trees are verified by the eager forward; this target runs {type(runner).__name__} (use compile='eager')")
+    if not hasattr(runner, "keep_path"):
+        raise ValueError(f"token trees are verified by a DecoderNet or its Engine; this target runs {type(runner).__name__}")
     layout = TreeLayout.of_draft(draft.parents)
     target_logits = runner(verify_ids, cache, tree=layout)                         # [B, K+1, V]
     timer.lap("verify")

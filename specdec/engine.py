@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 import torch
 import torch.nn.functional as F
-from .net import DecoderNet, KVCache
+from .net import DecoderNet, KVCache, TreeLayout
 
 # %% auto #0
 __all__ = ['COMPILE_MODES', 'resolve_compile', 'graph_memory', 'Engine', 'engine_for']
@@ -89,32 +89,40 @@ def _forward_fn(self:Engine, logits:str="all"):
     if self.mode in ("compile", "compile+graphs") and logits != "none":
         if self.compiled is None: self.compiled = torch.compile(net.forward_at, dynamic=False)
         compiled = self.compiled
-        def forward(ids, positions, cache, logits):
-            with torch._dynamo.config.patch(recompile_limit=64):   # one entry per width, not the default 8
-                return compiled(ids, positions, cache, logits, packed=False)
-    def run(ids, positions, cache, logits):
+        def forward(ids, positions, cache, logits, tree=None):
+            with torch._dynamo.config.patch(recompile_limit=64):   # one entry per width (and tree or not), not the default 8
+                return compiled(ids, positions, cache, logits, packed=False, tree=tree)
+    def run(ids, positions, cache, logits, tree=None):
         kept, net.keep_layers = net.keep_layers, all_layers
-        try: return forward(ids, positions, cache, logits)
+        try: return forward(ids, positions, cache, logits, tree=tree)
         finally: net.keep_layers = kept
     return run
 
+def _static_tree(q:int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    "A chain's `(depths [q], ancestors [q, q])`: a valid tree to build a tree step with (each call copies its own in)."
+    return torch.arange(q, device=device), torch.ones(q, q, dtype=torch.bool, device=device).tril()
+
 def _capture(self:Engine, q:int, logits:str, cache:KVCache):
-    "Warm up, capture `forward_at` of width `q` as a CUDA graph; return the replaying step function."
-    fn, device = self._forward_fn(logits), self.net.device
-    pool, stream = graph_memory(device)
+    """Warm up, capture `forward_at` of width `q` as a CUDA graph; return the replaying step function. `logits="tree"`:
+    all logits of a token tree, whose depths and ancestor mask are copied into the graph's inputs at each replay."""
+    mode, device = "all" if logits == "tree" else logits, self.net.device
+    fn, (pool, stream) = self._forward_fn(mode), graph_memory(device)
     static_ids = torch.zeros(cache.keys.shape[1], q, dtype=torch.long, device=device)   # [B, q]
     static_pos = cache.positions(q).clone()                                              # [q]
+    static_tree = _static_tree(q, device) if logits == "tree" else None                   # ([q], [q, q])
     stream.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(stream):
-        for _ in range(2): fn(static_ids, static_pos, cache, logits)        # warm-up (compiles, if compiling)
+        for _ in range(2): fn(static_ids, static_pos, cache, mode, static_tree)   # warm-up (compiles, if compiling)
     torch.cuda.current_stream(device).wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph, pool=pool, stream=stream):
-        static_out = fn(static_ids, static_pos, cache, logits)
+        static_out = fn(static_ids, static_pos, cache, mode, static_tree)
     static_features, static_layers = self.net.features, dict(self.net.layer_features)   # [B, q, H]; every layer's
-    def replay(input_ids, cache):
+    def replay(input_ids, cache, tree=None):
         static_ids.copy_(input_ids)
         torch.add(cache.steps[:q], cache.length_t, out=static_pos)          # positions from the device length
+        if static_tree is not None:
+            for static, given in zip(static_tree, tree): static.copy_(given, non_blocking=True)
         graph.replay()
         self.net.features, self.net.layer_features = static_features, dict(static_layers)   # a copy: forwards write into theirs
         return static_out                                                    # overwritten by this shape's next replay
@@ -131,9 +139,12 @@ def _step(self:Engine, q:int, logits:str, cache:KVCache):
         sync(); t0 = time.perf_counter()
         if self.mode in ("graphs", "compile+graphs"): fn = self._capture(q, logits, cache)
         else:
-            forward = self._forward_fn(logits)
-            fn = lambda ids, cache: forward(ids, cache.positions(ids.shape[1]), cache, logits)
-            if self.mode == "compile" and logits != "none": fn(torch.zeros(cache.keys.shape[1], q, dtype=torch.long, device=self.net.device), cache)   # compile now
+            mode = "all" if logits == "tree" else logits
+            forward = self._forward_fn(mode)
+            fn = lambda ids, cache, tree=None: forward(ids, cache.positions(ids.shape[1]), cache, mode, tree)
+            if self.mode == "compile" and logits != "none":                  # compile now
+                fn(torch.zeros(cache.keys.shape[1], q, dtype=torch.long, device=self.net.device), cache,
+                   _static_tree(q, self.net.device) if logits == "tree" else None)
         sync(); name = f"q={q}/{logits}"
         self.setup_seconds[name] = self.setup_seconds.get(name, 0.0) + time.perf_counter() - t0   # summed over rebuilds
         self.steps[key], self.tables = fn, self.net.cos
@@ -145,12 +156,21 @@ Engine._forward_fn, Engine._capture, Engine._step = _forward_fn, _capture, _step
 def _call(self:Engine, input_ids:torch.Tensor, # [B, q] new tokens, written at positions length..length+q-1
           cache:KVCache,
           logits:str="all", # "all", "last" or "none"
+          tree:TreeLayout|None=None, # the new tokens form a token tree (`TreeLayout`): all logits, each node sees its ancestors
          ) -> torch.Tensor|None:
-    "Run `q` new tokens at fixed shapes; logits `[B, q|1, V]` (a static buffer in graph modes: read it before the next call)."
+    """Run `q` new tokens at fixed shapes; logits `[B, q|1, V]` (a static buffer in graph modes: read it before the next
+    call). A `tree` is verified as the eager forward verifies it (slots in node order, positions by depth)."""
     B, q = input_ids.shape
     start = cache.check_room(q)
     parts = []                                                             # features of each part of the call, for heads
-    if logits == "none" or (logits == "last" and q > self.last_logits_max_q):
+    if tree is not None:
+        if len(tree) != q: raise ValueError(f"a token tree of {len(tree)} nodes cannot verify {q} tokens")
+        if logits != "all": raise ValueError(f"a token tree's verification returns every node's logits (logits='all'), got {logits!r}")
+        device_tree = tree.on(self.net.device)                             # ([q], [q, q])
+        if q > self.max_step: out = self.net.forward_at(input_ids, cache.positions(q), cache, "all", tree=device_tree)
+        else: out = self._step(q, "tree", cache)(input_ids, cache, device_tree)
+        self._keep_features(parts, q)
+    elif logits == "none" or (logits == "last" and q > self.last_logits_max_q):
         n = q if logits == "none" else q - 1
         P = self.prefill_chunk
         for s in range(0, n, P):
@@ -195,6 +215,12 @@ def _publish_features(self:Engine, parts:list, start:int) -> None:
         net.layer_features = {i: torch.cat([l[i] for _, l in parts], 1) for i in net.keep_layers}
     net.features_start = start
 Engine._keep_features, Engine._publish_features = _keep_features, _publish_features
+
+@torch.inference_mode()
+def _keep_path(self:Engine, cache:KVCache, start:int, path:list[int]) -> None:
+    "After a token tree's verification: `DecoderNet.keep_path` on the engine's cache and the features it published."
+    self.net.keep_path(cache, start, path)
+Engine.keep_path = _keep_path
 
 # %% ../nbs/02a_engine.ipynb #f4128992
 @torch.inference_mode()

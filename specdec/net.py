@@ -14,7 +14,8 @@ from .kernels import choose
 
 # %% auto #0
 __all__ = ['SUPPORTED_ARCHITECTURES', 'STEP_OPS', 'NO_LAUNCH', 'KVCache', 'onednn_available', 'linear_backend', 'fuse_weights',
-           'Linear', 'step_ops', 'layer_windows', 'TreeLayout', 'attention_mask', 'DecoderNet', 'count_step_ops']
+           'Linear', 'step_ops', 'layer_windows', 'TreeLayout', 'attention_mask', 'tree_attention_mask', 'DecoderNet',
+           'count_step_ops']
 
 # %% ../nbs/02_net.ipynb #bf03e52f
 class KVCache:
@@ -170,6 +171,10 @@ class TreeLayout:
 
     def __len__(self): return len(self.parents)
 
+    def on(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        "`(depths [q], ancestors [q, q])` on `device`, for a fixed-shape forward (`DecoderNet.forward_at(tree=...)`)."
+        return self.depths.to(device, non_blocking=True), self.ancestors.to(device, non_blocking=True)
+
 def attention_mask(query_pos:torch.Tensor, # [q] positions of the new tokens
                    key_pos:torch.Tensor,   # [n] positions of the keys
                    window:int|None=None,   # sliding window: keys older than window-1 positions are hidden
@@ -177,6 +182,26 @@ def attention_mask(query_pos:torch.Tensor, # [q] positions of the new tokens
     "Boolean `[q, n]`: a query sees keys at its position or before (and inside its window)."
     visible = key_pos[None, :] <= query_pos[:, None]
     if window is not None: visible &= key_pos[None, :] > query_pos[:, None] - window   # as transformers' sliding_window_overlay
+    return visible
+
+def tree_attention_mask(slots:torch.Tensor,     # [q] cache slots of the tree's nodes: start..start+q-1, in node order
+                        depths:torch.Tensor,    # [q] each node's depth (root 0)
+                        ancestors:torch.Tensor, # [q, q] node i sees node j
+                        key_slots:torch.Tensor, # [n] the cache's slots (`cache.steps`)
+                        window:int|None=None,   # sliding window, over positions (a node's position is start + depth)
+                       ) -> torch.Tensor:
+    """Boolean `[q, n]` at fixed shapes, on the device: a tree node sees every slot before the tree and its ancestors in it
+    (slots past the tree: nothing)."""
+    q = slots.shape[0]
+    start = slots[0]                                                     # a device scalar: no host read
+    rel = key_slots - start                                              # [n] slot index within the tree
+    in_tree = (rel >= 0) & (rel < q)                                     # [n]
+    node = rel.clamp(0, q - 1)                                           # [n] (meaningful where in_tree)
+    visible = torch.where(in_tree[None, :], ancestors[:, node], (key_slots < start)[None, :])   # [q, n]
+    if window is not None:
+        query_pos = start + depths                                       # [q]
+        key_pos = torch.where(in_tree, start + depths[node], key_slots)  # [n]
+        visible &= key_pos[None, :] > query_pos[:, None] - window
     return visible
 
 # %% ../nbs/02_net.ipynb #7bddfc93
@@ -333,11 +358,19 @@ def forward_at(self:DecoderNet, input_ids:torch.Tensor, # [B, q] new tokens
                cache:KVCache,
                logits:str="all", # "all", "last" or "none"
                packed:bool=True, # False for torch.compile: plain F.linear
+               tree:tuple|None=None, # `(depths [q], ancestors [q, q])` on the device (`TreeLayout.on`): the tokens form a token tree
               ) -> torch.Tensor|None:
-    "The same forward at fixed shapes: writes K/V at `positions`, attends over the whole cache; leaves `cache.length` alone."
+    """The same forward at fixed shapes: writes K/V at `positions`, attends over the whole cache; leaves `cache.length`
+    alone. With a `tree`, `positions` are the nodes' cache slots, and node i's rotary position is `positions[0] + depth[i]`."""
     hidden = self.embed(input_ids)                                      # [B, q, H]
-    cos, sin = self.cos[positions], self.sin[positions]                 # [q, D]
-    masks = {w: attention_mask(positions, cache.steps, w) for w in set(self.windows)}   # [q, capacity]
+    if tree is None:
+        rotary_pos = positions
+        masks = {w: attention_mask(positions, cache.steps, w) for w in set(self.windows)}   # [q, capacity]
+    else:
+        depths, ancestors = tree                                        # [q], [q, q]
+        rotary_pos = positions[0] + depths                              # [q]
+        masks = {w: tree_attention_mask(positions, depths, ancestors, cache.steps, w) for w in set(self.windows)}   # [q, capacity]
+    cos, sin = self.cos[rotary_pos], self.sin[rotary_pos]               # [q, D]
     self.features_start = None                                          # positions known only on the device
     return self._layers_and_head(hidden, cos, sin, cache, positions, None, masks, logits, packed)
 

@@ -425,14 +425,6 @@ def test_head_steps_modes_and_what_drops_their_graphs():
     steps.reset(b); assert not steps.graphs                             # a new cache or new draft rows: captured again
 
 
-def test_a_tree_needs_the_eager_forward(tiny, heads):
-    from specdec.heads import TokenTree
-    prompt = tiny.encode(TEXTS[0])
-    with pytest.raises(ValueError, match=r"drafts token trees, verified by the eager forward: it needs compile='eager'"):
-        generate(tiny, prompt, drafter=TokenTree(heads["eagle"], 2, 4), max_new_tokens=8, compile="fixed")
-    assert generate(tiny, prompt, drafter=TokenTree(heads["eagle"], 2, 4), max_new_tokens=8).engine["mode"] == "eager"
-
-
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_a_head_drafts_the_same_over_cuda_graphs():
     "On CUDA (float32) the captured target's static feature buffers reach the head intact: same drafts as eager."

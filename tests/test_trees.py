@@ -1,10 +1,13 @@
 """Token trees: the target verifies every branch in one forward (each node sees its ancestors only), the greedy policy keeps
 the branch that matches its argmax, the cache keeps that branch where a chain's would be, and the output stays the target's
-own greedy output."""
+own greedy output, whether the forward runs eagerly or at fixed shapes (the engine's `fixed`, `compile` and CUDA-graph
+modes)."""
 import re
 import pytest, torch
 from specdec import generate
-from specdec.net import TreeLayout
+from specdec.net import TreeLayout, attention_mask, tree_attention_mask
+from specdec.engine import Engine
+from specdec.models import tiny_llama
 from specdec.policies import greedy_branch, RejectionSampling, Greedy, Typical
 from specdec.sampling import SamplingConfig, logits_to_probs
 from specdec.heads import TokenTree, DraftVocab
@@ -64,6 +67,53 @@ def test_a_tree_forward_gives_each_branch_the_logits_of_its_chain_and_keeps_one(
     for branch in ([0, 2], [1, 3, 5], [1, 4]):
         chain = _chain_logits(net, prompt, [drafts[i] for i in branch])                   # [len+1, V]
         torch.testing.assert_close(logits[[0] + [i + 1 for i in branch]], chain, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("window", [None, 2, 3])
+def test_the_fixed_shape_tree_mask_is_the_eager_one(window):
+    "At fixed shapes (device tensors, the whole cache) a node sees the slots before the tree and its ancestors, by position."
+    layout, start, capacity = TreeLayout([-1, 0, 0, 0, 3, 4, 1]), 5, 16        # 7 nodes at slots 5..11; node 3 at depth 1
+    q, end = len(layout), start + len(layout)
+    positions = start + layout.depths                                          # [q] the eager forward's positions
+    eager = attention_mask(positions, torch.cat([torch.arange(start), positions]), window)   # [q, end]
+    eager[:, start:] &= layout.ancestors
+    fixed = tree_attention_mask(torch.arange(start, end), layout.depths, layout.ancestors, torch.arange(capacity), window)
+    assert fixed.shape == (q, capacity)
+    assert torch.equal(fixed[:, :end], eager)
+    assert not fixed[:, end:].any()                                            # slots past the tree: stale, hidden
+    if window == 2:                                                            # node 5 (depth 3) sees its parent only
+        assert fixed[5].nonzero().flatten().tolist() == [start + 4, start + 5]     # not node 3 (slot 8, but position 6)
+
+
+@torch.inference_mode()
+def _tree_and_next(runner, prompt, drafts, parents, path, next_token):
+    "A tree's logits `[q, V]` through `runner` (a net or its engine), then the logits after keeping `path` and one more token."
+    cache = runner.new_cache(1, 64)
+    runner(prompt[:, :-1], cache, logits="none")
+    start = cache.length
+    logits = runner(torch.cat([prompt[:, -1:], torch.tensor([drafts])], 1), cache, tree=TreeLayout.of_draft(parents))[0].clone()
+    features = runner.net.features if isinstance(runner, Engine) else runner.features
+    kept_features = features.clone()
+    runner.keep_path(cache, start, path)
+    cache.rollback(start + 1 + len(path))
+    after = runner(torch.tensor([[next_token]]), cache)[0, -1].clone()
+    return logits, kept_features, after
+
+
+def test_a_fixed_shape_tree_verification_equals_the_eager_one(tiny):
+    "The engine's tree step gives every node the eager tree forward's logits, and decoding goes on alike from the kept branch."
+    net, prompt = tiny.net, tiny.encode(TEXTS[0])
+    parents, drafts, path = [-1, -1, 0, 1, 1, 3], [11, 12, 13, 14, 15, 16], [2, 4, 6]
+    eager = _tree_and_next(net, prompt, drafts, parents, path, 17)
+    engine = Engine(net, "fixed")
+    fixed = _tree_and_next(engine, prompt, drafts, parents, path, 17)
+    for a, b in zip(eager, fixed): torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    assert "q=7/tree" in engine.setup_seconds
+    cache = engine.new_cache(1, 64)
+    with pytest.raises(ValueError, match="a token tree of 3 nodes cannot verify 2 tokens"):
+        engine(torch.tensor([[1, 2]]), cache, tree=TreeLayout([-1, 0, 0]))
+    with pytest.raises(ValueError, match="a token tree's verification returns every node's logits"):
+        engine(torch.tensor([[1, 2]]), cache, logits="last", tree=TreeLayout([-1, 0]))
 
 
 @pytest.fixture(scope="module")
@@ -156,6 +206,58 @@ def test_each_tree_node_drafts_what_the_head_drafts_after_its_branch(smol):
         for i, t in enumerate(branch): out = eagle(torch.tensor([[t]]), out, L - 1 + i, eagle.cache)
         top = eagle.logits(out[0, -1]).topk(width).indices                        # [w] draft ids
         assert sorted(eagle.draft_vocab.ids[top].tolist()) == sorted(children[node]), (node, branch)
+
+
+@pytest.mark.parametrize("kind", ["eagle", "medusa"])
+def test_trees_at_fixed_shapes_are_lossless_and_accept_as_eagerly(tiny, trained, kind):
+    "compile='fixed' verifies each tree through the engine's tree step: HF's greedy tokens, the eager run's accepted lengths."
+    tree = TokenTree(trained[kind], 2, 5)
+    for text in TEXTS[:4]:
+        prompt = tiny.encode(text)
+        eager = generate(tiny, prompt, drafter=tree, controller=FixedK(3), max_new_tokens=30, compile="eager")
+        fixed = generate(tiny, prompt, drafter=tree, controller=FixedK(3), max_new_tokens=30, compile="fixed")
+        assert torch.equal(fixed.tokens, hf_greedy(tiny, prompt, 30)), text
+        assert fixed.accepted_lengths == eager.accepted_lengths, text
+        assert fixed.engine["mode"] == "fixed" and "target:q=6/tree" in fixed.engine["setup_seconds"]
+        assert trained[kind].missing_features == 0
+    assert generate(tiny, prompt, drafter=tree, max_new_tokens=4).engine["mode"] == "eager"      # auto on the CPU
+    both = Fallback([PromptLookup(3, 2), TokenTree(trained[kind], 3, 8)])                          # trees and chains
+    for text in TEXTS[:4]:
+        prompt = tiny.encode(text)
+        out = generate(tiny, prompt, drafter=both, controller=FixedK(3), max_new_tokens=30, compile="fixed")
+        assert torch.equal(out.tokens, hf_greedy(tiny, prompt, 30)), text
+
+
+def test_a_compiled_tree_step_gives_the_eager_tokens(trained):
+    "torch.compile (CPU) of the tree step: the eager greedy tokens; its compile time is reported per shape."
+    small = tiny_llama(seed=7, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64)
+    records = own_records(small, [small.encode(t) for t in TEXTS[:3]])
+    head = new_head("eagle", small, None, seed=0)
+    train_head(head, records, epochs=2, lr=1e-2, batch_size=3, seed=0, progress=False)
+    prompt = small.encode(TEXTS[1])
+    ref = generate(small, prompt, max_new_tokens=12, eos_token_id=[], compile="eager").tokens
+    out = generate(small, prompt, drafter=TokenTree(head, 2, 4), controller=FixedK(2), max_new_tokens=12,
+                   eos_token_id=[], compile="compile")
+    assert torch.equal(out.tokens, ref)
+    assert out.engine["setup_seconds"]["target:q=5/tree"] > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_trees_in_cuda_graphs_give_the_eager_tokens_on_cuda():
+    "On CUDA (float32), each tree is verified by a graph replay (depths and mask copied in): the eager run's tokens."
+    gpu = tiny_llama(seed=0, device="cuda", dtype=torch.float32)
+    records = own_records(gpu, [gpu.encode(t) for t in TEXTS[:4]])
+    for kind in ("eagle", "medusa"):
+        head = new_head(kind, gpu, None, n=3, seed=0)
+        train_head(head, records, epochs=4, lr=1e-2, batch_size=2, seed=0, progress=False)
+        for drafter in (TokenTree(head, 2, 5), Fallback([PromptLookup(3, 2), TokenTree(head, 3, 8)])):
+            for text in TEXTS[:3]:
+                prompt = gpu.encode(text)
+                eager = generate(gpu, prompt, drafter=drafter, controller=FixedK(3), max_new_tokens=30, compile="eager")
+                graphs = generate(gpu, prompt, drafter=drafter, controller=FixedK(3), max_new_tokens=30)   # auto: graphs
+                assert graphs.engine["mode"] == "graphs"
+                assert torch.equal(graphs.tokens, eager.tokens), (kind, drafter.name, text)
+                assert torch.equal(graphs.tokens, hf_greedy(gpu, prompt, 30)), (kind, drafter.name, text)
 
 
 def test_prompt_lookup_falling_back_to_an_eagle_tree_is_lossless(tiny, eagle):

@@ -46,7 +46,7 @@ checks)
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
   # one line per test as it ends, all kept in checks.txt (a run cut off by its timeout still says what passed)
   timeout 150 python3 -m pytest -v -rfE -p no:cacheprovider kernels/ tests/test_engine.py \
-      tests/test_heads.py -k "cuda or triton or registry or fused or step" 2>&1 | tee "$OUT/checks.txt" | tail -25
+      tests/test_heads.py tests/test_trees.py -k "cuda or triton or registry or fused or step" 2>&1 | tee "$OUT/checks.txt" | tail -25
   python3 - <<'PY' 2>&1 | tee "$OUT/launches.txt"
 # CUDA kernels one forward_at step launches (torch profiler), per step-op choice, on a random SmolLM2-sized model
 import torch
@@ -94,7 +94,7 @@ bench)
   model=${2:-$GGUF}; device=${3:-cuda}; shift $(( $# < 3 ? $# : 3 ))
   [ "$model" = "$GGUF" ] && model_here
   timeout 480 python3 -m specdec.cli bench --model "$model" --device "$device" --max-new-tokens 128 --prompts "$PROMPTS" \
-      --n-prompts 1 --iterations 2 --certify-prompts 2 --no-cost-model --drafters "pld,eagle,medusa,pld:3:2+eagle" \
+      --n-prompts 1 --iterations 2 --certify-prompts 2 --no-cost-model --drafters "pld,eagle,eagle-tree,medusa,pld:3:2+eagle" \
       --ks 4 --out "$OUT" --no-html "$@" 2>&1 | tail -40
   for run in "$OUT"/*/; do [ -f "$run/MANIFEST.json" ] && python3 - "$run" <<'PY' | tee "$OUT/table.txt"
 import json, sys
