@@ -113,8 +113,9 @@ def check_rotary_kv(qkv, cos, sin, keys, values, slots, num_heads, num_kv_heads)
         check_shape(name, t, (q, D))
     check_tensor("slots", slots, 1, TOKEN_IDS)
     check_shape("slots", slots, (q,))
-    for name, t in (("keys", keys), ("values", values)):
-        if t.dtype != qkv.dtype: raise TypeError(f"{name} has dtype {t.dtype} but qkv has {qkv.dtype}")
+    for name, t in (("keys", keys), ("values", values)):              # a half-precision net on the CPU: a float32 cache
+        if t.dtype != qkv.dtype and t.dtype != torch.float32:
+            raise TypeError(f"{name} has dtype {t.dtype} but qkv has {qkv.dtype} (a cache is qkv's dtype or float32)")
     check_same_device(qkv=qkv, cos=cos, sin=sin, keys=keys, values=values, slots=slots)
     if slots.device.type == "cpu" and q and not bool(((slots >= 0) & (slots < C)).all()):
         raise ValueError(f"slots must lie in [0, {C}) (the cache's capacity), got {slots.tolist()}")

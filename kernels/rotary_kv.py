@@ -20,6 +20,6 @@ def rotary_kv_torch(qkv:torch.Tensor,     # [B, q, (Hq + 2*Hkv) * D] the fused q
     "The rotated queries `[B, Hq, q, D]`; the rotated keys and the values go to `keys`/`values` at `slots`."
     B, q, D, C = check_rotary_kv(qkv, cos, sin, keys, values, slots, num_heads, num_kv_heads)
     query, key, value = qkv.view(B, q, -1, D).transpose(1, 2).split([num_heads, num_kv_heads, num_kv_heads], dim=1)
-    keys.index_copy_(2, slots, rotate(key, cos, sin))                 # [B, Hkv, q, D] at slots
-    values.index_copy_(2, slots, value)
+    keys.index_copy_(2, slots, rotate(key, cos, sin).to(keys.dtype))  # [B, Hkv, q, D] at slots (a wider cache: cast)
+    values.index_copy_(2, slots, value.to(values.dtype))
     return rotate(query, cos, sin)                                    # [B, Hq, q, D]

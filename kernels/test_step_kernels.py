@@ -79,6 +79,28 @@ def test_rotary_kv_triton_matches_reference(triton_impl, device, q, Hq, Hkv, D, 
     assert torch.equal(cache[1], expected[1])                     # values are copied exactly
     assert torch.equal(cache[:, 0], expected[:, 0])               # the other layer is untouched
 
+def test_rotary_kv_writes_a_wider_float32_cache_for_bf16():
+    "A half-precision net on the CPU keeps a float32 cache: the rotated bf16 keys and values are written there exactly."
+    qkv, cos, sin, cache, slots = make_rotary(2, 4, 6, 2, 8, 9, torch.bfloat16, 1)
+    same = cache.clone()
+    wide = cache.float()
+    query = rotary_kv_torch(qkv, cos, sin, same[0, 1], same[1, 1], slots, 6, 2)
+    wide_query = rotary_kv_torch(qkv, cos, sin, wide[0, 1], wide[1, 1], slots, 6, 2)
+    assert wide_query.dtype == torch.bfloat16 and torch.equal(wide_query, query)
+    assert torch.equal(wide, same.float())                        # bf16 values are exact in float32
+    with pytest.raises(TypeError, match=r"keys has dtype torch.float16 but qkv has torch.bfloat16 \(a cache is qkv's dtype or float32\)"):
+        rotary_kv_torch(qkv, cos, sin, cache[0, 1].half(), cache[1, 1], slots, 6, 2)
+
+def test_rotary_kv_triton_writes_a_wider_cache_as_the_reference(triton_impl, device):
+    qkv, cos, sin, cache, slots = make_rotary(2, 5, 9, 3, 64, 11, torch.bfloat16, seed=3)
+    qkv, cos, sin, slots = (t.to(device) for t in (qkv, cos, sin, slots))
+    cache = cache.float().to(device)
+    expected = cache.clone()
+    expected_query = rotary_kv_torch(qkv, cos, sin, expected[0, 1], expected[1, 1], slots, 9, 3)
+    query = triton_impl("rotary_kv")(qkv, cos, sin, cache[0, 1], cache[1, 1], slots, 9, 3)
+    assert close(query, expected_query, torch.bfloat16) and close(cache, expected, torch.bfloat16)
+    assert torch.equal(cache[1], expected[1])                     # values are copied exactly
+
 def test_rotary_kv_errors_name_the_problem():
     qkv, cos, sin, cache, slots = make_rotary(2, 3, 6, 2, 8, 9, torch.float32, 0)
     with pytest.raises(ValueError, match=r"qkv's last dim must be \(num_heads \+ 2 \* num_kv_heads\) \* head_dim"):

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from .models import LoadedModel
-from .net import KVCache
+from .net import KVCache, attend, cache_dtype
 from specdec_kernels.rotary_kv import rotate
 from .sampling import SamplingConfig, logits_to_probs, sample
 from .drafters import Draft, Drafter, no_draft
@@ -20,8 +20,8 @@ from .engine import graph_memory
 
 # %% auto #0
 __all__ = ['HALF_ROWS', 'HEAD_MODES', 'CAPACITY_MULTIPLE', 'HEAD_FORMAT', 'HEAD_TYPES', 'SHIPPED_HEADS', 'DraftVocab',
-           'target_fingerprint', 'ResBlock', 'MedusaHeads', 'cache_dtype', 'eagle3_layers', 'EagleLayer', 'EagleHead',
-           'HeadSteps', 'grow_tree', 'TokenTree', 'save_head', 'head_dtype', 'load_head', 'shipped_head']
+           'target_fingerprint', 'ResBlock', 'MedusaHeads', 'eagle3_layers', 'EagleLayer', 'EagleHead', 'HeadSteps',
+           'grow_tree', 'TokenTree', 'save_head', 'head_dtype', 'load_head', 'shipped_head']
 
 # %% ../nbs/05a_heads.ipynb #3ecc78ec
 class DraftVocab:
@@ -268,20 +268,6 @@ def _linear(layer:nn.Linear, x:torch.Tensor # [..., in]
         return F.linear(x.float(), layer.weight.float(), bias).half()
     return layer(x)
 
-def _attention(query:torch.Tensor, # [B, heads, q, D]
-               key:torch.Tensor, value:torch.Tensor, # [B, kv_heads, T, D]
-               mask:torch.Tensor|None, # [q, T] which keys each query sees, or None
-               causal:bool, gqa:bool) -> torch.Tensor:
-    "Scaled dot-product attention `[B, heads, q, D]` in the keys' dtype (the head's cache may be wider than the head)."
-    out = F.scaled_dot_product_attention(query.to(key.dtype), key, value, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
-    return out.to(query.dtype)
-
-def cache_dtype(dtype:torch.dtype, device) -> torch.dtype:
-    """The dtype of a head's KV cache: the head's own, except float32 for a half-precision head on the CPU, whose
-    float16 and bfloat16 attention took about 11x and 6x float32's time over a 300-token cache (nbs/05a_heads)."""
-    half = dtype in (torch.float16, torch.bfloat16)
-    return torch.float32 if half and torch.device(device).type == "cpu" else dtype
-
 def eagle3_layers(num_layers:int) -> tuple[int, ...]:
     "EAGLE-3's low, middle and high target layers (0-based): 2, L/2 and L-3, clipped to the model."
     return (min(2, num_layers - 1), num_layers // 2, max(num_layers - 3, 0))
@@ -398,7 +384,7 @@ def _eagle_forward(self:EagleHead, input_ids:torch.Tensor, # [B, q] tokens x_{t+
         if cache is not None:
             cache.keys[i, :, :, start:start + q], cache.values[i, :, :, start:start + q] = key, value
             key, value = cache.keys[i, :, :, :start + q], cache.values[i, :, :, :start + q]
-        out = _attention(query, key, value, mask, mask is None and q > 1, self.num_heads != self.num_kv_heads)
+        out = attend(query, key, value, mask, mask is None and q > 1, self.num_heads != self.num_kv_heads)
         x = self._outputs(layer, x, out)
     if cache is not None: cache.length = start + q
     return x
@@ -504,7 +490,7 @@ def _eagle_forward_at(self:EagleHead, input_ids:torch.Tensor, # [B, q] tokens x_
     for i, layer in enumerate(self.decoder_layers()):
         query, key, value = self._qkv(layer, x, cos, sin)
         cache.keys[i].index_copy_(2, positions, key.to(cache.keys.dtype)); cache.values[i].index_copy_(2, positions, value.to(cache.values.dtype))
-        out = _attention(query, cache.keys[i], cache.values[i], mask, False, self.num_heads != self.num_kv_heads)
+        out = attend(query, cache.keys[i], cache.values[i], mask, False, self.num_heads != self.num_kv_heads)
         x = self._outputs(layer, x, out)
     return x
 

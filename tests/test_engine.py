@@ -257,3 +257,37 @@ def test_triton_step_in_graphs_gives_the_eager_tokens_on_cuda():
         out = generate(gpu, prompt, drafter=drafter, controller=FixedK(4) if drafter else None, max_new_tokens=40,
                        eos_token_id=[], compile="graphs")
         assert out.engine["mode"] == "graphs" and torch.equal(out.tokens, ref), drafter
+
+
+def test_a_bf16_net_on_the_cpu_attends_over_a_float32_cache_and_tracks_float32():
+    """bfloat16 on the CPU: oneDNN's prepacked bf16 linears where it computes bf16, attention over a float32 cache. Its
+    logits stay as close to the float32 model's as Hugging Face's own bf16 forward, and its argmax agrees with HF's."""
+    from specdec.net import onednn_bf16_available, linear_backend
+    fp32 = tiny_llama(seed=5)
+    bf = tiny_llama(seed=5, dtype=torch.bfloat16)
+    assert bf.net.backend == ("onednn" if onednn_bf16_available() else "torch")
+    ids = bf.encode(TEXT)
+    with torch.inference_mode():
+        cache = bf.net.new_cache(1, 64)
+        assert cache.keys.dtype == cache.values.dtype == torch.float32
+        ours = torch.cat([bf.net(ids[:, :-4], cache), bf.net(ids[:, -4:-1], cache), bf.net(ids[:, -1:], cache)], 1)   # [1, S, V]
+        reference = fp32.model(ids).logits.float()
+        hf = bf.model(ids).logits.float()
+    ours_err, hf_err = (ours - reference).abs().max().item(), (hf - reference).abs().max().item()
+    assert ours_err <= 1.5 * hf_err, (ours_err, hf_err)
+    assert (ours.argmax(-1) == hf.argmax(-1)).float().mean() >= 0.9
+    with pytest.raises(ValueError, match="the onednn backend needs float32 \\(or bfloat16 where oneDNN computes it\\) on a CPU"):
+        linear_backend(torch.device("cpu"), torch.float16, "onednn")
+
+
+@pytest.mark.parametrize("compile", ["eager", "fixed"])
+def test_bf16_speculation_on_the_cpu_equals_its_own_autoregressive_output(compile):
+    "Greedy speculation over a bf16 target is lossless against that target's own greedy decoding through the same loop."
+    bf = tiny_llama(seed=5, dtype=torch.bfloat16)
+    draft = tiny_llama(seed=6, num_layers=2, dtype=torch.bfloat16)
+    prompt = bf.encode(TEXT)
+    ref = generate(bf, prompt, max_new_tokens=30, eos_token_id=[], compile=compile).tokens
+    for drafter in (PromptLookup(), DraftModel(draft), LayerSkip(bf, 2)):
+        for k in (1, 4):
+            out = generate(bf, prompt, drafter=drafter, controller=FixedK(k), max_new_tokens=30, eos_token_id=[], compile=compile)
+            assert torch.equal(out.tokens, ref), (drafter.name, k)
