@@ -278,16 +278,3 @@ def test_a_bf16_net_on_the_cpu_attends_over_a_float32_cache_and_tracks_float32()
     assert (ours.argmax(-1) == hf.argmax(-1)).float().mean() >= 0.9
     with pytest.raises(ValueError, match="the onednn backend needs float32 \\(or bfloat16 where oneDNN computes it\\) on a CPU"):
         linear_backend(torch.device("cpu"), torch.float16, "onednn")
-
-
-@pytest.mark.parametrize("compile", ["eager", "fixed"])
-def test_bf16_speculation_on_the_cpu_equals_its_own_autoregressive_output(compile):
-    "Greedy speculation over a bf16 target is lossless against that target's own greedy decoding through the same loop."
-    bf = tiny_llama(seed=5, dtype=torch.bfloat16)
-    draft = tiny_llama(seed=6, num_layers=2, dtype=torch.bfloat16)
-    prompt = bf.encode(TEXT)
-    ref = generate(bf, prompt, max_new_tokens=30, eos_token_id=[], compile=compile).tokens
-    for drafter in (PromptLookup(), DraftModel(draft), LayerSkip(bf, 2)):
-        for k in (1, 4):
-            out = generate(bf, prompt, drafter=drafter, controller=FixedK(k), max_new_tokens=30, eos_token_id=[], compile=compile)
-            assert torch.equal(out.tokens, ref), (drafter.name, k)
