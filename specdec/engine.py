@@ -81,10 +81,11 @@ Engine.new_cache = _new_cache
 
 # %% ../nbs/02a_engine.ipynb #2a3b0e4b
 def _forward_fn(self:Engine, logits:str="all"):
-    """`forward_at` as the mode runs it: compiled (`dynamic=False`, plain linears) or eager; prefill chunks are never
-    compiled. Every layer's output is kept (`net.layer_features`), whichever layers a head reads, so that one compiled
-    or captured step serves every drafter."""
+    """`forward_at(ids, positions, cache, tree)` with its `logits` ("tree": all of them) as the mode runs it: compiled
+    (`dynamic=False`, plain linears) or eager; prefill chunks are never compiled. Every layer's output is kept
+    (`net.layer_features`), whichever layers a head reads, so that one compiled or captured step serves every drafter."""
     net, all_layers = self.net, tuple(range(self.net.num_layers))
+    if logits == "tree": logits = "all"                                  # a tree's step returns every node's logits
     forward = net.forward_at
     if self.mode in ("compile", "compile+graphs") and logits != "none":
         if self.compiled is None: self.compiled = torch.compile(net.forward_at, dynamic=False)
@@ -92,7 +93,7 @@ def _forward_fn(self:Engine, logits:str="all"):
         def forward(ids, positions, cache, logits, tree=None):
             with torch._dynamo.config.patch(recompile_limit=64):   # one entry per width (and tree or not), not the default 8
                 return compiled(ids, positions, cache, logits, packed=False, tree=tree)
-    def run(ids, positions, cache, logits, tree=None):
+    def run(ids, positions, cache, tree=None):
         kept, net.keep_layers = net.keep_layers, all_layers
         try: return forward(ids, positions, cache, logits, tree=tree)
         finally: net.keep_layers = kept
@@ -105,18 +106,18 @@ def _static_tree(q:int, device) -> tuple[torch.Tensor, torch.Tensor]:
 def _capture(self:Engine, q:int, logits:str, cache:KVCache):
     """Warm up, capture `forward_at` of width `q` as a CUDA graph; return the replaying step function. `logits="tree"`:
     all logits of a token tree, whose depths and ancestor mask are copied into the graph's inputs at each replay."""
-    mode, device = "all" if logits == "tree" else logits, self.net.device
-    fn, (pool, stream) = self._forward_fn(mode), graph_memory(device)
+    device = self.net.device
+    fn, (pool, stream) = self._forward_fn(logits), graph_memory(device)
     static_ids = torch.zeros(cache.keys.shape[1], q, dtype=torch.long, device=device)   # [B, q]
     static_pos = cache.positions(q).clone()                                              # [q]
     static_tree = _static_tree(q, device) if logits == "tree" else None                   # ([q], [q, q])
     stream.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(stream):
-        for _ in range(2): fn(static_ids, static_pos, cache, mode, static_tree)   # warm-up (compiles, if compiling)
+        for _ in range(2): fn(static_ids, static_pos, cache, static_tree)   # warm-up (compiles, if compiling)
     torch.cuda.current_stream(device).wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph, pool=pool, stream=stream):
-        static_out = fn(static_ids, static_pos, cache, mode, static_tree)
+        static_out = fn(static_ids, static_pos, cache, static_tree)
     static_features, static_layers = self.net.features, dict(self.net.layer_features)   # [B, q, H]; every layer's
     def replay(input_ids, cache, tree=None):
         static_ids.copy_(input_ids)
@@ -139,9 +140,8 @@ def _step(self:Engine, q:int, logits:str, cache:KVCache):
         sync(); t0 = time.perf_counter()
         if self.mode in ("graphs", "compile+graphs"): fn = self._capture(q, logits, cache)
         else:
-            mode = "all" if logits == "tree" else logits
-            forward = self._forward_fn(mode)
-            fn = lambda ids, cache, tree=None: forward(ids, cache.positions(ids.shape[1]), cache, mode, tree)
+            forward = self._forward_fn(logits)
+            fn = lambda ids, cache, tree=None: forward(ids, cache.positions(ids.shape[1]), cache, tree)
             if self.mode == "compile" and logits != "none":                  # compile now
                 fn(torch.zeros(cache.keys.shape[1], q, dtype=torch.long, device=self.net.device), cache,
                    _static_tree(q, self.net.device) if logits == "tree" else None)

@@ -90,7 +90,7 @@ def test_a_bfloat16_head_on_the_cpu_attends_over_a_float32_cache(tiny, heads, tm
 
 def test_a_heads_cache_dtype():
     "Its own dtype, except float32 for a half-precision head on the CPU (the CPU's float16 and bfloat16 attention is slow)."
-    from specdec.heads import cache_dtype
+    from specdec.net import cache_dtype
     assert cache_dtype(torch.float16, "cpu") == torch.float32 == cache_dtype(torch.float32, "cpu") == cache_dtype(torch.bfloat16, "cpu")
     assert cache_dtype(torch.float16, "cuda") == torch.float16 == cache_dtype(torch.float16, torch.device("cuda", 0))
     assert cache_dtype(torch.bfloat16, "cuda") == torch.bfloat16
