@@ -117,10 +117,17 @@ def _tree_step(runner, cache, policy, draft, verify_ids, tokens, length:int, sam
     "`_step` for a token tree: verify every branch in one forward, keep the accepted branch's cache entries and features."
     if not hasattr(runner, "keep_path"):
         raise ValueError(f"token trees are verified by a DecoderNet or its Engine; this target runs {type(runner).__name__}")
-    layout = TreeLayout.of_draft(draft.parents)
+    layout = draft.layout if draft.layout is not None else TreeLayout.of_draft(draft.parents)
     target_logits = runner(verify_ids, cache, tree=layout)                         # [B, K+1, V]
     timer.lap("verify")
-    branch, next_token = policy.verify_tree(draft.tokens, draft.parents, target_logits, sampling, generator)   # [n], [B]
+    if draft.layout is not None and hasattr(policy, "verify_tree_on_device"):     # a tree grown on the device: one read
+        n, path, next_token = policy.verify_tree_on_device(draft.tokens, layout, target_logits, sampling)   # [1], [K], [1]
+        runner.keep_path(cache, length - 1, path)                                 # entries past the branch move junk past it
+        new, eos_index = _emitted(verify_ids[:, path], Verdict(n, next_token), eos_ids)   # [B, K+1], [B]
+        tokens[:, length:length + new.shape[1]] = new
+        return (draft, *read_step(torch.stack([n[0], eos_index[0], layout.depths.max()])))   # a tree proposes `depth` positions
+    parents = draft.parents if isinstance(draft.parents, list) else draft.parents.tolist()
+    branch, next_token = policy.verify_tree(draft.tokens, parents, target_logits, sampling, generator)   # [n], [B]
     runner.keep_path(cache, length - 1, [i + 1 for i in branch])                  # the branch's K/V where a chain's would be
     n = len(branch)
     branch_tokens = draft.tokens[:, branch]                                        # [B, n]

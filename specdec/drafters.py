@@ -24,7 +24,8 @@ class Draft:
     tokens: torch.Tensor            # [B, k] drafted token ids (k may be 0)
     probs: torch.Tensor|None = None # [B, k, V] draft distributions after temperature/top-p; None: one-hot
     n_valid: torch.Tensor|None = None # [B] real drafts per row when only the device knows (the rest are padding)
-    parents: list[int]|None = None  # [k] a token tree: the parent draft of each draft (-1: the current token); None: a chain
+    parents: list[int]|torch.Tensor|None = None  # [k] a token tree: the parent draft of each draft (-1: the current token); None: a chain
+    layout: object|None = None      # a tree grown on the device: its verification block's `TreeLayout` there (parents a device tensor)
 
     @property
     def k(self) -> int: return self.tokens.shape[1]
@@ -205,6 +206,12 @@ class Fallback(Drafter):
             draft = d.propose(tokens, k, sampling, generator)
             self._proposed_by.append(i)
             if draft.k == 0: continue
+            if draft.n_valid is not None and merged is None and self.drafts_trees and draft.tokens.shape[0] == 1:
+                valid = int(draft.n_valid[0])                          # a tree cannot fill in for a device draft's rows:
+                if valid == 0: continue                                # read whether it drafted (a second host read)
+                self._used = i
+                self.usage[i]["proposed"] += valid
+                return draft
             if draft.parents is not None and merged is not None:
                 raise NotImplementedError(f"{self.name}: a token tree cannot fill in for rows of a draft made on the device")
             if draft.n_valid is None and merged is None:               # a draft the host knows is real: use it

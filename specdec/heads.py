@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from .models import LoadedModel
-from .net import KVCache, attend, cache_dtype
+from .net import KVCache, TreeLayout, attend, cache_dtype
 from specdec_kernels.rotary_kv import rotate
 from .sampling import SamplingConfig, logits_to_probs, sample
 from .drafters import Draft, Drafter, no_draft
@@ -21,7 +21,7 @@ from .engine import graph_memory
 # %% auto #0
 __all__ = ['HALF_ROWS', 'HEAD_MODES', 'CAPACITY_MULTIPLE', 'HEAD_FORMAT', 'HEAD_TYPES', 'SHIPPED_HEADS', 'DraftVocab',
            'target_fingerprint', 'ResBlock', 'MedusaHeads', 'eagle3_layers', 'EagleLayer', 'EagleHead', 'HeadSteps',
-           'grow_tree', 'TokenTree', 'save_head', 'head_dtype', 'load_head', 'shipped_head']
+           'grow_tree', 'grow_tree_on_device', 'TokenTree', 'save_head', 'head_dtype', 'load_head', 'shipped_head']
 
 # %% ../nbs/05a_heads.ipynb #3ecc78ec
 class DraftVocab:
@@ -483,13 +483,17 @@ class HeadSteps:
 def _eagle_forward_at(self:EagleHead, input_ids:torch.Tensor, # [B, q] tokens x_{t+1}
                       hidden:torch.Tensor, # [B, q, H] hidden of positions t
                       positions:torch.Tensor, # [q] the positions t (a device tensor: no host read)
-                      cache:KVCache) -> torch.Tensor:
-    "The head's forward at fixed shapes: K/V written at `positions`, attention over the whole cache; output `[B, q, H]`."
+                      cache:KVCache,
+                      slots:torch.Tensor|None=None, # [q] cache slots of tree nodes (default: the positions)
+                      mask:torch.Tensor|None=None, # [q, capacity] the slots each sees, for tree nodes (default causal)
+                     ) -> torch.Tensor:
+    "The head's forward at fixed shapes: K/V written at `slots`, attention over the whole cache; output `[B, q, H]`."
     x, cos, sin = self._inputs(input_ids, hidden, positions)
-    mask = cache.steps[None] <= positions[:, None]                                 # [q, capacity]
+    if slots is None: slots = positions
+    if mask is None: mask = cache.steps[None] <= positions[:, None]                # [q, capacity]
     for i, layer in enumerate(self.decoder_layers()):
         query, key, value = self._qkv(layer, x, cos, sin)
-        cache.keys[i].index_copy_(2, positions, key.to(cache.keys.dtype)); cache.values[i].index_copy_(2, positions, value.to(cache.values.dtype))
+        cache.keys[i].index_copy_(2, slots, key.to(cache.keys.dtype)); cache.values[i].index_copy_(2, slots, value.to(cache.values.dtype))
         out = attend(query, cache.keys[i], cache.values[i], mask, False, self.num_heads != self.num_kv_heads)
         x = self._outputs(layer, x, out)
     return x
@@ -506,12 +510,19 @@ def _eagle_draft_at(self:EagleHead, token, hidden, # [B, 1] the draft, [B, 1, H]
     out = self.forward_at(token, hidden, position, self.cache)
     return out, self.logits(out[:, -1])
 
+def _eagle_tree_at(self:EagleHead, tokens, hidden, # [B, f] a tree depth's frontier, [B, f, H] each one's parent's output
+                   slots, positions, # [f] cache slots, [f] positions (all the depth's)
+                   visible): # [f, capacity] the committed pairs, each one's ancestors and itself
+    "A tree depth's forward at fixed shapes: the outputs `[B, f, H]` and each one's next-draft log-probabilities `[f, N]`."
+    out = self.forward_at(tokens, hidden, positions, self.cache, slots, visible)
+    return out, torch.log_softmax(self.logits(out[0]), -1)
+
 def _eagle_position(self:EagleHead, position:int) -> torch.Tensor:
     "`[position]` on the head's device (a fill: no host read)."
     return torch.full((1,), position, dtype=torch.long, device=self.cache.keys.device)
 
-EagleHead.forward_at, EagleHead._catch_up_at, EagleHead._draft_at, EagleHead._position = \
-    _eagle_forward_at, _eagle_catch_up_at, _eagle_draft_at, _eagle_position
+EagleHead.forward_at, EagleHead._catch_up_at, EagleHead._draft_at, EagleHead._tree_at, EagleHead._position = \
+    _eagle_forward_at, _eagle_catch_up_at, _eagle_draft_at, _eagle_tree_at, _eagle_position
 
 # %% ../nbs/05a_heads.ipynb #75a7aea1
 def _eagle_reset(self:EagleHead, batch:int, capacity:int):
@@ -623,33 +634,72 @@ def grow_tree(first_logp:torch.Tensor, # [N] the draft's log-probabilities of th
     return Draft(all_tokens[torch.tensor(chosen, device=all_tokens.device)][None],  # [1, nodes]
                  parents=[index[parents[c]] if parents[c] != -1 else -1 for c in chosen])
 
+def grow_tree_on_device(first_logp:torch.Tensor, # [N] the draft's log-probabilities of the first draft (draft ids)
+                        expand, # expand(d, frontier_tokens [f], parent_rows [f]) -> [f, N] log-probs after each (device tensors)
+                        depth:int, width:int, nodes:int,
+                        full_ids:torch.Tensor, # [N] full id of each draft id
+                       ) -> Draft:
+    """`grow_tree` at fixed shapes on the device, with no host read: the same tree (the same nodes in the same order; ties
+    between scores broken alike), and its verification block's `TreeLayout` (`Draft.layout`), built there too. `expand`
+    gets each depth's frontier tokens (full ids) and the row of each one's parent in the previous call (zeros: the root)."""
+    device, w = first_logp.device, min(width, first_logp.shape[-1])
+    top = first_logp.topk(w)                                                       # [w]
+    scores, tokens = [top.values.float()], [full_ids[top.indices]]                 # per depth: [n_d] cumulative log-probs, full ids
+    parents, depths = [torch.full((w,), -1, device=device)], [torch.ones(w, dtype=torch.long, device=device)]   # candidate ids
+    frontier, parent_rows, first = torch.arange(w, device=device), torch.zeros(w, dtype=torch.long, device=device), 0
+    for d in range(2, depth + 1):
+        logp = expand(d, tokens[-1][frontier - first], parent_rows)                # [f, N]
+        child = logp.topk(w, -1)                                                   # [f, w]
+        f = frontier.shape[0]
+        child_scores = (scores[-1][frontier - first][:, None] + child.values.float()).flatten()   # [f*w]
+        first += scores[-1].shape[0]
+        scores.append(child_scores); tokens.append(full_ids[child.indices.flatten()])
+        parents.append(frontier[:, None].expand(f, w).flatten()); depths.append(torch.full((f * w,), d, device=device))
+        best = child_scores.topk(min(width, f * w)).indices                        # [f'] the next frontier
+        frontier, parent_rows = first + best, best // w
+    scores, tokens, parents, depths = (torch.cat(x) for x in (scores, tokens, parents, depths))   # [n] each
+    n = min(nodes, scores.shape[0])
+    chosen = torch.sort(-scores, stable=True).indices[:n].sort().values            # [n] best n (ties: earlier first), in order
+    row = torch.full_like(parents, -1).scatter_(0, chosen, torch.arange(n, device=device))   # candidate -> draft index
+    draft_parents = torch.where(parents[chosen] >= 0, row[parents[chosen].clamp_min(0)], -1)   # [n]
+    block_parents = torch.cat([draft_parents.new_full((1,), -1), draft_parents + 1])  # [n+1] the root, then the drafts
+    eye = torch.eye(n + 1, dtype=torch.bool, device=device)
+    ancestors = eye
+    for _ in range(depth): ancestors = eye | ancestors[block_parents.clamp_min(0)]  # [n+1, n+1] one more generation each time
+    layout = TreeLayout.on_device(block_parents, torch.cat([depths.new_zeros(1), depths[chosen]]), ancestors)
+    return Draft(tokens[chosen][None], parents=draft_parents, layout=layout)       # [1, n]
+
 def _eagle_propose_tree(self:EagleHead, tokens, k:int, # the deepest draft (as a chain's K: at most k drafts are accepted)
                         width:int, # children tried per expanded node, and nodes expanded per depth
                         nodes:int, # drafts in the tree (verified in one target forward)
                         sampling=SamplingConfig(), generator=None) -> Draft:
-    """An EAGLE-2 tree (`grow_tree`): one head forward per depth over the nodes it expands, each attending to the committed
-    prefix and its own ancestors in the head's cache. The tree is the same whatever the temperature: a policy takes its
-    nodes as one-hot drafts (`RejectionSampling.verify_tree`)."""
+    """An EAGLE-2 tree grown on the device (`grow_tree_on_device`): one head forward per depth over the nodes it expands,
+    each attending to the committed prefix and its own ancestors in the head's cache (at fixed shapes under `HeadSteps`:
+    one graph replay per depth on CUDA). The tree is the same whatever the temperature: a policy takes its nodes as
+    one-hot drafts (`RejectionSampling.verify_tree`)."""
     B, L = tokens.shape
     if B != 1: raise NotImplementedError("token trees are drafted for batch size 1")
     if k == 0 or L < 2: return no_draft(tokens)
-    depth = min(k, nodes)
-    out = self._catch_up(tokens)                                                   # [1, 1, H] at L-2
-    state, slot_of = {"out": out, "slot": L - 1}, {}                               # the last outputs; head-cache slot of each expanded node
+    depth, cache = min(k, nodes), self.cache
+    out, logits = self._first(tokens)                                               # [1, 1, H] at L-2, [1, N]
+    prefix = cache.steps < L - 1                                                    # [capacity] the committed pairs
+    state = {"out": out, "seen": None, "slot": L - 1}                              # last outputs; each row's ancestors' slots
 
-    def expand(d, frontier_tokens, parent_rows, lineage):
-        f, slot = len(lineage), state["slot"]
-        for j, chain in enumerate(lineage): slot_of[chain[0]] = slot + j
-        mask = torch.zeros(f, slot + f, dtype=torch.bool)                          # [f, slots]: the prefix and each one's ancestors
-        mask[:, :L - 1] = True
-        for j, chain in enumerate(lineage): mask[j, [slot_of[c] for c in chain]] = True
-        hidden = state["out"][:, parent_rows]                                      # [1, f, H] each reads its parent's output
-        positions = torch.full((f,), L - 3 + d, device=tokens.device)             # depth d-1 nodes sit at L-2+(d-1)
-        state["out"] = self(frontier_tokens[None], hidden, slot, self.cache, positions, mask.to(tokens.device))   # [1, f, H]
-        state["slot"] = slot + f
-        return torch.log_softmax(self.logits(state["out"][0]), -1)                # [f, N]
+    def expand(d, frontier_tokens, parent_rows):
+        f, slot = frontier_tokens.shape[0], state["slot"]
+        slots = torch.arange(slot, slot + f, device=prefix.device)                  # [f]
+        seen = cache.steps[None] == slots[:, None]                                  # [f, capacity] itself...
+        if state["seen"] is not None: seen |= state["seen"][parent_rows]            # ...and its ancestors
+        hidden = state["out"][:, parent_rows]                                       # [1, f, H] each reads its parent's output
+        positions = torch.full((f,), L - 3 + d, device=prefix.device)              # depth d-1 nodes sit at L-2+(d-1)
+        if self.steps is None:
+            out = self(frontier_tokens[None], hidden, slot, cache, positions, (prefix[None] | seen)[:, :slot + f])
+            logp = torch.log_softmax(self.logits(out[0]), -1)
+        else: out, logp = self.steps("tree", f, self._tree_at, frontier_tokens[None], hidden, slots, positions, prefix[None] | seen)
+        state.update(out=out, seen=seen, slot=slot + f)
+        return logp                                                                 # [f, N]
 
-    draft = grow_tree(torch.log_softmax(self.logits(out[0, -1]), -1), expand, depth, width, nodes, self.vocab.ids_on(tokens.device))
+    draft = grow_tree_on_device(torch.log_softmax(logits[0], -1), expand, depth, width, nodes, self.vocab.ids_on(tokens.device))
     self.forwards += depth
     return draft
 
@@ -661,8 +711,8 @@ def _medusa_propose_tree(self:MedusaHeads, tokens, k:int, width:int, nodes:int, 
     logits = self.newest_logits(k)                                                 # [k, 1, N]
     if logits is None: return no_draft(tokens)
     logp = torch.log_softmax(logits[:, 0], -1)                                     # [k, N] head d-1 drafts depth d
-    return grow_tree(logp[0], lambda d, frontier_tokens, *_: logp[d - 1].expand(frontier_tokens.numel(), -1),
-                     min(k, nodes), width, nodes, self.vocab.ids_on(tokens.device))
+    return grow_tree_on_device(logp[0], lambda d, frontier_tokens, _: logp[d - 1].expand(frontier_tokens.shape[0], -1),
+                               min(k, nodes), width, nodes, self.vocab.ids_on(tokens.device))
 MedusaHeads.propose_tree = _medusa_propose_tree
 EagleHead.propose_tree = _eagle_propose_tree
 

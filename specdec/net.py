@@ -191,7 +191,17 @@ class TreeLayout:
         "The layout of a verification block: the current token (root), then drafts whose parents are draft indices (-1: the root)."
         return cls([-1] + [p + 1 for p in draft_parents])
 
-    def __len__(self): return len(self.parents)
+    @classmethod
+    def on_device(cls, parents:torch.Tensor, # [q] parent of each node (-1: the root), a device tensor
+                  depths:torch.Tensor, # [q] each node's depth (root 0)
+                  ancestors:torch.Tensor, # [q, q] node i sees node j (itself included)
+                 ) -> "TreeLayout":
+        "A layout whose tensors stay on the device (a tree grown there: `grow_tree_on_device`); the host never reads them."
+        layout = cls.__new__(cls)
+        layout.parents, layout.depths, layout.ancestors = parents, depths, ancestors
+        return layout
+
+    def __len__(self): return self.depths.shape[0]
 
     def on(self, device) -> tuple[torch.Tensor, torch.Tensor]:
         "`(depths [q], ancestors [q, q])` on `device`, for a fixed-shape forward (`DecoderNet.forward_at(tree=...)`)."
@@ -359,18 +369,20 @@ def forward(self:DecoderNet, input_ids:torch.Tensor, # [B, q] new tokens, writte
 @patch
 def keep_path(self:DecoderNet, cache:KVCache,
               start:int, # the slot of the block's first token (a tree's root)
-              path:list[int], # block indices to keep after the first, in order (a tree's accepted branch)
+              path:list[int]|torch.Tensor, # block indices to keep after the first, in order (a tree's accepted branch);
+                                            # a device tensor may run past the branch (those entries move junk past it)
              ) -> None:
     """After verifying a token tree: move the keys and values of the kept `path` to the slots right after `start` (where a
     chain's would be) and keep the last forward's features of `[start] + path` in that order. `cache.length` is left alone."""
-    if not path: return
+    if len(path) == 0: return
     device = cache.keys.device
-    src = torch.tensor([start + i for i in path], device=device)                   # [n] slots now
+    path = torch.as_tensor(path, device=device)                                       # [n] (no host read when on the device)
+    src = start + path                                                               # [n] slots now
     dest = slice(start + 1, start + 1 + len(path))                                   # [n] slots a chain would use
     cache.keys[:, :, :, dest] = cache.keys.index_select(3, src)                      # index_select copies: no overlap
     cache.values[:, :, :, dest] = cache.values.index_select(3, src)
     if self.features is not None and self.features_start == start:
-        keep = torch.tensor([0] + list(path), device=self.features.device)          # [1+n] rows of the block
+        keep = torch.cat([path.new_zeros(1), path]).to(self.features.device)        # [1+n] rows of the block
         self.features = self.features.index_select(1, keep)                          # [B, 1+n, H]
         self.layer_features = {i: f.index_select(1, keep) for i, f in self.layer_features.items() if i in self.keep_layers}   # this forward's
 

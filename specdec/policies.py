@@ -84,6 +84,26 @@ class Greedy(AcceptancePolicy):
         last = branch[-1] + 1 if branch else 0                                       # the block index the branch ends at
         return branch, target_next[last][None]                                       # [1]
 
+    def verify_tree_on_device(self, draft_tokens, # [1, k] the tree's drafts, parents first
+                              layout, # the verification block's `TreeLayout` on the device (root, then the k drafts)
+                              target_logits, # [1, k+1, V]
+                              sampling=SamplingConfig()) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`verify_tree` with no host read: `(n_accepted [1], path [k], next_token [1])`, where `path[d-1]` is the block
+        index of the accepted branch's node at depth d (entries past `n_accepted`: junk). A node is accepted when every
+        node from the root to it equals the target's argmax after its parent; siblings never repeat a token, so the
+        accepted nodes form one branch."""
+        if not sampling.greedy:
+            raise ValueError(f"Greedy policy needs temperature=0 (got {sampling.temperature}); use RejectionSampling to sample")
+        target_next = target_logits[0].argmax(-1)                                    # [q] after each node
+        parents, depths, ancestors = layout.parents, layout.depths, layout.ancestors # [q], [q], [q, q]
+        match = torch.cat([torch.ones(1, dtype=torch.bool, device=depths.device),
+                           draft_tokens[0] == target_next[parents[1:]]])             # [q] the root always
+        accepted = ~(ancestors & ~match[None]).any(-1)                               # [q] its whole branch matches
+        leaf = torch.where(accepted, depths, -1).argmax(0, keepdim=True)              # [1] the deepest accepted node
+        k = depths.shape[0] - 1
+        at_depth = ancestors[leaf] & (depths[None] == torch.arange(1, k + 1, device=depths.device)[:, None])   # [k, q]
+        return depths[leaf], at_depth.int().argmax(-1), target_next[leaf]
+
 # %% ../nbs/04_policies.ipynb #c4d037d0
 class RejectionSampling(AcceptancePolicy):
     "Lossless speculative sampling (Leviathan et al. 2023, Chen et al. 2023)."

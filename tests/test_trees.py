@@ -10,7 +10,7 @@ from specdec.engine import Engine
 from specdec.models import tiny_llama
 from specdec.policies import greedy_branch, RejectionSampling, Greedy, Typical
 from specdec.sampling import SamplingConfig, logits_to_probs
-from specdec.heads import TokenTree, DraftVocab
+from specdec.heads import TokenTree, DraftVocab, grow_tree, grow_tree_on_device
 from specdec.drafters import Fallback, PromptLookup
 from specdec.controllers import FixedK
 from specdec.train import new_head, train_head
@@ -19,6 +19,8 @@ from conftest import hf_greedy
 from test_lossless_tiny import TEXTS
 from test_heads import own_records, small_vocab_target, one_thread, _head_pairs
 from test_distribution import V, _chi2_pvalue, _tables
+from test_engine import CountSyncs
+import specdec.decode as decode
 
 
 def test_tree_layout_depths_and_ancestors():
@@ -42,6 +44,54 @@ def test_greedy_branch_follows_the_targets_argmax():
     assert greedy_branch(parents, drafts, [7, 9, 0, 0, 0, 0]) == [0, 2]
     assert greedy_branch(parents, drafts, [3, 9, 5, 0, 6, 0]) == []          # no child of the root matches
     assert greedy_branch([], [], [4]) == []
+
+
+def _random_tree(seed, N, depth, width, nodes, ties=False):
+    """`grow_tree` and `grow_tree_on_device` on the same random scores: each node's children's log-probabilities are a
+    function of its token and its parent's row (`ties`: rounded, so many scores tie)."""
+    g = torch.Generator().manual_seed(seed)
+    table = torch.log_softmax(torch.randn(N + 1, 7, N, generator=g) * 3, -1)      # [token, parent row, N]
+    if ties: table = (table * 2).round() / 2
+    full_ids = torch.randperm(500, generator=g)[:N]                                # [N] full ids
+    draft_of = {int(t): i for i, t in enumerate(full_ids)}
+    logp = lambda tokens, rows: table[torch.tensor([draft_of[int(t)] for t in tokens]), torch.as_tensor(rows) % 7]   # [f, N]
+    host = grow_tree(table[N, 0], lambda d, tokens, rows, lineage: logp(tokens, rows), depth, width, nodes, full_ids)
+    device = grow_tree_on_device(table[N, 0], lambda d, tokens, rows: logp(tokens, rows), depth, width, nodes, full_ids)
+    return host, device
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_device_tree_is_the_host_tree(seed):
+    """The tree grown at fixed shapes on the device equals `grow_tree`'s (nodes, order, parents), ties included, and its
+    verification layout is the one `TreeLayout.of_draft` builds from the parents."""
+    cases = [(40, 3, 2, 5, False), (40, 4, 3, 10, False), (40, 3, 4, 8, True), (40, 2, 1, 2, False),
+             (3, 3, 4, 100, False), (40, 3, 3, 100, True)]                          # N < width; nodes > candidates
+    for N, depth, width, nodes, ties in cases:
+        host, device = _random_tree(seed, N, depth, width, nodes, ties)
+        assert torch.equal(device.tokens, host.tokens) and device.parents.tolist() == host.parents, (N, depth, width, nodes, ties)
+        layout = TreeLayout.of_draft(host.parents)
+        assert torch.equal(device.layout.depths, layout.depths) and torch.equal(device.layout.ancestors, layout.ancestors)
+        assert device.layout.parents.tolist() == layout.parents
+
+
+def test_greedy_on_the_device_keeps_the_hosts_branch():
+    "`Greedy.verify_tree_on_device` accepts the branch `greedy_branch` finds (a path padded past it), with the same next token."
+    g, deep = torch.Generator().manual_seed(3), 0
+    for seed in range(40):
+        _, draft = _random_tree(seed, 12, 3, 3, 9)
+        parents, drafted = draft.parents.tolist(), draft.tokens[0].tolist()
+        logits = torch.randn(1, draft.k + 1, 500, generator=g)                      # [1, k+1, V]
+        for node in range(draft.k + 1):                                             # most nodes' argmax is one of their children
+            children = [drafted[i] for i, p in enumerate(parents) if p == node - 1]
+            if children and torch.rand((), generator=g) < 0.8:
+                logits[0, node, children[int(torch.randint(len(children), (), generator=g))]] = 50.0
+        target_next = logits[0].argmax(-1).tolist()
+        branch = greedy_branch(parents, drafted, target_next)
+        n, path, next_token = Greedy().verify_tree_on_device(draft.tokens, draft.layout, logits)
+        assert n.tolist() == [len(branch)] and path[:len(branch)].tolist() == [i + 1 for i in branch], seed
+        assert next_token.tolist() == [target_next[branch[-1] + 1 if branch else 0]]
+        deep += len(branch) >= 2
+    assert deep >= 10                                                               # branches of two and more were checked
 
 
 def _chain_logits(net, prompt, branch):
@@ -167,11 +217,11 @@ def test_a_medusa_tree_scores_each_depth_with_its_own_head(tiny, trained):
     features = medusa.pending[-1][:, -1:]                                            # [1, 1, H]
     draft = medusa.propose_tree(prompt, 3, width, 100)
     per_head = [sorted(medusa.draft_vocab.ids[medusa(features)[d, 0, -1].topk(width).indices].tolist()) for d in range(3)]
-    tokens, depth = draft.tokens[0].tolist(), {}
-    for i, p in enumerate(draft.parents):
+    tokens, parents, depth = draft.tokens[0].tolist(), draft.parents.tolist(), {}
+    for i, p in enumerate(parents):
         depth[i] = 1 if p == -1 else depth[p] + 1
-    for node in [-1] + [i for i in range(len(tokens)) if i in draft.parents]:
-        children = sorted(tokens[i] for i, p in enumerate(draft.parents) if p == node)
+    for node in [-1] + [i for i in range(len(tokens)) if i in parents]:
+        children = sorted(tokens[i] for i, p in enumerate(parents) if p == node)
         assert children == per_head[0 if node == -1 else depth[node]], node
     assert max(depth.values()) == 3 and len(tokens) == width + width * width + width * width
 
@@ -192,7 +242,7 @@ def test_each_tree_node_drafts_what_the_head_drafts_after_its_branch(smol):
     prompt = builtin_prompts()[0].encode(smol)
     _head_after_prefill(tiny, eagle, prompt)
     draft = eagle.propose_tree(prompt, 3, width, 100)                             # every expanded node kept
-    tokens, parents, L = draft.tokens[0].tolist(), draft.parents, prompt.shape[1]
+    tokens, parents, L = draft.tokens[0].tolist(), draft.parents.tolist(), prompt.shape[1]
     children = {}
     for i, p in enumerate(parents): children.setdefault(p, []).append(tokens[i])
     expanded = [i for i in range(len(tokens)) if i in children]
@@ -321,3 +371,57 @@ def test_rejection_sampling_over_a_tree_keeps_the_target_distribution(small_voca
     if kind == "eagle":                                                   # the same test rejects a wrong rule (once: time)
         wrong, _ = _head_pairs(target, tree, prompt, sampling, KeepRejectedSiblings(), 4000)
         assert _chi2_pvalue(wrong, joint) < 1e-4
+
+
+@pytest.mark.parametrize("compile", ["eager", "fixed"])
+def test_a_tree_step_reads_the_device_once(tiny, trained, monkeypatch, compile):
+    """A tree is grown and verified on the device (greedy): one read per step (`read_step`), no other op that would sync
+    a GPU; prompt lookup on the device before a tree reads once more, whether it drafted, and stays lossless."""
+    reads, real = [], decode.read_step
+    monkeypatch.setattr(decode, "read_step", lambda summary: reads.append(1) or real(summary))
+    prompt = tiny.encode(TEXTS[2])
+    plain = generate(tiny, prompt, max_new_tokens=30, eos_token_id=[]).tokens      # past any EOS: every step drafts
+    for kind in ("eagle", "medusa"):
+        reads.clear()
+        with CountSyncs() as syncs:
+            out = generate(tiny, prompt, drafter=TokenTree(trained[kind], 2, 5), controller=FixedK(3), max_new_tokens=30,
+                           eos_token_id=[], compile=compile)
+        assert len(reads) == out.stats.target_forwards and syncs.seen == [], (kind, syncs.seen)
+        assert torch.equal(out.tokens, plain) and max(out.accepted_lengths) > 0
+    both = Fallback([PromptLookup(3, 2, on_device=True), TokenTree(trained["eagle"], 2, 5)])
+    for text in TEXTS[:4]:
+        prompt = tiny.encode(text)
+        with CountSyncs() as syncs:
+            out = generate(tiny, prompt, drafter=both, controller=FixedK(3), max_new_tokens=30, compile=compile)
+        assert torch.equal(out.tokens, hf_greedy(tiny, prompt, 30)), text
+        assert set(syncs.seen) <= {"_local_scalar_dense", "item"} and len(syncs.seen) <= 2 * out.stats.target_forwards
+    assert both.usage[0]["steps"] > 0 and both.usage[1]["steps"] > 0            # both drafted, somewhere
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_tree_step_does_not_sync_on_cuda(monkeypatch):
+    "Under torch.cuda.set_sync_debug_mode('error'), a tree step (CUDA graphs) syncs only in read_step and in graph captures."
+    from specdec.heads import HeadSteps
+    gpu = tiny_llama(seed=0, device="cuda", dtype=torch.float32)
+    records = own_records(gpu, [gpu.encode(t) for t in TEXTS[:4]])
+
+    def allowed(fn, then=None):                                                    # may sync: read_step and graph builds
+        def run(*args, **kwargs):
+            mode = torch.cuda.get_sync_debug_mode() if then is None else then
+            torch.cuda.set_sync_debug_mode(0)
+            try: return fn(*args, **kwargs)
+            finally: torch.cuda.set_sync_debug_mode(mode)
+        return run
+    monkeypatch.setattr(decode, "read_step", allowed(decode.read_step, "error"))   # every op after the first read: no sync
+    monkeypatch.setattr(HeadSteps, "_capture", allowed(HeadSteps._capture))
+    monkeypatch.setattr(Engine, "_step", allowed(Engine._step))
+    try:
+        for kind in ("eagle", "medusa"):
+            head = new_head(kind, gpu, None, n=3, seed=0)
+            train_head(head, records, epochs=2, lr=1e-2, batch_size=2, seed=0, progress=False)
+            out = generate(gpu, gpu.encode(TEXTS[0]), drafter=TokenTree(head, 2, 5), controller=FixedK(3), max_new_tokens=24,
+                           eos_token_id=[])
+            torch.cuda.set_sync_debug_mode(0)
+            assert out.engine["mode"] == "graphs" and out.tokens.shape[1] == 24
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
