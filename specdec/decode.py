@@ -120,8 +120,8 @@ def _tree_step(runner, cache, policy, draft, verify_ids, tokens, length:int, sam
     layout = draft.layout if draft.layout is not None else TreeLayout.of_draft(draft.parents)
     target_logits = runner(verify_ids, cache, tree=layout)                         # [B, K+1, V]
     timer.lap("verify")
-    if draft.layout is not None and hasattr(policy, "verify_tree_on_device"):     # a tree grown on the device: one read
-        n, path, next_token = policy.verify_tree_on_device(draft.tokens, layout, target_logits, sampling)   # [1], [K], [1]
+    if draft.layout is not None and policy.verifies_trees_on_device:               # a tree grown on the device: one read
+        n, path, next_token = policy.verify_tree_on_device(draft.tokens, layout, target_logits, sampling, generator)   # [1], [K], [1]
         runner.keep_path(cache, length - 1, path)                                 # entries past the branch move junk past it
         new, eos_index = _emitted(verify_ids[:, path], Verdict(n, next_token), eos_ids)   # [B, K+1], [B]
         tokens[:, length:length + new.shape[1]] = new

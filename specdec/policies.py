@@ -12,8 +12,8 @@ from .sampling import SamplingConfig, logits_to_probs, sample, exponential_noise
 from . import kernels
 
 # %% auto #0
-__all__ = ['Verdict', 'accepted_prefix', 'valid_slots', 'AcceptancePolicy', 'tree_children', 'greedy_branch', 'Greedy',
-           'RejectionSampling', 'Typical', 'ConfidenceThreshold', 'TopKAgreement']
+__all__ = ['Verdict', 'accepted_prefix', 'valid_slots', 'AcceptancePolicy', 'tree_children', 'greedy_branch',
+           'tree_branch_on_device', 'Greedy', 'RejectionSampling', 'Typical', 'ConfidenceThreshold', 'TopKAgreement']
 
 # %% ../nbs/04_policies.ipynb #8e50f97e
 @dataclass
@@ -40,6 +40,7 @@ class AcceptancePolicy:
     def __call__(self, draft_tokens, draft_probs, target_logits, sampling:SamplingConfig,
                  generator:torch.Generator|None=None, n_valid:torch.Tensor|None=None) -> Verdict: raise NotImplementedError
     def __repr__(self): return f"{type(self).__name__}({', '.join(f'{k}={v}' for k, v in vars(self).items())})"
+    verifies_trees_on_device:bool = False   # has `verify_tree_on_device(draft_tokens, layout, target_logits, sampling, generator)`
     def verify_tree(self, draft_tokens, parents:list[int], target_logits, sampling:SamplingConfig, generator=None) -> tuple[list[int], torch.Tensor]:
         "A token tree's verdict: the accepted branch (draft indices, root to leaf) and the next token `[B]`."
         raise NotImplementedError(f"{type(self).__name__} cannot verify token trees: use Greedy or RejectionSampling, "
@@ -64,6 +65,18 @@ def greedy_branch(parents:list[int], # [k] parent draft index of each draft (-1:
         node = match[0]                   # a tree drafter never repeats a token among siblings
         branch.append(node)
 
+def tree_branch_on_device(match:torch.Tensor, # [q] whether node i is the one its parent's rule keeps (the root: True)
+                          layout, # the verification block's `TreeLayout` on the device
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The kept branch with no host read: `(n_accepted [1], path [q-1], leaf [1])`. A node is kept when every node from the
+    root to it matches; a rule keeps at most one child per node, so the kept nodes form one branch, ending at `leaf` (the
+    deepest); `path[d-1]` is its node at depth d (entries past `n_accepted`: junk)."""
+    depths, ancestors = layout.depths, layout.ancestors                          # [q], [q, q]
+    kept = ~(ancestors & ~match[None]).any(-1)                                   # [q] its whole branch matches
+    leaf = torch.where(kept, depths, -1).argmax(0, keepdim=True)                  # [1]
+    at_depth = ancestors[leaf] & (depths[None] == torch.arange(1, depths.shape[0], device=depths.device)[:, None])   # [q-1, q]
+    return depths[leaf], at_depth.int().argmax(-1), leaf
+
 # %% ../nbs/04_policies.ipynb #104bf3f7
 class Greedy(AcceptancePolicy):
     "Lossless for temperature 0: keep drafts that equal the target's argmax (`specdec.kernels.greedy_verify`)."
@@ -84,10 +97,11 @@ class Greedy(AcceptancePolicy):
         last = branch[-1] + 1 if branch else 0                                       # the block index the branch ends at
         return branch, target_next[last][None]                                       # [1]
 
+    verifies_trees_on_device = True
     def verify_tree_on_device(self, draft_tokens, # [1, k] the tree's drafts, parents first
                               layout, # the verification block's `TreeLayout` on the device (root, then the k drafts)
                               target_logits, # [1, k+1, V]
-                              sampling=SamplingConfig()) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                              sampling=SamplingConfig(), generator=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """`verify_tree` with no host read: `(n_accepted [1], path [k], next_token [1])`, where `path[d-1]` is the block
         index of the accepted branch's node at depth d (entries past `n_accepted`: junk). A node is accepted when every
         node from the root to it equals the target's argmax after its parent; siblings never repeat a token, so the
@@ -95,14 +109,10 @@ class Greedy(AcceptancePolicy):
         if not sampling.greedy:
             raise ValueError(f"Greedy policy needs temperature=0 (got {sampling.temperature}); use RejectionSampling to sample")
         target_next = target_logits[0].argmax(-1)                                    # [q] after each node
-        parents, depths, ancestors = layout.parents, layout.depths, layout.ancestors # [q], [q], [q, q]
-        match = torch.cat([torch.ones(1, dtype=torch.bool, device=depths.device),
-                           draft_tokens[0] == target_next[parents[1:]]])             # [q] the root always
-        accepted = ~(ancestors & ~match[None]).any(-1)                               # [q] its whole branch matches
-        leaf = torch.where(accepted, depths, -1).argmax(0, keepdim=True)              # [1] the deepest accepted node
-        k = depths.shape[0] - 1
-        at_depth = ancestors[leaf] & (depths[None] == torch.arange(1, k + 1, device=depths.device)[:, None])   # [k, q]
-        return depths[leaf], at_depth.int().argmax(-1), target_next[leaf]
+        match = torch.cat([torch.ones(1, dtype=torch.bool, device=target_next.device),
+                           draft_tokens[0] == target_next[layout.parents[1:]]])      # [q] the root always
+        n, path, leaf = tree_branch_on_device(match, layout)
+        return n, path, target_next[leaf]
 
 # %% ../nbs/04_policies.ipynb #c4d037d0
 class RejectionSampling(AcceptancePolicy):
@@ -147,6 +157,38 @@ class RejectionSampling(AcceptancePolicy):
             else:
                 return branch, sample(probs[None], generator)                      # [1]
             branch.append(child); node = child
+
+    @property
+    def verifies_trees_on_device(self) -> bool:
+        "Whether this policy's tree rule is `verify_tree_on_device`'s (a subclass changing a child's test walks the host)."
+        return type(self).accept_child is RejectionSampling.accept_child and type(self).without is RejectionSampling.without
+
+    def verify_tree_on_device(self, draft_tokens, # [1, k] the tree's drafts, parents first
+                              layout, # the verification block's `TreeLayout` on the device (root, then the k drafts)
+                              target_logits, # [1, k+1, V]
+                              sampling=SamplingConfig(), generator=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`verify_tree` with no host read: `(n_accepted [1], path [k], next_token [1])`. Every node decides at once which
+        child it would keep: children are tried in order, child i with probability p(x_i) / (1 - the mass of the siblings
+        tried before it), which is `accept_child` on `without`'s residual; the branch of kept children from the root is
+        `tree_branch_on_device`'s, and the next token is drawn from the leaf's residual (its children removed) by the
+        exponential race. A node off the branch decides with uniforms of its own that nothing reads, so the law is the
+        host walk's."""
+        target_probs = logits_to_probs(target_logits, sampling)[0].float()         # [q, V]
+        q, device = target_probs.shape[0], target_probs.device
+        tokens = draft_tokens[0]                                                     # [k] node i+1's token
+        child = torch.cat([torch.zeros(q, 1, dtype=torch.bool, device=device),
+                           layout.parents[1:][None] == torch.arange(q, device=device)[:, None]], 1)   # [q, q] j -> child i
+        p_child = torch.cat([torch.zeros(q, 1, device=device), target_probs[:, tokens]], 1) * child   # [q, q] p_j(x_i)
+        tried = p_child.cumsum(-1) - p_child                                         # [q, q] mass of earlier siblings
+        uniforms = torch.rand(q, q, device=device, generator=generator)             # [q, q]
+        accept = child & (uniforms * (1 - tried) < p_child)
+        kept = torch.where(accept.any(-1), accept.int().argmax(-1), -1)             # [q] the child each node keeps (-1: none)
+        match = torch.cat([torch.ones(1, dtype=torch.bool, device=device), kept[layout.parents[1:]] == torch.arange(1, q, device=device)])
+        n, path, leaf = tree_branch_on_device(match, layout)
+        removed = torch.zeros(target_probs.shape[-1], device=device).scatter_add_(0, tokens, child[leaf][0, 1:].float())   # [V]
+        residual = target_probs[leaf] * (removed == 0)                               # [1, V] the leaf's children removed
+        exp_noise = exponential_noise(residual.shape, device, generator)            # [1, V]
+        return n, path, (residual / exp_noise).argmax(-1)                           # [1], [k], [1]
 
     def accept_child(self, probs, token:int, generator) -> bool:
         "Accept a one-hot draft of `token` with probability `probs[token]`."

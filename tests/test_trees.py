@@ -373,6 +373,48 @@ def test_rejection_sampling_over_a_tree_keeps_the_target_distribution(small_voca
         assert _chi2_pvalue(wrong, joint) < 1e-4
 
 
+def _walk_law(parents, drafted, target_probs):
+    "The exact law of what one host walk (`RejectionSampling.verify_tree`) emits: `{(accepted tokens..., next token): p}`."
+    law = {}
+    def visit(node, prefix, weight):
+        probs, left = target_probs[node + 1].double(), 1.0                          # [V] the target after `node`
+        for c in [i for i, p in enumerate(parents) if p == node]:
+            residual = probs / probs.sum()
+            accept = float(residual[drafted[c]])
+            visit(c, prefix + (drafted[c],), weight * left * accept)
+            left *= 1 - accept
+            probs = probs.clone(); probs[drafted[c]] = 0
+        for token, p in enumerate((probs / probs.sum()).tolist()):
+            if p > 0: law[prefix + (token,)] = law.get(prefix + (token,), 0.0) + weight * left * p
+    visit(-1, (), 1.0)
+    return law
+
+
+def test_rejection_sampling_on_the_device_follows_the_host_walks_law():
+    """`RejectionSampling.verify_tree_on_device` emits what the host walk emits, in law: chi-square against the exact law of
+    the walk over one fixed tree (tokens repeated across branches, never among siblings), 10,000 seeded verifications."""
+    from scipy.stats import chisquare
+    parents, drafted = [-1, -1, -1, 0, 0, 1, 3], [2, 4, 1, 3, 4, 2, 5]
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(1, len(parents) + 1, 6, generator=g) * 1.5                # [1, q, V=6]
+    host = TreeLayout.of_draft(parents)
+    layout = TreeLayout.on_device(torch.tensor(host.parents), host.depths, host.ancestors)
+    sampling, policy = SamplingConfig(1.0), RejectionSampling()
+    law = _walk_law(parents, drafted, logits_to_probs(logits, sampling)[0])
+    assert abs(sum(law.values()) - 1) < 1e-9 and max(len(key) for key in law) == 4      # branches 3 deep are possible
+    counts, runs, generator = {}, 10000, torch.Generator().manual_seed(1)
+    for _ in range(runs):
+        n, path, next_token = policy.verify_tree_on_device(torch.tensor([drafted]), layout, logits, sampling, generator)
+        key = tuple(drafted[i - 1] for i in path[:int(n)].tolist()) + (int(next_token),)
+        counts[key] = counts.get(key, 0) + 1
+    assert set(counts) <= set(law)                                                   # nothing the walk cannot emit
+    keys = sorted(law, key=law.get, reverse=True)
+    big = [k for k in keys if law[k] * runs >= 5]                                    # rare outcomes pooled into one cell
+    observed = [counts.get(k, 0) for k in big] + [runs - sum(counts.get(k, 0) for k in big)]
+    expected = [law[k] * runs for k in big] + [runs * (1 - sum(law[k] for k in big))]
+    assert len(big) >= 15 and chisquare(observed, expected).pvalue > 1e-3
+
+
 @pytest.mark.parametrize("compile", ["eager", "fixed"])
 def test_a_tree_step_reads_the_device_once(tiny, trained, monkeypatch, compile):
     """A tree is grown and verified on the device (greedy): one read per step (`read_step`), no other op that would sync
@@ -388,6 +430,11 @@ def test_a_tree_step_reads_the_device_once(tiny, trained, monkeypatch, compile):
                            eos_token_id=[], compile=compile)
         assert len(reads) == out.stats.target_forwards and syncs.seen == [], (kind, syncs.seen)
         assert torch.equal(out.tokens, plain) and max(out.accepted_lengths) > 0
+        reads.clear()
+        with CountSyncs() as syncs:                                                # rejection sampling walks it there too
+            out = generate(tiny, prompt, drafter=TokenTree(trained[kind], 2, 5), controller=FixedK(3), max_new_tokens=30,
+                           eos_token_id=[], compile=compile, temperature=0.8, top_p=0.9)
+        assert len(reads) == out.stats.target_forwards and syncs.seen == [], (kind, syncs.seen)
     both = Fallback([PromptLookup(3, 2, on_device=True), TokenTree(trained["eagle"], 2, 5)])
     for text in TEXTS[:4]:
         prompt = tiny.encode(text)
