@@ -645,7 +645,7 @@ def grow_tree_on_device(first_logp:torch.Tensor, # [N] the draft's log-probabili
     device, w = first_logp.device, min(width, first_logp.shape[-1])
     top = first_logp.topk(w)                                                       # [w]
     scores, tokens = [top.values.float()], [full_ids[top.indices]]                 # per depth: [n_d] cumulative log-probs, full ids
-    parents, depths = [torch.full((w,), -1, device=device)], [torch.ones(w, dtype=torch.long, device=device)]   # candidate ids
+    parents = [torch.full((w,), -1, device=device)]                                # per depth: [n_d] parent candidates (-1: the root)
     frontier, parent_rows, first = torch.arange(w, device=device), torch.zeros(w, dtype=torch.long, device=device), 0
     for d in range(2, depth + 1):
         logp = expand(d, tokens[-1][frontier - first], parent_rows)                # [f, N]
@@ -654,19 +654,15 @@ def grow_tree_on_device(first_logp:torch.Tensor, # [N] the draft's log-probabili
         child_scores = (scores[-1][frontier - first][:, None] + child.values.float()).flatten()   # [f*w]
         first += scores[-1].shape[0]
         scores.append(child_scores); tokens.append(full_ids[child.indices.flatten()])
-        parents.append(frontier[:, None].expand(f, w).flatten()); depths.append(torch.full((f * w,), d, device=device))
+        parents.append(frontier[:, None].expand(f, w).flatten())
         best = child_scores.topk(min(width, f * w)).indices                        # [f'] the next frontier
         frontier, parent_rows = first + best, best // w
-    scores, tokens, parents, depths = (torch.cat(x) for x in (scores, tokens, parents, depths))   # [n] each
+    scores, tokens, parents = (torch.cat(x) for x in (scores, tokens, parents))   # [n] each
     n = min(nodes, scores.shape[0])
     chosen = torch.sort(-scores, stable=True).indices[:n].sort().values            # [n] best n (ties: earlier first), in order
     row = torch.full_like(parents, -1).scatter_(0, chosen, torch.arange(n, device=device))   # candidate -> draft index
     draft_parents = torch.where(parents[chosen] >= 0, row[parents[chosen].clamp_min(0)], -1)   # [n]
-    block_parents = torch.cat([draft_parents.new_full((1,), -1), draft_parents + 1])  # [n+1] the root, then the drafts
-    eye = torch.eye(n + 1, dtype=torch.bool, device=device)
-    ancestors = eye
-    for _ in range(depth): ancestors = eye | ancestors[block_parents.clamp_min(0)]  # [n+1, n+1] one more generation each time
-    layout = TreeLayout.on_device(block_parents, torch.cat([depths.new_zeros(1), depths[chosen]]), ancestors)
+    layout = TreeLayout.on_device(torch.cat([draft_parents.new_full((1,), -1), draft_parents + 1]), depth)   # the root, then the drafts
     return Draft(tokens[chosen][None], parents=draft_parents, layout=layout)       # [1, n]
 
 def _eagle_propose_tree(self:EagleHead, tokens, k:int, # the deepest draft (as a chain's K: at most k drafts are accepted)

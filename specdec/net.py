@@ -192,13 +192,15 @@ class TreeLayout:
         return cls([-1] + [p + 1 for p in draft_parents])
 
     @classmethod
-    def on_device(cls, parents:torch.Tensor, # [q] parent of each node (-1: the root), a device tensor
-                  depths:torch.Tensor, # [q] each node's depth (root 0)
-                  ancestors:torch.Tensor, # [q, q] node i sees node j (itself included)
+    def on_device(cls, parents:torch.Tensor, # [q] parent of each node (-1: the root only), a device tensor, parents first
+                  max_depth:int, # no node deeper (one gather per generation)
                  ) -> "TreeLayout":
-        "A layout whose tensors stay on the device (a tree grown there: `grow_tree_on_device`); the host never reads them."
+        "The same layout built on the device, with no host read (a tree grown there: `grow_tree_on_device`)."
+        eye = torch.eye(parents.shape[0], dtype=torch.bool, device=parents.device)
+        ancestors = eye                                                      # [q, q]
+        for _ in range(max_depth): ancestors = eye | ancestors[parents.clamp_min(0)]   # one more generation each time
         layout = cls.__new__(cls)
-        layout.parents, layout.depths, layout.ancestors = parents, depths, ancestors
+        layout.parents, layout.depths, layout.ancestors = parents, ancestors.sum(-1) - 1, ancestors
         return layout
 
     def __len__(self): return self.depths.shape[0]

@@ -398,7 +398,7 @@ def test_rejection_sampling_on_the_device_follows_the_host_walks_law():
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(1, len(parents) + 1, 6, generator=g) * 1.5                # [1, q, V=6]
     host = TreeLayout.of_draft(parents)
-    layout = TreeLayout.on_device(torch.tensor(host.parents), host.depths, host.ancestors)
+    layout = TreeLayout.on_device(torch.tensor(host.parents), 3)
     sampling, policy = SamplingConfig(1.0), RejectionSampling()
     law = _walk_law(parents, drafted, logits_to_probs(logits, sampling)[0])
     assert abs(sum(law.values()) - 1) < 1e-9 and max(len(key) for key in law) == 4      # branches 3 deep are possible
