@@ -24,12 +24,12 @@ from .stats import Stats
 from .timing import peak_memory, reset_peak_memory, chrome_trace
 
 # %% auto #0
-__all__ = ['HF', 'HF_PLD', 'HF_STATIC', 'AR', 'HF_METHODS', 'PRESETS', 'Method', 'methods_from', 'apply_preset', 'BenchConfig',
-           'git_state', 'system_info', 'machine_of', 'versions', 'provenance', 'ResumeRefused', 'read_records',
-           'record_key', 'find_run', 'check_resume', 'tokens_equal', 'agreement', 'hf_generate', 'static_cache_len',
-           'run_method', 'perplexity', 'schedule', 'bootstrap_geomean', 'stats_of', 'per_prompt', 'speedup',
-           'summarize_method', 'certificate', 'measure_costs', 'open_run', 'run_benchmark', 'predict_speedups',
-           'summarize_run', 'summarize_partial', 'config_from_parameters', 'run_from_parameters']
+__all__ = ['HF', 'HF_PLD', 'HF_STATIC', 'AR', 'HF_METHODS', 'PRESETS', 'Method', 'pinned_k', 'methods_from', 'apply_preset',
+           'BenchConfig', 'git_state', 'system_info', 'machine_of', 'versions', 'provenance', 'ResumeRefused',
+           'read_records', 'record_key', 'find_run', 'check_resume', 'tokens_equal', 'agreement', 'hf_generate',
+           'static_cache_len', 'run_method', 'perplexity', 'schedule', 'bootstrap_geomean', 'stats_of', 'per_prompt',
+           'speedup', 'summarize_method', 'certificate', 'measure_costs', 'open_run', 'run_benchmark',
+           'predict_speedups', 'summarize_run', 'summarize_partial', 'config_from_parameters', 'run_from_parameters']
 
 # %% ../nbs/11_bench.ipynb #438a17ed
 HF, HF_PLD, HF_STATIC, AR = "hf-generate", "hf-pld", "hf-static", "specdec-ar"
@@ -57,11 +57,21 @@ class Method:
 
 def _k_label(k:str) -> str: return f"k{k}" if str(k).isdigit() else str(k)
 
+def pinned_k(entry:str) -> tuple[str, str|None]:
+    """A drafters entry split into its drafter spec and the controller it is pinned to: `eagle-tree:10:60@6` runs only
+    with K=6 (a tree's depth), where other drafters take every controller of `ks`. (`SPEC`, None) when not pinned."""
+    spec, at, k = entry.rpartition("@")
+    if not at or not spec or "/" in k: return entry, None                  # no pin (an "@" inside a path, say)
+    try: specs.validate("controller", k)
+    except ValueError as e: raise ValueError(f"drafters entry {entry!r} pins a bad controller after '@': {e}") from None
+    return spec, k
+
 def methods_from(drafters:list[str], ks:list, policies:list, baselines=(HF, HF_PLD, AR)) -> list[Method]:
-    "The baselines, then every drafter × controller × policy."
+    "The baselines, then every drafter × controller × policy (a drafter pinned with `SPEC@K`: only K)."
     out = [Method(b) for b in baselines]
-    for d in drafters:
-        for k in ks:
+    for entry in drafters:
+        d, pin = pinned_k(entry)
+        for k in ([pin] if pin else ks):
             for p in policies:
                 pname = p if isinstance(p, str) or p is None else type(p).__name__.lower()
                 suffix = f"/{pname}" if p not in (None, "greedy") else ""
@@ -142,7 +152,7 @@ class BenchConfig:
             if isinstance(v, (list, tuple)) and all(isinstance(x, (str, int)) for x in v): setattr(self, name, ",".join(map(str, v)))
         if self.preset and self.preset not in PRESETS: raise ValueError(f"unknown preset {self.preset!r}: use one of {', '.join(PRESETS)}")
         if not self.drafter_list: raise ValueError("drafters is empty: name at least one (e.g. pld)")
-        for d in self.drafter_list: specs.validate("drafter", d)
+        for d in self.drafter_specs: specs.validate("drafter", d)
         for k in self.k_list: specs.validate("controller", k)              # a bad K fails here, before any model loads
         for p in self.policy_list:
             if isinstance(p, str): specs.validate("policy", p)
@@ -157,6 +167,8 @@ class BenchConfig:
 
     drafter_list = property(lambda self: _split(self.drafters))
     k_list = property(lambda self: _split(self.ks))
+    drafter_specs = property(lambda self: list(dict.fromkeys(pinned_k(e)[0] for e in self.drafter_list)), doc="drafter specs, pins removed")
+    all_ks = property(lambda self: self.k_list + [k for e in self.drafter_list if (k := pinned_k(e)[1])], doc="ks and pinned Ks")
     policy_list = property(lambda self: _split(self.policies))
     category_list = property(lambda self: _split(self.categories) or None)
 
@@ -554,12 +566,12 @@ def run_benchmark(cfg:BenchConfig, target:LoadedModel|None=None, progress:bool=T
     opts = cfg.options(target.device, target.dtype)
     prompts = load_prompts(cfg.prompts, categories=cfg.category_list, n_prompts=cfg.n_prompts or None)
     methods = cfg.methods(opts["hf_static"])
-    drafters = {d: specs.make_drafter(d, target) for d in cfg.drafter_list}
+    drafters = {d: specs.make_drafter(d, target) for d in cfg.drafter_specs}
     encoded = {p.id: p.encode(target, chat=cfg.chat) for p in prompts}
     if opts["hf_static"]: opts["hf_static_cache_len"] = static_cache_len(encoded.values(), cfg.max_new_tokens)
     context = int(np.median([e.shape[1] for e in encoded.values()])) + cfg.max_new_tokens // 2
-    needs_costs = cfg.cost_model or any(k.startswith("cost") for k in cfg.k_list)
-    costs = measure_costs(target, drafters, context, _k_max(cfg.k_list), progress) if needs_costs else {}
+    needs_costs = cfg.cost_model or any(k.startswith("cost") for k in cfg.all_ks)
+    costs = measure_costs(target, drafters, context, _k_max(cfg.all_ks), progress) if needs_costs else {}
     run_dir.mkdir(parents=True, exist_ok=True)
     records_path = run_dir / "records.jsonl"
     reused = [r for r in read_records(records_path) if (r.get("commit"), r.get("diff")) == (git["commit"], git["diff"])] if old else []
@@ -624,7 +636,7 @@ def _certify(cfg, opts, prompts, methods, git, run_id, done, manifest, run_dir, 
     costs = {}
     if any(m.k and m.k.startswith("cost") for m in chosen):
         costs = measure_costs(target, drafters, int(np.median([e.shape[1] for e in encoded.values()])) + cfg.max_new_tokens // 2,
-                              _k_max(cfg.k_list), progress)
+                              _k_max(cfg.all_ks), progress)
     runner = _Runner(cfg, opts, target, drafters, costs, git, run_id, encoded)
     with open(records_path, "a") as f:
         for p in tqdm(subset, desc="certificate", disable=not progress, leave=False):

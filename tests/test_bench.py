@@ -250,6 +250,23 @@ def test_bad_bench_parameters():
     with pytest.raises(ValueError, match="iterations must be an integer >= 1"): BenchConfig(iterations=0)
     with pytest.raises(ValueError, match="unknown preset 'nope'"): BenchConfig(preset="nope")
     with pytest.raises(ValueError, match="ignore_eos must be auto, true or false"): BenchConfig(ignore_eos="maybe")
+    with pytest.raises(ValueError, match="'pld@0' pins a bad controller after '@'.*K >= 1"): BenchConfig(drafters="pld@0")
+    with pytest.raises(ValueError, match="'pld@x' pins a bad controller.*unknown controller 'x'"): BenchConfig(drafters="pld@x")
+
+
+def test_a_drafter_pinned_to_a_k_runs_with_that_k_only(tmp_path):
+    "`SPEC@K` (a tree at its depth, say) runs with K alone, beside drafters crossed with every K of `ks`, in one run."
+    assert BenchConfig(drafters="eagle:/a@b/head").drafter_specs == ["eagle:/a@b/head"]            # an '@' in a path is no pin
+    cfg = BenchConfig(model="synthetic", drafters="synthetic:0.9@1,synthetic:0.5", ks="4,cost:6", categories="qa", n_prompts=1,
+                      hf_pld=False, max_new_tokens=24, iterations=1, warmup=0, cost_model=False, bootstrap=100,
+                      out=str(tmp_path), run_id="pinned")
+    assert cfg.drafter_specs == ["synthetic:0.9", "synthetic:0.5"] and cfg.all_ks == ["4", "cost:6", "1"]
+    manifest = validate_manifest(run_benchmark(cfg, progress=False) / "MANIFEST.json")
+    assert manifest["methods"] == [HF, AR, "synthetic:0.9/k1", "synthetic:0.5/k4", "synthetic:0.5/cost:6"]
+    assert set(manifest["models"]["drafters"]) == {"synthetic:0.9", "synthetic:0.5"}
+    pinned = [r for r in read_records(Path(tmp_path) / "pinned" / "records.jsonl") if r["method"] == "synthetic:0.9/k1"]
+    assert pinned and all(r["new_tokens"] <= 2 * r["target_forwards"] for r in pinned)              # K=1: at most 2 tokens a step
+    assert manifest["results"]["synthetic:0.9/k1"]["tau"] <= 2.0
 
 
 def test_dry_run_checks_pipeline_and_cost_model(tmp_path):
