@@ -6,7 +6,7 @@ Docs: https://specdec.github.io/specdec/heads.html.md"""
 
 # %% ../nbs/05a_heads.ipynb #a54b6ac7
 from __future__ import annotations
-import hashlib, importlib.resources, json, time
+import hashlib, importlib.resources, json, math, time
 from pathlib import Path
 import torch
 import torch.nn as nn
@@ -348,6 +348,12 @@ def _eagle_inputs(self:EagleHead, input_ids:torch.Tensor, # [B, q] tokens x_{t+1
     cos, sin = self.target.model.model.rotary_emb(x, positions[None])                     # [1, q, D]
     return x, cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)
 
+def _finite(t:torch.Tensor) -> torch.Tensor:
+    """`t` with its non-finite entries set to 0. A head drafting deeper than it was trained to unroll can overflow half
+    precision (its own output, fed back, grows at each depth), and a fixed-shape forward attends over every slot of the
+    cache, masked ones included (0 × NaN is NaN): no NaN or inf may enter the head's cache."""
+    return torch.where(torch.isfinite(t), t, torch.zeros((), dtype=t.dtype, device=t.device))
+
 def _eagle_qkv(self:EagleHead, layer, # the head (its first layer) or an `EagleLayer`
                x:torch.Tensor, # [B, q, H] residual stream
                cos, sin) -> tuple:
@@ -382,7 +388,7 @@ def _eagle_forward(self:EagleHead, input_ids:torch.Tensor, # [B, q] tokens x_{t+
     for i, layer in enumerate(self.decoder_layers()):
         query, key, value = self._qkv(layer, x, cos, sin)
         if cache is not None:
-            cache.keys[i, :, :, start:start + q], cache.values[i, :, :, start:start + q] = key, value
+            cache.keys[i, :, :, start:start + q], cache.values[i, :, :, start:start + q] = _finite(key), _finite(value)
             key, value = cache.keys[i, :, :, :start + q], cache.values[i, :, :, :start + q]
         out = attend(query, key, value, mask, mask is None and q > 1, self.num_heads != self.num_kv_heads)
         x = self._outputs(layer, x, out)
@@ -493,7 +499,7 @@ def _eagle_forward_at(self:EagleHead, input_ids:torch.Tensor, # [B, q] tokens x_
     if mask is None: mask = cache.steps[None] <= positions[:, None]                # [q, capacity]
     for i, layer in enumerate(self.decoder_layers()):
         query, key, value = self._qkv(layer, x, cos, sin)
-        cache.keys[i].index_copy_(2, slots, key.to(cache.keys.dtype)); cache.values[i].index_copy_(2, slots, value.to(cache.values.dtype))
+        cache.keys[i].index_copy_(2, slots, _finite(key).to(cache.keys.dtype)); cache.values[i].index_copy_(2, slots, _finite(value).to(cache.values.dtype))
         out = attend(query, cache.keys[i], cache.values[i], mask, False, self.num_heads != self.num_kv_heads)
         x = self._outputs(layer, x, out)
     return x
@@ -595,6 +601,10 @@ EagleHead._reset, EagleHead._pending, EagleHead._catch_up, EagleHead.propose = _
 EagleHead._first, EagleHead._next = _eagle_first, _eagle_next
 
 # %% ../nbs/05a_heads.ipynb #e827d843
+def _losing_nan(logp:torch.Tensor) -> torch.Tensor:
+    "Log-probabilities with NaN (a head overflowing past its trained depth) as -inf: such a child never beats a real one."
+    return torch.nan_to_num(logp, nan=-math.inf)
+
 def grow_tree(first_logp:torch.Tensor, # [N] the draft's log-probabilities of the first draft (draft ids)
               expand, # expand(d, frontier_tokens [f], parent_rows [f], ancestors [f] lists) -> [f, N] log-probs after each
               depth:int, width:int, nodes:int,
@@ -604,6 +614,7 @@ def grow_tree(first_logp:torch.Tensor, # [N] the draft's log-probabilities of th
     likeliest next tokens, `depth` deep; draft the `nodes` best nodes of all, parents before children. `expand` gets, for
     depth d, the tokens of the nodes to expand, the row of each one's parent among the previous call's nodes (all 0 for the
     first call: the root) and each one's ancestors (candidate ids, itself first)."""
+    first_logp = _losing_nan(first_logp)
     top = first_logp.topk(min(width, first_logp.shape[-1]))                       # [w]
     cand_tokens = [full_ids[top.indices]]                                          # per depth: [n_d] full ids
     scores = top.values.tolist()                                                    # [n] cumulative log-probs of all candidates
@@ -616,7 +627,7 @@ def grow_tree(first_logp:torch.Tensor, # [N] the draft's log-probabilities of th
             while parents[chain[-1]] != -1: chain.append(parents[chain[-1]])
             lineage.append(chain)
         frontier_tokens = torch.cat(cand_tokens)[torch.tensor(frontier, device=full_ids.device)]   # [f]
-        logp = expand(d, frontier_tokens, parent_rows, lineage)                    # [f, N]
+        logp = _losing_nan(expand(d, frontier_tokens, parent_rows, lineage))       # [f, N]
         top = logp.topk(min(width, logp.shape[-1]), -1)                            # [f, w]
         w = top.values.shape[1]
         child_scores = (torch.tensor([scores[c] for c in frontier], device=logp.device)[:, None] + top.values).flatten()   # [f*w]
@@ -642,13 +653,13 @@ def grow_tree_on_device(first_logp:torch.Tensor, # [N] the draft's log-probabili
     """`grow_tree` at fixed shapes on the device, with no host read: the same tree (the same nodes in the same order; ties
     between scores broken alike), and its verification block's `TreeLayout` (`Draft.layout`), built there too. `expand`
     gets each depth's frontier tokens (full ids) and the row of each one's parent in the previous call (zeros: the root)."""
-    device, w = first_logp.device, min(width, first_logp.shape[-1])
+    device, w, first_logp = first_logp.device, min(width, first_logp.shape[-1]), _losing_nan(first_logp)
     top = first_logp.topk(w)                                                       # [w]
     scores, tokens = [top.values.float()], [full_ids[top.indices]]                 # per depth: [n_d] cumulative log-probs, full ids
     parents = [torch.full((w,), -1, device=device)]                                # per depth: [n_d] parent candidates (-1: the root)
     frontier, parent_rows, first = torch.arange(w, device=device), torch.zeros(w, dtype=torch.long, device=device), 0
     for d in range(2, depth + 1):
-        logp = expand(d, tokens[-1][frontier - first], parent_rows)                # [f, N]
+        logp = _losing_nan(expand(d, tokens[-1][frontier - first], parent_rows))   # [f, N]
         child = logp.topk(w, -1)                                                   # [f, w]
         f = frontier.shape[0]
         child_scores = (scores[-1][frontier - first][:, None] + child.values.float()).flatten()   # [f*w]

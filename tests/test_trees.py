@@ -74,6 +74,26 @@ def test_the_device_tree_is_the_host_tree(seed):
         assert device.layout.parents.tolist() == layout.parents
 
 
+def test_a_node_whose_log_probabilities_are_nan_grows_no_children():
+    "A head that overflowed gives NaN log-probabilities: in both growths, that node's children lose to every real one."
+    g = torch.Generator().manual_seed(0)
+    N, full_ids = 30, torch.arange(100, 130)
+    table = torch.log_softmax(torch.randn(N, N, generator=g) * 3, -1)              # [token, N]
+    first = table[0]
+    poisoned = int(first.topk(2).indices[0])                                       # the likeliest first draft overflows
+    def logp(tokens):
+        rows = table[torch.as_tensor(tokens) - 100].clone()                          # [f, N]
+        rows[torch.as_tensor(tokens) - 100 == poisoned] = float("nan")
+        return rows
+    host = grow_tree(first, lambda d, tokens, rows, lineage: logp(tokens), 3, 2, 6, full_ids)
+    device = grow_tree_on_device(first, lambda d, tokens, rows: logp(tokens), 3, 2, 6, full_ids)
+    for tree in (host, device):
+        parents, tokens = list(tree.parents if isinstance(tree.parents, list) else tree.parents.tolist()), tree.tokens[0].tolist()
+        at = tokens.index(poisoned + 100)
+        assert parents[at] == -1 and at not in parents and len(tokens) == 6       # kept as a node, with no children
+    assert torch.equal(host.tokens, device.tokens)
+
+
 def test_greedy_on_the_device_keeps_the_hosts_branch():
     "`Greedy.verify_tree_on_device` accepts the branch `greedy_branch` finds (a path padded past it), with the same next token."
     g, deep = torch.Generator().manual_seed(3), 0
@@ -276,6 +296,28 @@ def test_trees_at_fixed_shapes_are_lossless_and_accept_as_eagerly(tiny, trained,
         prompt = tiny.encode(text)
         out = generate(tiny, prompt, drafter=both, controller=FixedK(3), max_new_tokens=30, compile="fixed")
         assert torch.equal(out.tokens, hf_greedy(tiny, prompt, 30)), text
+
+
+def test_a_head_overflowing_past_its_trained_depth_leaves_fixed_shapes_as_eager(tiny, trained):
+    """A float16 head whose fed-back output grows at each depth overflows (inf, then NaN) a few depths down. Those nodes
+    must lose in the tree (NaN log-probs), and no NaN may enter the head's cache, where a fixed-shape forward attends over
+    every slot: the fixed run then accepts as the eager one does (before the fix, the fixed run accepted nothing after
+    the first deep tree)."""
+    head = new_head("eagle", tiny, trained["eagle"].draft_vocab, seed=0).to(torch.float16)
+    with torch.no_grad(): head.fc.weight.mul_(30)               # what it reads (its own output, fed back) grows ×30 a depth
+    tree = TokenTree(head, 2, 8)
+    for text in TEXTS[:4]:
+        prompt = tiny.encode(text)
+        eager = generate(tiny, prompt, drafter=tree, controller=FixedK(6), max_new_tokens=30, compile="eager")
+        fixed = generate(tiny, prompt, drafter=tree, controller=FixedK(6), max_new_tokens=30, compile="fixed")
+        assert torch.equal(fixed.tokens, hf_greedy(tiny, prompt, 30)) and torch.equal(eager.tokens, fixed.tokens), text
+        assert fixed.accepted_lengths == eager.accepted_lengths, text
+    features = torch.randn(1, 1, len(head.layers_read) * head.fc.weight.shape[0], dtype=torch.float16)
+    hidden, grew = head.fused(features), []
+    for _ in range(6):                                              # the head's own output fed back, as depths do
+        hidden = head(torch.tensor([[5]]), hidden, 0, None)
+        grew.append(bool(torch.isfinite(hidden).all()))
+    assert grew[0] and not grew[-1]                                 # it does overflow within the tree's depth
 
 
 def test_a_compiled_tree_step_gives_the_eager_tokens(trained):
