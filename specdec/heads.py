@@ -352,7 +352,7 @@ def _finite(t:torch.Tensor) -> torch.Tensor:
     """`t` with its non-finite entries set to 0. A head drafting deeper than it was trained to unroll can overflow half
     precision (its own output, fed back, grows at each depth), and a fixed-shape forward attends over every slot of the
     cache, masked ones included (0 × NaN is NaN): no NaN or inf may enter the head's cache."""
-    return torch.where(torch.isfinite(t), t, torch.zeros((), dtype=t.dtype, device=t.device))
+    return torch.nan_to_num(t, nan=0.0, posinf=0.0, neginf=0.0)                   # one op on the draft's hot path
 
 def _eagle_qkv(self:EagleHead, layer, # the head (its first layer) or an `EagleLayer`
                x:torch.Tensor, # [B, q, H] residual stream

@@ -6,6 +6,7 @@ import sys, time, collections, torch
 from specdec import load_model, generate
 from specdec.specs import make_drafter, make_controller
 from specdec.prompts import load_prompts
+from specdec.bench import pinned_k
 
 per_category, configs = int(sys.argv[1]), sys.argv[2].split(",")
 prompts_path = sys.argv[3] if len(sys.argv) > 3 else "builtin"
@@ -16,8 +17,8 @@ encoded = [p.encode(target) for p in chosen]
 plain = [generate(target, ids, max_new_tokens=max_new_tokens).tokens for ids in encoded]        # specdec-AR, the reference
 print(f"{len(chosen)} prompts from {prompts_path}, {max_new_tokens} new tokens")
 for config in configs:
-    spec, _, k = config.rpartition("@")
-    if not spec: raise SystemExit(f"{config!r}: write each drafter as SPEC@K")
+    spec, k = pinned_k(config)                                                  # the benchmark's SPEC@K
+    if k is None: raise SystemExit(f"{config!r}: write each drafter as SPEC@K")
     drafter, t0 = make_drafter(spec, target), time.perf_counter()
     tokens = forwards = same = 0
     by_category = collections.defaultdict(lambda: [0, 0])
