@@ -291,11 +291,11 @@ def read_records(path:Path) -> list[dict]:
 
 def record_key(r:dict) -> tuple: return (r["prompt_id"], r["method"], r["iteration"], r.get("purpose", "speed"))
 
-def find_run(run:str, out:str="results") -> Path:
+def find_run(run:str, out:str="results", purpose:str="to resume") -> Path:
     "The run folder named by a path or by a run id under `out`."
     for cand in (Path(run), Path(out) / run):
         if (cand / "MANIFEST.json").is_file(): return cand
-    raise ValueError(f"no run {run!r} to resume: neither {run} nor {Path(out) / run} holds a MANIFEST.json")
+    raise ValueError(f"no run {run!r} {purpose}: neither {run} nor {Path(out) / run} holds a MANIFEST.json")
 
 def check_resume(manifest:dict, cfg:BenchConfig, git:dict, machine:dict) -> None:
     "Raise `ResumeRefused` unless the run in `manifest` was measured by this code, on this machine, with `cfg`."

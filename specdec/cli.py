@@ -16,7 +16,8 @@ from .engine import COMPILE_MODES
 from .prompts import load_prompts
 
 # %% auto #0
-__all__ = ['run_generate', 'bench_notebook', 'notebook_parameters', 'add_parameter_flags', 'run_bench', 'run_kaggle', 'main']
+__all__ = ['run_generate', 'bench_notebook', 'notebook_parameters', 'add_parameter_flags', 'run_bench', 'run_kaggle',
+           'run_summary_text', 'main']
 
 # %% ../nbs/09_cli.ipynb #d000c634
 def _generate_parser(sub) -> None:
@@ -168,15 +169,30 @@ def run_kaggle(args) -> int:
     if args.push: print(kaggle.push(folder))
     return 0
 
+# %% ../nbs/09_cli.ipynb #s7u8m9a0
+def _summary_parser(sub) -> None:
+    p = sub.add_parser("summary", help="print a run folder's results as text: methods, speedups with CIs, τ, per category",
+                       description="Reads RUN's MANIFEST.json and records (a run cut off or still running is summarized from "
+                                   "the records it wrote, and says so) and prints them as plain text.")
+    p.add_argument("run", help="a run folder, or a run id under --results")
+    p.add_argument("--results", default="results", help="where run ids are looked up (default: results)")
+
+def run_summary_text(args) -> int:
+    "Run `specdec summary` with parsed `args`: print the run's text summary."
+    from specdec.bench import find_run
+    from specdec.report import text_summary
+    print(text_summary(find_run(args.run, args.results, purpose="to summarize")))
+    return 0
+
 # %% ../nbs/09_cli.ipynb #04be8cc6
 def main(argv:list[str]|None=None) -> int:
     "Entry point of the `specdec` command."
     parser = argparse.ArgumentParser(prog="specdec", description="speculative decoding workbench")
     sub = parser.add_subparsers(dest="command", required=True)
-    _generate_parser(sub); _bench_parser(sub); _kaggle_parser(sub)
+    _generate_parser(sub); _bench_parser(sub); _kaggle_parser(sub); _summary_parser(sub)
     args = parser.parse_args(argv)
     try:
-        return {"generate": run_generate, "bench": run_bench, "kaggle": run_kaggle}[args.command](args)
+        return {"generate": run_generate, "bench": run_bench, "kaggle": run_kaggle, "summary": run_summary_text}[args.command](args)
     except (ValueError, NotImplementedError) as e:
         print(f"specdec: error: {e}", file=sys.stderr)
         return 2

@@ -16,9 +16,9 @@ from .bench import read_records, HF, HF_PLD, HF_STATIC, AR
 
 # %% auto #0
 __all__ = ['MANIFEST_SCHEMA', 'validate_manifest', 'load_run', 'run_summary', 'headline_table', 'framework_table',
-           'category_table', 'certificate_table', 'best_k', 'fallback_table', 'fig_speedup', 'fig_acceptance',
-           'fig_k_sweep', 'fig_histogram', 'fig_time_split', 'fig_predicted', 'fig_quality', 'fig_load', 'figures',
-           'readable', 'write_plotly_js', 'plotly_loader', 'show', 'render_html']
+           'category_table', 'text_summary', 'certificate_table', 'best_k', 'fallback_table', 'fig_speedup',
+           'fig_acceptance', 'fig_k_sweep', 'fig_histogram', 'fig_time_split', 'fig_predicted', 'fig_quality',
+           'fig_load', 'figures', 'readable', 'write_plotly_js', 'plotly_loader', 'show', 'render_html']
 
 # %% ../nbs/14_report.ipynb #72900eb1
 _SPEEDUP = {"type": "object", "required": ["geomean", "ci95", "n", "prompts", "excluded_unequal_length"]}
@@ -85,7 +85,8 @@ def run_summary(manifest:dict) -> str:
             f"({manifest['prompt_set']['name']}), {c.get('methods', 0)} methods, {c.get('records', 0)} timed records, "
             f"{c.get('iterations_complete', 0)} complete iteration(s) of {p['iterations']}; {p['max_new_tokens']} new tokens, "
             f"temperature {p['temperature']}, EOS {'ignored' if manifest['options']['ignore_eos'] else 'honoured'}; "
-            f"{sysinfo['device']} ({hw}), {sysinfo.get('torch_threads')} torch threads; code {commit}; "
+            f"{sysinfo['device']} ({hw}), torch {manifest.get('versions', {}).get('torch', '?')}, "
+            f"{sysinfo.get('torch_threads')} torch threads; code {commit}; "
             f"load average (1 min) {_fmt(la.get('min'))}-{_fmt(la.get('max'))}; "
             f"this invocation measured {manifest['this_invocation']['measured']} records and reused {manifest['this_invocation']['reused']}.")
 
@@ -125,6 +126,26 @@ def category_table(manifest:dict, baseline:str=AR,
     table = pd.DataFrame({c: {m: (entry(v) or {}).get("geomean") for m, v in ms.items()}
                           for c, ms in manifest["per_category"].items()}).T
     return table.dropna(axis=1, how="all") if decode else table      # HF's methods have no timed prefill
+
+def text_summary(run_dir) -> str:
+    """A run folder in plain text, for a terminal or a log: the run's paragraph, a line per method (median tok/s, × specdec-AR
+    and × HF `generate` with 95% CIs, τ, the certificate) and × specdec-AR per category. An unfinished run (cut off by a
+    time limit, or still running) is summarized from the records it wrote, and says how many of the planned ones that is."""
+    from .bench import summarize_partial
+    manifest, _ = load_run(run_dir)
+    parts = []
+    if manifest["status"] != "done":
+        manifest = {**manifest, **summarize_partial(run_dir)}
+        p = manifest["partial"]
+        parts.append(f"PARTIAL RUN ({p['status']}): {p['measured']} of {p['planned']} timed records; the figures below are theirs")
+    parts.append(run_summary(manifest))
+    if not manifest.get("results"): return "\n\n".join(parts + ["no timed records yet"])
+    columns = ["tok/s (median)", "× specdec-AR [95% CI]", "× HF generate [95% CI]", "τ", "lossless (measured)"]
+    parts.append(headline_table(manifest)[columns].to_string())
+    per_category = category_table(manifest).drop(columns=[AR], errors="ignore")
+    parts.append("× specdec-AR per category (geometric mean over its prompts):\n"
+                 + per_category.apply(lambda column: column.map(_fmt)).to_string())
+    return "\n\n".join(parts)
 
 def certificate_table(manifest:dict) -> pd.DataFrame:
     "The certificate as measured: per lossless method identical outputs vs specdec-AR and vs HF; lossy agreement."

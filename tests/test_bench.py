@@ -324,6 +324,36 @@ def test_an_interrupted_run_still_summarizes_what_it_measured(tmp_path):
     with pytest.raises(ValueError, match="its manifest lists"): summarize_partial(run_dir)
 
 
+def test_summary_prints_a_run_as_text_and_says_when_it_is_partial(tmp_path):
+    """`specdec summary RUN`: a line per method with the manifest's speedups, a row per category (one prompt there: no CI),
+    and an unfinished run summarized from its records, saying so; a folder that is no run is a clear error."""
+    run_dir = run_benchmark(BenchConfig(**{**SYNTH, "categories": "qa,code", "n_prompts": 1, "iterations": 2}, out=str(tmp_path)),
+                            progress=False)
+    manifest = json.loads((run_dir / "MANIFEST.json").read_text())
+    run = cli("summary", run_dir.name, "--results", str(tmp_path))
+    assert run.returncode == 0, run.stderr[-2000:]
+    lines = run.stdout.splitlines()
+    assert "PARTIAL" not in run.stdout and manifest["run_id"] in lines[0]
+    for name in manifest["methods"]:
+        sp = manifest["results"][name]["speedup"][AR]
+        line = next(l for l in lines if l.startswith(name + " "))
+        assert f"{sp['geomean']:.2f} [{sp['ci95'][0]:.2f}-{sp['ci95'][1]:.2f}]" in line
+    per_category = lines[lines.index("× specdec-AR per category (geometric mean over its prompts):") + 1:]
+    assert per_category[0].split() == [m for m in manifest["methods"] if m != AR]
+    for category in ("code", "qa"):
+        row = next(l for l in per_category if l.startswith(category + " ")).split()
+        expected = manifest["per_category"][category]["synthetic:0.9/k4"]["speedup"][AR]
+        assert expected["ci95"] is None and row[-1] == f"{expected['geomean']:.2f}"     # one prompt: the point alone
+    speed = [l for l in (run_dir / "records.jsonl").read_text().splitlines() if json.loads(l)["purpose"] == "speed"]
+    (run_dir / "records.jsonl").write_text("\n".join(speed[:len(speed) // 4]) + "\n")          # cut off early
+    (run_dir / "MANIFEST.json").write_text(json.dumps({**manifest, "status": "running"}))
+    partial = cli("summary", str(run_dir))
+    assert partial.returncode == 0, partial.stderr[-2000:]
+    assert partial.stdout.startswith(f"PARTIAL RUN (running): {len(speed) // 4} of {len(speed)} timed records")
+    missing = cli("summary", "no-such-run", "--results", str(tmp_path))
+    assert missing.returncode == 2 and "no run 'no-such-run' to summarize" in missing.stderr
+
+
 def test_python_m_specdec_cli_runs_the_command():
     "`python -m specdec.cli` (the package on PYTHONPATH, no `specdec` script: a lent GPU machine) runs the command."
     run = subprocess.run([sys.executable, "-m", "specdec.cli", "bench", "--help"], capture_output=True, text=True, cwd=ROOT)

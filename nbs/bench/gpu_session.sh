@@ -12,12 +12,13 @@
 # tokens costs a GPU about what 1 does; τ 2.23 against the chain's 1.56 on this CPU, 13 prompts).
 # HF eager and HF prompt lookup (~4.5 s a generation there) are most of its time. hf-static's
 # cache has one size for the run, so HF compiles once (~40 s). A bench cut off by its time limit keeps its records,
-# and the table is then made from them (`summarize_partial`) and says so.
+# and the table (`specdec summary`) is then made from them and says so.
 # train: continues the shipped EAGLE head on self-distilled data the float32 target writes there (time budgets: 150 s
 # of data, 150 s of training), measures tau on 4 held-out built-in prompts; the checkpoint comes back in $OUT/head/eagle
 # (benchmark it on the CPU before shipping it).
 # Results go under $OUT; the last lines printed are a short table. A dry run here: `bash nbs/bench/gpu_session.sh bench
-# MODEL DEVICE [more bench flags]` (e.g. `tiny-llama cpu --max-new-tokens 8`), `... train MODEL DEVICE [-p NAME VALUE ...]`.
+# MODEL DEVICE [more bench flags]` (e.g. `smollm2-135m cpu --max-new-tokens 8`, with the venv's python3 first on PATH; the
+# heads ship for SmolLM2 only), `... train MODEL DEVICE [-p NAME VALUE ...]`.
 set -uo pipefail
 export PYTHONPATH=/tmp/site:$PWD
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -98,28 +99,8 @@ bench)
   timeout 480 python3 -m specdec.cli bench --model "$model" --device "$device" --max-new-tokens 128 --prompts "$PROMPTS" \
       --n-prompts 1 --iterations 2 --certify-prompts 2 --no-cost-model --drafters "pld,eagle,eagle-tree:10:60@6,medusa,pld:3:2+eagle" \
       --ks 4 --out "$OUT" --no-html "$@" 2>&1 | tail -40
-  for run in "$OUT"/*/; do [ -f "$run/MANIFEST.json" ] && python3 - "$run" <<'PY' | tee "$OUT/table.txt"
-import json, sys
-from specdec.bench import summarize_partial
-m = json.load(open(sys.argv[1] + "/MANIFEST.json"))
-if m["status"] != "done":                      # cut off: the summaries of the records it wrote
-    m.update(summarize_partial(sys.argv[1]))
-    print(f"PARTIAL RUN: {m['partial']['measured']} of {m['partial']['planned']} timed records")
-system = m.get("system", {})
-print((system.get("gpu") or {}).get("name") or system.get("cpu"), "| torch", m.get("versions", {}).get("torch"), "| commit", m.get("git", {}).get("commit"))
-fmt = lambda s: f"{s['geomean']:.2f} [{s['ci95'][0]:.2f}-{s['ci95'][1]:.2f}]" if s else "-"
-cert = m.get("certificate") or {}
-print("method | tok/s (median) | x specdec-ar [95% CI] | x hf-generate | tau | float32 identical")
-for name, r in m.get("results", {}).items():
-    sp, c = r.get("speedup") or {}, cert.get(name) or {}
-    same = ", ".join(f"{v['identical']}/{v['prompts']}" for v in (c.get("vs") or {}).values()) or "-"
-    print(name, "|", f"{r['tok_s']['median']:.1f}", "|", fmt(sp.get("specdec-ar")), "|", fmt(sp.get("hf-generate")), "|",
-          r.get("tau") and round(r["tau"], 2), "|", same)
-for cat in ("summarization", "rag"):
-    rows = (m.get("per_category") or {}).get(cat) or {}
-    print(cat, "x specdec-ar:", ", ".join(f"{n} {fmt((s.get('speedup') or {}).get('specdec-ar'))}" for n, s in rows.items()
-                                          if n not in ("specdec-ar",) and not n.startswith("hf-")))
-PY
+  for run in "$OUT"/*/; do                                        # a run cut off by its limit says PARTIAL RUN
+    [ -f "$run/MANIFEST.json" ] && python3 -m specdec.cli summary "$run" | tee "$OUT/table.txt"
   done
   ;;
 train)
