@@ -46,7 +46,7 @@ class Engine:
     def __init__(self, net:DecoderNet,
                  mode:str="graphs", # "fixed", "compile", "graphs" or "compile+graphs"
                  prefill_chunk:int=64, # prompt tokens per prefill step (the last chunk is padded)
-                 max_step:int=32, # widest step that gets its own graph; wider "all" logits run eagerly
+                 max_step:int=64, # widest step that gets its own graph (EAGLE-2's 60-node tree verifies 61); wider "all" logits run eagerly
                  capacity_multiple:int=256, # cache capacities are rounded up to this, so they rarely change
                 ):
         if mode not in ("fixed", "compile", "graphs", "compile+graphs"): raise ValueError(f"Engine mode must be fixed, compile, graphs or compile+graphs, got {mode!r}")
@@ -229,6 +229,7 @@ def _warmup(self:Engine, cache:KVCache, shapes) -> dict:
     before = dict(self.setup_seconds)
     for q, logits in shapes:
         if (q, logits) in self.steps or q > cache.capacity - cache.length: continue
+        if logits in ("all", "tree") and q > self.max_step: continue       # such calls run eagerly: no step to build
         self._step(q, logits, cache)
     return {k: v for k, v in self.setup_seconds.items() if k not in before}
 Engine.warmup = _warmup

@@ -125,6 +125,78 @@ def _cpu_only_check() -> bool:
     return any(f.filename.replace("\\", "/").endswith("kernels/checks.py") for f in traceback.extract_stack())
 
 
+class GraphBuffers:
+    """On the CPU, what a CUDA graph replay does to memory: under this context the `fixed` mode's steps (the engine's and
+    the heads' `HeadSteps`) read their inputs from, and write their outputs and the target's features into, tensors kept
+    per shape, so a step's result is overwritten by the next step of that shape, as a graph's static buffers are. Code
+    that holds a step's output across the next one (instead of reading or copying it first) then goes wrong on the CPU."""
+    def __enter__(self):
+        from specdec.heads import HeadSteps
+        self.saved = Engine._step, HeadSteps.__call__
+        build, HeadSteps_call = self.saved
+        def step(engine, q, logits, cache):
+            key = (q, logits)
+            if engine.mode != "fixed" or key in engine.steps: return build(engine, q, logits, cache)
+            run, net, kept = build(engine, q, logits, cache), engine.net, {}
+            def replay(ids, cache, tree=None):
+                out = run(ids, cache, tree)
+                if not kept: kept.update(out=None if out is None else out.clone(), features=net.features.clone(),
+                                         layers={i: f.clone() for i, f in net.layer_features.items()})
+                if out is not None: kept["out"].copy_(out)
+                kept["features"].copy_(net.features)
+                for i, f in net.layer_features.items(): kept["layers"][i].copy_(f)
+                net.features, net.layer_features = kept["features"], dict(kept["layers"])
+                return kept["out"]
+            engine.steps[key] = replay
+            return replay
+        def head_step(steps, name, width, fn, *inputs):
+            if steps.mode != "fixed" or width > steps.max_width: return HeadSteps_call(steps, name, width, fn, *inputs)
+            if (name, width) not in steps.graphs:                   # "captured": inputs and outputs kept for this shape
+                static_inputs = [x.clone() for x in inputs]
+                outputs = fn(*static_inputs)
+                steps.graphs[(name, width)] = (static_inputs, None, tuple(o.clone() for o in outputs) if isinstance(outputs, tuple) else outputs.clone())
+            static_inputs, _, outputs = steps.graphs[(name, width)]
+            for static, x in zip(static_inputs, inputs): static.copy_(x)
+            fresh = fn(*static_inputs)
+            for o, f in zip(outputs if isinstance(outputs, tuple) else (outputs,), fresh if isinstance(fresh, tuple) else (fresh,)): o.copy_(f)
+            return outputs
+        Engine._step, HeadSteps.__call__ = step, head_step
+        return self
+    def __exit__(self, *exc):
+        from specdec.heads import HeadSteps
+        Engine._step, HeadSteps.__call__ = self.saved
+
+
+def test_graph_buffers_overwrite_a_steps_output_with_the_next_ones(model):
+    "The emulation does what a graph does: a step's logits change when the same shape runs again."
+    prompt = model.encode(TEXT)
+    with GraphBuffers():
+        engine = engine_for(model.net, "fixed", role="test-buffers")
+        cache = engine.new_cache(1, 64)
+        engine(prompt[:, :8], cache, "none")
+        first = engine(prompt[:, 8:9], cache, "all")
+        kept = first.clone()
+        second = engine(prompt[:, 9:10], cache, "all")
+    assert second is first and not torch.equal(first, kept)
+
+
+def test_a_prompt_of_several_prefill_chunks_publishes_every_chunks_features(model):
+    """With a head reading the target's features, a prefill of 3 chunks through static buffers (`GraphBuffers`) gives the
+    features of every prompt position, as the eager forward does: each chunk's are copied out before the next chunk runs."""
+    prompt = model.encode(" ".join([TEXT] * 3))                                # [1, S], S > 2 prefill chunks
+    kept = model.net.keep_features
+    model.net.keep_features = True
+    try:
+        model.net(prompt, model.net.new_cache(1, 256), "last")
+        eager = model.net.features.clone()                                      # [1, S, H]
+        with GraphBuffers():
+            engine = engine_for(model.net, "fixed", role="test-chunks")
+            engine(prompt, engine.new_cache(1, 256), "last")
+    finally: model.net.keep_features = kept
+    assert prompt.shape[1] > 2 * engine.prefill_chunk and model.net.features.shape == eager.shape
+    torch.testing.assert_close(model.net.features, eager, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("compile", ["eager", "fixed"])
 def test_one_host_read_per_step(model, monkeypatch, compile):
     "The loop reads the device once per step (`read_step`), and no other op in generate would sync a GPU."

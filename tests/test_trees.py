@@ -19,7 +19,7 @@ from conftest import hf_greedy
 from test_lossless_tiny import TEXTS
 from test_heads import own_records, small_vocab_target, one_thread, _head_pairs
 from test_distribution import V, _chi2_pvalue, _tables
-from test_engine import CountSyncs
+from test_engine import CountSyncs, GraphBuffers
 import specdec.decode as decode
 
 
@@ -296,6 +296,44 @@ def test_trees_at_fixed_shapes_are_lossless_and_accept_as_eagerly(tiny, trained,
         prompt = tiny.encode(text)
         out = generate(tiny, prompt, drafter=both, controller=FixedK(3), max_new_tokens=30, compile="fixed")
         assert torch.equal(out.tokens, hf_greedy(tiny, prompt, 30)), text
+
+
+def test_an_eagle2_sized_tree_is_verified_by_its_own_fixed_shape_step(tiny, eagle, monkeypatch):
+    """EAGLE-2's tree (60 nodes, depth 6) verifies 61 tokens through the engine's step of that shape (what CUDA graphs
+    capture and replay), not through an eager forward; HF's greedy tokens."""
+    calls, build = [], Engine._step
+    def counted(self, q, logits, cache):
+        step = build(self, q, logits, cache)
+        return lambda *args: (calls.append((q, logits)), step(*args))[1]
+    monkeypatch.setattr(Engine, "_step", counted)
+    prompt = tiny.encode(TEXTS[0])
+    out = generate(tiny, prompt, drafter=TokenTree(eagle, 10, 60), controller=FixedK(6), max_new_tokens=20, compile="fixed")
+    assert torch.equal(out.tokens, hf_greedy(tiny, prompt, 20))
+    widths = [q for q, logits in calls if logits == "tree"]                 # the last step may draft less: few tokens left
+    assert len(widths) == len(out.accepted_lengths) > 2 and widths[:-1] == [61] * (len(widths) - 1)
+
+
+@pytest.mark.parametrize("kind", ["eagle", "medusa"])
+def test_heads_and_trees_read_each_step_before_the_next_overwrites_it(tiny, trained, kind):
+    """Under `GraphBuffers` (a CUDA graph's static buffers, emulated on the CPU) chains, trees (their depths run at one
+    width) and prompt lookup falling back to a tree give HF's greedy tokens and the eager run's accepted lengths, and
+    rejection sampling the tokens of the same seed without the emulation."""
+    head = trained[kind]
+    drafters = [(head, 4), (TokenTree(head, 2, 4), 3), (TokenTree(head, 4, 12), 4), (Fallback([PromptLookup(3, 2), TokenTree(head, 3, 8)]), 3)]
+    for text in TEXTS[:2] + [" ".join(TEXTS[:4])]:                          # the last: a prompt of 2 prefill chunks
+        prompt = tiny.encode(text)
+        for drafter, k in drafters:
+            eager = generate(tiny, prompt, drafter=drafter, controller=FixedK(k), max_new_tokens=24, compile="eager")
+            with GraphBuffers():
+                buffered = generate(tiny, prompt, drafter=drafter, controller=FixedK(k), max_new_tokens=24, compile="fixed")
+            assert torch.equal(buffered.tokens, hf_greedy(tiny, prompt, 24)), (text, drafter.name)
+            assert buffered.accepted_lengths == eager.accepted_lengths, (text, drafter.name)
+        for drafter, k in drafters[:2]:
+            sampled = dict(drafter=drafter, controller=FixedK(k), policy=RejectionSampling(), temperature=0.9, top_p=1.0,
+                           max_new_tokens=24, seed=3)
+            plain = generate(tiny, prompt, compile="fixed", **sampled)
+            with GraphBuffers(): buffered = generate(tiny, prompt, compile="fixed", **sampled)
+            assert torch.equal(buffered.tokens, plain.tokens) and buffered.accepted_lengths == plain.accepted_lengths, (text, drafter.name)
 
 
 def test_a_head_overflowing_past_its_trained_depth_leaves_fixed_shapes_as_eager(tiny, trained):
