@@ -65,6 +65,9 @@ class Engine:
     @property
     def setup_total(self) -> float: return sum(self.setup_seconds.values())
     def __repr__(self): return f"Engine({self.mode}, {len(self.steps)} shapes, setup {self.setup_total:.2f} s)"
+    def _too_wide(self, q:int, logits:str) -> bool:
+        "Whether a call of `q` tokens returning every logit (`all`, `tree`) is past `max_step`: a plain forward, no step."
+        return logits in ("all", "tree") and q > self.max_step
 
 # %% ../nbs/02a_engine.ipynb #af70ec14
 @torch.inference_mode()
@@ -167,7 +170,7 @@ def _call(self:Engine, input_ids:torch.Tensor, # [B, q] new tokens, written at p
         if len(tree) != q: raise ValueError(f"a token tree of {len(tree)} nodes cannot verify {q} tokens")
         if logits != "all": raise ValueError(f"a token tree's verification returns every node's logits (logits='all'), got {logits!r}")
         device_tree = tree.on(self.net.device)                             # ([q], [q, q])
-        if q > self.max_step: out = self.net.forward_at(input_ids, cache.positions(q), cache, "all", tree=device_tree)
+        if self._too_wide(q, "tree"): out = self.net.forward_at(input_ids, cache.positions(q), cache, "all", tree=device_tree)
         else: out = self._step(q, "tree", cache)(input_ids, cache, device_tree)
         self._keep_features(parts, q)
     elif logits == "none" or (logits == "last" and q > self.last_logits_max_q):
@@ -188,7 +191,7 @@ def _call(self:Engine, input_ids:torch.Tensor, # [B, q] new tokens, written at p
         out = self._step(1, "last", cache)(input_ids[:, -1:], cache)
         self._keep_features(parts, 1)
     else:
-        if logits == "all" and q > self.max_step: out = self.net.forward_at(input_ids, cache.positions(q), cache, "all")
+        if self._too_wide(q, logits): out = self.net.forward_at(input_ids, cache.positions(q), cache, "all")
         else: out = self._step(q, logits, cache)(input_ids, cache)
         self._keep_features(parts, q)
     self._publish_features(parts, start)
@@ -229,7 +232,7 @@ def _warmup(self:Engine, cache:KVCache, shapes) -> dict:
     before = dict(self.setup_seconds)
     for q, logits in shapes:
         if (q, logits) in self.steps or q > cache.capacity - cache.length: continue
-        if logits in ("all", "tree") and q > self.max_step: continue       # such calls run eagerly: no step to build
+        if self._too_wide(q, logits): continue                              # such calls run eagerly: no step to build
         self._step(q, logits, cache)
     return {k: v for k, v in self.setup_seconds.items() if k not in before}
 Engine.warmup = _warmup

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 import plotly.express as px
-from .bench import read_records, HF, HF_PLD, HF_STATIC, AR
+from .bench import read_records, summarize_partial, HF, HF_PLD, HF_STATIC, AR
 
 # %% auto #0
 __all__ = ['MANIFEST_SCHEMA', 'validate_manifest', 'load_run', 'run_summary', 'headline_table', 'framework_table',
@@ -131,7 +131,6 @@ def text_summary(run_dir) -> str:
     """A run folder in plain text, for a terminal or a log: the run's paragraph, a line per method (median tok/s, × specdec-AR
     and × HF `generate` with 95% CIs, τ, the certificate) and × specdec-AR per category. An unfinished run (cut off by a
     time limit, or still running) is summarized from the records it wrote, and says how many of the planned ones that is."""
-    from .bench import summarize_partial
     manifest, _ = load_run(run_dir)
     parts = []
     if manifest["status"] != "done":
