@@ -29,15 +29,13 @@ for config in configs:
     if vocab != "draft" and not hasattr(head, "draft_vocab"): raise SystemExit(f"{config!r}: VOCAB {vocab} is for trained heads")
     if vocab == "prompt": head.prompt_vocab = True
     if vocab == "full": head.draft_vocab = DraftVocab.full(target.vocab_size)
-    tokens = forwards = same = 0
-    stats = None
+    same, stats = 0, None
     by_category = collections.defaultdict(lambda: [0, 0])
     for p, ids, ref in zip(chosen, encoded, plain):
         out = generate(target, ids, drafter=drafter, controller=make_controller(k), max_new_tokens=max_new_tokens)
-        n, f = out.tokens.shape[1], out.stats.target_forwards
-        tokens, forwards, same = tokens + n, forwards + f, same + torch.equal(out.tokens, ref)
+        same += torch.equal(out.tokens, ref)
         stats = out.stats if stats is None else stats + out.stats
-        by_category[p.category][0] += n; by_category[p.category][1] += f
-    print(f"{config:32s} τ {tokens / forwards:.3f}  identical to AR {same}/{len(chosen)}  {time.perf_counter() - t0:.0f} s  "
+        by_category[p.category][0] += out.tokens.shape[1]; by_category[p.category][1] += out.stats.target_forwards
+    print(f"{config:32s} τ {stats.new_tokens / stats.target_forwards:.3f}  identical to AR {same}/{len(chosen)}  {time.perf_counter() - t0:.0f} s  "
           + " ".join(f"{c} {a / b:.2f}" for c, (a, b) in sorted(by_category.items()))
           + "\n    accepted / proposed by draft position: " + " / ".join(f"{a:.3f}" for a in stats.per_position_acceptance), flush=True)
