@@ -24,11 +24,11 @@ from .stats import Stats
 from .timing import peak_memory, reset_peak_memory, chrome_trace
 
 # %% auto #0
-__all__ = ['HF', 'HF_PLD', 'HF_STATIC', 'AR', 'HF_METHODS', 'PRESETS', 'Method', 'pinned_k', 'methods_from', 'apply_preset',
-           'BenchConfig', 'git_state', 'system_info', 'machine_of', 'versions', 'provenance', 'ResumeRefused',
-           'read_records', 'record_key', 'find_run', 'check_resume', 'tokens_equal', 'agreement', 'hf_generate',
-           'static_cache_len', 'run_method', 'perplexity', 'schedule', 'bootstrap_geomean', 'stats_of', 'per_prompt',
-           'speedup', 'summarize_method', 'certificate', 'measure_costs', 'open_run', 'run_benchmark',
+__all__ = ['HF', 'HF_PLD', 'HF_STATIC', 'AR', 'HF_METHODS', 'PRESETS', 'CPU_ISA_FLAGS', 'Method', 'pinned_k', 'methods_from',
+           'apply_preset', 'BenchConfig', 'git_state', 'cpu_isa', 'system_info', 'machine_of', 'versions', 'provenance',
+           'ResumeRefused', 'read_records', 'record_key', 'find_run', 'check_resume', 'tokens_equal', 'agreement',
+           'hf_generate', 'static_cache_len', 'run_method', 'perplexity', 'schedule', 'bootstrap_geomean', 'stats_of',
+           'per_prompt', 'speedup', 'summarize_method', 'certificate', 'measure_costs', 'open_run', 'run_benchmark',
            'predict_speedups', 'summarize_run', 'summarize_partial', 'config_from_parameters', 'run_from_parameters']
 
 # %% ../nbs/11_bench.ipynb #438a17ed
@@ -236,14 +236,28 @@ def _machine_id() -> str|None:
         except OSError: pass
     return hashlib.sha256(platform.node().encode()).hexdigest()[:12] if platform.node() else None
 
+# the vector and matrix instruction sets that decide a CPU's speed here (as /proc/cpuinfo names them)
+CPU_ISA_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8")
+
+def cpu_isa() -> dict:
+    """The instruction sets this CPU computes with: torch's kernel capability (`AVX2`, `AVX512`, ...) and which of
+    `CPU_ISA_FLAGS` /proc/cpuinfo lists (None where it cannot be read). Two hosts behind the same VM image share the
+    machine id and the model name and can still differ here: the 2-core AMD EPYC image stepped specdec-AR in 33 ms in
+    one run (f865fa5) and in 43 ms on an AVX2-only host (0dfb140), the code it ran unchanged, and the two manifests
+    could not tell the hosts apart."""
+    try: flags = next(set(l.split(":", 1)[1].split()) for l in open("/proc/cpuinfo") if l.startswith("flags"))
+    except (OSError, StopIteration): flags = None
+    return {"cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "cpu_flags": None if flags is None else [f for f in CPU_ISA_FLAGS if f in flags]}
+
 def system_info(device) -> dict:
-    "CPU, cores, RAM, GPU, driver, CUDA and OS of this machine, and an anonymous machine id (a hash)."
+    "CPU (and its instruction sets), cores, RAM, GPU, driver, CUDA and OS of this machine, and an anonymous machine id (a hash)."
     cpu = platform.processor() or None
     try: cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
     except (OSError, StopIteration): pass
     try: ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError): ram = None
-    info = {"machine_id": _machine_id(), "cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+    info = {"machine_id": _machine_id(), "cpu": cpu, **cpu_isa(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "ram_bytes": ram, "os": platform.platform(), "device": str(device), "gpu": None}
     if torch.cuda.is_available():
         p = torch.cuda.get_device_properties(0)
@@ -254,8 +268,9 @@ def system_info(device) -> dict:
     return info
 
 def machine_of(system:dict) -> dict:
-    "What must match for a run to be resumed on this machine."
-    return {k: system.get(k) for k in ("machine_id", "cpu", "cores", "ram_bytes", "device")} | {"gpu": (system.get("gpu") or {}).get("name")}
+    "What must match for a run to be resumed on this machine (the CPU's instruction sets included)."
+    return ({k: system.get(k) for k in ("machine_id", "cpu", "cpu_capability", "cpu_flags", "cores", "ram_bytes", "device")}
+            | {"gpu": (system.get("gpu") or {}).get("name")})
 
 def versions() -> dict:
     "Versions of python, torch, transformers, triton and specdec, and the kernel choices when specdec has them."
@@ -306,7 +321,10 @@ def check_resume(manifest:dict, cfg:BenchConfig, git:dict, machine:dict) -> None
         reasons.append(f"it was measured at commit {old['commit'][:10]}, and this code is commit {git['commit'][:10]}")
     elif (old.get("dirty"), old.get("diff")) != (git["dirty"], git["diff"]):
         reasons.append(f"its uncommitted changes (diff {old.get('diff')}) differ from this tree's (diff {git['diff']})")
-    if manifest.get("machine") != machine: reasons.append("it was measured on another machine")
+    there = manifest.get("machine") or {}
+    if there != machine:
+        differ = [f"{k} {there.get(k)!r} there, {machine.get(k)!r} here" for k in dict.fromkeys([*there, *machine]) if there.get(k) != machine.get(k)]
+        reasons.append(f"it was measured on another machine ({'; '.join(differ)})")
     if manifest.get("config_hash") != cfg.config_hash(): reasons.append("its parameters differ from these")
     if reasons:
         raise ResumeRefused(f"cannot resume run {manifest.get('run_id')!r}: {'; '.join(reasons)}. Start a fresh run instead: "

@@ -79,7 +79,7 @@ def run_summary(manifest:dict) -> str:
     "One paragraph: what was measured, where, by which code, and how much of it (measured counts)."
     p, c, g, sysinfo = manifest["params"], manifest.get("counts", {}), manifest["git"], manifest["system"]
     commit = "unknown" if not g.get("commit") else g["commit"][:10] + (" (dirty)" if g.get("dirty") else "")
-    hw = (sysinfo.get("gpu") or {}).get("name") or sysinfo.get("cpu")
+    hw = (sysinfo.get("gpu") or {}).get("name") or ", ".join(str(x) for x in (sysinfo.get("cpu"), sysinfo.get("cpu_capability")) if x)
     la = manifest.get("load_average") or {}
     return (f"Run `{manifest['run_id']}` ({manifest['status']}): model `{p['model']}` on {c.get('prompts', 0)} prompts "
             f"({manifest['prompt_set']['name']}), {c.get('methods', 0)} methods, {c.get('records', 0)} timed records, "

@@ -109,6 +109,23 @@ def test_resume_after_a_new_commit_is_refused_and_reuses_nothing(tmp_path, monke
     assert (run_dir / "records.jsonl").read_text() == before and len(manifest["invocations"]) == 2
 
 
+def test_a_run_records_the_cpus_instruction_sets_and_is_not_resumed_on_a_host_without_them(tmp_path, monkeypatch):
+    # two hosts of one VM image: same machine id, model name, cores and RAM, different vector units (AVX-512, AVX2)
+    monkeypatch.setattr(bench, "git_state", lambda *a, **k: dict(COMMIT_A))
+    run_dir = run_benchmark(BenchConfig(**SYNTH, out=str(tmp_path), run_id="r"), progress=False)
+    manifest = json.loads((run_dir / "MANIFEST.json").read_text())
+    assert manifest["system"]["cpu_capability"] == manifest["machine"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    flags = manifest["system"]["cpu_flags"]
+    assert flags is None or set(flags) <= set(bench.CPU_ISA_FLAGS)
+    from specdec.report import run_summary
+    assert f"({manifest['system']['cpu']}, {manifest['system']['cpu_capability']})" in run_summary(manifest)
+    other = {"cpu_capability": "AVX512" if manifest["system"]["cpu_capability"] != "AVX512" else "AVX2",
+             "cpu_flags": ["avx2", "fma", "avx512f", "avx512_bf16"] if flags != ["avx2", "fma", "avx512f", "avx512_bf16"] else ["avx2"]}
+    monkeypatch.setattr(bench, "cpu_isa", lambda: other)
+    with pytest.raises(ResumeRefused, match=r"another machine \(cpu_capability '[A-Z0-9_]+' there, '[A-Z0-9_]+' here; cpu_flags "):
+        run_benchmark(BenchConfig(**SYNTH, out=str(tmp_path), resume="r"), progress=False)
+
+
 def test_fresh_invocations_make_new_run_ids():
     a = BenchConfig(**SYNTH).new_run_id(); time.sleep(1.1); b = BenchConfig(**SYNTH).new_run_id()
     assert a != b and a.endswith(BenchConfig(**SYNTH).config_hash())
