@@ -96,6 +96,12 @@ def _lossless_cell(cert:dict) -> str:
     parts = [f"{v['identical']}/{v['prompts']} vs {'AR' if b == AR else 'HF'}" for b, v in cert["vs"].items()]
     return ("yes " if cert["passed"] else "NO ") + ", ".join(parts) + (f" ({cert['dtype']})" if cert.get("dtype") else "")
 
+def _step_ms(result:dict) -> str:
+    "A method's verification and drafting time per target forward after each generation's prefill, in ms (`-` for HF's)."
+    split, steps = result.get("time_split"), result.get("target_forwards", 0) - result["tok_s"].get("records", 0)
+    if not split or steps <= 0: return "-"
+    return f"{1e3 * split['verify'] / steps:.1f} / {1e3 * split['draft'] / steps:.1f}"
+
 def headline_table(manifest:dict) -> pd.DataFrame:
     "One row per method: median tok/s, speedup against specdec-AR (headline) and HF with 95% CIs, τ, certificate."
     rows = []
@@ -107,7 +113,8 @@ def headline_table(manifest:dict) -> pd.DataFrame:
                      "× HF generate [95% CI]": _ci(sp.get(HF)),
                      "prompts": sp.get(AR, {}).get("prompts", "-"),
                      "excluded (unequal length)": max(excluded) if excluded else 0,
-                     "τ": _fmt(r["tau"]), "acceptance": _fmt(r["acceptance_rate"]), "lossless (measured)": _lossless_cell(cert),
+                     "τ": _fmt(r["tau"]), "acceptance": _fmt(r["acceptance_rate"]), "verify / draft ms a step": _step_ms(r),
+                     "lossless (measured)": _lossless_cell(cert),
                      "peak MB": _fmt((r.get("peak_memory_bytes") or 0) / 2**20, 0)})
     return pd.DataFrame(rows).set_index("method")
 
@@ -129,7 +136,8 @@ def category_table(manifest:dict, baseline:str=AR,
 
 def text_summary(run_dir) -> str:
     """A run folder in plain text, for a terminal or a log: the run's paragraph, a line per method (median tok/s, × specdec-AR
-    and × HF `generate` with 95% CIs, τ, the certificate) and × specdec-AR per category. An unfinished run (cut off by a
+    end to end and over the decode phase, × HF `generate`, with 95% CIs; τ; verify and draft ms per target step, which
+    say what a host charges for a K+1-token verification; the certificate) and × specdec-AR per category. An unfinished run (cut off by a
     time limit, or still running) is summarized from the records it wrote, and says how many of the planned ones that is."""
     manifest, _ = load_run(run_dir)
     parts = []
@@ -139,7 +147,8 @@ def text_summary(run_dir) -> str:
         parts.append(f"PARTIAL RUN ({p['status']}): {p['measured']} of {p['planned']} timed records; the figures below are theirs")
     parts.append(run_summary(manifest))
     if not manifest.get("results"): return "\n\n".join(parts + ["no timed records yet"])
-    columns = ["tok/s (median)", "× specdec-AR [95% CI]", "× HF generate [95% CI]", "τ", "lossless (measured)"]
+    columns = ["tok/s (median)", "× specdec-AR [95% CI]", "× specdec-AR, decode only", "× HF generate [95% CI]", "τ",
+               "verify / draft ms a step", "lossless (measured)"]
     parts.append(headline_table(manifest)[columns].to_string())
     per_category = category_table(manifest).drop(columns=[AR], errors="ignore")
     parts.append("× specdec-AR per category (geometric mean over its prompts):\n"
