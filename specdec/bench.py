@@ -230,6 +230,11 @@ def git_state(path=None) -> dict:
     return {"commit": commit.strip(), "dirty": dirty, "diff": hashlib.sha256(diff.encode()).hexdigest()[:12] if dirty else None}
 
 # %% ../nbs/11_bench.ipynb #1c6f1e2f
+def _cpuinfo(field:str) -> str|None:
+    "The value of `field` on /proc/cpuinfo's first processor (None where it cannot be read)."
+    try: return next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith(field))
+    except (OSError, StopIteration): return None
+
 def _machine_id() -> str|None:
     for f in ("/etc/machine-id", "/var/lib/dbus/machine-id"):
         try: return hashlib.sha256(Path(f).read_text().strip().encode()).hexdigest()[:12]
@@ -245,16 +250,13 @@ def cpu_isa() -> dict:
     machine id and the model name and can still differ here: the 2-core AMD EPYC image stepped specdec-AR in 33 ms in
     one run (f865fa5) and in 43 ms on an AVX2-only host (0dfb140), the code it ran unchanged, and the two manifests
     could not tell the hosts apart."""
-    try: flags = next(set(l.split(":", 1)[1].split()) for l in open("/proc/cpuinfo") if l.startswith("flags"))
-    except (OSError, StopIteration): flags = None
+    flags = _cpuinfo("flags")
     return {"cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "cpu_flags": None if flags is None else [f for f in CPU_ISA_FLAGS if f in flags]}
+            "cpu_flags": None if flags is None else [f for f in CPU_ISA_FLAGS if f in flags.split()]}
 
 def system_info(device) -> dict:
     "CPU (and its instruction sets), cores, RAM, GPU, driver, CUDA and OS of this machine, and an anonymous machine id (a hash)."
-    cpu = platform.processor() or None
-    try: cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
-    except (OSError, StopIteration): pass
+    cpu = _cpuinfo("model name") or platform.processor() or None
     try: ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError): ram = None
     info = {"machine_id": _machine_id(), "cpu": cpu, **cpu_isa(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),

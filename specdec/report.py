@@ -97,8 +97,8 @@ def _lossless_cell(cert:dict) -> str:
     return ("yes " if cert["passed"] else "NO ") + ", ".join(parts) + (f" ({cert['dtype']})" if cert.get("dtype") else "")
 
 def _step_ms(result:dict) -> str:
-    "A method's verification and drafting time per target forward after each generation's prefill, in ms (`-` for HF's)."
-    split, steps = result.get("time_split"), result.get("target_forwards", 0) - result["tok_s"].get("records", 0)
+    "A method's verification and drafting time per verification step (`target_forwards`, the prefill apart), in ms (`-` for HF's)."
+    split, steps = result.get("time_split"), result.get("target_forwards", 0)
     if not split or steps <= 0: return "-"
     return f"{1e3 * split['verify'] / steps:.1f} / {1e3 * split['draft'] / steps:.1f}"
 
