@@ -11,7 +11,13 @@ from pathlib import Path
 import torch
 
 # %% auto #0
-__all__ = ['StepTimer', 'reset_peak_memory', 'peak_memory', 'chrome_trace']
+__all__ = ['sync', 'StepTimer', 'reset_peak_memory', 'peak_memory', 'chrome_trace']
+
+# %% ../nbs/07a_timing.ipynb #fec0cdcb
+def sync(device) -> None:
+    "Wait for the device's queued work (a CUDA device; elsewhere work is already done when a call returns)."
+    device = torch.device(device)
+    if device.type == "cuda": torch.cuda.synchronize(device)
 
 # %% ../nbs/07a_timing.ipynb #791d1ccb
 class StepTimer:
@@ -40,7 +46,7 @@ class StepTimer:
     def finish(self) -> dict[str, float]:
         "Seconds per phase (synchronises the GPU once)."
         if self.cuda:
-            torch.cuda.synchronize()
+            sync("cuda")
             for phase, a, b in self._pending: self.totals[phase] += a.elapsed_time(b) / 1000
             self._pending = []
         return dict(self.totals)
