@@ -217,6 +217,7 @@ def generate(target:LoadedModel, # the model whose output we want (anything with
     phases = timer.finish()
     stats.draft_time, stats.verify_time, stats.accept_time = phases["draft"], phases["verify"], phases["accept"]
     stats.new_tokens, stats.draft_forwards = length - S, (drafter.forwards if drafter is not None else 0)
+    stats.missing_features = drafter.missing_features if drafter is not None else 0
     engine["setup_seconds"] = {f"{role}:{key}": round(v, 4) for role, r in zip(("target",) + ("draft",) * (len(runners) - 1), runners)
                                for key, v in getattr(r, "setup_seconds", {}).items()}
     engine["setup_in_loop_seconds"] = round(setup, 4)                   # subtracted from wall_time

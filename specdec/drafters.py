@@ -33,6 +33,8 @@ class Draft:
 class Drafter:
     "Base class of drafters."
     forwards:int = 0   # draft forward passes in the current generation
+    missing_features:int = 0   # steps this generation drafted without the target features it reads (a head: from zeros)
+    usage:list|None = None     # joined drafters (`Fallback`): per member, the steps it drafted, its drafts proposed and accepted
     stop_below:float|None = None   # set by `generate` from the controller: drafting token by token stops once the chain's probability is below it
     def start(self, target:LoadedModel, prompt_ids:torch.Tensor, capacity:int) -> None: self.forwards = 0
     def propose(self, tokens:torch.Tensor, k:int, sampling:SamplingConfig, generator=None) -> Draft: raise NotImplementedError
@@ -182,6 +184,8 @@ class Fallback(Drafter):
 
     @property
     def forwards(self) -> int: return sum(d.forwards for d in self.drafters)
+    @property
+    def missing_features(self) -> int: return sum(d.missing_features for d in self.drafters)
 
     @property
     def stop_below(self) -> float|None: return self.drafters[0].stop_below

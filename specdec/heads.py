@@ -742,6 +742,8 @@ class TokenTree(Drafter):
     @property
     def forwards(self) -> int: return self.head.forwards
     @property
+    def missing_features(self) -> int: return self.head.missing_features
+    @property
     def target_layers(self): return self.head.target_layers
 
     def max_drafts(self, k:int) -> int: return self.nodes

@@ -17,6 +17,8 @@ def _add_lists(a:list, b:list) -> list:
     n = max(len(a), len(b))
     return [(a[i] if i < len(a) else 0) + (b[i] if i < len(b) else 0) for i in range(n)]
 
+_SINCE = {"missing_features"}   # counters added after records were first written: absent in older records (their default)
+
 @dataclass
 class Stats:
     "Counters of one or more generations; `+` adds them up."
@@ -35,6 +37,7 @@ class Stats:
     accepted_hist:list = field(default_factory=list)         # [n] target forwards that accepted n drafts
     proposed_by_position:list = field(default_factory=list)  # [i] drafts proposed at position i
     accepted_by_position:list = field(default_factory=list)  # [i] drafts accepted at position i
+    missing_features:int = 0     # draft steps a drafter that reads the target's features ran without them
 
     def record_step(self, proposed:int, accepted:int) -> None:
         "Count one verification step that proposed `proposed` drafts and accepted `accepted`."
@@ -98,6 +101,7 @@ class Stats:
     @classmethod
     def from_record(cls, record:dict) -> "Stats":
         "The `Stats` stored in `record` (other keys, such as a record's tokens or provenance, are ignored)."
-        missing = [f.name for f in fields(cls) if f.name not in record]
+        missing = [f.name for f in fields(cls) if f.name not in record and f.name not in _SINCE]
         if missing: raise ValueError(f"record has no {', '.join(missing)}: not a Stats record (written by an older specdec?)")
-        return cls(**{f.name: (list(record[f.name]) if isinstance(record[f.name], list) else record[f.name]) for f in fields(cls)})
+        return cls(**{f.name: (list(record[f.name]) if isinstance(record[f.name], list) else record[f.name])
+                      for f in fields(cls) if f.name in record})
