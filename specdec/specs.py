@@ -219,8 +219,8 @@ for _kind in ("eagle", "medusa"):
 for _kind in ("eagle", "medusa"):
     DRAFTERS.register(f"{_kind}-tree", lambda width, nodes, path, target=None, _kind=_kind, **_: TokenTree(
                           load_head(path, target, _kind) if path else shipped_head(target, _kind), width, nodes),
-                      Arg("WIDTH", int, "width", 4, "an integer tree width", always=False),
-                      Arg("NODES", int, "nodes", 10, "an integer node count", always=False),
+                      Arg("WIDTH", int, "width", 4, "an integer tree width"),
+                      Arg("NODES", int, "nodes", 10, "an integer node count"),
                       Arg("PATH", nonempty, "head.checkpoint", None, "a head checkpoint folder", always=False, rest=True),
                       help=f"the {'EAGLE head' if _kind == 'eagle' else 'Medusa heads'} drafting a token tree (EAGLE-2's): expand "
                            "the WIDTH best nodes of each depth by their WIDTH likeliest tokens, K deep, and verify the NODES best "
