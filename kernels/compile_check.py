@@ -16,8 +16,8 @@ import argparse, contextlib, sys
 import torch
 
 FLOATS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-# a one-token step (K = 1 draft to verify, batch 1, one KV head: the sizes the JIT turns into constants) and a verification
-# block of 4 drafts on SmolLM2-135M's shapes
+# a one-token step (K = 1 draft to verify, batch 1, one KV head: the sizes the JIT turns into constants) and a
+# verification block of 4 drafts on SmolLM2-135M's shapes
 SHAPES = {"step": dict(K=1, q=1, Hq=4, Hkv=1, D=64, V=49152, C=64, H=576, I=1536),
           "block": dict(K=4, q=5, Hq=9, Hkv=3, D=64, V=49152, C=64, H=576, I=1536)}
 
@@ -32,7 +32,7 @@ def calls() -> list[tuple[str, str, tuple]]:
         for name, dt in FLOATS.items():
             at = f"{shape} {name}"
             out.append((at, "greedy_verify", (tokens, torch.zeros(1, K + 1, V, dtype=dt))))
-            for draft_probs in (None, torch.zeros(1, K, V, dtype=dt)):                      # one-hot drafts, or probabilities
+            for draft_probs in (None, torch.zeros(1, K, V, dtype=dt)):         # one-hot drafts, or probabilities
                 label = f"{at} draft probs {'none' if draft_probs is None else name}"
                 out.append((label, "rejection_verify", (tokens, draft_probs, torch.zeros(1, K + 1, V, dtype=dt),
                                                         torch.zeros(1, K, dtype=fp32), torch.zeros(1, V, dtype=fp32))))
@@ -60,7 +60,7 @@ def recorded_launches():
     finally: JITFunction.run = run
 
 def signature_of(fn, args:tuple, kwargs:dict) -> tuple[dict, dict, dict]:
-    "`(signature, constexprs, options)` of a launch of `fn`, specialized as the JIT does (None and an int 1: constants)."
+    "`(signature, constexprs, options)` of a launch of `fn`, specialized as the JIT does (None, an int 1: constants)."
     from triton.runtime.jit import mangle_type
     bound = {**dict(zip(fn.arg_names, args)), **{k: v for k, v in kwargs.items() if k in fn.arg_names}}
     options = {k: v for k, v in kwargs.items() if k not in fn.arg_names}                 # num_warps and the like
@@ -99,7 +99,7 @@ def check(arch:int, out=sys.stdout) -> int:
     target, seen, failed = cuda_target(arch), set(), 0
     for label, name, args in calls():
         with recorded_launches() as launches: getattr(triton_module(name), f"{name}_triton")(*args)
-        if not launches: raise RuntimeError(f"{name}_triton launched no kernel for {label}: give it inputs it computes on")
+        if not launches: raise RuntimeError(f"{name}_triton launched no kernel for {label}: give it work to launch")
         for fn, a, kw in launches:
             what = describe(fn, a, kw)
             if what in seen: continue
@@ -108,15 +108,16 @@ def check(arch:int, out=sys.stdout) -> int:
             failed += error is not None
             print(f"{'ok  ' if error is None else 'FAIL'} {name} [{label}] {what}", file=out)
             if error: print("     " + error.replace("\n", "\n     "), file=out)
-    print(f"{len(seen) - failed} of {len(seen)} signatures compiled for cuda:{arch} (triton {triton.__version__})", file=out)
+    print(f"{len(seen) - failed} of {len(seen)} signatures compiled for cuda:{arch} (triton {triton.__version__})",
+          file=out)
     return failed
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--arch", default="90", help="compute capability as an int (90: H100), or auto: this machine's GPU")
+    parser.add_argument("--arch", default="90", help="compute capability (90: H100), or auto: this machine's GPU")
     args = parser.parse_args(argv)
     if args.arch == "auto":
-        if not torch.cuda.is_available(): parser.error("--arch auto needs a CUDA GPU here; name the capability, e.g. 90")
+        if not torch.cuda.is_available(): parser.error("--arch auto needs a CUDA GPU here; name one, e.g. 90")
         major, minor = torch.cuda.get_device_capability()
         arch = 10 * major + minor
     else: arch = int(args.arch)

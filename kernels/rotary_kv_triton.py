@@ -19,8 +19,8 @@ def rotary_kv_kernel(qkv_ptr, cos_ptr, sin_ptr, q_out_ptr, k_ptr, v_ptr, slots_p
     x1 = tl.load(src + d, mask=ok, other=0.0)
     x2 = tl.load(src + HALF + d, mask=ok, other=0.0)
     slot = tl.load(slots_ptr + t)
-    # The outputs' dtypes may differ (a float32 cache for a half-precision net): Triton gives a variable assigned in both
-    # arms of a runtime `if` one type, so each arm stores through its own pointer, cast to that output's dtype.
+    # The outputs' dtypes may differ (a float32 cache for a half-precision net): Triton gives a variable assigned in
+    # both arms of a runtime `if` one type, so each arm stores through its own pointer, cast to that output's dtype.
     if head >= Hq + Hkv:                                    # a value head: copied as is
         v_dest = v_ptr + b * vs_b + (head - Hq - Hkv) * vs_h + slot * vs_c
         tl.store(v_dest + d, x1.to(v_ptr.dtype.element_ty), mask=ok)

@@ -1,8 +1,8 @@
-"""`compile_check.py` compiles every Triton kernel signature for a CUDA target (sm_90) on this machine, GPU or not: triton
-compiles for a target without a GPU, with the ptxas it bundles. It runs in a fresh process, since the tests here may have
-imported triton for its interpreter. The negative control is the rotary kernel before it stored each output through its
-own pointer: its bf16 queries and float32 cache gave one variable two pointer types, which the interpreter ran and the
-compiler rejects."""
+"""`compile_check.py` compiles every Triton kernel signature for a CUDA target (sm_90) on this machine, GPU or not:
+triton compiles for a target without a GPU, with the ptxas it bundles. It runs in a fresh process, since the tests here
+may have imported triton for its interpreter. The negative control is the rotary kernel before it stored each output
+through its own pointer: its bf16 queries and float32 cache gave one variable two pointer types, which the interpreter
+ran and the compiler rejects."""
 import os, subprocess, sys, textwrap
 from pathlib import Path
 import pytest
@@ -12,7 +12,8 @@ HERE = Path(__file__).parent
 def run_python(*args:str) -> subprocess.CompletedProcess:
     "Run python in a fresh process without TRITON_INTERPRET, from the repository root."
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    return subprocess.run([sys.executable, *args], cwd=HERE.parent, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run([sys.executable, *args], cwd=HERE.parent, env=env, capture_output=True, text=True,
+                          timeout=600)
 
 @pytest.fixture(scope="module", autouse=True)
 def needs_triton():
@@ -77,7 +78,8 @@ def test_the_check_rejects_the_unfixed_rotary_kernel(tmp_path):
         import unfixed_rotary
         from specdec_kernels.compile_check import recorded_launches, compile_launch, cuda_target
         from specdec_kernels.rotary_kv_triton import rotary_kv_triton
-        qkv, keys, values = torch.zeros(1, 5, 15 * 64, dtype=torch.bfloat16), torch.zeros(1, 3, 64, 64), torch.zeros(1, 3, 64, 64)
+        qkv = torch.zeros(1, 5, (9 + 2 * 3) * 64, dtype=torch.bfloat16)          # [B, q, (Hq+2Hkv)*D]
+        keys, values = torch.zeros(1, 3, 64, 64), torch.zeros(1, 3, 64, 64)      # [B, Hkv, C, D] float32
         with recorded_launches() as launches:
             rotary_kv_triton(qkv, torch.zeros(5, 64), torch.zeros(5, 64), keys, values, torch.arange(5), 9, 3)
         (fn, args, kwargs), = launches
