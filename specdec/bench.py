@@ -298,10 +298,14 @@ class ResumeRefused(ValueError):
     "A run cannot be resumed here: other code or another machine measured it."
 
 def read_records(path:Path) -> list[dict]:
-    "Records of `records.jsonl` (a torn last line from a crash is ignored)."
-    if not Path(path).exists(): return []
+    "Records of `records.jsonl`, or of `records.jsonl.gz` beside it (a committed run); a torn last line is ignored."
+    import gzip
+    path = Path(path)
+    if not path.exists() and path.with_name(path.name + ".gz").exists(): path = path.with_name(path.name + ".gz")
+    if not path.exists(): return []
+    text = gzip.decompress(path.read_bytes()).decode() if path.suffix == ".gz" else path.read_text()
     out = []
-    for line in Path(path).read_text().splitlines():
+    for line in text.splitlines():
         try: out.append(json.loads(line))
         except json.JSONDecodeError: pass
     return out

@@ -18,7 +18,8 @@ from .bench import read_records, summarize_partial, HF, HF_PLD, HF_STATIC, AR
 __all__ = ['MANIFEST_SCHEMA', 'validate_manifest', 'load_run', 'run_summary', 'headline_table', 'framework_table',
            'category_table', 'text_summary', 'certificate_table', 'best_k', 'fallback_table', 'fig_speedup',
            'fig_acceptance', 'fig_k_sweep', 'fig_histogram', 'fig_time_split', 'fig_predicted', 'fig_quality',
-           'fig_load', 'figures', 'readable', 'write_plotly_js', 'plotly_loader', 'show', 'render_html']
+           'fig_load', 'figures', 'readable', 'write_plotly_js', 'plotly_loader', 'show', 'read_notebook',
+           'render_html', 'render_reports', 'compress_run']
 
 # %% ../nbs/14_report.ipynb #72900eb1
 _SPEEDUP = {"type": "object", "required": ["geomean", "ci95", "n", "prompts", "excluded_unequal_length"]}
@@ -338,10 +339,10 @@ def readable(nb):
 
 # %% ../nbs/14_report.ipynb #bb9fa8f6
 def write_plotly_js(results_dir) -> Path:
-    "Write plotly.js once into `results_dir` (shared by every report there)."
+    "Write the installed plotly's plotly.js into `results_dir` (shared by every report there; not committed)."
     import plotly.offline
-    path = Path(results_dir) / "plotly.min.js"
-    if not path.exists(): path.write_text(plotly.offline.get_plotlyjs(), encoding="utf-8")
+    path, js = Path(results_dir) / "plotly.min.js", plotly.offline.get_plotlyjs()
+    if not path.exists() or path.read_text(encoding="utf-8") != js: path.write_text(js, encoding="utf-8")
     return path
 
 def plotly_loader(src:str="../plotly.min.js"):
@@ -358,14 +359,59 @@ def show(fig:go.Figure|None, missing:str="this figure does not apply to this run
     if fig is None: return Markdown(f"*{missing}*")
     return HTML(fig.to_html(full_html=False, include_plotlyjs=False))
 
+def read_notebook(path):
+    "An executed notebook, plain (`.ipynb`) or compressed (`.ipynb.gz`, an older committed run's)."
+    import gzip, nbformat
+    path = Path(path)
+    text = gzip.decompress(path.read_bytes()).decode() if path.suffix == ".gz" else path.read_text(encoding="utf-8")
+    return nbformat.reads(text, as_version=4)
+
 def render_html(notebook, html:Path|str|None=None) -> Path:
-    "Render an executed notebook to HTML (default: `report.html` beside it) and put plotly.js one folder up."
-    import nbformat
+    """Render an executed notebook (`.ipynb` or `.ipynb.gz`) to HTML, by default beside it (`report.ipynb` →
+    `report.html`), and put the installed plotly's plotly.js one folder up."""
     from nbconvert import HTMLExporter
     notebook = Path(notebook)
-    html = Path(html) if html else notebook.with_name("report.html")
+    stem = notebook.name.removesuffix(".gz").removesuffix(".ipynb")
+    html = Path(html) if html else notebook.with_name(f"{stem}.html")
     write_plotly_js(html.parent.parent)
-    nb = nbformat.read(notebook, as_version=4)
-    body, _ = HTMLExporter().from_notebook_node(readable(nb))
+    body, _ = HTMLExporter().from_notebook_node(readable(read_notebook(notebook)))
     html.write_text(body, encoding="utf-8")
     return html
+
+# %% ../nbs/14_report.ipynb #4b071e40
+def render_reports(run, results="results") -> list[Path]:
+    """Render the executed notebooks of a folder in `results` to HTML beside them: a benchmark run's `report.ipynb`, a
+    head-training folder's `eagle.ipynb` and `medusa.ipynb`, plain or compressed (`.ipynb.gz`). `run` is a folder, one
+    notebook, or a folder's name in `results`. Rendered HTML and the shared `plotly.min.js` are made on demand and are
+    not committed (`.gitignore`)."""
+    for path in (Path(run), Path(results) / run):
+        if path.exists(): break
+    else: raise ValueError(f"nothing to render: neither {run} nor {Path(results) / run} exists")
+    notebooks = [path] if path.is_file() else sorted([*path.glob("*.ipynb"), *path.glob("*.ipynb.gz")])
+    if not notebooks: raise ValueError(f"{path} holds no executed notebook (.ipynb or .ipynb.gz) to render")
+    return [render_html(notebook) for notebook in notebooks]
+
+def _gzip(path:Path) -> Path:
+    "Replace `path` by `path.gz` once that reads back equal (no name or time inside: the same file, the same bytes)."
+    import gzip
+    packed, data = path.with_name(path.name + ".gz"), path.read_bytes()
+    if packed.exists(): raise ValueError(f"{packed} exists already: {path} was compressed before; remove one of them")
+    packed.write_bytes(gzip.compress(data, compresslevel=9, mtime=0))
+    if gzip.decompress(packed.read_bytes()) != data:
+        packed.unlink()
+        raise OSError(f"{packed} did not read back as {path}; {path} is left as it was")
+    path.unlink()
+    return packed
+
+def compress_run(run_dir, notebooks:bool=False) -> list[Path]:
+    """Compress a finished run folder for committing: `records.jsonl` → `records.jsonl.gz` (`read_records` reads either)
+    and, with `notebooks`, its executed notebooks → `.ipynb.gz` (`render_reports` reads either; GitHub shows only plain
+    ones, so the newest runs keep theirs). Lossless: the compressed files hold the same bytes. Returns the compressed
+    files. A run still `running` is refused: its records are appended to while it measures."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir(): raise ValueError(f"no run folder {run_dir}")
+    if (manifest := run_dir / "MANIFEST.json").is_file():
+        status = json.loads(manifest.read_text()).get("status")
+        if status != "done": raise ValueError(f"{run_dir} is {status!r}, not done: compress a run once it has finished")
+    files = [run_dir / "records.jsonl", *(sorted(run_dir.glob("*.ipynb")) if notebooks else [])]
+    return [_gzip(f) for f in files if f.is_file()]
