@@ -273,12 +273,14 @@ def schedule(prompts:list, methods:list, iterations:int) -> list[tuple[int, obje
     return out
 
 # %% ../nbs/11_bench.ipynb #51f6715a
-def measure_costs(target, drafters:dict, context:int, k_max:int=8, progress:bool=True) -> dict:
+def measure_costs(target, drafters:dict, context:int, k_max:int=8, progress:bool=True,
+                  compile:str="auto", # the mode the run decodes in: its forwards (graph replays on CUDA) are timed
+                 ) -> dict:
     "Step costs per drafter at `context` cached tokens; the target is timed once, for every drafter."
     from specdec.costmodel import measure_step_costs
     q_values = [q for q in (1, 2, 3, 4, 5, 6, 8, 12, 16) if q <= k_max + 1] + ([k_max + 1] if k_max + 1 > 16 else [])
-    verify = measure_step_costs(target, context=context, q_values=q_values).verify
-    return {d: measure_step_costs(target, dr, context=context, verify=verify) for d, dr in
+    verify = measure_step_costs(target, context=context, q_values=q_values, compile=compile).verify
+    return {d: measure_step_costs(target, dr, context=context, verify=verify, compile=compile) for d, dr in
             tqdm(drafters.items(), desc="step costs", disable=not progress, leave=False) if dr is not None}
 
 # %% ../nbs/11_bench.ipynb #e3fc6301
@@ -328,7 +330,7 @@ def prepare(cfg:BenchConfig, opts:dict, target, prompts:list, methods:list[Metho
     context = int(np.median([e.shape[1] for e in encoded.values()])) + cfg.max_new_tokens // 2
     k_max = max([8] + [m.controller.k_max for m in methods if m.controller])
     needs_costs = cost_model or any(m.controller and m.controller.needs_costs for m in methods)
-    costs = measure_costs(target, drafters, context, k_max, progress) if needs_costs else {}
+    costs = measure_costs(target, drafters, context, k_max, progress, cfg.compile) if needs_costs else {}
     return _Runner(cfg, opts, target, drafters, costs, git, run_id, encoded, context)
 
 # %% ../nbs/11_bench.ipynb #5e537850
