@@ -6,87 +6,22 @@ Docs: https://specdec.github.io/specdec/heads.html.md"""
 
 # %% ../nbs/05a_heads.ipynb #a54b6ac7
 from __future__ import annotations
-import hashlib, importlib.resources, json, math, time
-from pathlib import Path
+import time
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from .models import LoadedModel
-from .net import KVCache, TreeLayout, attend, cache_dtype
+from .net import KVCache, attend, cache_dtype
 from specdec_kernels.rotary_kv import rotate
 from .sampling import SamplingConfig, logits_to_probs, sample
+from .vocab import DraftVocab
 from .drafters import Draft, Drafter, no_draft
 from .engine import capture_graph
 from .timing import sync
 
 # %% auto #0
-__all__ = ['HALF_ROWS', 'HEAD_MODES', 'CAPACITY_MULTIPLE', 'HEAD_FORMAT', 'HEAD_TYPES', 'SHIPPED_HEADS', 'DraftVocab',
-           'target_fingerprint', 'ResBlock', 'MedusaHeads', 'eagle3_layers', 'EagleLayer', 'EagleHead', 'HeadSteps',
-           'grow_tree', 'grow_tree_on_device', 'TokenTree', 'save_head', 'head_dtype', 'load_head', 'shipped_head']
-
-# %% ../nbs/05a_heads.ipynb #3ecc78ec
-class DraftVocab:
-    "A draft vocabulary: `ids[i]` is the full-vocabulary id of draft id `i`."
-    def __init__(self, ids, # full ids, unique, each below `vocab_size`
-                 vocab_size:int): # the target's vocabulary size
-        ids = torch.as_tensor(ids, dtype=torch.long).flatten().cpu()
-        if ids.numel() == 0: raise ValueError("draft vocabulary is empty")
-        if int(ids.min()) < 0 or int(ids.max()) >= vocab_size:
-            raise ValueError(f"draft vocabulary holds ids outside the target's vocabulary 0..{vocab_size - 1} "
-                             f"(min {int(ids.min())}, max {int(ids.max())})")
-        if ids.unique().numel() != ids.numel(): raise ValueError("draft vocabulary repeats ids")
-        self.ids, self.vocab_size = ids, vocab_size
-        self._on_device = {}                                                # device -> `ids` there, copied once
-        self.to_draft = torch.full((vocab_size,), -1, dtype=torch.long)   # [V] draft id of each full id, -1 outside
-        self.to_draft[ids] = torch.arange(ids.numel())
-
-    @classmethod
-    def full(cls, vocab_size:int) -> "DraftVocab": return cls(torch.arange(vocab_size), vocab_size)
-
-    @classmethod
-    def most_frequent(cls, sequences, # iterables of token ids (the training data)
-                      size:int, vocab_size:int,
-                      always=(), # ids kept whatever their count (EOS)
-                     ) -> "DraftVocab":
-        "The `size` most frequent ids of `sequences` (ties by lower id), `always` included, sorted by id."
-        counts = torch.zeros(vocab_size, dtype=torch.long)
-        for seq in sequences: counts += torch.bincount(torch.as_tensor(seq, dtype=torch.long).flatten(), minlength=vocab_size)
-        size = min(size, vocab_size)
-        counts[torch.as_tensor(list(always), dtype=torch.long)] = counts.max() + 1
-        order = sorted(range(vocab_size), key=lambda i: (-int(counts[i]), i))[:size]
-        return cls(sorted(order), vocab_size)
-
-    def with_ids(self, extra # full ids (any shape), e.g. a prompt's tokens
-                ) -> "DraftVocab":
-        "This vocabulary with the ids of `extra` it lacks appended (sorted); the draft ids it had keep their meaning."
-        extra = torch.as_tensor(extra, dtype=torch.long).flatten().cpu()
-        new = extra[self.to_draft[extra] < 0].unique()                       # [n] ids not drafted so far
-        return self if new.numel() == 0 else DraftVocab(torch.cat([self.ids, new]), self.vocab_size)
-
-    def ids_on(self, device) -> torch.Tensor:
-        "`ids` on `device`, copied there once (drafting maps draft ids to full ids every token)."
-        key = str(torch.device(device))
-        if key not in self._on_device: self._on_device[key] = self.ids.to(device)
-        return self._on_device[key]
-
-    def __len__(self): return self.ids.numel()
-    def __eq__(self, other): return isinstance(other, DraftVocab) and torch.equal(self.ids, other.ids) and self.vocab_size == other.vocab_size
-    def __repr__(self): return f"DraftVocab({len(self)} of {self.vocab_size})"
-
-    def expand(self, draft_probs:torch.Tensor # [..., N] over draft ids
-              ) -> torch.Tensor:
-        "The same distributions over the full vocabulary `[..., V]` (zero outside the draft vocabulary)."
-        full = draft_probs.new_zeros(*draft_probs.shape[:-1], self.vocab_size)
-        return full.index_copy_(-1, self.ids_on(draft_probs.device), draft_probs)
-
-# %% ../nbs/05a_heads.ipynb #f015c6fe
-def target_fingerprint(target:LoadedModel) -> str:
-    "A hash naming the target's weights: its GGUF file's SHA-256, else SHA-256 of the weights rounded to bfloat16."
-    if target.source.get("sha256"): return "file-sha256:" + target.source["sha256"]
-    h = hashlib.sha256()
-    for name, tensor in sorted(target.model.state_dict().items()):
-        h.update(name.encode()); h.update(tensor.detach().to("cpu", torch.bfloat16).view(torch.int16).numpy().tobytes())
-    return "bf16-sha256:" + h.hexdigest()
+__all__ = ['HALF_ROWS', 'HEAD_TYPES', 'HEAD_MODES', 'CAPACITY_MULTIPLE', 'ResBlock', 'MedusaHeads', 'eagle3_layers', 'EagleLayer',
+           'EagleHead', 'HeadSteps']
 
 # %% ../nbs/05a_heads.ipynb #69eab46e
 class _Head(nn.Module, Drafter):
@@ -250,7 +185,7 @@ def _linear(layer:nn.Linear, x:torch.Tensor # [..., in]
            ) -> torch.Tensor:
     """`layer(x)`; a float16 head on the CPU computes a product over many rows (a long prompt's catch-up) in float32: the
     CPU's float16 product is as fast as float32's for one row (a draft token, where half the bytes pay) but about 4x
-    slower for hundreds (nbs/05a_heads)."""
+    slower for hundreds (nbs/05c_checkpoints)."""
     if x.dtype == torch.float16 and x.device.type == "cpu" and x[..., 0].numel() > HALF_ROWS:
         bias = None if layer.bias is None else layer.bias.float()
         return F.linear(x.float(), layer.weight.float(), bias).half()
@@ -323,6 +258,8 @@ class EagleHead(_Head):
               ) -> torch.Tensor:
         "Draft logits `[..., N]`."
         return self.draft_logits(self.norm(hidden))
+
+HEAD_TYPES = {"eagle": EagleHead, "medusa": MedusaHeads}   # head type -> class (checkpoints, training)
 
 # %% ../nbs/05a_heads.ipynb #4912f9b1
 def _eagle_inputs(self:EagleHead, input_ids:torch.Tensor, # [B, q] tokens x_{t+1}
@@ -580,250 +517,49 @@ def _eagle_propose(self:EagleHead, tokens, k, sampling=SamplingConfig(), generat
 EagleHead._reset, EagleHead._pending, EagleHead._catch_up, EagleHead.propose = _eagle_reset, _eagle_pending, _eagle_catch_up, _eagle_propose
 EagleHead._first, EagleHead._next = _eagle_first, _eagle_next
 
-# %% ../nbs/05a_heads.ipynb #e827d843
-def _losing_nan(logp:torch.Tensor) -> torch.Tensor:
-    "Log-probabilities with NaN (a head overflowing past its trained depth) as -inf: such a child never beats a real one."
-    return torch.nan_to_num(logp, nan=-math.inf)
-
-def grow_tree(first_logp:torch.Tensor, # [N] the draft's log-probabilities of the first draft (draft ids)
-              expand, # expand(d, frontier_tokens [f], parent_rows [f], ancestors [f] lists) -> [f, N] log-probs after each
-              depth:int, width:int, nodes:int,
-              full_ids:torch.Tensor, # [N] full id of each draft id
-             ) -> Draft:
-    """EAGLE-2's tree: from the `width` best nodes of each depth (by cumulative draft log-probability) expand their `width`
-    likeliest next tokens, `depth` deep; draft the `nodes` best nodes of all, parents before children. `expand` gets, for
-    depth d, the tokens of the nodes to expand, the row of each one's parent among the previous call's nodes (all 0 for the
-    first call: the root) and each one's ancestors (candidate ids, itself first)."""
-    first_logp = _losing_nan(first_logp)
-    top = first_logp.topk(min(width, first_logp.shape[-1]))                       # [w]
-    cand_tokens = [full_ids[top.indices]]                                          # per depth: [n_d] full ids
-    scores = top.values.tolist()                                                    # [n] cumulative log-probs of all candidates
-    parents, depths = [-1] * len(scores), [1] * len(scores)                        # [n] parent candidate (-1: current token), depth
-    frontier, parent_rows = list(range(len(scores))), [0] * len(scores)            # candidates to expand; their parents' rows
-    for d in range(2, depth + 1):
-        lineage = []
-        for c in frontier:
-            chain = [c]
-            while parents[chain[-1]] != -1: chain.append(parents[chain[-1]])
-            lineage.append(chain)
-        frontier_tokens = torch.cat(cand_tokens)[torch.tensor(frontier, device=full_ids.device)]   # [f]
-        logp = _losing_nan(expand(d, frontier_tokens, parent_rows, lineage))       # [f, N]
-        top = logp.topk(min(width, logp.shape[-1]), -1)                            # [f, w]
-        w = top.values.shape[1]
-        child_scores = (torch.tensor([scores[c] for c in frontier], device=logp.device)[:, None] + top.values).flatten()   # [f*w]
-        first = len(scores)
-        cand_tokens.append(full_ids[top.indices.flatten()])
-        scores += child_scores.tolist()
-        parents += [c for c in frontier for _ in range(w)]
-        depths += [d] * child_scores.numel()
-        best = child_scores.topk(min(width, child_scores.numel())).indices.tolist()   # the next frontier
-        frontier, parent_rows = [first + i for i in best], [i // w for i in best]
-    chosen = sorted(range(len(scores)), key=lambda c: (-scores[c], depths[c], c))[:nodes]   # a parent scores >= its children
-    chosen.sort(key=lambda c: (depths[c], c))                                      # parents before children
-    index = {c: i for i, c in enumerate(chosen)}
-    all_tokens = torch.cat(cand_tokens)                                            # [n]
-    return Draft(all_tokens[torch.tensor(chosen, device=all_tokens.device)][None],  # [1, nodes]
-                 parents=[index[parents[c]] if parents[c] != -1 else -1 for c in chosen])
-
-def grow_tree_on_device(first_logp:torch.Tensor, # [N] the draft's log-probabilities of the first draft (draft ids)
-                        expand, # expand(d, frontier_tokens [f], parent_rows [f]) -> [f, N] log-probs after each (device tensors)
-                        depth:int, width:int, nodes:int,
-                        full_ids:torch.Tensor, # [N] full id of each draft id
-                       ) -> Draft:
-    """`grow_tree` at fixed shapes on the device, with no host read: the same tree (the same nodes in the same order; ties
-    between scores broken alike), and its verification block's `TreeLayout` (`Draft.layout`), built there too. `expand`
-    gets each depth's frontier tokens (full ids) and the row of each one's parent in the previous call (zeros: the root)."""
-    device, w, first_logp = first_logp.device, min(width, first_logp.shape[-1]), _losing_nan(first_logp)
-    top = first_logp.topk(w)                                                       # [w]
-    scores, tokens = [top.values.float()], [full_ids[top.indices]]                 # per depth: [n_d] cumulative log-probs, full ids
-    parents = [torch.full((w,), -1, device=device)]                                # per depth: [n_d] parent candidates (-1: the root)
-    frontier, parent_rows, first = torch.arange(w, device=device), torch.zeros(w, dtype=torch.long, device=device), 0
-    for d in range(2, depth + 1):
-        logp = _losing_nan(expand(d, tokens[-1][frontier - first], parent_rows))   # [f, N]
-        child = logp.topk(w, -1)                                                   # [f, w]
-        f = frontier.shape[0]
-        child_scores = (scores[-1][frontier - first][:, None] + child.values.float()).flatten()   # [f*w]
-        first += scores[-1].shape[0]
-        scores.append(child_scores); tokens.append(full_ids[child.indices.flatten()])
-        parents.append(frontier[:, None].expand(f, w).flatten())
-        best = child_scores.topk(min(width, f * w)).indices                        # [f'] the next frontier
-        frontier, parent_rows = first + best, best // w
-    scores, tokens, parents = (torch.cat(x) for x in (scores, tokens, parents))   # [n] each
-    n = min(nodes, scores.shape[0])
-    chosen = torch.sort(-scores, stable=True).indices[:n].sort().values            # [n] best n (ties: earlier first), in order
-    row = torch.full_like(parents, -1).scatter_(0, chosen, torch.arange(n, device=device))   # candidate -> draft index
-    draft_parents = torch.where(parents[chosen] >= 0, row[parents[chosen].clamp_min(0)], -1)   # [n]
-    layout = TreeLayout.on_device(torch.cat([draft_parents.new_full((1,), -1), draft_parents + 1]), depth)   # the root, then the drafts
-    return Draft(tokens[chosen][None], parents=draft_parents, layout=layout)       # [1, n]
-
-def _eagle_propose_tree(self:EagleHead, tokens, k:int, # the deepest draft (as a chain's K: at most k drafts are accepted)
-                        width:int, # children tried per expanded node, and nodes expanded per depth
-                        nodes:int, # drafts in the tree (verified in one target forward)
-                        sampling=SamplingConfig(), generator=None) -> Draft:
-    """An EAGLE-2 tree grown on the device (`grow_tree_on_device`): one head forward per depth over the nodes it expands,
-    each attending to the committed prefix and its own ancestors in the head's cache (at fixed shapes under `HeadSteps`:
-    one graph replay per depth on CUDA). The tree is the same whatever the temperature: a policy takes its nodes as
-    one-hot drafts (`RejectionSampling.verify_tree`)."""
-    B, L = tokens.shape
-    if B != 1: raise NotImplementedError("token trees are drafted for batch size 1")
-    if k == 0 or L < 2: return no_draft(tokens)
-    depth, cache = min(k, nodes), self.cache
+# %% ../nbs/05a_heads.ipynb #f6fd750e
+def _eagle_tree_scores(self:EagleHead, tokens:torch.Tensor, # [1, L] the sequence so far
+                       depth:int, # the deepest draft of the tree
+                      ) -> tuple|None:
+    """The scores a token tree grows from (`specdec.trees.TokenTree`): the first draft's log-probabilities `[N]`, and
+    `expand`, one head forward per depth over the nodes it expands, each attending to the committed prefix and its own
+    ancestors in the head's cache (at fixed shapes under `HeadSteps`: one graph replay per depth on CUDA); the depth,
+    and the full id of each draft id. None when there is nothing to draft."""
+    L = tokens.shape[1]
+    if depth == 0 or L < 2: return None
+    cache = self.cache
     out, logits = self._first(tokens)                                               # [1, 1, H] at L-2, [1, N]
     prefix = cache.steps < L - 1                                                    # [capacity] the committed pairs
-    state = {"out": out, "seen": None, "slot": L - 1}                              # last outputs; each row's ancestors' slots
+    state = {"out": out, "seen": None, "slot": L - 1}                  # last outputs; each row's ancestors' slots
 
     def expand(d, frontier_tokens, parent_rows):
         f, slot = frontier_tokens.shape[0], state["slot"]
         slots = torch.arange(slot, slot + f, device=prefix.device)                  # [f]
         seen = cache.steps[None] == slots[:, None]                                  # [f, capacity] itself...
         if state["seen"] is not None: seen |= state["seen"][parent_rows]            # ...and its ancestors
-        hidden = state["out"][:, parent_rows]                                       # [1, f, H] each reads its parent's output
+        hidden = state["out"][:, parent_rows]                          # [1, f, H] each reads its parent's output
         positions = torch.full((f,), L - 3 + d, device=prefix.device)              # depth d-1 nodes sit at L-2+(d-1)
         if self.steps is None:
             out = self(frontier_tokens[None], hidden, slot, cache, positions, (prefix[None] | seen)[:, :slot + f])
             logp = torch.log_softmax(self.logits(out[0]), -1)
-        else: out, logp = self.steps("tree", f, self._tree_at, frontier_tokens[None], hidden, slots, positions, prefix[None] | seen)
+        else:
+            out, logp = self.steps("tree", f, self._tree_at, frontier_tokens[None], hidden, slots, positions,
+                                   prefix[None] | seen)
         state.update(out=out, seen=seen, slot=slot + f)
         return logp                                                                 # [f, N]
 
-    draft = grow_tree_on_device(torch.log_softmax(logits[0], -1), expand, depth, width, nodes, self.vocab.ids_on(tokens.device))
-    self.forwards += depth
-    return draft
+    self.forwards += depth                                            # the first, then one per depth as the tree grows
+    return torch.log_softmax(logits[0], -1), expand, depth, self.vocab.ids_on(tokens.device)
 
-def _medusa_propose_tree(self:MedusaHeads, tokens, k:int, width:int, nodes:int, sampling=SamplingConfig(), generator=None) -> Draft:
-    """A Medusa tree (`grow_tree`, depth at most the number of heads): head d's log-probabilities score every node of depth
-    d, whatever its parent (Medusa's heads all read the same last feature), so the tree costs one forward of the heads."""
-    if tokens.shape[0] != 1: raise NotImplementedError("token trees are drafted for batch size 1")
-    k = min(k, self.n)
-    logits = self.newest_logits(k)                                                 # [k, 1, N]
-    if logits is None: return no_draft(tokens)
-    logp = torch.log_softmax(logits[:, 0], -1)                                     # [k, N] head d-1 drafts depth d
-    return grow_tree_on_device(logp[0], lambda d, frontier_tokens, _: logp[d - 1].expand(frontier_tokens.shape[0], -1),
-                               min(k, nodes), width, nodes, self.vocab.ids_on(tokens.device))
-MedusaHeads.propose_tree = _medusa_propose_tree
-EagleHead.propose_tree = _eagle_propose_tree
+def _medusa_tree_scores(self:MedusaHeads, tokens:torch.Tensor, # [1, L] the sequence so far
+                        depth:int) -> tuple|None:
+    """The scores a token tree grows from, at most `n` deep: head d's log-probabilities score every node of depth d,
+    whatever its parent (Medusa's heads all read the same last feature), so the tree costs one forward of the heads."""
+    depth = min(depth, self.n)
+    logits = self.newest_logits(depth)                                              # [depth, 1, N]
+    if logits is None: return None
+    logp = torch.log_softmax(logits[:, 0], -1)                                      # [depth, N] head d-1 drafts depth d
+    expand = lambda d, frontier_tokens, _: logp[d - 1].expand(frontier_tokens.shape[0], -1)   # [f, N]
+    return logp[0], expand, depth, self.vocab.ids_on(tokens.device)
 
-class TokenTree(Drafter):
-    """A head drafting a token tree of up to `nodes` drafts (`propose_tree`) instead of a chain; the controller's K is the
-    tree's depth (the most drafts a step can accept, as for a chain). Verified by `Greedy` or `RejectionSampling`."""
-    drafts_trees = True
-    def __init__(self, head:Drafter, width:int=4, nodes:int=10):
-        for what, v in (("width", width), ("nodes", nodes)):
-            if isinstance(v, bool) or int(v) != v or v < 1: raise ValueError(f"token tree {what} must be a positive integer, got {v!r}")
-        if not hasattr(head, "propose_tree"): raise ValueError(f"{head.name} does not draft token trees")
-        self.head, self.width, self.nodes = head, int(width), int(nodes)
-
-    @property
-    def name(self):
-        path = f":{self.head.checkpoint}" if self.head.checkpoint else ""
-        return f"{self.head.head_type}-tree:{self.width}:{self.nodes}{path}"
-    @property
-    def forwards(self) -> int: return self.head.forwards
-    @property
-    def missing_features(self) -> int: return self.head.missing_features
-    @property
-    def target_layers(self): return self.head.target_layers
-
-    def max_drafts(self, k:int) -> int: return self.nodes
-    def runners(self) -> list: return self.head.runners()
-    def use_engine(self, compile:str) -> dict: return self.head.use_engine(compile)
-    def check(self, target) -> None: self.head.check(target)
-    def start(self, target, prompt_ids, capacity, features=None):
-        "The head starts with room for the nodes it expands past the sequence (`width` per depth)."
-        self.head.start(target, prompt_ids, capacity + (self.nodes - 1) * self.width, features)
-    def observe(self, n_accepted:int, features=None) -> None: self.head.observe(n_accepted, features)
-    def propose(self, tokens, k, sampling=SamplingConfig(), generator=None):
-        return self.head.propose_tree(tokens, k, self.width, self.nodes, sampling, generator)
-
-# %% ../nbs/05a_heads.ipynb #63c51c2c
-HEAD_FORMAT = "specdec-head/1"
-HEAD_TYPES = {"eagle": EagleHead, "medusa": MedusaHeads}
-
-def save_head(head:_Head, path, # a folder (created)
-              data:dict|None=None, # training data: hash, size, prompt sources
-              metrics:dict|None=None, # training: loss curve, time, device...
-              dtype=None, # store the weights in this dtype (e.g. torch.float16); default: as they are
-             ) -> Path:
-    "Write `head` to `path/head.safetensors` and `path/config.json`."
-    from safetensors.torch import save_file
-    path = Path(path); path.mkdir(parents=True, exist_ok=True)
-    tensors = {k: (v.to(dtype) if dtype is not None else v).detach().cpu().contiguous() for k, v in head.state_dict().items()}
-    tensors["draft_vocab"] = head.draft_vocab.ids.clone()
-    save_file(tensors, str(path / "head.safetensors"))
-    config = {"format": HEAD_FORMAT, "head_type": head.head_type, "num_heads": getattr(head, "n", 1),
-              "num_layers": getattr(head, "num_layers", 1),
-              "target_layers": list(head.target_layers) if head.target_layers is not None else None,
-              "target": {"name": head.target.name, "weights": target_fingerprint(head.target), "vocab_size": head.target.vocab_size},
-              "draft_vocab": head.draft_vocab.ids.tolist(), "prompt_vocab": bool(head.prompt_vocab),
-              "data": data or {}, "metrics": metrics or {}}
-    (path / "config.json").write_text(json.dumps(config, indent=1))
-    return path
-
-# %% ../nbs/05a_heads.ipynb #c924e9af
-def _read_config(path:Path) -> dict:
-    if not (path / "config.json").exists() or not (path / "head.safetensors").exists():
-        raise ValueError(f"{path} is not a head checkpoint: it needs config.json and head.safetensors")
-    try: config = json.loads((path / "config.json").read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e: raise ValueError(f"corrupt head checkpoint {path}: config.json: {e}") from None
-    if not isinstance(config, dict) or config.get("format") != HEAD_FORMAT:
-        raise ValueError(f"corrupt head checkpoint {path}: config.json is not a {HEAD_FORMAT} config")
-    return config
-
-def head_dtype(target:LoadedModel, dtype="auto") -> torch.dtype:
-    """The dtype a loaded head computes in. `"auto"`: on a GPU the target's when it is half precision (bfloat16/float16),
-    else float16. Each draft token reads all of the head's weights and its draft-vocabulary rows, so on the CPU half
-    precision halves the draft's cost (see "Checkpoints" in nbs/05a_heads); there float16 drafts faster than bfloat16
-    (the shipped EAGLE head over a bfloat16 SmolLM2-135M, K=4: 5.4 against 8.8 ms a step, the same τ). Drafts are
-    proposals: the target's verification keeps the output lossless whatever the head's dtype."""
-    if dtype == "auto":
-        on_gpu = torch.device(getattr(target, "device", "cpu")).type != "cpu"
-        return target.dtype if on_gpu and target.dtype in (torch.float16, torch.bfloat16) else torch.float16
-    named = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
-    if named not in (torch.float32, torch.float16, torch.bfloat16):
-        raise ValueError(f"head dtype must be auto, float32, float16 or bfloat16, got {dtype!r}")
-    return named
-
-def load_head(path, target:LoadedModel,
-              head_type:str|None=None, # "eagle" or "medusa": required to match the checkpoint when given
-              dtype="auto", # the dtype the head computes in (`head_dtype`)
-             ) -> _Head:
-    "The head saved at `path`, for `target`: an error names a corrupt file, another target, or a mismatched draft vocabulary."
-    from safetensors.torch import load_file
-    path = Path(path)
-    config = _read_config(path)
-    kind = config.get("head_type")
-    if kind not in HEAD_TYPES: raise ValueError(f"corrupt head checkpoint {path}: unknown head type {kind!r}")
-    if head_type is not None and kind != head_type: raise ValueError(f"{path} holds a {kind} head, not a {head_type} head")
-    trained_for, fingerprint = config["target"], target_fingerprint(target)
-    if trained_for.get("weights") != fingerprint:
-        raise ValueError(f"head {path} was trained for target {trained_for.get('name')!r} (weights {str(trained_for.get('weights'))[:24]}...), "
-                         f"not for {target.name!r} (weights {fingerprint[:24]}...)")
-    try: tensors = load_file(str(path / "head.safetensors"))
-    except Exception as e: raise ValueError(f"corrupt head checkpoint {path}: head.safetensors: {e}") from None
-    stored = tensors.pop("draft_vocab", None)
-    if stored is None or stored.tolist() != config.get("draft_vocab"):
-        raise ValueError(f"head {path}: the draft vocabulary in config.json does not match the one in head.safetensors")
-    vocab = DraftVocab(stored, target.vocab_size)
-    head = (MedusaHeads(target, config.get("num_heads", 1), vocab) if kind == "medusa"
-            else EagleHead(target, vocab, layers=config.get("target_layers"), num_layers=config.get("num_layers", 1)))
-    try: head.load_state_dict(tensors)
-    except RuntimeError as e: raise ValueError(f"corrupt head checkpoint {path}: weights do not fit a {kind} head: {e}") from None
-    head.config, head.checkpoint = config, str(path)
-    head.prompt_vocab = bool(config.get("prompt_vocab", False))             # drafts as it was trained to
-    return head.to(device=target.device, dtype=head_dtype(target, dtype)).eval().requires_grad_(False)
-
-SHIPPED_HEADS = Path(str(importlib.resources.files("specdec"))) / "assets" / "heads"   # trained heads shipped with the package
-
-def shipped_head(target:LoadedModel, head_type:str, dtype="auto") -> _Head:
-    "The `head_type` head shipped for `target` (matched by its weight fingerprint), or an error saying how to get one."
-    fingerprint = target_fingerprint(target)
-    for config in sorted(SHIPPED_HEADS.glob("*/config.json")):
-        try: meta = json.loads(config.read_text())
-        except json.JSONDecodeError: continue
-        if meta.get("head_type") == head_type and meta.get("target", {}).get("weights") == fingerprint:
-            head = load_head(config.parent, target, head_type, dtype)
-            head.checkpoint = None                                  # named by the spec `eagle` / `medusa` alone
-            return head
-    shipped = sorted(p.parent.name for p in SHIPPED_HEADS.glob("*/config.json"))
-    raise ValueError(f"no {head_type} head ships for target {target.name!r} (shipped: {', '.join(shipped) or 'none'}); "
-                     f"train one with nbs/bench/train_head.ipynb and pass {head_type}:PATH")
+EagleHead.tree_scores, MedusaHeads.tree_scores = _eagle_tree_scores, _medusa_tree_scores

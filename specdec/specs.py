@@ -12,7 +12,9 @@ from typing import Any, Callable
 from .models import load_model
 from .policies import AcceptancePolicy, Greedy, RejectionSampling, Typical, ConfidenceThreshold, TopKAgreement
 from .drafters import Drafter, PromptLookup, DraftModel, LayerSkip, Fallback
-from .heads import EagleHead, MedusaHeads, TokenTree, load_head, shipped_head
+from .heads import EagleHead, MedusaHeads
+from .trees import TokenTree
+from .checkpoints import load_head, shipped_head
 from .controllers import Controller, FixedK, AdaptiveK, DynamicK, CostAwareK
 from .synthetic import SyntheticDrafter, dry_run_target, DRY_RUN_DRAFT_COST
 

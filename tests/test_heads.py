@@ -4,9 +4,12 @@ import pytest, torch
 from specdec import generate
 from specdec.models import tiny_llama
 from types import SimpleNamespace
-from specdec.heads import DraftVocab, EagleHead, MedusaHeads, save_head, load_head, head_dtype, HALF_ROWS, _linear
+from specdec.vocab import DraftVocab
+from specdec.heads import EagleHead, MedusaHeads, HALF_ROWS, _linear
+from specdec.checkpoints import save_head, load_head, head_dtype
 from specdec.drafters import Draft, Fallback, PromptLookup, _merge
-from specdec.train import new_head, train_head, record_features, feature_layers, add_eagle_layers
+from specdec.distill import record_features, feature_layers
+from specdec.train import new_head, train_head, add_eagle_layers
 from specdec.controllers import FixedK, AdaptiveK, DynamicK
 from specdec.policies import RejectionSampling
 from specdec.sampling import SamplingConfig, logits_to_probs

@@ -5,10 +5,13 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "specdec"
 LOWER = ["models", "net", "sampling", "stats", "timing", "kernels", "engine", "policies", "drafters", "controllers", "costmodel",
-         "decode"]
+         "decode", "vocab", "heads", "trees", "checkpoints", "distill", "train"]
 UPPER = ["synthetic", "specs", "provenance", "summary", "bench", "report", "cli"]
 # the harness's own floors, from the ground up: what a run measured, what it says, how it runs, what people look at
 HARNESS = ["provenance", "summary", "bench", "report"]
+# the draft heads' floors, from the ground up: their vocabulary, the heads, their checkpoints, the data the target writes
+# for them, their training; token trees grow from any drafter's `tree_scores` and name none of these
+HEADS = ["vocab", "heads", "checkpoints", "distill", "train"]
 
 
 def import_graph(package:Path=PACKAGE) -> dict[str, set[str]]:
@@ -71,3 +74,13 @@ def test_the_harness_keeps_its_floors():
     below = {m: sorted(graph[m] & set(HARNESS[i:])) for i, m in enumerate(HARNESS) if graph[m] & set(HARNESS[i:])}
     assert below == {}
     assert "summary" in graph["report"] and "bench" not in graph["report"]
+
+
+def test_the_heads_keep_their_floors():
+    "vocab < heads < checkpoints < distill < train; the floor-3 modules never import floor 4 (the loop, data, training)."
+    graph = import_graph()
+    below = {m: sorted(graph[m] & set(HEADS[i:])) for i, m in enumerate(HEADS) if graph[m] & set(HEADS[i:])}
+    assert below == {}
+    assert graph["trees"] & set(HEADS) == set()                      # trees grow from `tree_scores`, whoever defines it
+    floor4 = {"decode", "distill", "train"}
+    assert {m: sorted(graph[m] & floor4) for m in ["vocab", "heads", "trees", "checkpoints"] if graph[m] & floor4} == {}

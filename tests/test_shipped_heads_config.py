@@ -2,7 +2,7 @@
 (paths are relative to the repository root), and the shipped heads still load for their target."""
 import json, re
 from pathlib import Path
-from specdec.heads import SHIPPED_HEADS
+from specdec.checkpoints import SHIPPED_HEADS
 
 ABSOLUTE = re.compile(r"^(/|~|[A-Za-z]:[\\/])")                  # POSIX, home, or Windows absolute paths
 
@@ -31,7 +31,7 @@ def test_the_check_finds_an_absolute_path():
 
 def test_the_shipped_heads_load_for_their_target():
     from specdec.models import load_model
-    from specdec.heads import shipped_head
+    from specdec.checkpoints import shipped_head
     target = load_model("smollm2-135m", device="cpu")
     for kind in ("eagle", "medusa"):
         assert shipped_head(target, kind).config["data"]["parts"]

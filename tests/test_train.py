@@ -4,10 +4,13 @@ draft vocabulary."""
 import json, pytest, torch
 from specdec import generate
 from specdec.models import tiny_llama
-from specdec.heads import DraftVocab, EagleHead, MedusaHeads, save_head, load_head
-from specdec.train import (write_distill_data, read_data, read_features, record_features, feature_layers, data_hash,
-                           magpie_prefix, evaluation_texts, new_head, train_head, _write_batch,
-                           PROMPT_STYLES, read_training_data, write_copy_data, copy_records, COPY_TASKS)
+from specdec.vocab import DraftVocab
+from specdec.heads import EagleHead, MedusaHeads
+from specdec.checkpoints import save_head, load_head
+from specdec.distill import (write_distill_data, read_data, read_features, record_features, feature_layers, data_hash,
+                             magpie_prefix, evaluation_texts, _write_batch, PROMPT_STYLES, read_training_data,
+                             write_copy_data, copy_records, COPY_TASKS)
+from specdec.train import new_head, train_head
 from specdec.specs import make_drafter, spec_of
 from specdec.controllers import FixedK
 

@@ -10,7 +10,8 @@ from specdec.engine import Engine
 from specdec.models import tiny_llama
 from specdec.policies import greedy_branch, RejectionSampling, Greedy, Typical
 from specdec.sampling import SamplingConfig, logits_to_probs
-from specdec.heads import TokenTree, DraftVocab, grow_tree, grow_tree_on_device
+from specdec.trees import TokenTree, grow_tree, grow_tree_on_device
+from specdec.vocab import DraftVocab
 from specdec.drafters import Fallback, PromptLookup
 from specdec.controllers import FixedK
 from specdec.train import new_head, train_head
@@ -239,7 +240,7 @@ def test_a_medusa_tree_scores_each_depth_with_its_own_head(tiny, trained):
     prefill = tiny.net(prompt[:, :-1], tiny.net.new_cache(1, prompt.shape[1] + 8), logits="none", keep=medusa.target_layers)
     medusa.start(tiny, prompt, prompt.shape[1] + 8, prefill.features)
     features = medusa.pending[-1][:, -1:]                                            # [1, 1, H]
-    draft = medusa.propose_tree(prompt, 3, width, 100)
+    draft = TokenTree(medusa, width, 100).propose(prompt, 3)
     per_head = [sorted(medusa.draft_vocab.ids[medusa(features)[d, 0, -1].topk(width).indices].tolist()) for d in range(3)]
     tokens, parents, depth = draft.tokens[0].tolist(), draft.parents.tolist(), {}
     for i, p in enumerate(parents):
@@ -259,12 +260,12 @@ def _head_after_prefill(tiny, head, prompt):
 def test_each_tree_node_drafts_what_the_head_drafts_after_its_branch(smol):
     """A node's children are the head's `width` likeliest tokens after the node's own branch, as a chain along it would draft
     (the shipped head in float32 on SmolLM2: its attention, unlike a tiny random head's, tells siblings apart)."""
-    from specdec.heads import shipped_head
+    from specdec.checkpoints import shipped_head
     from specdec.prompts import builtin_prompts
     tiny, eagle, width = smol, shipped_head(smol, "eagle", dtype="float32"), 3
     prompt = builtin_prompts()[0].encode(smol)
     _head_after_prefill(tiny, eagle, prompt)
-    draft = eagle.propose_tree(prompt, 3, width, 100)                             # every expanded node kept
+    draft = TokenTree(eagle, width, 100).propose(prompt, 3)                       # every expanded node kept
     tokens, parents, L = draft.tokens[0].tolist(), draft.parents.tolist(), prompt.shape[1]
     children = {}
     for i, p in enumerate(parents): children.setdefault(p, []).append(tokens[i])
@@ -411,7 +412,7 @@ def test_tree_errors_name_the_problem(tiny, eagle):
         Typical().verify_tree(torch.tensor([[1]]), [-1], torch.zeros(1, 2, 5), None)
     with pytest.raises(ValueError, match="token tree width must be a positive integer, got 0"): TokenTree(eagle, 0)
     with pytest.raises(ValueError, match="token tree nodes must be a positive integer, got 1.5"): TokenTree(eagle, 2, 1.5)
-    with pytest.raises(ValueError, match=r"pld\(3,1\) does not draft token trees"): TokenTree(PromptLookup())
+    with pytest.raises(ValueError, match="pld:3 does not draft token trees"): TokenTree(PromptLookup())
 
 
 @pytest.mark.parametrize("kind", ["eagle", "medusa"])

@@ -8,7 +8,7 @@ import sys, time, collections, torch
 from specdec import load_model, generate
 from specdec.specs import make_drafter, make_controller, parse_method_entry
 from specdec.prompts import load_prompts
-from specdec.heads import DraftVocab
+from specdec.vocab import DraftVocab
 
 per_category, configs = int(sys.argv[1]), sys.argv[2].split(",")
 prompts_path = sys.argv[3] if len(sys.argv) > 3 else "builtin"
