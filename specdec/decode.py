@@ -155,7 +155,7 @@ def generate(target:LoadedModel, # the model whose output we want (anything with
              top_p:float=1.0,
              seed:int=0, # seeds the sampling generator
              eos_token_id:int|list[int]|None=None, # None: the target's EOS ids; [] never stops early
-             compile:str="auto", # "auto" (CUDA graphs on CUDA, eager on CPU), "eager", "fixed", "compile", "graphs", "compile+graphs"
+             compile:str="auto", # how forwards run (`engine.COMPILE_MODES`): "auto" is CUDA graphs on CUDA, eager elsewhere
              on_step=None, # called with a `StepEvent` after each step (extra host reads); returning False stops the generation
             ) -> GenerationOutput:
     "Decode from `target`, speculatively when a `drafter` is given."

@@ -7,26 +7,50 @@ Docs: https://specdec.github.io/specdec/engine.html.md"""
 # %% ../nbs/02a_engine.ipynb #4b57a32c
 from __future__ import annotations
 import time
+from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from .net import DecoderNet, Forward, KVCache, TreeLayout, kept_features
 from .timing import sync
 
 # %% auto #0
-__all__ = ['COMPILE_MODES', 'resolve_compile', 'graph_memory', 'capture_graph', 'Engine', 'engine_for']
+__all__ = ['COMPILE_MODES', 'CompileMode', 'compile_help', 'resolve_compile', 'graph_memory', 'capture_graph', 'Engine',
+           'engine_for']
 
 # %% ../nbs/02a_engine.ipynb #ac517e7b
-COMPILE_MODES = ("auto", "eager", "fixed", "compile", "graphs", "compile+graphs")
+@dataclass(frozen=True)
+class CompileMode:
+    "How a net's forwards run: the one declaration every module, flag and help text reads."
+    name: str
+    help: str                  # one line, as `--help` prints it
+    fixed_shapes: bool = False # an `Engine`: a static cache attended with a position mask, one step per shape
+    compiled: bool = False     # each shape through `torch.compile`
+    graphs: bool = False       # each shape captured once as a CUDA graph and replayed (CUDA only)
 
-def resolve_compile(mode:str, # "auto", "eager", "fixed", "compile", "graphs" or "compile+graphs"
+COMPILE_MODES = {m.name: m for m in (
+    CompileMode("auto", "CUDA graphs on CUDA, eager elsewhere"),
+    CompileMode("eager", "the net's own forward, at the shapes that come"),
+    CompileMode("fixed", "fixed shapes run eagerly: the graphs' path on any device", fixed_shapes=True),
+    CompileMode("compile", "fixed shapes, each compiled once (torch.compile)", fixed_shapes=True, compiled=True),
+    CompileMode("graphs", "fixed shapes, each captured once as a CUDA graph and replayed (CUDA)", fixed_shapes=True,
+                graphs=True),
+    CompileMode("compile+graphs", "compiled fixed shapes captured as CUDA graphs (CUDA)", fixed_shapes=True,
+                compiled=True, graphs=True))}
+
+def compile_help() -> str:
+    "One line per compile mode, for `--help`."
+    return "\n".join(f"  {m.name:<15} {m.help}" for m in COMPILE_MODES.values())
+
+def resolve_compile(mode:str, # one of `COMPILE_MODES`
                     net) -> str:
     "The mode a net runs in: `auto` is CUDA graphs on CUDA, eager elsewhere; nets other than `DecoderNet` run eagerly."
     if mode not in COMPILE_MODES: raise ValueError(f"unknown compile mode {mode!r}: use one of {', '.join(COMPILE_MODES)}")
     if not isinstance(net, DecoderNet): return "eager"          # e.g. the synthetic dry-run target's net
     cuda = net.device.type == "cuda"
     if mode == "auto": return "graphs" if cuda else "eager"
-    if mode in ("graphs", "compile+graphs") and not cuda:
-        raise ValueError(f"compile={mode!r} needs a CUDA device; the model is on {net.device} (use 'auto', 'eager' or 'compile')")
+    if COMPILE_MODES[mode].graphs and not cuda:
+        raise ValueError(f"compile={mode!r} needs a CUDA device; the model is on {net.device} "
+                         "(use 'auto', 'eager', 'fixed' or 'compile')")
     return mode
 
 # %% ../nbs/02a_engine.ipynb #0bb33163
@@ -59,12 +83,13 @@ class Engine:
     last_logits_max_q = 4   # "last" logits of up to this many tokens get their own step; longer ones are a prefill + 1
 
     def __init__(self, net:DecoderNet,
-                 mode:str="graphs", # "fixed", "compile", "graphs" or "compile+graphs"
+                 mode:str="graphs", # a fixed-shape mode of `COMPILE_MODES`: "fixed", "compile", "graphs", "compile+graphs"
                  prefill_chunk:int=64, # prompt tokens per prefill step (the last chunk is padded)
                  max_step:int=64, # widest step that gets its own graph (EAGLE-2's 60-node tree verifies 61); wider "all" logits run eagerly
                  capacity_multiple:int=256, # cache capacities are rounded up to this, so they rarely change
                 ):
-        if mode not in ("fixed", "compile", "graphs", "compile+graphs"): raise ValueError(f"Engine mode must be fixed, compile, graphs or compile+graphs, got {mode!r}")
+        fixed = [name for name, m in COMPILE_MODES.items() if m.fixed_shapes]
+        if mode not in fixed: raise ValueError(f"Engine mode must be one of {', '.join(fixed)}, got {mode!r}")
         self.net, self.mode, self.prefill_chunk, self.max_step = net, mode, prefill_chunk, max_step
         self.capacity_multiple = capacity_multiple
         self.cache = None
@@ -105,7 +130,7 @@ def _forward_fn(self:Engine, logits:str="all"):
     net, all_layers = self.net, tuple(range(self.net.num_layers))
     if logits == "tree": logits = "all"                                  # a tree's step returns every node's logits
     forward = net.forward_layers_at
-    if self.mode in ("compile", "compile+graphs") and logits != "none":
+    if COMPILE_MODES[self.mode].compiled and logits != "none":
         if self.compiled is None: self.compiled = torch.compile(net.forward_layers_at, dynamic=False)
         compiled = self.compiled
         def forward(ids, positions, cache, logits, tree=None, keep=()):
@@ -140,10 +165,10 @@ def _step(self:Engine, q:int, logits:str, cache:KVCache):
     key = (q, logits)
     if self.steps and self.tables is not self.net.cos: self.steps.clear()   # the rotary tables grew: every graph read the old ones
     if key not in self.steps:
-        if cache is not self.cache and self.mode in ("graphs", "compile+graphs"):
+        if cache is not self.cache and COMPILE_MODES[self.mode].graphs:
             raise ValueError("a graph engine runs on its own cache: get it from engine.new_cache()")
         sync(self.net.device); t0 = time.perf_counter()
-        if self.mode in ("graphs", "compile+graphs"): fn = self._capture(q, logits, cache)
+        if COMPILE_MODES[self.mode].graphs: fn = self._capture(q, logits, cache)
         else:
             forward = self._forward_fn(logits)
             fn = lambda ids, cache, tree=None: forward(ids, cache.positions(ids.shape[1]), cache, tree)
