@@ -111,8 +111,9 @@ def kaggle_credentials(environ:dict|None=None, home:Path|None=None) -> dict|None
 
 # %% ../nbs/16_kaggle.ipynb #ef2cfa63
 def kaggle_command(kaggle:str="kaggle") -> str:
-    "Path of the `kaggle` executable, or a clear error."
-    found = shutil.which(kaggle)
+    "Path of the `kaggle` executable (on PATH, or beside this Python: `.venv/bin/kaggle`), or a clear error."
+    beside = Path(sys.executable).parent / kaggle
+    found = shutil.which(kaggle) or (str(beside) if beside.exists() and os.access(beside, os.X_OK) else None)
     if not found: raise ValueError(f"the {kaggle!r} command is not installed: pip install kaggle (the official Kaggle CLI)")
     return found
 

@@ -196,5 +196,5 @@ def test_push_and_pull_without_credentials_or_kaggle(tmp_path, credentials, fake
     with pytest.raises(ValueError, match="no Kaggle credentials: sign in once with `kaggle auth login`"): push(folder)
     with pytest.raises(ValueError, match="no Kaggle credentials"): pull("alice/specdec-methods-t4", tmp_path / "r")
     assert calls(fake_kaggle) == []
-    monkeypatch.setenv("PATH", str(tmp_path / "nowhere"))
-    with pytest.raises(ValueError, match="pip install kaggle"): push(folder)
+    with pytest.raises(ValueError, match="'no-such-kaggle' command is not installed: pip install kaggle"):
+        push(folder, kaggle="no-such-kaggle")
