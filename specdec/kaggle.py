@@ -120,8 +120,9 @@ def kaggle_command(kaggle:str="kaggle") -> str:
 def _run(args:list[str], check:bool=True) -> subprocess.CompletedProcess:
     proc = subprocess.run(args, capture_output=True, text=True)
     if check and proc.returncode != 0:
-        what = " ".join([Path(args[0]).name, *args[1:3]])
-        raise RuntimeError(f"{what} failed (exit {proc.returncode}): {(proc.stderr or proc.stdout).strip()}")
+        what, said = " ".join([Path(args[0]).name, *args[1:3]]), (proc.stderr or proc.stdout).strip()
+        if "Traceback (most recent call last)" in said: said = said.splitlines()[-1]   # the exception, not the stack
+        raise RuntimeError(f"{what} failed (exit {proc.returncode}): {said}")
     return proc
 
 def kaggle_username(kaggle:str="kaggle") -> str:
