@@ -19,10 +19,12 @@ def rotary_kv_kernel(qkv_ptr, cos_ptr, sin_ptr, q_out_ptr, k_ptr, v_ptr, slots_p
     x1 = tl.load(src + d, mask=ok, other=0.0)
     x2 = tl.load(src + HALF + d, mask=ok, other=0.0)
     slot = tl.load(slots_ptr + t)
+    # The outputs' dtypes may differ (a float32 cache for a half-precision net): Triton gives a variable assigned in
+    # both arms of a runtime `if` one type, so each arm stores through its own pointer, cast to that output's dtype.
     if head >= Hq + Hkv:                                    # a value head: copied as is
-        dest = v_ptr + b * vs_b + (head - Hq - Hkv) * vs_h + slot * vs_c
-        tl.store(dest + d, x1, mask=ok)
-        tl.store(dest + HALF + d, x2, mask=ok)
+        v_dest = v_ptr + b * vs_b + (head - Hq - Hkv) * vs_h + slot * vs_c
+        tl.store(v_dest + d, x1.to(v_ptr.dtype.element_ty), mask=ok)
+        tl.store(v_dest + HALF + d, x2.to(v_ptr.dtype.element_ty), mask=ok)
     else:
         c1 = tl.load(cos_ptr + t * cs_t + d, mask=ok, other=0.0)
         c2 = tl.load(cos_ptr + t * cs_t + HALF + d, mask=ok, other=0.0)
@@ -33,10 +35,14 @@ def rotary_kv_kernel(qkv_ptr, cos_ptr, sin_ptr, q_out_ptr, k_ptr, v_ptr, slots_p
         f1, f2 = x1.to(tl.float32), x2.to(tl.float32)
         y1 = ((f1 * c1.to(tl.float32)).to(ty).to(tl.float32) + (-f2 * s1.to(tl.float32)).to(ty).to(tl.float32)).to(ty)
         y2 = ((f2 * c2.to(tl.float32)).to(ty).to(tl.float32) + (f1 * s2.to(tl.float32)).to(ty).to(tl.float32)).to(ty)
-        if head < Hq: dest = q_out_ptr + b * os_b + head * os_h + t * os_t
-        else: dest = k_ptr + b * ks_b + (head - Hq) * ks_h + slot * ks_c
-        tl.store(dest + d, y1, mask=ok)
-        tl.store(dest + HALF + d, y2, mask=ok)
+        if head < Hq:                                       # a query head: into the new query tensor
+            q_dest = q_out_ptr + b * os_b + head * os_h + t * os_t
+            tl.store(q_dest + d, y1, mask=ok)
+            tl.store(q_dest + HALF + d, y2, mask=ok)
+        else:                                               # a key head: into the cache
+            k_dest = k_ptr + b * ks_b + (head - Hq) * ks_h + slot * ks_c
+            tl.store(k_dest + d, y1.to(k_ptr.dtype.element_ty), mask=ok)
+            tl.store(k_dest + HALF + d, y2.to(k_ptr.dtype.element_ty), mask=ok)
 
 def rotary_kv_triton(qkv:torch.Tensor, cos:torch.Tensor, sin:torch.Tensor, keys:torch.Tensor, values:torch.Tensor,
                      slots:torch.Tensor, num_heads:int, num_kv_heads:int) -> torch.Tensor:

@@ -32,9 +32,9 @@ def _logits(net, ids):
     out = []
     with torch.inference_mode():
         cache = net.new_cache(1, 64)
-        for a, b in ((0, 17), (17, 18), (18, 22)): out.append(net(ids[:, a:b], cache))
+        for a, b in ((0, 17), (17, 18), (18, 22)): out.append(net(ids[:, a:b], cache).logits)
         cache.rollback(19)
-        out.append(net.forward_at(ids[:, 19:24], cache.positions(5), cache))
+        out.append(net.forward_at(ids[:, 19:24], cache.positions(5), cache).logits)
     return torch.cat(out, 1)
 
 @pytest.mark.parametrize("make", [lambda d: tiny_llama(seed=5, device=d, dtype=torch.float32), _qwen2], ids=["llama", "qwen2"])

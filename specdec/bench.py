@@ -1,4 +1,4 @@
-"""Run baselines and speculative methods over prompts in interleaved iterations, append one record (with its provenance) per generation, and summarise the records into a MANIFEST: robust speedups with bootstrap CIs, and a losslessness certificate.
+"""Run baselines and speculative methods over prompts in interleaved iterations and append one record per generation, with its provenance, to a new run folder; its MANIFEST then holds the summaries: robust speedups with bootstrap CIs and a losslessness certificate.
 
 Docs: https://specdec.github.io/specdec/bench.html.md"""
 
@@ -6,14 +6,13 @@ Docs: https://specdec.github.io/specdec/bench.html.md"""
 
 # %% ../nbs/11_bench.ipynb #9295ff36
 from __future__ import annotations
-import dataclasses, datetime, hashlib, json, os, platform, subprocess, time
+import dataclasses, datetime, json, time
 from dataclasses import dataclass
 from pathlib import Path
 import numpy as np
 import torch
 from tqdm import tqdm
 
-import specdec
 from . import specs
 from .models import LoadedModel, seed_everything
 from .decode import generate
@@ -21,30 +20,32 @@ from .engine import COMPILE_MODES
 from .policies import AcceptancePolicy
 from .prompts import load_prompts, prompt_set_hash
 from .stats import Stats
-from .timing import peak_memory, reset_peak_memory, chrome_trace
+from .timing import peak_memory, reset_peak_memory, chrome_trace, sync
+from .provenance import (git_state, system_info, machine_of, versions, record_provenance, read_records, record_key,
+                                find_run, read_manifest, check_resume, config_hash as params_hash, portable_path,
+                                write_json, file_hash, target_source)
+from .summary import HF, HF_PLD, HF_STATIC, AR, summarize_run
 
 # %% auto #0
-__all__ = ['HF', 'HF_PLD', 'HF_STATIC', 'AR', 'HF_METHODS', 'PRESETS', 'CPU_ISA_FLAGS', 'Method', 'pinned_k', 'methods_from',
-           'apply_preset', 'BenchConfig', 'git_state', 'cpu_isa', 'system_info', 'machine_of', 'versions', 'provenance',
-           'ResumeRefused', 'read_records', 'record_key', 'find_run', 'check_resume', 'tokens_equal', 'agreement',
-           'hf_generate', 'static_cache_len', 'run_method', 'perplexity', 'schedule', 'bootstrap_geomean', 'stats_of',
-           'per_prompt', 'speedup', 'summarize_method', 'certificate', 'measure_costs', 'open_run', 'run_benchmark',
-           'predict_speedups', 'summarize_run', 'summarize_partial', 'config_from_parameters', 'run_from_parameters']
+__all__ = ['HF_METHODS', 'PRESETS', 'Method', 'methods_from', 'apply_preset', 'BenchConfig', 'stop_ids', 'hf_generate',
+           'static_cache_len', 'run_method', 'perplexity', 'schedule', 'measure_costs', 'prepare', 'open_run',
+           'run_benchmark', 'predict_speedups', 'config_from_parameters', 'run_from_parameters']
 
 # %% ../nbs/11_bench.ipynb #438a17ed
-HF, HF_PLD, HF_STATIC, AR = "hf-generate", "hf-pld", "hf-static", "specdec-ar"
 HF_METHODS = {HF: {}, HF_PLD: {"prompt_lookup_num_tokens": 10}, HF_STATIC: {"cache_implementation": "static"}}
 
 @dataclass
 class Method:
-    "One way of decoding: a drafter spec, a controller spec and a policy (or a baseline)."
+    "One way of decoding: a drafter spec, a parsed controller and a policy (or a baseline)."
     name: str
-    drafter: str|None = None                   # drafter spec (`specs.DRAFTERS`); None for baselines
-    k: str|None = None                         # controller spec: "4", "cost:8", "adaptive", ...
-    policy: str|AcceptancePolicy|None = None   # policy spec or object; None: Greedy at T=0, else RejectionSampling
+    drafter: str|None = None                      # drafter spec as written in `drafters`; None: a baseline
+    controller: specs.ControllerSpec|None = None  # how many tokens to draft, parsed once (`specs.parse_controller`)
+    policy: str|AcceptancePolicy|None = None      # policy spec or object; None: Greedy at T=0, else RejectionSampling
 
     @property
     def is_hf(self) -> bool: return self.name in HF_METHODS
+    @property
+    def k(self) -> str|None: return self.controller.spec if self.controller else None   # the canonical controller spec
 
     def policy_object(self) -> AcceptancePolicy|None:
         if self.policy is None or isinstance(self.policy, AcceptancePolicy): return self.policy
@@ -55,27 +56,24 @@ class Method:
         pol = self.policy_object()
         return temperature == 0 and (pol is None or pol.lossless)
 
-def _k_label(k:str) -> str: return f"k{k}" if str(k).isdigit() else str(k)
+    def describe(self, temperature:float) -> dict:
+        "What the summaries know of this method (a run's manifest keeps it, as `method_info`)."
+        c = self.controller
+        return {"drafter": self.drafter, "k": self.k, "controller": c and {"kind": c.kind, "k_max": c.k_max},
+                "policy": self.policy if isinstance(self.policy, str) or self.policy is None else repr(self.policy),
+                "lossless": self.lossless(temperature)}
 
-def pinned_k(entry:str) -> tuple[str, str|None]:
-    """A drafters entry split into its drafter spec and the controller it is pinned to: `eagle-tree:10:60@6` runs only
-    with K=6 (a tree's depth), where other drafters take every controller of `ks`. (`SPEC`, None) when not pinned."""
-    spec, at, k = entry.rpartition("@")
-    if not at or not spec or "/" in k: return entry, None                  # no pin (an "@" inside a path, say)
-    try: specs.validate("controller", k)
-    except ValueError as e: raise ValueError(f"drafters entry {entry!r} pins a bad controller after '@': {e}") from None
-    return spec, k
+def _policy_suffix(p) -> str:
+    return "" if p in (None, "greedy") else "/" + (p if isinstance(p, str) else type(p).__name__.lower())
 
 def methods_from(drafters:list[str], ks:list, policies:list, baselines=(HF, HF_PLD, AR)) -> list[Method]:
-    "The baselines, then every drafter × controller × policy (a drafter pinned with `SPEC@K`: only K)."
+    """The baselines, then every drafter × controller × policy (a drafter pinned with `SPEC@K`: only K). A method's
+    name is the drafter as written, the controller's label (`k4` for a fixed K) and a lossy policy: `pld/k4/typical`."""
+    controllers = [specs.parse_controller(k) for k in ks]
     out = [Method(b) for b in baselines]
-    for entry in drafters:
-        d, pin = pinned_k(entry)
-        for k in ([pin] if pin else ks):
-            for p in policies:
-                pname = p if isinstance(p, str) or p is None else type(p).__name__.lower()
-                suffix = f"/{pname}" if p not in (None, "greedy") else ""
-                out.append(Method(f"{d}/{_k_label(k)}{suffix}", d, str(k), p))
+    for entry in map(specs.parse_method_entry, drafters):
+        for c in ([entry.controller] if entry.controller else controllers):
+            out += [Method(f"{entry.drafter}/{c.label}{_policy_suffix(p)}", entry.drafter, c, p) for p in policies]
     return out
 
 # %% ../nbs/11_bench.ipynb #4095f51e
@@ -152,10 +150,12 @@ class BenchConfig:
             if isinstance(v, (list, tuple)) and all(isinstance(x, (str, int)) for x in v): setattr(self, name, ",".join(map(str, v)))
         if self.preset and self.preset not in PRESETS: raise ValueError(f"unknown preset {self.preset!r}: use one of {', '.join(PRESETS)}")
         if not self.drafter_list: raise ValueError("drafters is empty: name at least one (e.g. pld)")
-        for d in self.drafter_specs: specs.validate("drafter", d)
-        for k in self.k_list: specs.validate("controller", k)              # a bad K fails here, before any model loads
         for p in self.policy_list:
             if isinstance(p, str): specs.validate("policy", p)
+        names = [m.name for m in self.methods()]                     # a bad spec fails here, before any model loads
+        if twice := sorted({n for n in names if names.count(n) > 1}):
+            raise ValueError(f"methods {', '.join(twice)} would run twice: drafters, ks or policies name one of them "
+                             f"twice (ks 4 and fixed:4 are one controller)")
         for name in ("iterations", "max_new_tokens", "certify_prompts", "bootstrap"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1: raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
@@ -167,8 +167,9 @@ class BenchConfig:
 
     drafter_list = property(lambda self: _split(self.drafters))
     k_list = property(lambda self: _split(self.ks))
-    drafter_specs = property(lambda self: list(dict.fromkeys(pinned_k(e)[0] for e in self.drafter_list)), doc="drafter specs, pins removed")
-    all_ks = property(lambda self: self.k_list + [k for e in self.drafter_list if (k := pinned_k(e)[1])], doc="ks and pinned Ks")
+    entries = property(lambda self: [specs.parse_method_entry(e) for e in self.drafter_list], doc="drafters, parsed")
+    drafter_specs = property(lambda self: list(dict.fromkeys(e.drafter for e in self.entries)), doc="pins removed")
+
     policy_list = property(lambda self: _split(self.policies))
     category_list = property(lambda self: _split(self.categories) or None)
 
@@ -189,161 +190,24 @@ class BenchConfig:
         d = dataclasses.asdict(self)
         if not isinstance(self.policies, str): d["policies"] = ",".join(p if isinstance(p, str) else repr(p) for p in self.policy_list)
         for name in ("out", "prompts", "resume"):        # no machine paths in a manifest: a relative path or a file name
-            d[name] = _portable_path(d[name])
+            d[name] = portable_path(d[name])
         return d
 
     def config_hash(self) -> str:
         "Hash of what is measured (not of where it is written)."
-        d = {k: v for k, v in self.to_dict().items() if k not in ("out", "run_id", "resume", "profile", "preset")}
-        return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:8]
+        return params_hash(self.to_dict())
 
     def new_run_id(self) -> str:
         "`<date>-<time>-<model>-<config hash>`: a fresh invocation never collides with a committed run."
         slug = "".join(c if c.isalnum() or c in "-." else "-" for c in Path(self.model).name)
         return f"{datetime.datetime.now():%Y%m%d-%H%M%S}-{slug}-{self.config_hash()}"
 
-def _portable_path(v):
-    "A path relative to the current folder when it is inside it, else its file name; other values unchanged."
-    if not isinstance(v, str) or not v or not os.path.isabs(v): return v
-    try: return str(Path(v).resolve().relative_to(Path.cwd().resolve()))
-    except ValueError: return Path(v).name
-
-# %% ../nbs/11_bench.ipynb #9a1cdf99
-def _git(args:list[str], cwd) -> str|None:
-    "git's stdout, or None when git is missing or fails."
-    try: p = subprocess.run(["git", *args], capture_output=True, text=True, timeout=20, cwd=cwd)
-    except (OSError, subprocess.SubprocessError): return None
-    return p.stdout if p.returncode == 0 else None
-
-def git_state(path=None) -> dict:
-    "Commit, dirty flag and diff hash of the repository holding `path` (default: specdec's source); None when unknown."
-    where = Path(path or Path(specdec.__file__).parent).resolve()
-    if not where.is_dir(): where = where.parent
-    unknown = {"commit": None, "dirty": None, "diff": None}
-    root, commit = _git(["rev-parse", "--show-toplevel"], where), _git(["rev-parse", "--verify", "-q", "HEAD"], where)
-    if not root or not commit: return unknown
-    code = ["--", ".", ":(exclude)results"]
-    status = _git(["status", "--porcelain", "--untracked-files=no", *code], root.strip())
-    diff = _git(["diff", "HEAD", *code], root.strip())
-    if status is None or diff is None: return {**unknown, "commit": commit.strip()}
-    dirty = bool(status.strip())
-    return {"commit": commit.strip(), "dirty": dirty, "diff": hashlib.sha256(diff.encode()).hexdigest()[:12] if dirty else None}
-
-# %% ../nbs/11_bench.ipynb #1c6f1e2f
-def _cpuinfo(field:str) -> str|None:
-    "The value of `field` on /proc/cpuinfo's first processor (None where it cannot be read)."
-    try: return next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith(field))
-    except (OSError, StopIteration): return None
-
-def _machine_id() -> str|None:
-    for f in ("/etc/machine-id", "/var/lib/dbus/machine-id"):
-        try: return hashlib.sha256(Path(f).read_text().strip().encode()).hexdigest()[:12]
-        except OSError: pass
-    return hashlib.sha256(platform.node().encode()).hexdigest()[:12] if platform.node() else None
-
-# the vector and matrix instruction sets that decide a CPU's speed here (as /proc/cpuinfo names them)
-CPU_ISA_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8")
-
-def cpu_isa() -> dict:
-    """The instruction sets this CPU computes with: torch's kernel capability (`AVX2`, `AVX512`, ...) and which of
-    `CPU_ISA_FLAGS` /proc/cpuinfo lists (None where it cannot be read). Two hosts behind the same VM image share the
-    machine id and the model name and can still differ here: the 2-core AMD EPYC image stepped specdec-AR in 33 ms in
-    one run (f865fa5) and in 43 ms on an AVX2-only host (0dfb140), the code it ran unchanged, and the two manifests
-    could not tell the hosts apart."""
-    flags = _cpuinfo("flags")
-    return {"cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "cpu_flags": None if flags is None else [f for f in CPU_ISA_FLAGS if f in flags.split()]}
-
-def system_info(device) -> dict:
-    "CPU (and its instruction sets), cores, RAM, GPU, driver, CUDA and OS of this machine, and an anonymous machine id (a hash)."
-    cpu = _cpuinfo("model name") or platform.processor() or None
-    try: ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError): ram = None
-    info = {"machine_id": _machine_id(), "cpu": cpu, **cpu_isa(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "ram_bytes": ram, "os": platform.platform(), "device": str(device), "gpu": None}
-    if torch.cuda.is_available():
-        p = torch.cuda.get_device_properties(0)
-        try: driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True,
-                                     text=True, timeout=10).stdout.strip() or None
-        except (OSError, subprocess.SubprocessError): driver = None
-        info["gpu"] = {"name": p.name, "memory_bytes": p.total_memory, "cuda": torch.version.cuda, "driver": driver}
-    return info
-
-def machine_of(system:dict) -> dict:
-    "What must match for a run to be resumed on this machine (the CPU's instruction sets included)."
-    return ({k: system.get(k) for k in ("machine_id", "cpu", "cpu_capability", "cpu_flags", "cores", "ram_bytes", "device")}
-            | {"gpu": (system.get("gpu") or {}).get("name")})
-
-def versions() -> dict:
-    "Versions of python, torch, transformers, triton and specdec, and the kernel choices when specdec has them."
-    import transformers
-    try: import triton; tv = triton.__version__
-    except ImportError: tv = None
-    out = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-           "triton": tv, "specdec": specdec.__version__}
-    try:
-        from specdec import kernels
-        out["kernels"] = kernels.choices()
-    except (ImportError, AttributeError): pass
-    return out
-
-def provenance(device, git:dict) -> dict:
-    "The fields every record carries: code, time, load average, threads, device."
-    return {"commit": git["commit"], "dirty": git["dirty"], "diff": git["diff"],
-            "time": datetime.datetime.now().isoformat(timespec="seconds"), "loadavg": list(os.getloadavg()),
-            "threads": torch.get_num_threads(), "device": str(device)}
-
-# %% ../nbs/11_bench.ipynb #18534de4
-class ResumeRefused(ValueError):
-    "A run cannot be resumed here: other code or another machine measured it."
-
-def read_records(path:Path) -> list[dict]:
-    "Records of `records.jsonl` (a torn last line from a crash is ignored)."
-    if not Path(path).exists(): return []
-    out = []
-    for line in Path(path).read_text().splitlines():
-        try: out.append(json.loads(line))
-        except json.JSONDecodeError: pass
-    return out
-
-def record_key(r:dict) -> tuple: return (r["prompt_id"], r["method"], r["iteration"], r.get("purpose", "speed"))
-
-def find_run(run:str, out:str="results", purpose:str="to resume") -> Path:
-    "The run folder named by a path or by a run id under `out`."
-    for cand in (Path(run), Path(out) / run):
-        if (cand / "MANIFEST.json").is_file(): return cand
-    raise ValueError(f"no run {run!r} {purpose}: neither {run} nor {Path(out) / run} holds a MANIFEST.json")
-
-def check_resume(manifest:dict, cfg:BenchConfig, git:dict, machine:dict) -> None:
-    "Raise `ResumeRefused` unless the run in `manifest` was measured by this code, on this machine, with `cfg`."
-    reasons, old = [], manifest.get("git") or {}
-    if old.get("commit") is None or git["commit"] is None:
-        reasons.append("the commit that measured it (or this one) is unknown, so its records cannot be verified")
-    elif old["commit"] != git["commit"]:
-        reasons.append(f"it was measured at commit {old['commit'][:10]}, and this code is commit {git['commit'][:10]}")
-    elif (old.get("dirty"), old.get("diff")) != (git["dirty"], git["diff"]):
-        reasons.append(f"its uncommitted changes (diff {old.get('diff')}) differ from this tree's (diff {git['diff']})")
-    there = manifest.get("machine") or {}
-    if there != machine:
-        differ = [f"{k} {there.get(k)!r} there, {machine.get(k)!r} here" for k in dict.fromkeys([*there, *machine]) if there.get(k) != machine.get(k)]
-        reasons.append(f"it was measured on another machine ({'; '.join(differ)})")
-    if manifest.get("config_hash") != cfg.config_hash(): reasons.append("its parameters differ from these")
-    if reasons:
-        raise ResumeRefused(f"cannot resume run {manifest.get('run_id')!r}: {'; '.join(reasons)}. Start a fresh run instead: "
-                            f"leave out --resume (papermill: resume=\"\").")
-
-def tokens_equal(a:list, b:list) -> bool:
-    "Exact equality over the full length: a truncated output is not equal (unlike a `zip` comparison)."
-    return len(a) == len(b) and all(x == y for x, y in zip(a, b))
-
-def agreement(tokens:list, reference:list) -> float:
-    "Fraction of the reference's positions where `tokens` has the same token (missing positions disagree)."
-    if not reference: return float(tokens == reference)
-    return sum(1 for i, t in enumerate(reference) if i < len(tokens) and tokens[i] == t) / len(reference)
-
 # %% ../nbs/11_bench.ipynb #11cff1c8
-def _sync(device) -> None:
-    if torch.device(device).type == "cuda": torch.cuda.synchronize()
+def stop_ids(target, ignore_eos:bool) -> list[int]:
+    """The token ids a generation stops on, the same for HF and specdec: none with `ignore_eos`, else the target's EOS
+    ids. Always a list, never None: what HF makes of None (its generation_config's EOS, or none) depends on its
+    version."""
+    return [] if ignore_eos else list(target.eos_token_ids)
 
 def hf_generate(target:LoadedModel, prompt_ids, max_new_tokens:int, temperature:float=0.0, top_p:float=1.0, seed:int=0,
                 ignore_eos:bool=False, mode:str=HF,
@@ -355,16 +219,16 @@ def hf_generate(target:LoadedModel, prompt_ids, max_new_tokens:int, temperature:
     if target.model is None or not hasattr(target.model, "generate"):
         raise ValueError(f"target {target.name!r} has no Hugging Face model to run generate() on")
     kw = dict(do_sample=False) if temperature == 0 else dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
-    eos = target.eos_token_ids
+    eos = stop_ids(target, ignore_eos)
     static = {"max_cache_len": max_cache_len} if mode == HF_STATIC and max_cache_len else {}
     torch.manual_seed(seed)
-    _sync(target.device)
+    sync(target.device)
     t0 = time.perf_counter()
     with torch.inference_mode():
         out = target.model.generate(prompt_ids, attention_mask=torch.ones_like(prompt_ids), max_new_tokens=max_new_tokens,
-                                    eos_token_id=[] if ignore_eos else (eos or None), pad_token_id=(eos or [0])[0],
+                                    eos_token_id=eos, pad_token_id=(target.eos_token_ids or [0])[0],
                                     **HF_METHODS[mode], **static, **kw)
-    _sync(target.device)
+    sync(target.device)
     wall = time.perf_counter() - t0
     tokens = out[0, prompt_ids.shape[1]:].tolist()
     plain = mode != HF_PLD          # prompt lookup's forwards are not reported by HF
@@ -376,17 +240,18 @@ def static_cache_len(encoded, # the run's prompts, encoded: id tensors [1, S]
     "hf-static's cache size for a whole run: its longest prompt plus the new tokens, so that every prompt fits one shape."
     return max(int(e.shape[1]) for e in encoded) + max_new_tokens
 
-def run_method(method:Method, target:LoadedModel, prompt_ids, cfg:BenchConfig, opts:dict, drafter=None, costs=None) -> tuple[list[int], Stats, dict|None]:
+def run_method(method:Method, target:LoadedModel, prompt_ids, cfg:BenchConfig, opts:dict, drafter=None,
+               costs=None) -> tuple[list[int], Stats, dict|None]:
     "One generation of `method`: its tokens, its `Stats`, and the engine's report (None where there is none)."
     if method.is_hf:
         tokens, stats = hf_generate(target, prompt_ids, cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.seed,
                                     opts["ignore_eos"], method.name, opts.get("hf_static_cache_len"))
         return tokens, stats, None
-    controller = specs.make_controller(method.k, costs=costs) if drafter is not None else None
+    controller = specs.make_controller(method.controller.spec, costs=costs) if drafter is not None else None
     out = generate(target, prompt_ids, drafter=drafter, policy=method.policy_object(), controller=controller,
                    max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed,
-                   eos_token_id=[] if opts["ignore_eos"] else None, compile=cfg.compile)
-    return out.tokens[0].tolist(), out.stats, getattr(out, "engine", None)
+                   eos_token_id=stop_ids(target, opts["ignore_eos"]), compile=cfg.compile)
+    return out.tokens[0].tolist(), out.stats, out.engine or None
 
 @torch.inference_mode()
 def perplexity(target:LoadedModel, prompt_ids, tokens:list) -> float|None:
@@ -407,147 +272,42 @@ def schedule(prompts:list, methods:list, iterations:int) -> list[tuple[int, obje
             out += [(i, p, m) for m in methods[shift:] + methods[:shift]]
     return out
 
-def bootstrap_geomean(ratios:list[float], n_boot:int=2000, seed:int=0) -> dict:
-    "Geometric mean of `ratios` with a bootstrap 95% CI (resampling the ratios, fixed seed)."
-    x = np.log(np.asarray(ratios, dtype=float))
-    if len(x) == 0: return {"geomean": None, "ci95": None, "n": 0}
-    point = float(np.exp(x.mean()))
-    if len(x) < 2: return {"geomean": point, "ci95": None, "n": 1}
-    idx = np.random.default_rng(seed).integers(0, len(x), size=(n_boot, len(x)))
-    lo, hi = np.exp(np.percentile(x[idx].mean(1), [2.5, 97.5]))
-    return {"geomean": point, "ci95": [float(lo), float(hi)], "n": len(x)}
-
-# %% ../nbs/11_bench.ipynb #04efdc8b
-def _none(x):
-    "NaN → None, so that a manifest is valid JSON."
-    if isinstance(x, float) and x != x: return None
-    if isinstance(x, list): return [_none(v) for v in x]
-    return x
-
-def stats_of(records:list[dict]) -> Stats:
-    "The records' `Stats`, added up."
-    return sum((Stats.from_record(r) for r in records), Stats())
-
-def _decode_tok_s(r:dict) -> float|None:
-    "New tokens per second after the prefill; None where the prefill was not timed apart (HF's methods)."
-    if r["method"] in HF_METHODS or not r.get("prefill_time"): return None
-    return r["new_tokens"] / max(r["wall_time"] - r["prefill_time"], 1e-9)
-
-def per_prompt(records:list[dict]) -> dict[str, dict]:
-    "Per prompt: median tok/s over iterations (end to end, and after the prefill where it was timed) and the set of generated lengths."
-    by = {}
-    for r in records: by.setdefault(r["prompt_id"], []).append(r)
-    decode = lambda rs: None if any(_decode_tok_s(r) is None for r in rs) else float(np.median([_decode_tok_s(r) for r in rs]))
-    return {p: {"tok_s": float(np.median([r["new_tokens"] / r["wall_time"] for r in rs])), "decode_tok_s": decode(rs),
-                "ms_per_token": float(np.median([1000 * r["wall_time"] / max(r["new_tokens"], 1) for r in rs])),
-                "lengths": sorted({r["new_tokens"] for r in rs}), "iterations": len(rs)} for p, rs in by.items()}
-
-def speedup(records:list[dict], base_records:list[dict], n_boot:int=2000, seed:int=0,
-            key:str="tok_s", # or "decode_tok_s": the decode phase alone (prompts without it are left out)
-           ) -> dict:
-    "Geometric-mean speedup over prompts (ratio of median tok/s) with a bootstrap CI; prompts of unequal work excluded."
-    mine, base = per_prompt(records), per_prompt(base_records)
-    common = [p for p in mine if p in base and mine[p][key] is not None and base[p][key] is not None]
-    equal = [p for p in common if mine[p]["lengths"] == base[p]["lengths"]]
-    return {**bootstrap_geomean([mine[p][key] / base[p][key] for p in equal], n_boot, seed),
-            "prompts": len(equal), "excluded_unequal_length": [p for p in common if p not in equal]}
-
-def summarize_method(records:list[dict], baselines:dict[str, list[dict]], n_boot:int=2000, seed:int=0) -> dict:
-    "The manifest entry of one method (or one method within a category), from the `Stats` of its records."
-    s, pp = stats_of(records), per_prompt(records)
-    tps = [v["tok_s"] for v in pp.values()]
-    hf = all(r["method"] in HF_METHODS for r in records)
-    return {"tok_s": {"median": float(np.median(tps)), "mean": float(np.mean(tps)), "min": float(min(tps)), "max": float(max(tps)),
-                      "prompts": len(tps), "records": len(records)},
-            "ms_per_token": float(np.median([v["ms_per_token"] for v in pp.values()])),
-            "speedup": {b: speedup(records, rs, n_boot, seed) for b, rs in baselines.items() if rs},
-            "decode_speedup": None if hf or not baselines.get(AR) else speedup(records, baselines[AR], n_boot, seed, "decode_tok_s"),
-            "tau": _none(s.tau), "acceptance_rate": _none(s.acceptance_rate), "per_position_acceptance": _none(s.per_position_acceptance),
-            "accepted_length_hist": s.accepted_hist, "proposed": s.proposed, "accepted": s.accepted,
-            "target_forwards": s.target_forwards, "draft_forwards": s.draft_forwards, "new_tokens": s.new_tokens,
-            "time_split": None if hf else {"draft": s.draft_time, "verify": s.verify_time, "accept": s.accept_time,
-                                            "other": s.other_time, "wall": s.wall_time},
-            "time_to_first_token": None if hf else float(np.median([r["first_token_time"] for r in records])),
-            "peak_memory_bytes": max((r.get("peak_memory_bytes") or 0) for r in records) or None}
-
-# %% ../nbs/11_bench.ipynb #8a8d6107
-def _compare(mine:dict, ref:dict) -> dict:
-    common = [p for p in mine if p in ref]
-    failed = [p for p in common if not tokens_equal(mine[p]["tokens"], ref[p]["tokens"])]
-    return {"identical": len(common) - len(failed), "prompts": len(common), "failed_prompts": failed}
-
-def certificate(records:list[dict], methods:list[Method], temperature:float) -> dict:
-    "Per method: outputs identical to specdec-AR's and to HF's (lossless), or agreement and perplexity (lossy)."
-    speed = [r for r in records if r.get("purpose", "speed") == "speed" and r["iteration"] == 0]
-    certify = [r for r in records if r.get("purpose") == "certify"]
-    by = lambda rs, name: {r["prompt_id"]: r for r in rs if r["method"] == name}
-    out = {}
-    for m in methods:
-        if m.name == HF: continue
-        if temperature > 0:
-            out[m.name] = {"applies": False, "reason": "sampling (temperature > 0): outputs are random"}; continue
-        src = certify if by(certify, m.name) else speed
-        mine = by(src, m.name)
-        if m.lossless(temperature):
-            vs = {b: _compare(mine, by(src, b)) for b in (AR, HF) if b != m.name and by(src, b)}
-            entry = {"applies": True, "lossless": True, "dtype": (src[0].get("dtype") if src else None), "vs": vs,
-                     "passed": bool(vs) and all(v["prompts"] and v["identical"] == v["prompts"] for v in vs.values()),
-                     "failed_prompts": sorted({p for v in vs.values() for p in v["failed_prompts"]})}
-            if src is certify and by(speed, HF):
-                c = _compare(by(speed, m.name), by(speed, HF))
-                entry["speed_run_vs_hf"] = {"dtype": speed[0].get("dtype"), "identical": c["identical"], "prompts": c["prompts"],
-                                            "rate": c["identical"] / c["prompts"] if c["prompts"] else None}
-            out[m.name] = entry
-        else:
-            ref = by(speed, HF); mine = by(speed, m.name); common = [p for p in mine if p in ref]
-            ppl = [mine[p].get("perplexity") for p in common if mine[p].get("perplexity") is not None]
-            out[m.name] = {"applies": True, "lossless": False, "identical": sum(tokens_equal(mine[p]["tokens"], ref[p]["tokens"]) for p in common),
-                           "prompts": len(common), "agreement": float(np.mean([agreement(mine[p]["tokens"], ref[p]["tokens"]) for p in common])) if common else None,
-                           "perplexity": float(np.mean(ppl)) if ppl else None}
-    return out
-
 # %% ../nbs/11_bench.ipynb #51f6715a
-def _write_json(path:Path, obj) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    tmp.replace(path)
-
-def _source(target) -> dict:
-    "The target's source for the manifest: file names and hashes, no machine paths."
-    return {k: (_portable_path(v) if isinstance(v, str) else v) for k, v in (getattr(target, "source", None) or {}).items()}
-
-def measure_costs(target, drafters:dict, context:int, k_max:int=8, progress:bool=True) -> dict:
+def measure_costs(target, drafters:dict, context:int, k_max:int=8, progress:bool=True,
+                  compile:str="auto", # the mode the run decodes in: its forwards (graph replays on CUDA) are timed
+                 ) -> dict:
     "Step costs per drafter at `context` cached tokens; the target is timed once, for every drafter."
     from specdec.costmodel import measure_step_costs
     q_values = [q for q in (1, 2, 3, 4, 5, 6, 8, 12, 16) if q <= k_max + 1] + ([k_max + 1] if k_max + 1 > 16 else [])
-    verify = measure_step_costs(target, context=context, q_values=q_values).verify
-    return {d: measure_step_costs(target, dr, context=context, verify=verify) for d, dr in
+    verify = measure_step_costs(target, context=context, q_values=q_values, compile=compile).verify
+    return {d: measure_step_costs(target, dr, context=context, verify=verify, compile=compile) for d, dr in
             tqdm(drafters.items(), desc="step costs", disable=not progress, leave=False) if dr is not None}
-
-def _k_max(ks:list[str]) -> int:
-    return max([int(k.split(":")[-1]) for k in ks if k.split(":")[-1].isdigit()] + [8])
 
 # %% ../nbs/11_bench.ipynb #e3fc6301
 class _Runner:
     "Measures generations of one target and writes them as records."
-    def __init__(self, cfg, opts, target, drafters, costs, git, run_id, encoded):
+    def __init__(self, cfg, opts, target, drafters, costs, git, run_id, encoded, context):
         self.cfg, self.opts, self.target, self.drafters, self.costs = cfg, opts, target, drafters, costs
-        self.git, self.run_id, self.encoded, self.engine = git, run_id, encoded, {}
+        self.git, self.run_id, self.encoded, self.context, self.engine = git, run_id, encoded, context, {}
+
+    def generate(self, m:Method, p) -> tuple[list[int], Stats, dict|None]:
+        return run_method(m, self.target, self.encoded[p.id], self.cfg, self.opts, self.drafters.get(m.drafter),
+                          self.costs.get(m.drafter))
 
     def measure(self, m:Method, p, i:int, purpose:str="speed", trace=None) -> dict:
         device = self.target.device
         reset_peak_memory(device)
-        with chrome_trace(trace):
-            tokens, stats, engine = run_method(m, self.target, self.encoded[p.id], self.cfg, self.opts,
-                                               self.drafters.get(m.drafter), self.costs.get(m.drafter))
+        with chrome_trace(trace): tokens, stats, engine = self.generate(m, p)
         mem = peak_memory(device)
         if engine and m.name not in self.engine: self.engine[m.name] = engine
         rec = {"run_id": self.run_id, "prompt_id": p.id, "category": p.category, "method": m.name, "iteration": i,
                "purpose": purpose, "dtype": str(self.target.dtype).replace("torch.", ""),
                "prompt_tokens": int(self.encoded[p.id].shape[1]), "tokens": tokens, **stats.to_record(),
-               "peak_memory_bytes": mem["bytes"], "peak_memory_kind": mem["kind"], **provenance(device, self.git)}
-        usage = getattr(self.drafters.get(m.drafter), "usage", None)
-        if usage is not None and not m.is_hf: rec["drafter_usage"] = [dict(u) for u in usage]   # which drafter drafted (Fallback)
+               "peak_memory_bytes": mem["bytes"], "peak_memory_kind": mem["kind"],
+               **record_provenance(device, self.git)}
+        drafter = self.drafters.get(m.drafter)
+        if drafter is not None and drafter.usage is not None:                  # which member drafted (`Fallback`)
+            rec["drafter_usage"] = [dict(u) for u in drafter.usage]
         if (self.cfg.perplexity and purpose == "speed" and i == 0 and not m.lossless(self.cfg.temperature)
                 and not m.is_hf and m.name != AR):
             rec["perplexity"] = perplexity(self.target, self.encoded[p.id], tokens)
@@ -555,16 +315,31 @@ class _Runner:
 
     def warm(self, m:Method, p, n:int) -> float:
         t0 = time.perf_counter()
-        for _ in range(n): run_method(m, self.target, self.encoded[p.id], self.cfg, self.opts, self.drafters.get(m.drafter), self.costs.get(m.drafter))
+        for _ in range(n): self.generate(m, p)
         return time.perf_counter() - t0
+
+def prepare(cfg:BenchConfig, opts:dict, target, prompts:list, methods:list[Method], git:dict, run_id:str,
+            cost_model:bool=False, # measure the step costs even where no controller needs them (the cost model does)
+            progress:bool=True) -> _Runner:
+    """One pass's setup, the same for the speed pass and the certificate pass: the target's net built (q/k/v, gate/up
+    fused before any HF run, whose compiled graphs then see the final weights), the methods' drafters, the prompts
+    encoded, and the step costs measured once where a controller (or the cost model) needs them."""
+    target.net
+    drafters = {d: specs.make_drafter(d, target) for d in dict.fromkeys(m.drafter for m in methods if m.drafter)}
+    encoded = {p.id: p.encode(target, chat=cfg.chat) for p in prompts}
+    context = int(np.median([e.shape[1] for e in encoded.values()])) + cfg.max_new_tokens // 2
+    k_max = max([8] + [m.controller.k_max for m in methods if m.controller])
+    needs_costs = cost_model or any(m.controller and m.controller.needs_costs for m in methods)
+    costs = measure_costs(target, drafters, context, k_max, progress, cfg.compile) if needs_costs else {}
+    return _Runner(cfg, opts, target, drafters, costs, git, run_id, encoded, context)
 
 # %% ../nbs/11_bench.ipynb #5e537850
 def open_run(cfg:BenchConfig, git:dict, system:dict) -> tuple[str, Path, dict|None]:
     "Run id, folder and (when resuming) the old manifest; refuses to reuse a folder without an explicit, valid resume."
     if cfg.resume:
         run_dir = find_run(cfg.resume, cfg.out)
-        old = json.loads((run_dir / "MANIFEST.json").read_text())
-        check_resume(old, cfg, git, machine_of(system))
+        old = read_manifest(run_dir)
+        check_resume(old, cfg.config_hash(), git, machine_of(system))
         return old["run_id"], run_dir, old
     run_id = cfg.run_id or cfg.new_run_id()
     run_dir = Path(cfg.out) / run_id
@@ -580,18 +355,13 @@ def run_benchmark(cfg:BenchConfig, target:LoadedModel|None=None, progress:bool=T
     git = git_state()
     seed_everything(cfg.seed)
     target = target or specs.load_target(cfg.model, device=cfg.device or None, dtype=cfg.dtype or None)
-    target.net                             # built now (q/k/v, gate/up fused): HF's compiled graphs then see the final weights
     system = system_info(target.device)
     run_id, run_dir, old = open_run(cfg, git, system)
     opts = cfg.options(target.device, target.dtype)
     prompts = load_prompts(cfg.prompts, categories=cfg.category_list, n_prompts=cfg.n_prompts or None)
     methods = cfg.methods(opts["hf_static"])
-    drafters = {d: specs.make_drafter(d, target) for d in cfg.drafter_specs}
-    encoded = {p.id: p.encode(target, chat=cfg.chat) for p in prompts}
-    if opts["hf_static"]: opts["hf_static_cache_len"] = static_cache_len(encoded.values(), cfg.max_new_tokens)
-    context = int(np.median([e.shape[1] for e in encoded.values()])) + cfg.max_new_tokens // 2
-    needs_costs = cfg.cost_model or any(k.startswith("cost") for k in cfg.all_ks)
-    costs = measure_costs(target, drafters, context, _k_max(cfg.all_ks), progress) if needs_costs else {}
+    runner = prepare(cfg, opts, target, prompts, methods, git, run_id, cfg.cost_model, progress)
+    if opts["hf_static"]: opts["hf_static_cache_len"] = static_cache_len(runner.encoded.values(), cfg.max_new_tokens)
     run_dir.mkdir(parents=True, exist_ok=True)
     records_path = run_dir / "records.jsonl"
     reused = [r for r in read_records(records_path) if (r.get("commit"), r.get("diff")) == (git["commit"], git["diff"])] if old else []
@@ -602,69 +372,57 @@ def run_benchmark(cfg:BenchConfig, target:LoadedModel|None=None, progress:bool=T
                 "seeds": {"seed": cfg.seed, "bootstrap": cfg.seed}, "system": system, "machine": machine_of(system),
                 "versions": versions(), "this_invocation": invocation,
                 "invocations": (old or {}).get("invocations", []) + [invocation],
-                "models": {"target": {"name": target.name, **_source(target), "dtype": str(target.dtype)},
-                           "drafters": {d: (specs.spec_of(dr) if dr is not None else None) for d, dr in drafters.items()}},
+                "models": {"target": {"name": target.name, **target_source(target), "dtype": str(target.dtype)},
+                           "drafters": {d: specs.spec_of(dr) if dr is not None else None
+                                        for d, dr in runner.drafters.items()}},
                 "prompt_set": {"name": cfg.prompts if cfg.prompts == "builtin" else Path(cfg.prompts).name,
-                               "file_sha256": _file_hash(cfg.prompts), "hash": prompt_set_hash(prompts),
+                               "file_sha256": file_hash(cfg.prompts), "hash": prompt_set_hash(prompts),
                                "selected": len(prompts), "categories": sorted({p.category for p in prompts})},
-                "methods": [m.name for m in methods]}
-    _write_json(run_dir / "MANIFEST.json", manifest)
-    runner = _Runner(cfg, opts, target, drafters, costs, git, run_id, encoded)
+                "methods": [m.name for m in methods],
+                "method_info": {m.name: m.describe(cfg.temperature) for m in methods}}
+    write_json(run_dir / "MANIFEST.json", manifest)
     todo = [(i, p, m) for i, p, m in schedule(prompts, methods, cfg.iterations) if (p.id, m.name, i, "speed") not in done]
-    warmup_s = _measure(runner, todo, manifest, run_dir, records_path, progress)
-    manifest["warmup_s"] = warmup_s
-    if opts["certify_dtype"]: _certify(cfg, opts, prompts, methods, git, run_id, done, manifest, run_dir, records_path, target.device, progress)
-    records = read_records(records_path)
-    manifest.update(summarize_run(records, methods, cfg))
-    if cfg.cost_model: manifest["cost_model"] = predict_speedups(manifest["results"], costs, context)
+    manifest["warmup_s"] = _measure(runner, todo, manifest, run_dir, progress)
+    if opts["certify_dtype"]:
+        _certify(cfg, opts, prompts, methods, git, done, manifest, run_dir, target.device, progress)
+    manifest.update(summarize_run(read_records(records_path), manifest["method_info"], cfg.to_dict()))
+    if cfg.cost_model: manifest["cost_model"] = predict_speedups(manifest["results"], runner.costs, runner.context)
     manifest.update(status="done", finished=datetime.datetime.now().isoformat(timespec="seconds"), engine=runner.engine or None)
-    _write_json(run_dir / "MANIFEST.json", manifest)
+    write_json(run_dir / "MANIFEST.json", manifest)
     return run_dir
 
-def _file_hash(path) -> str|None:
-    from specdec.models import file_sha256
-    return file_sha256(path) if path and path != "builtin" and Path(path).is_file() else None
-
 # %% ../nbs/11_bench.ipynb #31099b24
-def _measure(runner:_Runner, todo:list, manifest:dict, run_dir:Path, records_path:Path, progress:bool) -> dict:
-    "Warm up, then measure `todo` in order, appending records; returns the warm-up seconds per method."
-    cfg, warmup_s, traced, warmed = runner.cfg, {}, set(), set()
-    if todo and cfg.warmup:
+def _measure(runner:_Runner, todo:list, manifest:dict, run_dir:Path, progress:bool, purpose:str="speed") -> dict:
+    """Measure `todo` in order, appending records and counting them in the manifest; the speed pass warms every method
+    up first (and traces each once under `profile`). Returns the warm-up seconds per method."""
+    cfg, warmup_s, traced, warmed, speed = runner.cfg, {}, set(), set(), purpose == "speed"
+    if todo and cfg.warmup and speed:
         first = todo[0][1]
         for m in tqdm(list({m.name: m for _, _, m in todo}.values()), desc="warm-up", disable=not progress, leave=False):
             warmup_s[m.name] = runner.warm(m, first, cfg.warmup)
             warmed.add((m.name, first.id))
-    with open(records_path, "a") as f:
-        for i, p, m in tqdm(todo, desc=manifest["run_id"], disable=not progress):
+    with open(run_dir / "records.jsonl", "a") as f:
+        desc = manifest["run_id"] if speed else "certificate"
+        for i, p, m in tqdm(todo, desc=desc, disable=not progress, leave=speed):
             if m.name == HF_STATIC and (m.name, p.id) not in warmed:         # a new prompt length may re-record graphs: warm apart
                 warmup_s[m.name] = warmup_s.get(m.name, 0.0) + runner.warm(m, p, 1); warmed.add((m.name, p.id))
-            trace = run_dir / f"trace-{m.name.replace('/', '_')}.json" if cfg.profile and m.name not in traced else None
+            traced_now = speed and cfg.profile and m.name not in traced
+            trace = run_dir / f"trace-{m.name.replace('/', '_')}.json" if traced_now else None
+
             traced.add(m.name)
-            f.write(json.dumps(runner.measure(m, p, i, "speed", trace)) + "\n"); f.flush()
+            f.write(json.dumps(runner.measure(m, p, i, purpose, trace)) + "\n"); f.flush()
             manifest["this_invocation"]["measured"] += 1
-            _write_json(run_dir / "MANIFEST.json", manifest)
+            write_json(run_dir / "MANIFEST.json", manifest)
     return warmup_s
 
-def _certify(cfg, opts, prompts, methods, git, run_id, done, manifest, run_dir, records_path, device, progress) -> None:
+def _certify(cfg, opts, prompts, methods, git, done, manifest, run_dir, device, progress) -> None:
     "The float32 certificate pass: HF, AR and the lossless methods on the first `certify_prompts` prompts."
     target = specs.load_target(cfg.model, device=str(device), dtype=opts["certify_dtype"])
-    target.net                             # fused before any HF run, as in the speed pass
     chosen = [m for m in methods if m.name in (HF, AR) or (m.lossless(cfg.temperature) and not m.is_hf)]
-    drafters = {d: specs.make_drafter(d, target) for d in {m.drafter for m in chosen if m.drafter}}
     subset = prompts[:cfg.certify_prompts]
-    encoded = {p.id: p.encode(target, chat=cfg.chat) for p in subset}
-    costs = {}
-    if any(m.k and m.k.startswith("cost") for m in chosen):
-        costs = measure_costs(target, drafters, int(np.median([e.shape[1] for e in encoded.values()])) + cfg.max_new_tokens // 2,
-                              _k_max(cfg.all_ks), progress)
-    runner = _Runner(cfg, opts, target, drafters, costs, git, run_id, encoded)
-    with open(records_path, "a") as f:
-        for p in tqdm(subset, desc="certificate", disable=not progress, leave=False):
-            for m in chosen:
-                if (p.id, m.name, 0, "certify") in done: continue
-                f.write(json.dumps(runner.measure(m, p, 0, "certify")) + "\n"); f.flush()
-                manifest["this_invocation"]["measured"] += 1
-    _write_json(run_dir / "MANIFEST.json", manifest)
+    runner = prepare(cfg, opts, target, subset, chosen, git, manifest["run_id"], progress=progress)
+    todo = [(0, p, m) for p in subset for m in chosen if (p.id, m.name, 0, "certify") not in done]
+    _measure(runner, todo, manifest, run_dir, progress, "certify")
 
 # %% ../nbs/11_bench.ipynb #8b79eff5
 def predict_speedups(results:dict, costs:dict, context:int) -> dict:
@@ -675,48 +433,8 @@ def predict_speedups(results:dict, costs:dict, context:int) -> dict:
         if c is None or not steps or r["tau"] is None: continue
         step = c.verify_cost(1 + r["proposed"] / steps) + c.draft * r["draft_forwards"] / steps
         r["predicted_speedup"] = r["tau"] * c.verify_cost(1) / step
-    return {d: {"context": context, "verify_s": {str(q): v for q, v in c.verify.items()}, "draft_s": c.draft} for d, c in costs.items()}
-
-def _load(records:list[dict]) -> dict|None:
-    la = [r["loadavg"][0] for r in records if r.get("loadavg")]
-    return {"min": min(la), "median": float(np.median(la)), "max": max(la), "first": la[0], "last": la[-1]} if la else None
-
-def summarize_run(records:list[dict], methods:list[Method], cfg:BenchConfig) -> dict:
-    "Per-method and per-category summaries, the framework gain, the certificate, counts and load average."
-    speed = [r for r in records if r.get("purpose", "speed") == "speed"]
-    by_method = {m.name: [r for r in speed if r["method"] == m.name] for m in methods}
-    baselines = {AR: by_method.get(AR, []), HF: by_method.get(HF, [])}
-    nb, seed = cfg.bootstrap, cfg.seed
-    summary = {m.name: {"drafter": m.drafter, "k": m.k, "policy": m.policy if isinstance(m.policy, str) or m.policy is None else repr(m.policy),
-                        "lossless": m.lossless(cfg.temperature), **summarize_method(by_method[m.name], baselines, nb, seed)}
-               for m in methods if by_method[m.name]}
-    categories = sorted({r["category"] for r in speed})
-    per_category = {c: {name: summarize_method([r for r in rs if r["category"] == c],
-                                               {b: [r for r in v if r["category"] == c] for b, v in baselines.items()}, nb, seed)
-                        for name, rs in by_method.items() if any(r["category"] == c for r in rs)} for c in categories}
-    iters = {}
-    for r in speed: iters.setdefault((r["prompt_id"], r["method"]), set()).add(r["iteration"])
-    counts = {"prompts": len({r["prompt_id"] for r in speed}), "methods": len([m for m in by_method if by_method[m]]),
-              "records": len(speed), "certify_records": len(records) - len(speed),
-              "iterations_complete": min((len(v) for v in iters.values()), default=0)}
-    gain = {b: summary[b]["speedup"].get(HF) for b in (AR, HF_PLD, HF_STATIC) if b in summary and HF in summary}
-    return {"results": summary, "per_category": per_category, "framework_gain": gain, "counts": counts,
-            "load_average": _load(speed), "certificate": certificate(records, methods, cfg.temperature)}
-
-def summarize_partial(run_dir) -> dict:
-    """What an interrupted run measured (killed at a time limit, say): `summarize_run` over the records it wrote, with
-    `planned` and `measured` speed-record counts beside. Nothing is written: the run stays unfinished (`status` running)."""
-    run_dir = Path(run_dir)
-    manifest = json.loads((run_dir / "MANIFEST.json").read_text())
-    cfg = config_from_parameters({**manifest["params"], "resume": ""})                  # its own parameters, no lookup
-    methods = cfg.methods(manifest["options"].get("hf_static", False))
-    if [m.name for m in methods] != manifest["methods"]:
-        raise ValueError(f"run {manifest['run_id']!r}: its parameters give methods {[m.name for m in methods]}, "
-                         f"its manifest lists {manifest['methods']}")
-    summary = summarize_run(read_records(run_dir / "records.jsonl"), methods, cfg)
-    summary["partial"] = {"status": manifest["status"], "measured": summary["counts"]["records"],
-                          "planned": manifest["prompt_set"]["selected"] * len(methods) * cfg.iterations}
-    return summary
+    return {d: {"context": context, "verify_s": {str(q): v for q, v in c.verify.items()}, "draft_s": c.draft}
+            for d, c in costs.items()}
 
 # %% ../nbs/11_bench.ipynb #d6642cd9
 def config_from_parameters(params:dict) -> BenchConfig:
@@ -725,7 +443,7 @@ def config_from_parameters(params:dict) -> BenchConfig:
     params = apply_preset({k: v for k, v in params.items() if k in names}, params.get("preset"))
     if params.get("resume"):
         run_dir = find_run(params["resume"], params.get("out", "results"))
-        old = json.loads((run_dir / "MANIFEST.json").read_text())["params"]
+        old = read_manifest(run_dir)["params"]
         params = {**{k: v for k, v in old.items() if k in names}, "resume": str(run_dir), "out": str(run_dir.parent)}
     return BenchConfig(**{k: v for k, v in params.items() if k in names})
 

@@ -202,17 +202,19 @@ def run_kaggle(args) -> int:
 
 # %% ../nbs/09_cli.ipynb #s7u8m9a0
 def _summary_parser(sub) -> None:
-    p = sub.add_parser("summary", help="print a run folder's results as text: methods, speedups with CIs, τ, per category",
-                       description="Reads RUN's MANIFEST.json and records (a run cut off or still running is summarized from "
-                                   "the records it wrote, and says so) and prints them as plain text.")
-    p.add_argument("run", help="a run folder, or a run id under --results")
+    p = sub.add_parser("summary", help="print runs' results as text: methods, speedups with CIs, τ, per category",
+                       description="Reads RUN's MANIFEST.json and records (a run cut off or still running is "
+                                   "summarized from the records it wrote, and says so) and prints them as plain text. "
+                                   "Several runs of the same parameters print side by side: each figure as the median "
+                                   "of the runs' own figures, with their range (min-max) across the runs.")
+    p.add_argument("run", nargs="+", help="a run folder, or a run id under --results; several: runs of one preset")
     p.add_argument("--results", default="results", help="where run ids are looked up (default: results)")
 
 def run_summary_text(args) -> int:
-    "Run `specdec summary` with parsed `args`: print the run's text summary."
-    from specdec.bench import find_run
-    from specdec.report import text_summary
-    print(text_summary(find_run(args.run, args.results, purpose="to summarize")))
+    "Run `specdec summary` with parsed `args`: print the text summary of one run, or of several side by side."
+    from specdec.provenance import find_run
+    from specdec.summary import text_summary
+    print(text_summary(*[find_run(run, args.results, purpose="to summarize") for run in args.run]))
     return 0
 
 # %% ../nbs/09_cli.ipynb #04be8cc6

@@ -30,7 +30,8 @@ class Controller:
         "Forget the previous generation."
         self.acceptance, self.paused = 1.0, 0
 
-    def start(self, target, drafter) -> None:
+    def start(self, target, drafter,
+              compile:str="auto") -> None: # the mode the generation decodes in
         "Called by `generate` before each generation (cost-aware controllers measure the pair here)."
         self.reset()
 
@@ -126,14 +127,16 @@ class CostAwareK(Controller):
         super().reset()
         self.passed, self.tried, self.plain_steps = [0.0] * self.k_max, [0.0] * self.k_max, 0
 
-    def start(self, target, drafter):
-        "Reset, and measure the pair's step costs unless they were given or measured on this same pair."
+    def start(self, target, drafter, compile="auto"):
+        """Reset, and measure the pair's step costs (on the path `compile` runs) unless they were given or measured on
+        this same pair and mode."""
         self.reset()
-        if self.measured_on is not None and not (self.measured_on[0] is target and self.measured_on[1] is drafter):
-            self.costs = None                                  # measured on another pair: measure again
+        if self.measured_on is not None:
+            t, d, mode = self.measured_on
+            if not (t is target and d is drafter and mode == compile): self.costs = None   # another pair or mode: measure again
         if self.costs is None:
-            self.costs = measure_step_costs(target, drafter, q_values=range(1, self.k_max + 2), repeats=3)
-            self.measured_on = (target, drafter)
+            self.costs = measure_step_costs(target, drafter, q_values=range(1, self.k_max + 2), repeats=3, compile=compile)
+            self.measured_on = (target, drafter, compile)
 
     @property
     def max_k(self): return self.k_max

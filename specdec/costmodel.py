@@ -10,6 +10,8 @@ import statistics, time
 from dataclasses import dataclass, field
 import torch
 from .sampling import SamplingConfig
+from .engine import engine_for, resolve_compile
+from .timing import sync
 
 # %% auto #0
 __all__ = ['expected_tokens', 'StepCosts', 'predicted_speedup', 'best_k', 'conditional_acceptance', 'measure_step_costs']
@@ -84,36 +86,37 @@ def conditional_acceptance(per_position) -> list[float]:
     return rates
 
 # %% ../nbs/12_costmodel.ipynb #1fbe035c
-def _sync(device:torch.device) -> None:
-    if device.type == "cuda": torch.cuda.synchronize(device)
-
-def _time_forward(net, q:int, context:int, repeats:int, device:torch.device, logits:str, seed:int=0) -> float:
-    "Median seconds of `net` over q new tokens after `context` cached ones."
+def _time_forward(runner, q:int, context:int, repeats:int, device:torch.device, logits:str, seed:int=0) -> float:
+    "Median seconds of the target's `runner` (its net, or the engine the run uses) over q new tokens after `context`."
     gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, net.vocab_size, (1, context + q), generator=gen).to(device)   # [1, context+q]
-    cache = net.new_cache(1, context + q)
-    if context: net(ids[:, :context], cache, logits="none")                             # prefill the prefix
+    ids = torch.randint(0, runner.vocab_size, (1, context + q), generator=gen).to(device)   # [1, context+q]
+    cache = runner.new_cache(1, context + q)
+    if context: runner(ids[:, :context], cache, logits="none")                          # prefill the prefix
     times = []
     for r in range(repeats + 1):                                                          # the first is a warm-up
         cache.rollback(context)
-        _sync(device); t0 = time.perf_counter()
-        net(ids[:, context:], cache, logits=logits)
-        _sync(device)
+        sync(device); t0 = time.perf_counter()
+        runner(ids[:, context:], cache, logits=logits)
+        sync(device)
         if r: times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
-def _time_drafter(drafter, target, k:int, context:int, repeats:int, device:torch.device, seed:int=0) -> float:
-    "Median seconds per draft token of a step (`propose(..., k)`, then `observe(0)`), one token longer each step."
+def _time_drafter(drafter, target, runner, k:int, context:int, repeats:int, device:torch.device, seed:int=0) -> float:
+    """Median seconds per draft token of a step (`propose(..., k)`, then `observe(0, features)`), one token longer each
+    step; a drafter that reads the target's features gets the target's (`runner`'s) at every position."""
     context = max(context, 1)
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, target.vocab_size, (1, context + repeats + 1), generator=gen).to(device)   # [1, S_max]
-    drafter.start(target, ids[:, :context], context + repeats + k + 2)
+    keep = drafter.target_layers
+    features = runner(ids, runner.new_cache(1, ids.shape[1]), logits="none", keep=keep).features if keep else None
+    at = lambda a, b: None if features is None else features[:, a:b]                   # [1, b-a, F]
+    drafter.start(target, ids[:, :context], context + repeats + k + 2, at(0, context - 1))
     times = []
     for r in range(repeats + 1):                                 # the first (a draft model's prefill) is a warm-up
-        _sync(device); t0 = time.perf_counter()
+        sync(device); t0 = time.perf_counter()
         drafter.propose(ids[:, :context + r], k, SamplingConfig())
-        _sync(device)
-        drafter.observe(0)
+        sync(device)
+        drafter.observe(0, at(context - 1 + r, context + r))     # the verified token's features
         if r: times.append(time.perf_counter() - t0)
     return statistics.median(times) / k
 
@@ -126,13 +129,18 @@ def measure_step_costs(target, # a LoadedModel, or a stand-in with a `.net`
                        repeats:int=5,
                        verify:dict|None=None, # target costs already measured ({q: seconds}): only the drafter is timed
                        draft_k:int=4, # tokens per timed propose
+                       compile:str="auto", # the mode the run decodes in (`decode.generate`'s): its forwards are timed
                       ) -> StepCosts:
-    "Time target forwards over q tokens (`target.net`) and a drafter's steps, as `StepCosts`."
+    """Time target forwards over q tokens and a drafter's steps, as `StepCosts`, on the path the run takes: the target's
+    net or engine for `compile` (CUDA graph replays under `auto` on CUDA), the drafter's forwards in the same mode."""
     if repeats < 1: raise ValueError(f"repeats must be >= 1, got {repeats}")
     if draft_k < 1: raise ValueError(f"draft_k must be >= 1, got {draft_k}")
     device = torch.device(target.device)
-    if verify is None: verify = {q: _time_forward(target.net, q, context, repeats, device, "all") for q in sorted(set(q_values))}
-    draft = _time_drafter(drafter, target, draft_k, context, repeats, device) if drafter is not None else 0.0
-    return StepCosts(verify, draft, source={"target": getattr(target, "name", None), "device": str(device),
-                                            "drafter": getattr(drafter, "name", None), "context": context,
+    mode = resolve_compile(compile, target.net)
+    runner = engine_for(target.net, mode)
+    if verify is None: verify = {q: _time_forward(runner, q, context, repeats, device, "all") for q in sorted(set(q_values))}
+    if drafter is not None: drafter.use_engine(mode)
+    draft = _time_drafter(drafter, target, runner, draft_k, context, repeats, device) if drafter is not None else 0.0
+    return StepCosts(verify, draft, source={"target": target.name, "device": str(device), "mode": mode,
+                                            "drafter": None if drafter is None else drafter.name, "context": context,
                                             "repeats": repeats, "draft_k": draft_k})

@@ -18,7 +18,7 @@ from .controllers import Controller, FixedK
 from .engine import Engine, engine_for, resolve_compile
 from . import kernels
 from .stats import Stats
-from .timing import StepTimer
+from .timing import StepTimer, sync
 
 # %% auto #0
 __all__ = ['GenerationOutput', 'StepEvent', 'read_step', 'generate']
@@ -51,9 +51,6 @@ def _prompt_tensor(input_ids, device) -> torch.Tensor:
     if ids.shape[0] != 1: raise NotImplementedError(f"batch size {ids.shape[0]}: only batch size 1 is supported for now")
     return ids
 
-def _sync(device:torch.device) -> None:
-    if device.type == "cuda": torch.cuda.synchronize(device)
-
 def read_step(summary:torch.Tensor # [3] n_accepted, eos_index, n_proposed (of row 0)
              ) -> list[int]:
     "The step's one device-to-host read."
@@ -70,71 +67,72 @@ def _emitted(draft_tokens, verdict, eos_ids):
     return new, eos_index
 
 def _setup_seconds(runners) -> float:
-    return sum(getattr(r, "setup_total", 0.0) for r in runners)          # engines and heads' graphs; an eager net: none
+    return sum(r.setup_total for r in runners)                          # engines and heads' graphs (an eager net: none)
 
 # %% ../nbs/08_decode.ipynb #7f487a00
 def _runners(target, drafter, compile:str, B:int, capacity:int, max_k:int):
-    "The target's runner and cache, the drafter's runner, each engine's shapes built now (off the clock)."
+    "The target's runner and cache, the runners that count setup time, each engine's shapes built now (off the clock)."
     mode = resolve_compile(compile, target.net)
-    target.net.keep_layers = tuple(getattr(drafter, "target_layers", None) or ())   # the layers a head reads (none otherwise)
-    target.net.keep_features = bool(getattr(drafter, "reads_target_features", False))   # engines copy them out for heads
     runner = engine_for(target.net, mode)                                  # the net, or its engine
     cache = runner.new_cache(B, capacity)
-    runners, engine = [runner], {"mode": mode}
-    if target.device.type == "cuda":                                      # the kernel registry times its choices now, not in step 1
+    runners, engine = ([runner] if isinstance(runner, Engine) else []), {"mode": mode}
+    if target.device.type == "cuda":                                      # the kernel registry times its choices now
         for name in ("greedy_verify", "rejection_verify", "ngram_match"): kernels.choose(name, target.device)
     if isinstance(runner, Engine):
-        trees = [(max_k + 1, "tree")] if getattr(drafter, "drafts_trees", False) else []   # a full tree: its nodes and the root
+        trees = [(max_k + 1, "tree")] if drafter is not None and drafter.drafts_trees else []   # its nodes and the root
         runner.warmup(cache, [(runner.prefill_chunk, "none"), (1, "all"), (max_k + 1, "all")] + trees)
     if drafter is not None:
         engine["drafter"] = drafter.use_engine(mode)
-        for member in getattr(drafter, "drafters", [drafter]):              # a Fallback's members, or the drafter itself
-            draft_runner = getattr(member, "runner", None)
-            if isinstance(draft_runner, Engine):
-                runners.append(draft_runner)
-                draft_runner.warmup(draft_runner.new_cache(B, capacity), [(draft_runner.prefill_chunk, "none"), (1, "last"), (2, "last")])
-            elif hasattr(draft_runner, "setup_total"): runners.append(draft_runner)   # a head's `HeadSteps`: graphs captured in the loop
+        drafter.warmup(B, capacity)
+        runners += drafter.runners()
     return runner, cache, runners, engine
 
-def _step(runner, cache, drafter, policy, tokens, length:int, k:int, sampling, generator, eos_ids, timer):
-    "One speculative step, on the device up to its one read: `(draft, n_accepted, eos_index, n_proposed)`."
+def _step(runner, cache, drafter, policy, tokens, length:int, k:int, sampling, generator, eos_ids, keep, timer):
+    """One speculative step, on the device up to its one read: `(draft, n_accepted, eos_index, n_proposed, features)`,
+    the features `[B, n_accepted+1, F]` of the committed positions (None when `keep` is empty)."""
     timer.start()
     draft = drafter.propose(tokens[:, :length], k, sampling, generator) if k > 0 else no_draft(tokens)
     timer.lap("draft")
     K = draft.k
     verify_ids = torch.cat([tokens[:, length - 1:length], draft.tokens], dim=1)   # [B, K+1]
-    if draft.parents is not None: return _tree_step(runner, cache, policy, draft, verify_ids, tokens, length, sampling, generator, eos_ids, timer)
-    target_logits = runner(verify_ids, cache)                                      # [B, K+1, V]
+    if draft.parents is not None:
+        return _tree_step(runner, cache, policy, draft, verify_ids, tokens, length, sampling, generator, eos_ids, keep, timer)
+    target_logits, features = runner(verify_ids, cache, keep=keep)               # [B, K+1, V], [B, K+1, F]
     timer.lap("verify")
     extra = {} if draft.n_valid is None else {"n_valid": draft.n_valid}
     verdict = policy(draft.tokens, draft.probs, target_logits, sampling, generator, **extra)
     new, eos_index = _emitted(draft.tokens, verdict, eos_ids)                      # [B, K+1], [B]
     tokens[:, length:length + K + 1] = new                                         # slots past the emitted ones: overwritten later
     proposed = torch.full_like(eos_index, K) if draft.n_valid is None else draft.n_valid
-    return (draft, *read_step(torch.stack([verdict.n_accepted[0], eos_index[0], proposed[0]])))   # the one sync
+    n, eos_at, proposed = read_step(torch.stack([verdict.n_accepted[0], eos_index[0], proposed[0]]))   # the one sync
+    return draft, n, eos_at, proposed, (None if features is None else features[:, :n + 1])
 
-def _tree_step(runner, cache, policy, draft, verify_ids, tokens, length:int, sampling, generator, eos_ids, timer):
+def _tree_step(runner, cache, policy, draft, verify_ids, tokens, length:int, sampling, generator, eos_ids, keep, timer):
     "`_step` for a token tree: verify every branch in one forward, keep the accepted branch's cache entries and features."
     if not hasattr(runner, "keep_path"):
         raise ValueError(f"token trees are verified by a DecoderNet or its Engine; this target runs {type(runner).__name__}")
     layout = draft.layout if draft.layout is not None else TreeLayout.of_draft(draft.parents)
-    target_logits = runner(verify_ids, cache, tree=layout)                         # [B, K+1, V]
+    target_logits, features = runner(verify_ids, cache, tree=layout, keep=keep)    # [B, K+1, V], [B, K+1, F]
     timer.lap("verify")
     if draft.layout is not None and policy.verifies_trees_on_device:               # a tree grown on the device: one read
-        n, path, next_token = policy.verify_tree_on_device(draft.tokens, layout, target_logits, sampling, generator)   # [1], [K], [1]
+        # n [1] accepted, path [K] the kept branch's nodes by depth (junk past n), next_token [1]
+        n, path, next_token = policy.verify_tree_on_device(draft.tokens, layout, target_logits, sampling, generator)
         runner.keep_path(cache, length - 1, path)                                 # entries past the branch move junk past it
         new, eos_index = _emitted(verify_ids[:, path], Verdict(n, next_token), eos_ids)   # [B, K+1], [B]
         tokens[:, length:length + new.shape[1]] = new
-        return (draft, *read_step(torch.stack([n[0], eos_index[0], layout.depths.max()])))   # a tree proposes `depth` positions
-    parents = draft.parents if isinstance(draft.parents, list) else draft.parents.tolist()
-    branch, next_token = policy.verify_tree(draft.tokens, parents, target_logits, sampling, generator)   # [n], [B]
-    runner.keep_path(cache, length - 1, [i + 1 for i in branch])                  # the branch's K/V where a chain's would be
-    n = len(branch)
-    branch_tokens = draft.tokens[:, branch]                                        # [B, n]
-    verdict = Verdict(torch.full_like(next_token, n), next_token)
-    new, eos_index = _emitted(branch_tokens, verdict, eos_ids)                     # [B, n+1], [B]
-    tokens[:, length:length + n + 1] = new
-    return draft, n, int(eos_index[0]), int(layout.depths.max())                  # a tree proposes `depth` positions
+        n, eos_at, depth = read_step(torch.stack([n[0], eos_index[0], layout.depths.max()]))   # a tree proposes `depth`
+        kept = torch.cat([path.new_zeros(1), path[:n]])                            # [n+1] the block rows committed
+    else:
+        parents = draft.parents if isinstance(draft.parents, list) else draft.parents.tolist()
+        branch, next_token = policy.verify_tree(draft.tokens, parents, target_logits, sampling, generator)   # [n], [B]
+        runner.keep_path(cache, length - 1, [i + 1 for i in branch])              # the branch's K/V where a chain's would be
+        n = len(branch)
+        verdict = Verdict(torch.full_like(next_token, n), next_token)
+        new, eos_index = _emitted(draft.tokens[:, branch], verdict, eos_ids)       # [B, n+1], [B]
+        tokens[:, length:length + n + 1] = new
+        eos_at, depth = int(eos_index[0]), int(layout.depths.max())               # a tree proposes `depth` positions
+        kept = torch.tensor([0] + [i + 1 for i in branch], device=verify_ids.device)   # [n+1] the block rows committed
+    return draft, n, eos_at, depth, (None if features is None else features.index_select(1, kept.to(features.device)))
 
 def _event(step:int, draft, proposed:int, accepted:int, emitted, before:dict, timer) -> StepEvent:
     "The host-side record of a step, for `on_step` callbacks."
@@ -168,12 +166,12 @@ def generate(target:LoadedModel, # the model whose output we want (anything with
     if policy is None: policy = Greedy() if sampling.greedy else RejectionSampling()
     if isinstance(policy, Greedy) and not sampling.greedy:
         raise ValueError(f"Greedy policy needs temperature=0 (got {temperature}); use RejectionSampling to sample")
-    if getattr(drafter, "drafts_trees", False) and type(policy).verify_tree is AcceptancePolicy.verify_tree:
+    if drafter is not None and drafter.drafts_trees and not policy.verifies_trees:
         raise ValueError(f"{drafter.name} drafts token trees, which policy {type(policy).__name__} cannot verify: "
                          "use greedy or rejection")
     if drafter is not None and controller is None: controller = FixedK(4)
     if controller is not None and drafter is not None:
-        controller.start(target, drafter)
+        controller.start(target, drafter, compile)
         drafter.stop_below = controller.stop_below       # `DynamicK`: drafting token by token stops at an unlikely chain
     eos = list(target.eos_token_ids if eos_token_id is None else
                ([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id))
@@ -184,24 +182,25 @@ def generate(target:LoadedModel, # the model whose output we want (anything with
     runner, cache, runners, engine = _runners(target, drafter, compile, B, capacity, block)
     generator = torch.Generator(device=device).manual_seed(seed)
     stats, setup_before = Stats(generations=1), _setup_seconds(runners)
-    _sync(device); t0 = time.perf_counter()
+    keep = drafter.target_layers if drafter is not None else ()          # the target layers the drafter reads
+    sync(device); t0 = time.perf_counter()
 
-    if S > 1: runner(prompt[:, :-1], cache, logits="none")               # prefill all but the current token
-    if drafter is not None: drafter.start(target, prompt, capacity)
+    prefill = runner(prompt[:, :-1], cache, logits="none", keep=keep) if S > 1 else None   # all but the current token
+    if drafter is not None: drafter.start(target, prompt, capacity, None if prefill is None else prefill.features)
     tokens = torch.empty(B, capacity, dtype=torch.long, device=device)    # prompt + output, [B, capacity]
     tokens[:, :S] = prompt
     length = S
-    _sync(device); stats.prefill_time = time.perf_counter() - t0
+    sync(device); stats.prefill_time = time.perf_counter() - t0
 
     accepted_lengths, timer = [], StepTimer(device)
     while length - S < max_new_tokens:
         k = min(controller.next_k(), max_new_tokens - (length - S) - 1) if drafter is not None else 0
         before = dict(timer.totals) if on_step is not None else None
-        draft, n, eos_at, proposed = _step(runner, cache, drafter, policy, tokens, length, k, sampling, generator, eos_ids, timer)
+        draft, n, eos_at, proposed, features = _step(runner, cache, drafter, policy, tokens, length, k, sampling,
+                                                     generator, eos_ids, keep, timer)
         cache.rollback(length + n)                       # keep the current token and the n accepted drafts
-        if proposed > 0:
-            drafter.observe(n); controller.update(proposed, n)
-        elif getattr(drafter, "reads_target_features", False): drafter.observe(0)   # heads keep the committed token's features
+        if drafter is not None: drafter.observe(n, features)
+        if proposed > 0: controller.update(proposed, n)
         stats.record_step(proposed, min(n, eos_at))      # drafts after an EOS are not counted
         length += min(n, eos_at) + 1
         timer.lap("accept")
@@ -211,14 +210,15 @@ def generate(target:LoadedModel, # the model whose output we want (anything with
                                                  tokens[0, length - min(n, eos_at) - 1:length], before, timer)) is False: break
         if eos_at <= n: break
 
-    _sync(device)
+    sync(device)
     setup = _setup_seconds(runners) - setup_before                     # shapes first met inside the loop
     stats.wall_time = time.perf_counter() - t0 - setup
     phases = timer.finish()
     stats.draft_time, stats.verify_time, stats.accept_time = phases["draft"], phases["verify"], phases["accept"]
     stats.new_tokens, stats.draft_forwards = length - S, (drafter.forwards if drafter is not None else 0)
     stats.missing_features = drafter.missing_features if drafter is not None else 0
-    engine["setup_seconds"] = {f"{role}:{key}": round(v, 4) for role, r in zip(("target",) + ("draft",) * (len(runners) - 1), runners)
-                               for key, v in getattr(r, "setup_seconds", {}).items()}
+    roles = ["target" if r is runner else "draft" for r in runners]
+    engine["setup_seconds"] = {f"{role}:{key}": round(v, 4) for role, r in zip(roles, runners)
+                               for key, v in r.setup_seconds.items()}
     engine["setup_in_loop_seconds"] = round(setup, 4)                   # subtracted from wall_time
     return GenerationOutput(tokens[:, S:length].clone(), stats, accepted_lengths, engine)

@@ -31,20 +31,45 @@ class Draft:
     def k(self) -> int: return self.tokens.shape[1]
 
 class Drafter:
-    "Base class of drafters."
-    forwards:int = 0   # draft forward passes in the current generation
+    """The contract between a drafter and the loop: every member `generate`, the engines, the benchmark and `Fallback`
+    use, declared here with its default. A drafter overrides `propose` and what else it needs; nothing else is asked."""
+    target_layers:tuple = ()   # target layers whose outputs it drafts from, handed to `start`/`observe` as features
+    drafts_trees:bool = False  # proposes token trees (`Draft.parents`): only a policy that verifies trees can keep them
+    forwards:int = 0           # draft forward passes in the current generation
     missing_features:int = 0   # steps this generation drafted without the target features it reads (a head: from zeros)
     usage:list|None = None     # joined drafters (`Fallback`): per member, the steps it drafted, its drafts proposed and accepted
-    stop_below:float|None = None   # set by `generate` from the controller: drafting token by token stops once the chain's probability is below it
-    def start(self, target:LoadedModel, prompt_ids:torch.Tensor, capacity:int) -> None: self.forwards = 0
-    def propose(self, tokens:torch.Tensor, k:int, sampling:SamplingConfig, generator=None) -> Draft: raise NotImplementedError
-    def observe(self, n_accepted:int) -> None: pass
-    def use_engine(self, compile:str) -> dict: return {}   # model drafters: run forwards in this mode; the mode used
-    def max_drafts(self, k:int) -> int: return k           # the most drafts one proposal holds for K=k (a tree: its nodes)
-    @property
-    def name(self) -> str: return type(self).__name__
+    stop_below:float|None = None   # set by `generate` from the controller: token-by-token drafting stops once the
+                                   # chain's probability is below it (`DynamicK`)
 
-    def keep_drafting(self, chain:torch.Tensor|None, # [B] the draft's probability of each row's chain before this token (None: first)
+    @property
+    def name(self) -> str: return type(self).__name__   # registered drafters: their canonical spec (`specs.spec_of`)
+    @property
+    def members(self) -> tuple: return (self,)           # the drafters it is made of (`Fallback`: its drafters)
+    def runners(self) -> list: return []                 # what runs its forwards at fixed shapes (engines, head steps):
+                                                         # the loop counts their setup seconds apart from decoding
+    def check(self, target:LoadedModel) -> None: pass    # raise when it cannot draft for `target`
+    def use_engine(self, compile:str) -> dict: return {} # run its forwards in the target's resolved mode; what it uses
+    def warmup(self, batch:int, capacity:int) -> None: pass   # build its fixed shapes now, before the clock starts
+    def max_drafts(self, k:int) -> int: return k         # the most drafts one proposal holds for K=k (a tree: its nodes)
+
+    def start(self, target:LoadedModel, prompt_ids:torch.Tensor, # [B, S]
+              capacity:int, # the most tokens a sequence will hold
+              features:torch.Tensor|None=None, # [B, S-1, F] outputs of `target_layers` at the prompt's positions but the last
+             ) -> None:
+        "Begin a generation (once, after the prompt's prefill)."
+        self.forwards, self.missing_features = 0, 0
+
+    def propose(self, tokens:torch.Tensor, # [B, L] the sequence so far (prompt and accepted output)
+                k:int, sampling:SamplingConfig, generator=None) -> Draft:
+        "Up to `k` drafts after `tokens` (fewer, or none: the step then decodes one token)."
+        raise NotImplementedError
+
+    def observe(self, n_accepted:int, # drafts the step kept (0 on a step that drafted nothing)
+                features:torch.Tensor|None=None, # [B, n_accepted+1, F] `target_layers` outputs at the verified token
+               ) -> None:                        # and the kept drafts
+        "After every verification step: what the step committed."
+
+    def keep_drafting(self, chain:torch.Tensor|None, # [B] the draft's probability of each row's chain before this token
                       logits:torch.Tensor, # [B, N] the draft's logits at this position
                       choice:torch.Tensor, # [B] the index drafted there (into the logits' last dimension)
                      ) -> tuple[bool, torch.Tensor|None]:
@@ -69,7 +94,7 @@ class PromptLookup(Drafter):
         self.max_ngram, self.min_ngram, self.on_device = max_ngram, min_ngram, on_device
 
     @property
-    def name(self): return f"pld({self.max_ngram},{self.min_ngram})"
+    def name(self): return f"pld:{self.max_ngram}" + (f":{self.min_ngram}" if self.min_ngram != 1 else "")
 
     def propose(self, tokens, k, sampling=None, generator=None):
         B, S = tokens.shape
@@ -114,10 +139,18 @@ class DraftModel(Drafter):
         self.runner = engine_for(self.net, compile, role="draft")
         return {"mode": self.runner.mode if isinstance(self.runner, Engine) else "eager"}
 
+    def runners(self) -> list: return [self.runner] if isinstance(self.runner, Engine) else []
+
+    def warmup(self, batch:int, capacity:int) -> None:
+        "Build the engine's shapes now: a prefill chunk, and the 1- and 2-token steps that draft and catch up."
+        if isinstance(self.runner, Engine):
+            shapes = [(self.runner.prefill_chunk, "none"), (1, "last"), (2, "last")]
+            self.runner.warmup(self.runner.new_cache(batch, capacity), shapes)
+
 # %% ../nbs/05_drafters.ipynb #3c52815f
-def _start(self:DraftModel, target, prompt_ids, capacity):
+def _start(self:DraftModel, target, prompt_ids, capacity, features=None):
     self.check(target)
-    self.forwards = 0
+    self.forwards, self._k = 0, 0
     B = prompt_ids.shape[0]
     if isinstance(self.runner, Engine) or self.cache is None or self.cache.capacity < capacity or self.cache.keys.shape[1] != B:
         self.cache = self.runner.new_cache(B, capacity)     # an engine hands back its own (static) cache
@@ -127,7 +160,7 @@ def _propose(self:DraftModel, tokens, k, sampling=SamplingConfig(), generator=No
     S = tokens.shape[1]
     self._base, self._k = S, k
     if k == 0: return no_draft(tokens)
-    logits = self.runner(tokens[:, self.cache.length:], self.cache, logits="last")[:, -1]   # [B, V]
+    logits = self.runner(tokens[:, self.cache.length:], self.cache, logits="last").logits[:, -1]   # [B, V]
     drafted, probs, chain = [], [], None
     for i in range(k):
         p = logits_to_probs(logits, sampling)                                  # [B, V]
@@ -136,13 +169,15 @@ def _propose(self:DraftModel, tokens, k, sampling=SamplingConfig(), generator=No
         if i == k - 1: break
         go_on, chain = self.keep_drafting(chain, logits, t)
         if not go_on: break
-        logits = self.runner(t[:, None], self.cache, logits="last")[:, -1]
+        logits = self.runner(t[:, None], self.cache, logits="last").logits[:, -1]
     self._k = len(drafted)                                                     # what observe rolls back to
     self.forwards += len(drafted)
     return Draft(torch.stack(drafted, 1), torch.stack(probs, 1))               # [B, k], [B, k, V]
 
-def _observe(self:DraftModel, n_accepted):
-    self.cache.rollback(min(self._base + n_accepted, self._base + self._k - 1))
+def _observe(self:DraftModel, n_accepted, features=None):
+    "Keep the accepted drafts' entries (the last draft's was never written); a step it did not draft keeps nothing new."
+    if self._k: self.cache.rollback(min(self._base + n_accepted, self._base + self._k - 1))
+    self._k = 0
 
 DraftModel.start, DraftModel.propose, DraftModel.observe = _start, _propose, _observe
 
@@ -164,16 +199,16 @@ class LayerSkip(DraftModel):
 
 # %% ../nbs/05_drafters.ipynb #97227af7
 class Fallback(Drafter):
-    "The first drafter's draft where it has one, else the next one's (e.g. prompt lookup where the text repeats, a head elsewhere)."
+    """The first drafter's draft where it has one, else the next one's (e.g. prompt lookup where the text repeats, a head
+    elsewhere). On one row, a draft made on the device is read once to know whether it drafted (one more host read), so
+    that the drafters after it run only where it has nothing; on several rows each row takes the first real draft."""
     def __init__(self, drafters:list):
         drafters = list(drafters)
         if len(drafters) < 2 or not all(isinstance(d, Drafter) for d in drafters):
             raise ValueError(f"Fallback needs two or more drafters, got {drafters!r}")
         self.drafters = drafters
-        self.reads_target_features = any(getattr(d, "reads_target_features", False) for d in drafters)
-        self.drafts_trees = any(getattr(d, "drafts_trees", False) for d in drafters)
-        layers = sorted({i for d in drafters for i in (getattr(d, "target_layers", None) or ())})
-        self.target_layers = tuple(layers) or None        # what the loop keeps of the target's layers for the heads
+        self.drafts_trees = any(d.drafts_trees for d in drafters)
+        self.target_layers = tuple(sorted({i for d in drafters for i in d.target_layers}))   # every member's, once
         self._used, self._proposed_by = None, []
         self._reset_usage()
 
@@ -181,7 +216,8 @@ class Fallback(Drafter):
 
     @property
     def name(self): return "+".join(d.name for d in self.drafters)
-
+    @property
+    def members(self) -> tuple: return tuple(self.drafters)
     @property
     def forwards(self) -> int: return sum(d.forwards for d in self.drafters)
     @property
@@ -193,15 +229,26 @@ class Fallback(Drafter):
     def stop_below(self, value):
         for d in self.drafters: d.stop_below = value
 
+    def runners(self) -> list: return [r for d in self.drafters for r in d.runners()]
     def use_engine(self, compile:str) -> dict: return {d.name: d.use_engine(compile) for d in self.drafters}
+    def warmup(self, batch:int, capacity:int) -> None:
+        for d in self.drafters: d.warmup(batch, capacity)
     def max_drafts(self, k:int) -> int: return max(d.max_drafts(k) for d in self.drafters)
 
     def check(self, target) -> None:
-        for d in self.drafters:
-            if hasattr(d, "check"): d.check(target)
+        for d in self.drafters: d.check(target)
 
-    def start(self, target, prompt_ids, capacity):
-        for d in self.drafters: d.start(target, prompt_ids, capacity)
+    def features_of(self, features:torch.Tensor|None, # [B, n, len(target_layers) * H] every member's layers
+                    member:Drafter) -> torch.Tensor|None:
+        "The columns of `features` that `member` reads: its `target_layers`' outputs, in its order `[B, n, F]`."
+        if features is None or not member.target_layers: return None
+        if member.target_layers == self.target_layers: return features
+        H = features.shape[-1] // len(self.target_layers)
+        return torch.cat([features[..., j * H:(j + 1) * H] for j in map(self.target_layers.index, member.target_layers)], -1)
+
+    def start(self, target, prompt_ids, capacity, features=None):
+        for d in self.drafters: d.start(target, prompt_ids, capacity, self.features_of(features, d))
+        self._used, self._proposed_by = None, []
         self._reset_usage()
 
     def propose(self, tokens, k, sampling=SamplingConfig(), generator=None):
@@ -210,9 +257,9 @@ class Fallback(Drafter):
             draft = d.propose(tokens, k, sampling, generator)
             self._proposed_by.append(i)
             if draft.k == 0: continue
-            if draft.n_valid is not None and merged is None and self.drafts_trees and draft.tokens.shape[0] == 1:
-                valid = int(draft.n_valid[0])                          # a tree cannot fill in for a device draft's rows:
-                if valid == 0: continue                                # read whether it drafted (a second host read)
+            if draft.n_valid is not None and merged is None and draft.tokens.shape[0] == 1:
+                valid = int(draft.n_valid[0])                          # one row: read whether it drafted, so that the
+                if valid == 0: continue                                # next drafter runs only where it did not
                 self._used = i
                 self.usage[i]["proposed"] += valid
                 return draft
@@ -226,14 +273,15 @@ class Fallback(Drafter):
         self._used = "device" if merged is not None else None
         return merged if merged is not None else no_draft(tokens)
 
-    def observe(self, n_accepted:int) -> None:
+    def observe(self, n_accepted:int, features=None) -> None:
         """Heads keep every step's features; the drafter whose draft was used keeps its accepted drafts; others, none.
         `usage` counts the steps each drafter drafted (on the host only: on the device, rows choose unread)."""
         for i, d in enumerate(self.drafters):
-            if getattr(d, "reads_target_features", False) or i == self._used: d.observe(n_accepted)
+            if d.target_layers or i == self._used: d.observe(n_accepted, self.features_of(features, d))
             elif i in self._proposed_by and self._used == "device": d.observe(0)     # may not have been used: drop its drafts
         if isinstance(self._used, int):
             u = self.usage[self._used]; u["steps"] += 1; u["accepted"] += n_accepted
+        self._used, self._proposed_by = None, []                       # a step without a proposal uses no one
 
 def _merge(first:Draft, second:Draft) -> Draft:
     "Per row: `first` where it has real drafts (`n_valid` > 0), else `second`; on the device, no host read."

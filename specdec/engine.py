@@ -9,10 +9,11 @@ from __future__ import annotations
 import time
 import torch
 import torch.nn.functional as F
-from .net import DecoderNet, KVCache, TreeLayout
+from .net import DecoderNet, Forward, KVCache, TreeLayout, kept_features
+from .timing import sync
 
 # %% auto #0
-__all__ = ['COMPILE_MODES', 'resolve_compile', 'graph_memory', 'Engine', 'engine_for']
+__all__ = ['COMPILE_MODES', 'resolve_compile', 'graph_memory', 'capture_graph', 'Engine', 'engine_for']
 
 # %% ../nbs/02a_engine.ipynb #ac517e7b
 COMPILE_MODES = ("auto", "eager", "fixed", "compile", "graphs", "compile+graphs")
@@ -37,6 +38,20 @@ def graph_memory(device:torch.device) -> tuple:
     if key not in _GRAPH_MEMORY:
         with torch.cuda.device(device): _GRAPH_MEMORY[key] = (torch.cuda.graph_pool_handle(), torch.cuda.Stream(device))
     return _GRAPH_MEMORY[key]
+
+def capture_graph(fn, # the work to capture: fn(*inputs) -> outputs (tensors, read by address at each replay)
+                  inputs:list, # static input tensors: copy new values into them before each replay
+                  device:torch.device) -> tuple:
+    """`(graph, outputs)`: `fn(*inputs)` warmed up twice on the capture stream (compiling, if it compiles), then captured
+    as a CUDA graph into the device's shared pool. Every runner (the target's engine, a head's steps) captures with it."""
+    pool, stream = graph_memory(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        for _ in range(2): fn(*inputs)                                   # warm-up: the same writes a replay makes
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool, stream=stream): outputs = fn(*inputs)
+    return graph, outputs
 
 # %% ../nbs/02a_engine.ipynb #928b2f74
 class Engine:
@@ -84,23 +99,19 @@ Engine.new_cache = _new_cache
 
 # %% ../nbs/02a_engine.ipynb #2a3b0e4b
 def _forward_fn(self:Engine, logits:str="all"):
-    """`forward_at(ids, positions, cache, tree)` with its `logits` ("tree": all of them) as the mode runs it: compiled
-    (`dynamic=False`, plain linears) or eager; prefill chunks are never compiled. Every layer's output is kept
-    (`net.layer_features`), whichever layers a head reads, so that one compiled or captured step serves every drafter."""
+    """`forward_layers_at(ids, positions, cache, tree)` with its `logits` ("tree": all of them) as the mode runs it:
+    compiled (`dynamic=False`, plain linears) or eager; prefill chunks are never compiled. It returns every layer's
+    output, whichever layers a head reads, so that one compiled or captured step serves every drafter."""
     net, all_layers = self.net, tuple(range(self.net.num_layers))
     if logits == "tree": logits = "all"                                  # a tree's step returns every node's logits
-    forward = net.forward_at
+    forward = net.forward_layers_at
     if self.mode in ("compile", "compile+graphs") and logits != "none":
-        if self.compiled is None: self.compiled = torch.compile(net.forward_at, dynamic=False)
+        if self.compiled is None: self.compiled = torch.compile(net.forward_layers_at, dynamic=False)
         compiled = self.compiled
-        def forward(ids, positions, cache, logits, tree=None):
+        def forward(ids, positions, cache, logits, tree=None, keep=()):
             with torch._dynamo.config.patch(recompile_limit=64):   # one entry per width (and tree or not), not the default 8
-                return compiled(ids, positions, cache, logits, packed=False, tree=tree)
-    def run(ids, positions, cache, tree=None):
-        kept, net.keep_layers = net.keep_layers, all_layers
-        try: return forward(ids, positions, cache, logits, tree=tree)
-        finally: net.keep_layers = kept
-    return run
+                return compiled(ids, positions, cache, logits, packed=False, tree=tree, keep=keep)
+    return lambda ids, positions, cache, tree=None: forward(ids, positions, cache, logits, tree=tree, keep=all_layers)
 
 def _static_tree(q:int, device) -> tuple[torch.Tensor, torch.Tensor]:
     "A chain's `(depths [q], ancestors [q, q])`: a valid tree to build a tree step with (each call copies its own in)."
@@ -110,25 +121,17 @@ def _capture(self:Engine, q:int, logits:str, cache:KVCache):
     """Warm up, capture `forward_at` of width `q` as a CUDA graph; return the replaying step function. `logits="tree"`:
     all logits of a token tree, whose depths and ancestor mask are copied into the graph's inputs at each replay."""
     device = self.net.device
-    fn, (pool, stream) = self._forward_fn(logits), graph_memory(device)
     static_ids = torch.zeros(cache.keys.shape[1], q, dtype=torch.long, device=device)   # [B, q]
     static_pos = cache.positions(q).clone()                                              # [q]
     static_tree = _static_tree(q, device) if logits == "tree" else None                   # ([q], [q, q])
-    stream.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(stream):
-        for _ in range(2): fn(static_ids, static_pos, cache, static_tree)   # warm-up (compiles, if compiling)
-    torch.cuda.current_stream(device).wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool, stream=stream):
-        static_out = fn(static_ids, static_pos, cache, static_tree)
-    static_features, static_layers = self.net.features, dict(self.net.layer_features)   # [B, q, H]; every layer's
+    # the outputs: logits and {layer: [B, q, H]}
+    graph, static_out = capture_graph(self._forward_fn(logits), [static_ids, static_pos, cache, static_tree], device)
     def replay(input_ids, cache, tree=None):
         static_ids.copy_(input_ids)
         torch.add(cache.steps[:q], cache.length_t, out=static_pos)          # positions from the device length
         if static_tree is not None:
             for static, given in zip(static_tree, tree): static.copy_(given, non_blocking=True)
         graph.replay()
-        self.net.features, self.net.layer_features = static_features, dict(static_layers)   # a copy: forwards write into theirs
         return static_out                                                    # overwritten by this shape's next replay
     return replay
 
@@ -139,8 +142,7 @@ def _step(self:Engine, q:int, logits:str, cache:KVCache):
     if key not in self.steps:
         if cache is not self.cache and self.mode in ("graphs", "compile+graphs"):
             raise ValueError("a graph engine runs on its own cache: get it from engine.new_cache()")
-        sync = (lambda: torch.cuda.synchronize(self.net.device)) if self.net.device.type == "cuda" else (lambda: None)
-        sync(); t0 = time.perf_counter()
+        sync(self.net.device); t0 = time.perf_counter()
         if self.mode in ("graphs", "compile+graphs"): fn = self._capture(q, logits, cache)
         else:
             forward = self._forward_fn(logits)
@@ -148,7 +150,7 @@ def _step(self:Engine, q:int, logits:str, cache:KVCache):
             if self.mode == "compile" and logits != "none":                  # compile now
                 fn(torch.zeros(cache.keys.shape[1], q, dtype=torch.long, device=self.net.device), cache,
                    _static_tree(q, self.net.device) if logits == "tree" else None)
-        sync(); name = f"q={q}/{logits}"
+        sync(self.net.device); name = f"q={q}/{logits}"
         self.setup_seconds[name] = self.setup_seconds.get(name, 0.0) + time.perf_counter() - t0   # summed over rebuilds
         self.steps[key], self.tables = fn, self.net.cos
     return self.steps[key]
@@ -159,20 +161,28 @@ Engine._forward_fn, Engine._capture, Engine._step = _forward_fn, _capture, _step
 def _call(self:Engine, input_ids:torch.Tensor, # [B, q] new tokens, written at positions length..length+q-1
           cache:KVCache,
           logits:str="all", # "all", "last" or "none"
-          tree:TreeLayout|None=None, # the new tokens form a token tree (`TreeLayout`): all logits, each node sees its ancestors
-         ) -> torch.Tensor|None:
-    """Run `q` new tokens at fixed shapes; logits `[B, q|1, V]` (a static buffer in graph modes: read it before the next
-    call). A `tree` is verified as the eager forward verifies it (slots in node order, positions by depth)."""
+          tree:TreeLayout|None=None, # the new tokens form a token tree (`TreeLayout`): all logits, each sees its ancestors
+          keep:tuple=(), # layers whose outputs to return as `features` (copied out of the steps' buffers)
+         ) -> Forward:
+    """Run `q` new tokens at fixed shapes; return their logits `[B, q|1, V]` (a static buffer in graph modes: read it
+    before the next call) and the `keep` layers' outputs `[B, q, len(keep) * H]` (a copy). A `tree` is verified as the
+    eager forward verifies it (slots in node order, positions by depth)."""
     B, q = input_ids.shape
     start = cache.check_room(q)
-    parts = []                                                             # features of each part of the call, for heads
+    parts = []                                                             # [B, n, F] features of each step of the call
+    def run(step, ids, n:int, tree=None):                                 # one step; keep its first n positions' features
+        out, layers = step(ids, cache, tree)
+        if keep: parts.append(kept_features(layers, keep, n))
+        return out
+    def wide(ids, cache, tree=None):                                      # past `max_step`: a fixed-shape forward, no step
+        return self.net.forward_layers_at(ids, cache.positions(ids.shape[1]), cache, "all", tree=tree, keep=keep)
     if tree is not None:
         if len(tree) != q: raise ValueError(f"a token tree of {len(tree)} nodes cannot verify {q} tokens")
-        if logits != "all": raise ValueError(f"a token tree's verification returns every node's logits (logits='all'), got {logits!r}")
+        if logits != "all":
+            raise ValueError(f"a token tree's verification returns every node's logits (logits='all'), got {logits!r}")
         device_tree = tree.on(self.net.device)                             # ([q], [q, q])
-        if self._too_wide(q, "tree"): out = self.net.forward_at(input_ids, cache.positions(q), cache, "all", tree=device_tree)
-        else: out = self._step(q, "tree", cache)(input_ids, cache, device_tree)
-        self._keep_features(parts, q)
+        step = wide if self._too_wide(q, "tree") else self._step(q, "tree", cache)
+        out = run(step, input_ids, q, device_tree)
     elif logits == "none" or (logits == "last" and q > self.last_logits_max_q):
         n = q if logits == "none" else q - 1
         P = self.prefill_chunk
@@ -180,48 +190,23 @@ def _call(self:Engine, input_ids:torch.Tensor, # [B, q] new tokens, written at p
             chunk = input_ids[:, s:min(s + P, n)]                          # [B, <=P]
             real = chunk.shape[1]
             if cache.length + P > cache.capacity:
-                raise ValueError(f"KV cache overflow: a padded prefill chunk needs {cache.length}+{P} > capacity {cache.capacity}")
+                raise ValueError(f"KV cache overflow: a padded prefill chunk needs {cache.length}+{P} > capacity "
+                                 f"{cache.capacity}")
             if real < P: chunk = F.pad(chunk, (0, P - real))             # padding: written past the length, hidden, overwritten
-            self._step(P, "none", cache)(chunk, cache)
-            self._keep_features(parts, real)
+            run(self._step(P, "none", cache), chunk, real)
             cache.length = cache.length + real
-        if logits == "none":
-            self._publish_features(parts, start)
-            return None
-        out = self._step(1, "last", cache)(input_ids[:, -1:], cache)
-        self._keep_features(parts, 1)
+        out = None if logits == "none" else run(self._step(1, "last", cache), input_ids[:, -1:], 1)
     else:
-        if self._too_wide(q, logits): out = self.net.forward_at(input_ids, cache.positions(q), cache, "all")
-        else: out = self._step(q, logits, cache)(input_ids, cache)
-        self._keep_features(parts, q)
-    self._publish_features(parts, start)
+        step = wide if self._too_wide(q, logits) else self._step(q, logits, cache)
+        out = run(step, input_ids, q)
     cache.length = start + q
-    return out
+    features = None if not keep else parts[0] if len(parts) == 1 else torch.cat(parts, 1)   # [B, q, F]
+    return Forward(out, features)
 Engine.__call__ = _call
-
-def _keep_features(self:Engine, parts:list, n:int) -> None:
-    "Copy the first `n` positions' features of the step just run (static buffers in graph modes) if a head reads them."
-    net = self.net
-    if not net.keep_features: return
-    parts.append((net.features[:, :n].clone(), {i: net.layer_features[i][:, :n].clone() for i in net.keep_layers}))
-
-def _publish_features(self:Engine, parts:list, start:int) -> None:
-    """Give the net the features of this call's positions `start..` (and of the layers a head reads), as the eager
-    forward does; `features_start` None (no features) when no head reads them."""
-    net = self.net
-    if not parts:
-        net.features_start = None
-        return
-    if len(parts) == 1: net.features, net.layer_features = parts[0]                      # [B, q, H], {layer: [B, q, H]}
-    else:
-        net.features = torch.cat([f for f, _ in parts], 1)
-        net.layer_features = {i: torch.cat([l[i] for _, l in parts], 1) for i in net.keep_layers}
-    net.features_start = start
-Engine._keep_features, Engine._publish_features = _keep_features, _publish_features
 
 @torch.inference_mode()
 def _keep_path(self:Engine, cache:KVCache, start:int, path:list[int]) -> None:
-    "After a token tree's verification: `DecoderNet.keep_path` on the engine's cache and the features it published."
+    "After a token tree's verification: `DecoderNet.keep_path` on the engine's cache."
     self.net.keep_path(cache, start, path)
 Engine.keep_path = _keep_path
 

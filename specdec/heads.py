@@ -16,7 +16,8 @@ from .net import KVCache, TreeLayout, attend, cache_dtype
 from specdec_kernels.rotary_kv import rotate
 from .sampling import SamplingConfig, logits_to_probs, sample
 from .drafters import Draft, Drafter, no_draft
-from .engine import graph_memory
+from .engine import capture_graph
+from .timing import sync
 
 # %% auto #0
 __all__ = ['HALF_ROWS', 'HEAD_MODES', 'CAPACITY_MULTIPLE', 'HEAD_FORMAT', 'HEAD_TYPES', 'SHIPPED_HEADS', 'DraftVocab',
@@ -89,10 +90,9 @@ def target_fingerprint(target:LoadedModel) -> str:
 
 # %% ../nbs/05a_heads.ipynb #69eab46e
 class _Head(nn.Module, Drafter):
-    "What EAGLE and Medusa heads share: the target they draft for, its norm and output head over the draft vocabulary."
-    reads_target_features = True
+    """What EAGLE and Medusa heads share: the target they draft for, its norm and output head over the draft vocabulary,
+    and the target's features (the outputs of `target_layers`) that the loop hands to `start` and `observe`."""
     head_type = ""
-    target_layers = None   # None: the last layer's features; a tuple: the outputs of those target layers, concatenated
 
     def __init__(self, target:LoadedModel, draft_vocab:DraftVocab|None=None):
         nn.Module.__init__(self)
@@ -101,6 +101,7 @@ class _Head(nn.Module, Drafter):
         if self.draft_vocab.vocab_size != target.vocab_size:
             raise ValueError(f"draft vocabulary is for a vocabulary of {self.draft_vocab.vocab_size} ids, "
                              f"the target {target.name!r} has {target.vocab_size}")
+        self.target_layers = (target.config.num_hidden_layers - 1,)   # the last layer's output (EAGLE: its own choice)
         self.forwards, self.missing_features = 0, 0   # missing: steps without the target's features (e.g. timing alone)
         self.checkpoint = None                        # the folder it was loaded from, for specs
         self.prompt_vocab = False                     # also draft the prompt's tokens the draft vocabulary lacks (copied names, foreign words)
@@ -115,12 +116,12 @@ class _Head(nn.Module, Drafter):
     @property
     def hidden_size(self) -> int: return self.target.config.hidden_size
 
-    def target_norm(self, features): return self.target.model.model.norm(features)
-
     @property
-    def layers_read(self) -> tuple[int, ...]:
-        "The target layers whose outputs this head reads (the last one unless `target_layers` names others)."
-        return self.target_layers or (self.target.config.num_hidden_layers - 1,)
+    def name(self) -> str:
+        "Its spec: `eagle` / `medusa` (shipped or built in code), or with the checkpoint folder it was loaded from."
+        return self.head_type + (f":{self.checkpoint}" if self.checkpoint else "")
+
+    def target_norm(self, features): return self.target.model.model.norm(features)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -137,8 +138,7 @@ class _Head(nn.Module, Drafter):
         return {"mode": mode, "dtype": str(self.dtype).removeprefix("torch."), "draft_vocab": len(self.draft_vocab),
                 "prompt_vocab": bool(self.prompt_vocab)}
 
-    @property
-    def runner(self): return self.steps                # what `generate` counts setup time of (None: eager)
+    def runners(self) -> list: return [] if self.steps is None else [self.steps]   # graphs captured in the loop
 
     def draft_weight(self) -> torch.Tensor:
         """The target's output-head rows of the draft vocabulary `[N, H]` in the head's dtype, selected once per weight
@@ -164,39 +164,29 @@ class _Head(nn.Module, Drafter):
         if target.model is not self.target.model:
             raise ValueError(f"{self.name} was built on {self.target.name!r} but generate() got target {target.name!r}")
 
-    def _net_features(self) -> torch.Tensor|None:
-        "The target's last forward's features this head reads `[B, q, F]`, or None (eager, or the engine's copies)."
-        net = self.target.net
-        if self.target_layers is None: return net.features
-        if any(i not in net.layer_features for i in self.target_layers): return None
-        return torch.cat([net.layer_features[i] for i in self.target_layers], -1)
+    def _taken(self, features:torch.Tensor|None, # [B, n, F] the loop's features of the committed positions
+               count:int) -> torch.Tensor:
+        """The first `count` positions' features `[B, count, F]`; zeros, counted in `missing_features`, when the loop gave
+        fewer (the draft is then poor, never wrong: the target verifies it)."""
+        if features is not None and features.shape[1] >= count: return features[:, :count]
+        self.missing_features += 1
+        w = self.target.model.lm_head.weight
+        return w.new_zeros(1 if features is None else features.shape[0], count, w.shape[1] * len(self.target_layers))
 
-    def _last_features(self, count:int, first:int|None=None) -> torch.Tensor:
-        """The first `count` positions' features `[B, count, F]` of the target's last forward (which began at
-        `first`); zeros, counted in `missing_features`, when it did not give them (the draft is then poor, never wrong)."""
-        net, features = self.target.net, self._net_features()
-        if net.features_start is None or features is None or features.shape[1] < count \
-                or (first is not None and net.features_start != first):
-            self.missing_features += 1
-            w = self.target.model.lm_head.weight
-            width = w.shape[1] * (1 if self.target_layers is None else len(self.target_layers))
-            return w.new_zeros(1 if features is None else features.shape[0], count, width)
-        return features[:, :count]
-
-    def start(self, target, prompt_ids, capacity):
-        "Keep the prefill's features (all prompt tokens but the last); with `prompt_vocab`, draft from the prompt's tokens too."
+    def start(self, target, prompt_ids, capacity, features=None):
+        "Keep the prefill's features (every prompt position but the last); with `prompt_vocab`, draft the prompt's tokens too."
         self.check(target)
         S = prompt_ids.shape[1]
         self.forwards, self.missing_features = 0, 0
         self.run_vocab = self.draft_vocab.with_ids(prompt_ids) if self.prompt_vocab else None
-        self.pending = ([self._last_features(S - 1, first=0)] if S > 1 else [])   # [[B, m, H]]
+        self.pending = [self._taken(features, S - 1)] if S > 1 else []   # [[B, m, F]]
         self._reset(prompt_ids.shape[0], capacity)
 
     def _reset(self, batch:int, capacity:int) -> None: pass
 
-    def observe(self, n_accepted:int) -> None:
+    def observe(self, n_accepted:int, features=None) -> None:
         "Keep the target's features of the verified token and the `n_accepted` drafts."
-        self.pending.append(self._last_features(n_accepted + 1))
+        self.pending.append(self._taken(features, n_accepted + 1))
 
     def _pick(self, logits, sampling, generator):
         """Draft tokens `[B]` (full ids), their full-vocabulary distributions `[B, V]` and the draft ids chosen `[B]`
@@ -223,8 +213,6 @@ class MedusaHeads(_Head):
         self.n = int(n)
         self.blocks = nn.ModuleList([ResBlock(self.hidden_size) for _ in range(self.n)])   # separate weights per head
 
-    @property
-    def name(self): return f"medusa({self.n})"
 
     def forward(self, features:torch.Tensor # [B, T, H] target features (before the final norm)
                ) -> torch.Tensor:
@@ -323,8 +311,6 @@ class EagleHead(_Head):
         "Each layer's weights: the head itself holds the first (the EAGLE-3 layout), `more_layers` the rest."
         return [self, *self.more_layers]
 
-    @property
-    def name(self): return "eagle"
 
     def fused(self, features:torch.Tensor # [B, T, layers*H] the target layers' outputs
              ) -> torch.Tensor:
@@ -473,16 +459,10 @@ class HeadSteps:
 
     def _capture(self, label:str, fn, inputs) -> tuple:
         device = inputs[0].device
-        pool, stream = graph_memory(device)
-        torch.cuda.synchronize(device); t0 = time.perf_counter()
+        sync(device); t0 = time.perf_counter()
         static_inputs = [x.clone() for x in inputs]
-        stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(stream):
-            for _ in range(2): fn(*static_inputs)               # warm-up: the same writes the replay makes
-        torch.cuda.current_stream(device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=pool, stream=stream): outputs = fn(*static_inputs)
-        torch.cuda.synchronize(device)
+        graph, outputs = capture_graph(fn, static_inputs, device)
+        sync(device)
         self.setup_seconds[label] = self.setup_seconds.get(label, 0.0) + time.perf_counter() - t0
         return static_inputs, graph, outputs
 
@@ -726,19 +706,17 @@ EagleHead.propose_tree = _eagle_propose_tree
 class TokenTree(Drafter):
     """A head drafting a token tree of up to `nodes` drafts (`propose_tree`) instead of a chain; the controller's K is the
     tree's depth (the most drafts a step can accept, as for a chain). Verified by `Greedy` or `RejectionSampling`."""
-    reads_target_features, drafts_trees = True, True
+    drafts_trees = True
     def __init__(self, head:Drafter, width:int=4, nodes:int=10):
         for what, v in (("width", width), ("nodes", nodes)):
             if isinstance(v, bool) or int(v) != v or v < 1: raise ValueError(f"token tree {what} must be a positive integer, got {v!r}")
         if not hasattr(head, "propose_tree"): raise ValueError(f"{head.name} does not draft token trees")
         self.head, self.width, self.nodes = head, int(width), int(nodes)
 
-    def __getattr__(self, name):                                                   # checkpoint, config, dtype...: the head's
-        if name == "head": raise AttributeError(name)
-        return getattr(self.head, name)
-
     @property
-    def name(self): return f"{self.head.name}-tree({self.width},{self.nodes})"
+    def name(self):
+        path = f":{self.head.checkpoint}" if self.head.checkpoint else ""
+        return f"{self.head.head_type}-tree:{self.width}:{self.nodes}{path}"
     @property
     def forwards(self) -> int: return self.head.forwards
     @property
@@ -747,12 +725,13 @@ class TokenTree(Drafter):
     def target_layers(self): return self.head.target_layers
 
     def max_drafts(self, k:int) -> int: return self.nodes
+    def runners(self) -> list: return self.head.runners()
     def use_engine(self, compile:str) -> dict: return self.head.use_engine(compile)
     def check(self, target) -> None: self.head.check(target)
-    def start(self, target, prompt_ids, capacity):
+    def start(self, target, prompt_ids, capacity, features=None):
         "The head starts with room for the nodes it expands past the sequence (`width` per depth)."
-        self.head.start(target, prompt_ids, capacity + (self.nodes - 1) * self.width)
-    def observe(self, n_accepted:int) -> None: self.head.observe(n_accepted)
+        self.head.start(target, prompt_ids, capacity + (self.nodes - 1) * self.width, features)
+    def observe(self, n_accepted:int, features=None) -> None: self.head.observe(n_accepted, features)
     def propose(self, tokens, k, sampling=SamplingConfig(), generator=None):
         return self.head.propose_tree(tokens, k, self.width, self.nodes, sampling, generator)
 

@@ -6,6 +6,7 @@ Docs: https://specdec.github.io/specdec/net.html.md"""
 
 # %% ../nbs/02_net.ipynb #f9fccb8f
 from __future__ import annotations
+from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from fastcore.basics import patch
@@ -15,7 +16,8 @@ from .kernels import choose
 # %% auto #0
 __all__ = ['SUPPORTED_ARCHITECTURES', 'STEP_OPS', 'NO_LAUNCH', 'KVCache', 'onednn_available', 'onednn_bf16_available',
            'linear_backend', 'fuse_weights', 'Linear', 'step_ops', 'layer_windows', 'cache_dtype', 'attend',
-           'TreeLayout', 'attention_mask', 'tree_attention_mask', 'DecoderNet', 'count_step_ops']
+           'TreeLayout', 'attention_mask', 'tree_attention_mask', 'Forward', 'kept_features', 'DecoderNet',
+           'count_step_ops']
 
 # %% ../nbs/02_net.ipynb #bf03e52f
 class KVCache:
@@ -239,6 +241,22 @@ def tree_attention_mask(slots:torch.Tensor,     # [q] cache slots of the tree's 
     return visible
 
 # %% ../nbs/02_net.ipynb #7bddfc93
+@dataclass(frozen=True)
+class Forward:
+    "What a forward returns: its logits, and the outputs of the layers its caller asked to keep (for draft heads)."
+    logits: torch.Tensor|None     # [B, q|1, V]; None for logits="none"
+    features: torch.Tensor|None   # [B, q, len(keep) * H] the kept layers' outputs, concatenated in `keep` order; None: none kept
+
+    def __iter__(self): return iter((self.logits, self.features))   # logits, features = net(...)
+
+def kept_features(layers:dict, # {layer: [B, q, H]} outputs of the layers a forward kept
+                  keep:tuple, # the layers asked for, in order
+                  n:int|None=None, # the first n positions only
+                 ) -> torch.Tensor|None:
+    "The kept layers' outputs `[B, n, len(keep) * H]` in `keep` order (a new tensor: safe from later writes); None: none."
+    if not keep: return None
+    return torch.cat([layers[i][:, :n] for i in keep], -1)
+
 class DecoderNet:
     "The forward pass of a Hugging Face Llama-family causal LM (optionally its first `num_layers` only) over a `KVCache`."
     def __init__(self, hf_model, num_layers:int|None=None,
@@ -274,9 +292,6 @@ class DecoderNet:
         self.ops = step_ops(self.device, kernels)                          # {"rms_norm", "rotary_kv", "silu_mul"} -> fn
         self.cos = self.sin = None   # rotary tables [positions, D], grown by new_cache
         self.engines = {}            # compiled / graph-captured runners of this net, filled by specdec.engine
-        self.features, self.features_start = None, None   # last eager forward's hidden states [B, q, H] and first position
-        self.keep_layers, self.layer_features = (), {}      # layers whose outputs a draft head reads: {layer: [B, q, H]}
-        self.keep_features = False                          # a head reads the features: engines copy them out of their steps
 
     @property
     def device(self): return self.hf_model.lm_head.weight.device
@@ -326,19 +341,22 @@ def _op(self:DecoderNet, name:str, packed:bool=True):
     return self.ops[name] if packed else specdec_kernels.TORCH_REFERENCES[name]
 
 @patch
-def _layers_and_head(self:DecoderNet, hidden, cos, sin, cache, slots, end, masks, logits:str, packed:bool):
-    "The decoder layers and the head; each residual add is fused with the RMS norm that follows it."
+def _layers_and_head(self:DecoderNet, hidden, cos, sin, cache, slots, end, masks, logits:str, packed:bool,
+                     keep:tuple=()) -> tuple:
+    """The decoder layers and the head; each residual add is fused with the RMS norm that follows it. Returns the
+    logits `[B, q|1, V]` (None for "none") and `{layer: [B, q, H]}`, the outputs of the `keep` layers."""
     rms_norm = self._op("rms_norm", packed)
     normed, residual = rms_norm(hidden, *self.norms[0])               # [B, q, H] each
+    kept = {}
     for i in range(self.num_layers):
         attn_out = self._attention(i, normed, cos, sin, cache, slots, end, masks, packed)
         normed, residual = rms_norm(attn_out, *self.norms[2 * i + 1], residual)
-        normed, residual = rms_norm(self._mlp(i, normed, packed), *self.norms[2 * i + 2], residual)   # next layer's norm (or the final one)
-        if i in self.keep_layers: self.layer_features[i] = residual      # [B, q, H] (EAGLE-3 fuses several layers)
-    self.features = residual                                            # [B, q, H] before the final norm, for draft heads
-    if logits == "none": return None
+        # the MLP's residual add, fused with the next layer's norm (or the final one)
+        normed, residual = rms_norm(self._mlp(i, normed, packed), *self.norms[2 * i + 2], residual)
+        if i in keep: kept[i] = residual                                 # [B, q, H] layer i's output (before any norm)
+    if logits == "none": return None, kept
     if logits == "last": normed = normed[:, -1:]
-    return self.head(normed, packed)[0].float()                        # [B, q|1, V]
+    return self.head(normed, packed)[0].float(), kept                # [B, q|1, V]
 
 # %% ../nbs/02_net.ipynb #b7c62973
 @patch
@@ -346,9 +364,11 @@ def forward(self:DecoderNet, input_ids:torch.Tensor, # [B, q] new tokens, writte
             cache:KVCache,
             logits:str="all", # "all" positions, the "last" one, or "none" (prefill only fills the cache)
             tree:TreeLayout|None=None, # the new tokens form a token tree (`TreeLayout`): each sees its ancestors only
-           ) -> torch.Tensor|None:
-    """Run the new tokens through the model, append their keys and values to `cache`, return logits `[B, q|1, V]`. With a
-    `tree`, token i sits at position `length + depth[i]` and attends to the cache and to its ancestors in the tree."""
+            keep:tuple=(), # layers whose outputs to return as `features` (a draft head's, e.g. EAGLE-3's low/mid/high)
+           ) -> Forward:
+    """Run the new tokens through the model, append their keys and values to `cache`; return their logits `[B, q|1, V]`
+    and the `keep` layers' outputs `[B, q, len(keep) * H]`. With a `tree`, token i sits at position `length + depth[i]`
+    and attends to the cache and to its ancestors in the tree."""
     B, q_len = input_ids.shape
     start = cache.check_room(q_len)
     end = start + q_len
@@ -363,10 +383,9 @@ def forward(self:DecoderNet, input_ids:torch.Tensor, # [B, q] new tokens, writte
         masks[w] = attention_mask(positions, key_pos, w) if needs_mask else None
         if tree is not None: masks[w][:, start:] &= tree.ancestors.to(device)   # [q, q] within the tree: ancestors only
     slots = torch.arange(start, end, device=device)                     # [q] cache slots (a tree's too: in node order)
-    out = self._layers_and_head(hidden, cos[0], sin[0], cache, slots, end, masks, logits, True)
-    self.features_start = start                                         # `features` are those of positions start..end-1
+    out, kept = self._layers_and_head(hidden, cos[0], sin[0], cache, slots, end, masks, logits, True, keep)
     cache.length = end
-    return out
+    return Forward(out, kept_features(kept, keep))
 
 @patch
 def keep_path(self:DecoderNet, cache:KVCache,
@@ -375,7 +394,7 @@ def keep_path(self:DecoderNet, cache:KVCache,
                                             # a device tensor may run past the branch (those entries move junk past it)
              ) -> None:
     """After verifying a token tree: move the keys and values of the kept `path` to the slots right after `start` (where a
-    chain's would be) and keep the last forward's features of `[start] + path` in that order. `cache.length` is left alone."""
+    chain's would be). `cache.length` is left alone. (The caller selects the forward's features of `[0] + path`.)"""
     if len(path) == 0: return
     device = cache.keys.device
     path = torch.as_tensor(path, device=device)                                       # [n] (no host read when on the device)
@@ -383,21 +402,19 @@ def keep_path(self:DecoderNet, cache:KVCache,
     dest = slice(start + 1, start + 1 + len(path))                                   # [n] slots a chain would use
     cache.keys[:, :, :, dest] = cache.keys.index_select(3, src)                      # index_select copies: no overlap
     cache.values[:, :, :, dest] = cache.values.index_select(3, src)
-    if self.features is not None and self.features_start == start:
-        keep = torch.cat([path.new_zeros(1), path]).to(self.features.device)        # [1+n] rows of the block
-        self.features = self.features.index_select(1, keep)                          # [B, 1+n, H]
-        self.layer_features = {i: f.index_select(1, keep) for i, f in self.layer_features.items() if i in self.keep_layers}   # this forward's
 
 @patch
-def forward_at(self:DecoderNet, input_ids:torch.Tensor, # [B, q] new tokens
-               positions:torch.Tensor, # [q] their positions (a device tensor: no host read)
-               cache:KVCache,
-               logits:str="all", # "all", "last" or "none"
-               packed:bool=True, # False for torch.compile: plain F.linear
-               tree:tuple|None=None, # `(depths [q], ancestors [q, q])` on the device (`TreeLayout.on`): the tokens form a token tree
-              ) -> torch.Tensor|None:
-    """The same forward at fixed shapes: writes K/V at `positions`, attends over the whole cache; leaves `cache.length`
-    alone. With a `tree`, `positions` are the nodes' cache slots, and node i's rotary position is `positions[0] + depth[i]`."""
+def forward_layers_at(self:DecoderNet, input_ids:torch.Tensor, # [B, q] new tokens
+                      positions:torch.Tensor, # [q] their positions (a device tensor: no host read)
+                      cache:KVCache,
+                      logits:str="all", # "all", "last" or "none"
+                      packed:bool=True, # False for torch.compile: plain F.linear
+                      tree:tuple|None=None, # `(depths [q], ancestors [q, q])` on the device (`TreeLayout.on`): a token tree
+                      keep:tuple=(), # layers whose outputs to return
+                     ) -> tuple:
+    """The forward at fixed shapes: writes K/V at `positions`, attends over the whole cache; leaves `cache.length` alone.
+    With a `tree`, `positions` are the nodes' cache slots, and node i's rotary position is `positions[0] + depth[i]`.
+    Returns the logits and `{layer: [B, q, H]}` for the `keep` layers (an engine's captured step keeps every layer)."""
     hidden = self.embed(input_ids)                                      # [B, q, H]
     if tree is None:
         rotary_pos = positions
@@ -407,8 +424,20 @@ def forward_at(self:DecoderNet, input_ids:torch.Tensor, # [B, q] new tokens
         rotary_pos = positions[0] + depths                              # [q]
         masks = {w: tree_attention_mask(positions, depths, ancestors, cache.steps, w) for w in set(self.windows)}   # [q, capacity]
     cos, sin = self.cos[rotary_pos], self.sin[rotary_pos]               # [q, D]
-    self.features_start = None                                          # positions known only on the device
-    return self._layers_and_head(hidden, cos, sin, cache, positions, None, masks, logits, packed)
+    return self._layers_and_head(hidden, cos, sin, cache, positions, None, masks, logits, packed, keep)
+
+@patch
+def forward_at(self:DecoderNet, input_ids:torch.Tensor, # [B, q] new tokens
+               positions:torch.Tensor, # [q] their positions (a device tensor: no host read)
+               cache:KVCache,
+               logits:str="all", # "all", "last" or "none"
+               packed:bool=True, # False for torch.compile: plain F.linear
+               tree:tuple|None=None, # `(depths [q], ancestors [q, q])` on the device: the tokens form a token tree
+               keep:tuple=(), # layers whose outputs to return as `features`
+              ) -> Forward:
+    "`forward_layers_at` as a `Forward`: the logits and the `keep` layers' outputs `[B, q, len(keep) * H]`."
+    out, kept = self.forward_layers_at(input_ids, positions, cache, logits, packed, tree, keep)
+    return Forward(out, kept_features(kept, keep))
 
 DecoderNet.__call__ = DecoderNet.forward
 

@@ -40,6 +40,7 @@ class AcceptancePolicy:
     def __call__(self, draft_tokens, draft_probs, target_logits, sampling:SamplingConfig,
                  generator:torch.Generator|None=None, n_valid:torch.Tensor|None=None) -> Verdict: raise NotImplementedError
     def __repr__(self): return f"{type(self).__name__}({', '.join(f'{k}={v}' for k, v in vars(self).items())})"
+    verifies_trees:bool = False             # has `verify_tree`: keeps a token tree's drafts (a tree drafter needs it)
     verifies_trees_on_device:bool = False   # has `verify_tree_on_device(draft_tokens, layout, target_logits, sampling, generator)`
     def verify_tree(self, draft_tokens, parents:list[int], target_logits, sampling:SamplingConfig, generator=None) -> tuple[list[int], torch.Tensor]:
         "A token tree's verdict: the accepted branch (draft indices, root to leaf) and the next token `[B]`."
@@ -87,6 +88,7 @@ class Greedy(AcceptancePolicy):
         if valid is not None: draft_tokens = torch.where(valid, draft_tokens, -1)   # -1 equals no argmax
         return Verdict(*kernels.greedy_verify(draft_tokens, target_logits))
 
+    verifies_trees = True
     def verify_tree(self, draft_tokens, parents, target_logits, sampling=SamplingConfig(), generator=None):
         "Greedy over a tree (batch size 1): one host read of the target's argmax at every node."
         if not sampling.greedy:
@@ -139,6 +141,7 @@ class RejectionSampling(AcceptancePolicy):
         residual = self.residual(target_probs[rows, n], draft_at_n)              # [B, V]
         return Verdict(n, (residual / exp_noise).argmax(-1))                    # the exponential race: a draw from residual
 
+    verifies_trees = True
     def verify_tree(self, draft_tokens, parents, target_logits, sampling=SamplingConfig(), generator=None):
         """Speculative sampling over a tree (batch size 1), each drafted child taken as a one-hot draft: from the current node,
         try its children in order; accept child x with probability p(x) under the current target distribution p, else

@@ -12,13 +12,18 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 import plotly.express as px
-from .bench import read_records, summarize_partial, HF, HF_PLD, HF_STATIC, AR
+from . import specs
+from .provenance import read_records, read_manifest
+from .summary import HF, AR, _fmt
+from .summary import run_summary, headline_table, framework_table, category_table, text_summary
+_all_ = ["run_summary", "headline_table", "framework_table", "category_table", "text_summary"]   # from `summary`
 
 # %% auto #0
-__all__ = ['MANIFEST_SCHEMA', 'validate_manifest', 'load_run', 'run_summary', 'headline_table', 'framework_table',
-           'category_table', 'text_summary', 'certificate_table', 'best_k', 'fallback_table', 'fig_speedup',
+__all__ = ['MANIFEST_SCHEMA', 'validate_manifest', 'load_run', 'certificate_table', 'best_k', 'fallback_table', 'fig_speedup',
            'fig_acceptance', 'fig_k_sweep', 'fig_histogram', 'fig_time_split', 'fig_predicted', 'fig_quality',
-           'fig_load', 'figures', 'readable', 'write_plotly_js', 'plotly_loader', 'show', 'render_html']
+           'fig_load', 'figures', 'readable', 'write_plotly_js', 'plotly_loader', 'show', 'read_notebook',
+           'render_html', 'render_reports', 'compress_run', 'run_summary', 'headline_table', 'framework_table',
+           'category_table', 'text_summary']
 
 # %% ../nbs/14_report.ipynb #72900eb1
 _SPEEDUP = {"type": "object", "required": ["geomean", "ci95", "n", "prompts", "excluded_unequal_length"]}
@@ -59,102 +64,14 @@ def validate_manifest(manifest:dict|str|Path) -> dict:
 def load_run(run_dir) -> tuple[dict, pd.DataFrame]:
     "The manifest and the records of a run folder (speed and certificate records; `purpose` tells them apart)."
     run_dir = Path(run_dir)
-    if not (run_dir / "MANIFEST.json").is_file(): raise ValueError(f"{run_dir} is not a run folder: it has no MANIFEST.json")
-    manifest = json.loads((run_dir / "MANIFEST.json").read_text())
+    manifest = read_manifest(run_dir)
     records = pd.DataFrame(read_records(run_dir / "records.jsonl"))
     if len(records):
         records["tok_s"] = records["new_tokens"] / records["wall_time"]
         records["time"] = pd.to_datetime(records["time"])
     return manifest, records
 
-def _fmt(x, nd=2): return "-" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{x:.{nd}f}"
-
-def _ci(s:dict|None) -> str:
-    "`1.23 [1.10-1.40]` from a speedup entry."
-    if not s or s.get("geomean") is None: return "-"
-    ci = s.get("ci95")
-    return f"{_fmt(s['geomean'])} [{_fmt(ci[0])}-{_fmt(ci[1])}]" if ci else _fmt(s["geomean"])
-
-def run_summary(manifest:dict) -> str:
-    "One paragraph: what was measured, where, by which code, and how much of it (measured counts)."
-    p, c, g, sysinfo = manifest["params"], manifest.get("counts", {}), manifest["git"], manifest["system"]
-    commit = "unknown" if not g.get("commit") else g["commit"][:10] + (" (dirty)" if g.get("dirty") else "")
-    hw = (sysinfo.get("gpu") or {}).get("name") or ", ".join(str(x) for x in (sysinfo.get("cpu"), sysinfo.get("cpu_capability")) if x)
-    la = manifest.get("load_average") or {}
-    return (f"Run `{manifest['run_id']}` ({manifest['status']}): model `{p['model']}` on {c.get('prompts', 0)} prompts "
-            f"({manifest['prompt_set']['name']}), {c.get('methods', 0)} methods, {c.get('records', 0)} timed records, "
-            f"{c.get('iterations_complete', 0)} complete iteration(s) of {p['iterations']}; {p['max_new_tokens']} new tokens, "
-            f"temperature {p['temperature']}, EOS {'ignored' if manifest['options']['ignore_eos'] else 'honoured'}; "
-            f"{sysinfo['device']} ({hw}), torch {manifest.get('versions', {}).get('torch', '?')}, "
-            f"{sysinfo.get('torch_threads')} torch threads; code {commit}; "
-            f"load average (1 min) {_fmt(la.get('min'))}-{_fmt(la.get('max'))}; "
-            f"this invocation measured {manifest['this_invocation']['measured']} records and reused {manifest['this_invocation']['reused']}.")
-
-# %% ../nbs/14_report.ipynb #9019e758
-def _lossless_cell(cert:dict) -> str:
-    if not cert or not cert.get("applies") or not cert.get("lossless"): return "-"
-    parts = [f"{v['identical']}/{v['prompts']} vs {'AR' if b == AR else 'HF'}" for b, v in cert["vs"].items()]
-    return ("yes " if cert["passed"] else "NO ") + ", ".join(parts) + (f" ({cert['dtype']})" if cert.get("dtype") else "")
-
-def _step_ms(result:dict) -> str:
-    "A method's verification and drafting time per verification step (`target_forwards`, the prefill apart), in ms (`-` for HF's)."
-    split, steps = result.get("time_split"), result.get("target_forwards", 0)
-    if not split or steps <= 0: return "-"
-    return f"{1e3 * split['verify'] / steps:.1f} / {1e3 * split['draft'] / steps:.1f}"
-
-def headline_table(manifest:dict) -> pd.DataFrame:
-    "One row per method: median tok/s, speedup against specdec-AR (headline) and HF with 95% CIs, τ, certificate."
-    rows = []
-    for name, r in manifest["results"].items():
-        sp, cert = r["speedup"], manifest["certificate"].get(name, {})
-        excluded = {len(v.get("excluded_unequal_length") or []) for v in sp.values()} - {0}
-        rows.append({"method": name, "tok/s (median)": _fmt(r["tok_s"]["median"], 1), "ms/token": _fmt(r["ms_per_token"], 1),
-                     "× specdec-AR [95% CI]": _ci(sp.get(AR)), "× specdec-AR, decode only": _ci(r.get("decode_speedup")),
-                     "× HF generate [95% CI]": _ci(sp.get(HF)),
-                     "prompts": sp.get(AR, {}).get("prompts", "-"),
-                     "excluded (unequal length)": max(excluded) if excluded else 0,
-                     "τ": _fmt(r["tau"]), "acceptance": _fmt(r["acceptance_rate"]), "verify / draft ms a step": _step_ms(r),
-                     "lossless (measured)": _lossless_cell(cert),
-                     "peak MB": _fmt((r.get("peak_memory_bytes") or 0) / 2**20, 0)})
-    return pd.DataFrame(rows).set_index("method")
-
-def framework_table(manifest:dict) -> pd.DataFrame:
-    "The framework gain (specdec-AR against HF `generate`) and HF's own variants against HF `generate`, with CIs."
-    rows = [{"comparison": f"{b} vs {HF}", "speedup [95% CI]": _ci(v), "prompts": v["prompts"] if v else "-"}
-            for b, v in (manifest.get("framework_gain") or {}).items()]
-    return pd.DataFrame(rows).set_index("comparison") if rows else pd.DataFrame()
-
 # %% ../nbs/14_report.ipynb #b90f82e6
-def category_table(manifest:dict, baseline:str=AR,
-                   decode:bool=False, # the decode phase alone (after the prefill) against specdec-AR's
-                  ) -> pd.DataFrame:
-    "Speedup (geometric mean over prompts) against `baseline`, per category (rows) and method (columns)."
-    entry = (lambda v: v.get("decode_speedup")) if decode else (lambda v: v["speedup"].get(baseline))
-    table = pd.DataFrame({c: {m: (entry(v) or {}).get("geomean") for m, v in ms.items()}
-                          for c, ms in manifest["per_category"].items()}).T
-    return table.dropna(axis=1, how="all") if decode else table      # HF's methods have no timed prefill
-
-def text_summary(run_dir) -> str:
-    """A run folder in plain text, for a terminal or a log: the run's paragraph, a line per method (median tok/s, × specdec-AR
-    end to end and over the decode phase, × HF `generate`, with 95% CIs; τ; verify and draft ms per target step, which
-    say what a host charges for a K+1-token verification; the certificate) and × specdec-AR per category. An unfinished run (cut off by a
-    time limit, or still running) is summarized from the records it wrote, and says how many of the planned ones that is."""
-    manifest, _ = load_run(run_dir)
-    parts = []
-    if manifest["status"] != "done":
-        manifest = {**manifest, **summarize_partial(run_dir)}
-        p = manifest["partial"]
-        parts.append(f"PARTIAL RUN ({p['status']}): {p['measured']} of {p['planned']} timed records; the figures below are theirs")
-    parts.append(run_summary(manifest))
-    if not manifest.get("results"): return "\n\n".join(parts + ["no timed records yet"])
-    columns = ["tok/s (median)", "× specdec-AR [95% CI]", "× specdec-AR, decode only", "× HF generate [95% CI]", "τ",
-               "verify / draft ms a step", "lossless (measured)"]
-    parts.append(headline_table(manifest)[columns].to_string())
-    per_category = category_table(manifest).drop(columns=[AR], errors="ignore")
-    parts.append("× specdec-AR per category (geometric mean over its prompts):\n"
-                 + per_category.apply(lambda column: column.map(_fmt)).to_string())
-    return "\n\n".join(parts)
-
 def certificate_table(manifest:dict) -> pd.DataFrame:
     "The certificate as measured: per lossless method identical outputs vs specdec-AR and vs HF; lossy agreement."
     rows = {}
@@ -163,6 +80,9 @@ def certificate_table(manifest:dict) -> pd.DataFrame:
         if c.get("lossless"):
             row = {"dtype": c.get("dtype"), "passed": c["passed"],
                    **{f"identical vs {'AR' if b == AR else 'HF'}": f"{v['identical']} of {v['prompts']}" for b, v in c["vs"].items()}}
+            if c.get("missing_features"):                            # drafted without the target's features: failed
+                missing = c["missing_features"].items()
+                row["no target features (prompt: steps)"] = ", ".join(f"{p}: {n}" for p, n in missing)
             if c.get("speed_run_vs_hf"):
                 s = c["speed_run_vs_hf"]; row[f"{s['dtype']} speed run = HF"] = f"{_fmt(100 * (s['rate'] or 0), 0)}% ({s['identical']} of {s['prompts']})"
         else:
@@ -214,7 +134,9 @@ def fig_speedup(manifest:dict, baseline:str=AR) -> go.Figure:
                              name=c, opacity=0.6))
     fig.add_hline(y=1.0, line_dash="dot", line_color="gray")
     fig.update_yaxes(title=f"speedup vs {baseline}")
-    return _layout(fig, f"Speedup against {baseline} (geometric mean over prompts; bars: 95% bootstrap CI)", barmode="group")
+    title = f"Speedup against {baseline} (geometric mean over prompts; bars: 95% CI across prompts, this run)"
+    return _layout(fig, title, barmode="group")
+
 
 def fig_acceptance(manifest:dict) -> go.Figure|None:
     "Per-position acceptance of each drafting method, with τ in the legend."
@@ -229,13 +151,17 @@ def fig_acceptance(manifest:dict) -> go.Figure|None:
 
 # %% ../nbs/14_report.ipynb #8ff7917b
 def fig_k_sweep(manifest:dict) -> go.Figure|None:
-    "Median tok/s and τ against K, one line per drafter (and policy); None unless some drafter ran at several fixed K."
+    """Median tok/s and τ against K, one line per drafter, policy and kind of controller (a fixed K, however written:
+    `4` or `fixed:4`; `cost:K_MAX` against its K_MAX, ...); None unless some line has several points."""
+
     from plotly.subplots import make_subplots
     groups = {}
     for name, r in manifest["results"].items():
-        if r.get("drafter") is None or not str(r["k"]).isdigit(): continue
-        key = r["drafter"] + (f" ({r['policy']})" if r.get("policy") not in (None, "greedy") else "")
-        groups.setdefault(key, []).append((int(r["k"]), r["tok_s"]["median"], r["tau"]))
+        if r.get("drafter") is None or r.get("k") is None: continue
+        c = specs.parse_controller(r["k"])                      # old manifests hold the controller as written
+        policy = f" ({r['policy']})" if r.get("policy") not in (None, "greedy") else ""
+        key = r["drafter"] + ("" if c.kind == "fixed" else f" {c.kind}") + policy
+        groups.setdefault(key, []).append((c.k_max, r["tok_s"]["median"], r["tau"]))
     if not any(len(v) > 1 for v in groups.values()): return None
     fig = make_subplots(rows=1, cols=2, subplot_titles=("tok/s (median over prompts)", "τ"))
     for i, (key, pts) in enumerate(groups.items()):
@@ -246,7 +172,7 @@ def fig_k_sweep(manifest:dict) -> go.Figure|None:
                                  showlegend=False), 1, 2)
     for b, dash in ((HF, "dot"), (AR, "dash")):
         if b in manifest["results"]: fig.add_hline(y=manifest["results"][b]["tok_s"]["median"], line_dash=dash, annotation_text=b, row=1, col=1)
-    fig.update_xaxes(title="K")
+    fig.update_xaxes(title="K (K_MAX of an adaptive controller)")
     return _layout(fig, "K sweep")
 
 def fig_histogram(manifest:dict) -> go.Figure|None:
@@ -338,10 +264,10 @@ def readable(nb):
 
 # %% ../nbs/14_report.ipynb #bb9fa8f6
 def write_plotly_js(results_dir) -> Path:
-    "Write plotly.js once into `results_dir` (shared by every report there)."
+    "Write the installed plotly's plotly.js into `results_dir` (shared by every report there; not committed)."
     import plotly.offline
-    path = Path(results_dir) / "plotly.min.js"
-    if not path.exists(): path.write_text(plotly.offline.get_plotlyjs(), encoding="utf-8")
+    path, js = Path(results_dir) / "plotly.min.js", plotly.offline.get_plotlyjs()
+    if not path.exists() or path.read_text(encoding="utf-8") != js: path.write_text(js, encoding="utf-8")
     return path
 
 def plotly_loader(src:str="../plotly.min.js"):
@@ -358,14 +284,59 @@ def show(fig:go.Figure|None, missing:str="this figure does not apply to this run
     if fig is None: return Markdown(f"*{missing}*")
     return HTML(fig.to_html(full_html=False, include_plotlyjs=False))
 
+def read_notebook(path):
+    "An executed notebook, plain (`.ipynb`) or compressed (`.ipynb.gz`, an older committed run's)."
+    import gzip, nbformat
+    path = Path(path)
+    text = gzip.decompress(path.read_bytes()).decode() if path.suffix == ".gz" else path.read_text(encoding="utf-8")
+    return nbformat.reads(text, as_version=4)
+
 def render_html(notebook, html:Path|str|None=None) -> Path:
-    "Render an executed notebook to HTML (default: `report.html` beside it) and put plotly.js one folder up."
-    import nbformat
+    """Render an executed notebook (`.ipynb` or `.ipynb.gz`) to HTML, by default beside it (`report.ipynb` →
+    `report.html`), and put the installed plotly's plotly.js one folder up."""
     from nbconvert import HTMLExporter
     notebook = Path(notebook)
-    html = Path(html) if html else notebook.with_name("report.html")
+    stem = notebook.name.removesuffix(".gz").removesuffix(".ipynb")
+    html = Path(html) if html else notebook.with_name(f"{stem}.html")
     write_plotly_js(html.parent.parent)
-    nb = nbformat.read(notebook, as_version=4)
-    body, _ = HTMLExporter().from_notebook_node(readable(nb))
+    body, _ = HTMLExporter().from_notebook_node(readable(read_notebook(notebook)))
     html.write_text(body, encoding="utf-8")
     return html
+
+# %% ../nbs/14_report.ipynb #4b071e40
+def render_reports(run, results="results") -> list[Path]:
+    """Render the executed notebooks of a folder in `results` to HTML beside them: a benchmark run's `report.ipynb`, a
+    head-training folder's `eagle.ipynb` and `medusa.ipynb`, plain or compressed (`.ipynb.gz`). `run` is a folder, one
+    notebook, or a folder's name in `results`. Rendered HTML and the shared `plotly.min.js` are made on demand and are
+    not committed (`.gitignore`)."""
+    for path in (Path(run), Path(results) / run):
+        if path.exists(): break
+    else: raise ValueError(f"nothing to render: neither {run} nor {Path(results) / run} exists")
+    notebooks = [path] if path.is_file() else sorted([*path.glob("*.ipynb"), *path.glob("*.ipynb.gz")])
+    if not notebooks: raise ValueError(f"{path} holds no executed notebook (.ipynb or .ipynb.gz) to render")
+    return [render_html(notebook) for notebook in notebooks]
+
+def _gzip(path:Path) -> Path:
+    "Replace `path` by `path.gz` once that reads back equal (no name or time inside: the same file, the same bytes)."
+    import gzip
+    packed, data = path.with_name(path.name + ".gz"), path.read_bytes()
+    if packed.exists(): raise ValueError(f"{packed} exists already: {path} was compressed before; remove one of them")
+    packed.write_bytes(gzip.compress(data, compresslevel=9, mtime=0))
+    if gzip.decompress(packed.read_bytes()) != data:
+        packed.unlink()
+        raise OSError(f"{packed} did not read back as {path}; {path} is left as it was")
+    path.unlink()
+    return packed
+
+def compress_run(run_dir, notebooks:bool=False) -> list[Path]:
+    """Compress a finished run folder for committing: `records.jsonl` → `records.jsonl.gz` (`read_records` reads either)
+    and, with `notebooks`, its executed notebooks → `.ipynb.gz` (`render_reports` reads either; GitHub shows only plain
+    ones, so the newest runs keep theirs). Lossless: the compressed files hold the same bytes. Returns the compressed
+    files. A run still `running` is refused: its records are appended to while it measures."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir(): raise ValueError(f"no run folder {run_dir}")
+    if (manifest := run_dir / "MANIFEST.json").is_file():
+        status = json.loads(manifest.read_text()).get("status")
+        if status != "done": raise ValueError(f"{run_dir} is {status!r}, not done: compress a run once it has finished")
+    files = [run_dir / "records.jsonl", *(sorted(run_dir.glob("*.ipynb")) if notebooks else [])]
+    return [_gzip(f) for f in files if f.is_file()]

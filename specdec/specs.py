@@ -19,7 +19,7 @@ from .synthetic import SyntheticDrafter, dry_run_target, DRY_RUN_DRAFT_COST
 # %% auto #0
 __all__ = ['REQUIRED', 'DRAFTERS', 'POLICIES', 'CONTROLLERS', 'KINDS', 'TARGETS', 'floats', 'nonempty', 'Arg', 'Entry',
            'Registry', 'load_target', 'make_drafter', 'make_policy', 'make_controller', 'validate', 'spec_of',
-           'help_text']
+           'help_text', 'ControllerSpec', 'parse_controller', 'MethodEntry', 'parse_method_entry']
 
 # %% ../nbs/15_specs.ipynb #08b2e8b0
 REQUIRED = object()   # the default of an argument that must be written
@@ -48,6 +48,7 @@ class Arg:
     what: str = ""             # for errors: "a layer count"
     always: bool = True        # written in the canonical spec even when it equals the default
     rest: bool = False         # takes the rest of the spec, ':' included (model names, paths)
+    k_max: bool = False        # controllers: this argument is the most tokens drafted in one step
 
 # %% ../nbs/15_specs.ipynb #ce8ff90e
 @dataclass
@@ -61,6 +62,7 @@ class Entry:
     example: str = ""          # a valid spec, quoted in errors
     needs_target: bool = False # built for a target model: validate checks the grammar only
     accepts: Callable|None = None # spec_of: which objects of `cls` this entry names (None: all)
+    needs_costs: bool = False  # built with measured step costs (a cost-aware controller)
 
     @property
     def grammar(self) -> str:
@@ -88,6 +90,10 @@ class Entry:
         shown = [i for i, (a, v) in enumerate(zip(self.args, values)) if a.always or a.default is REQUIRED or v != a.default]
         return ":".join([self.name] + [_fmt(v) for v in values[:max(shown, default=-1) + 1]])
 
+    def k_max(self, values:tuple) -> int|None:
+        "The value of the argument declared `k_max` (None where the entry declares none)."
+        return next((v for a, v in zip(self.args, values) if a.k_max), None)
+
     def values_of(self, obj) -> tuple:
         "The argument values an object holds."
         return tuple(reduce(getattr, a.attr.split("."), obj) for a in self.args)
@@ -104,11 +110,12 @@ class Registry:
         self.join = join
 
     def register(self, name:str, build:Callable, *args:Arg, help:str, cls:type|None=None, example:str="",
-                 needs_target:bool=False, accepts:Callable|None=None) -> Entry:
+                 needs_target:bool=False, accepts:Callable|None=None, needs_costs:bool=False) -> Entry:
         "Add `name`, whose objects `build(*values, **context)` makes (`accepts`: which objects of `cls` it names, when several names share it)."
         name = name.lower()
         if name in self.entries or name in self.none: raise ValueError(f"{self.kind} {name!r} is already registered")
-        self.entries[name] = entry = Entry(name, build, list(args), help, cls, example, needs_target, accepts)
+        entry = Entry(name, build, list(args), help, cls, example, needs_target, accepts, needs_costs)
+        self.entries[name] = entry
         return entry
 
     def unregister(self, name:str) -> None: del self.entries[name]
@@ -219,8 +226,8 @@ for _kind in ("eagle", "medusa"):
 for _kind in ("eagle", "medusa"):
     DRAFTERS.register(f"{_kind}-tree", lambda width, nodes, path, target=None, _kind=_kind, **_: TokenTree(
                           load_head(path, target, _kind) if path else shipped_head(target, _kind), width, nodes),
-                      Arg("WIDTH", int, "width", 4, "an integer tree width", always=False),
-                      Arg("NODES", int, "nodes", 10, "an integer node count", always=False),
+                      Arg("WIDTH", int, "width", 4, "an integer tree width"),
+                      Arg("NODES", int, "nodes", 10, "an integer node count"),
                       Arg("PATH", nonempty, "head.checkpoint", None, "a head checkpoint folder", always=False, rest=True),
                       help=f"the {'EAGLE head' if _kind == 'eagle' else 'Medusa heads'} drafting a token tree (EAGLE-2's): expand "
                            "the WIDTH best nodes of each depth by their WIDTH likeliest tokens, K deep, and verify the NODES best "
@@ -252,17 +259,18 @@ POLICIES
 def _bare_k(text:str) -> str: return f"fixed:{text}" if text.lstrip("-").isdigit() else text
 
 CONTROLLERS = Registry("controller", shorthand=("K", "the same as fixed:K", _bare_k))
-CONTROLLERS.register("fixed", lambda k, **_: FixedK(k), Arg("K", int, "k", 4, "an integer K"),
+CONTROLLERS.register("fixed", lambda k, **_: FixedK(k), Arg("K", int, "k", 4, "an integer K", k_max=True),
                      help="draft K tokens every step", cls=FixedK, example="fixed:4")
-CONTROLLERS.register("adaptive", lambda k_max, **_: AdaptiveK(k_max=k_max), Arg("K_MAX", int, "k_max", 16, "an integer K_MAX"),
+CONTROLLERS.register("adaptive", lambda k_max, **_: AdaptiveK(k_max=k_max),
+                     Arg("K_MAX", int, "k_max", 16, "an integer K_MAX", k_max=True),
                      help="grow K after full acceptance, halve it after an early rejection, up to K_MAX", cls=AdaptiveK,
                      example="adaptive:16")
 CONTROLLERS.register("cost", lambda k_max, costs=None, **_: CostAwareK(k_max, costs=costs),
-                     Arg("K_MAX", int, "k_max", 8, "an integer K_MAX"),
+                     Arg("K_MAX", int, "k_max", 8, "an integer K_MAX", k_max=True),
                      help="the K in 0..K_MAX the cost model predicts fastest (measured step costs)", cls=CostAwareK,
-                     example="cost:8")
+                     example="cost:8", needs_costs=True)
 CONTROLLERS.register("dynamic", lambda k_max, stop_below, **_: DynamicK(k_max, stop_below),
-                     Arg("K_MAX", int, "k_max", 8, "an integer K_MAX"),
+                     Arg("K_MAX", int, "k_max", 8, "an integer K_MAX", k_max=True),
                      Arg("STOP_BELOW", float, "stop_below", 0.1, "a probability", always=False),
                      help="draft up to K_MAX tokens, stopping where the draft's probability of its chain falls below "
                           "STOP_BELOW (lossless)", cls=DynamicK, example="dynamic:8:0.1")
@@ -307,3 +315,45 @@ def spec_of(obj) -> str:
 def help_text(kind:str) -> str:
     "The forms of `kind`, one per line, for --help."
     return _registry(kind).help_text()
+
+# %% ../nbs/15_specs.ipynb #f4063885
+@dataclass(frozen=True)
+class ControllerSpec:
+    "A controller spec parsed once: what `make_controller` builds from, and what a benchmark asks of it."
+    spec: str          # canonical: fixed:4, cost:8
+    kind: str          # its registry name: fixed, adaptive, cost, dynamic
+    k_max: int         # the most tokens it drafts in one step (the argument its entry declares `k_max`)
+    needs_costs: bool  # built with measured step costs (`make_controller(spec, costs=...)`)
+    written: str       # as written (`4`, `Cost:8`)
+
+    @property
+    def label(self) -> str:
+        "Its part of a benchmark method's name: `k4` for a fixed K (written `4` or `fixed:4`), else the spec as written"
+        return f"k{self.k_max}" if self.kind == "fixed" else self.written
+
+def parse_controller(spec) -> ControllerSpec:
+    "The controller `spec` parsed, or a ValueError naming the problem."
+    canonical = CONTROLLERS.validate(spec)
+    entry, values = CONTROLLERS.parse(spec)
+    return ControllerSpec(canonical, entry.name, entry.k_max(values), entry.needs_costs, str(spec).strip())
+
+@dataclass(frozen=True)
+class MethodEntry:
+    "A benchmark's drafters entry `DRAFTER[@CONTROLLER]`, parsed: the drafter, and the controller it is pinned to."
+    drafter: str                     # the drafter spec as written, pin removed (method names and records keep it)
+    spec: str                        # its canonical spec
+    controller: ControllerSpec|None  # the pinned controller; None: every controller of the run
+
+def parse_method_entry(entry:str) -> MethodEntry:
+    """`eagle-tree:10:60@6`: the drafter `eagle-tree:10:60` pinned to the controller `fixed:6`. The pin follows the
+    last '@'; an '@' followed by a '/' belongs to a path (`eagle:/a@b/head`) and pins nothing."""
+    text = str(entry).strip()
+    drafter, at, pin = text.rpartition("@")
+    if not at or "/" in pin: drafter, pin = text, None
+    if not drafter.strip():
+        raise ValueError(f"drafters entry {entry!r} has no drafter before '@': the form is DRAFTER[@CONTROLLER]")
+
+    spec = DRAFTERS.validate(drafter)
+    try: controller = None if pin is None else parse_controller(pin)
+    except ValueError as e: raise ValueError(f"drafters entry {entry!r} pins a bad controller after '@': {e}") from None
+    return MethodEntry(drafter.strip(), spec, controller)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from types import SimpleNamespace
 import torch
-from .net import KVCache
+from .net import Forward, KVCache
 from .drafters import Draft, Drafter, no_draft
 from .costmodel import StepCosts
 
@@ -49,18 +49,20 @@ class SyntheticNet:
     def __call__(self, input_ids:torch.Tensor, # [B, q] new tokens, at positions length..length+q-1
                  cache:KVCache,
                  logits:str="all", # "all", "last" or "none", as DecoderNet
-                ) -> torch.Tensor|None:
+                 keep:tuple=(), # it has no layers: asking for features is an error
+                ) -> Forward:
         "Sleep the forward's cost, advance the cache, return logits `[B, q|1, V]` peaked at the next true token."
+        if keep: raise ValueError(f"the synthetic target has no layers to keep (asked for {keep}): use a real target")
         B, q_len = input_ids.shape
         start = cache.check_room(q_len)
         if q_len: time.sleep(max(self.cost(q_len), 0.0))
         cache.length = start + q_len
-        if logits == "none": return None
+        if logits == "none": return Forward(None, None)
         positions = torch.arange(start, start + q_len, device=input_ids.device)   # [q]
         if logits == "last": positions = positions[-1:]
         out = torch.zeros(B, positions.shape[0], self.vocab_size, device=input_ids.device)   # [B, q|1, V]
         nxt = truth(positions + 1, self.vocab_size)                                          # [q|1]
-        return out.scatter_(-1, nxt[None, :, None].expand(B, -1, 1), self.margin)
+        return Forward(out.scatter_(-1, nxt[None, :, None].expand(B, -1, 1), self.margin), None)
 
 # %% ../nbs/13_synthetic.ipynb #a3ac2a73
 class SyntheticHF:
@@ -76,7 +78,7 @@ class SyntheticHF:
 
     def __call__(self, input_ids) -> SimpleNamespace:
         "Logits `[B, S, V]` peaked at the next true token (for perplexity)."
-        return SimpleNamespace(logits=self.net(input_ids, self.net.new_cache(input_ids.shape[0], input_ids.shape[1])))
+        return SimpleNamespace(logits=self.net(input_ids, self.net.new_cache(input_ids.shape[0], input_ids.shape[1])).logits)
 
 class SyntheticTokenizer:
     "Text to the truth's first tokens, one per word (at least one); ids to space-separated numbers."
@@ -125,13 +127,13 @@ class SyntheticDrafter(Drafter):
         self.rng = torch.Generator().manual_seed(seed)
 
     @property
-    def name(self): return f"synthetic(a={','.join(f'{a:g}' for a in self.acceptance)})"
+    def name(self): return "synthetic:" + "/".join(f"{a:g}" for a in self.acceptance)
 
     def alpha(self, k:int) -> torch.Tensor:
         "The rates of draft positions 0..k-1: `[k]`."
         return torch.tensor([self.acceptance[min(i, len(self.acceptance) - 1)] for i in range(k)])
 
-    def start(self, target, prompt_ids, capacity):
+    def start(self, target, prompt_ids, capacity, features=None):
         self.forwards = 0
         self.vocab_size = target.vocab_size
         self.rng = torch.Generator().manual_seed(self.seed)

@@ -437,15 +437,12 @@ def record_features(target:LoadedModel, records:list[dict], layers=None, # defau
     (for data written without features, or records made elsewhere): `hidden` `[T-1, layers, H]`, `top_ids`/`top_probs`."""
     layers = feature_layers(target.num_layers) if layers is None else tuple(layers)
     net, out = target.net, []
-    net.keep_layers = layers
-    try:
-        for r in records:
-            ids = torch.tensor([r["ids"]], device=target.device)                        # [1, T]
-            logits = net(ids, net.new_cache(1, ids.shape[1]), logits="all")[0]          # [T, V]
-            hidden = torch.stack([net.layer_features[i][0, :-1] for i in layers], 1)     # [T-1, layers, H]
-            top_ids, top_probs = _top(logits[r["answer_start"] - 1:-1], top_k)         # [answer tokens, k]
-            out.append({"hidden": hidden.to(torch.float16).cpu(), "top_ids": top_ids.cpu(), "top_probs": top_probs.cpu()})
-    finally: net.keep_layers = ()
+    for r in records:
+        ids = torch.tensor([r["ids"]], device=target.device)                            # [1, T]
+        logits, features = net(ids, net.new_cache(1, ids.shape[1]), logits="all", keep=layers)   # [1, T, V], [1, T, F]
+        hidden = features[0, :-1].unflatten(-1, (len(layers), -1))                       # [T-1, layers, H]
+        top_ids, top_probs = _top(logits[0, r["answer_start"] - 1:-1], top_k)          # [answer tokens, k]
+        out.append({"hidden": hidden.to(torch.float16).cpu(), "top_ids": top_ids.cpu(), "top_probs": top_probs.cpu()})
     return out
 
 # %% ../nbs/08a_train.ipynb #a7d3e610
@@ -464,9 +461,9 @@ def _soft_labels(record:dict, recorded:dict, positions:int, offset:int, to_draft
 
 def _read_slots(head, layers:list) -> list[int]:
     "Where each target layer the head reads sits among the recorded `layers`; an error names the ones not recorded."
-    missing = [i for i in head.layers_read if i not in layers]
+    missing = [i for i in head.target_layers if i not in layers]
     if missing: raise ValueError(f"the data recorded target layers {layers}; the {head.head_type} head needs {missing} too")
-    return [layers.index(i) for i in head.layers_read]
+    return [layers.index(i) for i in head.target_layers]
 
 def _batch(head, records:list[dict], recorded:list[dict], layers:list, # the recorded layers, in their order
            max_len:int, offsets) -> dict:
@@ -590,7 +587,7 @@ def train_head(head:EagleHead|MedusaHeads, records:list[dict],
     near there: after the first `FIT_AFTER` steps their pace sets the planned steps (a timed run is not repeatable)."""
     if not records: raise ValueError("no training records")
     if recorded is None:
-        layers = head.layers_read
+        layers = head.target_layers
         recorded = record_features(head.target, records, layers)
     if layers is None: raise ValueError("train_head: give the target layers the recorded features hold (`layers`)")
     if len(recorded) != len(records): raise ValueError(f"{len(records)} records but features of {len(recorded)}")

@@ -200,7 +200,7 @@ def test_joined_drafter_records_who_drafted_and_stays_lossless(tmp_path):
     manifest, records = load_run(run_dir)
     assert manifest["certificate"][f"{spec}/k3"]["passed"]
     joined = records[records.method == f"{spec}/k3"].to_dict("records")
-    assert joined and all([u["drafter"] for u in r["drafter_usage"]] == ["pld(3,2)", "model:tiny-llama-draft"] for r in joined)
+    assert joined and all([u["drafter"] for u in r["drafter_usage"]] == ["pld:3:2", "model:tiny-llama-draft"] for r in joined)
     steps = [[u["steps"] for u in r["drafter_usage"]] for r in joined]
     assert all(sum(s) <= r["target_forwards"] for s, r in zip(steps, joined)) and sum(s[1] for s in steps) > 0
     table = fallback_table(records)

@@ -85,15 +85,15 @@ def test_sliding_window_matches_hf(kind):
     with torch.inference_mode():
         ref = target.model(ids).logits                                        # [1, 30, V], full-sequence HF forward
         cache = net.new_cache(1, 40)
-        sliced = torch.cat([net(ids[:, :12], cache)] + [net(ids[:, t:t + 1], cache) for t in range(12, 20)]
-                           + [net(ids[:, 20:30], cache)], 1)
+        sliced = torch.cat([net(ids[:, :12], cache).logits] + [net(ids[:, t:t + 1], cache).logits for t in range(12, 20)]
+                           + [net(ids[:, 20:30], cache).logits], 1)
         cache = net.new_cache(1, 40)
-        fixed = net.forward_at(ids, cache.positions(30), cache)
+        fixed = net.forward_at(ids, cache.positions(30), cache).logits
     torch.testing.assert_close(sliced, ref, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(fixed, ref, atol=1e-4, rtol=1e-4)
     full = DecoderNet(target.model)
     full.windows = [None] * len(full.windows)                                  # negative control: the window matters
-    with torch.inference_mode(): ignored = full(ids, full.new_cache(1, 40))
+    with torch.inference_mode(): ignored = full(ids, full.new_cache(1, 40)).logits
     assert (ignored[:, 8:] - ref[:, 8:]).abs().max() > 1e-2
 
 

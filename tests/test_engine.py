@@ -30,8 +30,8 @@ def _sliced_and_fixed(net, ids, steps):
             if kind == "rollback": cache.rollback(a); continue
             block = ids[:, a:b]
             if fixed:
-                got.append(net.forward_at(block, cache.positions(b - a), cache)); cache.length = cache.length + b - a
-            else: got.append(net(block, cache))
+                got.append(net.forward_at(block, cache.positions(b - a), cache).logits); cache.length = cache.length + b - a
+            else: got.append(net(block, cache).logits)
         outs.append(torch.cat(got, 1))
     return outs
 
@@ -109,27 +109,48 @@ SYNCING_OPS = {"_local_scalar_dense", "item", "nonzero", "is_nonzero", "equal", 
                "_unique2", "repeat_interleave", "multinomial"}
 
 class CountSyncs(TorchDispatchMode):
-    "Counts ops that make a GPU wait for the host (a scalar read, data-dependent shapes, copies to the CPU)."
+    """Counts what makes a GPU wait for the host: ops that read a scalar or have data-dependent shapes, copies to the CPU,
+    and the tensor methods that read values without dispatching an op on a CPU (`tolist`, `cpu`, `numpy`), wrapped while
+    the context is open. The loop's one read (`decode.read_step`) and the kernels' CPU-only input checks are not counted."""
+    READS = ("tolist", "cpu", "numpy")
     def __init__(self): super().__init__(); self.seen = []
+    def __enter__(self):
+        self.saved = {name: getattr(torch.Tensor, name) for name in self.READS}
+        for name, method in self.saved.items():
+            def counted(t, *args, _name=name, _method=method, **kwargs):
+                if not _allowed_read(): self.seen.append(_name)
+                return _method(t, *args, **kwargs)
+            setattr(torch.Tensor, name, counted)
+        return super().__enter__()
+    def __exit__(self, *exc):
+        for name, method in self.saved.items(): setattr(torch.Tensor, name, method)
+        return super().__exit__(*exc)
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = func.overloadpacket.__name__
         to_cpu = name in ("_to_copy", "copy_") and any(isinstance(a, torch.Tensor) and a.device.type == "cpu" for a in args[:1]) \
                  and kwargs.get("device") is not None and torch.device(kwargs["device"]).type == "cpu"
-        if (name in SYNCING_OPS or to_cpu) and not _cpu_only_check(): self.seen.append(name)
+        if (name in SYNCING_OPS or to_cpu) and not _allowed_read(): self.seen.append(name)
         return func(*args, **kwargs)
 
 
-def _cpu_only_check() -> bool:
+def _allowed_read() -> bool:
+    "Whether the read comes from the loop's one read per step (`read_step`) or the kernels' CPU-only input checks."
+    stack = traceback.extract_stack()
+    return _cpu_only_check(stack) or any(f.name == "read_step" and f.filename.endswith("decode.py") for f in stack)
+
+
+def _cpu_only_check(stack) -> bool:
     "Whether the op comes from the kernels' input checks, which read values only on the CPU (free there, skipped on a GPU)."
-    return any(f.filename.replace("\\", "/").endswith("kernels/checks.py") for f in traceback.extract_stack())
+    return any(f.filename.replace("\\", "/").endswith("kernels/checks.py") for f in stack)
 
 
 class GraphBuffers:
     """On the CPU, what a CUDA graph replay does to memory: under this context the `fixed` mode's steps (the engine's and
-    the heads' `HeadSteps`) read their inputs from, and write their outputs and the target's features into, tensors kept
-    per shape, so a step's result is overwritten by the next step of that shape, as a graph's static buffers are. Code
-    that holds a step's output across the next one (instead of reading or copying it first) then goes wrong on the CPU."""
+    the heads' `HeadSteps`) read their inputs from, and write their outputs (logits and every layer's output) into,
+    tensors kept per shape, so a step's result is overwritten by the next step of that shape, as a graph's static
+    buffers are. Code that holds a step's output across the next one (instead of reading or copying it first) then goes
+    wrong on the CPU."""
     def __enter__(self):
         from specdec.heads import HeadSteps
         self.saved = Engine._step, HeadSteps.__call__
@@ -137,16 +158,14 @@ class GraphBuffers:
         def step(engine, q, logits, cache):
             key = (q, logits)
             if engine.mode != "fixed" or key in engine.steps: return build(engine, q, logits, cache)
-            run, net, kept = build(engine, q, logits, cache), engine.net, {}
+            run, kept = build(engine, q, logits, cache), {}
             def replay(ids, cache, tree=None):
-                out = run(ids, cache, tree)
-                if not kept: kept.update(out=None if out is None else out.clone(), features=net.features.clone(),
-                                         layers={i: f.clone() for i, f in net.layer_features.items()})
+                out, layers = run(ids, cache, tree)                 # logits, {layer: [B, q, H]}
+                if not kept: kept.update(out=None if out is None else out.clone(),
+                                         layers={i: f.clone() for i, f in layers.items()})
                 if out is not None: kept["out"].copy_(out)
-                kept["features"].copy_(net.features)
-                for i, f in net.layer_features.items(): kept["layers"][i].copy_(f)
-                net.features, net.layer_features = kept["features"], dict(kept["layers"])
-                return kept["out"]
+                for i, f in layers.items(): kept["layers"][i].copy_(f)
+                return kept["out"], kept["layers"]
             engine.steps[key] = replay
             return replay
         def head_step(steps, name, width, fn, *inputs):
@@ -174,27 +193,24 @@ def test_graph_buffers_overwrite_a_steps_output_with_the_next_ones(model):
         engine = engine_for(model.net, "fixed", role="test-buffers")
         cache = engine.new_cache(1, 64)
         engine(prompt[:, :8], cache, "none")
-        first = engine(prompt[:, 8:9], cache, "all")
+        first = engine(prompt[:, 8:9], cache, "all").logits
         kept = first.clone()
-        second = engine(prompt[:, 9:10], cache, "all")
+        second = engine(prompt[:, 9:10], cache, "all").logits
     assert second is first and not torch.equal(first, kept)
 
 
-def test_a_prompt_of_several_prefill_chunks_publishes_every_chunks_features(model):
-    """With a head reading the target's features, a prefill of 3 chunks through static buffers (`GraphBuffers`) gives the
-    features of every prompt position, as the eager forward does: each chunk's are copied out before the next chunk runs."""
+def test_a_prompt_of_several_prefill_chunks_returns_every_chunks_features(model):
+    """Asked for two layers' outputs, a prefill of 3 chunks through static buffers (`GraphBuffers`) returns the features
+    of every prompt position, as the eager forward does: each chunk's are copied out before the next chunk runs."""
     prompt = model.encode(" ".join([TEXT] * 3))                                # [1, S], S > 2 prefill chunks
-    kept = model.net.keep_features
-    model.net.keep_features = True
-    try:
-        model.net(prompt, model.net.new_cache(1, 256), "last")
-        eager = model.net.features.clone()                                      # [1, S, H]
-        with GraphBuffers():
-            engine = engine_for(model.net, "fixed", role="test-chunks")
-            engine(prompt, engine.new_cache(1, 256), "last")
-    finally: model.net.keep_features = kept
-    assert prompt.shape[1] > 2 * engine.prefill_chunk and model.net.features.shape == eager.shape
-    torch.testing.assert_close(model.net.features, eager, rtol=1e-4, atol=1e-4)
+    keep = (0, model.num_layers - 1)
+    eager = model.net(prompt, model.net.new_cache(1, 256), "last", keep=keep).features   # [1, S, 2H]
+    with GraphBuffers():
+        engine = engine_for(model.net, "fixed", role="test-chunks")
+        fixed = engine(prompt, engine.new_cache(1, 256), "last", keep=keep).features
+    assert prompt.shape[1] > 2 * engine.prefill_chunk and fixed.shape == eager.shape == (1, prompt.shape[1], 2 * 64)
+    torch.testing.assert_close(fixed, eager, rtol=1e-4, atol=1e-4)
+    assert engine(prompt[:, :4], engine.new_cache(1, 256), "last").features is None   # no layers asked for: none
 
 
 @pytest.mark.parametrize("compile", ["eager", "fixed"])
@@ -216,10 +232,20 @@ def test_one_host_read_per_step(model, monkeypatch, compile):
 
 
 def test_the_counter_sees_a_sync(model):
-    "The sync counter can fail: a host PromptLookup copies the sequence to the host and searches it there."
+    """The sync counter can fail: a host PromptLookup copies the sequence to the host and searches it there; a drafter
+    that reads a value with `.tolist()` or `.cpu()` (no op is dispatched for either on a CPU) is seen too."""
     with CountSyncs() as syncs:
         generate(model, model.encode(TEXT), drafter=PromptLookup(), max_new_tokens=8, eos_token_id=[])
     assert "nonzero" in syncs.seen
+    class Reads(PromptLookup):
+        def __init__(self, read): super().__init__(on_device=True); self.read = read
+        def propose(self, tokens, k, sampling=None, generator=None):
+            self.read(tokens[0, -1:])                                   # a value read on the host
+            return super().propose(tokens, k, sampling, generator)
+    for read, name in ((lambda t: t.tolist(), "tolist"), (lambda t: t.cpu(), "cpu")):
+        with CountSyncs() as syncs:
+            generate(model, model.encode(TEXT), drafter=Reads(read), controller=FixedK(2), max_new_tokens=8, eos_token_id=[])
+        assert syncs.seen.count(name) >= 7, (name, syncs.seen)        # one per drafting step
 
 
 def test_compile_gives_the_eager_tokens():
@@ -342,14 +368,15 @@ def test_a_bf16_net_on_the_cpu_attends_over_a_float32_cache_and_tracks_float32()
     with torch.inference_mode():
         cache = bf.net.new_cache(1, 64)
         assert cache.keys.dtype == cache.values.dtype == torch.float32
-        ours = torch.cat([bf.net(ids[:, :-4], cache), bf.net(ids[:, -4:-1], cache), bf.net(ids[:, -1:], cache)], 1)   # [1, S, V]
+        ours = torch.cat([bf.net(ids[:, :-4], cache).logits, bf.net(ids[:, -4:-1], cache).logits,
+                          bf.net(ids[:, -1:], cache).logits], 1)   # [1, S, V]
         reference = fp32.model(ids).logits.float()
         hf = bf.model(ids).logits.float()
         fixed = Engine(bf.net, "fixed")                                  # the fixed-shape forward over the same float32 cache
         cache = fixed.new_cache(1, 64)
         assert cache.keys.dtype == torch.float32
         fixed(ids[:, :-4], cache, logits="none")
-        at_fixed = torch.cat([fixed(ids[:, -4:-1], cache), fixed(ids[:, -1:], cache)], 1)   # [1, 4, V]
+        at_fixed = torch.cat([fixed(ids[:, -4:-1], cache).logits, fixed(ids[:, -1:], cache).logits], 1)   # [1, 4, V]
     torch.testing.assert_close(at_fixed, ours[:, -4:], atol=0.05, rtol=0.02)   # bf16 rounding of other block shapes
     ours_err, hf_err = (ours - reference).abs().max().item(), (hf - reference).abs().max().item()
     assert ours_err <= 1.5 * hf_err, (ours_err, hf_err)

@@ -122,21 +122,31 @@ def test_head_dtype():
 
 @pytest.mark.parametrize("kind", ["eagle", "medusa"])
 def test_prompt_lookup_falling_back_to_a_head_is_lossless(tiny, heads, kind):
-    "pld+head: greedy and rejection-sampled (at temperature 0) output equal the target's; both drafters draft; the head never misses features."
-    head = heads[kind]
-    for on_device in (False, True):
-        drafter, used = Fallback([PromptLookup(2, 1, on_device=on_device), head]), [0, 0]
-        for text in TEXTS[:6]:
-            prompt = tiny.encode(text)
-            ref = hf_greedy(tiny, prompt, 40)
-            out = generate(tiny, prompt, drafter=drafter, controller=FixedK(3), max_new_tokens=40)
-            assert torch.equal(out.tokens, ref), (kind, on_device, text)
-            assert head.missing_features == 0 and out.stats.accepted > 0
-            used = [u + x["steps"] for u, x in zip(used, drafter.usage)]
-            out = generate(tiny, prompt, drafter=drafter, policy=RejectionSampling(), controller=FixedK(2), max_new_tokens=40)
-            assert torch.equal(out.tokens, ref), (kind, on_device, text)
-        if on_device: assert used == [0, 0]                                # rows choose on the device: no host count
-        else: assert used[0] > 0 and used[1] > 0, used
+    """pld+head: greedy and rejection-sampled (at temperature 0) output equal the target's; both drafters draft; the head
+    never misses features, and is asked to draft only on the steps prompt lookup did not cover (on the host, or on the
+    device: one row reads whether the device drafted)."""
+    head, asked = heads[kind], []
+    propose = head.propose
+    head.propose = lambda *args, **kw: (asked.append(1), propose(*args, **kw))[1]   # counts the head's proposals
+    try:
+        for on_device in (False, True):
+            drafter, used = Fallback([PromptLookup(2, 1, on_device=on_device), head]), [0, 0]
+            for text in TEXTS[:6]:
+                prompt = tiny.encode(text)
+                ref = hf_greedy(tiny, prompt, 40)
+                asked.clear(); steps = []
+                out = generate(tiny, prompt, drafter=drafter, controller=FixedK(3), max_new_tokens=40,
+                               on_step=lambda e: steps.append(e.proposed))
+                assert torch.equal(out.tokens, ref), (kind, on_device, text)
+                assert head.missing_features == 0 and out.stats.accepted > 0
+                drafting = sum(p > 0 for p in steps)                          # steps that drafted (K > 0)
+                assert len(asked) == drafting - drafter.usage[0]["steps"], (kind, on_device, text)
+                used = [u + x["steps"] for u, x in zip(used, drafter.usage)]
+                out = generate(tiny, prompt, drafter=drafter, policy=RejectionSampling(), controller=FixedK(2),
+                               max_new_tokens=40)
+                assert torch.equal(out.tokens, ref), (kind, on_device, text)
+            assert used[0] > 0 and used[1] > 0, (on_device, used)
+    finally: del head.propose
 
 
 def test_fallback_merges_drafts_per_row_on_the_device():
@@ -189,9 +199,8 @@ def test_heads_draft_only_from_the_draft_vocabulary(tiny, heads):
         allowed = set(head.draft_vocab.ids.tolist())
         assert drafts and set(drafts) <= allowed
     medusa = heads["medusa"]
-    generate(tiny, prompt, max_new_tokens=2)                              # leaves the net's features of the prompt
-    medusa.start(tiny, prompt[:, :5], 64)
-    medusa.pending = [tiny.net.features[:, :4]]
+    prefill = tiny.net(prompt[:, :4], tiny.net.new_cache(1, 8), logits="none", keep=medusa.target_layers)
+    medusa.start(tiny, prompt[:, :5], 64, prefill.features)             # the features of the first 4 positions
     draft = medusa.propose(prompt[:, :5], 3, SamplingConfig(0.9), torch.Generator().manual_seed(0))
     outside = torch.ones(tiny.vocab_size, dtype=torch.bool); outside[medusa.draft_vocab.ids] = False
     assert draft.k == 3 and draft.probs[..., outside].abs().sum() == 0

@@ -6,7 +6,9 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "specdec"
 LOWER = ["models", "net", "sampling", "stats", "timing", "kernels", "engine", "policies", "drafters", "controllers", "costmodel",
          "decode"]
-UPPER = ["synthetic", "specs", "bench", "report", "cli"]
+UPPER = ["synthetic", "specs", "provenance", "summary", "bench", "report", "cli"]
+# the harness's own floors, from the ground up: what a run measured, what it says, how it runs, what people look at
+HARNESS = ["provenance", "summary", "bench", "report"]
 
 
 def import_graph(package:Path=PACKAGE) -> dict[str, set[str]]:
@@ -61,3 +63,11 @@ def test_lower_floors_never_import_upper_ones():
     graph = import_graph()
     bad = {m: sorted(graph[m] & set(UPPER)) for m in LOWER if m in graph and graph[m] & set(UPPER)}
     assert bad == {}
+
+
+def test_the_harness_keeps_its_floors():
+    "provenance and summary sit below bench (they read runs, never run them); report summarises through summary."
+    graph = import_graph()
+    below = {m: sorted(graph[m] & set(HARNESS[i:])) for i, m in enumerate(HARNESS) if graph[m] & set(HARNESS[i:])}
+    assert below == {}
+    assert "summary" in graph["report"] and "bench" not in graph["report"]

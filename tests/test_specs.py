@@ -133,7 +133,7 @@ def test_joined_drafters_round_trip(tiny):
     assert validate("drafter", "pld+layerskip:2") == "pld:3+layerskip:2"
     drafter = make_drafter(" PLD:3:2 + layerskip:2", tiny)
     assert isinstance(drafter, Fallback) and [type(d) for d in drafter.drafters] == [PromptLookup, LayerSkip]
-    assert spec_of(drafter) == "pld:3:2+layerskip:2" and drafter.name == "pld(3,2)+layerskip:2"
+    assert spec_of(drafter) == "pld:3:2+layerskip:2" and drafter.name == "pld:3:2+layerskip:2"   # its name is its spec
     again = make_drafter(spec_of(drafter), tiny)
     assert spec_of(again) == spec_of(drafter) and [settings(d) for d in again.drafters[:1]] == [settings(drafter.drafters[0])]
     assert validate("drafter", f"medusa:{HEADS}/medusa-tiny+pld:2") == f"medusa:{HEADS}/medusa-tiny+pld:2"

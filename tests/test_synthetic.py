@@ -82,16 +82,16 @@ def test_target_needs_no_special_case():
 def test_sleeps_and_overflow():
     net = SyntheticNet(verify_cost=lambda q: 0.001 * q)
     cache = net.new_cache(1, 6)
-    logits = net(torch.zeros(1, 4, dtype=torch.long), cache)
+    logits = net(torch.zeros(1, 4, dtype=torch.long), cache).logits
     assert logits.shape == (1, 4, 64) and logits.argmax(-1)[0].tolist() == [truth(p, 64) for p in range(1, 5)]
-    assert net(torch.zeros(1, 1, dtype=torch.long), cache, logits="none") is None and cache.length == 5
+    assert net(torch.zeros(1, 1, dtype=torch.long), cache, logits="none").logits is None and cache.length == 5
     with pytest.raises(ValueError, match="KV cache overflow"): net(torch.zeros(1, 2, dtype=torch.long), cache)
     cache.rollback(2)
-    assert net(torch.zeros(1, 2, dtype=torch.long), cache, logits="last").argmax(-1).tolist() == [[truth(4, 64)]]
+    assert net(torch.zeros(1, 2, dtype=torch.long), cache, logits="last").logits.argmax(-1).tolist() == [[truth(4, 64)]]
 
 
 def test_drafter_errors(target):
     with pytest.raises(ValueError, match=r"must be in \[0, 1\]"): SyntheticDrafter(1.5)
     with pytest.raises(ValueError, match=r"must be in \[0, 1\]"): SyntheticDrafter([])
     with pytest.raises(RuntimeError, match="before start"): SyntheticDrafter(0.5).propose(target.encode("a"), 2)
-    assert SyntheticDrafter([0.9, 0.5]).name == "synthetic(a=0.9,0.5)"
+    assert SyntheticDrafter([0.9, 0.5]).name == "synthetic:0.9/0.5"   # its spec

@@ -114,11 +114,13 @@ def test_greedy_on_the_device_keeps_the_hosts_branch():
     assert deep >= 10                                                               # branches of two and more were checked
 
 
-def _chain_logits(net, prompt, branch):
-    "Logits of `prompt`'s last token followed by `branch` decoded as a plain chain `[len(branch)+1, V]`."
+def _chain(net, prompt, branch, keep=()):
+    "`prompt`'s last token followed by `branch` decoded as a plain chain: its `Forward` (logits `[1, len(branch)+1, V]`)."
     cache = net.new_cache(1, 64)
     net(prompt[:, :-1], cache, logits="none")
-    return net(torch.cat([prompt[:, -1:], torch.tensor([branch])], 1), cache)[0]
+    return net(torch.cat([prompt[:, -1:], torch.tensor([branch])], 1), cache, keep=keep)
+
+def _chain_logits(net, prompt, branch): return _chain(net, prompt, branch).logits[0]   # [len(branch)+1, V]
 
 
 def test_a_tree_forward_gives_each_branch_the_logits_of_its_chain_and_keeps_one(tiny):
@@ -127,12 +129,15 @@ def test_a_tree_forward_gives_each_branch_the_logits_of_its_chain_and_keeps_one(
     cache = net.new_cache(1, 64)
     net(prompt[:, :-1], cache, logits="none")
     start = cache.length
-    logits = net(torch.cat([prompt[:, -1:], torch.tensor([drafts])], 1), cache, tree=TreeLayout.of_draft(parents))[0]   # [7, V]
-    features = net.features.clone()                                                       # [1, 7, H]
+    keep = (0, net.num_layers - 1)
+    logits, features = net(torch.cat([prompt[:, -1:], torch.tensor([drafts])], 1), cache, tree=TreeLayout.of_draft(parents),
+                           keep=keep)                                                     # [1, 7, V], [1, 7, 2H]
     net.keep_path(cache, start, [2, 4, 6])                                                # keep 12-14-16 where a chain puts it
-    assert torch.equal(net.features, features[:, [0, 2, 4, 6]])
+    chain = _chain(net, prompt, [12, 14, 16], keep).features                              # [1, 4, 2H]
+    torch.testing.assert_close(features[:, [0, 2, 4, 6]], chain, atol=1e-4, rtol=1e-4)    # each node: its chain's features
     cache.rollback(start + 4)
-    after = net(torch.tensor([[17]]), cache)[0, -1]                                       # decoding goes on from the kept branch
+    after = net(torch.tensor([[17]]), cache).logits[0, -1]                                # decoding goes on from the kept branch
+    logits = logits[0]                                                                    # [7, V]
     torch.testing.assert_close(after, _chain_logits(net, prompt, [12, 14, 16, 17])[-1], atol=1e-4, rtol=1e-4)
     for branch in ([0, 2], [1, 3, 5], [1, 4]):
         chain = _chain_logits(net, prompt, [drafts[i] for i in branch])                   # [len+1, V]
@@ -161,13 +166,13 @@ def _tree_and_next(runner, prompt, drafts, parents, path, next_token):
     cache = runner.new_cache(1, 64)
     runner(prompt[:, :-1], cache, logits="none")
     start = cache.length
-    logits = runner(torch.cat([prompt[:, -1:], torch.tensor([drafts])], 1), cache, tree=TreeLayout.of_draft(parents))[0].clone()
-    features = runner.net.features if isinstance(runner, Engine) else runner.features
-    kept_features = features.clone()
+    block = torch.cat([prompt[:, -1:], torch.tensor([drafts])], 1)                          # [1, q]
+    logits, features = runner(block, cache, tree=TreeLayout.of_draft(parents), keep=(1,))  # [1, q, V], [1, q, H]
+    logits = logits[0].clone()
     runner.keep_path(cache, start, path)
     cache.rollback(start + 1 + len(path))
-    after = runner(torch.tensor([[next_token]]), cache)[0, -1].clone()
-    return logits, kept_features, after
+    after = runner(torch.tensor([[next_token]]), cache).logits[0, -1].clone()
+    return logits, features, after
 
 
 def test_a_fixed_shape_tree_verification_equals_the_eager_one(tiny):
@@ -231,9 +236,8 @@ def test_a_tree_of_width_one_drafts_the_heads_chain(tiny, trained, kind):
 def test_a_medusa_tree_scores_each_depth_with_its_own_head(tiny, trained):
     "Every expanded node's children are Medusa head d's `width` likeliest tokens, whatever the parent."
     medusa, prompt, width = trained["medusa"], tiny.encode(TEXTS[4]), 2
-    tiny.net.keep_layers = ()
-    tiny.net(prompt[:, :-1], tiny.net.new_cache(1, prompt.shape[1] + 8), logits="none")
-    medusa.start(tiny, prompt, prompt.shape[1] + 8)
+    prefill = tiny.net(prompt[:, :-1], tiny.net.new_cache(1, prompt.shape[1] + 8), logits="none", keep=medusa.target_layers)
+    medusa.start(tiny, prompt, prompt.shape[1] + 8, prefill.features)
     features = medusa.pending[-1][:, -1:]                                            # [1, 1, H]
     draft = medusa.propose_tree(prompt, 3, width, 100)
     per_head = [sorted(medusa.draft_vocab.ids[medusa(features)[d, 0, -1].topk(width).indices].tolist()) for d in range(3)]
@@ -248,9 +252,8 @@ def test_a_medusa_tree_scores_each_depth_with_its_own_head(tiny, trained):
 
 def _head_after_prefill(tiny, head, prompt):
     "The head started on `prompt` as generate() starts it: the target's prefill features of all tokens but the last."
-    tiny.net.keep_layers = head.target_layers
-    tiny.net(prompt[:, :-1], tiny.net.new_cache(1, prompt.shape[1] + 64), logits="none")
-    head.start(tiny, prompt, prompt.shape[1] + 64)
+    prefill = tiny.net(prompt[:, :-1], tiny.net.new_cache(1, prompt.shape[1] + 64), logits="none", keep=head.target_layers)
+    head.start(tiny, prompt, prompt.shape[1] + 64, prefill.features)
 
 
 def test_each_tree_node_drafts_what_the_head_drafts_after_its_branch(smol):
@@ -350,7 +353,7 @@ def test_a_head_overflowing_past_its_trained_depth_leaves_fixed_shapes_as_eager(
         fixed = generate(tiny, prompt, drafter=tree, controller=FixedK(6), max_new_tokens=30, compile="fixed")
         assert torch.equal(fixed.tokens, hf_greedy(tiny, prompt, 30)) and torch.equal(eager.tokens, fixed.tokens), text
         assert fixed.accepted_lengths == eager.accepted_lengths, text
-    features = torch.randn(1, 1, len(head.layers_read) * head.fc.weight.shape[0], dtype=torch.float16)
+    features = torch.randn(1, 1, len(head.target_layers) * head.fc.weight.shape[0], dtype=torch.float16)
     hidden, grew = head.fused(features), []
     for _ in range(6):                                              # the head's own output fed back, as depths do
         hidden = head(torch.tensor([[5]]), hidden, 0, None)
@@ -401,7 +404,7 @@ def test_prompt_lookup_falling_back_to_an_eagle_tree_is_lossless(tiny, eagle):
 
 def test_tree_errors_name_the_problem(tiny, eagle):
     prompt = tiny.encode(TEXTS[0])
-    with pytest.raises(ValueError, match=re.escape("eagle-tree(4,10) drafts token trees, which policy Typical cannot verify: "
+    with pytest.raises(ValueError, match=re.escape("eagle-tree:4:10 drafts token trees, which policy Typical cannot verify: "
                                                    "use greedy or rejection")):
         generate(tiny, prompt, drafter=TokenTree(eagle), policy=Typical(), temperature=0.8, max_new_tokens=8)
     with pytest.raises(NotImplementedError, match="Typical cannot verify token trees"):
@@ -416,7 +419,7 @@ def test_the_shipped_heads_draft_trees_losslessly_and_accept_more(smol, kind):
     "On SmolLM2-135M (float32): the trees' output equals HF greedy, with fewer target forwards than the chains."
     from specdec.prompts import builtin_prompts
     tree = make_drafter(f"{kind}-tree:4:10", smol)
-    assert spec_of(tree) == f"{kind}-tree" and spec_of(make_drafter(f"{kind}-tree:3:5", smol)) == f"{kind}-tree:3:5"
+    assert spec_of(tree) == tree.name == f"{kind}-tree:4:10" and spec_of(make_drafter(f"{kind}-tree", smol)) == tree.name
     chain = make_drafter(kind, smol)
     forwards = {"tree": 0, "chain": 0}
     for prompt in builtin_prompts()[:3]:

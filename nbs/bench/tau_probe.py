@@ -6,9 +6,8 @@ VOCAB (trained heads only): `draft` (default: the head's reduced draft vocabular
 it lacks) or `full` (the target's whole vocabulary), to see what the reduced vocabulary costs in τ."""
 import sys, time, collections, torch
 from specdec import load_model, generate
-from specdec.specs import make_drafter, make_controller
+from specdec.specs import make_drafter, make_controller, parse_method_entry
 from specdec.prompts import load_prompts
-from specdec.bench import pinned_k
 from specdec.heads import DraftVocab
 
 per_category, configs = int(sys.argv[1]), sys.argv[2].split(",")
@@ -22,9 +21,9 @@ encoded = [p.encode(target) for p in chosen]
 plain = [generate(target, ids, max_new_tokens=max_new_tokens).tokens for ids in encoded]        # specdec-AR, the reference
 print(f"{len(chosen)} prompts from {prompts_path}, {max_new_tokens} new tokens, {vocab} vocabulary")
 for config in configs:
-    spec, k = pinned_k(config)                                                  # the benchmark's SPEC@K
-    if k is None: raise SystemExit(f"{config!r}: write each drafter as SPEC@K")
-    drafter, t0 = make_drafter(spec, target), time.perf_counter()
+    entry = parse_method_entry(config)                                          # the benchmark's SPEC@K
+    if entry.controller is None: raise SystemExit(f"{config!r}: write each drafter as SPEC@K")
+    drafter, t0 = make_drafter(entry.drafter, target), time.perf_counter()
     head = getattr(drafter, "head", drafter)                                    # a token tree's head, or the drafter
     if vocab != "draft" and not hasattr(head, "draft_vocab"): raise SystemExit(f"{config!r}: VOCAB {vocab} is for trained heads")
     if vocab == "prompt": head.prompt_vocab = True
@@ -32,7 +31,8 @@ for config in configs:
     same, stats = 0, None
     by_category = collections.defaultdict(lambda: [0, 0])
     for p, ids, ref in zip(chosen, encoded, plain):
-        out = generate(target, ids, drafter=drafter, controller=make_controller(k), max_new_tokens=max_new_tokens)
+        controller = make_controller(entry.controller.spec)
+        out = generate(target, ids, drafter=drafter, controller=controller, max_new_tokens=max_new_tokens)
         same += torch.equal(out.tokens, ref)
         stats = out.stats if stats is None else stats + out.stats
         by_category[p.category][0] += out.tokens.shape[1]; by_category[p.category][1] += out.stats.target_forwards
