@@ -200,7 +200,11 @@ def gather_wheels(dest:Path, pythons=KAGGLE_PYTHONS) -> list[Path]:
     root, dest = source_root(), Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     for old in dest.glob("*.whl"): old.unlink()
-    _pip("wheel", "-q", "--no-deps", "-w", str(dest), str(root))
+    with tempfile.TemporaryDirectory() as tmp:           # built from a copy: the checkout gets no build/ or .egg-info
+        for name in ("pyproject.toml", "README.md", "LICENSE", "specdec", "kernels"):
+            if (root / name).is_dir(): shutil.copytree(root / name, Path(tmp) / name, ignore=shutil.ignore_patterns("__pycache__"))
+            elif (root / name).exists(): shutil.copy(root / name, Path(tmp) / name)
+        _pip("wheel", "-q", "--no-deps", "-w", str(dest), tmp)
     pins = tested_pins(root)
     for python in sorted(set(pythons) | {f"{sys.version_info.major}.{sys.version_info.minor}"}):
         _download([f"{n}=={v}" for n, v in DATA_ONLY.items()], dest, python)
