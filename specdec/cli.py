@@ -12,13 +12,13 @@ import specdec
 from . import specs
 from .models import seed_everything, resolve_device
 from .decode import generate
-from .engine import COMPILE_MODES
+from .engine import COMPILE_MODES, compile_help
 from .prompts import load_prompts
 from .parameters import notebook_parameters, parameter_value
 
 # %% auto #0
 __all__ = ['LinesHelpFormatter', 'run_generate', 'bench_notebook', 'add_parameter_flags', 'run_bench', 'run_kaggle',
-           'run_summary_text', 'main']
+           'run_summary_text', 'run_report', 'main']
 
 # %% ../nbs/09_cli.ipynb #d000c634
 class LinesHelpFormatter(argparse.HelpFormatter):
@@ -47,8 +47,7 @@ def _generate_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--device", default=None); p.add_argument("--dtype", default=None)
-    p.add_argument("--compile", default="auto", choices=COMPILE_MODES,
-                   help="engine: auto (CUDA graphs on CUDA, eager on CPU), eager, fixed, compile, graphs, compile+graphs")
+    p.add_argument("--compile", default="auto", choices=COMPILE_MODES, help="how forwards run:\n" + compile_help())
     p.add_argument("--prompt", required=True)
 
 def run_generate(args) -> int:
@@ -91,6 +90,7 @@ def add_parameter_flags(parser:argparse.ArgumentParser, params:dict[str, dict]) 
     for name, info in params.items():
         help = f"{info['help']} (default: {info['default']!r})"
         if name in _SPEC_KIND: help += "\n" + specs.help_text(_SPEC_KIND[name])
+        if name == "compile": help += "\n" + compile_help()
         help, flag = help.replace("%", "%%"), "--" + name.replace("_", "-")
         if info["type"] is bool: parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help)
         else: parser.add_argument(flag, dest=name, type=_flag_type(name, info), default=None, help=help)
@@ -217,15 +217,31 @@ def run_summary_text(args) -> int:
     print(text_summary(*[find_run(run, args.results, purpose="to summarize") for run in args.run]))
     return 0
 
+def _report_parser(sub) -> None:
+    p = sub.add_parser("report", help="render runs' executed notebooks to HTML (report.html beside report.ipynb)",
+                       description="Committed runs keep their executed notebook (report.ipynb, or report.ipynb.gz for older "
+                                   "runs); the HTML is rendered on demand, with plotly.js from the installed plotly.")
+    p.add_argument("run", nargs="+", help="a run folder, or a run id under --results")
+    p.add_argument("--results", default="results", help="where run ids are looked up (default: results)")
+
+def run_report(args) -> int:
+    "Run `specdec report` with parsed `args`: render each run's notebooks and print the HTML files written."
+    from specdec.report import render_reports
+    for run in args.run:
+        for html in render_reports(run, args.results): print(html)
+    return 0
+
 # %% ../nbs/09_cli.ipynb #04be8cc6
 def main(argv:list[str]|None=None) -> int:
     "Entry point of the `specdec` command."
     parser = argparse.ArgumentParser(prog="specdec", description="speculative decoding workbench")
     sub = parser.add_subparsers(dest="command", required=True)
-    _generate_parser(sub); _bench_parser(sub); _kaggle_parser(sub); _summary_parser(sub)
+    _generate_parser(sub); _bench_parser(sub); _kaggle_parser(sub); _summary_parser(sub); _report_parser(sub)
     args = parser.parse_args(argv)
     try:
-        return {"generate": run_generate, "bench": run_bench, "kaggle": run_kaggle, "summary": run_summary_text}[args.command](args)
+        commands = {"generate": run_generate, "bench": run_bench, "kaggle": run_kaggle, "summary": run_summary_text,
+                    "report": run_report}
+        return commands[args.command](args)
     except (ValueError, NotImplementedError) as e:
         print(f"specdec: error: {e}", file=sys.stderr)
         return 2

@@ -15,8 +15,8 @@ from .kernels import choose
 
 # %% auto #0
 __all__ = ['SUPPORTED_ARCHITECTURES', 'STEP_OPS', 'NO_LAUNCH', 'KVCache', 'onednn_available', 'onednn_bf16_available',
-           'linear_backend', 'fuse_weights', 'Linear', 'step_ops', 'layer_windows', 'cache_dtype', 'attend',
-           'TreeLayout', 'attention_mask', 'tree_attention_mask', 'Forward', 'kept_features', 'DecoderNet',
+           'linear_backend', 'fuse_weights', 'Linear', 'time_linears', 'step_ops', 'layer_windows', 'cache_dtype',
+           'attend', 'TreeLayout', 'attention_mask', 'tree_attention_mask', 'Forward', 'kept_features', 'DecoderNet',
            'count_step_ops']
 
 # %% ../nbs/02_net.ipynb #bf03e52f
@@ -57,9 +57,10 @@ class KVCache:
         self.length = length
 
 # %% ../nbs/02_net.ipynb #09c9a0dd
-import itertools, weakref
+import itertools, statistics, time, weakref
 _PACKED = weakref.WeakKeyDictionary()   # nn.Linear (first of a fused group) -> packed oneDNN weights
 _FUSED = weakref.WeakKeyDictionary()    # nn.Linear (first of a fused group) -> (fused weight, fused bias)
+_LINEAR_TIMINGS = weakref.WeakKeyDictionary()   # a model's output head -> `time_linears` of that model on this host
 
 def onednn_available() -> bool:
     "Whether torch's oneDNN linear with prepacked weights is available."
@@ -70,13 +71,16 @@ def onednn_bf16_available() -> bool:
     return onednn_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 def linear_backend(device:torch.device, dtype:torch.dtype, requested:str="auto") -> str:
-    """`onednn` (prepacked weights) on a CPU for float32, and for bfloat16 where oneDNN computes it (`auto`), else
-    `torch`. On the development CPU (AVX-512 BF16) the prepacked bfloat16 output head took 1.8 ms against 4.5 ms for
-    `F.linear` in bfloat16 and 4.3 ms for prepacked float32 (nbs/02_net)."""
-    if requested not in ("auto", "onednn", "torch"): raise ValueError(f"unknown linear backend {requested!r}: use auto, onednn or torch")
-    ok = device.type == "cpu" and (dtype == torch.float32 and onednn_available() or dtype == torch.bfloat16 and onednn_bf16_available())
+    """The linear backends this device and dtype allow, as asked: `onednn` (prepacked weights) on a CPU for float32,
+    and for bfloat16 where oneDNN computes it, else `torch`. `auto` gives `onednn` where it is allowed: `DecoderNet`
+    then times both on the model's own weights and keeps the faster (`time_linears`)."""
+    if requested not in ("auto", "onednn", "torch"):
+        raise ValueError(f"unknown linear backend {requested!r}: use auto, onednn or torch")
+    ok = device.type == "cpu" and (dtype == torch.float32 and onednn_available()
+                                   or dtype == torch.bfloat16 and onednn_bf16_available())
     if requested == "onednn" and not ok:
-        raise ValueError(f"the onednn backend needs float32 (or bfloat16 where oneDNN computes it) on a CPU with oneDNN, got {dtype} on {device}")
+        raise ValueError(f"the onednn backend needs float32 (or bfloat16 where oneDNN computes it) on a CPU with oneDNN, "
+                         f"got {dtype} on {device}")
     return "onednn" if requested != "torch" and ok else "torch"
 
 def _is_view_of(t:torch.Tensor, base:torch.Tensor, offset:int) -> bool:
@@ -133,6 +137,36 @@ class Linear:
         "Each linear's output (views of the joint output)."
         out = self.joint(x, packed)
         return list(out.split(self.sizes, dim=-1)) if len(self.sizes) > 1 else [out]
+
+def time_linears(layer, # a decoder layer (its attention and MLP projections)
+                 head:torch.nn.Linear, # the output head
+                 num_layers:int, # layers in the step: one step's linears are the head's and num_layers layers'
+                 rows=(1, 5), # a plain step's tokens and a verification's (K=4)
+                 repeats:int=7) -> dict[str, float]:
+    """Milliseconds one step's linear products take with each backend, `{"onednn": ms, "torch": ms}`, from the median of
+    `repeats` timings of the head and of `layer`'s products at each row count in `rows` (summed over them). Which one
+    wins depends on the host: prepacked oneDNN was faster on an AVX-512 host and slower on another (issue 28)."""
+    attn, mlp = layer.self_attn, layer.mlp
+    groups = [[attn.q_proj, attn.k_proj, attn.v_proj], [attn.o_proj], [mlp.gate_proj, mlp.up_proj], [mlp.down_proj]]
+    out, packed_before = {}, {g[0] for g in groups + [[head]] if g[0] in _PACKED}
+    with torch.inference_mode():
+        for backend in ("onednn", "torch"):
+            layer_lins, head_lin = [Linear(g, backend) for g in groups], Linear([head], backend)
+            def step_ms(q:int) -> float:
+                inputs = [torch.randn(1, q, lin.weight.shape[1], dtype=lin.weight.dtype) for lin in layer_lins]
+                x = torch.randn(1, q, head.weight.shape[1], dtype=head.weight.dtype)   # [1, q, H]
+                layer_t, head_t = [], []
+                for r in range(repeats + 1):                                         # the first is a warm-up
+                    t0 = time.perf_counter()
+                    for lin, inp in zip(layer_lins, inputs): lin.joint(inp)
+                    t1 = time.perf_counter(); head_lin.joint(x); t2 = time.perf_counter()
+                    if r: layer_t.append(t1 - t0); head_t.append(t2 - t1)
+                return 1000 * (num_layers * statistics.median(layer_t) + statistics.median(head_t))
+            out[backend] = round(sum(step_ms(q) for q in rows), 3)
+    if out["torch"] < out["onednn"]:                                                 # not kept: free the packed copies
+        for g in groups + [[head]]:                                                  # made for the timing alone
+            if g[0] not in packed_before: _PACKED.pop(g[0], None)
+    return out
 
 # %% ../nbs/02_net.ipynb #4a24c955
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "mistral")
@@ -279,7 +313,12 @@ class DecoderNet:
         self.head_dim, self.scaling = attn.head_dim, attn.scaling
         self.num_heads, self.num_kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
         self.vocab_size = hf_model.lm_head.weight.shape[0]
-        self.backend = linear_backend(self.device, self.dtype, linear)
+        self.backend, self.linear_timings = linear_backend(self.device, self.dtype, linear), None
+        if linear == "auto" and self.backend == "onednn":                  # this host: time both on the model's weights,
+            if hf_model.lm_head not in _LINEAR_TIMINGS:                        # once per model (its nets agree)
+                _LINEAR_TIMINGS[hf_model.lm_head] = time_linears(self.layers[0], hf_model.lm_head, len(inner.layers))
+            self.linear_timings = _LINEAR_TIMINGS[hf_model.lm_head]
+            self.backend = min(self.linear_timings, key=self.linear_timings.get)
         lin = lambda *ms: Linear(list(ms), self.backend)
         self.qkv = [lin(l.self_attn.q_proj, l.self_attn.k_proj, l.self_attn.v_proj) for l in self.layers]
         self.o = [lin(l.self_attn.o_proj) for l in self.layers]
