@@ -147,13 +147,13 @@ def _capture(self:Engine, q:int, logits:str, cache:KVCache):
     all logits of a token tree, whose depths and ancestor mask are copied into the graph's inputs at each replay."""
     device = self.net.device
     static_ids = torch.zeros(cache.keys.shape[1], q, dtype=torch.long, device=device)   # [B, q]
-    static_pos = cache.positions(q).clone()                                              # [q]
+    static_pos = cache.positions(q).clone()                                              # [B, q]
     static_tree = _static_tree(q, device) if logits == "tree" else None                   # ([q], [q, q])
     # the outputs: logits and {layer: [B, q, H]}
     graph, static_out = capture_graph(self._forward_fn(logits), [static_ids, static_pos, cache, static_tree], device)
     def replay(input_ids, cache, tree=None):
         static_ids.copy_(input_ids)
-        torch.add(cache.steps[:q], cache.length_t, out=static_pos)          # positions from the device length
+        torch.add(cache.steps[:q], cache.lengths_t[:, None], out=static_pos)   # each row's positions from its length
         if static_tree is not None:
             for static, given in zip(static_tree, tree): static.copy_(given, non_blocking=True)
         graph.replay()
@@ -190,10 +190,12 @@ def _call(self:Engine, input_ids:torch.Tensor, # [B, q] new tokens, written at p
           keep:tuple=(), # layers whose outputs to return as `features` (copied out of the steps' buffers)
          ) -> Forward:
     """Run `q` new tokens at fixed shapes; return their logits `[B, q|1, V]` (a static buffer in graph modes: read it
-    before the next call) and the `keep` layers' outputs `[B, q, len(keep) * H]` (a copy). A `tree` is verified as the
-    eager forward verifies it (slots in node order, positions by depth)."""
+    before the next call) and the `keep` layers' outputs `[B, q, len(keep) * H]` (a copy). Rows at different lengths
+    write and attend at their own positions; every row's length grows by q. A `tree` is verified as the eager forward
+    verifies it (slots in node order, positions by depth)."""
     B, q = input_ids.shape
-    start = cache.check_room(q)
+    cache.check_room(q)
+    before = cache.lengths
     parts = []                                                             # [B, n, F] features of each step of the call
     def run(step, ids, n:int, tree=None):                                 # one step; keep its first n positions' features
         out, layers = step(ids, cache, tree)
@@ -209,6 +211,7 @@ def _call(self:Engine, input_ids:torch.Tensor, # [B, q] new tokens, written at p
         step = wide if self._too_wide(q, "tree") else self._step(q, "tree", cache)
         out = run(step, input_ids, q, device_tree)
     elif logits == "none" or (logits == "last" and q > self.last_logits_max_q):
+        if not cache.uniform: raise ValueError(f"a prefill starts every row at one length, got rows at {before}")
         n = q if logits == "none" else q - 1
         P = self.prefill_chunk
         for s in range(0, n, P):
@@ -224,7 +227,7 @@ def _call(self:Engine, input_ids:torch.Tensor, # [B, q] new tokens, written at p
     else:
         step = wide if self._too_wide(q, logits) else self._step(q, logits, cache)
         out = run(step, input_ids, q)
-    cache.length = start + q
+    cache.lengths = [n + q for n in before]
     features = None if not keep else parts[0] if len(parts) == 1 else torch.cat(parts, 1)   # [B, q, F]
     return Forward(out, features)
 Engine.__call__ = _call

@@ -21,40 +21,58 @@ __all__ = ['SUPPORTED_ARCHITECTURES', 'STEP_OPS', 'NO_LAUNCH', 'KVCache', 'onedn
 
 # %% ../nbs/02_net.ipynb #bf03e52f
 class KVCache:
-    "Preallocated keys and values `[layers, B, kv_heads, capacity, head_dim]`; the first `length` positions are valid."
+    """Preallocated keys and values `[layers, B, kv_heads, capacity, head_dim]`; row b's first `lengths[b]` positions are
+    valid. The rows of a batch may hold different lengths (ragged positions, rectangular shapes): a step writes each
+    row's keys and values at that row's own positions, and what a row rejected is masked and later overwritten."""
     def __init__(self, num_layers:int, batch:int, num_kv_heads:int, capacity:int, head_dim:int, dtype, device):
         shape = (num_layers, batch, num_kv_heads, capacity, head_dim)
         self.keys = torch.zeros(shape, dtype=dtype, device=device)
         self.values = torch.zeros(shape, dtype=dtype, device=device)
         self.steps = torch.arange(capacity, device=device)                  # [capacity] key positions
-        self.length_t = torch.zeros((), dtype=torch.long, device=device)    # the length, on the device
-        self._length = 0                                                    # its host mirror
+        self.lengths_t = torch.zeros(batch, dtype=torch.long, device=device)   # [B] each row's length, on the device
+        self._lengths = [0] * batch                                         # its host mirror
 
     @property
     def capacity(self) -> int: return self.keys.shape[3]
+    @property
+    def batch(self) -> int: return self.keys.shape[1]
+    @property
+    def uniform(self) -> bool: return min(self._lengths) == max(self._lengths)   # every row at the same length
 
     @property
-    def length(self) -> int: return self._length
+    def lengths(self) -> list[int]: return list(self._lengths)
+    @lengths.setter
+    def lengths(self, values):
+        "Set each row's length on the host and on the device (a fill when they are equal, else one small copy)."
+        values = [int(v) for v in values]
+        if len(values) != self.batch: raise ValueError(f"{len(values)} lengths for a cache of {self.batch} rows")
+        self._lengths = values
+        if min(values) == max(values): self.lengths_t.fill_(values[0])
+        else: self.lengths_t.copy_(torch.tensor(values), non_blocking=True)
+
+    @property
+    def length(self) -> int:
+        "The length of every row (rows at different lengths: read `lengths`)."
+        if not self.uniform: raise ValueError(f"the rows of this cache hold different lengths {self._lengths}: use lengths")
+        return self._lengths[0]
     @length.setter
-    def length(self, n:int):
-        "Set the length on the host and on the device (a fill, not a sync)."
-        self._length = int(n)
-        self.length_t.fill_(self._length)
+    def length(self, n:int): self.lengths = [n] * self.batch
 
     def positions(self, q:int) -> torch.Tensor:
-        "Device positions `[q]` of the next `q` tokens: `length_t + 0..q-1`."
-        return self.steps[:q] + self.length_t
+        "Device positions `[B, q]` of each row's next `q` tokens: `lengths_t + 0..q-1`."
+        return self.lengths_t[:, None] + self.steps[:q]
 
-    def check_room(self, n:int) -> int:
-        "Raise unless `n` more positions fit; return where they start."
-        if self.length + n > self.capacity:
-            raise ValueError(f"KV cache overflow: {self.length}+{n} positions > capacity {self.capacity}")
-        return self.length
+    def check_room(self, n:int) -> None:
+        "Raise unless `n` more positions fit in every row."
+        if max(self._lengths) + n > self.capacity:
+            raise ValueError(f"KV cache overflow: {max(self._lengths)}+{n} positions > capacity {self.capacity}")
 
-    def rollback(self, length:int) -> None:
-        "Keep the first `length` positions: later entries are overwritten by the next write."
-        if not 0 <= length <= self.length: raise ValueError(f"cannot roll back to {length}: cache holds {self.length}")
-        self.length = length
+    def rollback(self, length:int|list[int]) -> None:
+        "Keep the first `length` positions (of every row, or `[B]` per row): later entries are overwritten by the next write."
+        new = [length] * self.batch if isinstance(length, int) else list(length)
+        if len(new) != self.batch or any(not 0 <= n <= old for n, old in zip(new, self._lengths)):
+            raise ValueError(f"cannot roll back to {length}: cache holds {self._lengths if not self.uniform else self.length}")
+        self.lengths = new
 
 # %% ../nbs/02_net.ipynb #09c9a0dd
 import itertools, statistics, time, weakref
@@ -202,9 +220,10 @@ def cache_dtype(dtype:torch.dtype, device) -> torch.dtype:
 
 def attend(query:torch.Tensor, # [B, heads, q, D] in the model's dtype
            keys:torch.Tensor, values:torch.Tensor, # [B, kv_heads, T, D] in the cache's dtype (`cache_dtype`)
-           mask:torch.Tensor|None, # [q, T] which keys each query sees, or None
+           mask:torch.Tensor|None, # [q, T] which keys each query sees ([B, q, T]: each row's), or None
            causal:bool, gqa:bool, scale:float|None=None) -> torch.Tensor:
     "Scaled dot-product attention `[B, heads, q, D]`, computed in the cache's dtype and returned in the query's."
+    if mask is not None and mask.dim() == 3: mask = mask[:, None]            # [B, 1, q, T]: the same for every head
     out = F.scaled_dot_product_attention(query.to(keys.dtype), keys, values, attn_mask=mask, is_causal=causal, scale=scale,
                                          enable_gqa=gqa)
     return out.to(query.dtype)
@@ -245,13 +264,13 @@ class TreeLayout:
         "`(depths [q], ancestors [q, q])` on `device`, for a fixed-shape forward (`DecoderNet.forward_at(tree=...)`)."
         return self.depths.to(device, non_blocking=True), self.ancestors.to(device, non_blocking=True)
 
-def attention_mask(query_pos:torch.Tensor, # [q] positions of the new tokens
+def attention_mask(query_pos:torch.Tensor, # [q] positions of the new tokens ([B, q]: each row's)
                    key_pos:torch.Tensor,   # [n] positions of the keys
                    window:int|None=None,   # sliding window: keys older than window-1 positions are hidden
                   ) -> torch.Tensor:
-    "Boolean `[q, n]`: a query sees keys at its position or before (and inside its window)."
-    visible = key_pos[None, :] <= query_pos[:, None]
-    if window is not None: visible &= key_pos[None, :] > query_pos[:, None] - window   # as transformers' sliding_window_overlay
+    "Boolean `[q, n]` (or `[B, q, n]`): a query sees keys at its position or before (and inside its window)."
+    visible = key_pos <= query_pos[..., None]
+    if window is not None: visible &= key_pos > query_pos[..., None] - window   # as transformers' sliding_window_overlay
     return visible
 
 def tree_attention_mask(slots:torch.Tensor,     # [q] cache slots of the tree's nodes: start..start+q-1, in node order
@@ -393,15 +412,17 @@ def _layers_and_head(self:DecoderNet, hidden, cos, sin, cache, slots, end, masks
         # the MLP's residual add, fused with the next layer's norm (or the final one)
         normed, residual = rms_norm(self._mlp(i, normed, packed), *self.norms[2 * i + 2], residual)
         if i in keep: kept[i] = residual                                 # [B, q, H] layer i's output (before any norm)
-    if logits == "none": return None, kept
-    if logits == "last": normed = normed[:, -1:]
+    if isinstance(logits, torch.Tensor):                                # [B] one position a row (rows at their own ends)
+        normed = normed[torch.arange(normed.shape[0], device=normed.device), logits][:, None]   # [B, 1, H]
+    elif logits == "none": return None, kept
+    elif logits == "last": normed = normed[:, -1:]
     return self.head(normed, packed)[0].float(), kept                # [B, q|1, V]
 
 # %% ../nbs/02_net.ipynb #b7c62973
 @patch
 def forward(self:DecoderNet, input_ids:torch.Tensor, # [B, q] new tokens, written at positions length..length+q-1
             cache:KVCache,
-            logits:str="all", # "all" positions, the "last" one, or "none" (prefill only fills the cache)
+            logits:str|torch.Tensor="all", # "all" positions, the "last" one, "none" (a prefill), or [B]: one index a row
             tree:TreeLayout|None=None, # the new tokens form a token tree (`TreeLayout`): each sees its ancestors only
             keep:tuple=(), # layers whose outputs to return as `features` (a draft head's, e.g. EAGLE-3's low/mid/high)
            ) -> Forward:
@@ -409,7 +430,9 @@ def forward(self:DecoderNet, input_ids:torch.Tensor, # [B, q] new tokens, writte
     and the `keep` layers' outputs `[B, q, len(keep) * H]`. With a `tree`, token i sits at position `length + depth[i]`
     and attends to the cache and to its ancestors in the tree."""
     B, q_len = input_ids.shape
-    start = cache.check_room(q_len)
+    cache.check_room(q_len)
+    if not cache.uniform: return self._forward_rows(input_ids, cache, logits, tree, keep)
+    start = cache.length
     end = start + q_len
     device = input_ids.device
     positions = torch.arange(start, end, device=device) if tree is None else start + tree.depths.to(device)   # [q]
@@ -424,6 +447,24 @@ def forward(self:DecoderNet, input_ids:torch.Tensor, # [B, q] new tokens, writte
     slots = torch.arange(start, end, device=device)                     # [q] cache slots (a tree's too: in node order)
     out, kept = self._layers_and_head(hidden, cos[0], sin[0], cache, slots, end, masks, logits, True, keep)
     cache.length = end
+    return Forward(out, kept_features(kept, keep))
+
+@patch
+def _forward_rows(self:DecoderNet, input_ids, cache, logits, tree, keep) -> Forward:
+    """`forward` over rows at different lengths: row b's tokens at positions `lengths[b] + 0..q-1` (written at those
+    slots), each row attending to its own keys only; every row's length grows by q (a caller keeps fewer by rolling
+    back). Token trees are verified one row at a time (batch size 1)."""
+    if tree is not None: raise NotImplementedError("token trees are verified for batch size 1")
+    B, q_len = input_ids.shape
+    lengths = cache.lengths
+    end = max(lengths) + q_len
+    positions = cache.positions(q_len)                                  # [B, q] each row's own
+    hidden = self.embed(input_ids)                                      # [B, q, H]
+    cos, sin = self.rotary(hidden, positions)                           # [B, q, D]
+    key_pos = torch.arange(end, device=input_ids.device)                # [end]
+    masks = {w: attention_mask(positions, key_pos, w) for w in set(self.windows)}   # [B, q, end]
+    out, kept = self._layers_and_head(hidden, cos, sin, cache, positions, end, masks, logits, True, keep)
+    cache.lengths = [n + q_len for n in lengths]
     return Forward(out, kept_features(kept, keep))
 
 @patch
@@ -444,7 +485,7 @@ def keep_path(self:DecoderNet, cache:KVCache,
 
 @patch
 def forward_layers_at(self:DecoderNet, input_ids:torch.Tensor, # [B, q] new tokens
-                      positions:torch.Tensor, # [q] their positions (a device tensor: no host read)
+                      positions:torch.Tensor, # [B, q] each row's positions ([q]: shared), a device tensor: no host read
                       cache:KVCache,
                       logits:str="all", # "all", "last" or "none"
                       packed:bool=True, # False for torch.compile: plain F.linear
@@ -457,17 +498,21 @@ def forward_layers_at(self:DecoderNet, input_ids:torch.Tensor, # [B, q] new toke
     hidden = self.embed(input_ids)                                      # [B, q, H]
     if tree is None:
         rotary_pos = positions
-        masks = {w: attention_mask(positions, cache.steps, w) for w in set(self.windows)}   # [q, capacity]
+        masks = {w: attention_mask(positions, cache.steps, w) for w in set(self.windows)}   # [B, q, capacity]
     else:
+        if positions.dim() == 2:                                        # a tree is verified at batch size 1
+            if positions.shape[0] != 1: raise NotImplementedError("token trees are verified for batch size 1")
+            positions = positions[0]                                    # [q]
         depths, ancestors = tree                                        # [q], [q, q]
         rotary_pos = positions[0] + depths                              # [q]
-        masks = {w: tree_attention_mask(positions, depths, ancestors, cache.steps, w) for w in set(self.windows)}   # [q, capacity]
-    cos, sin = self.cos[rotary_pos], self.sin[rotary_pos]               # [q, D]
+        masks = {w: tree_attention_mask(positions, depths, ancestors, cache.steps, w)
+                 for w in set(self.windows)}                            # [q, capacity]
+    cos, sin = self.cos[rotary_pos], self.sin[rotary_pos]               # [B, q, D] (a tree: [q, D])
     return self._layers_and_head(hidden, cos, sin, cache, positions, None, masks, logits, packed, keep)
 
 @patch
 def forward_at(self:DecoderNet, input_ids:torch.Tensor, # [B, q] new tokens
-               positions:torch.Tensor, # [q] their positions (a device tensor: no host read)
+               positions:torch.Tensor, # [B, q] each row's positions ([q]: shared), a device tensor: no host read
                cache:KVCache,
                logits:str="all", # "all", "last" or "none"
                packed:bool=True, # False for torch.compile: plain F.linear
