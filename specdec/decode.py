@@ -202,7 +202,7 @@ def generate(target:LoadedModel, # the model whose output we want (anything with
     if B > 1 and on_step is not None: raise NotImplementedError("on_step follows one prompt: a batch has no step events")
     if drafter is not None and controller is None: controller = FixedK(4)
     if controller is not None and drafter is not None:
-        controller.start(target, drafter, compile)
+        controller.start(target, drafter, compile, B)
         drafter.stop_below = controller.stop_below       # `DynamicK`: drafting token by token stops at an unlikely chain
     eos = list(target.eos_token_ids if eos_token_id is None else
                ([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id))
