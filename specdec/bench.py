@@ -23,7 +23,7 @@ from .stats import Stats
 from .timing import peak_memory, reset_peak_memory, chrome_trace, sync
 from .provenance import (git_state, system_info, machine_of, versions, record_provenance, read_records, record_key,
                                 find_run, read_manifest, check_resume, config_hash as params_hash, portable_path,
-                                write_json, file_hash, target_source)
+                                write_json, file_hash, target_source, linear_choice)
 from .summary import HF, HF_PLD, HF_STATIC, AR, summarize_run
 
 # %% auto #0
@@ -372,7 +372,8 @@ def run_benchmark(cfg:BenchConfig, target:LoadedModel|None=None, progress:bool=T
                 "seeds": {"seed": cfg.seed, "bootstrap": cfg.seed}, "system": system, "machine": machine_of(system),
                 "versions": versions(), "this_invocation": invocation,
                 "invocations": (old or {}).get("invocations", []) + [invocation],
-                "models": {"target": {"name": target.name, **target_source(target), "dtype": str(target.dtype)},
+                "models": {"target": {"name": target.name, **target_source(target), "dtype": str(target.dtype),
+                                      **linear_choice(target.net)},
                            "drafters": {d: specs.spec_of(dr) if dr is not None else None
                                         for d, dr in runner.drafters.items()}},
                 "prompt_set": {"name": cfg.prompts if cfg.prompts == "builtin" else Path(cfg.prompts).name,
