@@ -165,7 +165,8 @@ class BatchRunner:
 
     def generate(self, m:Method, group:Group) -> tuple[list[list[int]], Stats, list[Stats], dict|None]:
         "One batch-generation of `m` over `group`: its rows' tokens, the batch's `Stats`, each row's, the engine's."
-        cfg, ids, eos = self.cfg, [self.encoded[p.id] for p in group.prompts], self.opts["ignore_eos"]
+        cfg, eos = self.cfg, self.opts["ignore_eos"]
+        ids = [self.encoded[p.id][0].cpu() for p in group.prompts]          # [B] prompts [S_i], padded by the callee
         if m.is_hf:
             tokens, stats, rows = hf_generate_batch(self.target, ids, cfg.max_new_tokens, seed=cfg.seed, ignore_eos=eos,
                                                     mode=m.name, max_cache_len=self.opts.get("hf_static_cache_len"))
@@ -251,8 +252,9 @@ def _measure_batch(runner:BatchRunner, todo:list, manifest:dict, run_dir:Path, p
     """Measure `todo` in order, appending records and counting them in the manifest, after a warm-up of every method at
     every batch size on that size's first group. Returns the warm-up seconds per method and batch size."""
     cfg, warmup_s, warmed = runner.cfg, {}, set()
-    firsts = list({(m.name, g.batch_size): (m, g) for _, g, m in todo}.values())
-    for m, g in tqdm(firsts if cfg.warmup else [], desc="warm-up", disable=not progress, leave=False):
+    firsts = {}                                                     # (method, B) -> its first group in `todo`
+    for _, g, m in todo: firsts.setdefault((m.name, g.batch_size), (m, g))
+    for m, g in tqdm(list(firsts.values()) if cfg.warmup else [], desc="warm-up", disable=not progress, leave=False):
         t0 = time.perf_counter()
         if runner.attempt(m, g, lambda: [runner.generate(m, g) for _ in range(cfg.warmup)]) is not None:
             warmup_s.setdefault(m.name, {})[str(g.batch_size)] = time.perf_counter() - t0
@@ -351,6 +353,7 @@ def summarize_cell(records:list[dict], baselines:dict[str, list[dict]], n_groups
     hf = all(r["method"] in HF_BASELINES for r in records)
     return {"tok_s": {"pool": pool_throughput(records, n_groups),
                       "group_median": float(np.median([np.median(v) for v in per_group.values()])),
+                      "per_group": {str(g): float(np.median(v)) for g, v in sorted(per_group.items())},
                       "groups": len(per_group), "records": len(records)},
             "row_latency_s": {"median": float(np.median(latency)), "p90": float(np.percentile(latency, 90)),
                               "max": float(max(latency)), "rows": len(latency)},
@@ -666,8 +669,8 @@ def fig_batch_speedup(manifest:dict, baseline:str=AR) -> go.Figure|None:
                                        line_dash="dash"))
     if not fig.data: return None
     fig.add_hline(y=1.0, line_dash="dot", line_color="gray")
-    return _batch_axis(fig, manifest, f"Speedup over {baseline} at the same B (bars: 95% CI across groups and "
-                                      f"iterations, this run; dashed: cost model)", f"× {baseline}")
+    return _batch_axis(fig, manifest, f"Speedup over {baseline} at the same B<br><sup>bars: 95% CI across groups and "
+                                      f"iterations, this run; dashed: the cost model's prediction</sup>", f"× {baseline}")
 
 # %% ../nbs/11b_batch_bench.ipynb #fdf2f31d
 def _text(table) -> str:

@@ -33,7 +33,7 @@ def test_papermill_smoke_run_through_the_cli(tmp_path):
     its figures, and `specdec summary` printing it per batch size."""
     run = cli("bench-batch", "--model", "tiny-llama", "--drafters", "pld,layerskip:2", "--ks", "4",
               "--batch-sizes", "1,2", "--n-prompts", "2", "--categories", "qa,math_reasoning", "--prompts", "builtin",
-              "--max-new-tokens", "6", "--iterations", "1", "--warmup", "0", "--bootstrap", "100",
+              "--max-new-tokens", "6", "--iterations", "1", "--warmup", "0", "--bootstrap", "100", "--no-cost-model",
               "--out", str(tmp_path))
     assert run.returncode == 0, run.stderr[-3000:]
     run_dir = Path(run.stdout.strip().splitlines()[-1])
@@ -63,8 +63,7 @@ def test_papermill_smoke_run_through_the_cli(tmp_path):
     assert manifest["certificate"][HF]["2"]["reference"] == "hf-generate B=1"
     cell = manifest["results"]["pld/k4"]["by_batch"]["1"]
     assert cell["speedup"][AR]["pairs"] == 2 and cell["tok_s"]["groups"] == 2 and cell["row_latency_s"]["rows"] == 2
-    assert all("predicted_speedup" in c for c in manifest["results"]["pld/k4"]["by_batch"].values())
-    assert {len(s["verify"]) for s in manifest["cost_surface"]["by_batch"].values()} == {9}          # q = 1..K_max+1
+    assert manifest["cost_surface"] is None and manifest["cost_model"] is None                   # --no-cost-model
     nb = json.loads((run_dir / "report.ipynb").read_text())
     assert not [o for c in nb["cells"] for o in c.get("outputs", []) if o["output_type"] == "error"]
     html = (run_dir / "report.html").read_text()
@@ -91,7 +90,13 @@ def test_a_drafter_that_cannot_run_at_a_batch_size_is_recorded_and_the_run_resum
     manifest = json.loads((run_dir / "MANIFEST.json").read_text())
     assert {m: list(by) for m, by in manifest["unavailable"].items()} == {"layerskip:2/k4": ["2"]}
     assert "NotImplementedError" in manifest["unavailable"]["layerskip:2/k4"]["2"]
-    assert "drafts a batch eagerly" in manifest["cost_surface"]["by_batch"]["2"]["errors"]["layerskip:2"]
+    surface = manifest["cost_surface"]["by_batch"]
+    assert "drafts a batch eagerly" in surface["2"]["errors"]["layerskip:2"]
+    assert surface["2"]["draft"]["layerskip:2"] is None
+    assert {len(s["verify"]) for s in surface.values()} == {9}                                       # q = 1..K_max+1
+    by = manifest["results"]["layerskip:2/k4"]["by_batch"]
+    assert list(by) == ["1"] and by["1"]["predicted_speedup"] > 0                # predicted where it could draft
+    assert list(manifest["cost_model"]["drafters"]["layerskip:2"]["by_batch"]) == ["1"]
     records = read_records(run_dir / "records.jsonl")
     measured = sorted((r["method"], r["batch_size"]) for r in records)
     assert measured == sorted([(AR, 1), (AR, 1), (AR, 2), ("layerskip:2/k4", 1), ("layerskip:2/k4", 1)])
@@ -101,6 +106,7 @@ def test_a_drafter_that_cannot_run_at_a_batch_size_is_recorded_and_the_run_resum
     (run_dir / "MANIFEST.json").write_text(json.dumps({**manifest, "status": "running"}))
     partial = load_batch_summary(run_dir)
     assert partial["partial"] == {"status": "running", "measured": 2, "planned": 5}
+    assert bb.batch_text_summary(run_dir).startswith("PARTIAL RUN (running): 2 of 5 batch records")
     resumed = json.loads((run_batch_benchmark(BatchConfig(**{**dataclasses.asdict(cfg), "resume": "r", "run_id": ""}),
                                               progress=False) / "MANIFEST.json").read_text())
     full = read_records(run_dir / "records.jsonl")
