@@ -178,15 +178,15 @@ def _start(self:DraftModel, target, prompt_ids, capacity, features=None, lengths
     self.check(target)
     self.forwards, self._k = 0, 0
     B = prompt_ids.shape[0]
-    if B > 1 and isinstance(self.runner, Engine):
-        raise NotImplementedError(f"{self.name} drafts a batch eagerly: use compile='eager' for the draft at batch size {B}")
     if isinstance(self.runner, Engine) or self.cache is None or self.cache.capacity < capacity or self.cache.keys.shape[1] != B:
         self.cache = self.runner.new_cache(B, capacity)     # an engine hands back its own (static) cache
     self.cache.rollback(0)
 
 def _catch_up(self:DraftModel, tokens, lengths) -> torch.Tensor:
     """Feed each row what its cache lacks (up to and with its last token); the draft's logits there `[B, V]`. Rows lacking
-    different counts are right-padded; their padding is written past their length (masked, then overwritten)."""
+    different counts are right-padded; their padding is written past their length (masked, then overwritten). A batch's
+    catch-up runs the net's own forward (on the engine's cache too): its widths vary; the drafts, one token a row, run as
+    the engine runs them."""
     have = self.cache.lengths
     if lengths is None: return self.runner(tokens[:, have[0]:], self.cache, logits="last").logits[:, -1]
     have = [min(h, L - 1) for h, L in zip(have, lengths)]                     # a row that stopped: its last token again
@@ -195,7 +195,7 @@ def _catch_up(self:DraftModel, tokens, lengths) -> torch.Tensor:
     q = max(need)
     at = (torch.tensor(have)[:, None] + torch.arange(q)).clamp(max=tokens.shape[1] - 1).to(tokens.device)   # [B, q]
     last = torch.tensor(need, device=tokens.device) - 1                       # [B] each row's last real token
-    logits = self.runner(tokens.gather(1, at), self.cache, logits=last).logits[:, -1]   # [B, V]
+    logits = self.net(tokens.gather(1, at), self.cache, logits=last).logits[:, -1]   # [B, V]
     self.cache.rollback(list(lengths))
     return logits
 

@@ -36,11 +36,13 @@ def test_each_row_is_its_own_batch_1_output(tiny, B):
         if drafter is not None and not isinstance(drafter, PromptLookup): assert out.stats.accepted > 0, name
 
 
-@pytest.mark.parametrize("drafter", [None, "pld", "pld-device"])
+@pytest.mark.parametrize("drafter", [None, "pld", "pld-device", "layerskip"])
 def test_a_batch_at_fixed_shapes_keeps_each_rows_tokens(tiny, drafter):
-    "The fixed-shape engine (the CUDA graphs' path) steps rows at different lengths, each at its own positions."
+    """The fixed-shape engine (the CUDA graphs' path) steps rows at different lengths, each at its own positions; a draft
+    model's engine drafts each row's tokens, its ragged catch-up run by the net's own forward on the engine's cache."""
     prompts = _prompts(tiny, 4)
-    make = {None: lambda: None, "pld": lambda: PromptLookup(), "pld-device": lambda: PromptLookup(on_device=True)}[drafter]
+    make = {None: lambda: None, "pld": lambda: PromptLookup(), "pld-device": lambda: PromptLookup(on_device=True),
+            "layerskip": lambda: LayerSkip(tiny, 2)}[drafter]
     eager = generate(tiny, prompts, drafter=make(), controller=FixedK(3) if drafter else None, max_new_tokens=20,
                      eos_token_id=[], compile="eager")
     fixed = generate(tiny, prompts, drafter=make(), controller=FixedK(3) if drafter else None, max_new_tokens=20,
@@ -72,8 +74,6 @@ def test_a_batch_names_what_it_cannot_do(tiny):
     with pytest.raises(NotImplementedError, match="on_step follows one prompt"):
         generate(tiny, prompts, on_step=lambda e: None)
     with pytest.raises(ValueError, match="empty prompt: prompt 1"): generate(tiny, [prompts[0], []])
-    with pytest.raises(NotImplementedError, match="drafts a batch eagerly: use compile='eager'"):
-        generate(tiny, prompts, drafter=LayerSkip(tiny, 2), compile="fixed")
 
 
 def _batched_pairs(target, draft, prompts, sampling, policy, runs):
