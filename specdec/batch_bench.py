@@ -244,7 +244,9 @@ def prepare_batch(cfg:BatchConfig, opts:dict, target, pool:list, methods:list[Me
     surface = None
     if cfg.cost_model or any(m.controller and m.controller.needs_costs for m in methods):
         measured = measure_batch_costs(target, drafters, context, cfg.batch_size_list, k_max, cfg.compile, progress)
-        surface = {"context": context, "k_max": k_max, "by_batch": {str(B): s for B, s in measured.items()}}
+        trees = [d for d, dr in drafters.items() if dr is not None and dr.drafts_trees]   # verified wider than K+1
+        surface = {"context": context, "k_max": k_max, "trees": trees,
+                   "by_batch": {str(B): s for B, s in measured.items()}}
     costs = surface_costs(surface["by_batch"]) if surface else {}
     return BatchRunner(cfg, opts, target, drafters, costs, surface, git, run_id, encoded)
 
@@ -483,9 +485,11 @@ def _method_prediction(info:dict, costs:StepCosts, rates:list[float]) -> float|N
 
 def predict_batch(surface:dict, acceptance:dict[str, dict], methods:dict[str, dict]) -> dict:
     """The cost model over batch sizes: per drafter and batch size K(B) (`best_k`), the predicted speedup there and that
-    of the best K ≥ 1 (`drafting`), the break-even batch; per method and batch size its predicted speedup."""
+    of the best K ≥ 1 (`drafting`), the break-even batch; per method and batch size its predicted speedup. Chains
+    only: drafters of token trees (`surface["trees"]`) are left out."""
     k_max, drafters, by_method = surface["k_max"], {}, {}
     for d, acc in acceptance.items():
+        if d in surface.get("trees", ()): continue              # a token tree verifies its nodes: not a chain's K+1
         rates, by = row_acceptance(acc["conditional"], acc["draft_share"]), {}
         for B, s in surface["by_batch"].items():
             if s["draft"].get(d) is None: continue
@@ -669,8 +673,9 @@ def fig_batch_speedup(manifest:dict, baseline:str=AR) -> go.Figure|None:
                                        line_dash="dash"))
     if not fig.data: return None
     fig.add_hline(y=1.0, line_dash="dot", line_color="gray")
-    return _batch_axis(fig, manifest, f"Speedup over {baseline} at the same B<br><sup>bars: 95% CI across groups and "
-                                      f"iterations, this run; dashed: the cost model's prediction</sup>", f"× {baseline}")
+    title = (f"Speedup over {baseline} at the same B<br><sup>bars: 95% CI across groups and iterations, this run; "
+             f"dashed: the cost model's prediction</sup>")
+    return _batch_axis(fig, manifest, title, f"× {baseline}")
 
 # %% ../nbs/11b_batch_bench.ipynb #fdf2f31d
 def _text(table) -> str:

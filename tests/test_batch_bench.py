@@ -80,38 +80,40 @@ def test_papermill_smoke_run_through_the_cli(tmp_path):
 
 
 def test_a_drafter_that_cannot_run_at_a_batch_size_is_recorded_and_the_run_resumes(tmp_path, monkeypatch):
-    """LayerSkip drafts a batch eagerly only: under compile=fixed it raises NotImplementedError at B=2. The run records
-    that (and the cost surface why it has no draft cost there), measures the rest, and an interrupted run resumes
-    without measuring twice; its partial summary plans no records where a method cannot run."""
+    """A token tree is drafted for one prompt at a time: at B=2 its generation (and its timed draft) raises
+    NotImplementedError. The run records that, measures the rest (prompt lookup's predicted speedups beside its
+    measured ones), and an interrupted run resumes without measuring twice; its partial summary plans no records where a
+    method cannot run."""
     monkeypatch.setattr(bb, "git_state", lambda *a, **k: dict(COMMIT))
-    cfg = BatchConfig(**{**TINY, "warmup": 1}, drafters="layerskip:2", ks="4", compile="fixed", hf=False,
-                      out=str(tmp_path), run_id="r")
+    tree = f"eagle-tree:2:4:{ROOT}/tests/fixtures/heads/eagle-tiny"
+    cfg = BatchConfig(**{**TINY, "warmup": 1}, drafters=f"pld,{tree}", ks="4", hf=False, out=str(tmp_path), run_id="r")
     run_dir = run_batch_benchmark(cfg, progress=False)
     manifest = json.loads((run_dir / "MANIFEST.json").read_text())
-    assert {m: list(by) for m, by in manifest["unavailable"].items()} == {"layerskip:2/k4": ["2"]}
-    assert "NotImplementedError" in manifest["unavailable"]["layerskip:2/k4"]["2"]
-    surface = manifest["cost_surface"]["by_batch"]
-    assert "drafts a batch eagerly" in surface["2"]["errors"]["layerskip:2"]
-    assert surface["2"]["draft"]["layerskip:2"] is None
-    assert {len(s["verify"]) for s in surface.values()} == {9}                                       # q = 1..K_max+1
-    by = manifest["results"]["layerskip:2/k4"]["by_batch"]
-    assert list(by) == ["1"] and by["1"]["predicted_speedup"] > 0                # predicted where it could draft
-    assert list(manifest["cost_model"]["drafters"]["layerskip:2"]["by_batch"]) == ["1"]
+    assert {m: list(by) for m, by in manifest["unavailable"].items()} == {f"{tree}/k4": ["2"]}
+    assert "NotImplementedError" in manifest["unavailable"][f"{tree}/k4"]["2"]
+    assert "for one prompt at a time" in manifest["unavailable"][f"{tree}/k4"]["2"]
+    surface = manifest["cost_surface"]
+    assert "NotImplementedError" in surface["by_batch"]["2"]["errors"][tree] and surface["trees"] == [tree]
+    assert {len(s["verify"]) for s in surface["by_batch"].values()} == {9}                          # q = 1..K_max+1
     records = read_records(run_dir / "records.jsonl")
     measured = sorted((r["method"], r["batch_size"]) for r in records)
-    assert measured == sorted([(AR, 1), (AR, 1), (AR, 2), ("layerskip:2/k4", 1), ("layerskip:2/k4", 1)])
-    assert set(manifest["certificate"]["layerskip:2/k4"]) == {"1"} and manifest["certificate"][AR]["2"]["passed"]
-    assert "Not measured:\n  layerskip:2/k4: cannot run at B=2 (NotImplementedError" in bb.batch_text_summary(run_dir)
-    (run_dir / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records[:2]))   # cut off after two
+    assert measured == sorted([(AR, 1), (AR, 1), (AR, 2), ("pld/k4", 1), ("pld/k4", 1), ("pld/k4", 2),
+                               (f"{tree}/k4", 1), (f"{tree}/k4", 1)])
+    assert set(manifest["certificate"][f"{tree}/k4"]) == {"1"} and manifest["certificate"][f"{tree}/k4"]["1"]["passed"]
+    assert all(c["predicted_speedup"] > 0 for c in manifest["results"]["pld/k4"]["by_batch"].values())
+    assert list(manifest["cost_model"]["drafters"]) == ["pld"]                   # a token tree: no chain prediction
+    assert f"Not measured:\n  {tree}/k4: cannot run at B=2 (NotImplementedError" in bb.batch_text_summary(run_dir)
+    (run_dir / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records[:3]))   # cut off after three
     (run_dir / "MANIFEST.json").write_text(json.dumps({**manifest, "status": "running"}))
     partial = load_batch_summary(run_dir)
-    assert partial["partial"] == {"status": "running", "measured": 2, "planned": 5}
-    assert bb.batch_text_summary(run_dir).startswith("PARTIAL RUN (running): 2 of 5 batch records")
+    assert partial["partial"] == {"status": "running", "measured": 3, "planned": 8}
+    assert bb.batch_text_summary(run_dir).startswith("PARTIAL RUN (running): 3 of 8 batch records")
     resumed = json.loads((run_batch_benchmark(BatchConfig(**{**dataclasses.asdict(cfg), "resume": "r", "run_id": ""}),
                                               progress=False) / "MANIFEST.json").read_text())
     full = read_records(run_dir / "records.jsonl")
-    assert full[:2] == records[:2] and sorted(map(batch_key, full)) == sorted(map(batch_key, records))
-    assert (resumed["this_invocation"]["reused"], resumed["this_invocation"]["measured"]) == (2, 3)
+    assert full[:3] == records[:3] and sorted(map(batch_key, full)) == sorted(map(batch_key, records))
+    assert (resumed["this_invocation"]["reused"], resumed["this_invocation"]["measured"]) == (3, 5)
+    assert resumed["unavailable"] == manifest["unavailable"]
 
 
 def test_the_notebook_parameters_are_the_config_fields():
