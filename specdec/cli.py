@@ -1,4 +1,4 @@
-"""`specdec generate` decodes a prompt with a drafter and prints the text and its statistics; `specdec bench` runs the benchmark notebook, whose parameters cell declares its flags.
+"""`specdec generate` decodes a prompt with a drafter and prints the text and its statistics; `specdec bench` (and `specdec bench-batch`) runs a benchmark notebook, whose parameters cell declares its flags.
 
 Docs: https://specdec.github.io/specdec/cli.html.md"""
 
@@ -17,8 +17,8 @@ from .prompts import load_prompts
 from .parameters import notebook_parameters, parameter_value
 
 # %% auto #0
-__all__ = ['LinesHelpFormatter', 'run_generate', 'bench_notebook', 'add_parameter_flags', 'run_bench', 'run_kaggle',
-           'run_summary_text', 'run_report', 'main']
+__all__ = ['LinesHelpFormatter', 'run_generate', 'bench_notebook', 'add_parameter_flags', 'run_bench', 'run_bench_batch',
+           'run_kaggle', 'run_summary_text', 'run_report', 'main']
 
 # %% ../nbs/09_cli.ipynb #d000c634
 class LinesHelpFormatter(argparse.HelpFormatter):
@@ -108,17 +108,29 @@ def _bench_parser(sub, notebook:Path|None=None) -> None:
     p.add_argument("--notebook", default=None, help="the benchmark notebook to run (default: nbs/bench/methods.ipynb)")
     p.add_argument("--no-html", dest="html", action="store_false", help="do not render report.html")
 
+def _bench_batch_parser(sub, notebook:Path|None=None) -> None:
+    p = sub.add_parser("bench-batch", help="run the batch benchmark notebook through papermill; prints the run folder",
+                       formatter_class=LinesHelpFormatter,
+                       description="Runs nbs/bench/batch.ipynb with these parameters: one pool of prompts decoded at "
+                                   "every batch size by every method (up to what batch does speculation pay?); the "
+                                   "executed notebook is the report (report.ipynb and report.html in the run folder).")
+    try: params = notebook_parameters(notebook or bench_notebook("batch"))
+    except (ValueError, ImportError) as e:
+        p.description += f" Unavailable here: {e}."; return
+    add_parameter_flags(p, params)
+    p.add_argument("--no-html", dest="html", action="store_false", help="do not render report.html")
+
 # %% ../nbs/09_cli.ipynb #efe67202
-def run_bench(args) -> int:
-    "Run `specdec bench` with parsed `args`: papermill executes the notebook into the run folder; prints the folder."
+def _run_notebook(args, notebook:Path, config, command:str) -> int:
+    """Execute a benchmark `notebook` with the parameters `args` give (the others at the notebook's defaults) into a new
+    run folder (or the one a valid `--resume` names), through papermill; `config` makes and checks its run config from
+    the parameters (a resume: the run's own). Prints the folder; `command` names the command in messages."""
     import papermill as pm
-    from specdec.bench import config_from_parameters, git_state, system_info, open_run
+    from specdec.bench import git_state, system_info, open_run
     from specdec.report import render_html
-    notebook = Path(args.notebook) if args.notebook else bench_notebook()
     defaults = {n: p["default"] for n, p in notebook_parameters(notebook).items()}
     params = {**defaults, **{k: v for k, v in vars(args).items() if k in defaults and v is not None}}
-    cfg = config_from_parameters(params)                 # validates; applies the preset; a resume takes the run's parameters
-    if cfg.prompts != "builtin": load_prompts(cfg.prompts, categories=cfg.category_list, n_prompts=cfg.n_prompts or None)
+    cfg = config(params)
     system = system_info(resolve_device(cfg.device or None))
     run_id, run_dir, old = open_run(cfg, git_state(), system)   # refuses a bad resume, or a fresh run into a used folder
     params = {"resume": str(run_dir), "out": str(run_dir.parent)} if old else {**params, "run_id": run_id}
@@ -131,11 +143,32 @@ def run_bench(args) -> int:
     except pm.PapermillExecutionError as e:
         if e.ename in ("ResumeRefused", "ValueError"): print(f"specdec: error: {e.evalue}", file=sys.stderr); return 2
         print(f"specdec: error: the benchmark failed ({e.ename}: {e.evalue}); finished records are kept in {run_dir}, "
-              f"the executed notebook in {executed}; continue with: specdec bench --resume {run_dir}", file=sys.stderr)
+              f"the executed notebook in {executed}; continue with: specdec {command} --resume {run_dir}",
+              file=sys.stderr)
         return 1
     if args.html: render_html(executed)
     print(run_dir)
     return 0
+
+def run_bench(args) -> int:
+    "Run `specdec bench` with parsed `args`: papermill executes the notebook into the run folder; prints the folder."
+    from specdec.bench import config_from_parameters
+    def config(params):                          # validates; applies the preset; a resume takes the run's parameters
+        cfg = config_from_parameters(params)
+        if cfg.prompts != "builtin":
+            load_prompts(cfg.prompts, categories=cfg.category_list, n_prompts=cfg.n_prompts or None)
+        return cfg
+    return _run_notebook(args, Path(args.notebook) if args.notebook else bench_notebook(), config, "bench")
+
+def run_bench_batch(args) -> int:
+    "Run `specdec bench-batch` with parsed `args`: papermill executes nbs/bench/batch.ipynb into the run folder."
+    from specdec.bench import config_from_parameters
+    from specdec.batch_bench import BatchConfig, prompt_pool
+    def config(params):                          # validates, the pool included; a resume takes the run's parameters
+        cfg = config_from_parameters(params, BatchConfig)
+        prompt_pool(cfg.prompts, cfg.category_list, cfg.n_prompts)
+        return cfg
+    return _run_notebook(args, bench_notebook("batch"), config, "bench-batch")
 
 # %% ../nbs/09_cli.ipynb #a1k2g3l4
 def _kaggle_parser(sub) -> None:
@@ -206,15 +239,25 @@ def _summary_parser(sub) -> None:
                        description="Reads RUN's MANIFEST.json and records (a run cut off or still running is "
                                    "summarized from the records it wrote, and says so) and prints them as plain text. "
                                    "Several runs of the same parameters print side by side: each figure as the median "
-                                   "of the runs' own figures, with their range (min-max) across the runs.")
+                                   "of the runs' own figures, with their range (min-max) across the runs. A batch run "
+                                   "(specdec bench-batch) prints its tables per batch size; several print one after "
+                                   "the other.")
     p.add_argument("run", nargs="+", help="a run folder, or a run id under --results; several: runs of one preset")
     p.add_argument("--results", default="results", help="where run ids are looked up (default: results)")
 
 def run_summary_text(args) -> int:
     "Run `specdec summary` with parsed `args`: print the text summary of one run, or of several side by side."
-    from specdec.provenance import find_run
+    from specdec.provenance import find_run, read_manifest
     from specdec.summary import text_summary
-    print(text_summary(*[find_run(run, args.results, purpose="to summarize") for run in args.run]))
+    runs = [find_run(run, args.results, purpose="to summarize") for run in args.run]
+    kinds = {read_manifest(r).get("kind", "methods") for r in runs}
+    if kinds == {"batch"}:
+        from specdec.batch_bench import batch_text_summary
+        print("\n\n".join(batch_text_summary(r) for r in runs))
+    elif "batch" in kinds:
+        raise ValueError(f"runs {', '.join(args.run)} mix batch runs (specdec bench-batch) and method runs "
+                         f"(specdec bench): summarize them apart")
+    else: print(text_summary(*runs))
     return 0
 
 def _report_parser(sub) -> None:
@@ -236,11 +279,12 @@ def main(argv:list[str]|None=None) -> int:
     "Entry point of the `specdec` command."
     parser = argparse.ArgumentParser(prog="specdec", description="speculative decoding workbench")
     sub = parser.add_subparsers(dest="command", required=True)
-    _generate_parser(sub); _bench_parser(sub); _kaggle_parser(sub); _summary_parser(sub); _report_parser(sub)
+    _generate_parser(sub); _bench_parser(sub); _bench_batch_parser(sub); _kaggle_parser(sub); _summary_parser(sub)
+    _report_parser(sub)
     args = parser.parse_args(argv)
     try:
-        commands = {"generate": run_generate, "bench": run_bench, "kaggle": run_kaggle, "summary": run_summary_text,
-                    "report": run_report}
+        commands = {"generate": run_generate, "bench": run_bench, "bench-batch": run_bench_batch, "kaggle": run_kaggle,
+                    "summary": run_summary_text, "report": run_report}
         return commands[args.command](args)
     except (ValueError, NotImplementedError) as e:
         print(f"specdec: error: {e}", file=sys.stderr)

@@ -66,7 +66,7 @@ def test_rows_that_finish_stop_emitting(tiny):
 
 
 def test_a_batch_names_what_it_cannot_do(tiny):
-    from specdec.heads import TokenTree
+    from specdec.trees import TokenTree
     from specdec.train import new_head
     prompts = _prompts(tiny, 2)
     with pytest.raises(NotImplementedError, match="drafted and verified for one prompt at a time; got 2"):
