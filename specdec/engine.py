@@ -14,8 +14,8 @@ from .net import DecoderNet, Forward, KVCache, TreeLayout, kept_features
 from .timing import sync
 
 # %% auto #0
-__all__ = ['COMPILE_MODES', 'CompileMode', 'compile_help', 'resolve_compile', 'graph_memory', 'capture_graph', 'Engine',
-           'engine_for']
+__all__ = ['COMPILE_MODES', 'HEAD_MODES', 'CompileMode', 'compile_help', 'resolve_compile', 'graph_memory', 'capture_graph',
+           'HeadSteps', 'Engine', 'engine_for']
 
 # %% ../nbs/02a_engine.ipynb #ac517e7b
 @dataclass(frozen=True)
@@ -76,6 +76,46 @@ def capture_graph(fn, # the work to capture: fn(*inputs) -> outputs (tensors, re
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph, pool=pool, stream=stream): outputs = fn(*inputs)
     return graph, outputs
+
+# %% ../nbs/02a_engine.ipynb #h5e4d3c2
+# a target mode -> the mode of the forwards it runs beside (a head's): graphs where the target replays graphs, else fixed
+HEAD_MODES = {name: "graphs" if m.graphs else "fixed" for name, m in COMPILE_MODES.items() if m.fixed_shapes}
+
+class HeadSteps:
+    """A head's forwards at fixed shapes: run as they are (`fixed`), or each (name, width) captured once as a CUDA graph
+    and replayed (`graphs`); widths over `max_width` run at fixed shapes without a graph."""
+    def __init__(self, mode:str="graphs", max_width:int=16):
+        if mode not in ("fixed", "graphs"): raise ValueError(f"HeadSteps mode must be fixed or graphs, got {mode!r}")
+        self.mode, self.max_width = mode, max_width
+        self.graphs, self.setup_seconds, self.reads = {}, {}, None   # (name, width) -> (inputs, graph, outputs); seconds per shape
+
+    @property
+    def setup_total(self) -> float: return sum(self.setup_seconds.values())
+    def __repr__(self): return f"HeadSteps({self.mode}, {len(self.graphs)} graphs, setup {self.setup_total:.2f} s)"
+
+    def reset(self, *tensors) -> None:
+        "The tensors the graphs read by address (the head's cache, its draft rows): when one is new, the graphs go."
+        reads = tuple((t.data_ptr(), tuple(t.shape)) for t in tensors)
+        if reads != self.reads: self.graphs.clear(); self.reads = reads
+
+    def __call__(self, name:str, width:int, fn, *inputs):
+        "`fn(*inputs)`, replayed from the graph of (`name`, `width`) (captured now if new) in `graphs` mode."
+        if self.mode == "fixed" or width > self.max_width: return fn(*inputs)
+        key = (name, width)
+        if key not in self.graphs: self.graphs[key] = self._capture(f"{name}:q={width}", fn, inputs)
+        static_inputs, graph, outputs = self.graphs[key]
+        for static, x in zip(static_inputs, inputs): static.copy_(x)
+        graph.replay()
+        return outputs                                      # static buffers: overwritten by this shape's next replay
+
+    def _capture(self, label:str, fn, inputs) -> tuple:
+        device = inputs[0].device
+        sync(device); t0 = time.perf_counter()
+        static_inputs = [x.clone() for x in inputs]
+        graph, outputs = capture_graph(fn, static_inputs, device)
+        sync(device)
+        self.setup_seconds[label] = self.setup_seconds.get(label, 0.0) + time.perf_counter() - t0
+        return static_inputs, graph, outputs
 
 # %% ../nbs/02a_engine.ipynb #928b2f74
 class Engine:

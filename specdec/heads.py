@@ -6,7 +6,6 @@ Docs: https://specdec.github.io/specdec/heads.html.md"""
 
 # %% ../nbs/05a_heads.ipynb #a54b6ac7
 from __future__ import annotations
-import time
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -15,13 +14,11 @@ from .net import KVCache, attend, cache_dtype
 from specdec_kernels.rotary_kv import rotate
 from .sampling import SamplingConfig, logits_to_probs, sample
 from .vocab import DraftVocab
-from .drafters import Draft, Drafter, no_draft
-from .engine import capture_graph
-from .timing import sync
+from .drafters import Draft, Drafter, no_draft, per_row
+from .engine import HeadSteps, HEAD_MODES
 
 # %% auto #0
-__all__ = ['HALF_ROWS', 'HEAD_TYPES', 'HEAD_MODES', 'CAPACITY_MULTIPLE', 'ResBlock', 'MedusaHeads', 'eagle3_layers', 'EagleLayer',
-           'EagleHead', 'HeadSteps']
+__all__ = ['HALF_ROWS', 'HEAD_TYPES', 'CAPACITY_MULTIPLE', 'ResBlock', 'MedusaHeads', 'eagle3_layers', 'EagleLayer', 'EagleHead']
 
 # %% ../nbs/05a_heads.ipynb #69eab46e
 class _Head(nn.Module, Drafter):
@@ -100,28 +97,34 @@ class _Head(nn.Module, Drafter):
             raise ValueError(f"{self.name} was built on {self.target.name!r} but generate() got target {target.name!r}")
 
     def _taken(self, features:torch.Tensor|None, # [B, n, F] the loop's features of the committed positions
-               count:int) -> torch.Tensor:
+               count:int, batch:int) -> torch.Tensor:
         """The first `count` positions' features `[B, count, F]`; zeros, counted in `missing_features`, when the loop gave
         fewer (the draft is then poor, never wrong: the target verifies it)."""
         if features is not None and features.shape[1] >= count: return features[:, :count]
         self.missing_features += 1
         w = self.target.model.lm_head.weight
-        return w.new_zeros(1 if features is None else features.shape[0], count, w.shape[1] * len(self.target_layers))
+        return w.new_zeros(batch, count, w.shape[1] * len(self.target_layers))
 
-    def start(self, target, prompt_ids, capacity, features=None):
-        "Keep the prefill's features (every prompt position but the last); with `prompt_vocab`, draft the prompt's tokens too."
+    def start(self, target, prompt_ids, capacity, features=None, lengths=None):
+        """Keep each row's prefill features (every prompt position but its last); with `prompt_vocab`, draft the prompt's
+        tokens too (one prompt at a time)."""
         self.check(target)
-        S = prompt_ids.shape[1]
+        B, S = prompt_ids.shape
+        lengths = lengths or [S] * B
+        if self.prompt_vocab and B > 1: raise NotImplementedError(f"{self.name} with prompt_vocab drafts one prompt at a time")
         self.forwards, self.missing_features = 0, 0
         self.run_vocab = self.draft_vocab.with_ids(prompt_ids) if self.prompt_vocab else None
-        self.pending = [self._taken(features, S - 1)] if S > 1 else []   # [[B, m, F]]
-        self._reset(prompt_ids.shape[0], capacity)
+        prompt = self._taken(features, S - 1, B)                             # [B, S-1, F]
+        self.pending = [[prompt[b, :n - 1]] if n > 1 else [] for b, n in enumerate(lengths)]   # each row's [m, F] blocks
+        self._reset(B, capacity)
 
     def _reset(self, batch:int, capacity:int) -> None: pass
 
-    def observe(self, n_accepted:int, features=None) -> None:
-        "Keep the target's features of the verified token and the `n_accepted` drafts."
-        self.pending.append(self._taken(features, n_accepted + 1))
+    def observe(self, n_accepted:int|list[int], features=None) -> None:
+        "Keep each row's target features of the verified token and its `n_accepted` drafts."
+        counts = per_row(n_accepted, len(self.pending))
+        block = self._taken(features, max(counts) + 1, len(counts))          # [B, n+1, F]
+        for b, n in enumerate(counts): self.pending[b].append(block[b, :n + 1])
 
     def _pick(self, logits, sampling, generator):
         """Draft tokens `[B]` (full ids), their full-vocabulary distributions `[B, V]` and the draft ids chosen `[B]`
@@ -156,16 +159,17 @@ class MedusaHeads(_Head):
         return torch.stack([self.draft_logits(block(normed)) for block in self.blocks])
 
     def newest_logits(self, k:int) -> torch.Tensor|None:
-        "The first `k` heads' draft logits `[k, B, N]` from the newest feature (position L-2); None when there is nothing to draft."
-        self.pending = self.pending[-1:]                                       # only the newest feature matters
-        if k == 0 or not self.pending: return None
+        """The first `k` heads' draft logits `[k, B, N]` from each row's newest feature (position L-2); None when there is
+        nothing to draft."""
+        self.pending = [rows[-1:] for rows in self.pending]                   # only each row's newest feature matters
+        if k == 0 or not all(self.pending): return None
         self.forwards += 1
-        newest = self.pending[-1][:, -1:]                                      # [B, 1, H]
+        newest = torch.stack([rows[-1][-1:] for rows in self.pending])        # [B, 1, H]
         if self.steps is None: return self(newest)[:k, :, -1]                  # [k, B, N]
         self.steps.reset(self.draft_weight())
         return self.steps("heads", 1, self, newest)[:k, :, -1]                 # one replay for every head
 
-    def propose(self, tokens, k, sampling=SamplingConfig(), generator=None):
+    def propose(self, tokens, k, sampling=SamplingConfig(), generator=None, lengths=None):
         k = min(k, self.n)
         logits = self.newest_logits(k)                                         # [k, B, N]
         if logits is None: return no_draft(tokens)
@@ -237,7 +241,7 @@ class EagleHead(_Head):
         self.norm = nn.RMSNorm(H, eps=cfg.rms_norm_eps)                        # before the target's output head
         self.more_layers = nn.ModuleList(EagleLayer(cfg, H, self.num_heads, self.num_kv_heads, self.head_dim)
                                          for _ in range(int(num_layers) - 1))   # layers 2.. (the first is the head's own)
-        self.cache, self.known = None, 0
+        self.cache, self.known = None, [0]
 
     @property
     def num_layers(self) -> int: return 1 + len(self.more_layers)
@@ -268,7 +272,8 @@ def _eagle_inputs(self:EagleHead, input_ids:torch.Tensor, # [B, q] tokens x_{t+1
     "The residual stream `[B, q, H]` entering the first layer, and the rotary `cos`, `sin` `[1, 1, q, D]` of the positions."
     emb = self.target.model.model.embed_tokens(input_ids).to(self.fc.weight.dtype)       # [B, q, H], frozen
     x = _linear(self.fc, torch.cat([emb, hidden.to(emb.dtype)], -1))                      # [B, q, H]
-    cos, sin = self.target.model.model.rotary_emb(x, positions[None])                     # [1, q, D]
+    rows = positions if positions.dim() == 2 else positions[None]                         # [B|1, q]
+    cos, sin = self.target.model.model.rotary_emb(x, rows)                                # [B|1, q, D]
     return x, cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)
 
 def _finite(t:torch.Tensor) -> torch.Tensor:
@@ -364,59 +369,26 @@ def _eagle_unroll(self:EagleHead, input_ids:torch.Tensor, # [B, T] tokens x_{t+1
 EagleHead.unroll = _eagle_unroll
 
 # %% ../nbs/05a_heads.ipynb #b5d48c99
-HEAD_MODES = {"fixed": "fixed", "compile": "fixed", "graphs": "graphs", "compile+graphs": "graphs"}   # target's mode -> heads'
 CAPACITY_MULTIPLE = 256   # a head's cache capacity at fixed shapes is rounded up to this, so graphs rarely need a new one
-
-class HeadSteps:
-    """A head's forwards at fixed shapes: run as they are (`fixed`), or each (name, width) captured once as a CUDA graph
-    and replayed (`graphs`); widths over `max_width` run at fixed shapes without a graph."""
-    def __init__(self, mode:str="graphs", max_width:int=16):
-        if mode not in ("fixed", "graphs"): raise ValueError(f"HeadSteps mode must be fixed or graphs, got {mode!r}")
-        self.mode, self.max_width = mode, max_width
-        self.graphs, self.setup_seconds, self.reads = {}, {}, None   # (name, width) -> (inputs, graph, outputs); seconds per shape
-
-    @property
-    def setup_total(self) -> float: return sum(self.setup_seconds.values())
-    def __repr__(self): return f"HeadSteps({self.mode}, {len(self.graphs)} graphs, setup {self.setup_total:.2f} s)"
-
-    def reset(self, *tensors) -> None:
-        "The tensors the graphs read by address (the head's cache, its draft rows): when one is new, the graphs go."
-        reads = tuple((t.data_ptr(), tuple(t.shape)) for t in tensors)
-        if reads != self.reads: self.graphs.clear(); self.reads = reads
-
-    def __call__(self, name:str, width:int, fn, *inputs):
-        "`fn(*inputs)`, replayed from the graph of (`name`, `width`) (captured now if new) in `graphs` mode."
-        if self.mode == "fixed" or width > self.max_width: return fn(*inputs)
-        key = (name, width)
-        if key not in self.graphs: self.graphs[key] = self._capture(f"{name}:q={width}", fn, inputs)
-        static_inputs, graph, outputs = self.graphs[key]
-        for static, x in zip(static_inputs, inputs): static.copy_(x)
-        graph.replay()
-        return outputs                                      # static buffers: overwritten by this shape's next replay
-
-    def _capture(self, label:str, fn, inputs) -> tuple:
-        device = inputs[0].device
-        sync(device); t0 = time.perf_counter()
-        static_inputs = [x.clone() for x in inputs]
-        graph, outputs = capture_graph(fn, static_inputs, device)
-        sync(device)
-        self.setup_seconds[label] = self.setup_seconds.get(label, 0.0) + time.perf_counter() - t0
-        return static_inputs, graph, outputs
 
 def _eagle_forward_at(self:EagleHead, input_ids:torch.Tensor, # [B, q] tokens x_{t+1}
                       hidden:torch.Tensor, # [B, q, H] hidden of positions t
-                      positions:torch.Tensor, # [q] the positions t (a device tensor: no host read)
+                      positions:torch.Tensor, # [q] the positions t ([B, q]: each row's), a device tensor: no host read
                       cache:KVCache,
                       slots:torch.Tensor|None=None, # [q] cache slots of tree nodes (default: the positions)
                       mask:torch.Tensor|None=None, # [q, capacity] the slots each sees, for tree nodes (default causal)
                      ) -> torch.Tensor:
-    "The head's forward at fixed shapes: K/V written at `slots`, attention over the whole cache; output `[B, q, H]`."
+    """The head's forward at fixed shapes: K/V written at `slots`, attention over the whole cache; output `[B, q, H]`.
+    Rows at their own positions (`[B, q]`) write and attend at those."""
     x, cos, sin = self._inputs(input_ids, hidden, positions)
     if slots is None: slots = positions
-    if mask is None: mask = cache.steps[None] <= positions[:, None]                # [q, capacity]
+    if mask is None: mask = cache.steps <= positions[..., None]                    # [q, capacity] (or [B, q, capacity])
+    at = None if slots.dim() == 1 else slots[:, None, :, None].expand(-1, self.num_kv_heads, -1, self.head_dim)
     for i, layer in enumerate(self.decoder_layers()):
         query, key, value = self._qkv(layer, x, cos, sin)
-        cache.keys[i].index_copy_(2, slots, _finite(key).to(cache.keys.dtype)); cache.values[i].index_copy_(2, slots, _finite(value).to(cache.values.dtype))
+        key, value = _finite(key).to(cache.keys.dtype), _finite(value).to(cache.values.dtype)   # [B, kv, q, D]
+        if at is None: cache.keys[i].index_copy_(2, slots, key); cache.values[i].index_copy_(2, slots, value)
+        else: cache.keys[i].scatter_(2, at, key); cache.values[i].scatter_(2, at, value)      # each row at its slots
         out = attend(query, cache.keys[i], cache.values[i], mask, False, self.num_heads != self.num_kv_heads)
         x = self._outputs(layer, x, out)
     return x
@@ -449,7 +421,7 @@ EagleHead.forward_at, EagleHead._catch_up_at, EagleHead._draft_at, EagleHead._tr
 
 # %% ../nbs/05a_heads.ipynb #75a7aea1
 def _eagle_reset(self:EagleHead, batch:int, capacity:int):
-    self.known, w = 0, self.fc.weight
+    self.known, w = [0] * batch, self.fc.weight                                  # [B] pairs each row's cache holds
     dtype = cache_dtype(w.dtype, w.device)
     if self.steps is not None: capacity = -(-capacity // CAPACITY_MULTIPLE) * CAPACITY_MULTIPLE   # graphs keep their cache
     if self.cache is None or self.cache.capacity < capacity or self.cache.keys.shape[1] != batch \
@@ -458,51 +430,75 @@ def _eagle_reset(self:EagleHead, batch:int, capacity:int):
         self.cache = KVCache(self.num_layers, batch, self.num_kv_heads, capacity, self.head_dim, dtype, w.device)
     self.cache.rollback(0)
 
-def _eagle_pending(self:EagleHead, L:int) -> torch.Tensor:
-    "The target's features `[B, m, layers*H]` of the committed positions known..L-2, taken (the head holds them until now)."
-    features = torch.cat(self.pending, 1) if len(self.pending) > 1 else self.pending[0]   # [B, m, layers*H]
-    if features.shape[1] != L - 1 - self.known:
-        raise RuntimeError(f"eagle: holds features of {features.shape[1]} new positions, the sequence has {L - 1 - self.known}")
-    self.pending = []
-    return features
+def _eagle_pending(self:EagleHead, lengths:list[int]) -> torch.Tensor:
+    """Each row's target features of its committed positions known..L-2 `[B, m, layers*H]` (rows right-padded with zeros
+    to the longest), taken: the head holds them until now."""
+    rows = [torch.cat(blocks) if len(blocks) > 1 else blocks[0] for blocks in self.pending]   # [m_b, layers*H]
+    need = [L - 1 - known for L, known in zip(lengths, self.known)]
+    if any(row.shape[0] < n for row, n in zip(rows, need)):
+        raise RuntimeError(f"eagle: holds features of {[r.shape[0] for r in rows]} new positions, the rows lack {need}")
+    if len(rows) == 1 and rows[0].shape[0] != need[0]:
+        raise RuntimeError(f"eagle: holds features of {rows[0].shape[0]} new positions, the sequence has {need[0]}")
+    self.pending = [[] for _ in rows]                  # a row that finished got features past its end: dropped here
+    return torch.nn.utils.rnn.pad_sequence([r[:n] for r, n in zip(rows, need)], batch_first=True)   # [B, max m, F]
 
 def _eagle_catch_up(self:EagleHead, tokens:torch.Tensor # [B, L] the sequence so far
                    ) -> torch.Tensor:
     "Run the committed pairs (features_t, x_{t+1}) for t = known..L-2 from the target's features; the output `[B, 1, H]` at L-2."
-    L = tokens.shape[1]
-    features = self._pending(L)
-    self.cache.rollback(self.known)
-    out = self(tokens[:, self.known + 1:L], self.fused(features), self.known, self.cache)[:, -1:]   # [B, 1, H] at L-2
-    self.known = L - 1
+    L, known = tokens.shape[1], self.known[0]
+    features = self._pending([L])
+    self.cache.rollback(known)
+    out = self(tokens[:, known + 1:L], self.fused(features), known, self.cache)[:, -1:]   # [B, 1, H] at L-2
+    self.known = [L - 1]
     return out
 
-def _eagle_first(self:EagleHead, tokens:torch.Tensor # [B, L] the sequence so far
+def _eagle_first(self:EagleHead, tokens:torch.Tensor, # [B, L] the sequence so far
+                 lengths:list[int]|None=None, # a batch: each row's length (its sequence is tokens[b, :lengths[b]])
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     "The catch-up's output `[B, 1, H]` at L-2 and the first draft's logits `[B, N]` (at fixed shapes: `HeadSteps`)."
+    if lengths is not None: return self._first_rows(tokens, lengths)
     if self.steps is None:
         out = self._catch_up(tokens)
         return out, self.logits(out[:, -1])
-    L = tokens.shape[1]
-    features, m = self._pending(L), L - 1 - self.known                            # [B, m, layers*H]
+    L, known = tokens.shape[1], self.known[0]
+    features, m = self._pending([L]), L - 1 - known                               # [B, m, layers*H]
     self.steps.reset(self.cache.keys, self.cache.values, self.draft_weight())
-    out, logits = self.steps("catch_up", m, self._catch_up_at, tokens[:, self.known + 1:L], features,
-                             self._position(self.known))
-    self.known = L - 1                                                            # cache.length is not kept at fixed shapes (a device fill per step)
+    out, logits = self.steps("catch_up", m, self._catch_up_at, tokens[:, known + 1:L], features, self._position(known))
+    self.known = [L - 1]                             # cache.length is not kept at fixed shapes (a device fill per step)
     return out, logits
+
+def _eagle_first_rows(self:EagleHead, tokens, lengths:list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_first` for rows at their own lengths, at fixed shapes (eagerly): each row's pairs at its own positions
+    `known[b]..L_b-2`, right-padded to the row lacking most (its padding written past its pairs, hidden, then
+    overwritten); each row's last output `[B, 1, H]` and its first draft's logits `[B, N]`."""
+    device, B = tokens.device, tokens.shape[0]
+    need = [L - 1 - k for L, k in zip(lengths, self.known)]                        # [B] pairs a row lacks (each >= 1)
+    features = self._pending(lengths)                                              # [B, q, layers*H]
+    known = torch.tensor(self.known, device=device)[:, None]                      # [B, 1]
+    at = known + torch.arange(features.shape[1], device=device)                    # [B, q] each row's positions
+    ids = tokens.gather(1, (at + 1).clamp(max=tokens.shape[1] - 1))               # [B, q] tokens x_{t+1}
+    out = self.forward_at(ids, self.fused(features), at, self.cache)               # [B, q, H]
+    out = out[torch.arange(B, device=device), torch.tensor(need, device=device) - 1][:, None]   # [B, 1, H] each at L_b-2
+    self.known = [L - 1 for L in lengths]
+    return out, self.logits(out[:, -1])
 
 def _eagle_next(self:EagleHead, token:torch.Tensor, # [B, 1] the draft just picked
                 hidden:torch.Tensor, # [B, 1, H] the head's output it was drafted from
-                position:int) -> tuple[torch.Tensor, torch.Tensor]:
+                position:int|torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:   # a batch: [B, 1] each row's
     "One draft forward: the head's output `[B, 1, H]` at `position` and the next draft's logits `[B, N]`."
+    if isinstance(position, torch.Tensor):                                          # rows at their own positions
+        out = self.forward_at(token, hidden, position, self.cache)
+        return out, self.logits(out[:, -1])
     if self.steps is None:
         out = self(token, hidden, position, self.cache)
         return out, self.logits(out[:, -1])
     return self.steps("draft", 1, self._draft_at, token, hidden, self._position(position))
 
-def _eagle_propose(self:EagleHead, tokens, k, sampling=SamplingConfig(), generator=None):
+def _eagle_propose(self:EagleHead, tokens, k, sampling=SamplingConfig(), generator=None, lengths=None):
     L = tokens.shape[1]
-    if k == 0 or L < 2: return no_draft(tokens)
-    out, logits = self._first(tokens)                                            # [B, 1, H] at L-2, [B, N]
+    if k == 0 or min(lengths or [L]) < 2: return no_draft(tokens)
+    out, logits = self._first(tokens, lengths)                                   # [B, 1, H] at L-2, [B, N]
+    ends = None if lengths is None else torch.tensor(lengths, device=tokens.device)[:, None] - 1   # [B, 1] each L_b-1
     drafted, probs, chain = [], [], None
     for i in range(k):
         t, p, choice = self._pick(logits, sampling, generator)                    # [B], [B, V], [B]
@@ -510,12 +506,12 @@ def _eagle_propose(self:EagleHead, tokens, k, sampling=SamplingConfig(), generat
         if i == k - 1: break
         go_on, chain = self.keep_drafting(chain, logits, choice)                  # `stop_below`: the chain is unlikely now
         if not go_on: break
-        out, logits = self._next(t[:, None], out, L - 1 + i)                      # feed back its own output
+        out, logits = self._next(t[:, None], out, L - 1 + i if ends is None else ends + i)   # feed back its output
     self.forwards += len(drafted)
     return Draft(torch.stack(drafted, 1), torch.stack(probs, 1))               # [B, k], [B, k, V]
 
 EagleHead._reset, EagleHead._pending, EagleHead._catch_up, EagleHead.propose = _eagle_reset, _eagle_pending, _eagle_catch_up, _eagle_propose
-EagleHead._first, EagleHead._next = _eagle_first, _eagle_next
+EagleHead._first, EagleHead._first_rows, EagleHead._next = _eagle_first, _eagle_first_rows, _eagle_next
 
 # %% ../nbs/05a_heads.ipynb #f6fd750e
 def _eagle_tree_scores(self:EagleHead, tokens:torch.Tensor, # [1, L] the sequence so far

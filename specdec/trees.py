@@ -128,12 +128,13 @@ class TokenTree(Drafter):
     def runners(self) -> list: return self.head.runners()
     def use_engine(self, compile:str) -> dict: return self.head.use_engine(compile)
     def check(self, target) -> None: self.head.check(target)
-    def start(self, target, prompt_ids, capacity, features=None):
+    def start(self, target, prompt_ids, capacity, features=None, lengths=None):
         "The head starts with room for the nodes it expands past the sequence (`width` per depth)."
+        if lengths is not None and len(lengths) > 1: raise NotImplementedError("token trees are drafted for batch size 1")
         self.head.start(target, prompt_ids, capacity + (self.nodes - 1) * self.width, features)
     def observe(self, n_accepted:int, features=None) -> None: self.head.observe(n_accepted, features)
 
-    def propose(self, tokens, k, sampling=SamplingConfig(), generator=None):
+    def propose(self, tokens, k, sampling=SamplingConfig(), generator=None, lengths=None):
         """A tree `k` deep at most (`grow_tree_on_device`). It is the same whatever the temperature: a policy takes its
         nodes as one-hot drafts (`RejectionSampling.verify_tree`)."""
         if tokens.shape[0] != 1: raise NotImplementedError("token trees are drafted for batch size 1")

@@ -152,7 +152,7 @@ class GraphBuffers:
     buffers are. Code that holds a step's output across the next one (instead of reading or copying it first) then goes
     wrong on the CPU."""
     def __enter__(self):
-        from specdec.heads import HeadSteps
+        from specdec.engine import HeadSteps
         self.saved = Engine._step, HeadSteps.__call__
         build, HeadSteps_call = self.saved
         def step(engine, q, logits, cache):
@@ -182,7 +182,7 @@ class GraphBuffers:
         Engine._step, HeadSteps.__call__ = step, head_step
         return self
     def __exit__(self, *exc):
-        from specdec.heads import HeadSteps
+        from specdec.engine import HeadSteps
         Engine._step, HeadSteps.__call__ = self.saved
 
 

@@ -152,6 +152,24 @@ def test_prompt_lookup_falling_back_to_a_head_is_lossless(tiny, heads, kind):
     finally: del head.propose
 
 
+@pytest.mark.parametrize("kind", ["eagle", "medusa", "eagle2"])
+def test_a_batch_with_a_head_drafts_each_row_as_alone(tiny, heads, kind):
+    """Three prompts of different lengths in one batch, eager and over the fixed-shape engine, alone and behind prompt
+    lookup: each row's tokens, and what its drafts got accepted, equal that prompt run by itself; the head drafts every
+    row from that row's own features (none missing)."""
+    head = heads[kind]
+    prompts = [tiny.encode(TEXTS[i] + " again" * i)[0] for i in range(3)]         # ids [S_b], ragged
+    for make in (lambda: head, lambda: Fallback([PromptLookup(3, 2), head])):
+        for compile in ("eager", "fixed"):
+            run = lambda ps: generate(tiny, ps, drafter=make(), controller=FixedK(3), max_new_tokens=24,
+                                      eos_token_id=[], compile=compile)
+            alone = [run(p) for p in prompts]
+            out = run(prompts)
+            assert all(torch.equal(a.tokens[0], t) for a, t in zip(alone, out.tokens)), (kind, compile)
+            assert [a.stats.accepted for a in alone] == [rs.accepted for rs in out.row_stats], (kind, compile)
+            assert out.stats.accepted > 0 and head.missing_features == 0, (kind, compile)
+
+
 def test_fallback_merges_drafts_per_row_on_the_device():
     "Rows where the first drafter found nothing (n_valid 0) take the second's draft and distribution; the others keep the first's, one-hot."
     first = Draft(torch.tensor([[4, 5, 0], [0, 0, 0]]), n_valid=torch.tensor([2, 0]))         # prompt lookup: row 1 found nothing
@@ -426,7 +444,7 @@ def test_the_fixed_shape_head_forward_equals_the_sliced_one(tiny, heads, kind, d
 
 
 def test_head_steps_modes_and_what_drops_their_graphs():
-    from specdec.heads import HeadSteps, HEAD_MODES
+    from specdec.engine import HeadSteps, HEAD_MODES
     with pytest.raises(ValueError, match="HeadSteps mode must be fixed or graphs, got 'eager'"): HeadSteps("eager")
     assert HEAD_MODES["compile"] == "fixed" and HEAD_MODES["compile+graphs"] == "graphs" and "eager" not in HEAD_MODES
     steps, a, b = HeadSteps("fixed"), torch.zeros(4), torch.zeros(4)

@@ -239,7 +239,7 @@ def test_a_medusa_tree_scores_each_depth_with_its_own_head(tiny, trained):
     medusa, prompt, width = trained["medusa"], tiny.encode(TEXTS[4]), 2
     prefill = tiny.net(prompt[:, :-1], tiny.net.new_cache(1, prompt.shape[1] + 8), logits="none", keep=medusa.target_layers)
     medusa.start(tiny, prompt, prompt.shape[1] + 8, prefill.features)
-    features = medusa.pending[-1][:, -1:]                                            # [1, 1, H]
+    features = medusa.pending[0][-1][None, -1:]                                      # [1, 1, H] row 0's newest
     draft = TokenTree(medusa, width, 100).propose(prompt, 3)
     per_head = [sorted(medusa.draft_vocab.ids[medusa(features)[d, 0, -1].topk(width).indices].tolist()) for d in range(3)]
     tokens, parents, depth = draft.tokens[0].tolist(), draft.parents.tolist(), {}
@@ -532,7 +532,7 @@ def test_a_tree_step_reads_the_device_once(tiny, trained, monkeypatch, compile):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_a_tree_step_does_not_sync_on_cuda(monkeypatch):
     "Under torch.cuda.set_sync_debug_mode('error'), a tree step (CUDA graphs) syncs only in read_step and in graph captures."
-    from specdec.heads import HeadSteps
+    from specdec.engine import HeadSteps
     gpu = tiny_llama(seed=0, device="cuda", dtype=torch.float32)
     records = own_records(gpu, [gpu.encode(t) for t in TEXTS[:4]])
 
