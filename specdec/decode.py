@@ -210,6 +210,7 @@ def generate(target:LoadedModel, # the model whose output we want (anything with
                                                  tokens[0, length - min(n, eos_at) - 1:length], before, timer)) is False: break
         if eos_at <= n: break
 
+    if drafter is not None: drafter.finish(tokens[:, S:length])        # on the clock: a drafter that learns keeps the output
     sync(device)
     setup = _setup_seconds(runners) - setup_before                     # shapes first met inside the loop
     stats.wall_time = time.perf_counter() - t0 - setup

@@ -40,6 +40,8 @@ class Drafter:
     usage:list|None = None     # joined drafters (`Fallback`): per member, the steps it drafted, its drafts proposed and accepted
     stop_below:float|None = None   # set by `generate` from the controller: token-by-token drafting stops once the
                                    # chain's probability is below it (`DynamicK`)
+    counters:dict|None = None  # its own counters of the current generation, which the benchmark records (suffix: acceptance
+                               # by match length)
 
     @property
     def name(self) -> str: return type(self).__name__   # registered drafters: their canonical spec (`specs.spec_of`)
@@ -51,6 +53,10 @@ class Drafter:
     def use_engine(self, compile:str) -> dict: return {} # run its forwards in the target's resolved mode; what it uses
     def warmup(self, batch:int, capacity:int) -> None: pass   # build its fixed shapes now, before the clock starts
     def max_drafts(self, k:int) -> int: return k         # the most drafts one proposal holds for K=k (a tree: its nodes)
+    def finish(self, output:torch.Tensor) -> None: pass  # after each generation, its output `[B, n]` (one that learns
+                                                         # across generations keeps it: the suffix cache)
+    def remember(self, responses:list) -> None: pass     # what it learned across generations becomes these outputs (token
+                                                         # id lists, oldest first): the benchmark sets what it has seen
 
     def start(self, target:LoadedModel, prompt_ids:torch.Tensor, # [B, S]
               capacity:int, # the most tokens a sequence will hold
@@ -234,6 +240,10 @@ class Fallback(Drafter):
     def warmup(self, batch:int, capacity:int) -> None:
         for d in self.drafters: d.warmup(batch, capacity)
     def max_drafts(self, k:int) -> int: return max(d.max_drafts(k) for d in self.drafters)
+    def finish(self, output) -> None:
+        for d in self.drafters: d.finish(output)
+    def remember(self, responses:list) -> None:
+        for d in self.drafters: d.remember(responses)
 
     def check(self, target) -> None:
         for d in self.drafters: d.check(target)
