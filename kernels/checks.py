@@ -95,7 +95,7 @@ def check_rms_norm(x, weight, residual) -> tuple[int, int]:
     return x.numel() // max(H, 1), H
 
 def check_rotary_kv(qkv, cos, sin, keys, values, slots, num_heads, num_kv_heads) -> tuple[int, int, int, int]:
-    "Check the inputs of `rotary_kv`; return `(B, q, D, C)`."
+    "Check the inputs of `rotary_kv` (slots `[q]` shared by the rows, or `[B, q]` each row's); return `(B, q, D, C)`."
     check_tensor("qkv", qkv, 3, FLOATS)
     check_tensor("keys", keys, 4, FLOATS)
     check_tensor("values", values, 4, FLOATS)
@@ -108,11 +108,12 @@ def check_rotary_kv(qkv, cos, sin, keys, values, slots, num_heads, num_kv_heads)
                          f"({num_heads} + 2 * {num_kv_heads}) * {D} = {(num_heads + 2 * num_kv_heads) * D}, got {width}")
     check_shape("keys", keys, (B, Hkv, C, D))
     check_shape("values", values, (B, Hkv, C, D))
+    rows = isinstance(slots, torch.Tensor) and slots.dim() == 2              # each row's own slots (and positions)
     for name, t in (("cos", cos), ("sin", sin)):
-        check_tensor(name, t, 2, FLOATS)
-        check_shape(name, t, (q, D))
-    check_tensor("slots", slots, 1, TOKEN_IDS)
-    check_shape("slots", slots, (q,))
+        check_tensor(name, t, 3 if rows else 2, FLOATS)
+        check_shape(name, t, (B, q, D) if rows else (q, D))
+    check_tensor("slots", slots, 2 if rows else 1, TOKEN_IDS)
+    check_shape("slots", slots, (B, q) if rows else (q,))
     for name, t in (("keys", keys), ("values", values)):              # a half-precision net on the CPU: a float32 cache
         if t.dtype != qkv.dtype and t.dtype != torch.float32:
             raise TypeError(f"{name} has dtype {t.dtype} but qkv has {qkv.dtype} (a cache is qkv's dtype or float32)")

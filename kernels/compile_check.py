@@ -47,6 +47,10 @@ def calls() -> list[tuple[str, str, tuple]]:
                 keys, values = (torch.zeros(1, Hkv, C, D, dtype=cache) for _ in range(2))
                 out.append((f"{at} cache {'fp32' if cache == fp32 else name}", "rotary_kv",
                             (qkv, torch.zeros(q, D), torch.zeros(q, D), keys, values, torch.arange(q), Hq, Hkv)))
+                rows = (qkv.expand(2, -1, -1).contiguous(), torch.zeros(2, q, D), torch.zeros(2, q, D),   # a batch whose
+                        keys.expand(2, -1, -1, -1).contiguous(), values.expand(2, -1, -1, -1).contiguous(),  # rows sit at
+                        torch.arange(2 * q).view(2, q), Hq, Hkv)                                           # their own slots
+                out.append((f"{at} cache {'fp32' if cache == fp32 else name} rows", "rotary_kv", rows))
             out.append((at, "silu_mul", (torch.zeros(1, q, 2 * s["I"], dtype=dt),)))
     return out
 

@@ -7,7 +7,7 @@ from .checks import check_rotary_kv
 
 @triton.jit
 def rotary_kv_kernel(qkv_ptr, cos_ptr, sin_ptr, q_out_ptr, k_ptr, v_ptr, slots_ptr, q_len, Hq, Hkv,
-                     qs_b, qs_t, cs_t, os_b, os_h, os_t, ks_b, ks_h, ks_c, vs_b, vs_h, vs_c,
+                     qs_b, qs_t, cs_b, cs_t, ss_b, os_b, os_h, os_t, ks_b, ks_h, ks_c, vs_b, vs_h, vs_c,
                      HALF: tl.constexpr, BLOCK: tl.constexpr):
     bt = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1).to(tl.int64)
@@ -18,7 +18,7 @@ def rotary_kv_kernel(qkv_ptr, cos_ptr, sin_ptr, q_out_ptr, k_ptr, v_ptr, slots_p
     src = qkv_ptr + b * qs_b + t * qs_t + head * 2 * HALF
     x1 = tl.load(src + d, mask=ok, other=0.0)
     x2 = tl.load(src + HALF + d, mask=ok, other=0.0)
-    slot = tl.load(slots_ptr + t)
+    slot = tl.load(slots_ptr + b * ss_b + t)                # ss_b, cs_b: 0 when the rows share slots and positions
     # The outputs' dtypes may differ (a float32 cache for a half-precision net): Triton gives a variable assigned in
     # both arms of a runtime `if` one type, so each arm stores through its own pointer, cast to that output's dtype.
     if head >= Hq + Hkv:                                    # a value head: copied as is
@@ -26,10 +26,10 @@ def rotary_kv_kernel(qkv_ptr, cos_ptr, sin_ptr, q_out_ptr, k_ptr, v_ptr, slots_p
         tl.store(v_dest + d, x1.to(v_ptr.dtype.element_ty), mask=ok)
         tl.store(v_dest + HALF + d, x2.to(v_ptr.dtype.element_ty), mask=ok)
     else:
-        c1 = tl.load(cos_ptr + t * cs_t + d, mask=ok, other=0.0)
-        c2 = tl.load(cos_ptr + t * cs_t + HALF + d, mask=ok, other=0.0)
-        s1 = tl.load(sin_ptr + t * cs_t + d, mask=ok, other=0.0)
-        s2 = tl.load(sin_ptr + t * cs_t + HALF + d, mask=ok, other=0.0)
+        c1 = tl.load(cos_ptr + b * cs_b + t * cs_t + d, mask=ok, other=0.0)
+        c2 = tl.load(cos_ptr + b * cs_b + t * cs_t + HALF + d, mask=ok, other=0.0)
+        s1 = tl.load(sin_ptr + b * cs_b + t * cs_t + d, mask=ok, other=0.0)
+        s2 = tl.load(sin_ptr + b * cs_b + t * cs_t + HALF + d, mask=ok, other=0.0)
         # x * cos + rotate_half(x) * sin, rotate_half(x) = (-x2, x1); each product rounded to the dtype, as torch does
         ty = x1.dtype
         f1, f2 = x1.to(tl.float32), x2.to(tl.float32)
@@ -54,8 +54,10 @@ def rotary_kv_triton(qkv:torch.Tensor, cos:torch.Tensor, sin:torch.Tensor, keys:
     cos, sin, slots = cos.to(qkv.dtype).contiguous(), sin.to(qkv.dtype).contiguous(), slots.contiguous()
     for t in (keys, values):
         if t.stride(3) != 1: raise ValueError("keys and values must be contiguous in the head dim")
+    rows = slots.dim() == 2                                           # each row's own slots and rotary rows
     rotary_kv_kernel[(B * q, num_heads + 2 * num_kv_heads)](
-        qkv, cos, sin, query, keys, values, slots, q, num_heads, num_kv_heads,
-        qkv.stride(0), qkv.stride(1), cos.stride(0), *query.stride()[:3], *keys.stride()[:3], *values.stride()[:3],
+        qkv, cos, sin, query, keys, values, slots, q, num_heads, num_kv_heads, qkv.stride(0), qkv.stride(1),
+        cos.stride(0) if rows else 0, cos.stride(-2), slots.stride(0) if rows else 0,
+        *query.stride()[:3], *keys.stride()[:3], *values.stride()[:3],
         HALF=D // 2, BLOCK=triton.next_power_of_2(D // 2))
     return query

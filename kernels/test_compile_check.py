@@ -29,7 +29,8 @@ def test_every_kernel_signature_compiles_for_sm90():
     assert kernels == {"ngram_match_kernel", "row_argmax_kernel", "greedy_accept_kernel", "rejection_verify_kernel",
                        "kv_write_kernel", "rms_norm_kernel", "rotary_kv_kernel", "silu_mul_kernel"}
     wide = [l for l in lines if "rotary_kv_kernel(qkv_ptr=*bf16" in l and "k_ptr=*fp32, v_ptr=*fp32" in l]
-    assert len(wide) == 2 and all(l.startswith("ok ") for l in wide)     # a bf16 net's float32 cache, q = 1 and q = 5
+    # a bf16 net's float32 cache, q = 1 and q = 5, rows sharing slots or each at its own
+    assert len(wide) >= 2 and all(l.startswith("ok ") for l in wide)
 
 # the rotary kernel's bug, reduced: one variable given a bf16 pointer in one arm of a runtime `if` and a float32 pointer
 # in the other (the query output and a wider cache), which Triton's CPU interpreter runs and its compiler rejects

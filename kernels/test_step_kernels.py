@@ -79,6 +79,35 @@ def test_rotary_kv_triton_matches_reference(triton_impl, device, q, Hq, Hkv, D, 
     assert torch.equal(cache[1], expected[1])                     # values are copied exactly
     assert torch.equal(cache[:, 0], expected[:, 0])               # the other layer is untouched
 
+def test_rotary_kv_with_each_rows_own_slots_is_each_row_alone():
+    "Rows at different lengths: each row's slots `[B, q]` and rotary rows `[B, q, D]` give what that row alone would get."
+    B, q, Hq, Hkv, D, C = 3, 4, 6, 2, 8, 12
+    qkv, _, _, cache, _ = make_rotary(B, q, Hq, Hkv, D, C, torch.float32, 5)
+    g = torch.Generator().manual_seed(6)
+    angles = torch.rand(B, q, D // 2, generator=g) * 6
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)   # [B, q, D]
+    slots = torch.tensor([[0, 1, 2, 3], [5, 6, 7, 8], [8, 9, 10, 11]])                # [B, q]
+    batched = cache.clone()
+    query = rotary_kv_torch(qkv, cos, sin, batched[0, 1], batched[1, 1], slots, Hq, Hkv)
+    for b in range(B):
+        alone = cache[:, :, b:b + 1].clone()
+        row_query = rotary_kv_torch(qkv[b:b + 1], cos[b], sin[b], alone[0, 1], alone[1, 1], slots[b], Hq, Hkv)
+        assert torch.equal(query[b:b + 1], row_query) and torch.equal(batched[:, :, b:b + 1], alone)
+    with pytest.raises(ValueError, match=r"cos must have shape \(3, 4, 8\)"):
+        rotary_kv_torch(qkv, cos[:, :3], sin, cache[0, 1], cache[1, 1], slots, Hq, Hkv)
+
+def test_rotary_kv_triton_with_each_rows_own_slots_matches_reference(triton_impl, device):
+    B, q, Hq, Hkv, D, C = 3, 5, 9, 3, 64, 16
+    qkv, _, _, cache, _ = make_rotary(B, q, Hq, Hkv, D, C, torch.float32, 7)
+    angles = torch.rand(B, q, D // 2, generator=torch.Generator().manual_seed(8)) * 6
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+    slots = torch.stack([torch.arange(q) + start for start in (0, 7, 11)])                # [B, q]
+    qkv, cos, sin, cache, slots = (t.to(device) for t in (qkv, cos, sin, cache, slots))
+    expected = cache.clone()
+    expected_query = rotary_kv_torch(qkv, cos, sin, expected[0, 1], expected[1, 1], slots, Hq, Hkv)
+    query = triton_impl("rotary_kv")(qkv, cos, sin, cache[0, 1], cache[1, 1], slots, Hq, Hkv)
+    assert close(query, expected_query, torch.float32) and close(cache, expected, torch.float32)
+
 def test_rotary_kv_writes_a_wider_float32_cache_for_bf16():
     "A half-precision net on the CPU keeps a float32 cache: the rotated bf16 keys and values are written there exactly."
     qkv, cos, sin, cache, slots = make_rotary(2, 4, 6, 2, 8, 9, torch.bfloat16, 1)

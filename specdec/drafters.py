@@ -15,7 +15,8 @@ from .engine import Engine, engine_for
 from . import kernels
 
 # %% auto #0
-__all__ = ['Draft', 'Drafter', 'no_draft', 'PromptLookup', 'check_same_vocabulary', 'DraftModel', 'LayerSkip', 'Fallback']
+__all__ = ['Draft', 'Drafter', 'no_draft', 'padded_draft', 'per_row', 'PromptLookup', 'check_same_vocabulary', 'DraftModel',
+           'LayerSkip', 'Fallback']
 
 # %% ../nbs/05_drafters.ipynb #4cf13ffe
 @dataclass
@@ -53,26 +54,29 @@ class Drafter:
     def use_engine(self, compile:str) -> dict: return {} # run its forwards in the target's resolved mode; what it uses
     def warmup(self, batch:int, capacity:int) -> None: pass   # build its fixed shapes now, before the clock starts
     def max_drafts(self, k:int) -> int: return k         # the most drafts one proposal holds for K=k (a tree: its nodes)
-    def finish(self, output:torch.Tensor) -> None: pass  # after each generation, its output `[B, n]` (one that learns
-                                                         # across generations keeps it: the suffix cache)
+    def finish(self, outputs:list) -> None: pass         # after each generation, each row's output `[n_b]` (one that
+                                                         # learns across generations keeps them: the suffix cache)
     def remember(self, responses:list) -> None: pass     # what it learned across generations becomes these outputs (token
                                                          # id lists, oldest first): the benchmark sets what it has seen
 
-    def start(self, target:LoadedModel, prompt_ids:torch.Tensor, # [B, S]
+    def start(self, target:LoadedModel, prompt_ids:torch.Tensor, # [B, S] (a batch: right-padded)
               capacity:int, # the most tokens a sequence will hold
               features:torch.Tensor|None=None, # [B, S-1, F] outputs of `target_layers` at the prompt's positions but the last
+              lengths:list[int]|None=None, # a batch: each row's prompt length (None: every row is S long)
              ) -> None:
-        "Begin a generation (once, after the prompt's prefill)."
+        "Begin a generation (once, after the prompts' prefill)."
         self.forwards, self.missing_features = 0, 0
 
-    def propose(self, tokens:torch.Tensor, # [B, L] the sequence so far (prompt and accepted output)
-                k:int, sampling:SamplingConfig, generator=None) -> Draft:
-        "Up to `k` drafts after `tokens` (fewer, or none: the step then decodes one token)."
+    def propose(self, tokens:torch.Tensor, # [B, L] the sequences so far (prompt and accepted output)
+                k:int, sampling:SamplingConfig, generator=None,
+                lengths:list[int]|None=None, # a batch: row b's sequence is `tokens[b, :lengths[b]]` (None: all L long)
+               ) -> Draft:
+        "Up to `k` drafts after each row (fewer, or none: the step then decodes one token); a batch pads with `n_valid`."
         raise NotImplementedError
 
-    def observe(self, n_accepted:int, # drafts the step kept (0 on a step that drafted nothing)
-                features:torch.Tensor|None=None, # [B, n_accepted+1, F] `target_layers` outputs at the verified token
-               ) -> None:                        # and the kept drafts
+    def observe(self, n_accepted:int|list[int], # drafts the step kept (0 on a step that drafted nothing); a batch: a row's
+                features:torch.Tensor|None=None, # [B, n+1, F] `target_layers` outputs at the verified token and the kept
+               ) -> None:                        # drafts (a batch: the whole block, row b committed its first n[b]+1)
         "After every verification step: what the step committed."
 
     def keep_drafting(self, chain:torch.Tensor|None, # [B] the draft's probability of each row's chain before this token
@@ -90,6 +94,21 @@ def no_draft(tokens:torch.Tensor) -> Draft:
     "An empty draft: the step decodes one token."
     return Draft(tokens.new_empty(tokens.shape[0], 0))
 
+def padded_draft(rows:list[torch.Tensor], # [B] each row's drafts [k_b] (any may be empty)
+                 device, probs:list|None=None) -> Draft:
+    "One draft for a batch from each row's own: `[B, max k_b]`, right-padded, with `n_valid` where the rows differ."
+    K = max(r.numel() for r in rows)
+    if K == 0: return Draft(torch.zeros(len(rows), 0, dtype=torch.long, device=device))
+    tokens = torch.zeros(len(rows), K, dtype=torch.long)
+    for b, r in enumerate(rows): tokens[b, :r.numel()] = r
+    counts = [r.numel() for r in rows]
+    n_valid = None if min(counts) == K else torch.tensor(counts, device=device)     # [B] real drafts a row
+    return Draft(tokens.to(device), n_valid=n_valid)
+
+def per_row(n:int|list[int], batch:int) -> list[int]:
+    "`observe`'s count as one per row (one row: an int)."
+    return [n] * batch if isinstance(n, int) else list(n)
+
 # %% ../nbs/05_drafters.ipynb #1f16e722
 class PromptLookup(Drafter):
     "Draft by copying what followed the latest earlier occurrence of the last n-gram (n = max_ngram..min_ngram)."
@@ -102,22 +121,29 @@ class PromptLookup(Drafter):
     @property
     def name(self): return f"pld:{self.max_ngram}" + (f":{self.min_ngram}" if self.min_ngram != 1 else "")
 
-    def propose(self, tokens, k, sampling=None, generator=None):
+    def propose(self, tokens, k, sampling=None, generator=None, lengths=None):
         B, S = tokens.shape
         if self.on_device or (self.on_device is None and tokens.device.type == "cuda"):
-            lengths = torch.full((B,), S, dtype=torch.long, device=tokens.device)          # [B]
+            lengths = torch.tensor(lengths or [S] * B, dtype=torch.long, device=tokens.device)   # [B]
             draft, n_valid = kernels.ngram_match(tokens, lengths, self.max_ngram, self.min_ngram, k)   # [B, k], [B]
             return Draft(draft, n_valid=n_valid)
-        if B != 1: raise NotImplementedError("PromptLookup drafts on the host for batch size 1 (on_device=True for more)")
-        seq = tokens[0].cpu()                                       # [S]
+        if B == 1:
+            found = self.lookup(tokens[0].cpu(), k)
+            return Draft(found[None].to(tokens.device)) if found.numel() else no_draft(tokens)
+        return padded_draft([self.lookup(tokens[b, :L].cpu(), k) for b, L in enumerate(lengths or [S] * B)], tokens.device)
+
+    def lookup(self, seq:torch.Tensor, # [S] one sequence, on the host
+               k:int) -> torch.Tensor:
+        "Up to `k` tokens that followed the latest earlier occurrence of `seq`'s last n-gram (longest n first): `[k']`."
+        S = seq.shape[0]
         for n in range(min(self.max_ngram, S - 1), self.min_ngram - 1, -1):
             windows = seq.unfold(0, n, 1)[:-1]                      # [S-n, n], every earlier n-gram
             starts = (windows == seq[S - n:]).all(-1).nonzero().flatten()
             if starts.numel() == 0: continue
             lengths = (S - (starts + n)).clamp(max=k)               # continuation available after each match
             best = starts[torch.argmax(lengths * (S + 1) + starts)] + n
-            return Draft(seq[best: best + k][None].to(tokens.device))
-        return no_draft(tokens)
+            return seq[best: best + k]
+        return seq[:0]
 
 # %% ../nbs/05_drafters.ipynb #ad9b3630
 def check_same_vocabulary(target:LoadedModel, draft:LoadedModel) -> None:
@@ -154,7 +180,7 @@ class DraftModel(Drafter):
             self.runner.warmup(self.runner.new_cache(batch, capacity), shapes)
 
 # %% ../nbs/05_drafters.ipynb #3c52815f
-def _start(self:DraftModel, target, prompt_ids, capacity, features=None):
+def _start(self:DraftModel, target, prompt_ids, capacity, features=None, lengths=None):
     self.check(target)
     self.forwards, self._k = 0, 0
     B = prompt_ids.shape[0]
@@ -162,11 +188,27 @@ def _start(self:DraftModel, target, prompt_ids, capacity, features=None):
         self.cache = self.runner.new_cache(B, capacity)     # an engine hands back its own (static) cache
     self.cache.rollback(0)
 
-def _propose(self:DraftModel, tokens, k, sampling=SamplingConfig(), generator=None):
-    S = tokens.shape[1]
-    self._base, self._k = S, k
+def _catch_up(self:DraftModel, tokens, lengths) -> torch.Tensor:
+    """Feed each row what its cache lacks (up to and with its last token); the draft's logits there `[B, V]`. Rows lacking
+    different counts are right-padded; their padding is written past their length (masked, then overwritten). A batch's
+    catch-up runs the net's own forward (on the engine's cache too): its widths vary; the drafts, one token a row, run as
+    the engine runs them."""
+    have = self.cache.lengths
+    if lengths is None: return self.runner(tokens[:, have[0]:], self.cache, logits="last").logits[:, -1]
+    have = [min(h, L - 1) for h, L in zip(have, lengths)]                     # a row that stopped: its last token again
+    self.cache.rollback(have)
+    need = [L - h for L, h in zip(lengths, have)]                             # [B] each at least its last token
+    q = max(need)
+    at = (torch.tensor(have)[:, None] + torch.arange(q)).clamp(max=tokens.shape[1] - 1).to(tokens.device)   # [B, q]
+    last = torch.tensor(need, device=tokens.device) - 1                       # [B] each row's last real token
+    logits = self.net(tokens.gather(1, at), self.cache, logits=last).logits[:, -1]   # [B, V]
+    self.cache.rollback(list(lengths))
+    return logits
+
+def _propose(self:DraftModel, tokens, k, sampling=SamplingConfig(), generator=None, lengths=None):
+    self._base, self._k = list(lengths or [tokens.shape[1]] * tokens.shape[0]), k
     if k == 0: return no_draft(tokens)
-    logits = self.runner(tokens[:, self.cache.length:], self.cache, logits="last").logits[:, -1]   # [B, V]
+    logits = self._catch_up(tokens, lengths)                                   # [B, V]
     drafted, probs, chain = [], [], None
     for i in range(k):
         p = logits_to_probs(logits, sampling)                                  # [B, V]
@@ -182,9 +224,12 @@ def _propose(self:DraftModel, tokens, k, sampling=SamplingConfig(), generator=No
 
 def _observe(self:DraftModel, n_accepted, features=None):
     "Keep the accepted drafts' entries (the last draft's was never written); a step it did not draft keeps nothing new."
-    if self._k: self.cache.rollback(min(self._base + n_accepted, self._base + self._k - 1))
+    if self._k:
+        kept = [min(base + n, base + self._k - 1) for base, n in zip(self._base, per_row(n_accepted, len(self._base)))]
+        self.cache.rollback(kept if len(kept) > 1 else kept[0])
     self._k = 0
 
+DraftModel._catch_up = _catch_up
 DraftModel.start, DraftModel.propose, DraftModel.observe = _start, _propose, _observe
 
 # %% ../nbs/05_drafters.ipynb #43344514
@@ -240,8 +285,8 @@ class Fallback(Drafter):
     def warmup(self, batch:int, capacity:int) -> None:
         for d in self.drafters: d.warmup(batch, capacity)
     def max_drafts(self, k:int) -> int: return max(d.max_drafts(k) for d in self.drafters)
-    def finish(self, output) -> None:
-        for d in self.drafters: d.finish(output)
+    def finish(self, outputs:list) -> None:
+        for d in self.drafters: d.finish(outputs)
     def remember(self, responses:list) -> None:
         for d in self.drafters: d.remember(responses)
 
@@ -256,15 +301,17 @@ class Fallback(Drafter):
         H = features.shape[-1] // len(self.target_layers)
         return torch.cat([features[..., j * H:(j + 1) * H] for j in map(self.target_layers.index, member.target_layers)], -1)
 
-    def start(self, target, prompt_ids, capacity, features=None):
-        for d in self.drafters: d.start(target, prompt_ids, capacity, self.features_of(features, d))
+    def start(self, target, prompt_ids, capacity, features=None, lengths=None):
+        rows = {} if lengths is None else {"lengths": lengths}
+        for d in self.drafters: d.start(target, prompt_ids, capacity, self.features_of(features, d), **rows)
         self._used, self._proposed_by = None, []
         self._reset_usage()
 
-    def propose(self, tokens, k, sampling=SamplingConfig(), generator=None):
+    def propose(self, tokens, k, sampling=SamplingConfig(), generator=None, lengths=None):
         self._used, self._proposed_by, merged = None, [], None
+        rows = {} if lengths is None else {"lengths": lengths}
         for i, d in enumerate(self.drafters):
-            draft = d.propose(tokens, k, sampling, generator)
+            draft = d.propose(tokens, k, sampling, generator, **rows)
             self._proposed_by.append(i)
             if draft.k == 0: continue
             if draft.n_valid is not None and merged is None and draft.tokens.shape[0] == 1:
@@ -290,7 +337,7 @@ class Fallback(Drafter):
             if d.target_layers or i == self._used: d.observe(n_accepted, self.features_of(features, d))
             elif i in self._proposed_by and self._used == "device": d.observe(0)     # may not have been used: drop its drafts
         if isinstance(self._used, int):
-            u = self.usage[self._used]; u["steps"] += 1; u["accepted"] += n_accepted
+            u = self.usage[self._used]; u["steps"] += 1; u["accepted"] += sum(per_row(n_accepted, 1))
         self._used, self._proposed_by = None, []                       # a step without a proposal uses no one
 
 def _merge(first:Draft, second:Draft) -> Draft:

@@ -7,26 +7,50 @@ Docs: https://specdec.github.io/specdec/engine.html.md"""
 # %% ../nbs/02a_engine.ipynb #4b57a32c
 from __future__ import annotations
 import time
+from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from .net import DecoderNet, Forward, KVCache, TreeLayout, kept_features
 from .timing import sync
 
 # %% auto #0
-__all__ = ['COMPILE_MODES', 'resolve_compile', 'graph_memory', 'capture_graph', 'Engine', 'engine_for']
+__all__ = ['COMPILE_MODES', 'CompileMode', 'compile_help', 'resolve_compile', 'graph_memory', 'capture_graph', 'Engine',
+           'engine_for']
 
 # %% ../nbs/02a_engine.ipynb #ac517e7b
-COMPILE_MODES = ("auto", "eager", "fixed", "compile", "graphs", "compile+graphs")
+@dataclass(frozen=True)
+class CompileMode:
+    "How a net's forwards run: the one declaration every module, flag and help text reads."
+    name: str
+    help: str                  # one line, as `--help` prints it
+    fixed_shapes: bool = False # an `Engine`: a static cache attended with a position mask, one step per shape
+    compiled: bool = False     # each shape through `torch.compile`
+    graphs: bool = False       # each shape captured once as a CUDA graph and replayed (CUDA only)
 
-def resolve_compile(mode:str, # "auto", "eager", "fixed", "compile", "graphs" or "compile+graphs"
+COMPILE_MODES = {m.name: m for m in (
+    CompileMode("auto", "CUDA graphs on CUDA, eager elsewhere"),
+    CompileMode("eager", "the net's own forward, at the shapes that come"),
+    CompileMode("fixed", "fixed shapes run eagerly: the graphs' path on any device", fixed_shapes=True),
+    CompileMode("compile", "fixed shapes, each compiled once (torch.compile)", fixed_shapes=True, compiled=True),
+    CompileMode("graphs", "fixed shapes, each captured once as a CUDA graph and replayed (CUDA)", fixed_shapes=True,
+                graphs=True),
+    CompileMode("compile+graphs", "compiled fixed shapes captured as CUDA graphs (CUDA)", fixed_shapes=True,
+                compiled=True, graphs=True))}
+
+def compile_help() -> str:
+    "One line per compile mode, for `--help`."
+    return "\n".join(f"  {m.name:<15} {m.help}" for m in COMPILE_MODES.values())
+
+def resolve_compile(mode:str, # one of `COMPILE_MODES`
                     net) -> str:
     "The mode a net runs in: `auto` is CUDA graphs on CUDA, eager elsewhere; nets other than `DecoderNet` run eagerly."
     if mode not in COMPILE_MODES: raise ValueError(f"unknown compile mode {mode!r}: use one of {', '.join(COMPILE_MODES)}")
     if not isinstance(net, DecoderNet): return "eager"          # e.g. the synthetic dry-run target's net
     cuda = net.device.type == "cuda"
     if mode == "auto": return "graphs" if cuda else "eager"
-    if mode in ("graphs", "compile+graphs") and not cuda:
-        raise ValueError(f"compile={mode!r} needs a CUDA device; the model is on {net.device} (use 'auto', 'eager' or 'compile')")
+    if COMPILE_MODES[mode].graphs and not cuda:
+        raise ValueError(f"compile={mode!r} needs a CUDA device; the model is on {net.device} "
+                         "(use 'auto', 'eager', 'fixed' or 'compile')")
     return mode
 
 # %% ../nbs/02a_engine.ipynb #0bb33163
@@ -59,12 +83,13 @@ class Engine:
     last_logits_max_q = 4   # "last" logits of up to this many tokens get their own step; longer ones are a prefill + 1
 
     def __init__(self, net:DecoderNet,
-                 mode:str="graphs", # "fixed", "compile", "graphs" or "compile+graphs"
+                 mode:str="graphs", # a fixed-shape mode of `COMPILE_MODES`: "fixed", "compile", "graphs", "compile+graphs"
                  prefill_chunk:int=64, # prompt tokens per prefill step (the last chunk is padded)
                  max_step:int=64, # widest step that gets its own graph (EAGLE-2's 60-node tree verifies 61); wider "all" logits run eagerly
                  capacity_multiple:int=256, # cache capacities are rounded up to this, so they rarely change
                 ):
-        if mode not in ("fixed", "compile", "graphs", "compile+graphs"): raise ValueError(f"Engine mode must be fixed, compile, graphs or compile+graphs, got {mode!r}")
+        fixed = [name for name, m in COMPILE_MODES.items() if m.fixed_shapes]
+        if mode not in fixed: raise ValueError(f"Engine mode must be one of {', '.join(fixed)}, got {mode!r}")
         self.net, self.mode, self.prefill_chunk, self.max_step = net, mode, prefill_chunk, max_step
         self.capacity_multiple = capacity_multiple
         self.cache = None
@@ -105,7 +130,7 @@ def _forward_fn(self:Engine, logits:str="all"):
     net, all_layers = self.net, tuple(range(self.net.num_layers))
     if logits == "tree": logits = "all"                                  # a tree's step returns every node's logits
     forward = net.forward_layers_at
-    if self.mode in ("compile", "compile+graphs") and logits != "none":
+    if COMPILE_MODES[self.mode].compiled and logits != "none":
         if self.compiled is None: self.compiled = torch.compile(net.forward_layers_at, dynamic=False)
         compiled = self.compiled
         def forward(ids, positions, cache, logits, tree=None, keep=()):
@@ -122,13 +147,13 @@ def _capture(self:Engine, q:int, logits:str, cache:KVCache):
     all logits of a token tree, whose depths and ancestor mask are copied into the graph's inputs at each replay."""
     device = self.net.device
     static_ids = torch.zeros(cache.keys.shape[1], q, dtype=torch.long, device=device)   # [B, q]
-    static_pos = cache.positions(q).clone()                                              # [q]
+    static_pos = cache.positions(q).clone()                                              # [B, q]
     static_tree = _static_tree(q, device) if logits == "tree" else None                   # ([q], [q, q])
     # the outputs: logits and {layer: [B, q, H]}
     graph, static_out = capture_graph(self._forward_fn(logits), [static_ids, static_pos, cache, static_tree], device)
     def replay(input_ids, cache, tree=None):
         static_ids.copy_(input_ids)
-        torch.add(cache.steps[:q], cache.length_t, out=static_pos)          # positions from the device length
+        torch.add(cache.steps[:q], cache.lengths_t[:, None], out=static_pos)   # each row's positions from its length
         if static_tree is not None:
             for static, given in zip(static_tree, tree): static.copy_(given, non_blocking=True)
         graph.replay()
@@ -140,10 +165,10 @@ def _step(self:Engine, q:int, logits:str, cache:KVCache):
     key = (q, logits)
     if self.steps and self.tables is not self.net.cos: self.steps.clear()   # the rotary tables grew: every graph read the old ones
     if key not in self.steps:
-        if cache is not self.cache and self.mode in ("graphs", "compile+graphs"):
+        if cache is not self.cache and COMPILE_MODES[self.mode].graphs:
             raise ValueError("a graph engine runs on its own cache: get it from engine.new_cache()")
         sync(self.net.device); t0 = time.perf_counter()
-        if self.mode in ("graphs", "compile+graphs"): fn = self._capture(q, logits, cache)
+        if COMPILE_MODES[self.mode].graphs: fn = self._capture(q, logits, cache)
         else:
             forward = self._forward_fn(logits)
             fn = lambda ids, cache, tree=None: forward(ids, cache.positions(ids.shape[1]), cache, tree)
@@ -165,10 +190,12 @@ def _call(self:Engine, input_ids:torch.Tensor, # [B, q] new tokens, written at p
           keep:tuple=(), # layers whose outputs to return as `features` (copied out of the steps' buffers)
          ) -> Forward:
     """Run `q` new tokens at fixed shapes; return their logits `[B, q|1, V]` (a static buffer in graph modes: read it
-    before the next call) and the `keep` layers' outputs `[B, q, len(keep) * H]` (a copy). A `tree` is verified as the
-    eager forward verifies it (slots in node order, positions by depth)."""
+    before the next call) and the `keep` layers' outputs `[B, q, len(keep) * H]` (a copy). Rows at different lengths
+    write and attend at their own positions; every row's length grows by q. A `tree` is verified as the eager forward
+    verifies it (slots in node order, positions by depth)."""
     B, q = input_ids.shape
-    start = cache.check_room(q)
+    cache.check_room(q)
+    before = cache.lengths
     parts = []                                                             # [B, n, F] features of each step of the call
     def run(step, ids, n:int, tree=None):                                 # one step; keep its first n positions' features
         out, layers = step(ids, cache, tree)
@@ -184,6 +211,7 @@ def _call(self:Engine, input_ids:torch.Tensor, # [B, q] new tokens, written at p
         step = wide if self._too_wide(q, "tree") else self._step(q, "tree", cache)
         out = run(step, input_ids, q, device_tree)
     elif logits == "none" or (logits == "last" and q > self.last_logits_max_q):
+        if not cache.uniform: raise ValueError(f"a prefill starts every row at one length, got rows at {before}")
         n = q if logits == "none" else q - 1
         P = self.prefill_chunk
         for s in range(0, n, P):
@@ -199,7 +227,7 @@ def _call(self:Engine, input_ids:torch.Tensor, # [B, q] new tokens, written at p
     else:
         step = wide if self._too_wide(q, logits) else self._step(q, logits, cache)
         out = run(step, input_ids, q)
-    cache.length = start + q
+    cache.lengths = [n + q for n in before]
     features = None if not keep else parts[0] if len(parts) == 1 else torch.cat(parts, 1)   # [B, q, F]
     return Forward(out, features)
 Engine.__call__ = _call

@@ -15,51 +15,70 @@ from .kernels import choose
 
 # %% auto #0
 __all__ = ['SUPPORTED_ARCHITECTURES', 'STEP_OPS', 'NO_LAUNCH', 'KVCache', 'onednn_available', 'onednn_bf16_available',
-           'linear_backend', 'fuse_weights', 'Linear', 'step_ops', 'layer_windows', 'cache_dtype', 'attend',
-           'TreeLayout', 'attention_mask', 'tree_attention_mask', 'Forward', 'kept_features', 'DecoderNet',
+           'linear_backend', 'fuse_weights', 'Linear', 'time_linears', 'step_ops', 'layer_windows', 'cache_dtype',
+           'attend', 'TreeLayout', 'attention_mask', 'tree_attention_mask', 'Forward', 'kept_features', 'DecoderNet',
            'count_step_ops']
 
 # %% ../nbs/02_net.ipynb #bf03e52f
 class KVCache:
-    "Preallocated keys and values `[layers, B, kv_heads, capacity, head_dim]`; the first `length` positions are valid."
+    """Preallocated keys and values `[layers, B, kv_heads, capacity, head_dim]`; row b's first `lengths[b]` positions are
+    valid. The rows of a batch may hold different lengths (ragged positions, rectangular shapes): a step writes each
+    row's keys and values at that row's own positions, and what a row rejected is masked and later overwritten."""
     def __init__(self, num_layers:int, batch:int, num_kv_heads:int, capacity:int, head_dim:int, dtype, device):
         shape = (num_layers, batch, num_kv_heads, capacity, head_dim)
         self.keys = torch.zeros(shape, dtype=dtype, device=device)
         self.values = torch.zeros(shape, dtype=dtype, device=device)
         self.steps = torch.arange(capacity, device=device)                  # [capacity] key positions
-        self.length_t = torch.zeros((), dtype=torch.long, device=device)    # the length, on the device
-        self._length = 0                                                    # its host mirror
+        self.lengths_t = torch.zeros(batch, dtype=torch.long, device=device)   # [B] each row's length, on the device
+        self._lengths = [0] * batch                                         # its host mirror
 
     @property
     def capacity(self) -> int: return self.keys.shape[3]
+    @property
+    def batch(self) -> int: return self.keys.shape[1]
+    @property
+    def uniform(self) -> bool: return min(self._lengths) == max(self._lengths)   # every row at the same length
 
     @property
-    def length(self) -> int: return self._length
+    def lengths(self) -> list[int]: return list(self._lengths)
+    @lengths.setter
+    def lengths(self, values):
+        "Set each row's length on the host and on the device (a fill when they are equal, else one small copy)."
+        values = [int(v) for v in values]
+        if len(values) != self.batch: raise ValueError(f"{len(values)} lengths for a cache of {self.batch} rows")
+        self._lengths = values
+        if min(values) == max(values): self.lengths_t.fill_(values[0])
+        else: self.lengths_t.copy_(torch.tensor(values), non_blocking=True)
+
+    @property
+    def length(self) -> int:
+        "The length of every row (rows at different lengths: read `lengths`)."
+        if not self.uniform: raise ValueError(f"the rows of this cache hold different lengths {self._lengths}: use lengths")
+        return self._lengths[0]
     @length.setter
-    def length(self, n:int):
-        "Set the length on the host and on the device (a fill, not a sync)."
-        self._length = int(n)
-        self.length_t.fill_(self._length)
+    def length(self, n:int): self.lengths = [n] * self.batch
 
     def positions(self, q:int) -> torch.Tensor:
-        "Device positions `[q]` of the next `q` tokens: `length_t + 0..q-1`."
-        return self.steps[:q] + self.length_t
+        "Device positions `[B, q]` of each row's next `q` tokens: `lengths_t + 0..q-1`."
+        return self.lengths_t[:, None] + self.steps[:q]
 
-    def check_room(self, n:int) -> int:
-        "Raise unless `n` more positions fit; return where they start."
-        if self.length + n > self.capacity:
-            raise ValueError(f"KV cache overflow: {self.length}+{n} positions > capacity {self.capacity}")
-        return self.length
+    def check_room(self, n:int) -> None:
+        "Raise unless `n` more positions fit in every row."
+        if max(self._lengths) + n > self.capacity:
+            raise ValueError(f"KV cache overflow: {max(self._lengths)}+{n} positions > capacity {self.capacity}")
 
-    def rollback(self, length:int) -> None:
-        "Keep the first `length` positions: later entries are overwritten by the next write."
-        if not 0 <= length <= self.length: raise ValueError(f"cannot roll back to {length}: cache holds {self.length}")
-        self.length = length
+    def rollback(self, length:int|list[int]) -> None:
+        "Keep the first `length` positions (of every row, or `[B]` per row): later entries are overwritten by the next write."
+        new = [length] * self.batch if isinstance(length, int) else list(length)
+        if len(new) != self.batch or any(not 0 <= n <= old for n, old in zip(new, self._lengths)):
+            raise ValueError(f"cannot roll back to {length}: cache holds {self._lengths if not self.uniform else self.length}")
+        self.lengths = new
 
 # %% ../nbs/02_net.ipynb #09c9a0dd
-import itertools, weakref
+import itertools, statistics, time, weakref
 _PACKED = weakref.WeakKeyDictionary()   # nn.Linear (first of a fused group) -> packed oneDNN weights
 _FUSED = weakref.WeakKeyDictionary()    # nn.Linear (first of a fused group) -> (fused weight, fused bias)
+_LINEAR_TIMINGS = weakref.WeakKeyDictionary()   # a model's output head -> `time_linears` of that model on this host
 
 def onednn_available() -> bool:
     "Whether torch's oneDNN linear with prepacked weights is available."
@@ -70,13 +89,16 @@ def onednn_bf16_available() -> bool:
     return onednn_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 def linear_backend(device:torch.device, dtype:torch.dtype, requested:str="auto") -> str:
-    """`onednn` (prepacked weights) on a CPU for float32, and for bfloat16 where oneDNN computes it (`auto`), else
-    `torch`. On the development CPU (AVX-512 BF16) the prepacked bfloat16 output head took 1.8 ms against 4.5 ms for
-    `F.linear` in bfloat16 and 4.3 ms for prepacked float32 (nbs/02_net)."""
-    if requested not in ("auto", "onednn", "torch"): raise ValueError(f"unknown linear backend {requested!r}: use auto, onednn or torch")
-    ok = device.type == "cpu" and (dtype == torch.float32 and onednn_available() or dtype == torch.bfloat16 and onednn_bf16_available())
+    """The linear backends this device and dtype allow, as asked: `onednn` (prepacked weights) on a CPU for float32,
+    and for bfloat16 where oneDNN computes it, else `torch`. `auto` gives `onednn` where it is allowed: `DecoderNet`
+    then times both on the model's own weights and keeps the faster (`time_linears`)."""
+    if requested not in ("auto", "onednn", "torch"):
+        raise ValueError(f"unknown linear backend {requested!r}: use auto, onednn or torch")
+    ok = device.type == "cpu" and (dtype == torch.float32 and onednn_available()
+                                   or dtype == torch.bfloat16 and onednn_bf16_available())
     if requested == "onednn" and not ok:
-        raise ValueError(f"the onednn backend needs float32 (or bfloat16 where oneDNN computes it) on a CPU with oneDNN, got {dtype} on {device}")
+        raise ValueError(f"the onednn backend needs float32 (or bfloat16 where oneDNN computes it) on a CPU with oneDNN, "
+                         f"got {dtype} on {device}")
     return "onednn" if requested != "torch" and ok else "torch"
 
 def _is_view_of(t:torch.Tensor, base:torch.Tensor, offset:int) -> bool:
@@ -134,6 +156,36 @@ class Linear:
         out = self.joint(x, packed)
         return list(out.split(self.sizes, dim=-1)) if len(self.sizes) > 1 else [out]
 
+def time_linears(layer, # a decoder layer (its attention and MLP projections)
+                 head:torch.nn.Linear, # the output head
+                 num_layers:int, # layers in the step: one step's linears are the head's and num_layers layers'
+                 rows=(1, 5), # a plain step's tokens and a verification's (K=4)
+                 repeats:int=7) -> dict[str, float]:
+    """Milliseconds one step's linear products take with each backend, `{"onednn": ms, "torch": ms}`, from the median of
+    `repeats` timings of the head and of `layer`'s products at each row count in `rows` (summed over them). Which one
+    wins depends on the host: prepacked oneDNN was faster on an AVX-512 host and slower on another (issue 28)."""
+    attn, mlp = layer.self_attn, layer.mlp
+    groups = [[attn.q_proj, attn.k_proj, attn.v_proj], [attn.o_proj], [mlp.gate_proj, mlp.up_proj], [mlp.down_proj]]
+    out, packed_before = {}, {g[0] for g in groups + [[head]] if g[0] in _PACKED}
+    with torch.inference_mode():
+        for backend in ("onednn", "torch"):
+            layer_lins, head_lin = [Linear(g, backend) for g in groups], Linear([head], backend)
+            def step_ms(q:int) -> float:
+                inputs = [torch.randn(1, q, lin.weight.shape[1], dtype=lin.weight.dtype) for lin in layer_lins]
+                x = torch.randn(1, q, head.weight.shape[1], dtype=head.weight.dtype)   # [1, q, H]
+                layer_t, head_t = [], []
+                for r in range(repeats + 1):                                         # the first is a warm-up
+                    t0 = time.perf_counter()
+                    for lin, inp in zip(layer_lins, inputs): lin.joint(inp)
+                    t1 = time.perf_counter(); head_lin.joint(x); t2 = time.perf_counter()
+                    if r: layer_t.append(t1 - t0); head_t.append(t2 - t1)
+                return 1000 * (num_layers * statistics.median(layer_t) + statistics.median(head_t))
+            out[backend] = round(sum(step_ms(q) for q in rows), 3)
+    if out["torch"] < out["onednn"]:                                                 # not kept: free the packed copies
+        for g in groups + [[head]]:                                                  # made for the timing alone
+            if g[0] not in packed_before: _PACKED.pop(g[0], None)
+    return out
+
 # %% ../nbs/02_net.ipynb #4a24c955
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "mistral")
 
@@ -168,9 +220,10 @@ def cache_dtype(dtype:torch.dtype, device) -> torch.dtype:
 
 def attend(query:torch.Tensor, # [B, heads, q, D] in the model's dtype
            keys:torch.Tensor, values:torch.Tensor, # [B, kv_heads, T, D] in the cache's dtype (`cache_dtype`)
-           mask:torch.Tensor|None, # [q, T] which keys each query sees, or None
+           mask:torch.Tensor|None, # [q, T] which keys each query sees ([B, q, T]: each row's), or None
            causal:bool, gqa:bool, scale:float|None=None) -> torch.Tensor:
     "Scaled dot-product attention `[B, heads, q, D]`, computed in the cache's dtype and returned in the query's."
+    if mask is not None and mask.dim() == 3: mask = mask[:, None]            # [B, 1, q, T]: the same for every head
     out = F.scaled_dot_product_attention(query.to(keys.dtype), keys, values, attn_mask=mask, is_causal=causal, scale=scale,
                                          enable_gqa=gqa)
     return out.to(query.dtype)
@@ -211,13 +264,13 @@ class TreeLayout:
         "`(depths [q], ancestors [q, q])` on `device`, for a fixed-shape forward (`DecoderNet.forward_at(tree=...)`)."
         return self.depths.to(device, non_blocking=True), self.ancestors.to(device, non_blocking=True)
 
-def attention_mask(query_pos:torch.Tensor, # [q] positions of the new tokens
+def attention_mask(query_pos:torch.Tensor, # [q] positions of the new tokens ([B, q]: each row's)
                    key_pos:torch.Tensor,   # [n] positions of the keys
                    window:int|None=None,   # sliding window: keys older than window-1 positions are hidden
                   ) -> torch.Tensor:
-    "Boolean `[q, n]`: a query sees keys at its position or before (and inside its window)."
-    visible = key_pos[None, :] <= query_pos[:, None]
-    if window is not None: visible &= key_pos[None, :] > query_pos[:, None] - window   # as transformers' sliding_window_overlay
+    "Boolean `[q, n]` (or `[B, q, n]`): a query sees keys at its position or before (and inside its window)."
+    visible = key_pos <= query_pos[..., None]
+    if window is not None: visible &= key_pos > query_pos[..., None] - window   # as transformers' sliding_window_overlay
     return visible
 
 def tree_attention_mask(slots:torch.Tensor,     # [q] cache slots of the tree's nodes: start..start+q-1, in node order
@@ -279,7 +332,12 @@ class DecoderNet:
         self.head_dim, self.scaling = attn.head_dim, attn.scaling
         self.num_heads, self.num_kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
         self.vocab_size = hf_model.lm_head.weight.shape[0]
-        self.backend = linear_backend(self.device, self.dtype, linear)
+        self.backend, self.linear_timings = linear_backend(self.device, self.dtype, linear), None
+        if linear == "auto" and self.backend == "onednn":                  # this host: time both on the model's weights,
+            if hf_model.lm_head not in _LINEAR_TIMINGS:                        # once per model (its nets agree)
+                _LINEAR_TIMINGS[hf_model.lm_head] = time_linears(self.layers[0], hf_model.lm_head, len(inner.layers))
+            self.linear_timings = _LINEAR_TIMINGS[hf_model.lm_head]
+            self.backend = min(self.linear_timings, key=self.linear_timings.get)
         lin = lambda *ms: Linear(list(ms), self.backend)
         self.qkv = [lin(l.self_attn.q_proj, l.self_attn.k_proj, l.self_attn.v_proj) for l in self.layers]
         self.o = [lin(l.self_attn.o_proj) for l in self.layers]
@@ -354,15 +412,17 @@ def _layers_and_head(self:DecoderNet, hidden, cos, sin, cache, slots, end, masks
         # the MLP's residual add, fused with the next layer's norm (or the final one)
         normed, residual = rms_norm(self._mlp(i, normed, packed), *self.norms[2 * i + 2], residual)
         if i in keep: kept[i] = residual                                 # [B, q, H] layer i's output (before any norm)
-    if logits == "none": return None, kept
-    if logits == "last": normed = normed[:, -1:]
+    if isinstance(logits, torch.Tensor):                                # [B] one position a row (rows at their own ends)
+        normed = normed[torch.arange(normed.shape[0], device=normed.device), logits][:, None]   # [B, 1, H]
+    elif logits == "none": return None, kept
+    elif logits == "last": normed = normed[:, -1:]
     return self.head(normed, packed)[0].float(), kept                # [B, q|1, V]
 
 # %% ../nbs/02_net.ipynb #b7c62973
 @patch
 def forward(self:DecoderNet, input_ids:torch.Tensor, # [B, q] new tokens, written at positions length..length+q-1
             cache:KVCache,
-            logits:str="all", # "all" positions, the "last" one, or "none" (prefill only fills the cache)
+            logits:str|torch.Tensor="all", # "all" positions, the "last" one, "none" (a prefill), or [B]: one index a row
             tree:TreeLayout|None=None, # the new tokens form a token tree (`TreeLayout`): each sees its ancestors only
             keep:tuple=(), # layers whose outputs to return as `features` (a draft head's, e.g. EAGLE-3's low/mid/high)
            ) -> Forward:
@@ -370,7 +430,9 @@ def forward(self:DecoderNet, input_ids:torch.Tensor, # [B, q] new tokens, writte
     and the `keep` layers' outputs `[B, q, len(keep) * H]`. With a `tree`, token i sits at position `length + depth[i]`
     and attends to the cache and to its ancestors in the tree."""
     B, q_len = input_ids.shape
-    start = cache.check_room(q_len)
+    cache.check_room(q_len)
+    if not cache.uniform: return self._forward_rows(input_ids, cache, logits, tree, keep)
+    start = cache.length
     end = start + q_len
     device = input_ids.device
     positions = torch.arange(start, end, device=device) if tree is None else start + tree.depths.to(device)   # [q]
@@ -385,6 +447,24 @@ def forward(self:DecoderNet, input_ids:torch.Tensor, # [B, q] new tokens, writte
     slots = torch.arange(start, end, device=device)                     # [q] cache slots (a tree's too: in node order)
     out, kept = self._layers_and_head(hidden, cos[0], sin[0], cache, slots, end, masks, logits, True, keep)
     cache.length = end
+    return Forward(out, kept_features(kept, keep))
+
+@patch
+def _forward_rows(self:DecoderNet, input_ids, cache, logits, tree, keep) -> Forward:
+    """`forward` over rows at different lengths: row b's tokens at positions `lengths[b] + 0..q-1` (written at those
+    slots), each row attending to its own keys only; every row's length grows by q (a caller keeps fewer by rolling
+    back). Token trees are verified one row at a time (batch size 1)."""
+    if tree is not None: raise NotImplementedError("token trees are verified for batch size 1")
+    B, q_len = input_ids.shape
+    lengths = cache.lengths
+    end = max(lengths) + q_len
+    positions = cache.positions(q_len)                                  # [B, q] each row's own
+    hidden = self.embed(input_ids)                                      # [B, q, H]
+    cos, sin = self.rotary(hidden, positions)                           # [B, q, D]
+    key_pos = torch.arange(end, device=input_ids.device)                # [end]
+    masks = {w: attention_mask(positions, key_pos, w) for w in set(self.windows)}   # [B, q, end]
+    out, kept = self._layers_and_head(hidden, cos, sin, cache, positions, end, masks, logits, True, keep)
+    cache.lengths = [n + q_len for n in lengths]
     return Forward(out, kept_features(kept, keep))
 
 @patch
@@ -405,7 +485,7 @@ def keep_path(self:DecoderNet, cache:KVCache,
 
 @patch
 def forward_layers_at(self:DecoderNet, input_ids:torch.Tensor, # [B, q] new tokens
-                      positions:torch.Tensor, # [q] their positions (a device tensor: no host read)
+                      positions:torch.Tensor, # [B, q] each row's positions ([q]: shared), a device tensor: no host read
                       cache:KVCache,
                       logits:str="all", # "all", "last" or "none"
                       packed:bool=True, # False for torch.compile: plain F.linear
@@ -418,17 +498,21 @@ def forward_layers_at(self:DecoderNet, input_ids:torch.Tensor, # [B, q] new toke
     hidden = self.embed(input_ids)                                      # [B, q, H]
     if tree is None:
         rotary_pos = positions
-        masks = {w: attention_mask(positions, cache.steps, w) for w in set(self.windows)}   # [q, capacity]
+        masks = {w: attention_mask(positions, cache.steps, w) for w in set(self.windows)}   # [B, q, capacity]
     else:
+        if positions.dim() == 2:                                        # a tree is verified at batch size 1
+            if positions.shape[0] != 1: raise NotImplementedError("token trees are verified for batch size 1")
+            positions = positions[0]                                    # [q]
         depths, ancestors = tree                                        # [q], [q, q]
         rotary_pos = positions[0] + depths                              # [q]
-        masks = {w: tree_attention_mask(positions, depths, ancestors, cache.steps, w) for w in set(self.windows)}   # [q, capacity]
-    cos, sin = self.cos[rotary_pos], self.sin[rotary_pos]               # [q, D]
+        masks = {w: tree_attention_mask(positions, depths, ancestors, cache.steps, w)
+                 for w in set(self.windows)}                            # [q, capacity]
+    cos, sin = self.cos[rotary_pos], self.sin[rotary_pos]               # [B, q, D] (a tree: [q, D])
     return self._layers_and_head(hidden, cos, sin, cache, positions, None, masks, logits, packed, keep)
 
 @patch
 def forward_at(self:DecoderNet, input_ids:torch.Tensor, # [B, q] new tokens
-               positions:torch.Tensor, # [q] their positions (a device tensor: no host read)
+               positions:torch.Tensor, # [B, q] each row's positions ([q]: shared), a device tensor: no host read
                cache:KVCache,
                logits:str="all", # "all", "last" or "none"
                packed:bool=True, # False for torch.compile: plain F.linear

@@ -8,7 +8,7 @@ Docs: https://specdec.github.io/specdec/policies.html.md"""
 from __future__ import annotations
 from dataclasses import dataclass
 import torch
-from .sampling import SamplingConfig, logits_to_probs, sample, exponential_noise
+from .sampling import SamplingConfig, logits_to_probs, sample, exponential_noise, uniform
 from . import kernels
 
 # %% auto #0
@@ -123,7 +123,7 @@ class RejectionSampling(AcceptancePolicy):
         B, K = draft_tokens.shape
         target_probs = logits_to_probs(target_logits, sampling)                  # [B, K+1, V]
         V = target_probs.shape[-1]
-        uniforms = torch.rand(B, K, device=target_probs.device, generator=generator)   # [B, K]
+        uniforms = uniform((B, K), target_probs.device, generator)                      # [B, K]
         exp_noise = exponential_noise((B, V), target_probs.device, generator)           # [B, V] for the residual draw
         if n_valid is None and type(self).residual is RejectionSampling.residual:       # the registry's kernel
             return Verdict(*kernels.rejection_verify(draft_tokens, draft_probs, target_probs, uniforms, exp_noise))

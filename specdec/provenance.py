@@ -14,7 +14,7 @@ import specdec
 # %% auto #0
 __all__ = ['CPU_ISA_FLAGS', 'NOT_MEASURED', 'git_state', 'cpu_isa', 'system_info', 'machine_of', 'versions', 'record_provenance',
            'ResumeRefused', 'read_records', 'record_key', 'measured_params', 'config_hash', 'find_run', 'read_manifest',
-           'check_resume', 'portable_path', 'write_json', 'file_hash', 'target_source']
+           'check_resume', 'portable_path', 'write_json', 'file_hash', 'target_source', 'linear_choice']
 
 # %% ../nbs/10a_provenance.ipynb #98371518
 def _git(args:list[str], cwd) -> str|None:
@@ -194,4 +194,10 @@ def target_source(target) -> dict:
     "A target's source for the manifest: file names and hashes, no machine paths."
     source = getattr(target, "source", None) or {}                  # a test double may have none
     return {k: (portable_path(v) if isinstance(v, str) else v) for k, v in source.items()}
+
+def linear_choice(net) -> dict:
+    "How a `DecoderNet` runs its linear products on this host (and what it timed to choose); nothing for other nets."
+    from specdec.net import DecoderNet
+    if not isinstance(net, DecoderNet): return {}
+    return {"linear": net.backend, "linear_step_ms": net.linear_timings}
 

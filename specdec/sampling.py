@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 # %% auto #0
-__all__ = ['SamplingConfig', 'logits_to_probs', 'exponential_noise', 'sample']
+__all__ = ['SamplingConfig', 'logits_to_probs', 'RowGenerators', 'uniform', 'exponential_noise', 'sample']
 
 # %% ../nbs/03_sampling.ipynb #ddf3099b
 @dataclass(frozen=True)
@@ -44,11 +44,29 @@ def logits_to_probs(logits:torch.Tensor, # [..., V] raw logits
         probs = probs / probs.sum(-1, keepdim=True)
     return probs
 
-def exponential_noise(shape, device, generator:torch.Generator|None=None) -> torch.Tensor:
-    "Exp(1) draws of `shape` (float32), for sampling by the exponential race."
-    return torch.empty(shape, dtype=torch.float32, device=device).exponential_(generator=generator)
+class RowGenerators:
+    """One random generator per row of a batch: every draw of shape `[B, ...]` takes row b's values from generator b, so
+    a row's random numbers (and its sampled output) do not depend on the rows beside it."""
+    def __init__(self, seeds:list[int], device):
+        self.generators = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
+    def __len__(self): return len(self.generators)
+    def __repr__(self): return f"RowGenerators({len(self)} rows)"
+
+def _draw(fill, shape, device, generator) -> torch.Tensor:
+    "`shape` float32 values, each row from its own generator when `generator` is a `RowGenerators`."
+    if not isinstance(generator, RowGenerators): return fill(torch.empty(shape, dtype=torch.float32, device=device), generator)
+    if shape[0] != len(generator): raise ValueError(f"{len(generator)} row generators for draws of shape {tuple(shape)}")
+    return torch.stack([fill(torch.empty(shape[1:], dtype=torch.float32, device=device), g) for g in generator.generators])
+
+def uniform(shape, device, generator:torch.Generator|RowGenerators|None=None) -> torch.Tensor:
+    "U(0, 1) draws of `shape` (float32); a `RowGenerators` draws each row `[b, ...]` from its own generator."
+    return _draw(lambda t, g: t.uniform_(generator=g), shape, device, generator)
+
+def exponential_noise(shape, device, generator:torch.Generator|RowGenerators|None=None) -> torch.Tensor:
+    "Exp(1) draws of `shape` (float32), for sampling by the exponential race (per row with a `RowGenerators`)."
+    return _draw(lambda t, g: t.exponential_(generator=g), shape, device, generator)
 
 def sample(probs:torch.Tensor, # [..., V] probabilities (or any non-negative weights)
-           generator:torch.Generator|None=None) -> torch.Tensor:
+           generator:torch.Generator|RowGenerators|None=None) -> torch.Tensor:
     "One token id per row of `probs` (shape `probs.shape[:-1]`): `argmax(probs / E)` with E ~ Exp(1), no host sync."
     return (probs.float() / exponential_noise(probs.shape, probs.device, generator)).argmax(-1)

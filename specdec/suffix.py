@@ -11,7 +11,7 @@ from collections import deque
 from dataclasses import dataclass, field
 import numpy as np
 import torch
-from .drafters import Draft, Drafter, no_draft
+from .drafters import Draft, Drafter, no_draft, padded_draft, per_row
 
 # %% auto #0
 __all__ = ['SEP', 'SuffixDraft', 'SuffixIndex', 'SuffixDecoding', 'acceptance_tables']
@@ -202,7 +202,7 @@ def _number(v) -> str: return f"{v:g}" if isinstance(v, float) else str(v)
 class SuffixDecoding(Drafter):
     """Draft what most often followed the end of the sequence, in this request's prompt and output and in the responses
     to earlier generations, as far as the estimated probability stays at or above `min_token_prob` and
-    `max_spec_factor` × the match's length allows (SuffixDecoding, Oliaro et al. 2024). Model-free, on the host, B=1."""
+    `max_spec_factor` × the match's length allows (SuffixDecoding, Oliaro et al. 2024). Model-free, on the host."""
     def __init__(self, max_spec_factor:float=2.0, # at most this many drafts per matched token (tuned on Spec-Bench dev)
                  min_token_prob:float=0.1, # a draft's estimated probability (its path's) must be at least this
                  min_score:float=0.0, # draft only where the expected accepted drafts (sum of probabilities) reach this
@@ -223,7 +223,7 @@ class SuffixDecoding(Drafter):
         self.max_cached_tokens, self.tree_nodes = int(max_cached_tokens), int(tree_nodes)
         self.drafts_trees = self.tree_nodes > 0
         self.cache = SuffixIndex()                   # the responses to earlier generations, oldest first
-        self._request, self._length, self._prompt_length, self._pending = SuffixIndex(), 0, 0, None
+        self._requests, self._seen, self._prompt_lengths, self._pending = [], [0], [0], []   # per row of a generation
 
     @property
     def name(self) -> str:
@@ -239,8 +239,7 @@ class SuffixDecoding(Drafter):
     def add_response(self, tokens) -> None:
         "Cache a finished response (token ids) for later generations; the oldest go beyond `max_cached_tokens`."
         tokens = list(tokens)
-        if not tokens or not self.max_cached_tokens: return
-        self.cache.add(tokens)
+        if tokens and self.max_cached_tokens: self.cache.add(tokens)
         while len(self.cache) > self.max_cached_tokens: self.cache.drop_oldest()
 
     def remember(self, responses:list) -> None:
@@ -248,55 +247,69 @@ class SuffixDecoding(Drafter):
         self.cache = SuffixIndex()
         for r in responses: self.add_response(r)
 
-    def finish(self, output:torch.Tensor) -> None:
-        "The generation's output `[1, n]` joins the cache whole (its tokens seen so far are there already)."
-        if not self.max_cached_tokens: return
-        self.cache.extend(output[0, self._length - self._prompt_length:].tolist()); self.cache.close()
-        while len(self.cache) > self.max_cached_tokens: self.cache.drop_oldest()
+    def finish(self, outputs:list) -> None:
+        "Each row's output `[n_b]` joins the cache whole (one row: its tokens seen so far are there already)."
+        if len(outputs) == 1 and self.max_cached_tokens:
+            self.cache.extend(outputs[0][self._seen[0] - self._prompt_lengths[0]:].tolist()); self.cache.close()
+            while len(self.cache) > self.max_cached_tokens: self.cache.drop_oldest()
+        else:
+            for out in outputs: self.add_response(out.tolist())
 
-    def start(self, target, prompt_ids, capacity, features=None):
-        super().start(target, prompt_ids, capacity, features)
-        if prompt_ids.shape[0] != 1: raise NotImplementedError(f"{self.name} drafts for batch size 1")
-        self._request, self._length, self._pending = SuffixIndex(), prompt_ids.shape[1], None
-        self._request.extend(prompt_ids[0].tolist())
-        self._prompt_length = self._length
+    def start(self, target, prompt_ids, capacity, features=None, lengths=None):
+        super().start(target, prompt_ids, capacity, features, lengths)
+        B, S = prompt_ids.shape
+        self._prompt_lengths = list(lengths or [S] * B)                             # [B]
+        self._seen, self._pending = list(self._prompt_lengths), [None] * B         # [B] tokens each index holds
+        self._requests = [SuffixIndex() for _ in range(B)]
+        for b, ids in enumerate(prompt_ids.tolist()): self._requests[b].extend(ids[:self._prompt_lengths[b]])
         self.cache.close()                            # a response the last generation did not finish stays as it was
         self.counters = {"drafts": 0, "no_draft": 0, "by_match_length": {}, "by_source": {}, "by_probability": {}}
 
-    def propose(self, tokens, k, sampling=None, generator=None):
-        B, L = tokens.shape
-        if B != 1: raise NotImplementedError(f"{self.name} drafts for batch size 1")
-        if L > self._length:                             # the newest tokens: the request's, and the cache's response
-            new = tokens[0, self._length:L].tolist()
-            self._request.extend(new); self._length = L
-            if self.max_cached_tokens: self.cache.extend(new)
-        context = self._request.tail(self.max_depth)
+    def _draft(self, b:int, k:int) -> SuffixDraft|None:
+        "Row b's best draft from its request and from the cache (None: none worth drafting), noted for `observe`."
+        context = self._requests[b].tail(self.max_depth)
         limit, depth = (self.tree_nodes, k) if self.drafts_trees else (k, None)
-        draft = self._request.speculate(context, limit, self.max_spec_factor, self.min_token_prob, depth)
+        draft = self._requests[b].speculate(context, limit, self.max_spec_factor, self.min_token_prob, depth)
         source = "request"
         if len(self.cache):
             cached = self.cache.speculate(context, limit, self.max_spec_factor, self.min_token_prob, depth)
             if cached.score > draft.score: draft, source = cached, "cache"
-        self._pending = (draft, source) if k > 0 and draft.tokens and draft.score >= self.min_score else None
-        if self._pending is None:
-            self.counters["no_draft"] += 1
-            return no_draft(tokens)
-        ids = torch.tensor([draft.tokens], device=tokens.device)                   # [1, n]
-        return Draft(ids, parents=draft.parents if self.drafts_trees else None)
+        self._pending[b] = (draft, source) if k > 0 and draft.tokens and draft.score >= self.min_score else None
+        if self._pending[b] is None: self.counters["no_draft"] += 1
+        return self._pending[b] and draft
+
+    def propose(self, tokens, k, sampling=None, generator=None, lengths=None):
+        B, L = tokens.shape
+        lengths = list(lengths or [L] * B)                                          # [B] each row's sequence
+        low = min(self._seen)
+        if max(lengths) > low:                                                      # the newest tokens: one host read
+            block = tokens[:, low:max(lengths)].tolist()
+            for b in range(B):
+                new = block[b][self._seen[b] - low:lengths[b] - low]
+                self._requests[b].extend(new)
+                if B == 1 and self.max_cached_tokens: self.cache.extend(new)   # the response joins the cache
+                self._seen[b] = lengths[b]
+        drafts = [self._draft(b, k) for b in range(B)]
+        if B > 1:
+            return padded_draft([torch.tensor(d.tokens if d else [], dtype=torch.long) for d in drafts], tokens.device)
+        if drafts[0] is None: return no_draft(tokens)
+        ids = torch.tensor([drafts[0].tokens], device=tokens.device)                # [1, n]
+        return Draft(ids, parents=drafts[0].parents if self.drafts_trees else None)
 
     def observe(self, n_accepted, features=None):
-        "Count the step's draft by its match length and source and, for a chain, each draft by its probability."
-        if self._pending is None: return
-        (draft, source), c = self._pending, self.counters
-        self._pending = None
-        c["drafts"] += 1
-        for table, key in ((c["by_match_length"], str(draft.match_len)), (c["by_source"], source)):
-            row = table.setdefault(key, [0, 0, 0])                                  # drafts, proposed, accepted
-            row[0] += 1; row[1] += len(draft.tokens); row[2] += n_accepted
-        if not self.drafts_trees:                                        # chain draft i is kept iff i < n_accepted
-            for i, p in enumerate(draft.probs):
-                row = c["by_probability"].setdefault(f"{math.floor(p * 10) / 10:.1f}", [0, 0])   # drafted, accepted
-                row[0] += 1; row[1] += i < n_accepted
+        "Count each row's draft by its match length and source and, for a chain, each draft by its probability."
+        c = self.counters
+        for b, n in enumerate(per_row(n_accepted, len(self._pending))):
+            if self._pending[b] is None: continue
+            (draft, source), self._pending[b] = self._pending[b], None
+            c["drafts"] += 1
+            for table, key in ((c["by_match_length"], str(draft.match_len)), (c["by_source"], source)):
+                row = table.setdefault(key, [0, 0, 0])                              # drafts, proposed, accepted
+                row[0] += 1; row[1] += len(draft.tokens); row[2] += n
+            if not self.drafts_trees:                                    # chain draft i is kept iff i < n_accepted
+                for i, p in enumerate(draft.probs):
+                    row = c["by_probability"].setdefault(f"{math.floor(p * 10) / 10:.1f}", [0, 0])   # drafted, kept
+                    row[0] += 1; row[1] += i < n
 
 # %% ../nbs/05s_suffix.ipynb #86ecb6ef
 def acceptance_tables(counters:list[dict], # `SuffixDecoding.counters` of several generations

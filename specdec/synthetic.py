@@ -54,15 +54,15 @@ class SyntheticNet:
         "Sleep the forward's cost, advance the cache, return logits `[B, q|1, V]` peaked at the next true token."
         if keep: raise ValueError(f"the synthetic target has no layers to keep (asked for {keep}): use a real target")
         B, q_len = input_ids.shape
-        start = cache.check_room(q_len)
+        cache.check_room(q_len)
         if q_len: time.sleep(max(self.cost(q_len), 0.0))
-        cache.length = start + q_len
+        positions = cache.positions(q_len).to(input_ids.device)                             # [B, q] each row's
+        cache.lengths = [n + q_len for n in cache.lengths]
         if logits == "none": return Forward(None, None)
-        positions = torch.arange(start, start + q_len, device=input_ids.device)   # [q]
-        if logits == "last": positions = positions[-1:]
-        out = torch.zeros(B, positions.shape[0], self.vocab_size, device=input_ids.device)   # [B, q|1, V]
-        nxt = truth(positions + 1, self.vocab_size)                                          # [q|1]
-        return Forward(out.scatter_(-1, nxt[None, :, None].expand(B, -1, 1), self.margin), None)
+        if logits == "last": positions = positions[:, -1:]
+        out = torch.zeros(B, positions.shape[1], self.vocab_size, device=input_ids.device)   # [B, q|1, V]
+        nxt = truth(positions + 1, self.vocab_size)                                          # [B, q|1]
+        return Forward(out.scatter_(-1, nxt[..., None], self.margin), None)
 
 # %% ../nbs/13_synthetic.ipynb #a3ac2a73
 class SyntheticHF:
@@ -133,16 +133,17 @@ class SyntheticDrafter(Drafter):
         "The rates of draft positions 0..k-1: `[k]`."
         return torch.tensor([self.acceptance[min(i, len(self.acceptance) - 1)] for i in range(k)])
 
-    def start(self, target, prompt_ids, capacity, features=None):
+    def start(self, target, prompt_ids, capacity, features=None, lengths=None):
         self.forwards = 0
         self.vocab_size = target.vocab_size
         self.rng = torch.Generator().manual_seed(self.seed)
 
-    def propose(self, tokens, k, sampling=None, generator=None):
+    def propose(self, tokens, k, sampling=None, generator=None, lengths=None):
         if self.vocab_size is None: raise RuntimeError("SyntheticDrafter.propose before start(): the vocabulary is unknown")
         if k == 0: return no_draft(tokens)
         B, S = tokens.shape
-        right = truth(torch.arange(S, S + k), self.vocab_size).expand(B, k)     # [B, k] the true next tokens
+        ends = torch.tensor(lengths or [S] * B)                                 # [B] each row's length
+        right = truth(ends[:, None] + torch.arange(k), self.vocab_size)         # [B, k] the true next tokens
         coins = torch.rand(B, k, generator=self.rng) < self.alpha(k)           # [B, k] right with prob alpha_i
         drafted = torch.where(coins, right, (right + 1) % self.vocab_size)     # [B, k]
         if self.draft_cost: time.sleep(k * self.draft_cost)

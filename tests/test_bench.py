@@ -4,8 +4,10 @@ from pathlib import Path
 import numpy as np
 import pytest, torch
 import specdec.bench as bench
-from specdec.bench import (BenchConfig, run_benchmark, read_records, record_key, certificate, methods_from, tokens_equal,
-                           git_state, bootstrap_geomean, speedup, ResumeRefused, HF, HF_PLD, AR)
+import specdec.provenance as provenance
+from specdec.bench import BenchConfig, Method, run_benchmark, methods_from
+from specdec.provenance import read_records, record_key, git_state, ResumeRefused
+from specdec.summary import certificate, tokens_equal, bootstrap_geomean, speedup, HF, HF_PLD, AR
 from specdec.policies import Greedy, Verdict
 from specdec.report import validate_manifest
 
@@ -70,6 +72,7 @@ def test_a_parameter_added_to_the_notebook_is_a_cli_flag(tmp_path):
 
 
 def test_git_state_outside_a_repository_and_without_commits_is_unknown(tmp_path):
+    "Unknown outside a repository; dirty with a changed or an untracked file (its contents hashed), never for results/."
     assert git_state(tmp_path) == {"commit": None, "dirty": None, "diff": None}
     subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
     assert git_state(tmp_path) == {"commit": None, "dirty": None, "diff": None}
@@ -80,6 +83,18 @@ def test_git_state_outside_a_repository_and_without_commits_is_unknown(tmp_path)
     clean = git_state(tmp_path)
     assert len(clean["commit"]) == 40 and clean["dirty"] is False and clean["diff"] is None
     (tmp_path / "results" / "r.jsonl").write_text("{}\n")                          # a run writing its records: still clean
+    (tmp_path / "results" / "new-run").mkdir(); (tmp_path / "results" / "new-run" / "records.jsonl").write_text("{}\n")
+    assert git_state(tmp_path) == clean
+    (tmp_path / ".gitignore").write_text("scratch/\n"); git("add", ".gitignore"); git("commit", "-q", "-m", "ignore")
+    clean = git_state(tmp_path)
+    (tmp_path / "scratch").mkdir(); (tmp_path / "scratch" / "notes.py").write_text("z = 1\n")   # git-ignored: clean
+    assert git_state(tmp_path) == clean
+    (tmp_path / "new_module.py").write_text("y = 1\n")                       # untracked code: dirty, in the diff hash
+    untracked = git_state(tmp_path)
+    assert untracked["commit"] == clean["commit"] and untracked["dirty"] is True and len(untracked["diff"]) == 12
+    (tmp_path / "new_module.py").write_text("y = 2\n")                          # other contents, another hash
+    assert git_state(tmp_path)["diff"] != untracked["diff"] and git_state(tmp_path)["dirty"]
+    (tmp_path / "new_module.py").unlink()
     assert git_state(tmp_path) == clean
     (tmp_path / "code.py").write_text("x = 2\n")
     dirty = git_state(tmp_path)
@@ -116,12 +131,12 @@ def test_a_run_records_the_cpus_instruction_sets_and_is_not_resumed_on_a_host_wi
     manifest = json.loads((run_dir / "MANIFEST.json").read_text())
     assert manifest["system"]["cpu_capability"] == manifest["machine"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     flags = manifest["system"]["cpu_flags"]
-    assert flags is None or set(flags) <= set(bench.CPU_ISA_FLAGS)
+    assert flags is None or set(flags) <= set(provenance.CPU_ISA_FLAGS)
     from specdec.report import run_summary
     assert f"({manifest['system']['cpu']}, {manifest['system']['cpu_capability']})" in run_summary(manifest)
     other = {"cpu_capability": "AVX512" if manifest["system"]["cpu_capability"] != "AVX512" else "AVX2",
              "cpu_flags": ["avx2", "fma", "avx512f", "avx512_bf16"] if flags != ["avx2", "fma", "avx512f", "avx512_bf16"] else ["avx2"]}
-    monkeypatch.setattr(bench, "cpu_isa", lambda: other)
+    monkeypatch.setattr(provenance, "cpu_isa", lambda: other)
     with pytest.raises(ResumeRefused, match=r"another machine \(cpu_capability '[A-Z0-9_]+' there, '[A-Z0-9_]+' here; cpu_flags "):
         run_benchmark(BenchConfig(**SYNTH, out=str(tmp_path), resume="r"), progress=False)
 
@@ -200,12 +215,13 @@ def test_joined_drafter_records_who_drafted_and_stays_lossless(tmp_path):
     manifest, records = load_run(run_dir)
     assert manifest["certificate"][f"{spec}/k3"]["passed"]
     joined = records[records.method == f"{spec}/k3"].to_dict("records")
-    assert joined and all([u["drafter"] for u in r["drafter_usage"]] == ["pld:3:2", "model:tiny-llama-draft"] for r in joined)
+    members = ["pld:3:2", "model:tiny-llama-draft"]                                      # each drafter named by its spec
+    assert joined and all([u["drafter"] for u in r["drafter_usage"]] == members for r in joined)
     steps = [[u["steps"] for u in r["drafter_usage"]] for r in joined]
     assert all(sum(s) <= r["target_forwards"] for s, r in zip(steps, joined)) and sum(s[1] for s in steps) > 0
     table = fallback_table(records)
     qa = next(r for r in joined if r["category"] == "qa")
-    assert table.loc[(f"{spec}/k3", "qa"), ("steps", "model:tiny-llama-draft")] == qa["drafter_usage"][1]["steps"]
+    assert table.loc[(f"{spec}/k3", "qa"), ("steps", members[1])] == qa["drafter_usage"][1]["steps"]
     assert fallback_table(records[records.method == AR]) == "no joined drafter (A+B) in this run"
 
 
@@ -244,7 +260,7 @@ def test_interleaved_schedule_rotates_methods():
 
 
 def test_certificate_fails_on_truncated_output():
-    methods = methods_from(["pld"], ["4"], ["greedy"], (HF, AR))
+    methods = {m.name: m.describe(0.0) for m in methods_from(["pld"], ["4"], ["greedy"], (HF, AR))}
     rec = lambda m, p, toks: {"prompt_id": p, "method": m, "iteration": 0, "tokens": toks}
     records = [rec(HF, "a", [1, 2, 3, 4]), rec(AR, "a", [1, 2, 3, 4]), rec("pld/k4", "a", [1, 2, 3])]
     cert = certificate(records, methods, 0.0)
@@ -269,6 +285,9 @@ def test_bad_bench_parameters():
     with pytest.raises(ValueError, match="ignore_eos must be auto, true or false"): BenchConfig(ignore_eos="maybe")
     with pytest.raises(ValueError, match="'pld@0' pins a bad controller after '@'.*K >= 1"): BenchConfig(drafters="pld@0")
     with pytest.raises(ValueError, match="'pld@x' pins a bad controller.*unknown controller 'x'"): BenchConfig(drafters="pld@x")
+    with pytest.raises(ValueError, match="'@4' has no drafter before '@'"): BenchConfig(drafters="@4")
+    with pytest.raises(ValueError, match="methods pld/k4 would run twice"): BenchConfig(drafters="pld", ks="4,fixed:4")
+    with pytest.raises(ValueError, match="methods pld/k4 would run twice"): BenchConfig(drafters="pld,pld@4", ks="4")
 
 
 def test_a_drafter_pinned_to_a_k_runs_with_that_k_only(tmp_path):
@@ -277,7 +296,9 @@ def test_a_drafter_pinned_to_a_k_runs_with_that_k_only(tmp_path):
     cfg = BenchConfig(model="synthetic", drafters="synthetic:0.9@1,synthetic:0.5", ks="4,cost:6", categories="qa", n_prompts=1,
                       hf_pld=False, max_new_tokens=24, iterations=1, warmup=0, cost_model=False, bootstrap=100,
                       out=str(tmp_path), run_id="pinned")
-    assert cfg.drafter_specs == ["synthetic:0.9", "synthetic:0.5"] and cfg.all_ks == ["4", "cost:6", "1"]
+    assert cfg.drafter_specs == ["synthetic:0.9", "synthetic:0.5"]
+    assert [(m.k, m.controller.k_max, m.controller.needs_costs) for m in cfg.methods()[2:]] == [
+        ("fixed:1", 1, False), ("fixed:4", 4, False), ("cost:6", 6, True)]
     manifest = validate_manifest(run_benchmark(cfg, progress=False) / "MANIFEST.json")
     assert manifest["methods"] == [HF, AR, "synthetic:0.9/k1", "synthetic:0.5/k4", "synthetic:0.5/cost:6"]
     assert set(manifest["models"]["drafters"]) == {"synthetic:0.9", "synthetic:0.5"}
@@ -325,7 +346,7 @@ def test_hf_static_sizes_its_cache_once_per_run():
 
 def test_an_interrupted_run_still_summarizes_what_it_measured(tmp_path):
     "A run cut off part-way (its MANIFEST still `running`) gives the summaries of the records it wrote, counted as partial."
-    from specdec.bench import summarize_partial
+    from specdec.summary import summarize_partial
     run_dir = run_benchmark(BenchConfig(**{**SYNTH, "iterations": 2}, out=str(tmp_path)), progress=False)
     records = (run_dir / "records.jsonl").read_text().splitlines()
     speed = [l for l in records if json.loads(l)["purpose"] == "speed"]
@@ -339,6 +360,8 @@ def test_an_interrupted_run_still_summarizes_what_it_measured(tmp_path):
     assert summary["results"]["synthetic:0.9/k4"]["speedup"][AR]["n"] == 2
     (run_dir / "MANIFEST.json").write_text(json.dumps({**manifest, "methods": manifest["methods"][:-1]}))
     with pytest.raises(ValueError, match="its manifest lists"): summarize_partial(run_dir)
+    (run_dir / "MANIFEST.json").write_text(json.dumps({k: v for k, v in manifest.items() if k != "method_info"}))
+    with pytest.raises(ValueError, match="no method_info in its manifest"): summarize_partial(run_dir)
 
 
 def test_summary_prints_a_run_as_text_and_says_when_it_is_partial(tmp_path):
@@ -396,6 +419,113 @@ def test_the_target_is_fused_before_any_hf_generation(tmp_path, monkeypatch):
     run_benchmark(BenchConfig(model="tiny-llama", drafters="pld", ks="4", categories="qa", n_prompts=1, max_new_tokens=4,
                               iterations=1, warmup=1, cost_model=False, bootstrap=100, out=str(tmp_path)), progress=False)
     assert seen and all(seen)
+
+
+RESULTS = ROOT / "results"
+DEFAULT_RUNS = ["20261205-121529-smollm2-135m-ba831493", "20261205-174250-smollm2-135m-ba831493"]   # one preset
+
+
+@pytest.mark.parametrize("run", ["20261127-020753-smollm2-135m-f9bb01b6", "20261204-171554-smollm2-135m-d244f7a2",
+                                 "20261205-080946-smollm2-135m-c42e3a2c"])
+def test_committed_runs_still_summarize(run):
+    "Runs written by older code (a K sweep, dynamic:6:0.1, pinned trees) print as they did, their CIs labelled."
+    out = cli("summary", run)
+    assert out.returncode == 0, out.stderr[-2000:]
+    manifest = json.loads((RESULTS / run / "MANIFEST.json").read_text())
+    assert run in out.stdout and "95% CI across prompts, this run" in out.stdout
+    for name in manifest["methods"]:
+        sp = manifest["results"][name]["speedup"][AR]
+        line = next(l for l in out.stdout.splitlines() if l.startswith(name + " "))
+        point = f"{sp['geomean']:.2f}"
+        assert (f"{point} [{sp['ci95'][0]:.2f}-{sp['ci95'][1]:.2f}]" if sp["ci95"] else point) in line
+
+
+def test_summary_of_several_runs_shows_the_spread_between_them():
+    "Two committed runs of the default preset: each figure is the median of the runs' own figures with their min-max."
+    manifests = [json.loads((RESULTS / r / "MANIFEST.json").read_text()) for r in DEFAULT_RUNS]
+    out = cli("summary", *DEFAULT_RUNS)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith("2 runs of the same parameters (config ba831493)")
+    assert all(r in out.stdout for r in DEFAULT_RUNS)
+    for name in manifests[0]["methods"]:
+        points = [m["results"][name]["speedup"][AR]["geomean"] for m in manifests]
+        taus = [m["results"][name]["tau"] for m in manifests]
+        line = next(l for l in lines if l.startswith(name + " "))
+        assert f"{np.median(points):.2f} ({min(points):.2f}-{max(points):.2f})" in line, line
+        if None not in taus: assert f"{np.median(taus):.2f} ({min(taus):.2f}-{max(taus):.2f})" in line
+    per_category = lines[next(i for i, l in enumerate(lines) if l.startswith("× specdec-AR per category")) + 1:]
+    qa = next(l for l in per_category if l.startswith("qa "))
+    points = [m["per_category"]["qa"]["pld/k4"]["speedup"][AR]["geomean"] for m in manifests]
+    assert f"{np.median(points):.2f} ({min(points):.2f}-{max(points):.2f})" in qa
+    one = cli("summary", DEFAULT_RUNS[0])                                            # one run prints as before
+    assert one.returncode == 0 and one.stdout.startswith(f"Run `{DEFAULT_RUNS[0]}`") and "min-max" not in one.stdout
+
+
+def test_summary_refuses_runs_that_measured_different_things(tmp_path):
+    other = cli("summary", DEFAULT_RUNS[0], "20261127-020753-smollm2-135m-f9bb01b6")       # the k_sweep preset
+    assert other.returncode == 2 and "measured different methods" in other.stderr
+    manifest = json.loads((RESULTS / DEFAULT_RUNS[1] / "MANIFEST.json").read_text())   # same methods, other lengths
+    (tmp_path / "longer").mkdir()
+    manifest["params"]["max_new_tokens"] = 128
+    (tmp_path / "longer" / "MANIFEST.json").write_text(json.dumps({**manifest, "run_id": "longer"}))
+    longer = cli("summary", DEFAULT_RUNS[0], str(tmp_path / "longer"))
+    assert longer.returncode == 2 and "max_new_tokens 48 in 20261205-121529" in longer.stderr
+    assert "128 in longer" in longer.stderr
+
+
+def test_certificate_fails_a_lossless_method_that_drafted_without_target_features():
+    "Equal tokens are not enough: a head that found no target features (drafting from zeros) fails, naming the prompts."
+    from specdec.summary import certificate_failures
+    methods = {HF: {"lossless": True}, AR: {"lossless": True}, "eagle/k4": {"lossless": True}}
+    rec = lambda m, p, missing=None: {"prompt_id": p, "method": m, "iteration": 0, "tokens": [1, 2, 3],
+                                      "purpose": "speed", **({} if missing is None else {"missing_features": missing})}
+    base = [rec(b, p) for b in (HF, AR) for p in ("a", "b")]
+    old = certificate(base + [rec("eagle/k4", "a"), rec("eagle/k4", "b")], methods, 0.0)      # older records: no field
+    fine = certificate(base + [rec("eagle/k4", "a", 0), rec("eagle/k4", "b", 0)], methods, 0.0)
+    bad = certificate(base + [rec("eagle/k4", "a", 0), rec("eagle/k4", "b", 5)], methods, 0.0)
+    assert old["eagle/k4"]["passed"] and fine["eagle/k4"]["passed"] and fine["eagle/k4"]["missing_features"] == {}
+    assert not bad["eagle/k4"]["passed"] and bad["eagle/k4"]["missing_features"] == {"b": 5} and bad[AR]["passed"]
+    failures = certificate_failures({"certificate": bad})
+    assert failures == ["eagle/k4: drafted without the target's features on b (5 steps)"]
+    assert certificate_failures({"certificate": fine}) == []
+
+
+def test_hf_and_specdec_stop_on_the_same_ids():
+    """Both get the target's stop ids explicitly (`stop_ids`), never None (what HF makes of None has changed between
+    its versions): a target whose stop ids are its HF config's EOS stops both there; one that stops on nothing (its HF
+    config still naming an EOS) runs both to max_new_tokens."""
+    from specdec.bench import hf_generate, run_method, stop_ids
+    from specdec.models import tiny_llama
+    target = tiny_llama()
+    prompt = torch.randint(3, 100, (1, 6), generator=torch.Generator().manual_seed(0))
+    free, _ = hf_generate(target, prompt, 16, ignore_eos=True)
+    stop = next(t for i, t in enumerate(free) if i >= 3 and t not in free[:i])         # first made at a step i >= 3
+    cfg, opts = BenchConfig(max_new_tokens=16), {"ignore_eos": False}
+    target.model.generation_config.eos_token_id = stop
+    assert stop_ids(target, False) == [stop] and stop_ids(target, True) == []
+    hf, _ = hf_generate(target, prompt, 16)
+    assert hf == run_method(Method(AR), target, prompt, cfg, opts)[0] == free[:free.index(stop) + 1]   # both stop there
+
+    class StopsOnNothing(type(target)):
+        eos_token_ids = []                                # the target's own stop ids: none (its HF config keeps one)
+    target.__class__ = StopsOnNothing
+    hf, _ = hf_generate(target, prompt, 16)
+    assert stop_ids(target, False) == [] and hf == run_method(Method(AR), target, prompt, cfg, opts)[0] == free
+
+
+def test_k_sweep_figure_reads_the_controller_however_written():
+    "`fixed:2,fixed:4`, `2,4` and `cost:4,cost:8` sweeps each make a line (fixed ones as older manifests wrote them)."
+    from specdec.report import fig_k_sweep
+    result = lambda drafter, k, tok_s: {"drafter": drafter, "k": k, "policy": "greedy", "tok_s": {"median": tok_s},
+                                        "tau": 1.5}
+    results = {"a/k2": result("a", "fixed:2", 10), "a/k4": result("a", "fixed:4", 12), "b/k2": result("b", "2", 9),
+               "b/k4": result("b", "4", 11), "c/cost:4": result("c", "cost:4", 8),
+               "c/cost:8": result("c", "cost:8", 13), "d/k4": result("d", "fixed:4", 7)}
+    fig = fig_k_sweep({"results": results})
+    lines = {t.name: (list(t.x), list(t.y)) for t in fig.data if t.showlegend is not False}
+    assert lines == {"a": ([2, 4], [10, 12]), "b": ([2, 4], [9, 11]), "c cost": ([4, 8], [8, 13]), "d": ([4], [7])}
+    assert fig_k_sweep({"results": {"d/k4": result("d", "fixed:4", 7)}}) is None           # no drafter at several K
 
 
 def _suffix_counters(run_dir, method="suffix/k4"):

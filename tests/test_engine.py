@@ -321,6 +321,20 @@ def test_fused_weights_share_the_models_storage():
     assert fuse_weights([attn.q_proj, attn.k_proj, attn.v_proj])[0] is not weight
 
 
+def test_auto_linears_are_the_faster_backend_timed_once_per_model():
+    """`linear="auto"` on a CPU times both backends on the model's own weights and keeps the faster; every net over the
+    same model reuses that timing (a target and its LayerSkip draft agree); a forced backend is not timed."""
+    from specdec.net import onednn_available
+    small = tiny_llama(seed=11)
+    net = DecoderNet(small.model)
+    if not onednn_available(): assert net.backend == "torch" and net.linear_timings is None; return
+    timed = net.linear_timings
+    assert set(timed) == {"onednn", "torch"} and all(ms > 0 for ms in timed.values())
+    assert net.backend == min(timed, key=timed.get)
+    half = DecoderNet(small.model, num_layers=2)
+    assert half.linear_timings is timed and half.backend == net.backend
+    assert DecoderNet(small.model, linear="torch").linear_timings is None
+
 def test_the_lean_step_launches_about_nine_kernels_per_layer():
     "Counted on the CPU: each fused op is one launch; the torch references of the same ops launch several."
     from specdec.net import count_step_ops, STEP_OPS
@@ -363,7 +377,8 @@ def test_a_bf16_net_on_the_cpu_attends_over_a_float32_cache_and_tracks_float32()
     from specdec.net import onednn_bf16_available, linear_backend
     fp32 = tiny_llama(seed=5)
     bf = tiny_llama(seed=5, dtype=torch.bfloat16)
-    assert bf.net.backend == ("onednn" if onednn_bf16_available() else "torch")
+    timed = bf.net.linear_timings                                    # auto: the faster of the two on this host
+    assert bf.net.backend == (min(timed, key=timed.get) if onednn_bf16_available() else "torch")
     ids = bf.encode(TEXT)
     with torch.inference_mode():
         cache = bf.net.new_cache(1, 64)

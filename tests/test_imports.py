@@ -6,9 +6,9 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "specdec"
 LOWER = ["models", "net", "sampling", "stats", "timing", "kernels", "engine", "policies", "drafters", "suffix", "controllers",
          "costmodel", "decode"]
-UPPER = ["synthetic", "specs", "provenance", "summary", "bench", "report", "cli"]
+UPPER = ["synthetic", "specs", "provenance", "summary", "bench", "batch_bench", "report", "cli"]
 # the harness's own floors, from the ground up: what a run measured, what it says, how it runs, what people look at
-HARNESS = ["provenance", "summary", "bench", "report"]
+HARNESS = ["provenance", "summary", "bench", "batch_bench", "report"]
 
 
 def import_graph(package:Path=PACKAGE) -> dict[str, set[str]]:

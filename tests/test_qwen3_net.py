@@ -35,9 +35,10 @@ def net_logits(net, ids) -> tuple[torch.Tensor, torch.Tensor]:
     "`(eager, fixed)`: logits `[1, S, V]` from a prefill then one token a step, and from one `forward_at` over all."
     with torch.inference_mode():
         cache = net.new_cache(1, 40)
-        eager = torch.cat([net(ids[:, :9], cache)] + [net(ids[:, t:t + 1], cache) for t in range(9, ids.shape[1])], 1)
+        eager = torch.cat([net(ids[:, :9], cache).logits] + [net(ids[:, t:t + 1], cache).logits
+                                                          for t in range(9, ids.shape[1])], 1)
         cache = net.new_cache(1, 40)
-        fixed = net.forward_at(ids, cache.positions(ids.shape[1]), cache)
+        fixed = net.forward_at(ids, cache.positions(ids.shape[1]), cache).logits
     return eager, fixed
 
 def test_qwen3_logits_match_hf_eager_and_at_fixed_shapes(qwen3):

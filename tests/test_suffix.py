@@ -217,14 +217,24 @@ def test_min_score_abstains_where_the_match_is_weak(tiny):
     assert joined.usage[0]["steps"] == 0 and joined.usage[1]["steps"] > 0      # prompt lookup drafts every step it can
 
 
-def test_bad_arguments_and_batches_are_refused(tiny):
+def test_bad_arguments_are_refused():
     for kw, message in ((dict(max_spec_factor=0), "max_spec_factor > 0"), (dict(min_token_prob=1.5), "min_token_prob"),
                         (dict(min_score=-1), "min_score >= 0"), (dict(max_depth=0), "max_depth >= 1"),
                         (dict(max_cached_tokens=-1), "max_cached_tokens >= 0"), (dict(tree_nodes=-2), "tree_nodes >= 0")):
         with pytest.raises(ValueError, match=message): SuffixDecoding(**kw)
+
+
+def test_a_batch_drafts_each_row_from_its_own_text_and_the_shared_cache(tiny):
+    "Rows at their own lengths: each row's output is its batch-1 output; the rows' outputs join the cache at the end."
+    prompts = [tiny.encode(TEXTS[i] + " again" * i)[0] for i in range(4)]
+    alone = [generate(tiny, p, max_new_tokens=24, eos_token_id=[]).tokens[0] for p in prompts]
     drafter = SuffixDecoding()
-    with pytest.raises(NotImplementedError, match="batch size 1"):
-        drafter.start(tiny, torch.ones(2, 4, dtype=torch.long), 16)
+    for _ in range(2):                                                 # the second time, from the first batch's outputs
+        out = generate(tiny, prompts, drafter=drafter, controller=FixedK(4), max_new_tokens=24, eos_token_id=[])
+        assert all(torch.equal(a, t) for a, t in zip(alone, out.tokens))
+    assert drafter.cache.sequences == 8 and drafter.counters["by_source"]["cache"][2] > 0
+    with pytest.raises(NotImplementedError, match="one prompt at a time"):
+        generate(tiny, prompts, drafter=SuffixDecoding(tree_nodes=4), max_new_tokens=8)
 
 
 # --- rejection sampling keeps the target's distribution ---

@@ -51,7 +51,7 @@ def replay(drafter, prompt:list, output:list, k_max:int, max_new:int, eos:set) -
         drafter.observe(min(kept, eos_at))
         steps += 1; accepted += min(kept, eos_at); length += min(kept, eos_at) + 1
         if eos_at <= kept or length - S >= n: break
-    drafter.finish(seq[:, S:S + n])
+    drafter.finish([seq[0, S:S + n]])
     return steps, proposed, accepted
 
 
