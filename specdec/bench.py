@@ -27,10 +27,10 @@ from .provenance import (git_state, system_info, machine_of, versions, record_pr
 from .summary import HF, HF_PLD, HF_STATIC, AR, summarize_run
 
 # %% auto #0
-__all__ = ['HF_METHODS', 'PRESETS', 'Method', 'methods_from', 'apply_preset', 'check_run_config', 'BenchConfig', 'stop_ids',
-           'hf_generate_batch', 'hf_generate', 'static_cache_len', 'run_method', 'perplexity', 'schedule',
-           'measure_costs', 'prepare', 'open_run', 'reusable_records', 'new_manifest', 'run_benchmark',
-           'predict_speedups', 'config_from_parameters', 'run_from_parameters']
+__all__ = ['HF_METHODS', 'SUFFIX_DRAFTERS', 'PRESETS', 'HISTORIES', 'Method', 'methods_from', 'apply_preset', 'check_run_config',
+           'BenchConfig', 'stop_ids', 'hf_generate_batch', 'hf_generate', 'static_cache_len', 'run_method',
+           'perplexity', 'schedule', 'measure_costs', 'prepare', 'open_run', 'reusable_records', 'new_manifest',
+           'run_benchmark', 'predict_speedups', 'config_from_parameters', 'run_from_parameters']
 
 # %% ../nbs/11_bench.ipynb #438a17ed
 HF_METHODS = {HF: {}, HF_PLD: {"prompt_lookup_num_tokens": 10}, HF_STATIC: {"cache_implementation": "static"}}
@@ -78,6 +78,8 @@ def methods_from(drafters:list[str], ks:list, policies:list, baselines=(HF, HF_P
     return out
 
 # %% ../nbs/11_bench.ipynb #4095f51e
+# the dev-tuned SuffixDecoding methods (issue 31) beside prompt lookup and the EAGLE head at K=3, as in the heads runs
+SUFFIX_DRAFTERS = "pld,eagle,pld:3:2+eagle,suffix@8,suffix-tree@8,suffix:2:0.1:1+eagle@dynamic:8"
 PRESETS = {
     "default": {},
     "k_sweep": {"drafters": "pld", "ks": "1,2,3,4,6,8", "n_prompts": 1},   # LayerSkip's untrained exit accepts ~7%: K sweep it with --drafters
@@ -85,6 +87,10 @@ PRESETS = {
     "heads": {"prompts": "../shared/prompts/spec_bench_dev.jsonl", "n_prompts": 2, "ks": "2,3", "hf_pld": False,
               "drafters": "pld,eagle,eagle-tree:2:4,medusa,pld:3:2+eagle,pld:3:2+eagle-tree:2:4",
               "categories": "summarization,qa,rag,translation,math_reasoning,writing,roleplay,coding"},   # the trained heads, chains and trees (issue 8)
+    "suffix": {"prompts": "../shared/prompts/spec_bench_dev.jsonl", "n_prompts": 2, "max_new_tokens": 128, "hf_pld": False,
+               "ks": "3", "drafters": SUFFIX_DRAFTERS},   # SuffixDecoding against prompt lookup and the heads (issue 31)
+    "suffix_repeated": {"prompts": "repeated", "n_prompts": 0, "max_new_tokens": 128, "hf_pld": False, "ks": "3",
+                        "drafters": SUFFIX_DRAFTERS},     # the same on the repeated-request workload, as one sequence
     "synthetic": {"model": "synthetic", "drafters": "synthetic:0.9,synthetic:0.5", "ks": "1,2,4,cost:8",
                   "categories": "qa,code,summarization", "n_prompts": 2, "hf_pld": False},
 }
@@ -111,6 +117,7 @@ def _auto(v, when_auto:bool, name:str) -> bool:
     if v in ("false", "no", "0"): return False
     raise ValueError(f"{name} must be auto, true or false, got {v!r}")
 
+HISTORIES = ("sequence", "none")   # what a drafter that learns across generations has seen before each one
 def check_run_config(cfg, counts:tuple[str, ...]) -> None:
     """The checks a benchmark's config shares with the others: its methods (a bad spec fails here, before any model
     loads; none twice), the `counts` integers >= 1, the warm-up, the compile mode and the auto flags."""
@@ -158,6 +165,7 @@ class BenchConfig:
     profile: bool = False
     perplexity: bool = True
     cost_model: bool = True
+    history: str = "sequence"
 
     def __post_init__(self):
         for name in ("drafters", "ks", "policies", "categories"):        # lists given as lists are kept in notebook form
@@ -168,6 +176,7 @@ class BenchConfig:
         for p in self.policy_list:
             if isinstance(p, str): specs.validate("policy", p)
         check_run_config(self, ("iterations", "max_new_tokens", "certify_prompts", "bootstrap"))
+        if self.history not in HISTORIES: raise ValueError(f"history must be one of {', '.join(HISTORIES)}, got {self.history!r}")
         if str(self.certify_dtype).lower() not in ("auto", "none", "", "float32", "float16", "bfloat16"):
             raise ValueError(f"certify_dtype must be auto, none or a dtype (float32), got {self.certify_dtype!r}")
 
@@ -317,13 +326,29 @@ def measure_costs(target, drafters:dict, context:int, k_max:int=8, progress:bool
 # %% ../nbs/11_bench.ipynb #e3fc6301
 class _Runner:
     "Measures generations of one target and writes them as records."
-    def __init__(self, cfg, opts, target, drafters, costs, git, run_id, encoded, context):
+    def __init__(self, cfg, opts, target, drafters, costs, git, run_id, prompts, encoded, context):
         self.cfg, self.opts, self.target, self.drafters, self.costs = cfg, opts, target, drafters, costs
         self.git, self.run_id, self.encoded, self.context, self.engine = git, run_id, encoded, context, {}
+        self.prompts = {p.id: p for p in prompts}   # in the run's order: a sequence's order
+        self.outputs = {}                            # (method, prompt id) -> its output, for the next prompts' history
+
+    def history(self, m:Method, p) -> list[list[int]]:
+        """What a drafter that learns across generations has seen before `m` decodes `p`: nothing (`history` none), or
+        `m`'s outputs for the prompts before `p` in the run's order (sequence), the same in every iteration. An output
+        this invocation has not seen (a resumed run) is generated now, off the clock."""
+        if self.cfg.history == "none": return []
+        earlier = list(self.prompts)[:list(self.prompts).index(p.id)]
+        for q in earlier:
+            if (m.name, q) not in self.outputs: self.generate(m, self.prompts[q])
+        return [self.outputs[(m.name, q)] for q in earlier]
 
     def generate(self, m:Method, p) -> tuple[list[int], Stats, dict|None]:
-        return run_method(m, self.target, self.encoded[p.id], self.cfg, self.opts, self.drafters.get(m.drafter),
-                          self.costs.get(m.drafter))
+        drafter = self.drafters.get(m.drafter)
+        if drafter is not None: drafter.remember(self.history(m, p))   # off the clock, whatever ran before (warm-ups too)
+        tokens, stats, engine = run_method(m, self.target, self.encoded[p.id], self.cfg, self.opts, drafter,
+                                           self.costs.get(m.drafter))
+        self.outputs.setdefault((m.name, p.id), tokens)
+        return tokens, stats, engine
 
     def measure(self, m:Method, p, i:int, purpose:str="speed", trace=None) -> dict:
         device = self.target.device
@@ -339,6 +364,8 @@ class _Runner:
         drafter = self.drafters.get(m.drafter)
         if drafter is not None and drafter.usage is not None:                  # which member drafted (`Fallback`)
             rec["drafter_usage"] = [dict(u) for u in drafter.usage]
+        counters = {d.name: d.counters for d in drafter.members if d.counters is not None} if drafter is not None else {}
+        if counters: rec["drafter_counters"] = counters                    # a drafter's own (suffix: by match length)
         if (self.cfg.perplexity and purpose == "speed" and i == 0 and not m.lossless(self.cfg.temperature)
                 and not m.is_hf and m.name != AR):
             rec["perplexity"] = perplexity(self.target, self.encoded[p.id], tokens)
@@ -362,7 +389,7 @@ def prepare(cfg:BenchConfig, opts:dict, target, prompts:list, methods:list[Metho
     k_max = max([8] + [m.controller.k_max for m in methods if m.controller])
     needs_costs = cost_model or any(m.controller and m.controller.needs_costs for m in methods)
     costs = measure_costs(target, drafters, context, k_max, progress, cfg.compile) if needs_costs else {}
-    return _Runner(cfg, opts, target, drafters, costs, git, run_id, encoded, context)
+    return _Runner(cfg, opts, target, drafters, costs, git, run_id, prompts, encoded, context)
 
 # %% ../nbs/11_bench.ipynb #5e537850
 def open_run(cfg:BenchConfig, git:dict, system:dict) -> tuple[str, Path, dict|None]:
@@ -419,8 +446,12 @@ def run_benchmark(cfg:BenchConfig, target:LoadedModel|None=None, progress:bool=T
     if opts["hf_static"]: opts["hf_static_cache_len"] = static_cache_len(runner.encoded.values(), cfg.max_new_tokens)
     run_dir.mkdir(parents=True, exist_ok=True)
     records_path = run_dir / "records.jsonl"
-    done = {record_key(r) for r in reusable_records(records_path, git, old)}
+    reused = reusable_records(records_path, git, old)
+    done = {record_key(r) for r in reused}
+    runner.outputs.update({(r["method"], r["prompt_id"]): r["tokens"] for r in reused
+                           if r.get("purpose") == "speed" and r.get("iteration") == 0})   # a resumed sequence's history
     manifest = new_manifest(cfg, opts, git, system, run_id, old, len(done), target, runner.drafters, prompts, methods)
+    manifest["history"] = {"mode": cfg.history, "order": [p.id for p in prompts]}   # what a learning drafter saw
     write_json(run_dir / "MANIFEST.json", manifest)
     todo = [(i, p, m) for i, p, m in schedule(prompts, methods, cfg.iterations) if (p.id, m.name, i, "speed") not in done]
     manifest["warmup_s"] = _measure(runner, todo, manifest, run_dir, progress)

@@ -262,6 +262,8 @@ def generate(target:LoadedModel, # the model whose output we want (anything with
             if on_step(_event(len(accepted_lengths[0]) - 1, draft, proposed[0], m, tokens[0, lengths[0] - m - 1:lengths[0]],
                               before, timer)) is False: break
 
+    if drafter is not None:                                           # on the clock: a drafter that learns keeps the outputs
+        drafter.finish([tokens[b, prompt_lengths[b]:lengths[b]] for b in range(B)])
     sync(device)
     setup = _setup_seconds(runners) - setup_before                     # shapes first met inside the loop
     wall = time.perf_counter() - t0 - setup

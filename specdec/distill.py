@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 from .models import LoadedModel
-from .prompts import builtin_prompts, read_spec_bench
+from .prompts import builtin_prompts, repeated_prompts, read_spec_bench
 from .checkpoints import target_fingerprint
 
 # %% auto #0
@@ -35,8 +35,8 @@ def magpie_prefix(target:LoadedModel) -> list[int]:
 def _normal(text:str) -> str: return " ".join(text.lower().split())
 
 def evaluation_texts(exclude=()) -> set[str]:
-    "Normalised turns of the built-in prompts and of the Spec-Bench-format files in `exclude`."
-    prompts = builtin_prompts() + [p for path in exclude for p in read_spec_bench(path)]
+    "Normalised turns of the built-in prompts, the repeated workload and the Spec-Bench-format files in `exclude`."
+    prompts = builtin_prompts() + repeated_prompts() + [p for path in exclude for p in read_spec_bench(path)]
     return {_normal(t) for p in prompts for t in p.turns}
 
 # %% ../nbs/08a_distill.ipynb #26f317f5
@@ -328,7 +328,7 @@ def write_distill_data(target:LoadedModel, path, # a .jsonl file (appended to; r
                                                "max_new_tokens": max_new_tokens}},
                 "features": {"dir": features.name, "layers": list(layers), "top_k": top_k, "dtype": "float16"},
                 "records_by_style": {k: sum(r.get("style", "open") == k for r in records) for k in styles},
-                "excluded_evaluation_sets": ["builtin"] + [str(p) for p in exclude],
+                "excluded_evaluation_sets": ["builtin", "repeated"] + [str(p) for p in exclude],
                 "excluded_prompts_this_run": excluded,
                 "batches_done": len([b for b in finished if b < n_batches]), "stopped": stopped}
     path.with_suffix(".json").write_text(json.dumps(manifest, indent=1))
@@ -483,6 +483,6 @@ def write_copy_data(target:LoadedModel, path, # a .jsonl file (appended to; resu
                                                              for (p, got), h in zip(quoted, settings["sources"])]}},
                 "features": {"dir": features.name, "layers": list(layers), "top_k": top_k, "dtype": "float16"},
                 "records_by_style": {f"copy-{t}": sum(r["style"] == f"copy-{t}" for r in records) for t in tasks},
-                "excluded_evaluation_sets": ["builtin"] + [str(p) for p in exclude]}
+                "excluded_evaluation_sets": ["builtin", "repeated"] + [str(p) for p in exclude]}
     path.with_suffix(".json").write_text(json.dumps(manifest, indent=1))
     return manifest

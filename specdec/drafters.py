@@ -41,6 +41,8 @@ class Drafter:
     usage:list|None = None     # joined drafters (`Fallback`): per member, the steps it drafted, its drafts proposed and accepted
     stop_below:float|None = None   # set by `generate` from the controller: token-by-token drafting stops once the
                                    # chain's probability is below it (`DynamicK`)
+    counters:dict|None = None  # its own counters of the current generation, which the benchmark records (suffix: acceptance
+                               # by match length)
 
     @property
     def name(self) -> str: return type(self).__name__   # registered drafters: their canonical spec (`specs.spec_of`)
@@ -52,6 +54,10 @@ class Drafter:
     def use_engine(self, compile:str) -> dict: return {} # run its forwards in the target's resolved mode; what it uses
     def warmup(self, batch:int, capacity:int) -> None: pass   # build its fixed shapes now, before the clock starts
     def max_drafts(self, k:int) -> int: return k         # the most drafts one proposal holds for K=k (a tree: its nodes)
+    def finish(self, outputs:list) -> None: pass         # after each generation, each row's output `[n_b]` (one that
+                                                         # learns across generations keeps them: the suffix cache)
+    def remember(self, responses:list) -> None: pass     # what it learned across generations becomes these outputs (token
+                                                         # id lists, oldest first): the benchmark sets what it has seen
 
     def start(self, target:LoadedModel, prompt_ids:torch.Tensor, # [B, S] (a batch: right-padded)
               capacity:int, # the most tokens a sequence will hold
@@ -279,6 +285,10 @@ class Fallback(Drafter):
     def warmup(self, batch:int, capacity:int) -> None:
         for d in self.drafters: d.warmup(batch, capacity)
     def max_drafts(self, k:int) -> int: return max(d.max_drafts(k) for d in self.drafters)
+    def finish(self, outputs:list) -> None:
+        for d in self.drafters: d.finish(outputs)
+    def remember(self, responses:list) -> None:
+        for d in self.drafters: d.remember(responses)
 
     def check(self, target) -> None:
         for d in self.drafters: d.check(target)

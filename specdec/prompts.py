@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 
 # %% auto #0
-__all__ = ['BUILTIN_PROMPTS', 'Prompt', 'builtin_prompts', 'read_spec_bench', 'load_prompts', 'prompt_set_hash', 'summarize']
+__all__ = ['BUILTIN_PROMPTS', 'REPEATED_WORKLOAD', 'WORKLOADS', 'Prompt', 'builtin_prompts', 'read_spec_bench',
+           'repeated_prompts', 'load_prompts', 'prompt_set_hash', 'summarize']
 
 # %% ../nbs/10_prompts.ipynb #5f02814c
 @dataclass(repr=False)
@@ -22,7 +23,7 @@ class Prompt:
     category: str
     turns: list[str]                                  # user turns, in order
     replies: list[str] = field(default_factory=list)  # assistant replies after each turn but the last; [] for none
-    source: str = "builtin"                           # "builtin" or the file the prompt came from
+    source: str = "builtin"                           # "builtin", a workload ("repeated") or the file it came from
 
     def __post_init__(self):
         if not isinstance(self.turns, list) or not self.turns or not all(isinstance(t, str) for t in self.turns):
@@ -286,6 +287,61 @@ def read_spec_bench(path) -> list[Prompt]:
     if not prompts: raise ValueError(f"{path}: no prompts (the file is empty or blank)")
     return prompts
 
+# %% ../nbs/10_prompts.ipynb #b5aff534
+_EXTRACT = ("Extract the customer's name, the product, the quantity and the delivery city from this message. Answer with "
+            "JSON only, using the keys \"name\", \"product\", \"quantity\" and \"city\".\n\nMessage: {}")
+_TYPE_HINTS = ("Add type hints and a one-line docstring to this Python function. Change nothing else and answer with "
+               "the code only.\n\n{}")
+_REVISE = "Now rewrite your announcement as a text message of at most 20 words, keeping the day and the reason."
+_ANNOUNCE = "Write a two-sentence announcement that the {} will be closed on {} because of {}."
+
+REPEATED_WORKLOAD = {
+    "extract_order": [_EXTRACT.format(m) for m in (
+        "Hi, this is Priya Nair. I'd like to order 3 of the cast-iron skillets, delivered to our new flat in Leeds. Thanks!",
+        "Good morning, Tomasz Wojcik here. Please send two boxes of the oolong tea to my office in Gdansk.",
+        "Can I get 12 packs of AA batteries? Ship them to Marseille, please. Claire Dubois",
+        "Hello! My name is Kwame Mensah and I want one standing desk (the oak one) shipped to Accra.",
+        "Order for Lucia Romero: 5 wool blankets, please deliver to Valencia before the 20th.",
+        "Hey, it's Ben Okafor again. Four replacement filters for the water jug, same address as last time in Bristol.")],
+    "add_type_hints": [_TYPE_HINTS.format(f) for f in (
+        "def word_count(text):\n    words = text.split()\n    return len(words)\n",
+        "def celsius_to_fahrenheit(celsius):\n    return celsius * 9 / 5 + 32\n",
+        "def first_duplicate(items):\n    seen = set()\n    for item in items:\n        if item in seen:\n"
+        "            return item\n        seen.add(item)\n    return None\n",
+        "def initials(full_name):\n    parts = full_name.split()\n    return \"\".join(p[0].upper() for p in parts)\n",
+        "def clamp(value, low, high):\n    return max(low, min(value, high))\n",
+        "def average_length(words):\n    if not words:\n        return 0.0\n    return sum(len(w) for w in words) / len(words)\n")],
+    "revise_reply": [{"turns": [_ANNOUNCE.format(place, day, reason), _REVISE], "replies": [reply]}
+                     for place, day, reason, reply in (
+        ("swimming pool", "Monday", "a burst pipe",
+         "The swimming pool will be closed on Monday because a burst pipe is being repaired. We expect to reopen on "
+         "Tuesday morning and apologise for the inconvenience."),
+        ("town library", "Friday", "staff training",
+         "Please note that the town library will be closed all day on Friday for staff training. Books due that day "
+         "can be returned on Saturday without a fine."),
+        ("bakery", "Wednesday", "a power cut",
+         "Our bakery will stay closed on Wednesday because of a planned power cut in the street. Orders for that day "
+         "will be ready for collection on Thursday."),
+        ("dental clinic", "Thursday", "a broken boiler",
+         "The dental clinic is closed on Thursday while our broken boiler is replaced. Patients booked that day will be "
+         "called to arrange a new appointment."),
+        ("bike shop", "Saturday", "stocktaking",
+         "The bike shop will be closed on Saturday for our yearly stocktaking. Repairs booked in will be finished by "
+         "Monday as usual."),
+        ("community hall", "Sunday", "a flooded basement",
+         "The community hall is closed on Sunday while the flooded basement is pumped out and dried. All Sunday "
+         "classes move to the following weekend."))],
+}
+
+def repeated_prompts() -> list[Prompt]:
+    "The repeated-request workload in its fixed order: request i of each family in turn (`repeated-01`, `-02`, ...)."
+    families = [[(category, e) for e in entries] for category, entries in REPEATED_WORKLOAD.items()]
+    out = []
+    for category, entry in (pair for row in zip(*families) for pair in row):
+        turns, replies = ([entry], []) if isinstance(entry, str) else (list(entry["turns"]), list(entry["replies"]))
+        out.append(Prompt(f"repeated-{len(out) + 1:02d}", category, turns, replies, "repeated"))
+    return out
+
 # %% ../nbs/10_prompts.ipynb #133d17a9
 def _category_list(categories) -> list[str]|None:
     "`categories` as a list (a comma-separated string is split); None or empty for all."
@@ -295,14 +351,17 @@ def _category_list(categories) -> list[str]|None:
     if bad: raise ValueError(f"categories must be strings, got {bad!r}")
     return [c.strip() for c in categories if c.strip()] or None
 
-def load_prompts(spec:str="builtin", # "builtin" or the path of a Spec-Bench-format JSONL file
+WORKLOADS = {"repeated": repeated_prompts}   # prompt sets measured as a sequence: filters keep their order
+
+def load_prompts(spec:str="builtin", # "builtin", a workload ("repeated") or the path of a Spec-Bench-format JSONL file
                  categories:list[str]|str|None=None, # keep only these (list or comma-separated); None or empty: all
                  n_prompts:int|None=None, # the first n prompts of each category, in file order; None: all
                 ) -> list[Prompt]:
-    "Prompts from the built-in set or a JSONL file, filtered and grouped by category."
+    "Prompts from the built-in set, a workload or a JSONL file, filtered; grouped by category (a workload: in its order)."
     if n_prompts is not None and (isinstance(n_prompts, bool) or not isinstance(n_prompts, int) or n_prompts <= 0):
         raise ValueError(f"n_prompts must be a positive integer (prompts per category) or None for all, got {n_prompts!r}")
-    prompts = builtin_prompts() if str(spec) == "builtin" else read_spec_bench(spec)
+    name = str(spec)
+    prompts = builtin_prompts() if name == "builtin" else WORKLOADS[name]() if name in WORKLOADS else read_spec_bench(spec)
     by_category = {}
     for p in prompts: by_category.setdefault(p.category, []).append(p)
     wanted = _category_list(categories)
@@ -310,7 +369,9 @@ def load_prompts(spec:str="builtin", # "builtin" or the path of a Spec-Bench-for
         unknown = [c for c in wanted if c not in by_category]
         if unknown: raise ValueError(f"unknown categories {', '.join(map(repr, unknown))} in prompt set {str(spec)!r}: "
                                      f"available are {', '.join(by_category)}")
-    return [p for c, ps in by_category.items() if wanted is None or c in wanted for p in ps[:n_prompts]]
+    kept = {p.id for c, ps in by_category.items() if wanted is None or c in wanted for p in ps[:n_prompts]}
+    if name in WORKLOADS: return [p for p in prompts if p.id in kept]                        # the workload's order
+    return [p for c, ps in by_category.items() for p in ps if p.id in kept]
 
 def prompt_set_hash(prompts:list[Prompt]) -> str:
     "SHA-256 of the prompts' ids, categories, turns and replies, in order: one value per prompt set."

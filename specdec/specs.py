@@ -12,6 +12,7 @@ from typing import Any, Callable
 from .models import load_model
 from .policies import AcceptancePolicy, Greedy, RejectionSampling, Typical, ConfidenceThreshold, TopKAgreement
 from .drafters import Drafter, PromptLookup, DraftModel, LayerSkip, Fallback
+from .suffix import SuffixDecoding
 from .heads import EagleHead, MedusaHeads
 from .trees import TokenTree
 from .checkpoints import load_head, shipped_head
@@ -236,6 +237,22 @@ for _kind in ("eagle", "medusa"):
                            "in one forward",
                       cls=TokenTree, example=f"{_kind}-tree:4:10", needs_target=True,
                       accepts=lambda tree, _kind=_kind: tree.head.head_type == _kind)
+_SUFFIX_ARGS = [Arg("MAX_SPEC_FACTOR", float, "max_spec_factor", 2.0, "a number > 0 (drafts per matched token)"),
+                Arg("MIN_TOKEN_PROB", float, "min_token_prob", 0.1, "a probability"),
+                Arg("MIN_SCORE", float, "min_score", 0.0, "a number >= 0 (expected accepted drafts)", always=False),
+                Arg("MAX_DEPTH", int, "max_depth", 24, "an integer match length", always=False),
+                Arg("MAX_CACHED_TOKENS", int, "max_cached_tokens", 1_000_000, "an integer token count", always=False)]
+DRAFTERS.register("suffix", lambda factor, prob, score, depth, cached, **_: SuffixDecoding(factor, prob, score, depth, cached),
+                  *_SUFFIX_ARGS, help="SuffixDecoding: what most often followed the sequence's end in this request and in earlier "
+                  "responses (a cache of MAX_CACHED_TOKENS), up to MAX_SPEC_FACTOR × the match length while the estimated "
+                  "probability stays >= MIN_TOKEN_PROB; no draft where the expected accepted drafts are below MIN_SCORE",
+                  cls=SuffixDecoding, example="suffix:2:0.1", accepts=lambda d: not d.drafts_trees)
+def _suffix_tree(nodes, factor, prob, score, depth, cached, **_):
+    if nodes < 1: raise ValueError(f"a suffix tree needs NODES >= 1, got {nodes}")
+    return SuffixDecoding(factor, prob, score, depth, cached, tree_nodes=nodes)
+DRAFTERS.register("suffix-tree", _suffix_tree, Arg("NODES", int, "tree_nodes", 8, "an integer node count"), *_SUFFIX_ARGS,
+                  help="SuffixDecoding drafting a token tree of up to NODES nodes (K deep), the likeliest continuations first",
+                  cls=SuffixDecoding, example="suffix-tree:8:2:0.1", accepts=lambda d: d.drafts_trees)
 DRAFTERS
 
 # %% ../nbs/15_specs.ipynb #201c5a11

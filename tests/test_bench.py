@@ -526,3 +526,53 @@ def test_k_sweep_figure_reads_the_controller_however_written():
     lines = {t.name: (list(t.x), list(t.y)) for t in fig.data if t.showlegend is not False}
     assert lines == {"a": ([2, 4], [10, 12]), "b": ([2, 4], [9, 11]), "c cost": ([4, 8], [8, 13]), "d": ([4], [7])}
     assert fig_k_sweep({"results": {"d/k4": result("d", "fixed:4", 7)}}) is None           # no drafter at several K
+
+
+def _suffix_counters(run_dir, method="suffix/k4"):
+    "The suffix drafter's counters of each (prompt, iteration) of `method`'s speed records."
+    records = read_records(run_dir / "records.jsonl")
+    return {(r["prompt_id"], r["iteration"]): next(iter(r["drafter_counters"].values())) for r in records
+            if r["method"] == method and r["purpose"] == "speed"}
+
+
+def test_a_suffix_sequence_sees_the_same_history_in_every_iteration(tmp_path, monkeypatch):
+    """history=sequence: before each generation the suffix cache is set to the method's outputs for the prompts before
+    it in the run's order, whatever ran before (the warm-up, the other iterations), so every iteration drafts alike;
+    history=none sets it empty. Negative control: without `remember`, later iterations draft from their own answers."""
+    from specdec.suffix import SuffixDecoding
+    seen, remember = [], SuffixDecoding.remember
+    monkeypatch.setattr(SuffixDecoding, "remember", lambda self, responses: (seen.append([list(r) for r in responses]),
+                                                                             remember(self, responses))[1])
+    base = dict(model="tiny-llama", drafters="suffix", ks="4", prompts="repeated", categories="extract_order,add_type_hints",
+                n_prompts=2, max_new_tokens=16, iterations=2, warmup=1, hf_pld=False, cost_model=False, bootstrap=100,
+                out=str(tmp_path))
+    run_dir = run_benchmark(BenchConfig(**base, run_id="sequence"), progress=False)
+    manifest = json.loads((run_dir / "MANIFEST.json").read_text())
+    order = ["repeated-01", "repeated-02", "repeated-04", "repeated-05"]
+    assert manifest["history"] == {"mode": "sequence", "order": order} and manifest["certificate"]["suffix/k4"]["passed"]
+    outputs = {r["prompt_id"]: r["tokens"] for r in read_records(run_dir / "records.jsonl")
+               if r["method"] == "suffix/k4" and r["iteration"] == 0}
+    histories = [[outputs[q] for q in order[:j]] for j in range(len(order))]
+    assert seen == histories[:1] + histories + histories                    # the warm-up, then two iterations
+    counters = _suffix_counters(run_dir)
+    assert all(counters[(p, 0)] == counters[(p, 1)] for p in order) and counters[(order[-1], 0)]["drafts"] > 0
+    seen.clear()
+    cold = _suffix_counters(run_benchmark(BenchConfig(**base, history="none", run_id="none"), progress=False))
+    assert seen == [[]] * 9 and cold[(order[0], 0)] == counters[(order[0], 0)]
+    monkeypatch.setattr(SuffixDecoding, "remember", lambda self, responses: None)
+    leaky = _suffix_counters(run_benchmark(BenchConfig(**base, run_id="leaky"), progress=False))
+    assert any(leaky[(p, 0)] != leaky[(p, 1)] for p in order)
+    with pytest.raises(ValueError, match="history must be one of sequence, none"): BenchConfig(history="all")
+
+
+def test_suffix_presets_name_the_workloads_and_methods():
+    dev = bench.config_from_parameters({"preset": "suffix"})
+    assert dev.prompts.endswith("spec_bench_dev.jsonl") and dev.history == "sequence" and dev.max_new_tokens == 128
+    repeated = bench.config_from_parameters({"preset": "suffix_repeated"})
+    assert repeated.prompts == "repeated" and repeated.n_prompts == 0 and repeated.history == "sequence"
+    for cfg in (dev, repeated):
+        names = [m.name for m in cfg.methods()]
+        assert {"suffix", "suffix-tree", "pld", "eagle", "pld:3:2+eagle"} <= {n.split("/")[0] for n in names}
+        assert any(n.startswith("suffix") and "+eagle" in n for n in names)
+    from specdec.prompts import load_prompts
+    assert len(load_prompts(repeated.prompts, n_prompts=repeated.n_prompts or None)) == 18

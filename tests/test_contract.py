@@ -96,3 +96,29 @@ def test_a_drafter_written_against_the_contract_alone_runs_everywhere(tiny, shap
             truth = tiny.net(seq, tiny.net.new_cache(1, seq.shape[1]), logits="none", keep=layers).features
         assert handed.shape == truth.shape
         torch.testing.assert_close(handed, truth, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("shape", ["chain", "tree", "suffix+double"])
+@pytest.mark.parametrize("compile", ["eager", "fixed"])
+def test_suffix_decoding_runs_on_the_contract_eager_and_fixed(tiny, shape, compile):
+    """SuffixDecoding (a model-free drafter that learns across generations through `finish`) in chains, trees and ahead
+    of a head in `Fallback`: output equals Hugging Face's under both modes, and the head behind it is still handed the
+    target's features at every committed position, including the steps the suffix index drafted."""
+    from specdec.suffix import SuffixDecoding
+    layers, suffix = (0, tiny.num_layers - 1), SuffixDecoding(tree_nodes=5 if shape == "tree" else 0, min_score=1.0)
+    drafted = 0
+    for text in TEXTS[:4] + TEXTS[:2]:                  # the repeats draft from the cache of the first outputs
+        prompt, n_new = tiny.encode(text), 24
+        ref = hf_greedy(tiny, prompt, n_new, eos_token_id=[])
+        double = ContractDouble(prompt[0].tolist() + ref[0].tolist(), tiny.vocab_size, layers)
+        drafter = Fallback([suffix, double]) if shape == "suffix+double" else suffix
+        with GraphBuffers():
+            out = generate(tiny, prompt, drafter=drafter, policy=Greedy(), controller=FixedK(3), max_new_tokens=n_new,
+                           eos_token_id=[], compile=compile)
+        assert torch.equal(out.tokens, ref), (shape, compile, text)
+        drafted += suffix.counters["drafts"]
+        if shape == "suffix+double":
+            assert drafter.usage[0]["steps"] == suffix.counters["drafts"]
+            handed = double._handed()
+            assert handed.shape[1] == prompt.shape[1] + n_new - 1
+    assert drafted > 0 and suffix.cache.sequences == 6

@@ -6,7 +6,7 @@ from specdec import generate
 from specdec.models import tiny_llama
 from specdec.sampling import SamplingConfig, logits_to_probs, sample
 from specdec.policies import RejectionSampling
-from specdec.drafters import DraftModel
+from specdec.drafters import Drafter, DraftModel
 from specdec.controllers import FixedK
 
 V = 16            # small vocabulary: every two-token continuation is a chi-square cell
@@ -91,9 +91,10 @@ def test_rejection_sampling_keeps_target_distribution(pair, sampling):
 
 
 def _generated_pairs(target, draft, prompt, sampling, policy, runs):
-    """The first two tokens of `runs` seeded generate() calls of 3 tokens with a draft model and FixedK(2) (the first
-    step drafts 2: with max_new_tokens=2 the loop would clamp K to 1), and the number of steps that drafted 2."""
-    drafter, cells, k2_steps = DraftModel(draft), [], 0
+    """The first two tokens of `runs` seeded generate() calls of 3 tokens with a draft model (or any drafter) and
+    FixedK(2) (the first step drafts 2: with max_new_tokens=2 the loop would clamp K to 1), and the number of steps
+    that drafted 2."""
+    drafter, cells, k2_steps = (draft if isinstance(draft, Drafter) else DraftModel(draft)), [], 0
     for seed in range(runs):
         out = generate(target, prompt, drafter=drafter, policy=policy, controller=FixedK(2), max_new_tokens=3,
                        temperature=sampling.temperature, top_p=sampling.top_p, seed=seed, eos_token_id=[])

@@ -4,8 +4,8 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "specdec"
-LOWER = ["models", "net", "sampling", "stats", "timing", "kernels", "engine", "policies", "drafters", "controllers", "costmodel",
-         "decode", "vocab", "heads", "trees", "checkpoints", "distill", "train"]
+LOWER = ["models", "net", "sampling", "stats", "timing", "kernels", "engine", "policies", "drafters", "suffix", "controllers",
+         "costmodel", "decode", "vocab", "heads", "trees", "checkpoints", "distill", "train"]
 UPPER = ["synthetic", "specs", "provenance", "summary", "bench", "batch_bench", "report", "cli"]
 # the harness's own floors, from the ground up: what a run measured, what it says, how it runs, what people look at
 HARNESS = ["provenance", "summary", "bench", "batch_bench", "report"]

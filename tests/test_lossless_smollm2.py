@@ -81,3 +81,16 @@ def test_prompt_lookup_accepts_on_grounded_prompts(smol, references):
     chat = generate(smol, references["chat"][0], drafter=PromptLookup(), controller=FixedK(4), max_new_tokens=N_NEW).stats
     assert copy.tau > 2.5 and copy.acceptance_rate > 0.6
     assert chat.tau < copy.tau
+
+
+@pytest.mark.parametrize("shape", ["chain", "tree", "suffix+pld"])
+def test_suffix_decoding_equals_hf_with_a_warm_cache(smol, references, shape):
+    "One drafter for every prompt, in order, so that the later prompts draft from the earlier responses too."
+    from specdec.suffix import SuffixDecoding
+    from specdec.drafters import Fallback
+    drafter = {"chain": SuffixDecoding(), "tree": SuffixDecoding(tree_nodes=6),
+               "suffix+pld": Fallback([SuffixDecoding(min_score=1), PromptLookup(3, 2)])}[shape]
+    for name, (prompt, ref) in references.items():
+        out = generate(smol, prompt, drafter=drafter, controller=FixedK(4), max_new_tokens=N_NEW)
+        assert torch.equal(out.tokens, ref), f"{name}: first difference at {(out.tokens != ref).nonzero()[:1].tolist()}"
+    assert drafter.members[0].cache.sequences == len(references)

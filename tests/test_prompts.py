@@ -176,3 +176,30 @@ def test_encode_chat_template():
 def test_encode_needs_a_tokenizer():
     model = SimpleNamespace(tokenizer=None, device=torch.device("cpu"), name="ids-only")
     with pytest.raises(ValueError, match="'ids-only' has no tokenizer"): load_prompts(n_prompts=1)[0].encode(model)
+
+
+# --- the repeated-request workload ---
+
+def test_repeated_workload_is_a_fixed_interleaved_sequence():
+    from specdec.prompts import repeated_prompts, REPEATED_WORKLOAD, WORKLOADS
+    stream = load_prompts("repeated")
+    assert [p.id for p in stream] == [f"repeated-{i:02d}" for i in range(1, 19)] and "repeated" in WORKLOADS
+    families = list(REPEATED_WORKLOAD)
+    assert [p.category for p in stream] == families * 6                       # request i of each family in turn
+    assert prompt_set_hash(stream) == prompt_set_hash(repeated_prompts())       # the same every time
+    for family in families:                                                     # one instruction, varying inputs
+        mine = [p for p in stream if p.category == family]
+        assert len({p.turns[-1].split("\n\n")[0] for p in mine}) == 1 and len({tuple(p.turns) for p in mine}) == 6
+        assert all(p.source == "repeated" for p in mine)
+    revisits = [p for p in stream if p.category == "revise_reply"]
+    assert all(len(p.turns) == 2 and len(p.replies) == 1 for p in revisits)    # it revisits its earlier answer
+    picked = load_prompts("repeated", categories="add_type_hints,extract_order", n_prompts=2)
+    assert [p.id for p in picked] == ["repeated-01", "repeated-02", "repeated-04", "repeated-05"]   # its order kept
+    with pytest.raises(ValueError, match="unknown categories 'qa' in prompt set 'repeated'"):
+        load_prompts("repeated", categories="qa")
+
+
+def test_the_repeated_workload_is_kept_out_of_training_data():
+    from specdec.distill import evaluation_texts
+    texts = evaluation_texts()
+    assert all(" ".join(t.lower().split()) in texts for p in load_prompts("repeated") for t in p.turns)

@@ -25,6 +25,11 @@ CASES = [
     ("drafter", f"eagle-tree:4:10:{HEADS}/eagle-tiny", f"eagle-tree:4:10:{HEADS}/eagle-tiny"),
     ("drafter", f"eagle-tree:2:6:{HEADS}/eagle-tiny", f"eagle-tree:2:6:{HEADS}/eagle-tiny"),
     ("drafter", f"medusa-tree:3:8:{HEADS}/medusa-tiny", f"medusa-tree:3:8:{HEADS}/medusa-tiny"),
+    ("drafter", "suffix", "suffix:2:0.1"), ("drafter", "Suffix:1", "suffix:1:0.1"), ("drafter", "suffix:1.5:0.25", "suffix:1.5:0.25"),
+    ("drafter", "suffix:1:0.1:0", "suffix:1:0.1"), ("drafter", "suffix:2:0.1:3", "suffix:2:0.1:3"),
+    ("drafter", "suffix:1:0.1:0:24:5000", "suffix:1:0.1:0:24:5000"), ("drafter", "suffix:1:0.1:0:32", "suffix:1:0.1:0:32"),
+    ("drafter", "suffix-tree", "suffix-tree:8:2:0.1"), ("drafter", "suffix-tree:6:2", "suffix-tree:6:2:0.1"),
+    ("drafter", "suffix-tree:4:1:0.2:1:24:0", "suffix-tree:4:1:0.2:1:24:0"),
     ("policy", "greedy", "greedy"), ("policy", "REJECTION", "rejection"), ("policy", "typical", "typical"),
     ("policy", "typical:0.09", "typical"), ("policy", "typical:0.2", "typical:0.2"), ("policy", "typical:0.09:0.5", "typical:0.09:0.5"),
     ("policy", "confidence", "confidence:0.1"), ("policy", "confidence:0.25", "confidence:0.25"),
@@ -111,6 +116,13 @@ def test_no_policy():
     ("drafter", "pld:x+eagle", "pld needs an integer n-gram length, e.g. pld:3 (got 'pld:x')"),
     ("drafter", "eagle-tree:x", "eagle-tree needs an integer tree width, e.g. eagle-tree:4:10 (got 'eagle-tree:x')"),
     ("drafter", "eagle-tree:4:many", "eagle-tree needs an integer node count, e.g. eagle-tree:4:10 (got 'eagle-tree:4:many')"),
+    ("drafter", "suffix:x", "suffix needs a number > 0 (drafts per matched token), e.g. suffix:2:0.1 (got 'suffix:x')"),
+    ("drafter", "suffix:0", "drafter 'suffix:0': SuffixDecoding needs max_spec_factor > 0"),
+    ("drafter", "suffix:1:1.5", "drafter 'suffix:1:1.5': SuffixDecoding needs 0 <= min_token_prob <= 1"),
+    ("drafter", "suffix:1:0.1:0:24:1e6", "suffix needs an integer token count, e.g. suffix:2:0.1 (got 'suffix:1:0.1:0:24:1e6')"),
+    ("drafter", "suffix:1:0.1:0:24:10:2", "drafter 'suffix:1:0.1:0:24:10:2' has too many arguments: the form is "
+                                          "suffix[:MAX_SPEC_FACTOR[:MIN_TOKEN_PROB[:MIN_SCORE[:MAX_DEPTH[:MAX_CACHED_TOKENS]]]]]"),
+    ("drafter", "suffix-tree:0", "drafter 'suffix-tree:0': a suffix tree needs NODES >= 1, got 0"),
 ])
 def test_bad_specs_name_the_problem(kind, spec, message):
     with pytest.raises(ValueError, match=re.escape(message)): validate(kind, spec)
