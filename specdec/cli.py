@@ -252,7 +252,7 @@ def run_summary_text(args) -> int:
     runs = [find_run(run, args.results, purpose="to summarize") for run in args.run]
     kinds = {read_manifest(r).get("kind", "methods") for r in runs}
     if kinds == {"batch"}:
-        from specdec.batch_bench import batch_text_summary
+        from specdec.batch_summary import batch_text_summary
         print("\n\n".join(batch_text_summary(r) for r in runs))
     elif "batch" in kinds:
         raise ValueError(f"runs {', '.join(args.run)} mix batch runs (specdec bench-batch) and method runs "

@@ -7,9 +7,10 @@ from pathlib import Path
 from types import SimpleNamespace
 import pytest, torch
 import specdec.batch_bench as bb
-from specdec.batch_bench import (BatchConfig, prompt_pool, batch_groups, paired_speedup, pool_throughput,
-                                 row_certificate, explain_divergences, predict_batch, break_even_batch,
-                                 batch_step_costs, row_acceptance, run_batch_benchmark, load_batch_summary, batch_key)
+from specdec.batch_bench import BatchConfig, prompt_pool, batch_groups, run_batch_benchmark, batch_key
+from specdec.batch_summary import (paired_speedup, pool_throughput, row_certificate, explain_divergences, predict_batch,
+                                   break_even_batch, batch_step_costs, row_acceptance, load_batch_summary,
+                                   batch_text_summary)
 from specdec.bench import schedule
 from specdec.costmodel import expected_tokens
 from specdec.provenance import read_records
@@ -102,12 +103,12 @@ def test_a_drafter_that_cannot_run_at_a_batch_size_is_recorded_and_the_run_resum
     assert set(manifest["certificate"][f"{tree}/k4"]) == {"1"} and manifest["certificate"][f"{tree}/k4"]["1"]["passed"]
     assert all(c["predicted_speedup"] > 0 for c in manifest["results"]["pld/k4"]["by_batch"].values())
     assert list(manifest["cost_model"]["drafters"]) == ["pld"]                   # a token tree: no chain prediction
-    assert f"Not measured:\n  {tree}/k4: cannot run at B=2 (NotImplementedError" in bb.batch_text_summary(run_dir)
+    assert f"Not measured:\n  {tree}/k4: cannot run at B=2 (NotImplementedError" in batch_text_summary(run_dir)
     (run_dir / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records[:3]))   # cut off after three
     (run_dir / "MANIFEST.json").write_text(json.dumps({**manifest, "status": "running"}))
     partial = load_batch_summary(run_dir)
     assert partial["partial"] == {"status": "running", "measured": 3, "planned": 8}
-    assert bb.batch_text_summary(run_dir).startswith("PARTIAL RUN (running): 3 of 8 batch records")
+    assert batch_text_summary(run_dir).startswith("PARTIAL RUN (running): 3 of 8 batch records")
     resumed = json.loads((run_batch_benchmark(BatchConfig(**{**dataclasses.asdict(cfg), "resume": "r", "run_id": ""}),
                                               progress=False) / "MANIFEST.json").read_text())
     full = read_records(run_dir / "records.jsonl")

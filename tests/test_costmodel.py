@@ -81,7 +81,7 @@ def test_measure_synthetic_costs():
     for q, t in verify.items(): assert t <= costs.verify[q] < t + 0.003   # sleep overshoot only
     assert costs.draft == 0.0 and costs.source["context"] == 16
     drafted = measure_step_costs(target, SyntheticDrafter(0.5, draft_cost=0.002), context=16, verify=costs.verify, repeats=3)
-    assert 0.002 <= drafted.draft < 0.002 + 0.001 and drafted.verify == costs.verify   # the set sleep per token, found
+    assert 0.002 <= drafted.draft < 0.002 + 0.003 and drafted.verify == costs.verify   # the set sleep per token (+ overshoot)
     assert drafted.source["drafter"] == "synthetic:0.5" and drafted.source["draft_k"] == 4
 
 

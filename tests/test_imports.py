@@ -6,9 +6,9 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "specdec"
 LOWER = ["models", "net", "sampling", "stats", "timing", "kernels", "engine", "policies", "drafters", "suffix", "controllers",
          "costmodel", "decode", "vocab", "heads", "trees", "checkpoints", "distill", "train"]
-UPPER = ["synthetic", "specs", "provenance", "summary", "bench", "batch_bench", "report", "cli"]
+UPPER = ["synthetic", "specs", "provenance", "summary", "batch_summary", "bench", "batch_bench", "report", "cli"]
 # the harness's own floors, from the ground up: what a run measured, what it says, how it runs, what people look at
-HARNESS = ["provenance", "summary", "bench", "batch_bench", "report"]
+HARNESS = ["provenance", "summary", "batch_summary", "bench", "batch_bench", "report"]
 # the draft heads' floors, from the ground up: their vocabulary, the heads, their checkpoints, the data the target writes
 # for them, their training; token trees grow from any drafter's `tree_scores` and name none of these
 HEADS = ["vocab", "heads", "checkpoints", "distill", "train"]
