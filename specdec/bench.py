@@ -82,13 +82,16 @@ def methods_from(drafters:list[str], ks:list, policies:list, baselines=(HF, HF_P
 SUFFIX_DRAFTERS = "pld,eagle,pld:3:2+eagle,suffix@8,suffix-tree@8,suffix:2:0.1:1+eagle@dynamic:8"
 PRESETS = {
     "default": {},
-    "k_sweep": {"drafters": "pld", "ks": "1,2,3,4,6,8", "n_prompts": 1},   # LayerSkip's untrained exit accepts ~7%: K sweep it with --drafters
+    # LayerSkip's untrained exit accepts ~7%: K sweep it with --drafters
+    "k_sweep": {"drafters": "pld", "ks": "1,2,3,4,6,8", "n_prompts": 1},
     "spec_bench": {"prompts": "../shared/prompts/spec_bench_dev.jsonl", "categories": "summarization,rag", "n_prompts": 4},
     "heads": {"prompts": "../shared/prompts/spec_bench_dev.jsonl", "n_prompts": 2, "ks": "2,3", "hf_pld": False,
               "drafters": "pld,eagle,eagle-tree:2:4,medusa,pld:3:2+eagle,pld:3:2+eagle-tree:2:4",
-              "categories": "summarization,qa,rag,translation,math_reasoning,writing,roleplay,coding"},   # the trained heads, chains and trees (issue 8)
+              # the trained heads, chains and trees (issue 8)
+              "categories": "summarization,qa,rag,translation,math_reasoning,writing,roleplay,coding"},
     "suffix": {"prompts": "../shared/prompts/spec_bench_dev.jsonl", "n_prompts": 2, "max_new_tokens": 128, "hf_pld": False,
-               "ks": "3", "drafters": SUFFIX_DRAFTERS},   # SuffixDecoding against prompt lookup and the heads (issue 31)
+               # SuffixDecoding against prompt lookup and the heads (issue 31)
+               "ks": "3", "drafters": SUFFIX_DRAFTERS},
     "suffix_repeated": {"prompts": "repeated", "n_prompts": 0, "max_new_tokens": 128, "hf_pld": False, "ks": "3",
                         "drafters": SUFFIX_DRAFTERS},     # the same on the repeated-request workload, as one sequence
     "synthetic": {"model": "synthetic", "drafters": "synthetic:0.9,synthetic:0.5", "ks": "1,2,4,cost:8",
@@ -168,7 +171,8 @@ class BenchConfig:
     history: str = "sequence"
 
     def __post_init__(self):
-        for name in ("drafters", "ks", "policies", "categories"):        # lists given as lists are kept in notebook form
+        # lists given as lists are kept in notebook form
+        for name in ("drafters", "ks", "policies", "categories"):
             v = getattr(self, name)
             if isinstance(v, (list, tuple)) and all(isinstance(x, (str, int)) for x in v): setattr(self, name, ",".join(map(str, v)))
         if self.preset and self.preset not in PRESETS: raise ValueError(f"unknown preset {self.preset!r}: use one of {', '.join(PRESETS)}")
@@ -204,7 +208,8 @@ class BenchConfig:
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         if not isinstance(self.policies, str): d["policies"] = ",".join(p if isinstance(p, str) else repr(p) for p in self.policy_list)
-        for name in ("out", "prompts", "resume"):        # no machine paths in a manifest: a relative path or a file name
+        # no machine paths in a manifest: a relative path or a file name
+        for name in ("out", "prompts", "resume"):
             d[name] = portable_path(d[name])
         return d
 
@@ -344,7 +349,8 @@ class _Runner:
 
     def generate(self, m:Method, p) -> tuple[list[int], Stats, dict|None]:
         drafter = self.drafters.get(m.drafter)
-        if drafter is not None: drafter.remember(self.history(m, p))   # off the clock, whatever ran before (warm-ups too)
+        # off the clock, whatever ran before (warm-ups too)
+        if drafter is not None: drafter.remember(self.history(m, p))
         tokens, stats, engine = run_method(m, self.target, self.encoded[p.id], self.cfg, self.opts, drafter,
                                            self.costs.get(m.drafter))
         self.outputs.setdefault((m.name, p.id), tokens)
@@ -476,7 +482,8 @@ def _measure(runner:_Runner, todo:list, manifest:dict, run_dir:Path, progress:bo
     with open(run_dir / "records.jsonl", "a") as f:
         desc = manifest["run_id"] if speed else "certificate"
         for i, p, m in tqdm(todo, desc=desc, disable=not progress, leave=speed):
-            if m.name == HF_STATIC and (m.name, p.id) not in warmed:         # a new prompt length may re-record graphs: warm apart
+            # a new prompt length may re-record graphs: warm apart
+            if m.name == HF_STATIC and (m.name, p.id) not in warmed:
                 warmup_s[m.name] = warmup_s.get(m.name, 0.0) + runner.warm(m, p, 1); warmed.add((m.name, p.id))
             traced_now = speed and cfg.profile and m.name not in traced
             trace = run_dir / f"trace-{m.name.replace('/', '_')}.json" if traced_now else None

@@ -26,9 +26,11 @@ class LinesHelpFormatter(argparse.HelpFormatter):
     def _split_lines(self, text:str, width:int) -> list[str]:
         out = []
         for line in text.splitlines():
-            lead = len(line) - len(line.lstrip())                   # an indented line is a row: "  pld[:N]   what it is"
+            # an indented line is a row: "  pld[:N]   what it is"
+            lead = len(line) - len(line.lstrip())
             column = re.match(r"\s+\S+\s{2,}", line) if lead else None
-            hang = column.end() if column and column.end() <= width // 2 else lead + 2 if lead else 0   # under "what it is"
+            # under "what it is"
+            hang = column.end() if column and column.end() <= width // 2 else lead + 2 if lead else 0
             out += textwrap.wrap(line, width, subsequent_indent=" " * hang) or [""]
         return out
 
@@ -132,7 +134,8 @@ def _run_notebook(args, notebook:Path, config, command:str) -> int:
     params = {**defaults, **{k: v for k, v in vars(args).items() if k in defaults and v is not None}}
     cfg = config(params)
     system = system_info(resolve_device(cfg.device or None))
-    run_id, run_dir, old = open_run(cfg, git_state(), system)   # refuses a bad resume, or a fresh run into a used folder
+    # refuses a bad resume, or a fresh run into a used folder
+    run_id, run_dir, old = open_run(cfg, git_state(), system)
     params = {"resume": str(run_dir), "out": str(run_dir.parent)} if old else {**params, "run_id": run_id}
     run_dir.mkdir(parents=True, exist_ok=True)
     executed = run_dir / "report.ipynb"

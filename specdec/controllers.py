@@ -18,7 +18,8 @@ def _check_k(name:str, k) -> int:
 
 class Controller:
     "Base class: chooses K per step, may pause drafting when acceptance is low."
-    stop_below:float|None = None   # drafters that draft token by token stop once their chain's probability is below this (`DynamicK`)
+    # drafters that draft token by token stop once their chain's probability is below this (`DynamicK`)
+    stop_below:float|None = None
     def __init__(self, pause_below:float|None=None, # pause drafting when the acceptance EMA is below this
                  pause_steps:int=8, # steps of plain decoding per pause
                  ema:float=0.5): # weight of the newest step in the acceptance EMA
@@ -135,7 +136,8 @@ class CostAwareK(Controller):
         self.reset()
         if self.measured_on is not None:
             t, d, mode, b = self.measured_on
-            if not (t is target and d is drafter and mode == compile and b == batch): self.costs = None   # measure again
+            # measure again
+            if not (t is target and d is drafter and mode == compile and b == batch): self.costs = None
         if self.costs is None:
             self.costs = measure_step_costs(target, drafter, q_values=range(1, self.k_max + 2), repeats=3, compile=compile,
                                             batch=batch)
@@ -155,7 +157,8 @@ class CostAwareK(Controller):
     def update(self, proposed, accepted):
         if proposed == 0: return
         self.passed, self.tried = [p * self.decay for p in self.passed], [t * self.decay for t in self.tried]
-        for i in range(min(accepted + 1, proposed)):        # judged positions: the accepted ones and the first rejection
+        # judged positions: the accepted ones and the first rejection
+        for i in range(min(accepted + 1, proposed)):
             self.tried[i] += 1
             if i < accepted: self.passed[i] += 1
 

@@ -32,7 +32,8 @@ class GenerationOutput:
     tokens: torch.Tensor|list   # [1, n_new]; a batch: [B] tensors [n_i]
     stats: Stats                # the whole generation (a batch: every row's counts, the batch's time: throughput)
     accepted_lengths: list      # [target forwards] drafts accepted at each step (a batch: one list per row)
-    engine: dict = field(default_factory=dict) # compile mode, and the seconds spent compiling/capturing per shape (not in wall_time)
+    # compile mode, and the seconds spent compiling/capturing per shape (not in wall_time)
+    engine: dict = field(default_factory=dict)
     row_stats: list = field(default_factory=list)   # [B] each row's Stats
 
 @dataclass
@@ -124,8 +125,10 @@ def _step(runner, cache, drafter, policy, tokens, lengths:list, lengths_t, k:int
     extra = {} if draft.n_valid is None else {"n_valid": draft.n_valid}
     verdict = policy(draft.tokens, draft.probs, target_logits, sampling, generator, **extra)
     new, eos_index = _emitted(draft.tokens, verdict, eos_ids)                      # [B, K+1], [B]
-    if B == 1: tokens[:, L:L + K + 1] = new                                        # slots past the emitted: overwritten later
-    else: tokens.scatter_(1, lengths_t[:, None] + torch.arange(K + 1, device=tokens.device), new)   # each row at its end
+    # slots past the emitted: overwritten later
+    if B == 1: tokens[:, L:L + K + 1] = new
+    # each row at its end
+    else: tokens.scatter_(1, lengths_t[:, None] + torch.arange(K + 1, device=tokens.device), new)
     proposed = torch.full_like(eos_index, K) if draft.n_valid is None else draft.n_valid
     n, eos_at, proposed = read_step(torch.stack([verdict.n_accepted, eos_index, proposed]))   # the one sync
     return draft, n, eos_at, proposed, features
@@ -138,18 +141,22 @@ def _tree_step(runner, cache, policy, draft, verify_ids, tokens, length:int, sam
     layout = draft.layout if draft.layout is not None else TreeLayout.of_draft(draft.parents)
     target_logits, features = runner(verify_ids, cache, tree=layout, keep=keep)    # [1, K+1, V], [1, K+1, F]
     timer.lap("verify")
-    if draft.layout is not None and policy.verifies_trees_on_device:               # a tree grown on the device: one read
+    # a tree grown on the device: one read
+    if draft.layout is not None and policy.verifies_trees_on_device:
         # n [1] accepted, path [K] the kept branch's nodes by depth (junk past n), next_token [1]
         n, path, next_token = policy.verify_tree_on_device(draft.tokens, layout, target_logits, sampling, generator)
-        runner.keep_path(cache, length - 1, path)                                 # entries past the branch move junk past it
+        # entries past the branch move junk past it
+        runner.keep_path(cache, length - 1, path)
         new, eos_index = _emitted(verify_ids[:, path], Verdict(n, next_token), eos_ids)   # [1, K+1], [1]
         tokens[:, length:length + new.shape[1]] = new
-        (n,), (eos_at,), (depth,) = read_step(torch.stack([n, eos_index, layout.depths.max()[None]]))   # proposes `depth`
+        # proposes `depth`
+        (n,), (eos_at,), (depth,) = read_step(torch.stack([n, eos_index, layout.depths.max()[None]]))
         kept = torch.cat([path.new_zeros(1), path[:n]])                            # [n+1] the block rows committed
     else:
         parents = draft.parents if isinstance(draft.parents, list) else draft.parents.tolist()
         branch, next_token = policy.verify_tree(draft.tokens, parents, target_logits, sampling, generator)   # [n], [1]
-        runner.keep_path(cache, length - 1, [i + 1 for i in branch])              # the branch's K/V where a chain's would be
+        # the branch's K/V where a chain's would be
+        runner.keep_path(cache, length - 1, [i + 1 for i in branch])
         n = len(branch)
         verdict = Verdict(torch.full_like(next_token, n), next_token)
         new, eos_index = _emitted(draft.tokens[:, branch], verdict, eos_ids)       # [1, n+1], [1]
@@ -163,7 +170,8 @@ def _event(step:int, draft, proposed:int, accepted:int, emitted, before:dict, ti
     "The host-side record of a step, for `on_step` callbacks."
     probs = None
     if draft.probs is not None and accepted:
-        probs = draft.probs[0, :accepted].gather(-1, draft.tokens[0, :accepted, None]).squeeze(-1).tolist()   # [accepted]
+        # [accepted]
+        probs = draft.probs[0, :accepted].gather(-1, draft.tokens[0, :accepted, None]).squeeze(-1).tolist()
     drafted = draft.tokens[0, :proposed] if draft.parents is None else draft.tokens[0]   # a tree: all its nodes
     return StepEvent(step, proposed, accepted, drafted.tolist(), probs, emitted.tolist(),
                      {k: timer.totals[k] - before[k] for k in before})
@@ -180,8 +188,10 @@ def generate(target:LoadedModel, # the model whose output we want (anything with
              top_p:float=1.0,
              seed:int=0, # seeds the sampling generator
              eos_token_id:int|list[int]|None=None, # None: the target's EOS ids; [] never stops early
-             compile:str="auto", # how forwards run (`engine.COMPILE_MODES`): "auto" is CUDA graphs on CUDA, eager elsewhere
-             on_step=None, # called with a `StepEvent` after each step (extra host reads); returning False stops the generation
+             # how forwards run (`engine.COMPILE_MODES`): "auto" is CUDA graphs on CUDA, eager elsewhere
+             compile:str="auto",
+             # called with a `StepEvent` after each step (extra host reads); returning False stops the generation
+             on_step=None,
             ) -> GenerationOutput:
     """Decode from `target`, speculatively when a `drafter` is given: one prompt, or a batch of prompts (a list of id
     sequences of any lengths, or `[B, S]` ids) decoded together, each row at its own length."""
@@ -203,7 +213,8 @@ def generate(target:LoadedModel, # the model whose output we want (anything with
     if drafter is not None and controller is None: controller = FixedK(4)
     if controller is not None and drafter is not None:
         controller.start(target, drafter, compile, B)
-        drafter.stop_below = controller.stop_below       # `DynamicK`: drafting token by token stops at an unlikely chain
+        # `DynamicK`: drafting token by token stops at an unlikely chain
+        drafter.stop_below = controller.stop_below
     eos = list(target.eos_token_ids if eos_token_id is None else
                ([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id))
     eos_ids = torch.tensor(eos, dtype=torch.long, device=device)          # [E]
@@ -241,7 +252,8 @@ def generate(target:LoadedModel, # the model whose output we want (anything with
         for b in range(B):
             if done[b]:                                   # a finished row runs along; it keeps nothing
                 cache_lengths.append(lengths[b] - 1); n[b] = 0; continue
-            kept = min(n[b], eos_at[b], max_new_tokens - (lengths[b] - prompt_lengths[b]) - 1)   # up to an EOS, the budget
+            # up to an EOS, the budget
+            kept = min(n[b], eos_at[b], max_new_tokens - (lengths[b] - prompt_lengths[b]) - 1)
             if proposed[b] > 0: controller.update(proposed[b], n[b])
             if B > 1: n[b] = kept                         # what the row committed (one row: the loop ends there)
             cache_lengths.append(lengths[b] + n[b])       # the current token and the n accepted drafts
@@ -262,7 +274,8 @@ def generate(target:LoadedModel, # the model whose output we want (anything with
             if on_step(_event(len(accepted_lengths[0]) - 1, draft, proposed[0], m, tokens[0, lengths[0] - m - 1:lengths[0]],
                               before, timer)) is False: break
 
-    if drafter is not None:                                           # on the clock: a drafter that learns keeps the outputs
+    # on the clock: a drafter that learns keeps the outputs
+    if drafter is not None:
         drafter.finish([tokens[b, prompt_lengths[b]:lengths[b]] for b in range(B)])
     sync(device)
     setup = _setup_seconds(runners) - setup_before                     # shapes first met inside the loop

@@ -25,8 +25,10 @@ class Draft:
     tokens: torch.Tensor            # [B, k] drafted token ids (k may be 0)
     probs: torch.Tensor|None = None # [B, k, V] draft distributions after temperature/top-p; None: one-hot
     n_valid: torch.Tensor|None = None # [B] real drafts per row when only the device knows (the rest are padding)
-    parents: list[int]|torch.Tensor|None = None  # [k] a token tree: the parent draft of each draft (-1: the current token); None: a chain
-    layout: object|None = None      # a tree grown on the device: its verification block's `TreeLayout` there (parents a device tensor)
+    # [k] a token tree: the parent draft of each draft (-1: the current token); None: a chain
+    parents: list[int]|torch.Tensor|None = None
+    # a tree grown on the device: its verification block's `TreeLayout` there (parents a device tensor)
+    layout: object|None = None
 
     @property
     def k(self) -> int: return self.tokens.shape[1]
@@ -38,10 +40,12 @@ class Drafter:
     drafts_trees:bool = False  # proposes token trees (`Draft.parents`): only a policy that verifies trees can keep them
     forwards:int = 0           # draft forward passes in the current generation
     missing_features:int = 0   # steps this generation drafted without the target features it reads (a head: from zeros)
-    usage:list|None = None     # joined drafters (`Fallback`): per member, the steps it drafted, its drafts proposed and accepted
+    # joined drafters (`Fallback`): per member, the steps it drafted, its drafts proposed and accepted
+    usage:list|None = None
     stop_below:float|None = None   # set by `generate` from the controller: token-by-token drafting stops once the
                                    # chain's probability is below it (`DynamicK`)
-    counters:dict|None = None  # its own counters of the current generation, which the benchmark records (suffix: acceptance
+    # its own counters of the current generation, which the benchmark records (suffix: acceptance
+    counters:dict|None = None
                                # by match length)
 
     @property
@@ -53,15 +57,18 @@ class Drafter:
     def check(self, target:LoadedModel) -> None: pass    # raise when it cannot draft for `target`
     def use_engine(self, compile:str) -> dict: return {} # run its forwards in the target's resolved mode; what it uses
     def warmup(self, batch:int, capacity:int) -> None: pass   # build its fixed shapes now, before the clock starts
-    def max_drafts(self, k:int) -> int: return k         # the most drafts one proposal holds for K=k (a tree: its nodes)
+    # the most drafts one proposal holds for K=k (a tree: its nodes)
+    def max_drafts(self, k:int) -> int: return k
     def finish(self, outputs:list) -> None: pass         # after each generation, each row's output `[n_b]` (one that
                                                          # learns across generations keeps them: the suffix cache)
-    def remember(self, responses:list) -> None: pass     # what it learned across generations becomes these outputs (token
+    # what it learned across generations becomes these outputs (token
+    def remember(self, responses:list) -> None: pass
                                                          # id lists, oldest first): the benchmark sets what it has seen
 
     def start(self, target:LoadedModel, prompt_ids:torch.Tensor, # [B, S] (a batch: right-padded)
               capacity:int, # the most tokens a sequence will hold
-              features:torch.Tensor|None=None, # [B, S-1, F] outputs of `target_layers` at the prompt's positions but the last
+              # [B, S-1, F] outputs of `target_layers` at the prompt's positions but the last
+              features:torch.Tensor|None=None,
               lengths:list[int]|None=None, # a batch: each row's prompt length (None: every row is S long)
              ) -> None:
         "Begin a generation (once, after the prompts' prefill)."
@@ -74,8 +81,10 @@ class Drafter:
         "Up to `k` drafts after each row (fewer, or none: the step then decodes one token); a batch pads with `n_valid`."
         raise NotImplementedError
 
-    def observe(self, n_accepted:int|list[int], # drafts the step kept (0 on a step that drafted nothing); a batch: a row's
-                features:torch.Tensor|None=None, # [B, n+1, F] `target_layers` outputs at the verified token and the kept
+    # drafts the step kept (0 on a step that drafted nothing); a batch: a row's
+    def observe(self, n_accepted:int|list[int],
+                # [B, n+1, F] `target_layers` outputs at the verified token and the kept
+                features:torch.Tensor|None=None,
                ) -> None:                        # drafts (a batch: the whole block, row b committed its first n[b]+1)
         "After every verification step: what the step committed."
 
@@ -335,7 +344,8 @@ class Fallback(Drafter):
         `usage` counts the steps each drafter drafted (on the host only: on the device, rows choose unread)."""
         for i, d in enumerate(self.drafters):
             if d.target_layers or i == self._used: d.observe(n_accepted, self.features_of(features, d))
-            elif i in self._proposed_by and self._used == "device": d.observe(0)     # may not have been used: drop its drafts
+            # may not have been used: drop its drafts
+            elif i in self._proposed_by and self._used == "device": d.observe(0)
         if isinstance(self._used, int):
             u = self.usage[self._used]; u["steps"] += 1; u["accepted"] += sum(per_row(n_accepted, 1))
         self._used, self._proposed_by = None, []                       # a step without a proposal uses no one
@@ -348,7 +358,8 @@ def _merge(first:Draft, second:Draft) -> Draft:
     second_valid = second.n_valid if second.n_valid is not None else torch.full_like(first.n_valid, second.k)
     tokens = torch.where(use_first[:, None], pad(first.tokens), pad(second.tokens))   # [B, K]
     probs = None
-    if first.probs is not None or second.probs is not None:                     # one-hot for a drafter without distributions
+    # one-hot for a drafter without distributions
+    if first.probs is not None or second.probs is not None:
         V = (first.probs if first.probs is not None else second.probs).shape[-1]
         as_probs = lambda d: (d.probs if d.probs is not None else torch.nn.functional.one_hot(d.tokens, V).float())
         probs = torch.where(use_first[:, None, None], torch.nn.functional.pad(as_probs(first), (0, 0, 0, K - first.k)),

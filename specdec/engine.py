@@ -87,7 +87,8 @@ class HeadSteps:
     def __init__(self, mode:str="graphs", max_width:int=16):
         if mode not in ("fixed", "graphs"): raise ValueError(f"HeadSteps mode must be fixed or graphs, got {mode!r}")
         self.mode, self.max_width = mode, max_width
-        self.graphs, self.setup_seconds, self.reads = {}, {}, None   # (name, width) -> (inputs, graph, outputs); seconds per shape
+        # (name, width) -> (inputs, graph, outputs); seconds per shape
+        self.graphs, self.setup_seconds, self.reads = {}, {}, None
 
     @property
     def setup_total(self) -> float: return sum(self.setup_seconds.values())
@@ -123,9 +124,12 @@ class Engine:
     last_logits_max_q = 4   # "last" logits of up to this many tokens get their own step; longer ones are a prefill + 1
 
     def __init__(self, net:DecoderNet,
-                 mode:str="graphs", # a fixed-shape mode of `COMPILE_MODES`: "fixed", "compile", "graphs", "compile+graphs"
+                 # a fixed-shape mode of `COMPILE_MODES`: "fixed", "compile", "graphs", "compile+graphs"
+                 mode:str="graphs",
                  prefill_chunk:int=64, # prompt tokens per prefill step (the last chunk is padded)
-                 max_step:int=64, # widest step that gets its own graph (EAGLE-2's 60-node tree verifies 61); wider "all" logits run eagerly
+                 # widest step that gets its own graph (EAGLE-2's 60-node tree verifies 61); wider "all" logits run
+                 # eagerly
+                 max_step:int=64,
                  capacity_multiple:int=256, # cache capacities are rounded up to this, so they rarely change
                 ):
         fixed = [name for name, m in COMPILE_MODES.items() if m.fixed_shapes]
@@ -174,7 +178,8 @@ def _forward_fn(self:Engine, logits:str="all"):
         if self.compiled is None: self.compiled = torch.compile(net.forward_layers_at, dynamic=False)
         compiled = self.compiled
         def forward(ids, positions, cache, logits, tree=None, keep=()):
-            with torch._dynamo.config.patch(recompile_limit=64):   # one entry per width (and tree or not), not the default 8
+            # one entry per width (and tree or not), not the default 8
+            with torch._dynamo.config.patch(recompile_limit=64):
                 return compiled(ids, positions, cache, logits, packed=False, tree=tree, keep=keep)
     return lambda ids, positions, cache, tree=None: forward(ids, positions, cache, logits, tree=tree, keep=all_layers)
 
@@ -203,7 +208,8 @@ def _capture(self:Engine, q:int, logits:str, cache:KVCache):
 def _step(self:Engine, q:int, logits:str, cache:KVCache):
     "The step function of width `q` (built on first use, its setup time recorded)."
     key = (q, logits)
-    if self.steps and self.tables is not self.net.cos: self.steps.clear()   # the rotary tables grew: every graph read the old ones
+    # the rotary tables grew: every graph read the old ones
+    if self.steps and self.tables is not self.net.cos: self.steps.clear()
     if key not in self.steps:
         if cache is not self.cache and COMPILE_MODES[self.mode].graphs:
             raise ValueError("a graph engine runs on its own cache: get it from engine.new_cache()")
@@ -226,7 +232,8 @@ Engine._forward_fn, Engine._capture, Engine._step = _forward_fn, _capture, _step
 def _call(self:Engine, input_ids:torch.Tensor, # [B, q] new tokens, written at positions length..length+q-1
           cache:KVCache,
           logits:str="all", # "all", "last" or "none"
-          tree:TreeLayout|None=None, # the new tokens form a token tree (`TreeLayout`): all logits, each sees its ancestors
+          # the new tokens form a token tree (`TreeLayout`): all logits, each sees its ancestors
+          tree:TreeLayout|None=None,
           keep:tuple=(), # layers whose outputs to return as `features` (copied out of the steps' buffers)
          ) -> Forward:
     """Run `q` new tokens at fixed shapes; return their logits `[B, q|1, V]` (a static buffer in graph modes: read it
@@ -237,11 +244,13 @@ def _call(self:Engine, input_ids:torch.Tensor, # [B, q] new tokens, written at p
     cache.check_room(q)
     before = cache.lengths
     parts = []                                                             # [B, n, F] features of each step of the call
-    def run(step, ids, n:int, tree=None):                                 # one step; keep its first n positions' features
+    # one step; keep its first n positions' features
+    def run(step, ids, n:int, tree=None):
         out, layers = step(ids, cache, tree)
         if keep: parts.append(kept_features(layers, keep, n))
         return out
-    def wide(ids, cache, tree=None):                                      # past `max_step`: a fixed-shape forward, no step
+    # past `max_step`: a fixed-shape forward, no step
+    def wide(ids, cache, tree=None):
         return self.net.forward_layers_at(ids, cache.positions(ids.shape[1]), cache, "all", tree=tree, keep=keep)
     if tree is not None:
         if len(tree) != q: raise ValueError(f"a token tree of {len(tree)} nodes cannot verify {q} tokens")
@@ -260,7 +269,8 @@ def _call(self:Engine, input_ids:torch.Tensor, # [B, q] new tokens, written at p
             if cache.length + P > cache.capacity:
                 raise ValueError(f"KV cache overflow: a padded prefill chunk needs {cache.length}+{P} > capacity "
                                  f"{cache.capacity}")
-            if real < P: chunk = F.pad(chunk, (0, P - real))             # padding: written past the length, hidden, overwritten
+            # padding: written past the length, hidden, overwritten
+            if real < P: chunk = F.pad(chunk, (0, P - real))
             run(self._step(P, "none", cache), chunk, real)
             cache.length = cache.length + real
         out = None if logits == "none" else run(self._step(1, "last", cache), input_ids[:, -1:], 1)

@@ -218,7 +218,8 @@ class Explorer:
         controls.add_class("sd-controls")
         self.results = W.VBox([W.HTML(legend_html()), self.tokens_view, self.stats_view, self.compare_view],
                               layout=W.Layout(flex="1 1 auto", min_width="0", margin="0 0 0 16px"))
-        self.results.add_class("sd-results")       # the timeline joins it when a decode starts: plotly sizes it to the column then
+        # the timeline joins it when a decode starts: plotly sizes it to the column then
+        self.results.add_class("sd-results")
         self.widget = W.HBox([controls, self.results], layout=W.Layout(width="100%"))
 
     busy = property(lambda self: self._thread is not None and self._thread.is_alive())

@@ -36,9 +36,12 @@ class _Head(nn.Module, Drafter):
         self.target_layers = (target.config.num_hidden_layers - 1,)   # the last layer's output (EAGLE: its own choice)
         self.forwards, self.missing_features = 0, 0   # missing: steps without the target's features (e.g. timing alone)
         self.checkpoint = None                        # the folder it was loaded from, for specs
-        self.prompt_vocab = False                     # also draft the prompt's tokens the draft vocabulary lacks (copied names, foreign words)
-        self.run_vocab = None                         # the vocabulary of this generation (or training batch) when it differs
-        self.steps = None                             # `HeadSteps` when the head runs at fixed shapes or as CUDA graphs (`use_engine`)
+        # also draft the prompt's tokens the draft vocabulary lacks (copied names, foreign words)
+        self.prompt_vocab = False
+        # the vocabulary of this generation (or training batch) when it differs
+        self.run_vocab = None
+        # `HeadSteps` when the head runs at fixed shapes or as CUDA graphs (`use_engine`)
+        self.steps = None
 
     @property
     def vocab(self) -> DraftVocab:
@@ -79,8 +82,10 @@ class _Head(nn.Module, Drafter):
         key = (weight.data_ptr(), weight.dtype, weight.device, self.dtype)
         cached = getattr(self, "_draft_rows", (None, None, None))
         vocab = self.vocab
-        if cached[0] != key or cached[1] is not vocab:                         # a new weight or dtype, or a vocabulary set since
-            with torch.inference_mode(False), torch.no_grad():                 # a plain tensor: training may use it later
+        # a new weight or dtype, or a vocabulary set since
+        if cached[0] != key or cached[1] is not vocab:
+            # a plain tensor: training may use it later
+            with torch.inference_mode(False), torch.no_grad():
                 rows = weight if len(vocab) == weight.shape[0] else weight.index_select(0, vocab.ids_on(weight.device))
                 rows = rows.to(self.dtype)                                     # a draft reads these rows once per token
             self._draft_rows = (key, vocab, rows)
@@ -115,7 +120,8 @@ class _Head(nn.Module, Drafter):
         self.forwards, self.missing_features = 0, 0
         self.run_vocab = self.draft_vocab.with_ids(prompt_ids) if self.prompt_vocab else None
         prompt = self._taken(features, S - 1, B)                             # [B, S-1, F]
-        self.pending = [[prompt[b, :n - 1]] if n > 1 else [] for b, n in enumerate(lengths)]   # each row's [m, F] blocks
+        # each row's [m, F] blocks
+        self.pending = [[prompt[b, :n - 1]] if n > 1 else [] for b, n in enumerate(lengths)]
         self._reset(B, capacity)
 
     def _reset(self, batch:int, capacity:int) -> None: pass
@@ -174,7 +180,8 @@ class MedusaHeads(_Head):
         logits = self.newest_logits(k)                                         # [k, B, N]
         if logits is None: return no_draft(tokens)
         drafted, probs, chain = [], [], None
-        for i in range(k):                                                     # stopping early (`stop_below`) saves verification only
+        # stopping early (`stop_below`) saves verification only
+        for i in range(k):
             t, p, choice = self._pick(logits[i], sampling, generator)
             drafted.append(t); probs.append(p)
             if i == k - 1: break
@@ -237,10 +244,12 @@ class EagleHead(_Head):
         self.head_dim = getattr(cfg, "head_dim", None) or H // self.num_heads
         self.fuse = nn.Linear(len(self.target_layers) * H, H, bias=False)      # [layers*H] -> [H]
         self.fc = nn.Linear(2 * H, H)                                          # [embedding ; hidden] -> [H]
-        _decoder_layer_weights(self, cfg, H, self.num_heads, self.num_kv_heads, self.head_dim)   # the first layer: the head's own
+        # the first layer: the head's own
+        _decoder_layer_weights(self, cfg, H, self.num_heads, self.num_kv_heads, self.head_dim)
         self.norm = nn.RMSNorm(H, eps=cfg.rms_norm_eps)                        # before the target's output head
         self.more_layers = nn.ModuleList(EagleLayer(cfg, H, self.num_heads, self.num_kv_heads, self.head_dim)
-                                         for _ in range(int(num_layers) - 1))   # layers 2.. (the first is the head's own)
+                                         # layers 2.. (the first is the head's own)
+                                         for _ in range(int(num_layers) - 1))
         self.cache, self.known = None, [0]
 
     @property
@@ -289,7 +298,8 @@ def _eagle_qkv(self:EagleHead, layer, # the head (its first layer) or an `EagleL
     B, q, _ = x.shape
     h = layer.input_layernorm(x)
     shape = (B, q, -1, self.head_dim)
-    query, key, value = (_linear(p, h).view(shape).transpose(1, 2) for p in (layer.q_proj, layer.k_proj, layer.v_proj))  # [B, h, q, D]
+    # [B, h, q, D]
+    query, key, value = (_linear(p, h).view(shape).transpose(1, 2) for p in (layer.q_proj, layer.k_proj, layer.v_proj))
     return rotate(query, cos, sin), rotate(key, cos, sin), value                # the decoder's rotary arithmetic
 
 def _eagle_outputs(self:EagleHead, layer, x:torch.Tensor, # [B, q, H] residual stream
@@ -305,8 +315,10 @@ def _eagle_forward(self:EagleHead, input_ids:torch.Tensor, # [B, q] tokens x_{t+
                    hidden:torch.Tensor, # [B, q, H] hidden of positions t
                    start:int=0, # position t of the first pair (the cache slot it is written at)
                    cache:KVCache|None=None, # one layer per head layer; None: causal attention within the q pairs
-                   positions:torch.Tensor|None=None, # [q] positions of the pairs when they are tree nodes (default start..start+q-1)
-                   mask:torch.Tensor|None=None, # [q, start+q] which cache slots each pair sees, for tree nodes (default causal)
+                   # [q] positions of the pairs when they are tree nodes (default start..start+q-1)
+                   positions:torch.Tensor|None=None,
+                   # [q, start+q] which cache slots each pair sees, for tree nodes (default causal)
+                   mask:torch.Tensor|None=None,
                   ) -> torch.Tensor:
     "Output hiddens `[B, q, H]` of the pairs at positions start..start+q-1 (each drafts the token two ahead of its position)."
     q = input_ids.shape[1]
@@ -369,7 +381,8 @@ def _eagle_unroll(self:EagleHead, input_ids:torch.Tensor, # [B, T] tokens x_{t+1
 EagleHead.unroll = _eagle_unroll
 
 # %% ../nbs/05a_heads.ipynb #b5d48c99
-CAPACITY_MULTIPLE = 256   # a head's cache capacity at fixed shapes is rounded up to this, so graphs rarely need a new one
+# a head's cache capacity at fixed shapes is rounded up to this, so graphs rarely need a new one
+CAPACITY_MULTIPLE = 256
 
 def _eagle_forward_at(self:EagleHead, input_ids:torch.Tensor, # [B, q] tokens x_{t+1}
                       hidden:torch.Tensor, # [B, q, H] hidden of positions t
@@ -405,7 +418,8 @@ def _eagle_draft_at(self:EagleHead, token, hidden, # [B, 1] the draft, [B, 1, H]
     out = self.forward_at(token, hidden, position, self.cache)
     return out, self.logits(out[:, -1])
 
-def _eagle_tree_at(self:EagleHead, tokens, hidden, # [B, f] a tree depth's frontier, [B, f, H] each one's parent's output
+# [B, f] a tree depth's frontier, [B, f, H] each one's parent's output
+def _eagle_tree_at(self:EagleHead, tokens, hidden,
                    slots, positions, # [f] cache slots, [f] positions (all the depth's)
                    visible): # [f, capacity] the committed pairs, each one's ancestors and itself
     "A tree depth's forward at fixed shapes: the outputs `[B, f, H]` and each one's next-draft log-probabilities `[f, N]`."
@@ -423,7 +437,8 @@ EagleHead.forward_at, EagleHead._catch_up_at, EagleHead._draft_at, EagleHead._tr
 def _eagle_reset(self:EagleHead, batch:int, capacity:int):
     self.known, w = [0] * batch, self.fc.weight                                  # [B] pairs each row's cache holds
     dtype = cache_dtype(w.dtype, w.device)
-    if self.steps is not None: capacity = -(-capacity // CAPACITY_MULTIPLE) * CAPACITY_MULTIPLE   # graphs keep their cache
+    # graphs keep their cache
+    if self.steps is not None: capacity = -(-capacity // CAPACITY_MULTIPLE) * CAPACITY_MULTIPLE
     if self.cache is None or self.cache.capacity < capacity or self.cache.keys.shape[1] != batch \
             or self.cache.keys.shape[0] != self.num_layers \
             or self.cache.keys.dtype != dtype or self.cache.keys.device != w.device:     # a new size, or the head moved or grew
@@ -478,7 +493,8 @@ def _eagle_first_rows(self:EagleHead, tokens, lengths:list[int]) -> tuple[torch.
     at = known + torch.arange(features.shape[1], device=device)                    # [B, q] each row's positions
     ids = tokens.gather(1, (at + 1).clamp(max=tokens.shape[1] - 1))               # [B, q] tokens x_{t+1}
     out = self.forward_at(ids, self.fused(features), at, self.cache)               # [B, q, H]
-    out = out[torch.arange(B, device=device), torch.tensor(need, device=device) - 1][:, None]   # [B, 1, H] each at L_b-2
+    # [B, 1, H] each at L_b-2
+    out = out[torch.arange(B, device=device), torch.tensor(need, device=device) - 1][:, None]
     self.known = [L - 1 for L in lengths]
     return out, self.logits(out[:, -1])
 
@@ -504,7 +520,8 @@ def _eagle_propose(self:EagleHead, tokens, k, sampling=SamplingConfig(), generat
         t, p, choice = self._pick(logits, sampling, generator)                    # [B], [B, V], [B]
         drafted.append(t); probs.append(p)
         if i == k - 1: break
-        go_on, chain = self.keep_drafting(chain, logits, choice)                  # `stop_below`: the chain is unlikely now
+        # `stop_below`: the chain is unlikely now
+        go_on, chain = self.keep_drafting(chain, logits, choice)
         if not go_on: break
         out, logits = self._next(t[:, None], out, L - 1 + i if ends is None else ends + i)   # feed back its output
     self.forwards += len(drafted)

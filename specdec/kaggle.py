@@ -30,7 +30,8 @@ REFUSED_GPUS = {"p100": "Kaggle's P100 has compute capability 6.0 (sm_60), and t
                         "build with no sm_60 kernels: the card is allocated, then every CUDA operation fails "
                         "(Kaggle/kaggle-cli#1151). Use --gpu t4"}
 METADATA_FIELDS = {"id": str, "title": str, "code_file": str, "language": str, "kernel_type": str, "is_private": bool,
-                   "enable_gpu": bool, "enable_internet": bool, "dataset_sources": list}   # required by the Kaggle CLI's docs
+                   # required by the Kaggle CLI's docs
+                   "enable_gpu": bool, "enable_internet": bool, "dataset_sources": list}
 OWNER = "KAGGLE_USER"   # the owner in ids written before the username is known; `push` puts the signed-in user there
 
 def check_gpu(gpu:str) -> str:

@@ -61,10 +61,12 @@ def example_inputs(name:str, device, batch:int=1, k:int=4, vocab:int=49152, cont
         exp_noise = torch.empty(batch, vocab, device=device).exponential_(generator=g)
         return draft_tokens, draft_probs, target_probs, uniforms, exp_noise
     if name == "ngram_match":
-        tokens = torch.randint(64, (batch, context), **opts)                                 # small alphabet: many matches
+        # small alphabet: many matches
+        tokens = torch.randint(64, (batch, context), **opts)
         return tokens, torch.full((batch,), context, device=device), 3, 1, k
     if name == "rms_norm":
-        x, residual = torch.randn(batch, k + 1, hidden, **opts), torch.randn(batch, k + 1, hidden, **opts)   # [B, K+1, H]
+        # [B, K+1, H]
+        x, residual = torch.randn(batch, k + 1, hidden, **opts), torch.randn(batch, k + 1, hidden, **opts)
         return x, 1 + 0.1 * torch.randn(hidden, **opts), 1e-5, residual
     if name == "rotary_kv":
         heads = hidden // head_dim                                                             # query heads
@@ -109,7 +111,8 @@ def _same_outputs(a:tuple, b:tuple, name:str="") -> bool:
 def _time_us(name:str, fn, args:tuple, device:torch.device, reps:int=50) -> float:
     "Microseconds per call of `fn(*args)` on `device` (after warm-up; the best of three rounds)."
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-    args = _fresh(name, args)                                                    # writing the same slots again is harmless
+    # writing the same slots again is harmless
+    args = _fresh(name, args)
     for _ in range(3): fn(*args)
     best = float("inf")
     for _ in range(3):

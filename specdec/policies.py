@@ -41,7 +41,8 @@ class AcceptancePolicy:
                  generator:torch.Generator|None=None, n_valid:torch.Tensor|None=None) -> Verdict: raise NotImplementedError
     def __repr__(self): return f"{type(self).__name__}({', '.join(f'{k}={v}' for k, v in vars(self).items())})"
     verifies_trees:bool = False             # has `verify_tree`: keeps a token tree's drafts (a tree drafter needs it)
-    verifies_trees_on_device:bool = False   # has `verify_tree_on_device(draft_tokens, layout, target_logits, sampling, generator)`
+    # has `verify_tree_on_device(draft_tokens, layout, target_logits, sampling, generator)`
+    verifies_trees_on_device:bool = False
     def verify_tree(self, draft_tokens, parents:list[int], target_logits, sampling:SamplingConfig, generator=None) -> tuple[list[int], torch.Tensor]:
         "A token tree's verdict: the accepted branch (draft indices, root to leaf) and the next token `[B]`."
         raise NotImplementedError(f"{type(self).__name__} cannot verify token trees: use Greedy or RejectionSampling, "
@@ -56,7 +57,8 @@ def tree_children(parents:list[int] # [k] parent draft index of each draft (-1: 
 
 def greedy_branch(parents:list[int], # [k] parent draft index of each draft (-1: the current token)
                   draft_tokens:list[int], # [k] drafted ids
-                  target_next:list[int], # [k+1] the target's argmax after the current token (0) and after each draft (1..k)
+                  # [k+1] the target's argmax after the current token (0) and after each draft (1..k)
+                  target_next:list[int],
                  ) -> list[int]:
     "The longest branch of drafts that each equal the target's argmax after their parent: draft indices, root to leaf."
     children, branch, node = tree_children(parents), [], -1
@@ -75,7 +77,8 @@ def tree_branch_on_device(match:torch.Tensor, # [q] whether node i is the one it
     depths, ancestors = layout.depths, layout.ancestors                          # [q], [q, q]
     kept = ~(ancestors & ~match[None]).any(-1)                                   # [q] its whole branch matches
     leaf = torch.where(kept, depths, -1).argmax(0, keepdim=True)                  # [1]
-    at_depth = ancestors[leaf] & (depths[None] == torch.arange(1, depths.shape[0], device=depths.device)[:, None])   # [q-1, q]
+    # [q-1, q]
+    at_depth = ancestors[leaf] & (depths[None] == torch.arange(1, depths.shape[0], device=depths.device)[:, None])
     return depths[leaf], at_depth.int().argmax(-1), leaf
 
 # %% ../nbs/04_policies.ipynb #104bf3f7
@@ -96,7 +99,8 @@ class Greedy(AcceptancePolicy):
         if draft_tokens.shape[0] != 1: raise NotImplementedError("token trees are verified for batch size 1")
         target_next = target_logits[0].argmax(-1)                                    # [k+1]
         branch = greedy_branch(parents, draft_tokens[0].tolist(), target_next.tolist())
-        last = branch[-1] + 1 if branch else 0                                       # the block index the branch ends at
+        # the block index the branch ends at
+        last = branch[-1] + 1 if branch else 0
         return branch, target_next[last][None]                                       # [1]
 
     verifies_trees_on_device = True
@@ -137,9 +141,11 @@ class RejectionSampling(AcceptancePolicy):
         accept = uniforms * draft_p < target_p                                   # u < target/draft, without dividing
         n = accepted_prefix(accept if valid is None else accept & valid)
         rows = torch.arange(B, device=n.device)
-        draft_at_n = torch.cat([draft_probs, torch.zeros_like(target_probs[:, :1])], 1)[rows, n]   # [B, V]; zero after K
+        # [B, V]; zero after K
+        draft_at_n = torch.cat([draft_probs, torch.zeros_like(target_probs[:, :1])], 1)[rows, n]
         residual = self.residual(target_probs[rows, n], draft_at_n)              # [B, V]
-        return Verdict(n, (residual / exp_noise).argmax(-1))                    # the exponential race: a draw from residual
+        # the exponential race: a draw from residual
+        return Verdict(n, (residual / exp_noise).argmax(-1))
 
     verifies_trees = True
     def verify_tree(self, draft_tokens, parents, target_logits, sampling=SamplingConfig(), generator=None):
@@ -180,16 +186,20 @@ class RejectionSampling(AcceptancePolicy):
         q, device = target_probs.shape[0], target_probs.device
         tokens = draft_tokens[0]                                                     # [k] node i+1's token
         child = torch.cat([torch.zeros(q, 1, dtype=torch.bool, device=device),
-                           layout.parents[1:][None] == torch.arange(q, device=device)[:, None]], 1)   # [q, q] j -> child i
+                           # [q, q] j -> child i
+                           layout.parents[1:][None] == torch.arange(q, device=device)[:, None]], 1)
         p_child = torch.cat([torch.zeros(q, 1, device=device), target_probs[:, tokens]], 1) * child   # [q, q] p_j(x_i)
         tried = p_child.cumsum(-1) - p_child                                         # [q, q] mass of earlier siblings
         uniforms = torch.rand(q, q, device=device, generator=generator)             # [q, q]
         accept = child & (uniforms * (1 - tried) < p_child)
-        kept = torch.where(accept.any(-1), accept.int().argmax(-1), -1)             # [q] the child each node keeps (-1: none)
+        # [q] the child each node keeps (-1: none)
+        kept = torch.where(accept.any(-1), accept.int().argmax(-1), -1)
         match = torch.cat([torch.ones(1, dtype=torch.bool, device=device), kept[layout.parents[1:]] == torch.arange(1, q, device=device)])
         n, path, leaf = tree_branch_on_device(match, layout)
-        removed = torch.zeros(target_probs.shape[-1], device=device).scatter_add_(0, tokens, child[leaf][0, 1:].float())   # [V]
-        residual = target_probs[leaf] * (removed == 0)                               # [1, V] the leaf's children removed
+        # [V]
+        removed = torch.zeros(target_probs.shape[-1], device=device).scatter_add_(0, tokens, child[leaf][0, 1:].float())
+        # [1, V] the leaf's children removed
+        residual = target_probs[leaf] * (removed == 0)
         exp_noise = exponential_noise(residual.shape, device, generator)            # [1, V]
         return n, path, (residual / exp_noise).argmax(-1)                           # [1], [k], [1]
 

@@ -108,7 +108,8 @@ class Registry:
                  none:tuple=(), # specs that mean no object (None, and "" too); the first is canonical
                  none_help:str="", # the help line of the no-object spec
                  shorthand:tuple|None=None, # (form, help, rewrite): a spec form rewritten before parsing
-                 join:tuple|None=None): # (separator, cls, help, example): specs joined by the separator make cls([objects])
+                 # (separator, cls, help, example): specs joined by the separator make cls([objects])
+                 join:tuple|None=None):
         self.kind, self.none, self.none_help, self.shorthand, self.entries = kind, tuple(none), none_help, shorthand, {}
         self.join = join
 

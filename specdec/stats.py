@@ -17,7 +17,8 @@ def _add_lists(a:list, b:list) -> list:
     n = max(len(a), len(b))
     return [(a[i] if i < len(a) else 0) + (b[i] if i < len(b) else 0) for i in range(n)]
 
-_SINCE = {"missing_features"}   # counters added after records were first written: absent in older records (their default)
+# counters added after records were first written: absent in older records (their default)
+_SINCE = {"missing_features"}
 
 @dataclass
 class Stats:

@@ -30,7 +30,8 @@ def _soft_labels(record:dict, recorded:dict, positions:int, offset:int, to_draft
     k, first = top_ids.shape[1], record["answer_start"] - 1
     ids, probs = torch.full((positions, k), -1, dtype=torch.long), torch.zeros(positions, k)
     t = torch.arange(positions)
-    rows = t + offset - first                                                          # [positions] row of position t+offset
+    # [positions] row of position t+offset
+    rows = t + offset - first
     ok = (rows >= 0) & (rows < top_ids.shape[0])
     ids[ok], probs[ok] = to_draft[top_ids[rows[ok]]], top_probs[rows[ok]]
     probs[ids < 0] = 0
@@ -51,7 +52,8 @@ def _batch(head, records:list[dict], recorded:list[dict], layers:list, # the rec
     tokens = torch.zeros(len(records), P, dtype=torch.long)
     features = None
     label_ids = {o: [] for o in offsets}; label_probs = {o: [] for o in offsets}
-    slots = _read_slots(head, layers)                                                 # where each read layer was recorded
+    # where each read layer was recorded
+    slots = _read_slots(head, layers)
     for b, (r, rec) in enumerate(zip(records, recorded)):
         n = min(len(r["ids"]), max_len) - 1                                            # pairs in this record
         tokens[b, :n] = torch.tensor(r["ids"][1:n + 1])
@@ -69,7 +71,8 @@ def _batch(head, records:list[dict], recorded:list[dict], layers:list, # the rec
 # %% ../nbs/08b_train.ipynb #b81c44f2
 def soft_cross_entropy(logits_of, # hidden [M, ...] -> draft logits [M, N]
                        hidden:torch.Tensor, # [B, P, ...] what the draft logits come from
-                       label_ids:torch.Tensor, label_probs:torch.Tensor, # [B, P, k] draft ids (-1: none) and their probabilities
+                       # [B, P, k] draft ids (-1: none) and their probabilities
+                       label_ids:torch.Tensor, label_probs:torch.Tensor,
                        valid:torch.Tensor|None=None, # [P] positions that count
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Mean over labelled positions of -sum p log q (logits only there: the output head is most of the cost), and the
@@ -141,7 +144,8 @@ def new_head(head_type:str, target:LoadedModel, draft_vocab:DraftVocab|None=None
         with torch.no_grad():
             head.norm.weight.copy_(target.model.model.norm.weight)
             head.fc.weight.zero_(); head.fc.weight[:, H:].copy_(torch.eye(H)); head.fc.bias.zero_()
-            head.fuse.weight.zero_(); head.fuse.weight[:, -H:].copy_(torch.eye(H))      # starts as the last fused layer (the highest by default)
+            # starts as the last fused layer (the highest by default)
+            head.fuse.weight.zero_(); head.fuse.weight[:, -H:].copy_(torch.eye(H))
         add_eagle_layers(head, num_layers)
     return head.float().to(target.device)
 
@@ -149,14 +153,17 @@ def new_head(head_type:str, target:LoadedModel, draft_vocab:DraftVocab|None=None
 FIT_AFTER = 10   # steps timed before a time budget fits the schedule
 
 def train_head(head:EagleHead|MedusaHeads, records:list[dict],
-               recorded:list[dict]|None=None, # `read_features` of the records; None: `record_features` computes them now
+               # `read_features` of the records; None: `record_features` computes them now
+               recorded:list[dict]|None=None,
                layers=None, # the target layers `recorded` holds (the data manifest's `features.layers`)
                epochs:int=1, lr:float=1e-3, batch_size:int=8, # conversations per optimizer step
                max_len:int=512, # tokens per conversation (longer ones are cut)
                ttt_steps:int=3, # EAGLE: training-time-test steps (drafts unrolled on its own outputs)
                max_steps:int|None=None, seed:int=0, progress:bool=True,
-               prompt_vocab:bool=False, # each batch's vocabulary adds its prompts' tokens (as drafting with `prompt_vocab` does)
-               max_seconds:float|None=None, # a time budget: after `FIT_AFTER` steps the schedule is fitted to the steps that fit
+               # each batch's vocabulary adds its prompts' tokens (as drafting with `prompt_vocab` does)
+               prompt_vocab:bool=False,
+               # a time budget: after `FIT_AFTER` steps the schedule is fitted to the steps that fit
+               max_seconds:float|None=None,
               ) -> dict:
     """Train `head` on the target's recorded features and distributions (the target itself is not run) with AdamW, a
     linear warm-up and a cosine decay; returns the loss curve, each step's (head's) top-1 agreement, steps and seconds.
@@ -169,7 +176,8 @@ def train_head(head:EagleHead|MedusaHeads, records:list[dict],
     if layers is None: raise ValueError("train_head: give the target layers the recorded features hold (`layers`)")
     if len(recorded) != len(records): raise ValueError(f"{len(records)} records but features of {len(recorded)}")
     layers = list(layers)
-    _read_slots(head, layers)                                                          # every layer it reads was recorded
+    # every layer it reads was recorded
+    _read_slots(head, layers)
     offsets = [1] if isinstance(head, EagleHead) else [1 + i for i in range(head.n)]
     head.train().requires_grad_(True)
     params = [p for p in head.parameters() if p.requires_grad]
@@ -177,7 +185,8 @@ def train_head(head:EagleHead|MedusaHeads, records:list[dict],
     gen = torch.Generator().manual_seed(seed)
     per_epoch = -(-len(records) // batch_size)
     planned = epochs * per_epoch if max_steps is None else min(epochs * per_epoch, max_steps)
-    total, warmup = [planned], max(1, planned // 20)                                   # total: refitted under a time budget
+    # total: refitted under a time budget
+    total, warmup = [planned], max(1, planned // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * min(s / total[0], 1)))))
     losses, agreement, t0, tokens, out_of_time = [], [], time.perf_counter(), 0, False
     bar = tqdm(total=planned, desc=f"train {head.head_type}", disable=not progress)
@@ -202,7 +211,8 @@ def train_head(head:EagleHead|MedusaHeads, records:list[dict],
                     elapsed = time.perf_counter() - t0
                     if len(losses) == FIT_AFTER: total[0] = min(total[0], max(FIT_AFTER + 1, int(max_seconds * FIT_AFTER / max(elapsed, 1e-9))))
                     out_of_time = elapsed >= max_seconds
-    stopped = "time" if len(losses) < planned else "done"                             # only the budget cuts the planned steps
+    # only the budget cuts the planned steps
+    stopped = "time" if len(losses) < planned else "done"
     bar.close()
     head.prompt_vocab, head.run_vocab = prompt_vocab, None
     head.eval().requires_grad_(False)
@@ -220,7 +230,8 @@ def measure_tau(target:LoadedModel, drafter, prompts:list, # `Prompt`s (encoded 
     for p in prompts:
         ids = p if isinstance(p, torch.Tensor) else p.encode(target)
         total = total + generate(target, ids, drafter=drafter, controller=FixedK(k), max_new_tokens=max_new_tokens).stats
-    steps, accepted_at = max(total.target_forwards, 1), (total.accepted_by_position + [0] * k)[:k]   # verification steps; [k]
+    # verification steps; [k]
+    steps, accepted_at = max(total.target_forwards, 1), (total.accepted_by_position + [0] * k)[:k]
     return {"tau": total.new_tokens / steps, "new_tokens": total.new_tokens,
             "target_forwards": total.target_forwards, "accepted_by_position": [a / steps for a in accepted_at],
             "tok_per_s": total.new_tokens / max(total.wall_time, 1e-9), "draft_ms_per_token": 1e3 * total.draft_time / max(total.proposed, 1)}
@@ -238,14 +249,17 @@ def copy_agreement(head:EagleHead, records:list[dict], recorded:list[dict], # re
     with torch.inference_mode():
         for r, rec in zip(records, recorded):
             ids, a = torch.tensor(r["ids"]), r["answer_start"]                          # [T]
-            greedy = rec["top_ids"][:, 0].long()                                         # [T-a] the target's argmax of tokens a..T-1
+            # [T-a] the target's argmax of tokens a..T-1
+            greedy = rec["top_ids"][:, 0].long()
             features = rec["hidden"][:, slots].flatten(1)[None].to(head.fc.weight)      # [1, T-1, F]
-            hidden = head.unroll(ids[None, 1:].to(features.device), features, steps=1)[0][0]   # [T-1, H]: pair t drafts token t+2
+            # [T-1, H]: pair t drafts token t+2
+            hidden = head.unroll(ids[None, 1:].to(features.device), features, steps=1)[0][0]
             first = max(a - 2, 0)
             drafts = head.vocab.ids_on(hidden.device)[head.logits(hidden[first:]).argmax(-1)].cpu()   # [T-1-first]
             for t in range(first, len(ids) - 2):
                 want = greedy[t + 2 - a].item()
-                copied = lookup.propose(ids[None, :t + 2], 1)                           # what lookup drafts for token t+2
+                # what lookup drafts for token t+2
+                copied = lookup.propose(ids[None, :t + 2], 1)
                 kind = "copyable" if copied.k and copied.tokens[0, 0].item() == want else "other"
                 counts[kind][0] += int(drafts[t - first].item() == want); counts[kind][1] += 1
     return counts
