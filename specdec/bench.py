@@ -84,12 +84,14 @@ PRESETS = {
     "default": {},
     # LayerSkip's untrained exit accepts ~7%: K sweep it with --drafters
     "k_sweep": {"drafters": "pld", "ks": "1,2,3,4,6,8", "n_prompts": 1},
-    "spec_bench": {"prompts": "../shared/prompts/spec_bench_dev.jsonl", "categories": "summarization,rag", "n_prompts": 4},
+    "spec_bench": {"prompts": "../shared/prompts/spec_bench_dev.jsonl", "categories": "summarization,rag",
+                   "n_prompts": 4},
     "heads": {"prompts": "../shared/prompts/spec_bench_dev.jsonl", "n_prompts": 2, "ks": "2,3", "hf_pld": False,
               "drafters": "pld,eagle,eagle-tree:2:4,medusa,pld:3:2+eagle,pld:3:2+eagle-tree:2:4",
               # the trained heads, chains and trees (issue 8)
               "categories": "summarization,qa,rag,translation,math_reasoning,writing,roleplay,coding"},
-    "suffix": {"prompts": "../shared/prompts/spec_bench_dev.jsonl", "n_prompts": 2, "max_new_tokens": 128, "hf_pld": False,
+    "suffix": {"prompts": "../shared/prompts/spec_bench_dev.jsonl", "n_prompts": 2, "max_new_tokens": 128,
+               "hf_pld": False,
                # SuffixDecoding against prompt lookup and the heads (issue 31)
                "ks": "3", "drafters": SUFFIX_DRAFTERS},
     "suffix_repeated": {"prompts": "repeated", "n_prompts": 0, "max_new_tokens": 128, "hf_pld": False, "ks": "3",
@@ -130,9 +132,11 @@ def check_run_config(cfg, counts:tuple[str, ...]) -> None:
                          f"twice (ks 4 and fixed:4 are one controller)")
     for name in counts:
         v = getattr(cfg, name)
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1: raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
     if cfg.warmup < 0: raise ValueError(f"warmup must be >= 0, got {cfg.warmup}")
-    if cfg.compile not in COMPILE_MODES: raise ValueError(f"unknown compile mode {cfg.compile!r}: use one of {', '.join(COMPILE_MODES)}")
+    if cfg.compile not in COMPILE_MODES:
+        raise ValueError(f"unknown compile mode {cfg.compile!r}: use one of {', '.join(COMPILE_MODES)}")
     _auto(cfg.hf_static, False, "hf_static"); _auto(cfg.ignore_eos, False, "ignore_eos")
 
 @dataclass
@@ -174,13 +178,16 @@ class BenchConfig:
         # lists given as lists are kept in notebook form
         for name in ("drafters", "ks", "policies", "categories"):
             v = getattr(self, name)
-            if isinstance(v, (list, tuple)) and all(isinstance(x, (str, int)) for x in v): setattr(self, name, ",".join(map(str, v)))
-        if self.preset and self.preset not in PRESETS: raise ValueError(f"unknown preset {self.preset!r}: use one of {', '.join(PRESETS)}")
+            if isinstance(v, (list, tuple)) and all(isinstance(x, (str, int)) for x in v):
+                setattr(self, name, ",".join(map(str, v)))
+        if self.preset and self.preset not in PRESETS:
+            raise ValueError(f"unknown preset {self.preset!r}: use one of {', '.join(PRESETS)}")
         if not self.drafter_list: raise ValueError("drafters is empty: name at least one (e.g. pld)")
         for p in self.policy_list:
             if isinstance(p, str): specs.validate("policy", p)
         check_run_config(self, ("iterations", "max_new_tokens", "certify_prompts", "bootstrap"))
-        if self.history not in HISTORIES: raise ValueError(f"history must be one of {', '.join(HISTORIES)}, got {self.history!r}")
+        if self.history not in HISTORIES:
+            raise ValueError(f"history must be one of {', '.join(HISTORIES)}, got {self.history!r}")
         if str(self.certify_dtype).lower() not in ("auto", "none", "", "float32", "float16", "bfloat16"):
             raise ValueError(f"certify_dtype must be auto, none or a dtype (float32), got {self.certify_dtype!r}")
 
@@ -198,7 +205,8 @@ class BenchConfig:
         cert = str(self.certify_dtype).lower()
         if cert == "auto": cert = "float32" if dtype != torch.float32 and self.temperature == 0 else None
         elif cert in ("none", ""): cert = None
-        return {"ignore_eos": _auto(self.ignore_eos, cuda, "ignore_eos"), "hf_static": _auto(self.hf_static, cuda, "hf_static"),
+        return {"ignore_eos": _auto(self.ignore_eos, cuda, "ignore_eos"),
+                "hf_static": _auto(self.hf_static, cuda, "hf_static"),
                 "certify_dtype": cert}
 
     def methods(self, hf_static:bool=False) -> list[Method]:
@@ -207,7 +215,8 @@ class BenchConfig:
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
-        if not isinstance(self.policies, str): d["policies"] = ",".join(p if isinstance(p, str) else repr(p) for p in self.policy_list)
+        if not isinstance(self.policies, str):
+            d["policies"] = ",".join(p if isinstance(p, str) else repr(p) for p in self.policy_list)
         # no machine paths in a manifest: a relative path or a file name
         for name in ("out", "prompts", "resume"):
             d[name] = portable_path(d[name])
@@ -247,7 +256,8 @@ def hf_generate_batch(target:LoadedModel, prompts:list, # [B] prompts: ids [S_i]
     per prompt would recompile for each longer prompt."""
     if target.model is None or not hasattr(target.model, "generate"):
         raise ValueError(f"target {target.name!r} has no Hugging Face model to run generate() on")
-    kw = dict(do_sample=False) if temperature == 0 else dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
+    kw = (dict(do_sample=False) if temperature == 0
+          else dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0))
     eos, pad = stop_ids(target, ignore_eos), (target.eos_token_ids or [0])[0]
     static = {"max_cache_len": max_cache_len} if mode == HF_STATIC and max_cache_len else {}
     rows = [torch.as_tensor(p).flatten().cpu() for p in prompts]
@@ -282,7 +292,8 @@ def hf_generate(target:LoadedModel, prompt_ids, # [1, S] one prompt
 
 def static_cache_len(encoded, # the run's prompts, encoded: id tensors [1, S]
                      max_new_tokens:int) -> int:
-    "hf-static's cache size for a whole run: its longest prompt plus the new tokens, so that every prompt fits one shape."
+    """hf-static's cache size for a whole run: its longest prompt plus the new tokens, so that every prompt fits one
+    shape."""
     return max(int(e.shape[1]) for e in encoded) + max_new_tokens
 
 def run_method(method:Method, target:LoadedModel, prompt_ids, cfg:BenchConfig, opts:dict, drafter=None,
@@ -370,7 +381,8 @@ class _Runner:
         drafter = self.drafters.get(m.drafter)
         if drafter is not None and drafter.usage is not None:                  # which member drafted (`Fallback`)
             rec["drafter_usage"] = [dict(u) for u in drafter.usage]
-        counters = {d.name: d.counters for d in drafter.members if d.counters is not None} if drafter is not None else {}
+        counters = ({d.name: d.counters for d in drafter.members if d.counters is not None}
+                    if drafter is not None else {})
         if counters: rec["drafter_counters"] = counters                    # a drafter's own (suffix: by match length)
         if (self.cfg.perplexity and purpose == "speed" and i == 0 and not m.lossless(self.cfg.temperature)
                 and not m.is_hf and m.name != AR):
@@ -408,9 +420,9 @@ def open_run(cfg:BenchConfig, git:dict, system:dict) -> tuple[str, Path, dict|No
     run_id = cfg.run_id or cfg.new_run_id()
     run_dir = Path(cfg.out) / run_id
     if (run_dir / "MANIFEST.json").exists() or (run_dir / "records.jsonl").exists():
-        raise ValueError(f"run folder {run_dir} already holds a run: a fresh run never writes into it. Choose another run "
-                         f"id (or leave it empty), or pass --resume {run_id} (papermill: resume={run_id!r}) to continue "
-                         f"that run after an interruption")
+        raise ValueError(f"run folder {run_dir} already holds a run: a fresh run never writes into it. Choose "
+                         f"another run id (or leave it empty), or pass --resume {run_id} (papermill: "
+                         f"resume={run_id!r}) to continue that run after an interruption")
     return run_id, run_dir, None
 
 # %% ../nbs/11_bench.ipynb #1ec1c109
@@ -459,13 +471,15 @@ def run_benchmark(cfg:BenchConfig, target:LoadedModel|None=None, progress:bool=T
     manifest = new_manifest(cfg, opts, git, system, run_id, old, len(done), target, runner.drafters, prompts, methods)
     manifest["history"] = {"mode": cfg.history, "order": [p.id for p in prompts]}   # what a learning drafter saw
     write_json(run_dir / "MANIFEST.json", manifest)
-    todo = [(i, p, m) for i, p, m in schedule(prompts, methods, cfg.iterations) if (p.id, m.name, i, "speed") not in done]
+    todo = [(i, p, m) for i, p, m in schedule(prompts, methods, cfg.iterations)
+            if (p.id, m.name, i, "speed") not in done]
     manifest["warmup_s"] = _measure(runner, todo, manifest, run_dir, progress)
     if opts["certify_dtype"]:
         _certify(cfg, opts, prompts, methods, git, done, manifest, run_dir, target.device, progress)
     manifest.update(summarize_run(read_records(records_path), manifest["method_info"], cfg.to_dict()))
     if cfg.cost_model: manifest["cost_model"] = predict_speedups(manifest["results"], runner.costs, runner.context)
-    manifest.update(status="done", finished=datetime.datetime.now().isoformat(timespec="seconds"), engine=runner.engine or None)
+    manifest.update(status="done", finished=datetime.datetime.now().isoformat(timespec="seconds"),
+                    engine=runner.engine or None)
     write_json(run_dir / "MANIFEST.json", manifest)
     return run_dir
 
@@ -476,7 +490,8 @@ def _measure(runner:_Runner, todo:list, manifest:dict, run_dir:Path, progress:bo
     cfg, warmup_s, traced, warmed, speed = runner.cfg, {}, set(), set(), purpose == "speed"
     if todo and cfg.warmup and speed:
         first = todo[0][1]
-        for m in tqdm(list({m.name: m for _, _, m in todo}.values()), desc="warm-up", disable=not progress, leave=False):
+        for m in tqdm(list({m.name: m for _, _, m in todo}.values()), desc="warm-up", disable=not progress,
+                      leave=False):
             warmup_s[m.name] = runner.warm(m, first, cfg.warmup)
             warmed.add((m.name, first.id))
     with open(run_dir / "records.jsonl", "a") as f:

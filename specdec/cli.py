@@ -22,7 +22,8 @@ __all__ = ['LinesHelpFormatter', 'run_generate', 'bench_notebook', 'add_paramete
 
 # %% ../nbs/09_cli.ipynb #d000c634
 class LinesHelpFormatter(argparse.HelpFormatter):
-    "argparse's help layout, except that a help text's own lines stay lines (each wrapped alone, under its description)."
+    """argparse's help layout, except that a help text's own lines stay lines (each wrapped alone, under its
+    description)."""
     def _split_lines(self, text:str, width:int) -> list[str]:
         out = []
         for line in text.splitlines():
@@ -35,14 +36,17 @@ class LinesHelpFormatter(argparse.HelpFormatter):
         return out
 
     def _fill_text(self, text:str, width:int, indent:str) -> str:
-        return "\n".join(textwrap.fill(l, width, initial_indent=indent, subsequent_indent=indent) for l in text.splitlines())
+        return "\n".join(textwrap.fill(l, width, initial_indent=indent, subsequent_indent=indent)
+                         for l in text.splitlines())
 
 def _generate_parser(sub) -> None:
-    p = sub.add_parser("generate", help="decode one prompt and print the text and its statistics", formatter_class=LinesHelpFormatter)
+    p = sub.add_parser("generate", help="decode one prompt and print the text and its statistics",
+                       formatter_class=LinesHelpFormatter)
     p.add_argument("--model", default="smollm2-135m", help="zoo name, .gguf file, local folder, hub id or synthetic")
     p.add_argument("--drafter", default="pld", help="a drafter spec (default: pld):\n" + specs.help_text("drafter"))
     p.add_argument("--k", default="4", help="K, or a controller spec (default: 4):\n" + specs.help_text("controller"))
-    p.add_argument("--policy", default=None, help="acceptance rule (default: greedy at T=0, else rejection):\n" + specs.help_text("policy"))
+    p.add_argument("--policy", default=None,
+                   help="acceptance rule (default: greedy at T=0, else rejection):\n" + specs.help_text("policy"))
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--max-new-tokens", type=int, default=128)
@@ -94,15 +98,16 @@ def add_parameter_flags(parser:argparse.ArgumentParser, params:dict[str, dict]) 
         if name in _SPEC_KIND: help += "\n" + specs.help_text(_SPEC_KIND[name])
         if name == "compile": help += "\n" + compile_help()
         help, flag = help.replace("%", "%%"), "--" + name.replace("_", "-")
-        if info["type"] is bool: parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help)
+        if info["type"] is bool:
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help)
         else: parser.add_argument(flag, dest=name, type=_flag_type(name, info), default=None, help=help)
 
 # %% ../nbs/09_cli.ipynb #6cb7f743
 def _bench_parser(sub, notebook:Path|None=None) -> None:
     p = sub.add_parser("bench", help="run the benchmark notebook through papermill; prints the run folder",
                        formatter_class=LinesHelpFormatter,
-                       description="Runs nbs/bench/methods.ipynb with these parameters; the executed notebook is the report "
-                                   "(report.ipynb and report.html in the run folder).")
+                       description="Runs nbs/bench/methods.ipynb with these parameters; the executed notebook is the "
+                                   "report (report.ipynb and report.html in the run folder).")
     try: params = notebook_parameters(notebook or bench_notebook())
     except (ValueError, ImportError) as e:
         p.description += f" Unavailable here: {e}."; return
@@ -141,8 +146,9 @@ def _run_notebook(args, notebook:Path, config, command:str) -> int:
     executed = run_dir / "report.ipynb"
     try:
         # relative paths: papermill records them in the executed notebook, which is committed with the run
-        pm.execute_notebook(os.path.relpath(notebook), os.path.relpath(executed), parameters=params, kernel_name="python3",
-                            cwd=str(Path.cwd()), progress_bar=False, stdout_file=sys.stderr, stderr_file=sys.stderr)
+        pm.execute_notebook(os.path.relpath(notebook), os.path.relpath(executed), parameters=params,
+                            kernel_name="python3", cwd=str(Path.cwd()), progress_bar=False,
+                            stdout_file=sys.stderr, stderr_file=sys.stderr)
     except pm.PapermillExecutionError as e:
         if e.ename in ("ResumeRefused", "ValueError"): print(f"specdec: error: {e.evalue}", file=sys.stderr); return 2
         print(f"specdec: error: the benchmark failed ({e.ename}: {e.evalue}); finished records are kept in {run_dir}, "
@@ -175,16 +181,18 @@ def run_bench_batch(args) -> int:
 
 # %% ../nbs/09_cli.ipynb #a1k2g3l4
 def _kaggle_parser(sub) -> None:
-    p = sub.add_parser("kaggle", help="run a benchmark notebook on Kaggle: write the kernel and its wheels, push it, pull its run",
+    p = sub.add_parser("kaggle", help="run a benchmark notebook on Kaggle: write the kernel and its wheels, push it, "
+                                      "pull its run",
                        formatter_class=LinesHelpFormatter,
-                       description="Writes a Kaggle kernel folder (OUT/kernel-metadata.json, the notebook with its parameters "
-                                   "set, and OUT/wheels/: specdec's wheel and every wheel the kernel needs beyond Kaggle's "
-                                   "image). --push uploads the wheels as a version of the dataset USER/specdec-wheels, "
-                                   "attaches it and pushes the kernel (no internet needed there); --pull USER/SLUG brings a "
-                                   "finished run into results/ with its report.html.\n"
+                       description="Writes a Kaggle kernel folder (OUT/kernel-metadata.json, the notebook with its "
+                                   "parameters set, and OUT/wheels/: specdec's wheel and every wheel the kernel needs "
+                                   "beyond Kaggle's image). --push uploads the wheels as a version of the dataset "
+                                   "USER/specdec-wheels, attaches it and pushes the kernel (no internet needed there); "
+                                   "--pull USER/SLUG brings a finished run into results/ with its report.html.\n"
                                    "Credentials: any the kaggle command accepts (kaggle auth login, KAGGLE_API_TOKEN, "
                                    "~/.kaggle/access_token, kaggle.json, KAGGLE_USERNAME and KAGGLE_KEY).")
-    p.add_argument("notebook", nargs="?", default="methods", help="benchmark notebook: a name under nbs/bench/ or a path")
+    p.add_argument("notebook", nargs="?", default="methods",
+                   help="benchmark notebook: a name under nbs/bench/ or a path")
     p.add_argument("--gpu", default="t4", help="t4 (fp16: the T4 has no native bf16) or none (Kaggle's CPU); p100 is "
                                                "refused: Kaggle's torch has no kernels for it")
     p.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
@@ -193,10 +201,12 @@ def _kaggle_parser(sub) -> None:
     p.add_argument("--user", help="Kaggle username (default: the signed-in user, asked of the kaggle command at push)")
     p.add_argument("--title", help="kernel title (default: specdec NOTEBOOK GPU)")
     p.add_argument("--dataset", default="specdec-wheels", help="slug of the wheels dataset (default: specdec-wheels)")
-    p.add_argument("--internet", action="store_true", help="let the kernel use the internet (it installs from the dataset either way)")
+    p.add_argument("--internet", action="store_true",
+                   help="let the kernel use the internet (it installs from the dataset either way)")
     p.add_argument("--public", action="store_true", help="make the kernel public (default: private)")
     p.add_argument("--push", action="store_true", help="upload the wheels and push the kernel with the kaggle command")
-    p.add_argument("--pull", metavar="USER/SLUG", help="bring a finished kernel's run into --results and render its report")
+    p.add_argument("--pull", metavar="USER/SLUG",
+                   help="bring a finished kernel's run into --results and render its report")
     p.add_argument("--results", default="results", help="where --pull puts run folders (default: results)")
 
 def _kaggle_pull(args) -> int:
@@ -218,10 +228,12 @@ def run_kaggle(args) -> int:
         known = notebook_parameters(notebook)
         params = {}
         for name, text in args.parameter:
-            if name not in known: raise ValueError(f"{notebook.name} has no parameter {name!r}: its parameters are {', '.join(known)}")
+            if name not in known:
+                raise ValueError(f"{notebook.name} has no parameter {name!r}: its parameters are {', '.join(known)}")
             params[name] = parameter_value(name, text, known[name])
-        folder = kaggle.write_kernel(notebook, args.out, gpu=args.gpu, parameters=params, username=args.user, title=args.title,
-                                     internet=args.internet, dataset=args.dataset, private=not args.public)
+        folder = kaggle.write_kernel(notebook, args.out, gpu=args.gpu, parameters=params, username=args.user,
+                                     title=args.title, internet=args.internet, dataset=args.dataset,
+                                     private=not args.public)
         print(f"wrote {folder} (the kernel) and {folder / 'wheels'} (the dataset it installs from)")
         creds = kaggle.kaggle_credentials()
         if not args.push:
@@ -265,8 +277,9 @@ def run_summary_text(args) -> int:
 
 def _report_parser(sub) -> None:
     p = sub.add_parser("report", help="render runs' executed notebooks to HTML (report.html beside report.ipynb)",
-                       description="Committed runs keep their executed notebook (report.ipynb, or report.ipynb.gz for older "
-                                   "runs); the HTML is rendered on demand, with plotly.js from the installed plotly.")
+                       description="Committed runs keep their executed notebook (report.ipynb, or report.ipynb.gz for "
+                                   "older runs); the HTML is rendered on demand, with plotly.js from the installed "
+                                   "plotly.")
     p.add_argument("run", nargs="+", help="a run folder, or a run id under --results")
     p.add_argument("--results", default="results", help="where run ids are looked up (default: results)")
 

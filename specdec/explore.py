@@ -70,7 +70,8 @@ def render_tokens(trace:list[TracedToken], decode_one) -> str:
     return tokens_html([token_span(t, decode_one) for t in trace])
 
 def legend_html() -> str:
-    return " ".join(f'<span style="background:{c};padding:0 4px;border-radius:3px">{l}</span>' for c, l in KINDS.values())
+    return " ".join(f'<span style="background:{c};padding:0 4px;border-radius:3px">{l}</span>'
+                    for c, l in KINDS.values())
 
 # %% ../nbs/17_explore.ipynb #b603a0e0
 def first_difference(a:list[int], b:list[int]) -> int|None:
@@ -105,7 +106,8 @@ def timeline_figure(widget:bool=True) -> go.Figure:
     fig.add_bar(name="rejected", row=1, col=1, marker_color="#adb5bd")     # stacked: accepted + rejected = drafted
     for name, colour in (("draft", "#f4a261"), ("verify", "#457b9d"), ("accept", "#e9c46a")):
         fig.add_bar(name=name, row=2, col=1, marker_color=colour)
-    fig.update_layout(barmode="stack", height=380, margin=dict(l=40, r=10, t=60, b=30), template="plotly_white", autosize=True,
+    fig.update_layout(barmode="stack", height=380, margin=dict(l=40, r=10, t=60, b=30), template="plotly_white",
+                      autosize=True,
                       legend=dict(orientation="h", x=0, y=1.12, yanchor="bottom"))   # fits the column's width
     fig.update_xaxes(title_text="step", row=2, col=1)
     return go.FigureWidget(fig) if widget else fig
@@ -131,12 +133,14 @@ def live_stats(events:list[StepEvent]) -> dict:
         for i in range(e.proposed):
             if i == len(proposed_at): proposed_at.append(0); accepted_at.append(0)
             proposed_at[i] += 1; accepted_at[i] += int(i < e.accepted)
-    return {"tokens": tokens, "steps": len(events), "tok/s": None, "tau": tokens / len(events) if events else float("nan"),
+    return {"tokens": tokens, "steps": len(events), "tok/s": None,
+            "tau": tokens / len(events) if events else float("nan"),
             "acceptance by position": [a / p for a, p in zip(accepted_at, proposed_at)]}
 
 def decode_stats(stats:Stats) -> dict:
     "The figures of a finished decode, from its own `Stats`."
-    return {"tokens": stats.new_tokens, "steps": stats.target_forwards, "tok/s": stats.tokens_per_second, "tau": stats.tau,
+    return {"tokens": stats.new_tokens, "steps": stats.target_forwards, "tok/s": stats.tokens_per_second,
+            "tau": stats.tau,
             "acceptance by position": stats.per_position_acceptance}
 
 def stats_html(s:dict) -> str:
@@ -179,7 +183,8 @@ def _error_html(text:str) -> str:
 
 class Explorer:
     "The interactive explorer; `Explorer().widget` is what a notebook displays."
-    def __init__(self, model:str="smollm2-135m", prompt:str="Repeat exactly: the quick brown fox jumps over the lazy dog.",
+    def __init__(self, model:str="smollm2-135m",
+                 prompt:str="Repeat exactly: the quick brown fox jumps over the lazy dog.",
                  prompts_file:str|None=None, load_model=None, roots:list[Path]|None=None):
         self._load = load_model or specs.load_target
         self._roots = roots if roots is not None else [r for r in (repository_root(), Path.cwd()) if r is not None]
@@ -187,14 +192,19 @@ class Explorer:
         self.events, self.trace, self.reference, self.error, self.output, self.shown = [], [], None, None, None, None
         def fill(): return dict(style={"description_width": "110px"}, layout=W.Layout(width="100%", margin="2px 0"))
         self.model = W.Combobox(value=model, options=["smollm2-135m", "tiny-llama"], description="model", **fill())
-        self.drafter = W.Combobox(value="pld", options=["none"] + spec_examples(specs.DRAFTERS), description="drafter", **fill())
-        self.policy = W.Dropdown(options=["default"] + list(specs.POLICIES.entries), value="default", description="policy", **fill())
-        self.k = W.Combobox(value="4", options=["4"] + spec_examples(specs.CONTROLLERS), description="K / controller", **fill())
-        self.temperature = W.BoundedFloatText(value=0.0, min=0.0, max=5.0, step=0.1, description="temperature", **fill())
+        self.drafter = W.Combobox(value="pld", options=["none"] + spec_examples(specs.DRAFTERS), description="drafter",
+                                  **fill())
+        self.policy = W.Dropdown(options=["default"] + list(specs.POLICIES.entries), value="default",
+                                 description="policy", **fill())
+        self.k = W.Combobox(value="4", options=["4"] + spec_examples(specs.CONTROLLERS), description="K / controller",
+                            **fill())
+        self.temperature = W.BoundedFloatText(value=0.0, min=0.0, max=5.0, step=0.1, description="temperature",
+                                              **fill())
         self.top_p = W.BoundedFloatText(value=1.0, min=0.01, max=1.0, step=0.05, description="top-p", **fill())
         self.max_new_tokens = W.BoundedIntText(value=64, min=1, max=4096, description="max new tokens", **fill())
         self.seed = W.IntText(value=0, description="seed", **fill())
-        self.chat = W.Checkbox(value=True, description="chat template", indent=False, layout=W.Layout(width="100%", margin="2px 0"))
+        self.chat = W.Checkbox(value=True, description="chat template", indent=False,
+                               layout=W.Layout(width="100%", margin="2px 0"))
         self.prompts_file = W.Text(value=prompts_file or "builtin", description="prompt set", **fill())
         self.prompts_info = W.HTML(layout=W.Layout(width="100%", margin="0"))
         self.pick = W.Dropdown(options=[], description="pick a prompt", **fill())
@@ -237,10 +247,12 @@ def _load_prompt_set(self:Explorer) -> None:
         self.status.value = _error_html(str(e)); return
     self.status.value = ""
     source = "the built-in set" if where == "builtin" else str(where)
-    self.prompts_info.value = (f'<div style="font-size:90%;line-height:1.3;color:#555;overflow-wrap:anywhere;margin:0 0 4px 112px">'
-                               f'{len(self._prompt_set)} prompts from {html.escape(source)}<br>(or a JSONL path, from the '
-                               f"repository root or this notebook's folder)</div>")
-    self.pick.options = [("(type your own)", "")] + [(f"{p.category}: {p.turns[0][:40]}", p.id) for p in self._prompt_set]
+    self.prompts_info.value = (f'<div style="font-size:90%;line-height:1.3;color:#555;overflow-wrap:anywhere;'
+                               f'margin:0 0 4px 112px">'
+                               f'{len(self._prompt_set)} prompts from {html.escape(source)}<br>(or a JSONL path, '
+                               f"from the repository root or this notebook's folder)</div>")
+    self.pick.options = [("(type your own)", "")] + [(f"{p.category}: {p.turns[0][:40]}", p.id)
+                                                     for p in self._prompt_set]
 
 def _picked(self:Explorer, change) -> None:
     chosen = next((p for p in getattr(self, "_prompt_set", []) if p.id == change["new"]), None)
@@ -253,8 +265,8 @@ def _settings(self:Explorer) -> dict:
     "The controls' values, read at once."
     s = dict(model=self.model.value.strip(), drafter=self.drafter.value.strip() or "none", k=self.k.value.strip(),
              policy=None if self.policy.value == "default" else self.policy.value, prompt=self.prompt.value,
-             chat=self.chat.value, max_new_tokens=int(self.max_new_tokens.value), temperature=float(self.temperature.value),
-             top_p=float(self.top_p.value), seed=int(self.seed.value))
+             chat=self.chat.value, max_new_tokens=int(self.max_new_tokens.value),
+             temperature=float(self.temperature.value), top_p=float(self.top_p.value), seed=int(self.seed.value))
     SamplingConfig(s["temperature"], s["top_p"])                     # out-of-range values fail here
     return s
 
@@ -286,7 +298,8 @@ def wait(self:Explorer, timeout:float|None=None) -> None:
     "Block until the running decode (and its no-draft comparison) finished."
     if self._thread is not None: self._thread.join(timeout)
 
-Explorer._settings, Explorer._show_error, Explorer.run, Explorer.stop, Explorer.wait = _settings, _show_error, run, stop, wait
+Explorer._settings, Explorer._show_error = _settings, _show_error
+Explorer.run, Explorer.stop, Explorer.wait = run, stop, wait
 
 # %% ../nbs/17_explore.ipynb #41a84b25
 def _target(self:Explorer, name:str):
@@ -316,7 +329,8 @@ def _refresh_while(self:Explorer, running:threading.Event, decode_one) -> None:
         self._refresh(decode_one)
         time.sleep(REFRESH_SECONDS)
 
-Explorer._target, Explorer._on_step, Explorer._refresh, Explorer._refresh_while = _target, _on_step, _refresh, _refresh_while
+Explorer._target, Explorer._on_step = _target, _on_step
+Explorer._refresh, Explorer._refresh_while = _refresh, _refresh_while
 
 # %% ../nbs/17_explore.ipynb #88f9956a
 def _work(self:Explorer, s:dict) -> None:
@@ -334,7 +348,8 @@ def _work(self:Explorer, s:dict) -> None:
         running.set()
         page = threading.Thread(target=self._refresh_while, args=(running, decode_one), daemon=True)
         page.start()
-        out = generate(target, input_ids, drafter=drafter, policy=policy, controller=controller, on_step=self._on_step, **settings)
+        out = generate(target, input_ids, drafter=drafter, policy=policy, controller=controller, on_step=self._on_step,
+                       **settings)
         running.clear(); page.join()
         self.output = out
         self._refresh(decode_one, final=True)

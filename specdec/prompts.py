@@ -55,7 +55,9 @@ class Prompt:
               ) -> torch.Tensor:
         "Token ids `[1, S]` of the conversation on `model.device`."
         tok = getattr(model, "tokenizer", None)
-        if tok is None: raise ValueError(f"model {getattr(model, 'name', model)!r} has no tokenizer: cannot encode prompt {self.id!r}")
+        if tok is None:
+            raise ValueError(f"model {getattr(model, 'name', model)!r} has no tokenizer: "
+                             f"cannot encode prompt {self.id!r}")
         if chat and getattr(tok, "chat_template", None):
             text = tok.apply_chat_template(self.messages(), tokenize=False, add_generation_prompt=True)
             ids = tok.encode(text, add_special_tokens=False)
@@ -104,7 +106,8 @@ BUILTIN_PROMPTS = {
          "replies": ["Subject: Leaking kitchen tap\n\nDear Mr Patel,\n\nI'm writing to let you know that the kitchen "
                      "tap in the flat has been leaking for about a week. It drips constantly even when fully turned "
                      "off. Could you let me know when someone might be able to come and repair it? I'm usually at "
-                     "home after 5 pm, and I can arrange access at other times if needed.\n\nThank you,\nAnna Kowalski"]},
+                     "home after 5 pm, and I can arrange access at other times if needed.\n\nThank you,\n"
+                     "Anna Kowalski"]},
     ],
     "translation": [
         "Translate the following German text into English: Der Zug nach Hamburg hat heute wegen einer technischen "
@@ -247,7 +250,8 @@ def builtin_prompts() -> list[Prompt]:
     out = []
     for category, entries in BUILTIN_PROMPTS.items():
         for n, entry in enumerate(entries, 1):
-            turns, replies = ([entry], []) if isinstance(entry, str) else (list(entry["turns"]), list(entry.get("replies", [])))
+            turns, replies = (([entry], []) if isinstance(entry, str)
+                              else (list(entry["turns"]), list(entry.get("replies", []))))
             out.append(Prompt(f"{category}-{n}", category, turns, replies, "builtin"))
     return out
 
@@ -281,15 +285,16 @@ def read_spec_bench(path) -> list[Prompt]:
             try: obj = json.loads(line)
             except json.JSONDecodeError as e: raise ValueError(f"{where}: not valid JSON ({e})") from None
             qid, category, turns = _check_line(obj, where)
-            if qid in first_seen: raise ValueError(f"{where}: duplicate question_id {qid!r} (first on line {first_seen[qid]})")
+            if qid in first_seen:
+                raise ValueError(f"{where}: duplicate question_id {qid!r} (first on line {first_seen[qid]})")
             first_seen[qid] = n
             prompts.append(Prompt(qid, category, turns, [], path.name))
     if not prompts: raise ValueError(f"{path}: no prompts (the file is empty or blank)")
     return prompts
 
 # %% ../nbs/10_prompts.ipynb #b5aff534
-_EXTRACT = ("Extract the customer's name, the product, the quantity and the delivery city from this message. Answer with "
-            "JSON only, using the keys \"name\", \"product\", \"quantity\" and \"city\".\n\nMessage: {}")
+_EXTRACT = ("Extract the customer's name, the product, the quantity and the delivery city from this message. Answer "
+            "with JSON only, using the keys \"name\", \"product\", \"quantity\" and \"city\".\n\nMessage: {}")
 _TYPE_HINTS = ("Add type hints and a one-line docstring to this Python function. Change nothing else and answer with "
                "the code only.\n\n{}")
 _REVISE = "Now rewrite your announcement as a text message of at most 20 words, keeping the day and the reason."
@@ -297,12 +302,14 @@ _ANNOUNCE = "Write a two-sentence announcement that the {} will be closed on {} 
 
 REPEATED_WORKLOAD = {
     "extract_order": [_EXTRACT.format(m) for m in (
-        "Hi, this is Priya Nair. I'd like to order 3 of the cast-iron skillets, delivered to our new flat in Leeds. Thanks!",
+        "Hi, this is Priya Nair. I'd like to order 3 of the cast-iron skillets, delivered to our new flat in Leeds. "
+        "Thanks!",
         "Good morning, Tomasz Wojcik here. Please send two boxes of the oolong tea to my office in Gdansk.",
         "Can I get 12 packs of AA batteries? Ship them to Marseille, please. Claire Dubois",
         "Hello! My name is Kwame Mensah and I want one standing desk (the oak one) shipped to Accra.",
         "Order for Lucia Romero: 5 wool blankets, please deliver to Valencia before the 20th.",
-        "Hey, it's Ben Okafor again. Four replacement filters for the water jug, same address as last time in Bristol.")],
+        "Hey, it's Ben Okafor again. Four replacement filters for the water jug, same address as last time in "
+        "Bristol.")],
     "add_type_hints": [_TYPE_HINTS.format(f) for f in (
         "def word_count(text):\n    words = text.split()\n    return len(words)\n",
         "def celsius_to_fahrenheit(celsius):\n    return celsius * 9 / 5 + 32\n",
@@ -310,7 +317,8 @@ REPEATED_WORKLOAD = {
         "            return item\n        seen.add(item)\n    return None\n",
         "def initials(full_name):\n    parts = full_name.split()\n    return \"\".join(p[0].upper() for p in parts)\n",
         "def clamp(value, low, high):\n    return max(low, min(value, high))\n",
-        "def average_length(words):\n    if not words:\n        return 0.0\n    return sum(len(w) for w in words) / len(words)\n")],
+        "def average_length(words):\n    if not words:\n        return 0.0\n"
+        "    return sum(len(w) for w in words) / len(words)\n")],
     "revise_reply": [{"turns": [_ANNOUNCE.format(place, day, reason), _REVISE], "replies": [reply]}
                      for place, day, reason, reply in (
         ("swimming pool", "Monday", "a burst pipe",
@@ -323,8 +331,8 @@ REPEATED_WORKLOAD = {
          "Our bakery will stay closed on Wednesday because of a planned power cut in the street. Orders for that day "
          "will be ready for collection on Thursday."),
         ("dental clinic", "Thursday", "a broken boiler",
-         "The dental clinic is closed on Thursday while our broken boiler is replaced. Patients booked that day will be "
-         "called to arrange a new appointment."),
+         "The dental clinic is closed on Thursday while our broken boiler is replaced. Patients booked that day will "
+         "be called to arrange a new appointment."),
         ("bike shop", "Saturday", "stocktaking",
          "The bike shop will be closed on Saturday for our yearly stocktaking. Repairs booked in will be finished by "
          "Monday as usual."),
@@ -357,11 +365,14 @@ def load_prompts(spec:str="builtin", # "builtin", a workload ("repeated") or the
                  categories:list[str]|str|None=None, # keep only these (list or comma-separated); None or empty: all
                  n_prompts:int|None=None, # the first n prompts of each category, in file order; None: all
                 ) -> list[Prompt]:
-    "Prompts from the built-in set, a workload or a JSONL file, filtered; grouped by category (a workload: in its order)."
+    """Prompts from the built-in set, a workload or a JSONL file, filtered; grouped by category (a workload: in its
+    order)."""
     if n_prompts is not None and (isinstance(n_prompts, bool) or not isinstance(n_prompts, int) or n_prompts <= 0):
-        raise ValueError(f"n_prompts must be a positive integer (prompts per category) or None for all, got {n_prompts!r}")
+        raise ValueError(f"n_prompts must be a positive integer (prompts per category) or None for all, "
+                         f"got {n_prompts!r}")
     name = str(spec)
-    prompts = builtin_prompts() if name == "builtin" else WORKLOADS[name]() if name in WORKLOADS else read_spec_bench(spec)
+    prompts = (builtin_prompts() if name == "builtin" else WORKLOADS[name]() if name in WORKLOADS
+               else read_spec_bench(spec))
     by_category = {}
     for p in prompts: by_category.setdefault(p.category, []).append(p)
     wanted = _category_list(categories)
@@ -376,7 +387,8 @@ def load_prompts(spec:str="builtin", # "builtin", a workload ("repeated") or the
 def prompt_set_hash(prompts:list[Prompt]) -> str:
     "SHA-256 of the prompts' ids, categories, turns and replies, in order: one value per prompt set."
     canon = [{"id": p.id, "category": p.category, "turns": p.turns, "replies": p.replies} for p in prompts]
-    return hashlib.sha256(json.dumps(canon, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode()).hexdigest()
+    text = json.dumps(canon, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
 
 def summarize(prompts:list[Prompt]) -> dict[str, int]:
     "The number of prompts of each category, in order of first appearance."

@@ -53,7 +53,8 @@ def per_prompt(records:list[dict]) -> dict[str, dict]:
     generated lengths."""
     by = {}
     for r in records: by.setdefault(r["prompt_id"], []).append(r)
-    decode = lambda rs: None if any(_decode_tok_s(r) is None for r in rs) else float(np.median([_decode_tok_s(r) for r in rs]))
+    decode = lambda rs: (None if any(_decode_tok_s(r) is None for r in rs)
+                         else float(np.median([_decode_tok_s(r) for r in rs])))
     return {p: {"tok_s": float(np.median([r["new_tokens"] / r["wall_time"] for r in rs])), "decode_tok_s": decode(rs),
                 "ms_per_token": float(np.median([1000 * r["wall_time"] / max(r["new_tokens"], 1) for r in rs])),
                 "lengths": sorted({r["new_tokens"] for r in rs}), "iterations": len(rs)} for p, rs in by.items()}
@@ -134,7 +135,8 @@ def certificate(records:list[dict], methods:dict[str, dict], temperature:float) 
                      "missing_features": missing}
             if src is certify and by(speed, HF):
                 c = _compare(by(speed, name), by(speed, HF))
-                entry["speed_run_vs_hf"] = {"dtype": speed[0].get("dtype"), "identical": c["identical"], "prompts": c["prompts"],
+                entry["speed_run_vs_hf"] = {"dtype": speed[0].get("dtype"), "identical": c["identical"],
+                                            "prompts": c["prompts"],
                                             "rate": c["identical"] / c["prompts"] if c["prompts"] else None}
             out[name] = entry
         else:
@@ -153,7 +155,8 @@ _DESCRIBED = ("drafter", "k", "controller", "policy", "lossless")   # a method's
 
 def _load(records:list[dict]) -> dict|None:
     la = [r["loadavg"][0] for r in records if r.get("loadavg")]
-    return {"min": min(la), "median": float(np.median(la)), "max": max(la), "first": la[0], "last": la[-1]} if la else None
+    return ({"min": min(la), "median": float(np.median(la)), "max": max(la), "first": la[0], "last": la[-1]}
+            if la else None)
 
 def summarize_run(records:list[dict], methods:dict[str, dict], params:dict) -> dict:
     """Per-method and per-category summaries, the framework gain, the certificate, counts and load average
@@ -166,7 +169,8 @@ def summarize_run(records:list[dict], methods:dict[str, dict], params:dict) -> d
                for name, info in methods.items() if by_method[name]}
     categories = sorted({r["category"] for r in speed})
     per_category = {c: {name: summarize_method([r for r in rs if r["category"] == c],
-                                               {b: [r for r in v if r["category"] == c] for b, v in baselines.items()}, nb, seed)
+                                               {b: [r for r in v if r["category"] == c] for b, v in baselines.items()},
+                                               nb, seed)
                         for name, rs in by_method.items() if any(r["category"] == c for r in rs)} for c in categories}
     iters = {}
     for r in speed: iters.setdefault((r["prompt_id"], r["method"]), set()).add(r["iteration"])
@@ -214,22 +218,26 @@ def run_summary(manifest:dict) -> str:
     "One paragraph: what was measured, where, by which code, and how much of it (measured counts)."
     p, c, g, sysinfo = manifest["params"], manifest.get("counts", {}), manifest["git"], manifest["system"]
     commit = "unknown" if not g.get("commit") else g["commit"][:10] + (" (dirty)" if g.get("dirty") else "")
-    hw = (sysinfo.get("gpu") or {}).get("name") or ", ".join(str(x) for x in (sysinfo.get("cpu"), sysinfo.get("cpu_capability")) if x)
+    hw = ((sysinfo.get("gpu") or {}).get("name")
+          or ", ".join(str(x) for x in (sysinfo.get("cpu"), sysinfo.get("cpu_capability")) if x))
     la = manifest.get("load_average") or {}
     return (f"Run `{manifest['run_id']}` ({manifest['status']}): model `{p['model']}` on {c.get('prompts', 0)} prompts "
             f"({manifest['prompt_set']['name']}), {c.get('methods', 0)} methods, {c.get('records', 0)} timed records, "
-            f"{c.get('iterations_complete', 0)} complete iteration(s) of {p['iterations']}; {p['max_new_tokens']} new tokens, "
+            f"{c.get('iterations_complete', 0)} complete iteration(s) of {p['iterations']}; "
+            f"{p['max_new_tokens']} new tokens, "
             f"temperature {p['temperature']}, EOS {'ignored' if manifest['options']['ignore_eos'] else 'honoured'}; "
             f"{sysinfo['device']} ({hw}), torch {manifest.get('versions', {}).get('torch', '?')}, "
             f"{sysinfo.get('torch_threads')} torch threads; code {commit}; "
             f"load average (1 min) {_fmt(la.get('min'))}-{_fmt(la.get('max'))}; "
-            f"this invocation measured {manifest['this_invocation']['measured']} records and reused {manifest['this_invocation']['reused']}.")
+            f"this invocation measured {manifest['this_invocation']['measured']} records and "
+            f"reused {manifest['this_invocation']['reused']}.")
 
 def _lossless_cell(cert:dict) -> str:
     if not cert or not cert.get("applies") or not cert.get("lossless"): return "-"
     parts = [f"{v['identical']}/{v['prompts']} vs {'AR' if b == AR else 'HF'}" for b, v in cert["vs"].items()]
     if cert.get("missing_features"): parts.append(f"no target features on {len(cert['missing_features'])} prompt(s)")
-    return ("yes " if cert["passed"] else "NO ") + ", ".join(parts) + (f" ({cert['dtype']})" if cert.get("dtype") else "")
+    return (("yes " if cert["passed"] else "NO ") + ", ".join(parts)
+            + (f" ({cert['dtype']})" if cert.get("dtype") else ""))
 
 def _step_ms(result:dict) -> tuple[float, float]|None:
     "A method's verify and draft ms per verification step (`target_forwards`, the prefill apart); None for HF's."
@@ -242,8 +250,10 @@ def headline_table(manifest:dict) -> pd.DataFrame:
     for name, r in manifest["results"].items():
         sp, cert, ms = r["speedup"], manifest["certificate"].get(name, {}), _step_ms(r)
         excluded = {len(v.get("excluded_unequal_length") or []) for v in sp.values()} - {0}
-        rows.append({"method": name, "tok/s (median)": _fmt(r["tok_s"]["median"], 1), "ms/token": _fmt(r["ms_per_token"], 1),
-                     "× specdec-AR [95% CI]": _ci(sp.get(AR)), "× specdec-AR, decode only": _ci(r.get("decode_speedup")),
+        rows.append({"method": name, "tok/s (median)": _fmt(r["tok_s"]["median"], 1),
+                     "ms/token": _fmt(r["ms_per_token"], 1),
+                     "× specdec-AR [95% CI]": _ci(sp.get(AR)),
+                     "× specdec-AR, decode only": _ci(r.get("decode_speedup")),
                      "× HF generate [95% CI]": _ci(sp.get(HF)),
                      "prompts": sp.get(AR, {}).get("prompts", "-"),
                      "excluded (unequal length)": max(excluded) if excluded else 0,
@@ -292,7 +302,8 @@ def _one_run_text(manifest:dict) -> str:
     parts = []
     if "partial" in manifest:
         p = manifest["partial"]
-        parts.append(f"PARTIAL RUN ({p['status']}): {p['measured']} of {p['planned']} timed records; the figures below are theirs")
+        parts.append(f"PARTIAL RUN ({p['status']}): {p['measured']} of {p['planned']} timed records; "
+                     "the figures below are theirs")
     parts.append(run_summary(manifest))
     if not manifest.get("results"): return "\n\n".join(parts + ["no timed records yet"])
     columns = ["tok/s (median)", "× specdec-AR [95% CI]", "× specdec-AR, decode only", "× HF generate [95% CI]", "τ",
