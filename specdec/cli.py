@@ -22,22 +22,36 @@ __all__ = ['LinesHelpFormatter', 'run_generate', 'bench_notebook', 'add_paramete
 
 # %% ../nbs/09_cli.ipynb #d000c634
 class LinesHelpFormatter(argparse.HelpFormatter):
-    """argparse's help layout, except that a help text's own lines stay lines (each wrapped alone, under its
-    description)."""
+    """argparse's help layout, except that a help text's own lines stay lines: a row `  FORM   what it is` keeps its
+    form at the start of a line, the description beside it where the forms leave room, else under it."""
     def _split_lines(self, text:str, width:int) -> list[str]:
         out = []
         for line in text.splitlines():
-            # an indented line is a row: "  pld[:N]   what it is"
             lead = len(line) - len(line.lstrip())
-            column = re.match(r"\s+\S+\s{2,}", line) if lead else None
-            # under "what it is"
-            hang = column.end() if column and column.end() <= width // 2 else lead + 2 if lead else 0
-            out += textwrap.wrap(line, width, subsequent_indent=" " * hang) or [""]
+            row = re.match(r"\s+(\S.*?)\s{2,}(\S.*)$", line) if lead else None     # "  pld[:N]   what it is"
+            if row is None:
+                out += textwrap.wrap(line, width, subsequent_indent=" " * (lead + 2 if lead else 0)) or [""]
+                continue
+            form, desc = row.groups()
+            column = len(line) - len(desc)                                     # where the registry put descriptions
+            if column <= width // 2:                                           # side by side
+                out += textwrap.wrap(line, width, subsequent_indent=" " * column)
+            else:                                                              # the form alone, the description under it
+                out += _form_lines(form, lead, width)
+                out += textwrap.wrap(desc, width, initial_indent=" " * (lead + 4), subsequent_indent=" " * (lead + 4))
         return out
 
     def _fill_text(self, text:str, width:int, indent:str) -> str:
         return "\n".join(textwrap.fill(l, width, initial_indent=indent, subsequent_indent=indent)
                          for l in text.splitlines())
+
+def _form_lines(form:str, lead:int, width:int) -> list[str]:
+    "A spec form on lines of `width`, broken only before an optional part's `[` (continued 2 deeper)."
+    lines = [" " * lead]
+    for part in re.split(r"(?=\[)", form):
+        if len(lines[-1]) + len(part) > width and lines[-1].strip(): lines.append(" " * (lead + 2))
+        lines[-1] += part
+    return lines
 
 def _generate_parser(sub) -> None:
     p = sub.add_parser("generate", help="decode one prompt and print the text and its statistics",

@@ -13,11 +13,17 @@ def help_of(*argv) -> str:
 
 
 def rows_kept(help:str, kind:str) -> bool:
-    "Every form of the registry's help starts a line of `help`, with its description after it on that line."
-    rows = [r.split(None, 1) for r in specs.help_text(kind).splitlines()]
-    lines = [l.strip() for l in help.splitlines()]
-    return all(any(l.startswith(form) and l[len(form):].split()[:1] == desc.split()[:1] for l in lines)
-               for form, desc in [(r[0], r[1]) for r in rows])
+    """Every form of the registry's help starts a line of `help` (a form wider than the terminal goes on over the next
+    lines, broken only before a `[`), its description next: after it on that line or starting the line below."""
+    rows = [re.match(r"\s*(\S.*?)\s{2,}(\S.*)$", r).groups() for r in specs.help_text(kind).splitlines()]
+    lines = []
+    for l in (l.strip() for l in help.splitlines()):
+        if l.startswith("[") and lines: lines[-1] += l                   # a long form, continued
+        else: lines.append(l)
+    def kept(form, desc):
+        return any(l.startswith(form) and (l[len(form):] or nxt).split()[:1] == desc.split()[:1]
+                   for l, nxt in zip(lines, lines[1:] + [""]))
+    return all(kept(form, desc) for form, desc in rows)
 
 
 @pytest.mark.parametrize("columns", ["80", "160"])
