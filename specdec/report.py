@@ -30,13 +30,14 @@ _SPEEDUP = {"type": "object", "required": ["geomean", "ci95", "n", "prompts", "e
 MANIFEST_SCHEMA = {
     "type": "object",
     "required": ["run_id", "status", "started", "git", "config_hash", "params", "options", "seeds", "system", "machine",
-                 "versions", "this_invocation", "invocations", "models", "prompt_set", "methods", "results", "per_category",
-                 "framework_gain", "counts", "load_average", "certificate"],
+                 "versions", "this_invocation", "invocations", "models", "prompt_set", "methods", "results",
+                 "per_category", "framework_gain", "counts", "load_average", "certificate"],
     "properties": {
         "status": {"enum": ["running", "done"]},
         "git": {"type": "object", "required": ["commit", "dirty", "diff"]},
-        "params": {"type": "object", "required": ["model", "drafters", "ks", "policies", "temperature", "max_new_tokens",
-                                                   "prompts", "n_prompts", "iterations", "warmup", "seed", "ignore_eos"]},
+        "params": {"type": "object", "required": ["model", "drafters", "ks", "policies", "temperature",
+                                                  "max_new_tokens", "prompts", "n_prompts", "iterations", "warmup",
+                                                  "seed", "ignore_eos"]},
         "system": {"type": "object", "required": ["cpu", "cores", "ram_bytes", "os", "device", "gpu", "torch_threads"]},
         "versions": {"type": "object", "required": ["python", "torch", "transformers", "triton", "specdec"]},
         "this_invocation": {"type": "object", "required": ["started", "measured", "reused"]},
@@ -79,15 +80,18 @@ def certificate_table(manifest:dict) -> pd.DataFrame:
         if not c.get("applies"): rows[name] = {"applies": False, "note": c.get("reason")}; continue
         if c.get("lossless"):
             row = {"dtype": c.get("dtype"), "passed": c["passed"],
-                   **{f"identical vs {'AR' if b == AR else 'HF'}": f"{v['identical']} of {v['prompts']}" for b, v in c["vs"].items()}}
+                   **{f"identical vs {'AR' if b == AR else 'HF'}": f"{v['identical']} of {v['prompts']}"
+                      for b, v in c["vs"].items()}}
             if c.get("missing_features"):                            # drafted without the target's features: failed
                 missing = c["missing_features"].items()
                 row["no target features (prompt: steps)"] = ", ".join(f"{p}: {n}" for p, n in missing)
             if c.get("speed_run_vs_hf"):
-                s = c["speed_run_vs_hf"]; row[f"{s['dtype']} speed run = HF"] = f"{_fmt(100 * (s['rate'] or 0), 0)}% ({s['identical']} of {s['prompts']})"
+                s = c["speed_run_vs_hf"]
+                row[f"{s['dtype']} speed run = HF"] = (f"{_fmt(100 * (s['rate'] or 0), 0)}% "
+                                                       f"({s['identical']} of {s['prompts']})")
         else:
-            row = {"passed": "lossy", "identical vs HF": f"{c['identical']} of {c['prompts']}", "agreement": _fmt(c.get("agreement")),
-                   "perplexity": _fmt(c.get("perplexity"))}
+            row = {"passed": "lossy", "identical vs HF": f"{c['identical']} of {c['prompts']}",
+                   "agreement": _fmt(c.get("agreement")), "perplexity": _fmt(c.get("perplexity"))}
         rows[name] = row
     return pd.DataFrame(rows).T.fillna("-")
 
@@ -107,10 +111,12 @@ def fallback_table(records:pd.DataFrame) -> pd.DataFrame|str:
     if not len(records) or "drafter_usage" not in records: return "no joined drafter (A+B) in this run"
     rows = [{"method": r["method"], "category": r["category"], "drafter": u["drafter"], "steps": u["steps"],
              "accepted": u["accepted"], "all steps": r["target_forwards"]}
-            for r in records.to_dict("records") if r.get("purpose") == "speed" and isinstance(r.get("drafter_usage"), list)
+            for r in records.to_dict("records")
+            if r.get("purpose") == "speed" and isinstance(r.get("drafter_usage"), list)
             for u in r["drafter_usage"]]
     if not rows: return "no joined drafter (A+B) in this run"
-    t = pd.DataFrame(rows).groupby(["method", "category", "drafter"], sort=False)[["steps", "accepted", "all steps"]].sum()
+    t = (pd.DataFrame(rows).groupby(["method", "category", "drafter"], sort=False)
+         [["steps", "accepted", "all steps"]].sum())
     t["share of steps"] = (t["steps"] / t["all steps"]).round(2)
     t["accepted per step"] = (t["accepted"] / t["steps"].where(t["steps"] > 0)).round(2)
     return t[["steps", "share of steps", "accepted per step"]].unstack("drafter")
@@ -130,8 +136,8 @@ def fig_speedup(manifest:dict, baseline:str=AR) -> go.Figure:
     fig.add_trace(go.Bar(x=names, y=[s.get("geomean") for s in overall], name="all prompts", marker_color="black",
                          error_y=dict(type="data", symmetric=False, array=hi, arrayminus=lo)))
     for c, ms in manifest["per_category"].items():
-        fig.add_trace(go.Bar(x=names, y=[((ms.get(n) or {}).get("speedup", {}).get(baseline) or {}).get("geomean") for n in names],
-                             name=c, opacity=0.6))
+        geomeans = [((ms.get(n) or {}).get("speedup", {}).get(baseline) or {}).get("geomean") for n in names]
+        fig.add_trace(go.Bar(x=names, y=geomeans, name=c, opacity=0.6))
     fig.add_hline(y=1.0, line_dash="dot", line_color="gray")
     fig.update_yaxes(title=f"speedup vs {baseline}")
     title = f"Speedup against {baseline} (geometric mean over prompts; bars: 95% CI across prompts, this run)"
@@ -144,7 +150,8 @@ def fig_acceptance(manifest:dict) -> go.Figure|None:
     for name, r in manifest["results"].items():
         acc = r["per_position_acceptance"]
         if not acc: continue
-        fig.add_trace(go.Scatter(x=list(range(1, len(acc) + 1)), y=acc, mode="lines+markers", name=f"{name} (τ={_fmt(r['tau'])})"))
+        fig.add_trace(go.Scatter(x=list(range(1, len(acc) + 1)), y=acc, mode="lines+markers",
+                                 name=f"{name} (τ={_fmt(r['tau'])})"))
     if not fig.data: return None
     fig.update_xaxes(title="draft position", dtick=1); fig.update_yaxes(title="acceptance rate", range=[0, 1.05])
     return _layout(fig, "Per-position acceptance (τ = tokens per target forward)")
@@ -167,11 +174,13 @@ def fig_k_sweep(manifest:dict) -> go.Figure|None:
     for i, (key, pts) in enumerate(groups.items()):
         pts.sort()
         color = px.colors.qualitative.Plotly[i % 10]
-        fig.add_trace(go.Scatter(x=[p[0] for p in pts], y=[p[1] for p in pts], name=key, mode="lines+markers", line_color=color), 1, 1)
-        fig.add_trace(go.Scatter(x=[p[0] for p in pts], y=[p[2] for p in pts], name=key, mode="lines+markers", line_color=color,
-                                 showlegend=False), 1, 2)
+        fig.add_trace(go.Scatter(x=[p[0] for p in pts], y=[p[1] for p in pts], name=key, mode="lines+markers",
+                                 line_color=color), 1, 1)
+        fig.add_trace(go.Scatter(x=[p[0] for p in pts], y=[p[2] for p in pts], name=key, mode="lines+markers",
+                                 line_color=color, showlegend=False), 1, 2)
     for b, dash in ((HF, "dot"), (AR, "dash")):
-        if b in manifest["results"]: fig.add_hline(y=manifest["results"][b]["tok_s"]["median"], line_dash=dash, annotation_text=b, row=1, col=1)
+        if b in manifest["results"]:
+            fig.add_hline(y=manifest["results"][b]["tok_s"]["median"], line_dash=dash, annotation_text=b, row=1, col=1)
     fig.update_xaxes(title="K (K_MAX of an adaptive controller)")
     return _layout(fig, "K sweep")
 
@@ -193,18 +202,20 @@ def fig_time_split(manifest:dict) -> go.Figure|None:
     for name, r in manifest["results"].items():
         ts, n = r["time_split"], max(r["new_tokens"], 1)
         if not ts: continue
-        rows += [{"method": name, "phase": k, "ms per token": 1000 * ts[k] / n} for k in ("draft", "verify", "accept", "other")]
+        rows += [{"method": name, "phase": k, "ms per token": 1000 * ts[k] / n}
+                 for k in ("draft", "verify", "accept", "other")]
     if not rows: return None
     fig = px.bar(pd.DataFrame(rows), x="method", y="ms per token", color="phase")
     return _layout(fig, "Time split per generated token")
 
 def fig_predicted(manifest:dict) -> go.Figure|None:
     "Cost-model prediction against the measured speedup over specdec's AR loop."
-    pts = [(n, r["predicted_speedup"], (r["speedup"].get(AR) or {}).get("geomean")) for n, r in manifest["results"].items()
+    pts = [(n, r["predicted_speedup"], (r["speedup"].get(AR) or {}).get("geomean"))
+           for n, r in manifest["results"].items()
            if r.get("predicted_speedup") is not None and (r["speedup"].get(AR) or {}).get("geomean") is not None]
     if not pts: return None
-    fig = go.Figure(go.Scatter(x=[p[1] for p in pts], y=[p[2] for p in pts], text=[p[0] for p in pts], mode="markers+text",
-                               textposition="top center"))
+    fig = go.Figure(go.Scatter(x=[p[1] for p in pts], y=[p[2] for p in pts], text=[p[0] for p in pts],
+                               mode="markers+text", textposition="top center"))
     hi = max(max(p[1], p[2]) for p in pts) * 1.1
     fig.add_trace(go.Scatter(x=[0, hi], y=[0, hi], mode="lines", line_dash="dot", line_color="gray", showlegend=False))
     fig.update_xaxes(title="predicted speedup (cost model)"); fig.update_yaxes(title="measured speedup vs specdec-AR")
@@ -213,16 +224,19 @@ def fig_predicted(manifest:dict) -> go.Figure|None:
 def fig_quality(manifest:dict) -> go.Figure|None:
     "Speed against quality for lossy policies: agreement with HF's tokens."
     pts = [(n, (manifest["results"][n]["speedup"].get(AR) or {}).get("geomean"), c["agreement"], c.get("perplexity"))
-           for n, c in manifest["certificate"].items() if c.get("applies") and not c.get("lossless") and n in manifest["results"]]
+           for n, c in manifest["certificate"].items()
+           if c.get("applies") and not c.get("lossless") and n in manifest["results"]]
     if not pts: return None
-    fig = go.Figure(go.Scatter(x=[p[2] for p in pts], y=[p[1] for p in pts], text=[f"{p[0]} (ppl {_fmt(p[3])})" for p in pts],
+    fig = go.Figure(go.Scatter(x=[p[2] for p in pts], y=[p[1] for p in pts],
+                               text=[f"{p[0]} (ppl {_fmt(p[3])})" for p in pts],
                                mode="markers+text", textposition="top center"))
     fig.update_xaxes(title="agreement with HF greedy tokens"); fig.update_yaxes(title="speedup vs specdec-AR")
     return _layout(fig, "Lossy policies: speed against quality", showlegend=False)
 
 # %% ../nbs/14_report.ipynb #1d52ca2f
 def fig_load(records:pd.DataFrame) -> go.Figure|None:
-    "The machine's 1-minute load average over the run, with each record's tok/s (is a slow stretch the machine's fault?)."
+    """The machine's 1-minute load average over the run, with each record's tok/s (is a slow stretch the machine's
+    fault?)."""
     if not len(records) or "loadavg" not in records: return None
     from plotly.subplots import make_subplots
     r = records.sort_values("time")
@@ -247,14 +261,16 @@ def _terminal_text(text:str) -> str:
     return "\n".join(line.rsplit("\r", 1)[-1] for line in text.split("\n"))
 
 def readable(nb):
-    "An executed notebook as people should read it: consecutive stream outputs merged and shown as a terminal would (progress bars at their final state), no Quarto front matter."
+    """An executed notebook as people should read it: consecutive stream outputs merged and shown as a terminal would
+    (progress bars at their final state), no Quarto front matter."""
     import re
     for cell in nb.cells:
         if cell.cell_type == "markdown": cell.source = re.sub(r"\A---\n.*?\n---\n", "", cell.source, flags=re.S)
         if cell.cell_type != "code": continue
         merged = []
         for out in cell.get("outputs", []):
-            if out.get("output_type") == "stream" and merged and merged[-1].get("output_type") == "stream" and merged[-1]["name"] == out["name"]:
+            if (out.get("output_type") == "stream" and merged and merged[-1].get("output_type") == "stream"
+                    and merged[-1]["name"] == out["name"]):
                 merged[-1]["text"] += out["text"]
             else: merged.append(out)
         for out in merged:

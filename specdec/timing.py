@@ -70,8 +70,10 @@ def reset_peak_memory(device) -> bool:
 def peak_memory(device) -> dict:
     "Peak memory in bytes since the last `reset_peak_memory`, with what it measures."
     device = torch.device(device)
-    if device.type == "cuda": return {"bytes": int(torch.cuda.max_memory_allocated(device)), "kind": "cuda max_memory_allocated"}
-    if device.type == "mps": return {"bytes": int(torch.mps.driver_allocated_memory()), "kind": "mps driver_allocated_memory"}
+    if device.type == "cuda":
+        return {"bytes": int(torch.cuda.max_memory_allocated(device)), "kind": "cuda max_memory_allocated"}
+    if device.type == "mps":
+        return {"bytes": int(torch.mps.driver_allocated_memory()), "kind": "mps driver_allocated_memory"}
     hwm = _vm_hwm()
     if hwm is not None: return {"bytes": hwm, "kind": "RSS high-water mark since reset (VmHWM)"}
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -130,7 +130,8 @@ class TokenTree(Drafter):
     def check(self, target) -> None: self.head.check(target)
     def start(self, target, prompt_ids, capacity, features=None, lengths=None):
         "The head starts with room for the nodes it expands past the sequence (`width` per depth)."
-        if lengths is not None and len(lengths) > 1: raise NotImplementedError("token trees are drafted for batch size 1")
+        if lengths is not None and len(lengths) > 1:
+            raise NotImplementedError("token trees are drafted for batch size 1")
         self.head.start(target, prompt_ids, capacity + (self.nodes - 1) * self.width, features)
     def observe(self, n_accepted:int, features=None) -> None: self.head.observe(n_accepted, features)
 
