@@ -44,7 +44,8 @@ def compile_help() -> str:
 def resolve_compile(mode:str, # one of `COMPILE_MODES`
                     net) -> str:
     "The mode a net runs in: `auto` is CUDA graphs on CUDA, eager elsewhere; nets other than `DecoderNet` run eagerly."
-    if mode not in COMPILE_MODES: raise ValueError(f"unknown compile mode {mode!r}: use one of {', '.join(COMPILE_MODES)}")
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"unknown compile mode {mode!r}: use one of {', '.join(COMPILE_MODES)}")
     if not isinstance(net, DecoderNet): return "eager"          # e.g. the synthetic dry-run target's net
     cuda = net.device.type == "cuda"
     if mode == "auto": return "graphs" if cuda else "eager"
@@ -66,8 +67,9 @@ def graph_memory(device:torch.device) -> tuple:
 def capture_graph(fn, # the work to capture: fn(*inputs) -> outputs (tensors, read by address at each replay)
                   inputs:list, # static input tensors: copy new values into them before each replay
                   device:torch.device) -> tuple:
-    """`(graph, outputs)`: `fn(*inputs)` warmed up twice on the capture stream (compiling, if it compiles), then captured
-    as a CUDA graph into the device's shared pool. Every runner (the target's engine, a head's steps) captures with it."""
+    """`(graph, outputs)`: `fn(*inputs)` warmed up twice on the capture stream (compiling, if it compiles), then
+    captured as a CUDA graph into the device's shared pool. Every runner (the target's engine, a head's steps)
+    captures with it."""
     pool, stream = graph_memory(device)
     stream.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(stream):
@@ -78,7 +80,8 @@ def capture_graph(fn, # the work to capture: fn(*inputs) -> outputs (tensors, re
     return graph, outputs
 
 # %% ../nbs/02a_engine.ipynb #h5e4d3c2
-# a target mode -> the mode of the forwards it runs beside (a head's): graphs where the target replays graphs, else fixed
+# a target mode -> the mode of the forwards it runs beside (a head's): graphs where the target replays graphs,
+# else fixed
 HEAD_MODES = {name: "graphs" if m.graphs else "fixed" for name, m in COMPILE_MODES.items() if m.fixed_shapes}
 
 class HeadSteps:
@@ -120,7 +123,8 @@ class HeadSteps:
 
 # %% ../nbs/02a_engine.ipynb #928b2f74
 class Engine:
-    "A `DecoderNet` behind the same interface (`new_cache`, `__call__`), run at fixed shapes: fixed, compiled or as CUDA graphs."
+    """A `DecoderNet` behind the same interface (`new_cache`, `__call__`), run at fixed shapes: fixed, compiled or as
+    CUDA graphs."""
     last_logits_max_q = 4   # "last" logits of up to this many tokens get their own step; longer ones are a prefill + 1
 
     def __init__(self, net:DecoderNet,
@@ -150,7 +154,8 @@ class Engine:
     def setup_total(self) -> float: return sum(self.setup_seconds.values())
     def __repr__(self): return f"Engine({self.mode}, {len(self.steps)} shapes, setup {self.setup_total:.2f} s)"
     def _too_wide(self, q:int, logits:str) -> bool:
-        "Whether a call of `q` tokens returning every logit (`all`, `tree`) is past `max_step`: a plain forward, no step."
+        """Whether a call of `q` tokens returning every logit (`all`, `tree`) is past `max_step`: a plain forward, no
+        step."""
         return logits in ("all", "tree") and q > self.max_step
 
 # %% ../nbs/02a_engine.ipynb #af70ec14

@@ -45,7 +45,8 @@ class _Head(nn.Module, Drafter):
 
     @property
     def vocab(self) -> DraftVocab:
-        "The vocabulary drafts come from now: `draft_vocab`, with the prompt's tokens when `prompt_vocab` (set by `start`)."
+        """The vocabulary drafts come from now: `draft_vocab`, with the prompt's tokens when `prompt_vocab` (set by
+        `start`)."""
         return self.draft_vocab if self.run_vocab is None else self.run_vocab
 
     @property
@@ -103,20 +104,21 @@ class _Head(nn.Module, Drafter):
 
     def _taken(self, features:torch.Tensor|None, # [B, n, F] the loop's features of the committed positions
                count:int, batch:int) -> torch.Tensor:
-        """The first `count` positions' features `[B, count, F]`; zeros, counted in `missing_features`, when the loop gave
-        fewer (the draft is then poor, never wrong: the target verifies it)."""
+        """The first `count` positions' features `[B, count, F]`; zeros, counted in `missing_features`, when the loop
+        gave fewer (the draft is then poor, never wrong: the target verifies it)."""
         if features is not None and features.shape[1] >= count: return features[:, :count]
         self.missing_features += 1
         w = self.target.model.lm_head.weight
         return w.new_zeros(batch, count, w.shape[1] * len(self.target_layers))
 
     def start(self, target, prompt_ids, capacity, features=None, lengths=None):
-        """Keep each row's prefill features (every prompt position but its last); with `prompt_vocab`, draft the prompt's
-        tokens too (one prompt at a time)."""
+        """Keep each row's prefill features (every prompt position but its last); with `prompt_vocab`, draft the
+        prompt's tokens too (one prompt at a time)."""
         self.check(target)
         B, S = prompt_ids.shape
         lengths = lengths or [S] * B
-        if self.prompt_vocab and B > 1: raise NotImplementedError(f"{self.name} with prompt_vocab drafts one prompt at a time")
+        if self.prompt_vocab and B > 1:
+            raise NotImplementedError(f"{self.name} with prompt_vocab drafts one prompt at a time")
         self.forwards, self.missing_features = 0, 0
         self.run_vocab = self.draft_vocab.with_ids(prompt_ids) if self.prompt_vocab else None
         prompt = self._taken(features, S - 1, B)                             # [B, S-1, F]
@@ -165,8 +167,8 @@ class MedusaHeads(_Head):
         return torch.stack([self.draft_logits(block(normed)) for block in self.blocks])
 
     def newest_logits(self, k:int) -> torch.Tensor|None:
-        """The first `k` heads' draft logits `[k, B, N]` from each row's newest feature (position L-2); None when there is
-        nothing to draft."""
+        """The first `k` heads' draft logits `[k, B, N]` from each row's newest feature (position L-2); None when there
+        is nothing to draft."""
         self.pending = [rows[-1:] for rows in self.pending]                   # only each row's newest feature matters
         if k == 0 or not all(self.pending): return None
         self.forwards += 1
@@ -194,9 +196,9 @@ HALF_ROWS = 16   # a float16 head on the CPU runs a product over more rows than 
 
 def _linear(layer:nn.Linear, x:torch.Tensor # [..., in]
            ) -> torch.Tensor:
-    """`layer(x)`; a float16 head on the CPU computes a product over many rows (a long prompt's catch-up) in float32: the
-    CPU's float16 product is as fast as float32's for one row (a draft token, where half the bytes pay) but about 4x
-    slower for hundreds (nbs/05c_checkpoints)."""
+    """`layer(x)`; a float16 head on the CPU computes a product over many rows (a long prompt's catch-up) in float32:
+    the CPU's float16 product is as fast as float32's for one row (a draft token, where half the bytes pay) but about
+    4x slower for hundreds (nbs/05c_checkpoints)."""
     if x.dtype == torch.float16 and x.device.type == "cpu" and x[..., 0].numel() > HALF_ROWS:
         bias = None if layer.bias is None else layer.bias.float()
         return F.linear(x.float(), layer.weight.float(), bias).half()
@@ -219,15 +221,16 @@ def _decoder_layer_weights(module:nn.Module, cfg, H:int, num_heads:int, num_kv_h
     module.down_proj = nn.Linear(cfg.intermediate_size, H, bias=False)
 
 class EagleLayer(nn.Module):
-    "A further decoder layer of an EAGLE head (the target's layer layout): attention over the head's cache, then a gated MLP."
+    """A further decoder layer of an EAGLE head (the target's layer layout): attention over the head's cache, then a
+    gated MLP."""
     def __init__(self, cfg, H:int, num_heads:int, num_kv_heads:int, head_dim:int):
         super().__init__()
         _decoder_layer_weights(self, cfg, H, num_heads, num_kv_heads, head_dim)
 
 class EagleHead(_Head):
-    """EAGLE-3: one decoder layer (`num_layers` > 1: more) over [token embedding ; hidden]. For committed tokens the hidden is the target's low,
-    middle and high layer outputs fused by a linear map; as it drafts ahead, its own output. Logits come from the target's
-    output head (draft vocabulary rows) after the head's own norm."""
+    """EAGLE-3: one decoder layer (`num_layers` > 1: more) over [token embedding ; hidden]. For committed tokens the
+    hidden is the target's low, middle and high layer outputs fused by a linear map; as it drafts ahead, its own
+    output. Logits come from the target's output head (draft vocabulary rows) after the head's own norm."""
     head_type = "eagle"
     def __init__(self, target:LoadedModel, draft_vocab:DraftVocab|None=None,
                  layers=None, # target layers to fuse (default `eagle3_layers`)
@@ -278,7 +281,8 @@ HEAD_TYPES = {"eagle": EagleHead, "medusa": MedusaHeads}   # head type -> class 
 def _eagle_inputs(self:EagleHead, input_ids:torch.Tensor, # [B, q] tokens x_{t+1}
                   hidden:torch.Tensor, # [B, q] hidden of position t (fused target features, or the head's own output)
                   positions:torch.Tensor): # [q] the positions t
-    "The residual stream `[B, q, H]` entering the first layer, and the rotary `cos`, `sin` `[1, 1, q, D]` of the positions."
+    """The residual stream `[B, q, H]` entering the first layer, and the rotary `cos`, `sin` `[1, 1, q, D]` of the
+    positions."""
     emb = self.target.model.model.embed_tokens(input_ids).to(self.fc.weight.dtype)       # [B, q, H], frozen
     x = _linear(self.fc, torch.cat([emb, hidden.to(emb.dtype)], -1))                      # [B, q, H]
     rows = positions if positions.dim() == 2 else positions[None]                         # [B|1, q]
@@ -320,11 +324,13 @@ def _eagle_forward(self:EagleHead, input_ids:torch.Tensor, # [B, q] tokens x_{t+
                    # [q, start+q] which cache slots each pair sees, for tree nodes (default causal)
                    mask:torch.Tensor|None=None,
                   ) -> torch.Tensor:
-    "Output hiddens `[B, q, H]` of the pairs at positions start..start+q-1 (each drafts the token two ahead of its position)."
+    """Output hiddens `[B, q, H]` of the pairs at positions start..start+q-1 (each drafts the token two ahead of its
+    position)."""
     q = input_ids.shape[1]
     if positions is None: positions = torch.arange(start, start + q, device=input_ids.device)
     x, cos, sin = self._inputs(input_ids, hidden, positions)
-    if mask is None and cache is not None and start > 0 and q > 1: mask = positions[:, None] >= torch.arange(start + q, device=x.device)[None]   # [q, start+q]
+    if mask is None and cache is not None and start > 0 and q > 1:
+        mask = positions[:, None] >= torch.arange(start + q, device=x.device)[None]   # [q, start+q]
     for i, layer in enumerate(self.decoder_layers()):
         query, key, value = self._qkv(layer, x, cos, sin)
         if cache is not None:
@@ -334,7 +340,8 @@ def _eagle_forward(self:EagleHead, input_ids:torch.Tensor, # [B, q] tokens x_{t+
         x = self._outputs(layer, x, out)
     if cache is not None: cache.length = start + q
     return x
-EagleHead._inputs, EagleHead._qkv, EagleHead._outputs, EagleHead.forward = _eagle_inputs, _eagle_qkv, _eagle_outputs, _eagle_forward
+EagleHead._inputs, EagleHead._qkv = _eagle_inputs, _eagle_qkv
+EagleHead._outputs, EagleHead.forward = _eagle_outputs, _eagle_forward
 
 # %% ../nbs/05a_heads.ipynb #fe3a7c11
 def _unrolled_attention(query:torch.Tensor, # [B, h, T, D] step j's queries
@@ -409,7 +416,8 @@ def _eagle_forward_at(self:EagleHead, input_ids:torch.Tensor, # [B, q] tokens x_
 def _eagle_catch_up_at(self:EagleHead, input_ids, features, # [B, m] tokens x_{t+1}, [B, m, layers*H] target features
                        start:torch.Tensor): # [1] position of the first pair
     "The catch-up at fixed shapes: the output `[B, 1, H]` of the last pair and the first draft's logits `[B, N]`."
-    out = self.forward_at(input_ids, self.fused(features), self.cache.steps[:input_ids.shape[1]] + start, self.cache)[:, -1:]
+    out = self.forward_at(input_ids, self.fused(features), self.cache.steps[:input_ids.shape[1]] + start,
+                          self.cache)[:, -1:]
     return out, self.logits(out[:, -1])
 
 def _eagle_draft_at(self:EagleHead, token, hidden, # [B, 1] the draft, [B, 1, H] the output it came from
@@ -422,7 +430,8 @@ def _eagle_draft_at(self:EagleHead, token, hidden, # [B, 1] the draft, [B, 1, H]
 def _eagle_tree_at(self:EagleHead, tokens, hidden,
                    slots, positions, # [f] cache slots, [f] positions (all the depth's)
                    visible): # [f, capacity] the committed pairs, each one's ancestors and itself
-    "A tree depth's forward at fixed shapes: the outputs `[B, f, H]` and each one's next-draft log-probabilities `[f, N]`."
+    """A tree depth's forward at fixed shapes: the outputs `[B, f, H]` and each one's next-draft log-probabilities
+    `[f, N]`."""
     out = self.forward_at(tokens, hidden, positions, self.cache, slots, visible)
     return out, torch.log_softmax(self.logits(out[0]), -1)
 
@@ -439,9 +448,10 @@ def _eagle_reset(self:EagleHead, batch:int, capacity:int):
     dtype = cache_dtype(w.dtype, w.device)
     # graphs keep their cache
     if self.steps is not None: capacity = -(-capacity // CAPACITY_MULTIPLE) * CAPACITY_MULTIPLE
+    # a new size, or the head moved or grew
     if self.cache is None or self.cache.capacity < capacity or self.cache.keys.shape[1] != batch \
             or self.cache.keys.shape[0] != self.num_layers \
-            or self.cache.keys.dtype != dtype or self.cache.keys.device != w.device:     # a new size, or the head moved or grew
+            or self.cache.keys.dtype != dtype or self.cache.keys.device != w.device:
         self.cache = KVCache(self.num_layers, batch, self.num_kv_heads, capacity, self.head_dim, dtype, w.device)
     self.cache.rollback(0)
 
@@ -459,7 +469,8 @@ def _eagle_pending(self:EagleHead, lengths:list[int]) -> torch.Tensor:
 
 def _eagle_catch_up(self:EagleHead, tokens:torch.Tensor # [B, L] the sequence so far
                    ) -> torch.Tensor:
-    "Run the committed pairs (features_t, x_{t+1}) for t = known..L-2 from the target's features; the output `[B, 1, H]` at L-2."
+    """Run the committed pairs (features_t, x_{t+1}) for t = known..L-2 from the target's features; the output
+    `[B, 1, H]` at L-2."""
     L, known = tokens.shape[1], self.known[0]
     features = self._pending([L])
     self.cache.rollback(known)
@@ -527,7 +538,8 @@ def _eagle_propose(self:EagleHead, tokens, k, sampling=SamplingConfig(), generat
     self.forwards += len(drafted)
     return Draft(torch.stack(drafted, 1), torch.stack(probs, 1))               # [B, k], [B, k, V]
 
-EagleHead._reset, EagleHead._pending, EagleHead._catch_up, EagleHead.propose = _eagle_reset, _eagle_pending, _eagle_catch_up, _eagle_propose
+EagleHead._reset, EagleHead._pending = _eagle_reset, _eagle_pending
+EagleHead._catch_up, EagleHead.propose = _eagle_catch_up, _eagle_propose
 EagleHead._first, EagleHead._first_rows, EagleHead._next = _eagle_first, _eagle_first_rows, _eagle_next
 
 # %% ../nbs/05a_heads.ipynb #f6fd750e

@@ -21,8 +21,8 @@ __all__ = ['SUPPORTED_ARCHITECTURES', 'STEP_OPS', 'NO_LAUNCH', 'KVCache', 'onedn
 
 # %% ../nbs/02_net.ipynb #bf03e52f
 class KVCache:
-    """Preallocated keys and values `[layers, B, kv_heads, capacity, head_dim]`; row b's first `lengths[b]` positions are
-    valid. The rows of a batch may hold different lengths (ragged positions, rectangular shapes): a step writes each
+    """Preallocated keys and values `[layers, B, kv_heads, capacity, head_dim]`; row b's first `lengths[b]` positions
+    are valid. The rows of a batch may hold different lengths (ragged positions, rectangular shapes): a step writes each
     row's keys and values at that row's own positions, and what a row rejected is masked and later overwritten."""
     def __init__(self, num_layers:int, batch:int, num_kv_heads:int, capacity:int, head_dim:int, dtype, device):
         shape = (num_layers, batch, num_kv_heads, capacity, head_dim)
@@ -53,7 +53,8 @@ class KVCache:
     @property
     def length(self) -> int:
         "The length of every row (rows at different lengths: read `lengths`)."
-        if not self.uniform: raise ValueError(f"the rows of this cache hold different lengths {self._lengths}: use lengths")
+        if not self.uniform:
+            raise ValueError(f"the rows of this cache hold different lengths {self._lengths}: use lengths")
         return self._lengths[0]
     @length.setter
     def length(self, n:int): self.lengths = [n] * self.batch
@@ -68,10 +69,12 @@ class KVCache:
             raise ValueError(f"KV cache overflow: {max(self._lengths)}+{n} positions > capacity {self.capacity}")
 
     def rollback(self, length:int|list[int]) -> None:
-        "Keep the first `length` positions (of every row, or `[B]` per row): later entries are overwritten by the next write."
+        """Keep the first `length` positions (of every row, or `[B]` per row): later entries are overwritten by the next
+        write."""
         new = [length] * self.batch if isinstance(length, int) else list(length)
         if len(new) != self.batch or any(not 0 <= n <= old for n, old in zip(new, self._lengths)):
-            raise ValueError(f"cannot roll back to {length}: cache holds {self._lengths if not self.uniform else self.length}")
+            raise ValueError(f"cannot roll back to {length}: "
+                             f"cache holds {self._lengths if not self.uniform else self.length}")
         self.lengths = new
 
 # %% ../nbs/02_net.ipynb #09c9a0dd
@@ -97,8 +100,8 @@ def linear_backend(device:torch.device, dtype:torch.dtype, requested:str="auto")
     ok = device.type == "cpu" and (dtype == torch.float32 and onednn_available()
                                    or dtype == torch.bfloat16 and onednn_bf16_available())
     if requested == "onednn" and not ok:
-        raise ValueError(f"the onednn backend needs float32 (or bfloat16 where oneDNN computes it) on a CPU with oneDNN, "
-                         f"got {dtype} on {device}")
+        raise ValueError(f"the onednn backend needs float32 (or bfloat16 where oneDNN computes it) on a CPU "
+                         f"with oneDNN, got {dtype} on {device}")
     return "onednn" if requested != "torch" and ok else "torch"
 
 def _is_view_of(t:torch.Tensor, base:torch.Tensor, offset:int) -> bool:
@@ -119,7 +122,8 @@ def fuse_weights(linears:list) -> tuple[torch.Tensor, torch.Tensor|None]:
     with torch.inference_mode(False), torch.no_grad():
         weight = torch.cat([l.weight for l in linears])                   # [sum(out), in]
         has_bias = any(l.bias is not None for l in linears)
-        bias = torch.cat([l.bias if l.bias is not None else torch.zeros_like(l.weight[:, 0]) for l in linears]) if has_bias else None
+        bias = (torch.cat([l.bias if l.bias is not None else torch.zeros_like(l.weight[:, 0]) for l in linears])
+                if has_bias else None)
         start = 0
         for l in linears:
             n = l.weight.shape[0]
@@ -197,7 +201,8 @@ def step_ops(device, # where the net runs
              kernels:str="auto",
             ) -> dict:
     "`{op: fn}` for the step's fused ops (`STEP_OPS`): RMS norm with the residual add, rotary + KV write, SiLU gate."
-    if kernels not in ("auto", "triton", "torch"): raise ValueError(f"kernels must be auto, triton or torch, got {kernels!r}")
+    if kernels not in ("auto", "triton", "torch"):
+        raise ValueError(f"kernels must be auto, triton or torch, got {kernels!r}")
     return {name: choose(name, device, kernels) for name in STEP_OPS}
 
 def _rms_norm_of(norm) -> tuple:
@@ -215,8 +220,9 @@ def layer_windows(config, num_layers:int) -> list:
     return [None] * num_layers
 
 def cache_dtype(dtype:torch.dtype, device) -> torch.dtype:
-    """The dtype of a KV cache (a target's or a draft head's): the model's own, except float32 for a half-precision model
-    on the CPU, whose float16 and bfloat16 attention took about 11x and 6x float32's time over a 300-token cache."""
+    """The dtype of a KV cache (a target's or a draft head's): the model's own, except float32 for a half-precision
+    model on the CPU, whose float16 and bfloat16 attention took about 11x and 6x float32's time over a 300-token
+    cache."""
     half = dtype in (torch.float16, torch.bfloat16)
     return torch.float32 if half and torch.device(device).type == "cpu" else dtype
 
@@ -226,8 +232,8 @@ def attend(query:torch.Tensor, # [B, heads, q, D] in the model's dtype
            causal:bool, gqa:bool, scale:float|None=None) -> torch.Tensor:
     "Scaled dot-product attention `[B, heads, q, D]`, computed in the cache's dtype and returned in the query's."
     if mask is not None and mask.dim() == 3: mask = mask[:, None]            # [B, 1, q, T]: the same for every head
-    out = F.scaled_dot_product_attention(query.to(keys.dtype), keys, values, attn_mask=mask, is_causal=causal, scale=scale,
-                                         enable_gqa=gqa)
+    out = F.scaled_dot_product_attention(query.to(keys.dtype), keys, values, attn_mask=mask, is_causal=causal,
+                                         scale=scale, enable_gqa=gqa)
     return out.to(query.dtype)
 
 class TreeLayout:
@@ -235,7 +241,8 @@ class TreeLayout:
     def __init__(self, parents:list[int]): # [q] parent of each node; -1 for the root (node 0) only
         q = len(parents)
         if q == 0 or parents[0] != -1 or any(not 0 <= p < i for i, p in enumerate(parents) if i > 0):
-            raise ValueError(f"a token tree lists its root first (parent -1) and each parent before its children, got {parents}")
+            raise ValueError("a token tree lists its root first (parent -1) and each parent before its children, "
+                             f"got {parents}")
         self.parents = list(parents)
         depths, ancestors = [0] * q, torch.eye(q, dtype=torch.bool)       # [q], [q, q]: node i sees node j
         for i in range(1, q):
@@ -245,7 +252,8 @@ class TreeLayout:
 
     @classmethod
     def of_draft(cls, draft_parents:list[int]) -> "TreeLayout":
-        "The layout of a verification block: the current token (root), then drafts whose parents are draft indices (-1: the root)."
+        """The layout of a verification block: the current token (root), then drafts whose parents are draft indices
+        (-1: the root)."""
         return cls([-1] + [p + 1 for p in draft_parents])
 
     @classmethod
@@ -283,8 +291,8 @@ def tree_attention_mask(slots:torch.Tensor,     # [q] cache slots of the tree's 
                         key_slots:torch.Tensor, # [n] the cache's slots (`cache.steps`)
                         window:int|None=None,   # sliding window, over positions (a node's position is start + depth)
                        ) -> torch.Tensor:
-    """Boolean `[q, n]` at fixed shapes, on the device: a tree node sees every slot before the tree and its ancestors in it
-    (slots past the tree: nothing)."""
+    """Boolean `[q, n]` at fixed shapes, on the device: a tree node sees every slot before the tree and its ancestors in
+    it (slots past the tree: nothing)."""
     q = slots.shape[0]
     start = slots[0]                                                     # a device scalar: no host read
     rel = key_slots - start                                              # [n] slot index within the tree
@@ -311,12 +319,14 @@ def kept_features(layers:dict, # {layer: [B, q, H]} outputs of the layers a forw
                   keep:tuple, # the layers asked for, in order
                   n:int|None=None, # the first n positions only
                  ) -> torch.Tensor|None:
-    "The kept layers' outputs `[B, n, len(keep) * H]` in `keep` order (a new tensor: safe from later writes); None: none."
+    """The kept layers' outputs `[B, n, len(keep) * H]` in `keep` order (a new tensor: safe from later
+    writes); None: none."""
     if not keep: return None
     return torch.cat([layers[i][:, :n] for i in keep], -1)
 
 class DecoderNet:
-    "The forward pass of a Hugging Face Llama-family causal LM (optionally its first `num_layers` only) over a `KVCache`."
+    """The forward pass of a Hugging Face Llama-family causal LM (optionally its first `num_layers` only) over a
+    `KVCache`."""
     def __init__(self, hf_model, num_layers:int|None=None,
                  # "auto": oneDNN prepacked weights on a CPU (float32; bfloat16 where oneDNN computes it), else torch;
                  # or "onednn"/"torch"
@@ -372,8 +382,8 @@ class DecoderNet:
             probe = torch.zeros(1, device=self.device, dtype=self.dtype)
             cos, sin = self.rotary(probe, torch.arange(capacity, device=self.device)[None])   # [1, capacity, D]
             self.cos, self.sin = cos[0], sin[0]
-        return KVCache(self.num_layers, batch, self.num_kv_heads, capacity, self.head_dim, cache_dtype(self.dtype, self.device),
-                       self.device)                                        # float32 for a half-precision net on the CPU
+        return KVCache(self.num_layers, batch, self.num_kv_heads, capacity, self.head_dim,
+                       cache_dtype(self.dtype, self.device), self.device)  # float32 for a half-precision net on the CPU
 
 # %% ../nbs/02_net.ipynb #b50dbbbc
 @patch
@@ -389,9 +399,11 @@ def _attention(self:DecoderNet, i:int, normed, cos, sin, cache:KVCache, slots, e
         qkv = torch.cat([attn.q_norm(query.view(shape)).flatten(2), attn.k_norm(key.view(shape)).flatten(2), value], -1)
     query = self._op("rotary_kv", packed)(qkv, cos, sin, cache.keys[i], cache.values[i], slots, self.num_heads,
                                           self.num_kv_heads)            # [B, Hq, q, D]; K/V written at slots
-    keys, values = (cache.keys[i], cache.values[i]) if end is None else (cache.keys[i, :, :, :end], cache.values[i, :, :, :end])
+    keys, values = ((cache.keys[i], cache.values[i]) if end is None
+                    else (cache.keys[i, :, :, :end], cache.values[i, :, :, :end]))
     mask = masks[self.windows[i]]
-    out = attend(query, keys, values, mask, mask is None and q_len > 1, self.num_heads != self.num_kv_heads, self.scaling)
+    out = attend(query, keys, values, mask, mask is None and q_len > 1, self.num_heads != self.num_kv_heads,
+                 self.scaling)
     return self.o[i](out.transpose(1, 2).reshape(B, q_len, -1), packed)[0]
 
 @patch
@@ -405,7 +417,8 @@ def _mlp(self:DecoderNet, i:int, normed, packed:bool=True):
 
 @patch
 def _op(self:DecoderNet, name:str, packed:bool=True):
-    "The step op `name`: the chosen kernel, or its torch reference where the forward must stay traceable (`packed=False`)."
+    """The step op `name`: the chosen kernel, or its torch reference where the forward must stay traceable
+    (`packed=False`)."""
     return self.ops[name] if packed else specdec_kernels.TORCH_REFERENCES[name]
 
 @patch
@@ -451,7 +464,8 @@ def forward(self:DecoderNet, input_ids:torch.Tensor, # [B, q] new tokens, writte
     hidden = self.embed(input_ids)                                      # [B, q, H]
     cos, sin = self.rotary(hidden, positions[None].expand(B, -1))      # [B, q, D]
     masks = {}
-    key_pos = torch.arange(end, device=device) if tree is None else torch.cat([torch.arange(start, device=device), positions])   # [end]
+    key_pos = (torch.arange(end, device=device) if tree is None
+               else torch.cat([torch.arange(start, device=device), positions]))                               # [end]
     for w in set(self.windows):
         needs_mask = tree is not None or (q_len > 1 and start > 0) or (w is not None and end > w)
         masks[w] = attention_mask(positions, key_pos, w) if needs_mask else None
@@ -485,8 +499,8 @@ def keep_path(self:DecoderNet, cache:KVCache,
               path:list[int]|torch.Tensor, # block indices to keep after the first, in order (a tree's accepted branch);
                                             # a device tensor may run past the branch (those entries move junk past it)
              ) -> None:
-    """After verifying a token tree: move the keys and values of the kept `path` to the slots right after `start` (where a
-    chain's would be). `cache.length` is left alone. (The caller selects the forward's features of `[0] + path`.)"""
+    """After verifying a token tree: move the keys and values of the kept `path` to the slots right after `start` (where
+    a chain's would be). `cache.length` is left alone. (The caller selects the forward's features of `[0] + path`.)"""
     if len(path) == 0: return
     device = cache.keys.device
     # [n] (no host read when on the device)
@@ -506,9 +520,10 @@ def forward_layers_at(self:DecoderNet, input_ids:torch.Tensor, # [B, q] new toke
                       tree:tuple|None=None,
                       keep:tuple=(), # layers whose outputs to return
                      ) -> tuple:
-    """The forward at fixed shapes: writes K/V at `positions`, attends over the whole cache; leaves `cache.length` alone.
-    With a `tree`, `positions` are the nodes' cache slots, and node i's rotary position is `positions[0] + depth[i]`.
-    Returns the logits and `{layer: [B, q, H]}` for the `keep` layers (an engine's captured step keeps every layer)."""
+    """The forward at fixed shapes: writes K/V at `positions`, attends over the whole cache; leaves `cache.length`
+    alone. With a `tree`, `positions` are the nodes' cache slots, and node i's rotary position is
+    `positions[0] + depth[i]`. Returns the logits and `{layer: [B, q, H]}` for the `keep` layers (an engine's captured
+    step keeps every layer)."""
     hidden = self.embed(input_ids)                                      # [B, q, H]
     if tree is None:
         rotary_pos = positions

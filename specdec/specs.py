@@ -71,7 +71,8 @@ class Entry:
     def grammar(self) -> str:
         "The forms, e.g. `pld[:MAX_NGRAM[:MIN_NGRAM]]` or `layerskip:N`."
         optional = [a.default is not REQUIRED for a in self.args]
-        return self.name + "".join(f"[:{a.name}" if o else f":{a.name}" for a, o in zip(self.args, optional)) + "]" * sum(optional)
+        opening = "".join(f"[:{a.name}" if o else f":{a.name}" for a, o in zip(self.args, optional))
+        return self.name + opening + "]" * sum(optional)
 
     def needs(self, arg:Arg, spec) -> str:
         return f"{self.name} needs {arg.what or arg.name}, e.g. {self.example or self.grammar} (got {spec!r})"
@@ -80,7 +81,8 @@ class Entry:
         "The argument values in `text` (what follows `name:`; None when nothing does), defaults filled in."
         takes_rest = bool(self.args) and self.args[-1].rest
         parts = [] if text is None else text.split(":", len(self.args) - 1) if takes_rest else text.split(":")
-        if len(parts) > len(self.args): raise ValueError(f"{kind} {spec!r} has too many arguments: the form is {self.grammar}")
+        if len(parts) > len(self.args):
+            raise ValueError(f"{kind} {spec!r} has too many arguments: the form is {self.grammar}")
         values = []
         for i, arg in enumerate(self.args):
             if i >= len(parts) and arg.default is REQUIRED: raise ValueError(self.needs(arg, spec))
@@ -90,7 +92,8 @@ class Entry:
 
     def canonical(self, values:tuple) -> str:
         "The spec of these values: arguments up to the last that is required, always shown, or not its default."
-        shown = [i for i, (a, v) in enumerate(zip(self.args, values)) if a.always or a.default is REQUIRED or v != a.default]
+        shown = [i for i, (a, v) in enumerate(zip(self.args, values))
+                 if a.always or a.default is REQUIRED or v != a.default]
         return ":".join([self.name] + [_fmt(v) for v in values[:max(shown, default=-1) + 1]])
 
     def k_max(self, values:tuple) -> int|None:
@@ -115,7 +118,8 @@ class Registry:
 
     def register(self, name:str, build:Callable, *args:Arg, help:str, cls:type|None=None, example:str="",
                  needs_target:bool=False, accepts:Callable|None=None, needs_costs:bool=False) -> Entry:
-        "Add `name`, whose objects `build(*values, **context)` makes (`accepts`: which objects of `cls` it names, when several names share it)."
+        """Add `name`, whose objects `build(*values, **context)` makes (`accepts`: which objects of `cls` it names, when
+        several names share it)."""
         name = name.lower()
         if name in self.entries or name in self.none: raise ValueError(f"{self.kind} {name!r} is already registered")
         entry = Entry(name, build, list(args), help, cls, example, needs_target, accepts, needs_costs)
@@ -131,7 +135,8 @@ class Registry:
     def forms(self) -> str:
         "The valid forms, for messages."
         return ", ".join(list(self.none[:1]) + ([self.shorthand[0]] if self.shorthand else []) +
-                         [e.grammar for e in self.entries.values()] + ([f"SPEC{self.join[0]}SPEC..."] if self.join else []))
+                         [e.grammar for e in self.entries.values()] +
+                         ([f"SPEC{self.join[0]}SPEC..."] if self.join else []))
 
     def parts(self, spec) -> list[str]|None:
         """The specs joined in `spec` (`pld:3:2+eagle` -> ['pld:3:2', 'eagle']), or None for a single spec. A separator
@@ -143,7 +148,8 @@ class Registry:
         if not all(n in self.entries for n in names):
             if any(n in self.entries for n in names[1:]) or not all(p.strip() for p in pieces):
                 unknown = [p for p, n in zip(pieces, names) if n not in self.entries]
-                raise ValueError(f"{self.kind} {spec!r}: {', '.join(map(repr, unknown))} is not a {self.kind}: use {self.forms()}")
+                raise ValueError(f"{self.kind} {spec!r}: {', '.join(map(repr, unknown))} is not a {self.kind}: "
+                                 f"use {self.forms()}")
             return None
         return [p.strip() for p in pieces]
 
@@ -198,9 +204,11 @@ def _help_text(self:Registry) -> str:
 Registry.make, Registry.validate, Registry.spec_of, Registry.help_text = _make, _validate, _spec_of, _help_text
 
 # %% ../nbs/15_specs.ipynb #c276731d
-DRAFTERS = Registry("drafter", none=("none", "ar"), none_help="no drafter: plain autoregressive decoding through the same loop",
+DRAFTERS = Registry("drafter", none=("none", "ar"),
+                    none_help="no drafter: plain autoregressive decoding through the same loop",
                     join=("+", Fallback, "the first drafter's draft where it has one, else the next one's "
-                                         "(e.g. pld:3:2+eagle: prompt lookup where a 2-gram recurs, the EAGLE head elsewhere)",
+                                         "(e.g. pld:3:2+eagle: prompt lookup where a 2-gram recurs, the EAGLE head "
+                                         "elsewhere)",
                           "pld:3:2+eagle"))
 DRAFTERS.register("pld", lambda max_ngram, min_ngram, **_: PromptLookup(max_ngram, min_ngram),
                   Arg("MAX_NGRAM", int, "max_ngram", 3, "an integer n-gram length"),
@@ -226,16 +234,18 @@ for _kind in ("eagle", "medusa"):
                       Arg("PATH", nonempty, "checkpoint", None, "a head checkpoint folder", always=False, rest=True),
                       help=f"a trained {'EAGLE head' if _kind == 'eagle' else 'set of Medusa heads'} for the target: "
                            "a folder written by specdec.heads.save_head, or (no PATH) the one shipped for the target",
-                      cls=EagleHead if _kind == "eagle" else MedusaHeads, example=f"{_kind}:heads/{_kind}-tiny", needs_target=True)
+                      cls=EagleHead if _kind == "eagle" else MedusaHeads, example=f"{_kind}:heads/{_kind}-tiny",
+                      needs_target=True)
 for _kind in ("eagle", "medusa"):
     DRAFTERS.register(f"{_kind}-tree", lambda width, nodes, path, target=None, _kind=_kind, **_: TokenTree(
                           load_head(path, target, _kind) if path else shipped_head(target, _kind), width, nodes),
                       Arg("WIDTH", int, "width", 4, "an integer tree width"),
                       Arg("NODES", int, "nodes", 10, "an integer node count"),
-                      Arg("PATH", nonempty, "head.checkpoint", None, "a head checkpoint folder", always=False, rest=True),
-                      help=f"the {'EAGLE head' if _kind == 'eagle' else 'Medusa heads'} drafting a token tree (EAGLE-2's): expand "
-                           "the WIDTH best nodes of each depth by their WIDTH likeliest tokens, K deep, and verify the NODES best "
-                           "in one forward",
+                      Arg("PATH", nonempty, "head.checkpoint", None, "a head checkpoint folder", always=False,
+                          rest=True),
+                      help=f"the {'EAGLE head' if _kind == 'eagle' else 'Medusa heads'} drafting a token tree "
+                           "(EAGLE-2's): expand the WIDTH best nodes of each depth by their WIDTH likeliest tokens, "
+                           "K deep, and verify the NODES best in one forward",
                       cls=TokenTree, example=f"{_kind}-tree:4:10", needs_target=True,
                       accepts=lambda tree, _kind=_kind: tree.head.head_type == _kind)
 _SUFFIX_ARGS = [Arg("MAX_SPEC_FACTOR", float, "max_spec_factor", 2.0, "a number > 0 (drafts per matched token)"),
@@ -243,22 +253,28 @@ _SUFFIX_ARGS = [Arg("MAX_SPEC_FACTOR", float, "max_spec_factor", 2.0, "a number 
                 Arg("MIN_SCORE", float, "min_score", 0.0, "a number >= 0 (expected accepted drafts)", always=False),
                 Arg("MAX_DEPTH", int, "max_depth", 24, "an integer match length", always=False),
                 Arg("MAX_CACHED_TOKENS", int, "max_cached_tokens", 1_000_000, "an integer token count", always=False)]
-DRAFTERS.register("suffix", lambda factor, prob, score, depth, cached, **_: SuffixDecoding(factor, prob, score, depth, cached),
-                  *_SUFFIX_ARGS, help="SuffixDecoding: what most often followed the sequence's end in this request and in earlier "
-                  "responses (a cache of MAX_CACHED_TOKENS), up to MAX_SPEC_FACTOR × the match length while the estimated "
-                  "probability stays >= MIN_TOKEN_PROB; no draft where the expected accepted drafts are below MIN_SCORE",
+DRAFTERS.register("suffix",
+                  lambda factor, prob, score, depth, cached, **_: SuffixDecoding(factor, prob, score, depth, cached),
+                  *_SUFFIX_ARGS,
+                  help="SuffixDecoding: what most often followed the sequence's end in this request and in earlier "
+                       "responses (a cache of MAX_CACHED_TOKENS), up to MAX_SPEC_FACTOR × the match length while the "
+                       "estimated probability stays >= MIN_TOKEN_PROB; no draft where the expected accepted drafts are "
+                       "below MIN_SCORE",
                   cls=SuffixDecoding, example="suffix:2:0.1", accepts=lambda d: not d.drafts_trees)
 def _suffix_tree(nodes, factor, prob, score, depth, cached, **_):
     if nodes < 1: raise ValueError(f"a suffix tree needs NODES >= 1, got {nodes}")
     return SuffixDecoding(factor, prob, score, depth, cached, tree_nodes=nodes)
-DRAFTERS.register("suffix-tree", _suffix_tree, Arg("NODES", int, "tree_nodes", 8, "an integer node count"), *_SUFFIX_ARGS,
-                  help="SuffixDecoding drafting a token tree of up to NODES nodes (K deep), the likeliest continuations first",
+DRAFTERS.register("suffix-tree", _suffix_tree, Arg("NODES", int, "tree_nodes", 8, "an integer node count"),
+                  *_SUFFIX_ARGS,
+                  help="SuffixDecoding drafting a token tree of up to NODES nodes (K deep), the likeliest "
+                       "continuations first",
                   cls=SuffixDecoding, example="suffix-tree:8:2:0.1", accepts=lambda d: d.drafts_trees)
 DRAFTERS
 
 # %% ../nbs/15_specs.ipynb #201c5a11
 POLICIES = Registry("policy", none=("none",), none_help="the default: greedy at temperature 0, else rejection")
-POLICIES.register("greedy", lambda **_: Greedy(), help="lossless at temperature 0: keep drafts equal to the target's argmax", cls=Greedy)
+POLICIES.register("greedy", lambda **_: Greedy(),
+                  help="lossless at temperature 0: keep drafts equal to the target's argmax", cls=Greedy)
 POLICIES.register("rejection", lambda **_: RejectionSampling(), help="lossless speculative sampling (Leviathan et al.)",
                   cls=RejectionSampling)
 POLICIES.register("typical", lambda threshold, alpha, **_: Typical(threshold, alpha),

@@ -40,13 +40,15 @@ def _soft_labels(record:dict, recorded:dict, positions:int, offset:int, to_draft
 def _read_slots(head, layers:list) -> list[int]:
     "Where each target layer the head reads sits among the recorded `layers`; an error names the ones not recorded."
     missing = [i for i in head.target_layers if i not in layers]
-    if missing: raise ValueError(f"the data recorded target layers {layers}; the {head.head_type} head needs {missing} too")
+    if missing:
+        raise ValueError(f"the data recorded target layers {layers}; the {head.head_type} head needs {missing} too")
     return [layers.index(i) for i in head.target_layers]
 
 def _batch(head, records:list[dict], recorded:list[dict], layers:list, # the recorded layers, in their order
            max_len:int, offsets) -> dict:
-    """Right-padded training batch: `tokens` `[B, P]` (x_{t+1} of the pairs at t), `features` `[B, P, F]` (of position t),
-    and per offset o the soft labels `[B, P, k]` (the target's distribution at t+o). P = longest - 1, at most max_len - 1."""
+    """Right-padded training batch: `tokens` `[B, P]` (x_{t+1} of the pairs at t), `features` `[B, P, F]` (of position
+    t), and per offset o the soft labels `[B, P, k]` (the target's distribution at t+o). P = longest - 1, at most
+    max_len - 1."""
     to_draft = head.vocab.to_draft
     P = min(max(len(r["ids"]) for r in records), max_len) - 1
     tokens = torch.zeros(len(records), P, dtype=torch.long)
@@ -66,7 +68,8 @@ def _batch(head, records:list[dict], recorded:list[dict], layers:list, # the rec
             label_ids[o].append(ids); label_probs[o].append(probs)
     device = head.target.device
     return {"tokens": tokens.to(device), "features": features.to(device),
-            "labels": {o: (torch.stack(label_ids[o]).to(device), torch.stack(label_probs[o]).to(device)) for o in offsets}}
+            "labels": {o: (torch.stack(label_ids[o]).to(device), torch.stack(label_probs[o]).to(device))
+                       for o in offsets}}
 
 # %% ../nbs/08b_train.ipynb #b81c44f2
 def soft_cross_entropy(logits_of, # hidden [M, ...] -> draft logits [M, N]
@@ -99,23 +102,28 @@ def head_loss(head, batch:dict, ttt_steps:int=1, step_weight:float=0.8) -> tuple
     else:
         normed = head.target_norm(batch["features"])                                      # [B, P, H]
         for i, block in enumerate(head.blocks):
-            loss, hits, count = soft_cross_entropy(lambda h: head.draft_logits(block(h)), normed, *batch["labels"][1 + i])
+            loss, hits, count = soft_cross_entropy(lambda h: head.draft_logits(block(h)), normed,
+                                                   *batch["labels"][1 + i])
             losses.append(loss); agreement.append((hits, count))
     return torch.stack(losses).sum(), agreement
 
 # %% ../nbs/08b_train.ipynb #3836b77e
 def _copy_target_layer(layer, target:LoadedModel) -> None:
-    "Copy the target's last decoder layer (attention, MLP, norms) into an EAGLE layer (the head itself or an `EagleLayer`)."
+    """Copy the target's last decoder layer (attention, MLP, norms) into an EAGLE layer (the head itself or an
+    `EagleLayer`)."""
     last = target.model.model.layers[-1]
     with torch.no_grad():
-        for name in ("q_proj", "k_proj", "v_proj", "o_proj"): getattr(layer, name).weight.copy_(getattr(last.self_attn, name).weight)
-        for name in ("gate_proj", "up_proj", "down_proj"): getattr(layer, name).weight.copy_(getattr(last.mlp, name).weight)
-        for name in ("input_layernorm", "post_attention_layernorm"): getattr(layer, name).weight.copy_(getattr(last, name).weight)
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            getattr(layer, name).weight.copy_(getattr(last.self_attn, name).weight)
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            getattr(layer, name).weight.copy_(getattr(last.mlp, name).weight)
+        for name in ("input_layernorm", "post_attention_layernorm"):
+            getattr(layer, name).weight.copy_(getattr(last, name).weight)
 
 def add_eagle_layers(head:EagleHead, num_layers:int) -> EagleHead:
-    """Grow `head` to `num_layers` decoder layers. Each new layer is the target's last layer with its output projections
-    (`o_proj`, `down_proj`) at zero, so it adds nothing yet: the grown head drafts exactly as before, and training goes on
-    from there (a 1-layer checkpoint continued as a 2-layer head)."""
+    """Grow `head` to `num_layers` decoder layers. Each new layer is the target's last layer with its output
+    projections (`o_proj`, `down_proj`) at zero, so it adds nothing yet: the grown head drafts exactly as before, and
+    training goes on from there (a 1-layer checkpoint continued as a 2-layer head)."""
     if not isinstance(head, EagleHead): raise ValueError(f"only an EAGLE head takes more layers, got {head.name}")
     if isinstance(num_layers, bool) or int(num_layers) != num_layers or num_layers < head.num_layers:
         raise ValueError(f"an EAGLE head with {head.num_layers} layers cannot grow to {num_layers!r}")
@@ -133,7 +141,8 @@ def new_head(head_type:str, target:LoadedModel, draft_vocab:DraftVocab|None=None
              seed:int=0,
              num_layers:int=1, # EAGLE: decoder layers (the second and later start as the identity, `add_eagle_layers`)
             ) -> EagleHead|MedusaHeads:
-    "A fresh head, its initialisation seeded; EAGLE's layer starts from the target's last layer, `fuse` and `fc` passing the last fused layer through."
+    """A fresh head, its initialisation seeded; EAGLE's layer starts from the target's last layer, `fuse` and `fc`
+    passing the last fused layer through."""
     if head_type not in HEAD_TYPES: raise ValueError(f"unknown head type {head_type!r}: use {', '.join(HEAD_TYPES)}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -187,7 +196,8 @@ def train_head(head:EagleHead|MedusaHeads, records:list[dict],
     planned = epochs * per_epoch if max_steps is None else min(epochs * per_epoch, max_steps)
     # total: refitted under a time budget
     total, warmup = [planned], max(1, planned // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * min(s / total[0], 1)))))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warmup,
+                                                                 0.5 * (1 + math.cos(math.pi * min(s / total[0], 1)))))
     losses, agreement, t0, tokens, out_of_time = [], [], time.perf_counter(), 0, False
     bar = tqdm(total=planned, desc=f"train {head.head_type}", disable=not progress)
     with torch.random.fork_rng(devices=[]):
@@ -197,7 +207,9 @@ def train_head(head:EagleHead|MedusaHeads, records:list[dict],
             for s in range(0, len(order), batch_size):
                 if len(losses) >= total[0] or out_of_time: break
                 pick = order[s:s + batch_size]
-                if prompt_vocab: head.run_vocab = head.draft_vocab.with_ids([t for i in pick for t in records[i]["ids"][:records[i]["answer_start"]]])
+                if prompt_vocab:
+                    prompt_ids = [t for i in pick for t in records[i]["ids"][:records[i]["answer_start"]]]
+                    head.run_vocab = head.draft_vocab.with_ids(prompt_ids)
                 batch = _batch(head, [records[i] for i in pick], [recorded[i] for i in pick], layers, max_len, offsets)
                 opt.zero_grad()
                 loss, agree = head_loss(head, batch, ttt_steps)
@@ -209,7 +221,8 @@ def train_head(head:EagleHead|MedusaHeads, records:list[dict],
                 bar.update(1); bar.set_postfix(loss=f"{losses[-1]:.3f}", top1=agreement[-1][0])
                 if max_seconds is not None:
                     elapsed = time.perf_counter() - t0
-                    if len(losses) == FIT_AFTER: total[0] = min(total[0], max(FIT_AFTER + 1, int(max_seconds * FIT_AFTER / max(elapsed, 1e-9))))
+                    if len(losses) == FIT_AFTER:
+                        total[0] = min(total[0], max(FIT_AFTER + 1, int(max_seconds * FIT_AFTER / max(elapsed, 1e-9))))
                     out_of_time = elapsed >= max_seconds
     # only the budget cuts the planned steps
     stopped = "time" if len(losses) < planned else "done"
@@ -218,31 +231,36 @@ def train_head(head:EagleHead|MedusaHeads, records:list[dict],
     head.eval().requires_grad_(False)
     return {"losses": losses, "agreement": agreement, "steps": len(losses), "tokens": tokens,
             "seconds": round(time.perf_counter() - t0, 2), "epochs": epochs, "lr": lr, "batch_size": batch_size,
-            "max_len": max_len, "ttt_steps": ttt_steps if isinstance(head, EagleHead) else None, "seed": seed, "prompt_vocab": prompt_vocab,
+            "max_len": max_len, "ttt_steps": ttt_steps if isinstance(head, EagleHead) else None, "seed": seed,
+            "prompt_vocab": prompt_vocab,
             "device": str(head.target.device), "max_seconds": max_seconds, "planned_steps": planned, "stopped": stopped}
 
 # %% ../nbs/08b_train.ipynb #4057a148
 def measure_tau(target:LoadedModel, drafter, prompts:list, # `Prompt`s (encoded through the chat template) or id tensors
                 k:int=4, max_new_tokens:int=64) -> dict:
     """Mean τ over the prompts (greedy, FixedK(k)), per-position acceptance, the total new tokens, and the time taken
-    (tokens per second, and the drafter's milliseconds per drafted token: one run, a rough figure beside a benchmark)."""
+    (tokens per second, and the drafter's milliseconds per drafted token: one run, a rough figure beside a
+    benchmark)."""
     total = Stats()
     for p in prompts:
         ids = p if isinstance(p, torch.Tensor) else p.encode(target)
-        total = total + generate(target, ids, drafter=drafter, controller=FixedK(k), max_new_tokens=max_new_tokens).stats
+        total = total + generate(target, ids, drafter=drafter, controller=FixedK(k),
+                                 max_new_tokens=max_new_tokens).stats
     # verification steps; [k]
     steps, accepted_at = max(total.target_forwards, 1), (total.accepted_by_position + [0] * k)[:k]
     return {"tau": total.new_tokens / steps, "new_tokens": total.new_tokens,
             "target_forwards": total.target_forwards, "accepted_by_position": [a / steps for a in accepted_at],
-            "tok_per_s": total.new_tokens / max(total.wall_time, 1e-9), "draft_ms_per_token": 1e3 * total.draft_time / max(total.proposed, 1)}
+            "tok_per_s": total.new_tokens / max(total.wall_time, 1e-9),
+            "draft_ms_per_token": 1e3 * total.draft_time / max(total.proposed, 1)}
 
 # %% ../nbs/08b_train.ipynb #3fc077f5
 def copy_agreement(head:EagleHead, records:list[dict], recorded:list[dict], # records and their `read_features`
                    layers, # the target layers `recorded` holds
                    lookup:PromptLookup|None=None, # default PromptLookup(3, 2), as in `pld:3:2+eagle`
                   ) -> dict:
-    """Teacher-forced top-1 agreement of the head's first draft with the target's greedy token at each answer position,
-    split by whether `lookup` drafts that token there: `{"copyable": [hits, positions], "other": [hits, positions]}`."""
+    """Teacher-forced top-1 agreement of the head's first draft with the target's greedy token at each answer
+    position, split by whether `lookup` drafts that token there:
+    `{"copyable": [hits, positions], "other": [hits, positions]}`."""
     if not isinstance(head, EagleHead): raise ValueError(f"copy_agreement measures an EAGLE head, got {head.name}")
     lookup, slots = lookup or PromptLookup(3, 2), _read_slots(head, list(layers))
     counts = {"copyable": [0, 0], "other": [0, 0]}
