@@ -13,7 +13,8 @@ __all__ = ['Controller', 'FixedK', 'AdaptiveK', 'DynamicK', 'shrunk_estimates', 
 
 # %% ../nbs/06_controllers.ipynb #98b4d711
 def _check_k(name:str, k) -> int:
-    if isinstance(k, bool) or int(k) != k or k < 1: raise ValueError(f"{name} must be a positive integer (K >= 1), got {k!r}")
+    if isinstance(k, bool) or int(k) != k or k < 1:
+        raise ValueError(f"{name} must be a positive integer (K >= 1), got {k!r}")
     return int(k)
 
 class Controller:
@@ -23,7 +24,8 @@ class Controller:
     def __init__(self, pause_below:float|None=None, # pause drafting when the acceptance EMA is below this
                  pause_steps:int=8, # steps of plain decoding per pause
                  ema:float=0.5): # weight of the newest step in the acceptance EMA
-        if pause_below is not None and not 0 <= pause_below < 1: raise ValueError(f"pause_below must be in [0, 1), got {pause_below}")
+        if pause_below is not None and not 0 <= pause_below < 1:
+            raise ValueError(f"pause_below must be in [0, 1), got {pause_below}")
         self.pause_below, self.pause_steps, self.ema = pause_below, pause_steps, ema
         self.reset()
 
@@ -34,7 +36,8 @@ class Controller:
     def start(self, target, drafter,
               compile:str="auto", # the mode the generation decodes in
               batch:int=1) -> None: # rows decoded together
-        "Called by `generate` before each generation (cost-aware controllers measure the pair here, at this batch size)."
+        """Called by `generate` before each generation (cost-aware controllers measure the pair here, at this batch
+        size)."""
         self.reset()
 
     @property
@@ -66,14 +69,16 @@ class FixedK(Controller):
     @property
     def max_k(self): return self.k
     def choose_k(self): return self.k
-    def describe(self): return f"k={self.k}" + (f", pause_below={self.pause_below}" if self.pause_below is not None else "")
+    def describe(self):
+        return f"k={self.k}" + (f", pause_below={self.pause_below}" if self.pause_below is not None else "")
 
 class AdaptiveK(Controller):
     "Grow K by one after a fully accepted draft, halve it after an early rejection, within [k_min, k_max]."
     def __init__(self, k_init:int=4, k_min:int=1, k_max:int=16, early:float=0.5, # a rejection before early*K is early
                  pause_below:float|None=0.15, pause_steps:int=8):
         self.k_min, self.k_max = _check_k("k_min", k_min), _check_k("k_max", k_max)
-        if not self.k_min <= k_init <= self.k_max: raise ValueError(f"need k_min <= k_init <= k_max, got {k_min}, {k_init}, {k_max}")
+        if not self.k_min <= k_init <= self.k_max:
+            raise ValueError(f"need k_min <= k_init <= k_max, got {k_min}, {k_init}, {k_max}")
         self.k_init, self.early = _check_k("k_init", k_init), early
         super().__init__(pause_below, pause_steps)
     def reset(self):
@@ -86,7 +91,8 @@ class AdaptiveK(Controller):
         if proposed == 0: return
         if accepted == proposed: self.k = min(self.k + 1, self.k_max)
         elif accepted < self.early * proposed: self.k = max(self.k // 2, self.k_min)
-    def describe(self): return f"k_init={self.k_init}, k_min={self.k_min}, k_max={self.k_max}, pause_below={self.pause_below}"
+    def describe(self):
+        return f"k_init={self.k_init}, k_min={self.k_min}, k_max={self.k_max}, pause_below={self.pause_below}"
 
 class DynamicK(Controller):
     """Draft up to `k_max` tokens, stopping where the draft's own probability of its chain so far falls below
@@ -94,7 +100,8 @@ class DynamicK(Controller):
     only, so the output is unchanged (lossless); drafters without distributions (prompt lookup) draft `k_max`."""
     def __init__(self, k_max:int=8, stop_below:float=0.1):
         self.k_max = _check_k("k_max", k_max)
-        if isinstance(stop_below, bool) or not 0 < stop_below < 1: raise ValueError(f"stop_below must be a probability in (0, 1), got {stop_below!r}")
+        if isinstance(stop_below, bool) or not 0 < stop_below < 1:
+            raise ValueError(f"stop_below must be a probability in (0, 1), got {stop_below!r}")
         self.stop_below = float(stop_below)
         super().__init__(None)
     @property
@@ -139,13 +146,14 @@ class CostAwareK(Controller):
             # measure again
             if not (t is target and d is drafter and mode == compile and b == batch): self.costs = None
         if self.costs is None:
-            self.costs = measure_step_costs(target, drafter, q_values=range(1, self.k_max + 2), repeats=3, compile=compile,
-                                            batch=batch)
+            self.costs = measure_step_costs(target, drafter, q_values=range(1, self.k_max + 2), repeats=3,
+                                            compile=compile, batch=batch)
             self.measured_on = (target, drafter, compile, batch)
 
     @property
     def max_k(self): return self.k_max
-    def acceptance_estimates(self) -> list[float]: return shrunk_estimates(self.passed, self.tried, self.prior, self.prior_weight)
+    def acceptance_estimates(self) -> list[float]:
+        return shrunk_estimates(self.passed, self.tried, self.prior, self.prior_weight)
 
     def choose_k(self):
         k = best_k(self.costs, self.acceptance_estimates(), self.k_max)

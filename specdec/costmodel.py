@@ -76,7 +76,8 @@ def best_k(costs:StepCosts, acceptance:list[float]|float, k_max:int=16) -> int:
 
 # %% ../nbs/12_costmodel.ipynb #aebb3d61
 def conditional_acceptance(per_position) -> list[float]:
-    "Conditional rates alpha_i from per-position acceptance (share of drafts at position i accepted = prod alpha_j), or from a `Stats`."
+    """Conditional rates alpha_i from per-position acceptance (share of drafts at position i accepted = prod alpha_j),
+    or from a `Stats`."""
     if hasattr(per_position, "per_position_acceptance"): per_position = per_position.per_position_acceptance
     rates, previous = [], 1.0
     for survive in per_position:                      # prod_{j<=i} alpha_j
@@ -88,7 +89,8 @@ def conditional_acceptance(per_position) -> list[float]:
 # %% ../nbs/12_costmodel.ipynb #1fbe035c
 def _time_forward(runner, q:int, context:int, repeats:int, device:torch.device, logits:str, seed:int=0,
                   batch:int=1) -> float:
-    "Median seconds of the target's `runner` (its net, or the engine the run uses) over q new tokens a row after `context`."
+    """Median seconds of the target's `runner` (its net, or the engine the run uses) over q new tokens a row after
+    `context`."""
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, runner.vocab_size, (batch, context + q), generator=gen).to(device)   # [B, context+q]
     cache = runner.new_cache(batch, context + q)
@@ -105,7 +107,8 @@ def _time_forward(runner, q:int, context:int, repeats:int, device:torch.device, 
 def _time_drafter(drafter, target, runner, k:int, context:int, repeats:int, device:torch.device, seed:int=0,
                   batch:int=1) -> float:
     """Median seconds per draft token of a step (`propose(..., k)`, then `observe(0, features)`) over `batch` rows, one
-    token longer each step; a drafter that reads the target's features gets the target's (`runner`'s) at every position."""
+    token longer each step; a drafter that reads the target's features gets the target's (`runner`'s) at every
+    position."""
     context = max(context, 1)
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, target.vocab_size, (batch, context + repeats + 1), generator=gen).to(device)   # [B, S_max]
@@ -142,9 +145,11 @@ def measure_step_costs(target, # a LoadedModel, or a stand-in with a `.net`
     mode = resolve_compile(compile, target.net)
     runner = engine_for(target.net, mode)
     if verify is None:
-        verify = {q: _time_forward(runner, q, context, repeats, device, "all", batch=batch) for q in sorted(set(q_values))}
+        verify = {q: _time_forward(runner, q, context, repeats, device, "all", batch=batch)
+                  for q in sorted(set(q_values))}
     if drafter is not None: drafter.use_engine(mode)
-    draft = 0.0 if drafter is None else _time_drafter(drafter, target, runner, draft_k, context, repeats, device, batch=batch)
+    draft = 0.0 if drafter is None else _time_drafter(drafter, target, runner, draft_k, context, repeats, device,
+                                                      batch=batch)
     return StepCosts(verify, draft, source={"target": target.name, "device": str(device), "mode": mode, "batch": batch,
                                             "drafter": None if drafter is None else drafter.name, "context": context,
                                             "repeats": repeats, "draft_k": draft_k})

@@ -38,7 +38,8 @@ class GenerationOutput:
 
 @dataclass
 class StepEvent:
-    "What one verification step did, for callbacks (`generate(on_step=...)`): host values, read only when a callback asks."
+    """What one verification step did, for callbacks (`generate(on_step=...)`): host values, read only when a callback
+    asks."""
     step: int                      # 0-based verification step
     proposed: int                  # drafts proposed (K, or fewer valid slots; a token tree: its depth)
     accepted: int                  # drafts kept (counted up to an EOS)
@@ -55,7 +56,9 @@ def _prompts(input_ids, device) -> tuple[torch.Tensor, list[int], bool]:
     if many:
         rows = [torch.as_tensor(p, dtype=torch.long) for p in input_ids]
         bad = [i for i, r in enumerate(rows) if r.dim() != 1 and not (r.dim() == 2 and r.shape[0] == 1)]
-        if bad: raise ValueError(f"prompt {bad[0]} must be token ids [S] (or [1, S]), got shape {tuple(rows[bad[0]].shape)}")
+        if bad:
+            raise ValueError(f"prompt {bad[0]} must be token ids [S] (or [1, S]), "
+                             f"got shape {tuple(rows[bad[0]].shape)}")
         rows = [r.flatten() for r in rows]
     else:
         ids = torch.as_tensor(input_ids, dtype=torch.long)
@@ -63,7 +66,8 @@ def _prompts(input_ids, device) -> tuple[torch.Tensor, list[int], bool]:
         if ids.dim() != 2: raise ValueError(f"input_ids must be [B, S] token ids, got shape {tuple(ids.shape)}")
         rows = list(ids)
     empty = [i for i, r in enumerate(rows) if r.numel() == 0]
-    if empty: raise ValueError("empty prompt: input_ids has no tokens" if len(rows) == 1 else f"empty prompt: prompt {empty[0]}")
+    if empty: raise ValueError("empty prompt: input_ids has no tokens" if len(rows) == 1
+                               else f"empty prompt: prompt {empty[0]}")
     lengths = [r.numel() for r in rows]
     prompt = torch.zeros(len(rows), max(lengths), dtype=torch.long)                  # [B, S] right-padded with id 0
     for i, r in enumerate(rows): prompt[i, :lengths[i]] = r
@@ -76,7 +80,8 @@ def read_step(summary:torch.Tensor # [3, B] n_accepted, eos_index, n_proposed of
 
 # %% ../nbs/08_decode.ipynb #61309650
 def _emitted(draft_tokens, verdict, eos_ids):
-    "On the device: the step's tokens `[B, K+1]` (accepted drafts, then the next token; later slots are junk) and the first EOS among the emitted ones (`K+1`: none)."
+    """On the device: the step's tokens `[B, K+1]` (accepted drafts, then the next token; later slots are junk) and the
+    first EOS among the emitted ones (`K+1`: none)."""
     n, next_token = verdict.n_accepted, verdict.next_token                               # [B], [B]
     new = torch.cat([draft_tokens, next_token[:, None]], 1).scatter(1, n[:, None], next_token[:, None])   # [B, K+1]
     slots = torch.arange(new.shape[1], device=new.device)                                # [K+1]
@@ -119,7 +124,8 @@ def _step(runner, cache, drafter, policy, tokens, lengths:list, lengths_t, k:int
     current = tokens[:, L - 1:L] if B == 1 else tokens.gather(1, lengths_t[:, None] - 1)   # [B, 1] each row's last
     verify_ids = torch.cat([current, draft.tokens], dim=1)                         # [B, K+1]
     if draft.parents is not None:
-        return _tree_step(runner, cache, policy, draft, verify_ids, tokens, L, sampling, generator, eos_ids, keep, timer)
+        return _tree_step(runner, cache, policy, draft, verify_ids, tokens, L, sampling, generator, eos_ids, keep,
+                          timer)
     target_logits, features = runner(verify_ids, cache, keep=keep)               # [B, K+1, V], [B, K+1, F]
     timer.lap("verify")
     extra = {} if draft.n_valid is None else {"n_valid": draft.n_valid}
@@ -137,7 +143,8 @@ def _tree_step(runner, cache, policy, draft, verify_ids, tokens, length:int, sam
     """`_step` for a token tree (one row): verify every branch in one forward, keep the accepted branch's cache entries,
     and its features first in the block."""
     if not hasattr(runner, "keep_path"):
-        raise ValueError(f"token trees are verified by a DecoderNet or its Engine; this target runs {type(runner).__name__}")
+        raise ValueError(f"token trees are verified by a DecoderNet or its Engine; this target runs "
+                         f"{type(runner).__name__}")
     layout = draft.layout if draft.layout is not None else TreeLayout.of_draft(draft.parents)
     target_logits, features = runner(verify_ids, cache, tree=layout, keep=keep)    # [1, K+1, V], [1, K+1, F]
     timer.lap("verify")
@@ -207,9 +214,10 @@ def generate(target:LoadedModel, # the model whose output we want (anything with
                          "use greedy or rejection")
     device, (B, S) = target.device, prompt.shape
     if B > 1 and drafter is not None and drafter.drafts_trees:
-        raise NotImplementedError(f"{drafter.name} drafts token trees, which are drafted and verified for one prompt at "
-                                  f"a time; got {B}: use a chain drafter for a batch")
-    if B > 1 and on_step is not None: raise NotImplementedError("on_step follows one prompt: a batch has no step events")
+        raise NotImplementedError(f"{drafter.name} drafts token trees, which are drafted and verified for one prompt "
+                                  f"at a time; got {B}: use a chain drafter for a batch")
+    if B > 1 and on_step is not None:
+        raise NotImplementedError("on_step follows one prompt: a batch has no step events")
     if drafter is not None and controller is None: controller = FixedK(4)
     if controller is not None and drafter is not None:
         controller.start(target, drafter, compile, B)
@@ -271,8 +279,8 @@ def generate(target:LoadedModel, # the model whose output we want (anything with
         if first_token_time is None: first_token_time = time.perf_counter() - t0
         if on_step is not None:
             m = accepted_lengths[0][-1]
-            if on_step(_event(len(accepted_lengths[0]) - 1, draft, proposed[0], m, tokens[0, lengths[0] - m - 1:lengths[0]],
-                              before, timer)) is False: break
+            if on_step(_event(len(accepted_lengths[0]) - 1, draft, proposed[0], m,
+                              tokens[0, lengths[0] - m - 1:lengths[0]], before, timer)) is False: break
 
     # on the clock: a drafter that learns keeps the outputs
     if drafter is not None:
@@ -282,7 +290,8 @@ def generate(target:LoadedModel, # the model whose output we want (anything with
     wall = time.perf_counter() - t0 - setup
     phases = timer.finish()
     for b, rs in enumerate(row_stats):
-        rs.new_tokens, rs.prefill_time, rs.first_token_time = lengths[b] - prompt_lengths[b], prefill_time, first_token_time
+        rs.new_tokens = lengths[b] - prompt_lengths[b]
+        rs.prefill_time, rs.first_token_time = prefill_time, first_token_time
         rs.wall_time = wall if B == 1 or not rs.wall_time else rs.wall_time - setup   # when the row finished
     stats = sum(row_stats, Stats()) if B > 1 else row_stats[0]
     stats.wall_time, stats.prefill_time, stats.first_token_time = wall, prefill_time, first_token_time

@@ -78,7 +78,8 @@ class Drafter:
                 k:int, sampling:SamplingConfig, generator=None,
                 lengths:list[int]|None=None, # a batch: row b's sequence is `tokens[b, :lengths[b]]` (None: all L long)
                ) -> Draft:
-        "Up to `k` drafts after each row (fewer, or none: the step then decodes one token); a batch pads with `n_valid`."
+        """Up to `k` drafts after each row (fewer, or none: the step then decodes one token); a batch pads with
+        `n_valid`."""
         raise NotImplementedError
 
     # drafts the step kept (0 on a step that drafted nothing); a batch: a row's
@@ -92,8 +93,9 @@ class Drafter:
                       logits:torch.Tensor, # [B, N] the draft's logits at this position
                       choice:torch.Tensor, # [B] the index drafted there (into the logits' last dimension)
                      ) -> tuple[bool, torch.Tensor|None]:
-        """Whether to draft one more token under `stop_below`, and the chains' probabilities `[B]` with this token: go on
-        while some row's chain keeps at least `stop_below` (its softmax at temperature 1; one host read per token)."""
+        """Whether to draft one more token under `stop_below`, and the chains' probabilities `[B]` with this token: go
+        on while some row's chain keeps at least `stop_below` (its softmax at temperature 1; one host read per
+        token)."""
         if self.stop_below is None: return True, None
         p = torch.softmax(logits.float(), -1).gather(-1, choice[:, None])[:, 0]    # [B]
         chain = p if chain is None else chain * p
@@ -124,7 +126,8 @@ class PromptLookup(Drafter):
     def __init__(self, max_ngram:int=3, min_ngram:int=1,
                  on_device:bool|None=None, # match on the device (fixed k, `n_valid`); None: on CUDA only
                 ):
-        if not 1 <= min_ngram <= max_ngram: raise ValueError(f"need 1 <= min_ngram <= max_ngram, got {min_ngram}, {max_ngram}")
+        if not 1 <= min_ngram <= max_ngram:
+            raise ValueError(f"need 1 <= min_ngram <= max_ngram, got {min_ngram}, {max_ngram}")
         self.max_ngram, self.min_ngram, self.on_device = max_ngram, min_ngram, on_device
 
     @property
@@ -139,7 +142,8 @@ class PromptLookup(Drafter):
         if B == 1:
             found = self.lookup(tokens[0].cpu(), k)
             return Draft(found[None].to(tokens.device)) if found.numel() else no_draft(tokens)
-        return padded_draft([self.lookup(tokens[b, :L].cpu(), k) for b, L in enumerate(lengths or [S] * B)], tokens.device)
+        return padded_draft([self.lookup(tokens[b, :L].cpu(), k) for b, L in enumerate(lengths or [S] * B)],
+                            tokens.device)
 
     def lookup(self, seq:torch.Tensor, # [S] one sequence, on the host
                k:int) -> torch.Tensor:
@@ -162,7 +166,8 @@ def check_same_vocabulary(target:LoadedModel, draft:LoadedModel) -> None:
     elif target.tokenizer is not None and draft.tokenizer is not None and hasattr(target.tokenizer, "get_vocab") \
             and target.tokenizer.get_vocab() != draft.tokenizer.get_vocab():
         problem = "their tokenizers map tokens to different ids"
-    if problem: raise ValueError(f"draft model {draft.name!r} and target {target.name!r} do not share a vocabulary: {problem}")
+    if problem:
+        raise ValueError(f"draft model {draft.name!r} and target {target.name!r} do not share a vocabulary: {problem}")
 
 class DraftModel(Drafter):
     "Draft with a smaller causal LM sharing the target's vocabulary (its own KV cache)."
@@ -193,15 +198,16 @@ def _start(self:DraftModel, target, prompt_ids, capacity, features=None, lengths
     self.check(target)
     self.forwards, self._k = 0, 0
     B = prompt_ids.shape[0]
-    if isinstance(self.runner, Engine) or self.cache is None or self.cache.capacity < capacity or self.cache.keys.shape[1] != B:
+    if (isinstance(self.runner, Engine) or self.cache is None or self.cache.capacity < capacity
+            or self.cache.keys.shape[1] != B):
         self.cache = self.runner.new_cache(B, capacity)     # an engine hands back its own (static) cache
     self.cache.rollback(0)
 
 def _catch_up(self:DraftModel, tokens, lengths) -> torch.Tensor:
-    """Feed each row what its cache lacks (up to and with its last token); the draft's logits there `[B, V]`. Rows lacking
-    different counts are right-padded; their padding is written past their length (masked, then overwritten). A batch's
-    catch-up runs the net's own forward (on the engine's cache too): its widths vary; the drafts, one token a row, run as
-    the engine runs them."""
+    """Feed each row what its cache lacks (up to and with its last token); the draft's logits there `[B, V]`. Rows
+    lacking different counts are right-padded; their padding is written past their length (masked, then overwritten).
+    A batch's catch-up runs the net's own forward (on the engine's cache too): its widths vary; the drafts, one token a
+    row, run as the engine runs them."""
     have = self.cache.lengths
     if lengths is None: return self.runner(tokens[:, have[0]:], self.cache, logits="last").logits[:, -1]
     have = [min(h, L - 1) for h, L in zip(have, lengths)]                     # a row that stopped: its last token again
@@ -246,7 +252,8 @@ class LayerSkip(DraftModel):
     "Draft with the target's first `num_layers` layers and its head, sharing the target's weights."
     def __init__(self, target:LoadedModel, num_layers:int):
         if not 1 <= num_layers < target.num_layers:
-            raise ValueError(f"LayerSkip needs 1 <= num_layers < {target.num_layers} (the target's layers), got {num_layers}")
+            raise ValueError(f"LayerSkip needs 1 <= num_layers < {target.num_layers} (the target's layers), "
+                             f"got {num_layers}")
         self.target, self.num_layers = target, num_layers
         super().__init__(target, num_layers)
 
@@ -259,9 +266,10 @@ class LayerSkip(DraftModel):
 
 # %% ../nbs/05_drafters.ipynb #97227af7
 class Fallback(Drafter):
-    """The first drafter's draft where it has one, else the next one's (e.g. prompt lookup where the text repeats, a head
-    elsewhere). On one row, a draft made on the device is read once to know whether it drafted (one more host read), so
-    that the drafters after it run only where it has nothing; on several rows each row takes the first real draft."""
+    """The first drafter's draft where it has one, else the next one's (e.g. prompt lookup where the text repeats, a
+    head elsewhere). On one row, a draft made on the device is read once to know whether it drafted (one more host
+    read), so that the drafters after it run only where it has nothing; on several rows each row takes the first real
+    draft."""
     def __init__(self, drafters:list):
         drafters = list(drafters)
         if len(drafters) < 2 or not all(isinstance(d, Drafter) for d in drafters):
@@ -308,7 +316,8 @@ class Fallback(Drafter):
         if features is None or not member.target_layers: return None
         if member.target_layers == self.target_layers: return features
         H = features.shape[-1] // len(self.target_layers)
-        return torch.cat([features[..., j * H:(j + 1) * H] for j in map(self.target_layers.index, member.target_layers)], -1)
+        return torch.cat([features[..., j * H:(j + 1) * H]
+                          for j in map(self.target_layers.index, member.target_layers)], -1)
 
     def start(self, target, prompt_ids, capacity, features=None, lengths=None):
         rows = {} if lengths is None else {"lengths": lengths}
@@ -330,7 +339,8 @@ class Fallback(Drafter):
                 self.usage[i]["proposed"] += valid
                 return draft
             if draft.parents is not None and merged is not None:
-                raise NotImplementedError(f"{self.name}: a token tree cannot fill in for rows of a draft made on the device")
+                raise NotImplementedError(f"{self.name}: a token tree cannot fill in for rows of a draft "
+                                          "made on the device")
             if draft.n_valid is None and merged is None:               # a draft the host knows is real: use it
                 self._used = i
                 self.usage[i]["proposed"] += draft.k

@@ -78,7 +78,8 @@ def example_inputs(name:str, device, batch:int=1, k:int=4, vocab:int=49152, cont
         return qkv, cos, sin, keys, values, slots, heads, kv_heads
     if name == "silu_mul": return (torch.randn(batch, k + 1, 2 * intermediate, **opts),)       # [B, K+1, 2I]
     cache = torch.zeros(batch, kv_heads, context, head_dim, device=device)
-    return cache, torch.randn(batch, kv_heads, k + 1, head_dim, **opts), torch.full((batch,), context // 2, device=device)
+    return (cache, torch.randn(batch, kv_heads, k + 1, head_dim, **opts),
+            torch.full((batch,), context // 2, device=device))
 
 # %% ../nbs/02b_kernels.ipynb #fac13789
 WRITTEN_ARGS = {"kv_write": (0,), "rotary_kv": (3, 4)}   # arguments a kernel writes in place (caches)
@@ -126,7 +127,8 @@ _DECISIONS: dict[tuple[str, str], dict] = {}   # (kernel, device) -> {"impl", "r
 
 def _decide(name:str, device:torch.device) -> dict:
     "Pick an implementation for kernel `name` on `device` (torch unless Triton runs there, agrees and is faster)."
-    if device.type != "cuda": return {"impl": "torch", "reason": f"{device.type}: the torch reference (Triton only on CUDA)"}
+    if device.type != "cuda":
+        return {"impl": "torch", "reason": f"{device.type}: the torch reference (Triton only on CUDA)"}
     if (why_not := triton_unavailable(device)) is not None: return {"impl": "torch", "reason": why_not}
     if torch.cuda.is_current_stream_capturing():
         return {"impl": "torch", "reason": "first needed during a CUDA graph capture, where it cannot be timed"}
@@ -151,7 +153,8 @@ def choose(name:str,        # a kernel in `KERNELS`
           ):
     "The function implementing kernel `name` on `device`."
     _check_name(name)
-    if prefer not in ("auto",) + IMPLEMENTATIONS: raise ValueError(f"prefer must be auto, triton or torch, got {prefer!r}")
+    if prefer not in ("auto",) + IMPLEMENTATIONS:
+        raise ValueError(f"prefer must be auto, triton or torch, got {prefer!r}")
     device = _device(device)
     key = (name, str(device))
     if prefer == "auto":
@@ -183,7 +186,8 @@ def rejection_verify(draft_tokens:torch.Tensor,      # [B, K] long
                      uniforms:torch.Tensor,          # [B, K] U(0, 1)
                      exp_noise:torch.Tensor          # [B, V] Exp(1)
                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    "`(n_accepted [B], next_token [B])`: accept while `u * draft_p < target_p`; next token by the Exp(1) race on the residual."
+    """`(n_accepted [B], next_token [B])`: accept while `u * draft_p < target_p`; next token by the Exp(1) race on the
+    residual."""
     return choose("rejection_verify", target_probs.device)(draft_tokens, draft_probs, target_probs, uniforms, exp_noise)
 
 def ngram_match(tokens:torch.Tensor,   # [B, S_cap] long

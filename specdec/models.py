@@ -101,8 +101,10 @@ class LoadedModel:
 
     def encode(self, prompt:str, chat:bool=False) -> torch.Tensor:
         "Token ids `[1, S]` for `prompt`, through the chat template when `chat` (and the model has one)."
-        if self.tokenizer is None: raise ValueError(f"model {self.name!r} has no tokenizer: pass token ids instead of text")
-        if not isinstance(prompt, str) or not prompt.strip(): raise ValueError("empty prompt: give some text to continue")
+        if self.tokenizer is None:
+            raise ValueError(f"model {self.name!r} has no tokenizer: pass token ids instead of text")
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError("empty prompt: give some text to continue")
         if chat and getattr(self.tokenizer, "chat_template", None):
             text = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                                       add_generation_prompt=True)
@@ -118,7 +120,8 @@ class LoadedModel:
 
     def __repr__(self):
         n = sum(p.numel() for p in self.model.parameters())
-        return f"LoadedModel({self.name!r}, {n/1e6:.2f}M params, {self.num_layers} layers, vocab {self.vocab_size}, {self.device}, {self.dtype})"
+        return (f"LoadedModel({self.name!r}, {n/1e6:.2f}M params, {self.num_layers} layers, vocab {self.vocab_size}, "
+                f"{self.device}, {self.dtype})")
 
 # %% ../nbs/01_models.ipynb #974bd7da
 def tiny_llama(vocab_size:int=512, # vocabulary size (≥ 258 to hold the byte tokenizer)
@@ -163,7 +166,8 @@ def perturbed(loaded:LoadedModel,
             spread = p.float().std().item() if p.numel() > 1 else 0.0
             p.add_((torch.randn(p.shape, generator=gen) * (noise * spread)).to(p.device, p.dtype))
     source = {**loaded.source, "perturbed": {"of": loaded.name, "noise": noise, "seed": seed}}
-    return LoadedModel(model, loaded.tokenizer, name or f"{loaded.name}+noise{noise:g}", loaded.device, loaded.dtype, source)
+    return LoadedModel(model, loaded.tokenizer, name or f"{loaded.name}+noise{noise:g}", loaded.device, loaded.dtype,
+                       source)
 
 # %% ../nbs/01_models.ipynb #9dc9747d
 ZOO = {
@@ -252,6 +256,7 @@ def load_model(name_or_path:str, # zoo name, `.gguf` file, local folder or Huggi
     try: model, tok = _from_pretrained(name, device, dtype)
     except Exception as e:
         raise ValueError(f"unknown model {name!r}: not a zoo name ({', '.join(ZOO)}), not a local folder or .gguf "
-                         f"file, and the Hugging Face hub could not provide it (offline?): {type(e).__name__}: {e}") from e
+                         "file, and the Hugging Face hub could not provide it (offline?): "
+                         f"{type(e).__name__}: {e}") from e
     return LoadedModel(model, tok, name, device, dtype,
                        {"kind": "hub", "hub_id": name, "revision": getattr(model.config, "_commit_hash", None)})

@@ -15,7 +15,8 @@ __all__ = ['TYPES', 'notebook_parameters', 'parameter_value', 'check_parameters'
 TYPES = {"str": str, "int": int, "float": float, "bool": bool}   # papermill's inferred type names
 
 def notebook_parameters(path) -> dict[str, dict]:
-    "Name → default, help and type of each parameter in a notebook's `parameters` cell (its annotation, else its default's type)."
+    """Name → default, help and type of each parameter in a notebook's `parameters` cell (its annotation, else its
+    default's type)."""
     import papermill as pm
     out = {}
     for name, p in pm.inspect_notebook(str(path)).items():
@@ -27,10 +28,12 @@ def notebook_parameters(path) -> dict[str, dict]:
 # %% ../nbs/08b_parameters.ipynb #0509105a
 _BOOLS = {"true": True, "false": False, "yes": True, "no": False, "1": True, "0": False}
 
-def _type_name(kind) -> str: return {str: "a string", int: "an int", float: "a float", bool: "a bool (true/false)"}.get(kind, kind.__name__)
+def _type_name(kind) -> str:
+    return {str: "a string", int: "an int", float: "a float", bool: "a bool (true/false)"}.get(kind, kind.__name__)
 
 def _bad(name:str, info:dict, got) -> ValueError:
-    return ValueError(f"parameter {name} is {_type_name(info['type'])} (the notebook's default: {info['default']!r}), got {got!r}")
+    return ValueError(f"parameter {name} is {_type_name(info['type'])} (the notebook's default: {info['default']!r}), "
+                      f"got {got!r}")
 
 def parameter_value(name:str, text:str, info:dict):
     "The value of parameter `name` from command-line `text`, typed as the notebook's parameters cell declares it."
@@ -47,9 +50,11 @@ def parameter_value(name:str, text:str, info:dict):
 
 # %% ../nbs/08b_parameters.ipynb #f06e014d
 def check_parameters(values:dict, params:dict[str, dict], where:str="the notebook") -> dict:
-    "`values` checked against the declared parameters: known names, declared types (an int is also a float); returns them."
+    """`values` checked against the declared parameters: known names, declared types (an int is also a float); returns
+    them."""
     unknown = [n for n in values if n not in params]
-    if unknown: raise ValueError(f"{where} has no parameter {', '.join(map(repr, unknown))}: its parameters are {', '.join(params)}")
+    if unknown: raise ValueError(f"{where} has no parameter {', '.join(map(repr, unknown))}: "
+                                 f"its parameters are {', '.join(params)}")
     out = {}
     for name, value in values.items():
         kind = params[name]["type"]
@@ -67,11 +72,15 @@ def set_parameters(source:str, values:dict) -> str:
     lines = source.split("\n")
     found = {}
     for node in ast.parse(source).body:
-        target = node.targets[0] if isinstance(node, ast.Assign) and len(node.targets) == 1 else getattr(node, "target", None)
-        if isinstance(target, ast.Name) and target.id in values and node.value is not None: found[target.id] = node.value
-    if set(values) - set(found): raise ValueError(f"the parameters cell assigns no {', '.join(sorted(set(values) - set(found)))}")
+        target = (node.targets[0] if isinstance(node, ast.Assign) and len(node.targets) == 1
+                  else getattr(node, "target", None))
+        if isinstance(target, ast.Name) and target.id in values and node.value is not None:
+            found[target.id] = node.value
+    if set(values) - set(found):
+        raise ValueError(f"the parameters cell assigns no {', '.join(sorted(set(values) - set(found)))}")
     for name, node in found.items():
-        if node.lineno != node.end_lineno: raise ValueError(f"parameter {name}'s default spans several lines: it cannot be rewritten")
+        if node.lineno != node.end_lineno:
+            raise ValueError(f"parameter {name}'s default spans several lines: it cannot be rewritten")
         line = lines[node.lineno - 1].encode()           # ast's offsets count UTF-8 bytes
         new = _literal(values[name]).encode()
         rest = line[node.end_col_offset:]

@@ -73,7 +73,8 @@ def cpu_isa() -> dict:
             "cpu_flags": None if flags is None else [f for f in CPU_ISA_FLAGS if f in flags.split()]}
 
 def system_info(device) -> dict:
-    "CPU (and its instruction sets), cores, RAM, GPU, driver, CUDA and OS of this machine, and an anonymous machine id (a hash)."
+    """CPU (and its instruction sets), cores, RAM, GPU, driver, CUDA and OS of this machine, and an anonymous machine id
+    (a hash)."""
     cpu = _cpuinfo("model name") or platform.processor() or None
     try: ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError): ram = None
@@ -82,15 +83,16 @@ def system_info(device) -> dict:
             "device": str(device), "gpu": None}
     if torch.cuda.is_available():
         p = torch.cuda.get_device_properties(0)
-        try: driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True,
-                                     text=True, timeout=10).stdout.strip() or None
+        try: driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                     capture_output=True, text=True, timeout=10).stdout.strip() or None
         except (OSError, subprocess.SubprocessError): driver = None
         info["gpu"] = {"name": p.name, "memory_bytes": p.total_memory, "cuda": torch.version.cuda, "driver": driver}
     return info
 
 def machine_of(system:dict) -> dict:
     "What must match for a run to be resumed on this machine (the CPU's instruction sets included)."
-    return ({k: system.get(k) for k in ("machine_id", "cpu", "cpu_capability", "cpu_flags", "cores", "ram_bytes", "device")}
+    return ({k: system.get(k) for k in ("machine_id", "cpu", "cpu_capability", "cpu_flags", "cores", "ram_bytes",
+                                        "device")}
             | {"gpu": (system.get("gpu") or {}).get("name")})
 
 def versions() -> dict:
@@ -169,8 +171,8 @@ def check_resume(manifest:dict, config_hash:str, git:dict, machine:dict) -> None
         reasons.append(f"it was measured on another machine ({'; '.join(differ)})")
     if manifest.get("config_hash") != config_hash: reasons.append("its parameters differ from these")
     if reasons:
-        raise ResumeRefused(f"cannot resume run {manifest.get('run_id')!r}: {'; '.join(reasons)}. Start a fresh run instead: "
-                            f"leave out --resume (papermill: resume=\"\").")
+        raise ResumeRefused(f"cannot resume run {manifest.get('run_id')!r}: {'; '.join(reasons)}. "
+                            f"Start a fresh run instead: leave out --resume (papermill: resume=\"\").")
 
 # %% ../nbs/10a_provenance.ipynb #d7cccf8e
 def portable_path(v):

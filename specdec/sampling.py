@@ -15,12 +15,14 @@ __all__ = ['SamplingConfig', 'logits_to_probs', 'RowGenerators', 'uniform', 'exp
 # %% ../nbs/03_sampling.ipynb #ddf3099b
 @dataclass(frozen=True)
 class SamplingConfig:
-    "How tokens are chosen: `temperature=0` is greedy; otherwise sample from the temperature-scaled, top-p-filtered distribution."
+    """How tokens are chosen: `temperature=0` is greedy; otherwise sample from the temperature-scaled, top-p-filtered
+    distribution."""
     temperature:float = 0.0  # 0 for greedy
     top_p:float = 1.0        # nucleus mass kept, in (0, 1]
 
     def __post_init__(self):
-        if not isinstance(self.temperature, (int, float)) or self.temperature != self.temperature or self.temperature < 0:
+        if (not isinstance(self.temperature, (int, float)) or self.temperature != self.temperature
+                or self.temperature < 0):
             raise ValueError(f"temperature must be >= 0 (0 is greedy), got {self.temperature}")
         if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
@@ -54,9 +56,12 @@ class RowGenerators:
 
 def _draw(fill, shape, device, generator) -> torch.Tensor:
     "`shape` float32 values, each row from its own generator when `generator` is a `RowGenerators`."
-    if not isinstance(generator, RowGenerators): return fill(torch.empty(shape, dtype=torch.float32, device=device), generator)
-    if shape[0] != len(generator): raise ValueError(f"{len(generator)} row generators for draws of shape {tuple(shape)}")
-    return torch.stack([fill(torch.empty(shape[1:], dtype=torch.float32, device=device), g) for g in generator.generators])
+    if not isinstance(generator, RowGenerators):
+        return fill(torch.empty(shape, dtype=torch.float32, device=device), generator)
+    if shape[0] != len(generator):
+        raise ValueError(f"{len(generator)} row generators for draws of shape {tuple(shape)}")
+    return torch.stack([fill(torch.empty(shape[1:], dtype=torch.float32, device=device), g)
+                        for g in generator.generators])
 
 def uniform(shape, device, generator:torch.Generator|RowGenerators|None=None) -> torch.Tensor:
     "U(0, 1) draws of `shape` (float32); a `RowGenerators` draws each row `[b, ...]` from its own generator."

@@ -61,11 +61,14 @@ class Stats:
     @property
     def acceptance_rate(self) -> float: return self.accepted / self.proposed if self.proposed else float("nan")
     @property
-    def tau(self) -> float: return (self.accepted + self.target_forwards) / self.target_forwards if self.target_forwards else float("nan")
+    def tau(self) -> float:
+        return (self.accepted + self.target_forwards) / self.target_forwards if self.target_forwards else float("nan")
     @property
-    def tokens_per_second(self) -> float: return self.new_tokens / self.wall_time if self.wall_time > 0 else float("nan")
+    def tokens_per_second(self) -> float:
+        return self.new_tokens / self.wall_time if self.wall_time > 0 else float("nan")
     @property
-    def other_time(self) -> float: return max(self.wall_time - self.draft_time - self.verify_time - self.accept_time, 0.0)
+    def other_time(self) -> float:
+        return max(self.wall_time - self.draft_time - self.verify_time - self.accept_time, 0.0)
     @property
     def per_position_acceptance(self) -> list[float]:
         accepted = self.accepted_by_position + [0] * (len(self.proposed_by_position) - len(self.accepted_by_position))
@@ -77,8 +80,8 @@ class Stats:
                 "target forwards": self.target_forwards, "draft forwards": self.draft_forwards,
                 "proposed": self.proposed, "accepted": self.accepted, "acceptance rate": self.acceptance_rate,
                 "tau (tokens/target forward)": self.tau, "draft time (s)": self.draft_time,
-                "verify time (s)": self.verify_time, "accept time (s)": self.accept_time, "other time (s)": self.other_time,
-                "time to first token (s)": self.first_token_time}
+                "verify time (s)": self.verify_time, "accept time (s)": self.accept_time,
+                "other time (s)": self.other_time, "time to first token (s)": self.first_token_time}
 
     def to_frame(self) -> pd.DataFrame:
         "The summary as a one-column table."
@@ -96,13 +99,15 @@ class Stats:
 
     def to_record(self) -> dict:
         "The counters as a JSON-ready dict (the fields of a benchmark record)."
-        return {f.name: (list(getattr(self, f.name)) if isinstance(getattr(self, f.name), list) else getattr(self, f.name))
+        return {f.name: (list(getattr(self, f.name)) if isinstance(getattr(self, f.name), list)
+                         else getattr(self, f.name))
                 for f in fields(self)}
 
     @classmethod
     def from_record(cls, record:dict) -> "Stats":
         "The `Stats` stored in `record` (other keys, such as a record's tokens or provenance, are ignored)."
         missing = [f.name for f in fields(cls) if f.name not in record and f.name not in _SINCE]
-        if missing: raise ValueError(f"record has no {', '.join(missing)}: not a Stats record (written by an older specdec?)")
+        if missing:
+            raise ValueError(f"record has no {', '.join(missing)}: not a Stats record (written by an older specdec?)")
         return cls(**{f.name: (list(record[f.name]) if isinstance(record[f.name], list) else record[f.name])
                       for f in fields(cls) if f.name in record})

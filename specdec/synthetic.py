@@ -78,7 +78,8 @@ class SyntheticHF:
 
     def __call__(self, input_ids) -> SimpleNamespace:
         "Logits `[B, S, V]` peaked at the next true token (for perplexity)."
-        return SimpleNamespace(logits=self.net(input_ids, self.net.new_cache(input_ids.shape[0], input_ids.shape[1])).logits)
+        cache = self.net.new_cache(input_ids.shape[0], input_ids.shape[1])
+        return SimpleNamespace(logits=self.net(input_ids, cache).logits)
 
 class SyntheticTokenizer:
     "Text to the truth's first tokens, one per word (at least one); ids to space-separated numbers."
@@ -100,7 +101,8 @@ class SyntheticTarget:
         self.vocab_size, self.num_layers = vocab_size, num_layers
         self.device, self.dtype = self.net.device, self.net.dtype
         self.eos_token_ids = []   # never stops early
-        self.source = {"kind": "synthetic", "vocab_size": vocab_size, "verify_cost": repr(verify_cost), "margin": margin}
+        self.source = {"kind": "synthetic", "vocab_size": vocab_size, "verify_cost": repr(verify_cost),
+                       "margin": margin}
 
     def truth(self, start:int, n:int) -> torch.Tensor:
         "The true tokens at positions start..start+n-1: `[1, n]`."
@@ -115,11 +117,13 @@ class SyntheticTarget:
 
 # %% ../nbs/13_synthetic.ipynb #3e3f6727
 class SyntheticDrafter(Drafter):
-    "Draft the synthetic truth, right with conditional probability alpha_i per position, sleeping `draft_cost` per token."
+    """Draft the synthetic truth, right with conditional probability alpha_i per position, sleeping `draft_cost` per
+    token."""
     def __init__(self, acceptance:float|list[float], # conditional acceptance rate per draft position (last one reused)
                  draft_cost:float=0.0, # seconds per drafted token
                  seed:int=0): # seeds the acceptance coins
-        self.acceptance = [float(acceptance)] if isinstance(acceptance, (int, float)) else [float(a) for a in acceptance]
+        self.acceptance = ([float(acceptance)] if isinstance(acceptance, (int, float))
+                           else [float(a) for a in acceptance])
         if not self.acceptance or not all(0 <= a <= 1 for a in self.acceptance):
             raise ValueError(f"acceptance rates must be in [0, 1], got {acceptance!r}")
         self.draft_cost, self.seed = draft_cost, seed
@@ -139,7 +143,8 @@ class SyntheticDrafter(Drafter):
         self.rng = torch.Generator().manual_seed(self.seed)
 
     def propose(self, tokens, k, sampling=None, generator=None, lengths=None):
-        if self.vocab_size is None: raise RuntimeError("SyntheticDrafter.propose before start(): the vocabulary is unknown")
+        if self.vocab_size is None:
+            raise RuntimeError("SyntheticDrafter.propose before start(): the vocabulary is unknown")
         if k == 0: return no_draft(tokens)
         B, S = tokens.shape
         ends = torch.tensor(lengths or [S] * B)                                 # [B] each row's length
