@@ -36,7 +36,7 @@ class LinesHelpFormatter(argparse.HelpFormatter):
             column = len(line) - len(desc)                                     # where the registry put descriptions
             if column <= width // 2:                                           # side by side
                 out += textwrap.wrap(line, width, subsequent_indent=" " * column)
-            else:                                                              # the form alone, the description under it
+            else:                                                              # the form alone, its description below
                 out += _form_lines(form, lead, width)
                 out += textwrap.wrap(desc, width, initial_indent=" " * (lead + 4), subsequent_indent=" " * (lead + 4))
         return out

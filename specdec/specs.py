@@ -233,7 +233,8 @@ for _kind in ("eagle", "medusa"):
                                                                           else shipped_head(target, _kind)),
                       Arg("PATH", nonempty, "checkpoint", None, "a head checkpoint folder", always=False, rest=True),
                       help=f"a trained {'EAGLE head' if _kind == 'eagle' else 'set of Medusa heads'} for the target: "
-                           "a folder written by specdec.heads.save_head, or (no PATH) the one shipped for the target",
+                           "a folder written by specdec.checkpoints.save_head, or (no PATH) the one shipped for the "
+                           "target",
                       cls=EagleHead if _kind == "eagle" else MedusaHeads, example=f"{_kind}:heads/{_kind}-tiny",
                       needs_target=True)
 for _kind in ("eagle", "medusa"):
