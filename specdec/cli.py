@@ -54,7 +54,7 @@ def _form_lines(form:str, lead:int, width:int) -> list[str]:
     return lines
 
 def _generate_parser(sub) -> None:
-    p = sub.add_parser("generate", help="decode one prompt and print the text and its statistics",
+    p = sub.add_parser("generate", help="decode a prompt (or a batch) and print the text and its statistics",
                        formatter_class=LinesHelpFormatter)
     p.add_argument("--model", default="smollm2-135m", help="zoo name, .gguf file, local folder, hub id or synthetic")
     p.add_argument("--drafter", default="pld", help="a drafter spec (default: pld):\n" + specs.help_text("drafter"))
@@ -68,7 +68,8 @@ def _generate_parser(sub) -> None:
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--device", default=None); p.add_argument("--dtype", default=None)
     p.add_argument("--compile", default="auto", choices=COMPILE_MODES, help="how forwards run:\n" + compile_help())
-    p.add_argument("--prompt", required=True)
+    p.add_argument("--prompt", required=True, action="append",
+                   help="the prompt; give it several times for a batch, decoded together (each row at its own length)")
 
 def run_generate(args) -> int:
     "Run `specdec generate` with parsed `args`."
@@ -77,14 +78,17 @@ def run_generate(args) -> int:
     drafter = specs.make_drafter(args.drafter, target)
     controller = specs.make_controller(args.k) if drafter is not None else None
     policy = specs.make_policy(args.policy) if args.policy else None
-    prompt = target.encode(args.prompt, chat=args.chat)
-    out = generate(target, prompt, drafter=drafter, policy=policy, controller=controller,
-                   max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-                   compile=args.compile)
-    print(target.decode(out.tokens))
+    prompts = [target.encode(p, chat=args.chat)[0] for p in args.prompt]  # [S_b] ids each
+    out = generate(target, prompts[0] if len(prompts) == 1 else prompts, drafter=drafter, policy=policy,
+                   controller=controller, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                   top_p=args.top_p, seed=args.seed, compile=args.compile)
+    if len(prompts) == 1: print(target.decode(out.tokens))
+    for b, (tokens, stats) in enumerate(zip(out.tokens, out.row_stats) if len(prompts) > 1 else []):
+        print(f"--- row {b}: {stats.new_tokens} tokens, τ {stats.tau:.2f}\n{target.decode(tokens)}")
     print()
     print(f"model {target.name} | drafter {drafter.name if drafter else 'none'} | "
-          f"controller {controller or '-'} | policy {policy or 'default'} | T={args.temperature} top_p={args.top_p}")
+          f"controller {controller or '-'} | policy {policy or 'default'} | T={args.temperature} top_p={args.top_p}"
+          + (f" | batch of {len(prompts)}" if len(prompts) > 1 else ""))
     print(out.stats.table())
     return 0
 

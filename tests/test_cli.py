@@ -59,3 +59,18 @@ def test_bench_flags_are_typed_from_the_parameters_cell():
     with contextlib.redirect_stderr(err), pytest.raises(SystemExit):
         main(["bench", "--max-new-tokens", "many"])
     assert "argument --max-new-tokens: parameter max_new_tokens is an int (the notebook's default: 48), got 'many'" in err.getvalue()
+
+
+def test_generate_takes_a_batch_of_prompts():
+    "`--prompt` given twice decodes a batch; each row prints the text that prompt prints alone."
+    def run(*prompts):
+        out = io.StringIO()
+        argv = ["generate", "--model", "smollm2-135m", "--drafter", "pld", "--max-new-tokens", "12"]
+        with contextlib.redirect_stdout(out): assert main(argv + [a for p in prompts for a in ("--prompt", p)]) == 0
+        return out.getvalue()
+    texts = ["Repeat: the quick brown fox.", "Name three colours."]
+    alone = [run(t).split("\n\nmodel ")[0] for t in texts]
+    batch = run(*texts)
+    rows = re.findall(r"--- row (\d): 12 tokens, τ [\d.]+\n(.*?)(?=\n--- row|\n\nmodel )", batch, re.S)
+    assert [int(b) for b, _ in rows] == [0, 1] and [t for _, t in rows] == alone
+    assert "| batch of 2" in batch and alone[0] != alone[1]
