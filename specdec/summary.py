@@ -13,10 +13,11 @@ from .stats import Stats
 from .provenance import read_records, read_manifest, measured_params
 
 # %% auto #0
-__all__ = ['HF', 'HF_PLD', 'HF_STATIC', 'AR', 'HF_BASELINES', 'CI_NOTE', 'bootstrap_geomean', 'stats_of', 'per_prompt', 'speedup',
-           'summarize_method', 'tokens_equal', 'agreement', 'missing_features', 'certificate', 'summarize_run',
-           'summarize_partial', 'load_summary', 'run_summary', 'headline_table', 'framework_table', 'category_table',
-           'certificate_failures', 'same_measurement', 'spread_table', 'category_spread_table', 'text_summary']
+__all__ = ['HF', 'HF_PLD', 'HF_STATIC', 'AR', 'HF_BASELINES', 'CI_NOTE', 'ADDED_PARAMS', 'bootstrap_geomean', 'stats_of',
+           'per_prompt', 'speedup', 'summarize_method', 'tokens_equal', 'agreement', 'missing_features', 'certificate',
+           'summarize_run', 'summarize_partial', 'load_summary', 'run_summary', 'headline_table', 'framework_table',
+           'category_table', 'certificate_failures', 'same_measurement', 'spread_table', 'category_spread_table',
+           'text_summary']
 
 # %% ../nbs/10b_summary.ipynb #9263f3ca
 HF, HF_PLD, HF_STATIC, AR = "hf-generate", "hf-pld", "hf-static", "specdec-ar"
@@ -317,22 +318,33 @@ def _one_run_text(manifest:dict) -> str:
     return "\n\n".join(parts)
 
 # %% ../nbs/10b_summary.ipynb #df27014e
-def same_measurement(manifests:list[dict]) -> None:
-    "Raise a ValueError unless every run measured the same methods with the same parameters (where it went aside)."
-    first, a = manifests[0], measured_params(manifests[0]["params"])
-    for m in manifests[1:]:
+# parameters added after runs were committed: the value that says what a run without it measured, and why
+ADDED_PARAMS = {"history": ("sequence", "no drafter learned across generations before the parameter came")}
+
+def same_measurement(manifests:list[dict]) -> list[str]:
+    """Raise a ValueError unless every run measured the same methods with the same parameters (where it went aside).
+    A parameter added later (`ADDED_PARAMS`) that a run lacks is read as the value it measured: returns what was so
+    read."""
+    read, params = [], []
+    for m in manifests:
+        lacks = [k for k in ADDED_PARAMS if k not in m["params"]]
+        read += [f"{k} absent in {m['run_id']}: read as {ADDED_PARAMS[k][0]!r} ({ADDED_PARAMS[k][1]})" for k in lacks]
+        params.append(measured_params({**{k: ADDED_PARAMS[k][0] for k in lacks}, **m["params"]}))
+    first, a = manifests[0], params[0]
+    for m, b in zip(manifests[1:], params[1:]):
         if m["methods"] != first["methods"]:
             differ = [x for x in dict.fromkeys(first["methods"] + m["methods"])
                       if (x in first["methods"]) != (x in m["methods"])]
             raise ValueError(f"runs {first['run_id']!r} and {m['run_id']!r} measured different methods "
                              f"({', '.join(differ) or 'in another order'}): a spread between runs needs runs of one "
                              f"preset")
-        b, absent = measured_params(m["params"]), "(absent)"
+        absent = "(absent)"
         differ = [f"{k} {a.get(k, absent)!r} in {first['run_id']}, {b.get(k, absent)!r} in {m['run_id']}"
                   for k in dict.fromkeys([*a, *b]) if a.get(k, absent) != b.get(k, absent)]
         if differ:
             raise ValueError(f"runs {first['run_id']!r} and {m['run_id']!r} measured different things: "
                              f"{'; '.join(differ)}. A spread between runs needs runs of the same parameters")
+    return read
 
 def _figures(r:dict) -> dict:
     "A method's headline figures in one run (None where the run lacks one)."
@@ -376,7 +388,7 @@ def category_spread_table(manifests:list[dict]) -> pd.DataFrame:
     return pd.DataFrame({x: {c: _spread([point(m, c, x) for m in manifests], n) for c in categories} for x in names})
 
 def _runs_text(manifests:list[dict]) -> str:
-    same_measurement(manifests)
+    read = same_measurement(manifests)
     n, p = len(manifests), manifests[0]["params"]
     hashes = ", ".join(dict.fromkeys(m["config_hash"] for m in manifests))
     lines = [f"{n} runs of the same parameters (config {hashes}): "
@@ -390,6 +402,7 @@ def _runs_text(manifests:list[dict]) -> str:
         code = (g.get("commit") or "unknown")[:10] + (" (dirty)" if g.get("dirty") else "")
         lines.append(f"  {m['run_id']} ({state}): code {code}, {s['device']} ({hw}), {c.get('prompts', 0)} prompts, "
                      f"load average {_fmt(la.get('min'))}-{_fmt(la.get('max'))}")
+    lines += [f"  {r}" for r in read]
     lines.append(f"Each figure: the median of the {n} runs' own figures (min-max across the runs). The spread between "
                  f"runs is not a CI; each run's 95% CI across its prompts is in its own summary (specdec summary RUN).")
     return "\n\n".join(["\n".join(lines), spread_table(manifests).to_string(),

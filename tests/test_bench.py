@@ -474,6 +474,21 @@ def test_summary_refuses_runs_that_measured_different_things(tmp_path):
     assert "128 in longer" in longer.stderr
 
 
+
+def test_a_parameter_added_later_is_read_as_what_older_runs_measured(tmp_path):
+    "`history` came with the suffix drafters: a run without it measured 'sequence'; a run with 'none' differs."
+    manifest = json.loads((RESULTS / DEFAULT_RUNS[1] / "MANIFEST.json").read_text())
+    assert "history" not in manifest["params"]
+    for name, history in (("newer", "sequence"), ("other", "none")):
+        (tmp_path / name).mkdir()
+        params = {**manifest["params"], "history": history}
+        (tmp_path / name / "MANIFEST.json").write_text(json.dumps({**manifest, "run_id": name, "params": params}))
+    newer = cli("summary", DEFAULT_RUNS[0], str(tmp_path / "newer"))
+    assert newer.returncode == 0, newer.stderr[-2000:]
+    assert f"history absent in {DEFAULT_RUNS[0]}: read as 'sequence'" in newer.stdout
+    other = cli("summary", DEFAULT_RUNS[0], str(tmp_path / "other"))
+    assert other.returncode == 2 and "history 'sequence' in 20261205-121529" in other.stderr
+
 def test_certificate_fails_a_lossless_method_that_drafted_without_target_features():
     "Equal tokens are not enough: a head that found no target features (drafting from zeros) fails, naming the prompts."
     from specdec.summary import certificate_failures
