@@ -115,13 +115,16 @@ def _time_drafter(drafter, target, runner, k:int, context:int, repeats:int, devi
     keep = drafter.target_layers
     features = runner(ids, runner.new_cache(batch, ids.shape[1]), logits="none", keep=keep).features if keep else None
     at = lambda a, b: None if features is None else features[:, a:b]                   # [B, b-a, F]
-    drafter.start(target, ids[:, :context], context + repeats + k + 2, at(0, context - 1))
+    # a batch goes row by row, as `generate` hands it over: each row's length, a count per row
+    rows = (lambda n: {}) if batch == 1 else (lambda n: {"lengths": [n] * batch})
+    drafter.start(target, ids[:, :context], context + repeats + k + 2, at(0, context - 1), **rows(context))
     times = []
     for r in range(repeats + 1):                                 # the first (a draft model's prefill) is a warm-up
         sync(device); t0 = time.perf_counter()
-        drafter.propose(ids[:, :context + r], k, SamplingConfig())
+        drafter.propose(ids[:, :context + r], k, SamplingConfig(), **rows(context + r))
         sync(device)
-        drafter.observe(0, at(context - 1 + r, context + r))     # the verified token's features
+        # the verified token's features
+        drafter.observe(0 if batch == 1 else [0] * batch, at(context - 1 + r, context + r))
         if r: times.append(time.perf_counter() - t0)
     return statistics.median(times) / k
 

@@ -105,3 +105,16 @@ def test_draft_model_timed_in_steady_state(tiny):
     finally: hook.remove()
     draft_fed = fed[-(1 + 3) * 4:]                   # the drafter's forwards: warm-up and 3 timed steps of 4 each
     assert draft_fed[0] == 20 and draft_fed[1:] == [1] * 15
+
+
+@pytest.mark.parametrize("compile", ["eager", "fixed"])
+def test_a_batchs_draft_costs_are_timed_row_by_row(tiny, compile):
+    """At batch 2 every kind of drafter is timed as `generate` drives it (each row's length, a count per row): prompt
+    lookup, a draft model, an EAGLE head that reads the target's features, and prompt lookup falling back to it."""
+    from specdec.drafters import PromptLookup, DraftModel, Fallback
+    from specdec.train import new_head
+    head = new_head("eagle", tiny, seed=0)
+    for drafter in (PromptLookup(), DraftModel("tiny-llama-draft"), head, Fallback([PromptLookup(3, 2), head])):
+        costs = measure_step_costs(tiny, drafter, context=16, q_values=(1, 2), repeats=2, batch=2, compile=compile)
+        assert costs.draft > 0 and set(costs.verify) == {1, 2}, drafter.name
+        assert head.missing_features == 0                                     # the head drafted from the target's features
