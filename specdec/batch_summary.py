@@ -21,11 +21,11 @@ from .summary import (HF, AR, HF_BASELINES, bootstrap_geomean, stats_of, tokens_
 
 # %% auto #0
 __all__ = ['BATCH_CI_NOTE', 'NEAR_TIE', 'pool_throughput', 'paired_speedup', 'summarize_cell', 'first_difference',
-           'row_certificate', 'explain_divergences', 'acceptance_at_batch_1', 'row_acceptance', 'batch_step_costs',
-           'break_even_batch', 'predict_batch', 'summarize_batch_run', 'load_batch_summary', 'throughput_table',
-           'speedup_table', 'predicted_table', 'tau_table', 'latency_table', 'row_certificate_table',
-           'divergence_table', 'cost_table', 'unavailable_lines', 'fig_batch_throughput', 'fig_batch_speedup',
-           'batch_text_summary']
+           'row_certificate', 'explain_divergences', 'acceptance_at_batch_1', 'row_acceptance',
+           'batch_step_costs', 'break_even_batch', 'predict_batch', 'summarize_batch_run',
+           'load_batch_summary', 'throughput_table', 'speedup_table', 'predicted_table', 'tau_table',
+           'latency_table', 'row_certificate_table', 'divergence_table', 'cost_table', 'unavailable_lines',
+           'fig_batch_throughput', 'fig_batch_speedup', 'batch_text_summary']
 
 # %% ../nbs/11a_batch_summary.ipynb #6cac5539
 BATCH_CI_NOTE = "[..]: 95% CI across groups and iterations, this run"   # what a batch speedup's interval covers

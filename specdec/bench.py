@@ -27,10 +27,11 @@ from .provenance import (git_state, system_info, machine_of, versions, record_pr
 from .summary import HF, HF_PLD, HF_STATIC, AR, summarize_run
 
 # %% auto #0
-__all__ = ['HF_METHODS', 'SUFFIX_DRAFTERS', 'PRESETS', 'HISTORIES', 'Method', 'methods_from', 'apply_preset', 'check_run_config',
-           'BenchConfig', 'stop_ids', 'hf_generate_batch', 'hf_generate', 'static_cache_len', 'run_method',
-           'perplexity', 'schedule', 'measure_costs', 'prepare', 'open_run', 'reusable_records', 'new_manifest',
-           'run_benchmark', 'predict_speedups', 'config_from_parameters', 'run_from_parameters']
+__all__ = ['HF_METHODS', 'SUFFIX_DRAFTERS', 'PRESETS', 'HISTORIES', 'Method', 'methods_from', 'apply_preset',
+           'check_run_config', 'BenchConfig', 'stop_ids', 'hf_generate_batch', 'hf_generate',
+           'static_cache_len', 'run_method', 'perplexity', 'schedule', 'measure_costs', 'prepare', 'open_run',
+           'reusable_records', 'new_manifest', 'run_benchmark', 'predict_speedups', 'config_from_parameters',
+           'run_from_parameters']
 
 # %% ../nbs/11_bench.ipynb #438a17ed
 HF_METHODS = {HF: {}, HF_PLD: {"prompt_lookup_num_tokens": 10}, HF_STATIC: {"cache_implementation": "static"}}

@@ -14,7 +14,8 @@ from .engine import engine_for, resolve_compile
 from .timing import sync
 
 # %% auto #0
-__all__ = ['expected_tokens', 'StepCosts', 'predicted_speedup', 'best_k', 'conditional_acceptance', 'measure_step_costs']
+__all__ = ['expected_tokens', 'StepCosts', 'predicted_speedup', 'best_k', 'conditional_acceptance',
+           'measure_step_costs']
 
 # %% ../nbs/12_costmodel.ipynb #b0e650ef
 def _alpha(acceptance:list[float]|float, i:int) -> float:

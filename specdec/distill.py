@@ -16,9 +16,9 @@ from .prompts import builtin_prompts, repeated_prompts, read_spec_bench
 from .checkpoints import target_fingerprint
 
 # %% auto #0
-__all__ = ['PROMPT_STYLES', 'COPY_TASKS', 'magpie_prefix', 'evaluation_texts', 'feature_layers', 'read_data', 'features_dir',
-           'read_features', 'data_hash', 'write_distill_data', 'read_training_data', 'record_features', 'copy_records',
-           'write_copy_data']
+__all__ = ['PROMPT_STYLES', 'COPY_TASKS', 'magpie_prefix', 'evaluation_texts', 'feature_layers', 'read_data',
+           'features_dir', 'read_features', 'data_hash', 'write_distill_data', 'read_training_data',
+           'record_features', 'copy_records', 'write_copy_data']
 
 # %% ../nbs/08a_distill.ipynb #79515e6c
 _MARKER = "\u2063SPECDEC-USER-TEXT\u2063"

@@ -15,8 +15,8 @@ from .engine import Engine, engine_for
 from . import kernels
 
 # %% auto #0
-__all__ = ['Draft', 'Drafter', 'no_draft', 'padded_draft', 'per_row', 'PromptLookup', 'check_same_vocabulary', 'DraftModel',
-           'LayerSkip', 'Fallback']
+__all__ = ['Draft', 'Drafter', 'no_draft', 'padded_draft', 'per_row', 'PromptLookup', 'check_same_vocabulary',
+           'DraftModel', 'LayerSkip', 'Fallback']
 
 # %% ../nbs/05_drafters.ipynb #4cf13ffe
 @dataclass

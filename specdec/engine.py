@@ -14,8 +14,8 @@ from .net import DecoderNet, Forward, KVCache, TreeLayout, kept_features
 from .timing import sync
 
 # %% auto #0
-__all__ = ['COMPILE_MODES', 'HEAD_MODES', 'CompileMode', 'compile_help', 'resolve_compile', 'graph_memory', 'capture_graph',
-           'HeadSteps', 'Engine', 'engine_for']
+__all__ = ['COMPILE_MODES', 'HEAD_MODES', 'CompileMode', 'compile_help', 'resolve_compile', 'graph_memory',
+           'capture_graph', 'HeadSteps', 'Engine', 'engine_for']
 
 # %% ../nbs/02a_engine.ipynb #ac517e7b
 @dataclass(frozen=True)

@@ -19,10 +19,10 @@ from .prompts import load_prompts
 from . import specs
 
 # %% auto #0
-__all__ = ['KINDS', 'TOKEN_STYLE', 'CONTROLS_WIDTH', 'REFRESH_SECONDS', 'TracedToken', 'token_trace', 'token_span', 'tokens_html',
-           'render_tokens', 'legend_html', 'first_difference', 'badge_html', 'sampled_html', 'timeline_figure',
-           'update_timeline', 'live_stats', 'decode_stats', 'stats_html', 'repository_root', 'resolve_prompt_set',
-           'spec_examples', 'Explorer', 'run', 'stop', 'wait']
+__all__ = ['KINDS', 'TOKEN_STYLE', 'CONTROLS_WIDTH', 'REFRESH_SECONDS', 'TracedToken', 'token_trace', 'token_span',
+           'tokens_html', 'render_tokens', 'legend_html', 'first_difference', 'badge_html', 'sampled_html',
+           'timeline_figure', 'update_timeline', 'live_stats', 'decode_stats', 'stats_html',
+           'repository_root', 'resolve_prompt_set', 'spec_examples', 'Explorer', 'run', 'stop', 'wait']
 
 # %% ../nbs/17_explore.ipynb #ebf1fc5e
 KINDS = {   # kind -> (colour, label)

@@ -18,7 +18,8 @@ from .drafters import Draft, Drafter, no_draft, per_row
 from .engine import HeadSteps, HEAD_MODES
 
 # %% auto #0
-__all__ = ['HALF_ROWS', 'HEAD_TYPES', 'CAPACITY_MULTIPLE', 'ResBlock', 'MedusaHeads', 'eagle3_layers', 'EagleLayer', 'EagleHead']
+__all__ = ['HALF_ROWS', 'HEAD_TYPES', 'CAPACITY_MULTIPLE', 'ResBlock', 'MedusaHeads', 'eagle3_layers', 'EagleLayer',
+           'EagleHead']
 
 # %% ../nbs/05a_heads.ipynb #69eab46e
 class _Head(nn.Module, Drafter):

@@ -14,11 +14,12 @@ import specdec
 from .parameters import notebook_parameters, check_parameters, set_parameters
 
 # %% auto #0
-__all__ = ['GPUS', 'GPU_PARAMETERS', 'REFUSED_GPUS', 'METADATA_FIELDS', 'OWNER', 'SIGN_IN', 'MISSING_CREDENTIALS', 'KAGGLE_IMAGE',
-           'DATA_ONLY', 'KAGGLE_PYTHONS', 'WHEELS_MANIFEST', 'check_gpu', 'slugify', 'kernel_metadata',
-           'validate_metadata', 'kaggle_credentials', 'kaggle_command', 'kaggle_username', 'image_provides',
-           'wheel_requirements', 'source_root', 'tested_pins', 'gather_wheels', 'write_dataset', 'install_source',
-           'kaggle_notebook', 'notebook_path', 'write_kernel', 'dataset_status', 'push', 'kernel_status', 'pull']
+__all__ = ['GPUS', 'GPU_PARAMETERS', 'REFUSED_GPUS', 'METADATA_FIELDS', 'OWNER', 'SIGN_IN', 'MISSING_CREDENTIALS',
+           'KAGGLE_IMAGE', 'DATA_ONLY', 'KAGGLE_PYTHONS', 'WHEELS_MANIFEST', 'check_gpu', 'slugify',
+           'kernel_metadata', 'validate_metadata', 'kaggle_credentials', 'kaggle_command', 'kaggle_username',
+           'image_provides', 'wheel_requirements', 'source_root', 'tested_pins', 'gather_wheels',
+           'write_dataset', 'install_source', 'kaggle_notebook', 'notebook_path', 'write_kernel',
+           'dataset_status', 'push', 'kernel_status', 'pull']
 
 # %% ../nbs/16_kaggle.ipynb #86f4bc37
 GPUS = {"t4": "NvidiaTeslaT4", "none": None}       # --gpu -> the kernel's machine_shape

@@ -12,9 +12,9 @@ import specdec_kernels
 from specdec_kernels.triton_support import triton_unavailable, triton_module
 
 # %% auto #0
-__all__ = ['KERNELS', 'IMPLEMENTATIONS', 'WRITTEN_ARGS', 'TOLERANCE', 'available', 'example_inputs', 'compare_implementations',
-           'choose', 'choices', 'greedy_verify', 'rejection_verify', 'ngram_match', 'kv_write', 'rms_norm', 'rotary_kv',
-           'silu_mul']
+__all__ = ['KERNELS', 'IMPLEMENTATIONS', 'WRITTEN_ARGS', 'TOLERANCE', 'available', 'example_inputs',
+           'compare_implementations', 'choose', 'choices', 'greedy_verify', 'rejection_verify', 'ngram_match',
+           'kv_write', 'rms_norm', 'rotary_kv', 'silu_mul']
 
 # %% ../nbs/02b_kernels.ipynb #c7b8f882
 KERNELS = specdec_kernels.KERNEL_NAMES

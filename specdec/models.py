@@ -17,8 +17,9 @@ import torch
 from .net import DecoderNet
 
 # %% auto #0
-__all__ = ['ZOO', 'default_device', 'resolve_device', 'cuda_native_bf16', 'resolve_dtype', 'seed_everything', 'ByteTokenizer',
-           'LoadedModel', 'tiny_llama', 'perturbed', 'default_cache_dir', 'file_sha256', 'load_model']
+__all__ = ['ZOO', 'default_device', 'resolve_device', 'cuda_native_bf16', 'resolve_dtype', 'seed_everything',
+           'ByteTokenizer', 'LoadedModel', 'tiny_llama', 'perturbed', 'default_cache_dir', 'file_sha256',
+           'load_model']
 
 # %% ../nbs/01_models.ipynb #3309e896
 def default_device() -> torch.device:

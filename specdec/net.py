@@ -15,9 +15,9 @@ from .kernels import choose
 
 # %% auto #0
 __all__ = ['SUPPORTED_ARCHITECTURES', 'STEP_OPS', 'NO_LAUNCH', 'KVCache', 'onednn_available', 'onednn_bf16_available',
-           'linear_backend', 'fuse_weights', 'Linear', 'time_linears', 'step_ops', 'layer_windows', 'cache_dtype',
-           'attend', 'TreeLayout', 'attention_mask', 'tree_attention_mask', 'Forward', 'kept_features', 'DecoderNet',
-           'count_step_ops']
+           'linear_backend', 'fuse_weights', 'Linear', 'time_linears', 'step_ops', 'layer_windows',
+           'cache_dtype', 'attend', 'TreeLayout', 'attention_mask', 'tree_attention_mask', 'Forward',
+           'kept_features', 'DecoderNet', 'count_step_ops']
 
 # %% ../nbs/02_net.ipynb #bf03e52f
 class KVCache:

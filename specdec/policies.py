@@ -13,7 +13,8 @@ from . import kernels
 
 # %% auto #0
 __all__ = ['Verdict', 'accepted_prefix', 'valid_slots', 'AcceptancePolicy', 'tree_children', 'greedy_branch',
-           'tree_branch_on_device', 'Greedy', 'RejectionSampling', 'Typical', 'ConfidenceThreshold', 'TopKAgreement']
+           'tree_branch_on_device', 'Greedy', 'RejectionSampling', 'Typical', 'ConfidenceThreshold',
+           'TopKAgreement']
 
 # %% ../nbs/04_policies.ipynb #8e50f97e
 @dataclass

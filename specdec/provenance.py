@@ -12,9 +12,10 @@ import torch
 import specdec
 
 # %% auto #0
-__all__ = ['CPU_ISA_FLAGS', 'NOT_MEASURED', 'git_state', 'cpu_isa', 'system_info', 'machine_of', 'versions', 'record_provenance',
-           'ResumeRefused', 'read_records', 'record_key', 'measured_params', 'config_hash', 'find_run', 'read_manifest',
-           'check_resume', 'portable_path', 'write_json', 'file_hash', 'target_source', 'linear_choice']
+__all__ = ['CPU_ISA_FLAGS', 'NOT_MEASURED', 'git_state', 'cpu_isa', 'system_info', 'machine_of', 'versions',
+           'record_provenance', 'ResumeRefused', 'read_records', 'record_key', 'measured_params',
+           'config_hash', 'find_run', 'read_manifest', 'check_resume', 'portable_path', 'write_json',
+           'file_hash', 'target_source', 'linear_choice']
 
 # %% ../nbs/10a_provenance.ipynb #98371518
 def _git(args:list[str], cwd) -> str|None:

@@ -19,11 +19,11 @@ from .summary import run_summary, headline_table, framework_table, category_tabl
 _all_ = ["run_summary", "headline_table", "framework_table", "category_table", "text_summary"]   # from `summary`
 
 # %% auto #0
-__all__ = ['MANIFEST_SCHEMA', 'validate_manifest', 'load_run', 'certificate_table', 'best_k', 'fallback_table', 'fig_speedup',
-           'fig_acceptance', 'fig_k_sweep', 'fig_histogram', 'fig_time_split', 'fig_predicted', 'fig_quality',
-           'fig_load', 'figures', 'readable', 'write_plotly_js', 'plotly_loader', 'show', 'read_notebook',
-           'render_html', 'render_reports', 'compress_run', 'run_summary', 'headline_table', 'framework_table',
-           'category_table', 'text_summary']
+__all__ = ['MANIFEST_SCHEMA', 'validate_manifest', 'load_run', 'certificate_table', 'best_k', 'fallback_table',
+           'fig_speedup', 'fig_acceptance', 'fig_k_sweep', 'fig_histogram', 'fig_time_split', 'fig_predicted',
+           'fig_quality', 'fig_load', 'figures', 'readable', 'write_plotly_js', 'plotly_loader', 'show',
+           'read_notebook', 'render_html', 'render_reports', 'compress_run', 'run_summary', 'headline_table',
+           'framework_table', 'category_table', 'text_summary']
 
 # %% ../nbs/14_report.ipynb #72900eb1
 _SPEEDUP = {"type": "object", "required": ["geomean", "ci95", "n", "prompts", "excluded_unequal_length"]}

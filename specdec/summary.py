@@ -13,11 +13,11 @@ from .stats import Stats
 from .provenance import read_records, read_manifest, measured_params
 
 # %% auto #0
-__all__ = ['HF', 'HF_PLD', 'HF_STATIC', 'AR', 'HF_BASELINES', 'CI_NOTE', 'ADDED_PARAMS', 'bootstrap_geomean', 'stats_of',
-           'per_prompt', 'speedup', 'summarize_method', 'tokens_equal', 'agreement', 'missing_features', 'certificate',
-           'summarize_run', 'summarize_partial', 'load_summary', 'run_summary', 'headline_table', 'framework_table',
-           'category_table', 'certificate_failures', 'same_measurement', 'spread_table', 'category_spread_table',
-           'text_summary']
+__all__ = ['HF', 'HF_PLD', 'HF_STATIC', 'AR', 'HF_BASELINES', 'CI_NOTE', 'ADDED_PARAMS', 'bootstrap_geomean',
+           'stats_of', 'per_prompt', 'speedup', 'summarize_method', 'tokens_equal', 'agreement',
+           'missing_features', 'certificate', 'summarize_run', 'summarize_partial', 'load_summary',
+           'run_summary', 'headline_table', 'framework_table', 'category_table', 'certificate_failures',
+           'same_measurement', 'spread_table', 'category_spread_table', 'text_summary']
 
 # %% ../nbs/10b_summary.ipynb #9263f3ca
 HF, HF_PLD, HF_STATIC, AR = "hf-generate", "hf-pld", "hf-static", "specdec-ar"
