@@ -17,8 +17,8 @@ from .prompts import load_prompts
 from .parameters import notebook_parameters, parameter_value
 
 # %% auto #0
-__all__ = ['LinesHelpFormatter', 'run_generate', 'bench_notebook', 'add_parameter_flags', 'run_bench', 'run_bench_batch',
-           'run_kaggle', 'run_summary_text', 'run_report', 'main']
+__all__ = ['LinesHelpFormatter', 'run_generate', 'bench_notebook', 'add_parameter_flags', 'run_bench',
+           'run_bench_batch', 'run_kaggle', 'run_summary_text', 'run_report', 'main']
 
 # %% ../nbs/09_cli.ipynb #d000c634
 class LinesHelpFormatter(argparse.HelpFormatter):
@@ -83,8 +83,9 @@ def run_generate(args) -> int:
                    controller=controller, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                    top_p=args.top_p, seed=args.seed, compile=args.compile)
     if len(prompts) == 1: print(target.decode(out.tokens))
-    for b, (tokens, stats) in enumerate(zip(out.tokens, out.row_stats) if len(prompts) > 1 else []):
-        print(f"--- row {b}: {stats.new_tokens} tokens, τ {stats.tau:.2f}\n{target.decode(tokens)}")
+    else:
+        for b, (tokens, stats) in enumerate(zip(out.tokens, out.row_stats)):
+            print(f"--- row {b}: {stats.new_tokens} tokens, τ {stats.tau:.2f}\n{target.decode(tokens)}")
     print()
     print(f"model {target.name} | drafter {drafter.name if drafter else 'none'} | "
           f"controller {controller or '-'} | policy {policy or 'default'} | T={args.temperature} top_p={args.top_p}"
