@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 import torch
+from fastcore.basics import patch
 from .models import LoadedModel
 from .sampling import SamplingConfig, RowGenerators
 from .policies import AcceptancePolicy, Greedy, RejectionSampling, Verdict
@@ -21,7 +22,7 @@ from .stats import Stats
 from .timing import StepTimer, sync
 
 # %% auto #0
-__all__ = ['GenerationOutput', 'StepEvent', 'read_step', 'generate']
+__all__ = ['GenerationOutput', 'StepEvent', 'read_step', 'Batch', 'generate']
 
 # %% ../nbs/08_decode.ipynb #4734dd9a
 @dataclass
@@ -183,6 +184,225 @@ def _event(step:int, draft, proposed:int, accepted:int, emitted, before:dict, ti
     return StepEvent(step, proposed, accepted, drafted.tolist(), probs, emitted.tolist(),
                      {k: timer.totals[k] - before[k] for k in before})
 
+# %% ../nbs/08_decode.ipynb #97f7ed3c
+class Batch:
+    """The rows of one decoding loop, as slots. `start` prefills a batch of prompts together (the clock starts);
+    between two steps `admit` prefills a new prompt into a free row, alone, and `release` frees a row, finished or
+    not, the other rows going on; `step` runs one speculative step over every row (rows done or free run along and
+    keep nothing). `generate` is `start`, then `step` until every row is done, then `finish`; a server's continuous
+    batching admits and releases as requests come and go."""
+    @torch.inference_mode()
+    def __init__(self, target:LoadedModel, # the model whose output we want
+                 rows:int, # B: the batch's rows
+                 max_length:int, # the most tokens a row holds, prompt and output
+                 drafter:Drafter|None=None, policy:AcceptancePolicy|None=None, controller:Controller|None=None,
+                 temperature:float=0.0, top_p:float=1.0,
+                 eos_token_id:int|list[int]|None=None, # None: the target's EOS ids; [] never stops early
+                 compile:str="auto"): # `engine.COMPILE_MODES`
+        sampling = SamplingConfig(temperature, top_p)
+        self.default_policy = policy is None                   # the policy follows the temperature (`set_sampling`)
+        if policy is None: policy = Greedy() if sampling.greedy else RejectionSampling()
+        if isinstance(policy, Greedy) and not sampling.greedy:
+            raise ValueError(f"Greedy policy needs temperature=0 (got {temperature}); use RejectionSampling to sample")
+        if drafter is not None and drafter.drafts_trees and not policy.verifies_trees:
+            raise ValueError(f"{drafter.name} drafts token trees, which policy {type(policy).__name__} cannot verify: "
+                             "use greedy or rejection")
+        if rows > 1 and drafter is not None and drafter.drafts_trees:
+            raise NotImplementedError(f"{drafter.name} drafts token trees, which are drafted and verified for one "
+                                      f"prompt at a time; got {rows}: use a chain drafter for a batch")
+        if drafter is not None and controller is None: controller = FixedK(4)
+        if controller is not None and drafter is not None:
+            controller.start(target, drafter, compile, rows)
+            # `DynamicK`: drafting token by token stops at an unlikely chain
+            drafter.stop_below = controller.stop_below
+        self.target, self.drafter, self.policy, self.controller, self.sampling = target, drafter, policy, controller, \
+            sampling
+        self.rows, self.max_length, device = rows, max_length, target.device
+        eos = list(target.eos_token_ids if eos_token_id is None else
+                   ([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id))
+        self.eos_ids = torch.tensor(eos, dtype=torch.long, device=device)                  # [E]
+        block = drafter.max_drafts(controller.max_k) if drafter is not None else 0     # the most drafts a step verifies
+        self.capacity = max_length + block + 1
+        self.runner, self.cache, self.runners, self.engine = _runners(target, drafter, compile, rows, self.capacity,
+                                                                      block)
+        self.keep = drafter.target_layers if drafter is not None else ()              # the target layers it reads
+        # [B, capacity] each row's prompt and output
+        self.tokens = torch.zeros(rows, self.capacity, dtype=torch.long, device=device)
+        self.lengths_t = None if rows == 1 else torch.zeros(rows, dtype=torch.long, device=device)   # [B] on the device
+        self.lengths, self.prompt_lengths, self.budgets = [0] * rows, [0] * rows, [0] * rows   # [B] each row's
+        self.held, self.done = [False] * rows, [True] * rows      # a row holds a request; it emits no more
+        self.row_stats, self.accepted_lengths = [Stats(generations=1) for _ in range(rows)], [[] for _ in range(rows)]
+        self.timer, self.first_token_time, self.generator = StepTimer(device), None, None
+        self.last_draft, self.last_proposed = None, None         # the latest step's, for `on_step` events
+        self.setup_before = _setup_seconds(self.runners)
+
+    @property
+    def free_rows(self) -> list[int]: return [b for b in range(self.rows) if not self.held[b]]
+
+    def set_sampling(self, temperature:float, top_p:float=1.0) -> None:
+        """Sample the next requests at `temperature` and `top_p` (one setting a batch): only while no row holds one,
+        and with the default policy (Greedy at temperature 0, else RejectionSampling)."""
+        if any(self.held): raise RuntimeError(f"rows {[b for b in range(self.rows) if self.held[b]]} hold requests: "
+                                              "the sampling changes only while the batch is empty")
+        if not self.default_policy: raise ValueError("this batch was given its policy: sampling stays as built")
+        self.sampling = SamplingConfig(temperature, top_p)
+        self.policy = Greedy() if self.sampling.greedy else RejectionSampling()
+
+    def output(self, row:int) -> torch.Tensor:
+        "Row's new tokens so far `[n]` (up to its EOS)."
+        return self.tokens[row, self.prompt_lengths[row]:self.lengths[row]]
+
+# %% ../nbs/08_decode.ipynb #9c372c62
+@patch
+@torch.inference_mode()
+def start(self:Batch, prompt:torch.Tensor|None, # [n, S] the prompts, right-padded (n <= rows; None: none)
+          prompt_lengths:list[int], # [n] each prompt's length
+          max_new_tokens:int|list[int], # the most new tokens of every row, or of each
+          seed:int=0) -> None:
+    """Prefill the prompts together, one a row, in one forward: the clock starts here. Row b samples from its own
+    generator, seeded `seed + b` (one row: `seed`). Rows past the prompts are free (`admit` fills them): each holds
+    a 2-token placeholder, which it runs along on."""
+    device, B = self.target.device, self.rows
+    if prompt is None: prompt, prompt_lengths = torch.zeros(0, 2, dtype=torch.long, device=device), []
+    given, S = prompt.shape
+    if given > B: raise ValueError(f"{given} prompts for a batch of {B} rows")
+    budgets = list(max_new_tokens) if isinstance(max_new_tokens, (list, tuple)) else [max_new_tokens] * given
+    if len(budgets) != given: raise ValueError(f"{len(budgets)} budgets (max_new_tokens) for {given} prompts")
+    if S + max(budgets, default=0) > self.max_length:
+        raise ValueError(f"prompts of up to {S} tokens + {max(budgets)} new > the batch's max_length "
+                         f"{self.max_length}")
+    if given < B:                                                        # free rows: a placeholder each
+        prompt = torch.cat([prompt, prompt.new_zeros(B - given, S)])
+        prompt_lengths = list(prompt_lengths) + [min(2, S)] * (B - given)
+    self.generator = torch.Generator(device=device).manual_seed(seed) if B == 1 else \
+                     RowGenerators([seed + b for b in range(B)], device)          # row b: its own draws (seed + b)
+    sync(device); self.t0 = time.perf_counter()
+    prefill = self.runner(prompt[:, :-1], self.cache, logits="none", keep=self.keep) if S > 1 else None   # but the last
+    self.cache.rollback([n - 1 for n in prompt_lengths] if B > 1 else S - 1)   # shorter rows: padding past their length
+    if self.drafter is not None:
+        self.drafter.start(self.target, prompt, self.capacity, None if prefill is None else prefill.features,
+                           **({} if B == 1 else {"lengths": list(prompt_lengths)}))
+    self.tokens[:, :S] = prompt
+    self.lengths, self.prompt_lengths = list(prompt_lengths), list(prompt_lengths)
+    self.budgets = budgets + [1] * (B - given)
+    if self.lengths_t is not None: self.lengths_t.copy_(torch.tensor(self.lengths))
+    self.held = [b < given for b in range(B)]
+    self.done, self.admitted_at = [not h for h in self.held], [self.t0] * B
+    sync(device); self.prefill_time = time.perf_counter() - self.t0
+
+@patch
+@torch.inference_mode()
+def admit(self:Batch, prompt_ids, # [S] a new prompt's token ids
+          max_new_tokens:int, seed:int=0) -> int:
+    """Prefill a new prompt into a free row, alone, between two steps (after `start`); its generator seeded `seed`.
+    The row it took."""
+    if self.generator is None: raise RuntimeError("admit before start: start the batch (start(None, [], ...): empty)")
+    free = self.free_rows
+    if not free: raise RuntimeError(f"no free row: the {self.rows} rows all hold a request (release one first)")
+    ids = torch.as_tensor(prompt_ids, dtype=torch.long).flatten().to(self.target.device)   # [S]
+    S = ids.numel()
+    if S == 0: raise ValueError("empty prompt: admit got no tokens")
+    if isinstance(max_new_tokens, bool) or int(max_new_tokens) != max_new_tokens or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    if S + max_new_tokens > self.max_length:
+        raise ValueError(f"a prompt of {S} tokens + {max_new_tokens} new > the batch's max_length {self.max_length}")
+    b = free[0]
+    view = self.cache.row(b)                                              # row b alone, over the batch's cache
+    view.rollback(0)
+    prefill = self.target.net(ids[None, :-1], view, logits="none", keep=self.keep) if S > 1 else None
+    self.cache.set_row_length(b, S - 1)
+    if self.drafter is not None: self.drafter.admit(b, ids, None if prefill is None else prefill.features)
+    self.tokens[b, :S] = ids
+    self.lengths[b] = self.prompt_lengths[b] = S
+    self.budgets[b], self.held[b], self.done[b] = int(max_new_tokens), True, False
+    if self.lengths_t is not None: self.lengths_t[b] = S
+    generator = torch.Generator(device=self.target.device).manual_seed(seed)
+    if self.rows == 1: self.generator = generator
+    else: self.generator.generators[b] = generator
+    self.row_stats[b], self.accepted_lengths[b] = Stats(generations=1), []
+    self.admitted_at[b] = time.perf_counter()
+    return b
+
+@patch
+def release(self:Batch, row:int) -> tuple[torch.Tensor, Stats]:
+    """Free `row` (finished, or abandoned: it stops here): its new tokens `[n]` and statistics (`wall_time` from its
+    admission; the drafter keeps what it learns from the output)."""
+    if not 0 <= row < self.rows or not self.held[row]: raise ValueError(f"row {row} holds no request")
+    out, stats = self.output(row).clone(), self.row_stats[row]
+    if self.drafter is not None: self.drafter.release(row, out)
+    if not self.done[row]: stats.wall_time = time.perf_counter() - self.admitted_at[row]
+    stats.new_tokens = out.numel()
+    self.held[row], self.done[row] = False, True
+    return out, stats
+
+# %% ../nbs/08_decode.ipynb #db6c91e3
+@patch
+@torch.inference_mode()
+def step(self:Batch) -> list[int]:
+    """One speculative step over every row: the tokens each row added `[B]` (0: a row done or free). K is the
+    controller's for every row; one row drafts no further than its budget (a batch: rows drop what passes theirs, so
+    that each row's random draws, K a step, do not depend on when its neighbours finish)."""
+    B, drafter, lengths = self.rows, self.drafter, self.lengths
+    k = self.controller.next_k() if drafter is not None else 0
+    if B == 1: k = min(k, self.budgets[0] - (lengths[0] - self.prompt_lengths[0]) - 1)
+    draft, n, eos_at, proposed, features = _step(self.runner, self.cache, drafter, self.policy, self.tokens, lengths,
+                                                 self.lengths_t, k, self.sampling, self.generator, self.eos_ids,
+                                                 self.keep, self.timer)
+    cache_lengths, added = [], [0] * B
+    for b in range(B):
+        if self.done[b]:                                  # a finished (or free) row runs along; it keeps nothing
+            cache_lengths.append(lengths[b] - 1); n[b] = 0; continue
+        # up to an EOS, the budget
+        kept = min(n[b], eos_at[b], self.budgets[b] - (lengths[b] - self.prompt_lengths[b]) - 1)
+        if proposed[b] > 0: self.controller.update(proposed[b], n[b])
+        if B > 1: n[b] = kept                             # what the row committed (one row: the loop ends there)
+        cache_lengths.append(lengths[b] + n[b])           # the current token and the n accepted drafts
+        self.row_stats[b].record_step(proposed[b], kept)  # drafts after an EOS are not counted
+        self.accepted_lengths[b].append(kept)
+        lengths[b] += kept + 1
+        added[b] = kept + 1
+        if eos_at[b] <= n[b] or lengths[b] - self.prompt_lengths[b] >= self.budgets[b]:
+            self.done[b], self.row_stats[b].wall_time = True, time.perf_counter() - self.admitted_at[b]
+    self.cache.rollback(cache_lengths if B > 1 else cache_lengths[0])
+    if self.lengths_t is not None: self.lengths_t.copy_(torch.tensor(lengths), non_blocking=True)
+    if drafter is not None:
+        if B == 1: drafter.observe(n[0], None if features is None else features[:, :n[0] + 1])
+        else: drafter.observe(n, features)                # row b commits its first n[b]+1 positions of the block
+    self.timer.lap("accept")
+    if self.first_token_time is None: self.first_token_time = time.perf_counter() - self.t0
+    self.last_draft, self.last_proposed = draft, proposed
+    return added
+
+@patch
+def finish(self:Batch, single:bool=False # one prompt: `tokens` is `[1, n]`
+          ) -> GenerationOutput:
+    "End a `start`ed generation, on the clock: each row's output (a drafter that learns keeps them), the statistics."
+    B, device = self.rows, self.target.device
+    if self.drafter is not None: self.drafter.finish([self.output(b) for b in range(B)])
+    sync(device)
+    setup = _setup_seconds(self.runners) - self.setup_before          # shapes first met inside the loop
+    wall = time.perf_counter() - self.t0 - setup
+    phases = self.timer.finish()
+    for b, rs in enumerate(self.row_stats):
+        rs.new_tokens = self.lengths[b] - self.prompt_lengths[b]
+        rs.prefill_time, rs.first_token_time = self.prefill_time, self.first_token_time
+        rs.wall_time = wall if B == 1 or not rs.wall_time else rs.wall_time - setup   # when the row finished
+    stats = sum(self.row_stats, Stats()) if B > 1 else self.row_stats[0]
+    stats.wall_time, stats.prefill_time, stats.first_token_time = wall, self.prefill_time, self.first_token_time
+    stats.draft_time, stats.verify_time, stats.accept_time = phases["draft"], phases["verify"], phases["accept"]
+    drafter = self.drafter
+    stats.draft_forwards = drafter.forwards if drafter is not None else 0
+    stats.missing_features = drafter.missing_features if drafter is not None else 0
+    engine = self.engine
+    roles = ["target" if r is self.runner else "draft" for r in self.runners]
+    engine["setup_seconds"] = {f"{role}:{key}": round(v, 4) for role, r in zip(roles, self.runners)
+                               for key, v in r.setup_seconds.items()}
+    engine["setup_in_loop_seconds"] = round(setup, 4)                   # subtracted from wall_time
+    if single:
+        return GenerationOutput(self.output(0)[None].clone(), stats, self.accepted_lengths[0], engine, self.row_stats)
+    return GenerationOutput([self.output(b).clone() for b in range(B)], stats, self.accepted_lengths, engine,
+                            self.row_stats)
+
 # %% ../nbs/08_decode.ipynb #01109196
 @torch.inference_mode()
 def generate(target:LoadedModel, # the model whose output we want (anything with `.net`, `.device`, `.eos_token_ids`)
@@ -201,107 +421,22 @@ def generate(target:LoadedModel, # the model whose output we want (anything with
              on_step=None,
             ) -> GenerationOutput:
     """Decode from `target`, speculatively when a `drafter` is given: one prompt, or a batch of prompts (a list of id
-    sequences of any lengths, or `[B, S]` ids) decoded together, each row at its own length."""
-    sampling = SamplingConfig(temperature, top_p)
+    sequences of any lengths, or `[B, S]` ids) decoded together, each row at its own length (a `Batch` started with
+    them, stepped until every row is done)."""
     if isinstance(max_new_tokens, bool) or int(max_new_tokens) != max_new_tokens or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
     prompt, prompt_lengths, single = _prompts(input_ids, target.device)    # [B, S], [B]
-    if policy is None: policy = Greedy() if sampling.greedy else RejectionSampling()
-    if isinstance(policy, Greedy) and not sampling.greedy:
-        raise ValueError(f"Greedy policy needs temperature=0 (got {temperature}); use RejectionSampling to sample")
-    if drafter is not None and drafter.drafts_trees and not policy.verifies_trees:
-        raise ValueError(f"{drafter.name} drafts token trees, which policy {type(policy).__name__} cannot verify: "
-                         "use greedy or rejection")
-    device, (B, S) = target.device, prompt.shape
-    if B > 1 and drafter is not None and drafter.drafts_trees:
-        raise NotImplementedError(f"{drafter.name} drafts token trees, which are drafted and verified for one prompt "
-                                  f"at a time; got {B}: use a chain drafter for a batch")
+    B, S = prompt.shape
     if B > 1 and on_step is not None:
         raise NotImplementedError("on_step follows one prompt: a batch has no step events")
-    if drafter is not None and controller is None: controller = FixedK(4)
-    if controller is not None and drafter is not None:
-        controller.start(target, drafter, compile, B)
-        # `DynamicK`: drafting token by token stops at an unlikely chain
-        drafter.stop_below = controller.stop_below
-    eos = list(target.eos_token_ids if eos_token_id is None else
-               ([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id))
-    eos_ids = torch.tensor(eos, dtype=torch.long, device=device)          # [E]
-    block = drafter.max_drafts(controller.max_k) if drafter is not None else 0   # the most drafts one step verifies
-    capacity = S + max_new_tokens + block + 1
-    runner, cache, runners, engine = _runners(target, drafter, compile, B, capacity, block)
-    generator = torch.Generator(device=device).manual_seed(seed) if B == 1 else \
-                RowGenerators([seed + b for b in range(B)], device)       # row b: its own draws (seed + b)
-    setup_before = _setup_seconds(runners)
-    keep = drafter.target_layers if drafter is not None else ()          # the target layers the drafter reads
-    sync(device); t0 = time.perf_counter()
-
-    prefill = runner(prompt[:, :-1], cache, logits="none", keep=keep) if S > 1 else None   # all but each current token
-    cache.rollback([n - 1 for n in prompt_lengths] if B > 1 else S - 1)   # shorter rows: padding past their length
-    if drafter is not None:
-        drafter.start(target, prompt, capacity, None if prefill is None else prefill.features,
-                      **({} if B == 1 else {"lengths": prompt_lengths}))
-    tokens = torch.zeros(B, capacity, dtype=torch.long, device=device)    # prompt + output, [B, capacity]
-    tokens[:, :S] = prompt
-    lengths = list(prompt_lengths)                                        # [B] each row's tokens so far
-    lengths_t = None if B == 1 else torch.tensor(lengths, device=device)  # [B] the same, on the device
-    sync(device); prefill_time = time.perf_counter() - t0
-
-    row_stats = [Stats(generations=1) for _ in range(B)]
-    accepted_lengths, done, timer, first_token_time = [[] for _ in range(B)], [False] * B, StepTimer(device), None
-    while not all(done):
-        # K for every row; one row drafts no further than its budget (a batch: rows drop what passes theirs, so that
-        # each row's random draws, K a step, do not depend on when its neighbours finish)
-        k = controller.next_k() if drafter is not None else 0
-        if B == 1: k = min(k, max_new_tokens - (lengths[0] - S) - 1)
-        before = dict(timer.totals) if on_step is not None else None
-        draft, n, eos_at, proposed, features = _step(runner, cache, drafter, policy, tokens, lengths, lengths_t, k,
-                                                     sampling, generator, eos_ids, keep, timer)
-        cache_lengths = []
-        for b in range(B):
-            if done[b]:                                   # a finished row runs along; it keeps nothing
-                cache_lengths.append(lengths[b] - 1); n[b] = 0; continue
-            # up to an EOS, the budget
-            kept = min(n[b], eos_at[b], max_new_tokens - (lengths[b] - prompt_lengths[b]) - 1)
-            if proposed[b] > 0: controller.update(proposed[b], n[b])
-            if B > 1: n[b] = kept                         # what the row committed (one row: the loop ends there)
-            cache_lengths.append(lengths[b] + n[b])       # the current token and the n accepted drafts
-            row_stats[b].record_step(proposed[b], kept)   # drafts after an EOS are not counted
-            accepted_lengths[b].append(kept)
-            lengths[b] += kept + 1
-            if eos_at[b] <= n[b] or lengths[b] - prompt_lengths[b] >= max_new_tokens:
-                done[b], row_stats[b].wall_time = True, time.perf_counter() - t0
-        cache.rollback(cache_lengths if B > 1 else cache_lengths[0])
-        if lengths_t is not None: lengths_t.copy_(torch.tensor(lengths), non_blocking=True)
-        if drafter is not None:
-            if B == 1: drafter.observe(n[0], None if features is None else features[:, :n[0] + 1])
-            else: drafter.observe(n, features)                # row b commits its first n[b]+1 positions of the block
-        timer.lap("accept")
-        if first_token_time is None: first_token_time = time.perf_counter() - t0
+    batch = Batch(target, B, S + max_new_tokens, drafter, policy, controller, temperature, top_p, eos_token_id, compile)
+    batch.start(prompt, prompt_lengths, max_new_tokens, seed)
+    while not all(batch.done):
+        before = dict(batch.timer.totals) if on_step is not None else None
+        batch.step()
         if on_step is not None:
-            m = accepted_lengths[0][-1]
-            if on_step(_event(len(accepted_lengths[0]) - 1, draft, proposed[0], m,
-                              tokens[0, lengths[0] - m - 1:lengths[0]], before, timer)) is False: break
-
-    # on the clock: a drafter that learns keeps the outputs
-    if drafter is not None:
-        drafter.finish([tokens[b, prompt_lengths[b]:lengths[b]] for b in range(B)])
-    sync(device)
-    setup = _setup_seconds(runners) - setup_before                     # shapes first met inside the loop
-    wall = time.perf_counter() - t0 - setup
-    phases = timer.finish()
-    for b, rs in enumerate(row_stats):
-        rs.new_tokens = lengths[b] - prompt_lengths[b]
-        rs.prefill_time, rs.first_token_time = prefill_time, first_token_time
-        rs.wall_time = wall if B == 1 or not rs.wall_time else rs.wall_time - setup   # when the row finished
-    stats = sum(row_stats, Stats()) if B > 1 else row_stats[0]
-    stats.wall_time, stats.prefill_time, stats.first_token_time = wall, prefill_time, first_token_time
-    stats.draft_time, stats.verify_time, stats.accept_time = phases["draft"], phases["verify"], phases["accept"]
-    stats.draft_forwards = drafter.forwards if drafter is not None else 0
-    stats.missing_features = drafter.missing_features if drafter is not None else 0
-    roles = ["target" if r is runner else "draft" for r in runners]
-    engine["setup_seconds"] = {f"{role}:{key}": round(v, 4) for role, r in zip(roles, runners)
-                               for key, v in r.setup_seconds.items()}
-    engine["setup_in_loop_seconds"] = round(setup, 4)                   # subtracted from wall_time
-    if single: return GenerationOutput(tokens[:, S:lengths[0]].clone(), stats, accepted_lengths[0], engine, row_stats)
-    out = [tokens[b, prompt_lengths[b]:lengths[b]].clone() for b in range(B)]
-    return GenerationOutput(out, stats, accepted_lengths, engine, row_stats)
+            m, L = batch.accepted_lengths[0][-1], batch.lengths[0]
+            event = _event(len(batch.accepted_lengths[0]) - 1, batch.last_draft, batch.last_proposed[0], m,
+                           batch.tokens[0, L - m - 1:L], before, batch.timer)
+            if on_step(event) is False: break
+    return batch.finish(single)

@@ -65,6 +65,16 @@ class Drafter:
     def remember(self, responses:list) -> None: pass
                                                          # id lists, oldest first): the benchmark sets what it has seen
 
+    def admit(self, row:int, # a free row of the running batch, which a new prompt takes (rows as slots)
+              prompt_ids:torch.Tensor, # [S] the new prompt
+              # [1, S-1, F] outputs of `target_layers` at the prompt's positions but the last
+              features:torch.Tensor|None=None,
+             ) -> None:
+        "A new prompt takes `row` between two steps, the other rows going on (after `start`)."
+        raise NotImplementedError(f"{self.name} cannot take a new prompt into a running batch (no admit)")
+    # row's request ended with `output` `[n]`: its state may go (one that learns keeps the output)
+    def release(self, row:int, output:torch.Tensor) -> None: pass
+
     def start(self, target:LoadedModel, prompt_ids:torch.Tensor, # [B, S] (a batch: right-padded)
               capacity:int, # the most tokens a sequence will hold
               # [B, S-1, F] outputs of `target_layers` at the prompt's positions but the last
@@ -129,6 +139,8 @@ class PromptLookup(Drafter):
         if not 1 <= min_ngram <= max_ngram:
             raise ValueError(f"need 1 <= min_ngram <= max_ngram, got {min_ngram}, {max_ngram}")
         self.max_ngram, self.min_ngram, self.on_device = max_ngram, min_ngram, on_device
+
+    def admit(self, row, prompt_ids, features=None): pass   # it reads the sequences themselves: nothing to keep
 
     @property
     def name(self): return f"pld:{self.max_ngram}" + (f":{self.min_ngram}" if self.min_ngram != 1 else "")
@@ -244,7 +256,15 @@ def _observe(self:DraftModel, n_accepted, features=None):
         self.cache.rollback(kept if len(kept) > 1 else kept[0])
     self._k = 0
 
-DraftModel._catch_up = _catch_up
+def _admit(self:DraftModel, row, prompt_ids, features=None):
+    "Prefill the new prompt but its last token into the draft's cache row, alone (the next catch-up feeds the last)."
+    if self.cache is None: raise RuntimeError(f"{self.name}: admit before start")
+    view = self.cache.row(row)
+    view.rollback(0)
+    if prompt_ids.numel() > 1: self.net(prompt_ids[None, :-1].to(view.keys.device), view, logits="none")
+    self.cache.set_row_length(row, view.lengths[0])
+
+DraftModel._catch_up, DraftModel.admit = _catch_up, _admit
 DraftModel.start, DraftModel.propose, DraftModel.observe = _start, _propose, _observe
 
 # %% ../nbs/05_drafters.ipynb #43344514
@@ -306,6 +326,10 @@ class Fallback(Drafter):
         for d in self.drafters: d.finish(outputs)
     def remember(self, responses:list) -> None:
         for d in self.drafters: d.remember(responses)
+    def admit(self, row, prompt_ids, features=None) -> None:
+        for d in self.drafters: d.admit(row, prompt_ids, self.features_of(features, d))
+    def release(self, row, output) -> None:
+        for d in self.drafters: d.release(row, output)
 
     def check(self, target) -> None:
         for d in self.drafters: d.check(target)

@@ -129,6 +129,16 @@ class _Head(nn.Module, Drafter):
 
     def _reset(self, batch:int, capacity:int) -> None: pass
 
+    def admit(self, row, prompt_ids, features=None) -> None:
+        "The new row's prefill features (every prompt position but its last) wait for its first draft."
+        if self.run_vocab is not None:
+            raise NotImplementedError(f"{self.name} with prompt_vocab drafts one prompt at a time")
+        n = prompt_ids.shape[-1]
+        self.pending[row] = [self._taken(features, n - 1, 1)[0]] if n > 1 else []
+        self._admit_row(row, prompt_ids)
+
+    def _admit_row(self, row:int, prompt_ids:torch.Tensor) -> None: pass   # a head with a cache: the row's entries
+
     def observe(self, n_accepted:int|list[int], features=None) -> None:
         "Keep each row's target features of the verified token and its `n_accepted` drafts."
         counts = per_row(n_accepted, len(self.pending))
@@ -456,6 +466,18 @@ def _eagle_reset(self:EagleHead, batch:int, capacity:int):
         self.cache = KVCache(self.num_layers, batch, self.num_kv_heads, capacity, self.head_dim, dtype, w.device)
     self.cache.rollback(0)
 
+def _eagle_admit_row(self:EagleHead, row:int, prompt_ids:torch.Tensor):
+    """A new row's pairs but its last, run through the head on the row alone (so that a step's catch-up stays as wide
+    as the rows' new tokens); the last waits for the row's first draft."""
+    self.known[row], m = 0, max(prompt_ids.shape[-1] - 2, 0)                     # pairs t = 0..S-3 now
+    self.cache.set_row_length(row, m)
+    if m == 0: return
+    features = self.pending[row][0]                                               # [S-1, layers*H]
+    at = self.cache.steps[:m]                                                     # [m] positions t
+    ids = prompt_ids[1:m + 1].to(at.device)[None]                                 # [1, m] tokens x_{t+1}
+    self.forward_at(ids, self.fused(features[None, :m]), at, self.cache.row(row))
+    self.known[row], self.pending[row] = m, [features[m:]]
+
 def _eagle_pending(self:EagleHead, lengths:list[int]) -> torch.Tensor:
     """Each row's target features of its committed positions known..L-2 `[B, m, layers*H]` (rows right-padded with zeros
     to the longest), taken: the head holds them until now."""
@@ -539,7 +561,7 @@ def _eagle_propose(self:EagleHead, tokens, k, sampling=SamplingConfig(), generat
     self.forwards += len(drafted)
     return Draft(torch.stack(drafted, 1), torch.stack(probs, 1))               # [B, k], [B, k, V]
 
-EagleHead._reset, EagleHead._pending = _eagle_reset, _eagle_pending
+EagleHead._reset, EagleHead._pending, EagleHead._admit_row = _eagle_reset, _eagle_pending, _eagle_admit_row
 EagleHead._catch_up, EagleHead.propose = _eagle_catch_up, _eagle_propose
 EagleHead._first, EagleHead._first_rows, EagleHead._next = _eagle_first, _eagle_first_rows, _eagle_next
 

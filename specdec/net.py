@@ -68,6 +68,20 @@ class KVCache:
         if max(self._lengths) + n > self.capacity:
             raise ValueError(f"KV cache overflow: {max(self._lengths)}+{n} positions > capacity {self.capacity}")
 
+    def row(self, b:int) -> "KVCache":
+        """Row b as a one-row cache over the same storage: what a forward writes through it lands in row b (a prompt
+        joining a running batch is prefilled this way). Its length is its own: `set_row_length(b, ...)` after."""
+        view = KVCache.__new__(KVCache)
+        view.keys, view.values, view.steps = self.keys[:, b:b + 1], self.values[:, b:b + 1], self.steps
+        view.lengths_t, view._lengths = self.lengths_t[b:b + 1].clone(), [self._lengths[b]]
+        return view
+
+    def set_row_length(self, b:int, n:int) -> None:
+        "Row b holds its first `n` positions (0 <= n <= capacity); the other rows keep theirs."
+        if not 0 <= n <= self.capacity: raise ValueError(f"row length {n} outside 0..{self.capacity}")
+        lengths = list(self._lengths); lengths[b] = int(n)
+        self.lengths = lengths
+
     def rollback(self, length:int|list[int]) -> None:
         """Keep the first `length` positions (of every row, or `[B]` per row): later entries are overwritten by the next
         write."""

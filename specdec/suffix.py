@@ -255,6 +255,18 @@ class SuffixDecoding(Drafter):
         else:
             for out in outputs: self.add_response(out.tolist())
 
+    def admit(self, row, prompt_ids, features=None):
+        "A new request in `row`: its own index over its prompt."
+        ids = prompt_ids.tolist()
+        self._prompt_lengths[row] = self._seen[row] = len(ids)
+        self._requests[row], self._pending[row] = SuffixIndex(), None
+        self._requests[row].extend(ids)
+
+    def release(self, row, output):
+        "The row's response joins the cache (one row: it is there already, as it grew; closed now)."
+        if len(self._requests) == 1: self.finish([output])
+        else: self.add_response(output.tolist())
+
     def start(self, target, prompt_ids, capacity, features=None, lengths=None):
         super().start(target, prompt_ids, capacity, features, lengths)
         B, S = prompt_ids.shape

@@ -137,6 +137,8 @@ class SyntheticDrafter(Drafter):
         "The rates of draft positions 0..k-1: `[k]`."
         return torch.tensor([self.acceptance[min(i, len(self.acceptance) - 1)] for i in range(k)])
 
+    def admit(self, row, prompt_ids, features=None): pass   # it drafts from each row's length alone
+
     def start(self, target, prompt_ids, capacity, features=None, lengths=None):
         self.forwards = 0
         self.vocab_size = target.vocab_size

@@ -1,0 +1,121 @@
+"""Rows as slots (`decode.Batch`): between two steps a new prompt prefills into a free row and a row is released, the
+other rows going on. A prompt admitted into a running batch decodes exactly its batch-1 output, with every drafter
+kind, and its sampled output is its own seed's; what cannot be done is said."""
+import pytest, torch
+from specdec import generate
+from specdec.decode import Batch
+from specdec.drafters import Drafter, PromptLookup, DraftModel, LayerSkip, Fallback
+from specdec.controllers import FixedK
+from specdec.suffix import SuffixDecoding
+from specdec.train import new_head
+from test_batch import _prompts
+
+
+def _drafters(tiny):
+    return {"ar": lambda: None, "pld": PromptLookup, "pld-device": lambda: PromptLookup(on_device=True),
+            "model": lambda: DraftModel("tiny-llama-draft"), "layerskip": lambda: LayerSkip(tiny, 2),
+            "eagle": lambda: new_head("eagle", tiny, seed=0), "medusa": lambda: new_head("medusa", tiny, seed=0),
+            "suffix": SuffixDecoding, "pld+layerskip": lambda: Fallback([PromptLookup(3, 2), LayerSkip(tiny, 2)])}
+
+
+def _run_slots(tiny, drafter, prompts, budgets, rows=2, compile="eager", temperature=0.0, seeds=None):
+    """Start `rows` prompts, then whenever a row finishes release it and admit the next prompt: every prompt's output
+    and the rows each took."""
+    seeds = seeds or list(range(len(prompts)))
+    batch = Batch(tiny, rows, max(p.numel() for p in prompts) + max(budgets), drafter,
+                  controller=FixedK(3) if drafter is not None else None, temperature=temperature, eos_token_id=[],
+                  compile=compile)
+    first = prompts[:rows]
+    padded = torch.nn.utils.rnn.pad_sequence(first, batch_first=True)
+    batch.start(padded, [p.numel() for p in first], budgets[:rows], seed=seeds[0])
+    assert seeds[:rows] == [seeds[0] + b for b in range(rows)]                  # row b of `start`: seed + b
+    row_of, outputs, waiting = {b: b for b in range(rows)}, {}, list(range(rows, len(prompts)))
+    while row_of:
+        batch.step()
+        for b, i in list(row_of.items()):
+            if not batch.done[b]: continue
+            outputs[i], stats = batch.release(b)
+            assert stats.new_tokens == outputs[i].numel() == budgets[i]
+            del row_of[b]
+            if waiting:
+                j = waiting.pop(0)
+                row_of[batch.admit(prompts[j], budgets[j], seed=seeds[j])] = j
+    return [outputs[i] for i in range(len(prompts))]
+
+
+@pytest.mark.parametrize("kind", ["ar", "pld", "pld-device", "model", "layerskip", "eagle", "medusa", "suffix",
+                                  "pld+layerskip"])
+def test_a_prompt_admitted_into_a_running_batch_decodes_its_batch_1_output(tiny, kind):
+    """Two rows; five prompts of different lengths and budgets: each prompt after the first two takes the row that
+    finished first, while the other row is mid-generation. Every output equals that prompt's batch-1 greedy output."""
+    prompts = _prompts(tiny, 5)
+    budgets = [12, 12, 20, 7, 15]
+    alone = [generate(tiny, p, max_new_tokens=n, eos_token_id=[]).tokens[0] for p, n in zip(prompts, budgets)]
+    outputs = _run_slots(tiny, _drafters(tiny)[kind](), prompts, budgets)
+    assert [o.tolist() for o in outputs] == [a.tolist() for a in alone], kind
+
+
+def test_slots_at_fixed_shapes_and_in_a_one_row_batch(tiny):
+    "The fixed-shape engine's cache takes an admitted row's prefill; a one-row batch is reused request after request."
+    prompts, budgets = _prompts(tiny, 4), [10, 10, 14, 6]
+    alone = [generate(tiny, p, max_new_tokens=n, eos_token_id=[]).tokens[0] for p, n in zip(prompts, budgets)]
+    fixed = _run_slots(tiny, LayerSkip(tiny, 2), prompts, budgets, compile="fixed")
+    one_row = _run_slots(tiny, new_head("eagle", tiny, seed=0), prompts, [10] + budgets[1:], rows=1)
+    assert [o.tolist() for o in fixed] == [a.tolist() for a in alone]
+    assert [o.tolist() for o in one_row] == [a.tolist() for a in alone]
+
+
+def test_an_admitted_row_samples_with_its_own_seed(tiny):
+    """Sampled, an admitted prompt draws from its own generator: its output is the one it has as row 0 of a batch
+    started at that seed (rows of a batch draw K a step to the end; one prompt alone clips K at its budget), whatever
+    row it takes and whoever its neighbours are; at another seed it differs (the control)."""
+    prompts, budgets = _prompts(tiny, 3), [8, 16, 12]
+    kw = dict(drafter=DraftModel("tiny-llama-draft"), controller=FixedK(3), temperature=0.9, eos_token_id=[])
+    started = generate(tiny, [prompts[2], prompts[0]], max_new_tokens=12, seed=11, **kw).tokens[0]
+    other = generate(tiny, [prompts[2], prompts[0]], max_new_tokens=12, seed=12, **kw).tokens[0]
+    outputs = _run_slots(tiny, DraftModel("tiny-llama-draft"), prompts, budgets, temperature=0.9, seeds=[3, 4, 11])
+    assert outputs[2].tolist() == started.tolist() and started.tolist() != other.tolist()
+
+
+def test_an_empty_batch_changes_its_sampling_for_the_next_requests(tiny):
+    """A one-row batch serves a greedy request, then (empty) switches to sampling: the next request's output is its
+    batch-1 sampled output at its seed; while a row holds a request the sampling stays."""
+    prompts = _prompts(tiny, 2)
+    kw = dict(controller=FixedK(3), eos_token_id=[])
+    batch = Batch(tiny, 1, 200, DraftModel("tiny-llama-draft"), **kw)
+    batch.start(prompts[0][None], [prompts[0].numel()], 10)
+    with pytest.raises(RuntimeError, match=r"rows \[0\] hold requests"): batch.set_sampling(0.9)
+    while not batch.done[0]: batch.step()
+    greedy, _ = batch.release(0)
+    batch.set_sampling(0.9)
+    batch.admit(prompts[1], 12, seed=5)
+    while not batch.done[0]: batch.step()
+    sampled, _ = batch.release(0)
+    expect = generate(tiny, prompts[1], DraftModel("tiny-llama-draft"), max_new_tokens=12, temperature=0.9, seed=5, **kw)
+    assert greedy.tolist() == generate(tiny, prompts[0], max_new_tokens=10, eos_token_id=[]).tokens[0].tolist()
+    assert sampled.tolist() == expect.tokens[0].tolist()
+    assert sampled.tolist() != generate(tiny, prompts[1], max_new_tokens=12, eos_token_id=[]).tokens[0].tolist()
+
+
+class _Stateful(PromptLookup):
+    "A drafter that declares no `admit`: it cannot take a row in a running batch."
+    admit = Drafter.admit
+
+
+def test_slots_say_what_they_cannot_do(tiny):
+    prompts = _prompts(tiny, 3)
+    batch = Batch(tiny, 2, 200, PromptLookup())
+    with pytest.raises(RuntimeError, match="admit before start"): batch.admit(prompts[0], 8)
+    batch.start(prompts[0][None], [prompts[0].numel()], 8)
+    assert batch.free_rows == [1]
+    with pytest.raises(ValueError, match="empty prompt"): batch.admit([], 8)
+    with pytest.raises(ValueError, match=r"\+ 500 new > the batch's max_length 200"): batch.admit(prompts[1], 500)
+    assert batch.admit(prompts[1], 8) == 1
+    with pytest.raises(RuntimeError, match="no free row: the 2 rows all hold a request"): batch.admit(prompts[2], 8)
+    out, stats = batch.release(1)
+    with pytest.raises(ValueError, match="row 1 holds no request"): batch.release(1)
+    assert out.numel() == stats.new_tokens == 0                                  # released before its first step
+    stateful = Batch(tiny, 2, 200, _Stateful())
+    stateful.start(None, [], 8)
+    with pytest.raises(NotImplementedError, match="cannot take a new prompt into a running batch"):
+        stateful.admit(prompts[0], 8)
