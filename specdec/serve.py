@@ -263,10 +263,12 @@ class EngineWorker:
         self.thread.join(timeout)
 
     def _run(self) -> None:
+        t0 = time.perf_counter()
         try: self.served = self.loader()
         except Exception as e:
             log.exception("loading the model failed"); self.load_error = f"{type(e).__name__}: {e}"; return
         finally: self.loaded.set()
+        log.info("model loaded in %.1f s; serving %s", time.perf_counter() - t0, self.served.describe())
         while (handle := self.jobs.get()) is not None:
             with self.lock: self.metrics.waiting.dec(); self.running = handle
             try:
