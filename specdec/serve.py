@@ -425,9 +425,17 @@ def _chat_messages(messages:list[ChatMessage]) -> list[dict]:
              "content": m.content if isinstance(m.content, str) else "".join(p.text for p in m.content)}
             for m in messages]
 
+def _is_ids(prompt) -> bool: return isinstance(prompt, list) and all(isinstance(i, int) for i in prompt)
+
 def _prompt_ids(served:ServedModel, body) -> list[int]:
     "The prompt's token ids, or a 400 naming what is wrong with it."
-    if isinstance(body, ChatRequest): return served.chat_ids(_chat_messages(body.messages))
+    if served.target.tokenizer is None and not (isinstance(body, CompletionRequest) and _is_ids(body.prompt)):
+        raise APIError(400, "this model has no tokenizer: send the prompt as token ids to /v1/completions", "prompt")
+    if isinstance(body, ChatRequest):
+        messages = _chat_messages(body.messages)
+        try: return served.chat_ids(messages)
+        except Exception as e:                          # a template may refuse an order of roles
+            raise APIError(400, f"the chat template refused these messages: {type(e).__name__}: {e}", "messages")
     prompt = body.prompt
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
         if len(prompt) > 1: raise APIError(400, f"prompt holds {len(prompt)} prompts: send one per request", "prompt")
@@ -447,7 +455,7 @@ def _job(served:ServedModel, body, request_id:str) -> Job:
     for name in ("presence_penalty", "frequency_penalty"):
         if getattr(body, name): raise APIError(400, f"{name} is not supported: leave it at 0", name)
     stops, ids = _stop_list(body.stop), _prompt_ids(served, body)
-    wanted = body.max_completion_tokens or body.max_tokens if isinstance(body, ChatRequest) else body.max_tokens
+    wanted = (body.max_completion_tokens or body.max_tokens) if isinstance(body, ChatRequest) else body.max_tokens
     budget, context = served.max_context - len(ids), served.max_context
     if budget < 1 or (wanted is not None and wanted > budget):
         asked = f"{len(ids)} in the prompt" + (f" and {wanted} in the completion" if wanted is not None else "")

@@ -263,6 +263,33 @@ def test_bad_requests_get_a_clear_4xx_and_the_server_goes_on(tiny):
         assert stat(metrics(client), "e2e_request_latency_seconds_count") == 1     # the refused never reached the engine
 
 
+def test_a_model_without_tokenizer_takes_token_ids():
+    "A target without a tokenizer: text prompts and chat get 400 saying so; token ids decode as `generate` does."
+    from specdec.models import tiny_llama
+    bare = tiny_llama(vocab_size=100)                    # too small for the byte tokenizer: no tokenizer
+    with client_for(served(bare, "pld")) as client:
+        text = client.post("/v1/completions", json=ask(prompt="abc"))
+        chat = client.post("/v1/chat/completions", json={"model": NAME, "messages": [{"role": "user", "content": "a"}]})
+        ids = client.post("/v1/completions", json=ask(prompt=[5, 6, 7, 5, 6, 7], max_tokens=8))
+    for r in (text, chat):
+        assert r.status_code == 400 and "this model has no tokenizer: send the prompt as token ids" in r.text
+    out = offline(bare, "pld", torch.tensor([5, 6, 7, 5, 6, 7]), max_new_tokens=8)
+    assert ids.status_code == 200 and ids.json()["choices"][0]["text"] == bare.decode(out.tokens)
+
+
+def test_an_unexpected_error_in_the_app_is_a_500_with_a_request_id(tiny, monkeypatch, caplog):
+    def broken(*args): raise KeyError("a deliberate bug")
+    monkeypatch.setattr(serve, "_job", broken)
+    app = serve.make_app(lambda: served(tiny, "pld"), NAME)
+    with caplog.at_level(logging.ERROR, logger="specdec.serve"), TestClient(app, raise_server_exceptions=False) as c:
+        assert app.state.worker.wait_loaded(60)
+        r = c.post("/v1/completions", json=ask())
+        assert c.get("/health").status_code == 200
+    error = r.json()["error"]
+    assert r.status_code == 500 and error["request_id"] in error["message"] and error["type"] == "server_error"
+    assert any(rec.getMessage() == f"request {error['request_id']} failed" for rec in caplog.records)
+
+
 def test_a_body_over_the_limit_gets_413(tiny):
     with client_for(served(tiny, "pld"), max_body_bytes=1000) as client:
         small = client.post("/v1/completions", json=ask(prompt="x" * 100))
