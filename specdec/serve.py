@@ -21,13 +21,13 @@ from .decode import generate
 from .stats import Stats
 
 # %% auto #0
-__all__ = ['log', 'ServedModel', 'load_served', 'TextStream', 'ServeMetrics', 'Job', 'StepChunk', 'Done', 'Failed',
-           'Handle', 'ServerBusy', 'EngineWorker', 'StreamOptions', 'TextPart', 'ChatMessage',
-           'CompletionRequest', 'ChatRequest', 'APIError', 'error_response', 'parse_body', 'BodyLimit',
-           'spec_stats', 'ClientGone', 'next_item', 'make_app', 'serve']
+__all__ = ['ServedModel', 'load_served', 'TextStream', 'ServeMetrics', 'Job', 'StepChunk', 'Done', 'Failed', 'Handle',
+           'ServerBusy', 'EngineWorker', 'StreamOptions', 'TextPart', 'ChatMessage', 'CompletionRequest',
+           'ChatRequest', 'APIError', 'error_response', 'parse_body', 'BodyLimit', 'spec_stats', 'ClientGone',
+           'next_item', 'make_app', 'serve']
 
 # %% ../nbs/18_serve.ipynb #145314e8
-log = logging.getLogger("specdec.serve")
+_log = logging.getLogger("specdec.serve")
 
 @dataclass
 class ServedModel:
@@ -266,9 +266,9 @@ class EngineWorker:
         t0 = time.perf_counter()
         try: self.served = self.loader()
         except Exception as e:
-            log.exception("loading the model failed"); self.load_error = f"{type(e).__name__}: {e}"; return
+            _log.exception("loading the model failed"); self.load_error = f"{type(e).__name__}: {e}"; return
         finally: self.loaded.set()
-        log.info("model loaded in %.1f s; serving %s", time.perf_counter() - t0, self.served.describe())
+        _log.info("model loaded in %.1f s; serving %s", time.perf_counter() - t0, self.served.describe())
         while (handle := self.jobs.get()) is not None:
             with self.lock: self.metrics.waiting.dec(); self.running = handle
             try:
@@ -278,7 +278,7 @@ class EngineWorker:
                     try: self._decode(handle)
                     finally: self.metrics.running.dec()
             except Exception as e:                       # fails this request only; the engine serves the next one
-                log.exception("request %s failed", handle.job.request_id)
+                _log.exception("request %s failed", handle.job.request_id)
                 handle.put(Failed(handle.job.request_id, f"internal error in request {handle.job.request_id}: "
                                                          f"{type(e).__name__} (logged by the server)"))
             finally:
@@ -296,8 +296,8 @@ class EngineWorker:
             return not (text.stopped or handle.cancelled.is_set())
         out = generate(served.target, torch.tensor(job.prompt_ids), drafter=served.drafter,
                        controller=served.controller, max_new_tokens=job.max_tokens, temperature=job.temperature,
-                       top_p=job.top_p, seed=job.seed,
-                       eos_token_id=[] if job.ignore_eos else None, compile=served.compile, on_step=on_step)
+                       top_p=job.top_p, seed=job.seed, eos_token_id=[] if job.ignore_eos else None,
+                       compile=served.compile, on_step=on_step)
         tokens, end = out.tokens[0].tolist(), time.perf_counter()
         m.prompt_tokens.inc(len(job.prompt_ids)); m.generation_tokens.inc(len(tokens))
         if handle.cancelled.is_set() and not text.stopped:
@@ -364,25 +364,23 @@ def error_response(status:int, message:str, param:str|None=None, code:str|None=N
     kind = "invalid_request_error" if status < 500 else "server_error"
     return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code, **extra}}, status)
 
-def _validation_message(e:ValidationError) -> tuple[str, str|None]:
-    "A body's schema errors as one message, and the first field at fault."
+def _validation_error(e:ValidationError) -> APIError:
+    "A body's schema errors as one 400: every problem in the message, the first field at fault as `param`."
     problems, params = [], []
     for err in e.errors():
-        if err["type"] == "json_invalid": return f"malformed JSON: {err['msg'].removeprefix('Invalid JSON: ')}", None
+        if err["type"] == "json_invalid":
+            return APIError(400, f"malformed JSON: {err['msg'].removeprefix('Invalid JSON: ')}", code="json_invalid")
         # a union's branch names ("str", "list[int]") are not fields
         path = ".".join(str(p) for p in err["loc"] if not (isinstance(p, str) and ("[" in p or p in ("str", "int"))))
         what = "unknown field" if err["type"] == "extra_forbidden" else err["msg"]
-        problems.append(f"{path}: {what}" if path else what); params.append(path or None)
-    if not problems: return "invalid request body", None
-    return "invalid request: " + "; ".join(dict.fromkeys(problems)), params[0]
+        problems.append(f"{path or 'request body'}: {what}"); params.append(path or None)
+    return APIError(400, "invalid request: " + "; ".join(dict.fromkeys(problems)), params[0] if params else None)
 
 def parse_body(cls:type[BaseModel], raw:bytes):
     "The request `raw` holds, validated by `cls`, or a 400 `APIError` naming what is wrong."
     if not raw.strip(): raise APIError(400, "empty request body: send a JSON object")
     try: return cls.model_validate_json(raw)
-    except ValidationError as e:
-        message, param = _validation_message(e)
-        raise APIError(400, message, param, "json_invalid" if message.startswith("malformed") else None) from None
+    except ValidationError as e: raise _validation_error(e) from None
 
 class BodyLimit:
     "ASGI middleware: a request body over `max_bytes` gets 413 before the app sees it."
@@ -574,7 +572,7 @@ def make_app(loader:Callable[[], ServedModel], # builds the model; runs in the e
     @app.exception_handler(Exception)
     async def internal_error(request, e:Exception):
         request_id = "req-" + uuid.uuid4().hex
-        log.error("request %s failed", request_id, exc_info=e)
+        _log.error("request %s failed", request_id, exc_info=e)
         return error_response(500, f"internal error in request {request_id} (logged by the server)",
                               code="internal_error", request_id=request_id)
 
