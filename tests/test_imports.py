@@ -113,3 +113,22 @@ def test_the_server_sits_on_top_and_only_it_needs_the_serve_extra():
     assert {"fastapi", "prometheus_client"} <= set(extra(PACKAGE / "serve.py"))               # the check can fail
     assert {"decode", "specs"} <= graph["serve"] and graph["serve"] & (set(HARNESS) | {"cli"}) == set()
     assert "serve" in graph["cli"] and not top_level_imports(PACKAGE / "cli.py") & {".serve", "specdec.serve"}
+
+
+def test_specdec_and_its_command_work_without_the_serve_extra():
+    """With fastapi, uvicorn and prometheus-client unimportable, specdec and its CLI import; `specdec serve` says what to
+    install."""
+    import subprocess, sys
+    blocked = ["fastapi", "uvicorn", "prometheus_client", "starlette"]
+    script = f"""
+import importlib.abc, sys
+class Missing(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {blocked!r}: raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
+sys.meta_path.insert(0, Missing())
+import specdec, specdec.cli, specdec.decode, specdec.specs
+raise SystemExit(specdec.cli.main(["serve", "tiny-llama"]))
+"""
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2, run.stderr
+    assert "specdec serve needs the serve extra (fastapi is not installed): pip install 'specdec[serve]'" in run.stderr
