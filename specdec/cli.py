@@ -18,7 +18,7 @@ from .parameters import notebook_parameters, parameter_value
 
 # %% auto #0
 __all__ = ['LinesHelpFormatter', 'run_generate', 'bench_notebook', 'add_parameter_flags', 'run_bench',
-           'run_bench_batch', 'run_kaggle', 'run_summary_text', 'run_report', 'main']
+           'run_bench_batch', 'run_kaggle', 'run_summary_text', 'run_report', 'run_serve', 'main']
 
 # %% ../nbs/09_cli.ipynb #d000c634
 class LinesHelpFormatter(argparse.HelpFormatter):
@@ -309,17 +309,53 @@ def run_report(args) -> int:
         for html in render_reports(run, args.results): print(html)
     return 0
 
+# %% ../nbs/09_cli.ipynb #e0812f47
+def _serve_parser(sub) -> None:
+    p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API (needs specdec[serve])",
+                       formatter_class=LinesHelpFormatter,
+                       description="Serves MODEL at http://HOST:PORT: GET /health (503 while loading), GET /v1/models, "
+                                   "POST /v1/completions and /v1/chat/completions (streaming: one chunk per "
+                                   "verification step), GET /metrics (Prometheus). One engine thread decodes the "
+                                   "queued requests one at a time. SIGTERM or Ctrl-C: in-flight requests finish (up to "
+                                   "--shutdown-timeout), then it exits. Needs the serve extra: pip install "
+                                   "'specdec[serve]'.")
+    p.add_argument("model", help="zoo name, .gguf file, local folder or hub id")
+    p.add_argument("--drafter", default="pld", help="a drafter spec (default: pld):\n" + specs.help_text("drafter"))
+    p.add_argument("--controller", default="4",
+                   help="K, or a controller spec (default: 4):\n" + specs.help_text("controller"))
+    p.add_argument("--max-batch", type=int, default=1,
+                   help="requests decoded together (default: 1; only 1 until continuous batching is built)")
+    p.add_argument("--host", default="127.0.0.1"); p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--served-model-name", default=None, help="the name requests give as `model` (default: MODEL)")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413 (default: 1 MiB)")
+    p.add_argument("--max-waiting", type=int, default=256, help="queued requests beyond this get 429 (default: 256)")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="seconds SIGTERM waits for in-flight requests before cancelling them (default: 30)")
+    p.add_argument("--device", default=None); p.add_argument("--dtype", default=None)
+    p.add_argument("--compile", default="auto", choices=COMPILE_MODES, help="how forwards run:\n" + compile_help())
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+
+def run_serve(args) -> int:
+    "Run `specdec serve` with parsed `args` until SIGTERM or Ctrl-C."
+    try: from specdec.serve import serve
+    except ImportError as e:
+        raise ValueError(f"specdec serve needs the serve extra ({e.name} is not installed): "
+                         "pip install 'specdec[serve]'") from None
+    return serve(args.model, args.drafter, args.controller, args.host, args.port, args.served_model_name,
+                 args.max_batch, args.max_body_bytes, args.max_waiting, args.device, args.dtype, args.compile,
+                 args.shutdown_timeout, args.log_level)
+
 # %% ../nbs/09_cli.ipynb #04be8cc6
 def main(argv:list[str]|None=None) -> int:
     "Entry point of the `specdec` command."
     parser = argparse.ArgumentParser(prog="specdec", description="speculative decoding workbench")
     sub = parser.add_subparsers(dest="command", required=True)
     _generate_parser(sub); _bench_parser(sub); _bench_batch_parser(sub); _kaggle_parser(sub); _summary_parser(sub)
-    _report_parser(sub)
+    _report_parser(sub); _serve_parser(sub)
     args = parser.parse_args(argv)
     try:
         commands = {"generate": run_generate, "bench": run_bench, "bench-batch": run_bench_batch, "kaggle": run_kaggle,
-                    "summary": run_summary_text, "report": run_report}
+                    "summary": run_summary_text, "report": run_report, "serve": run_serve}
         return commands[args.command](args)
     except (ValueError, NotImplementedError) as e:
         print(f"specdec: error: {e}", file=sys.stderr)

@@ -6,7 +6,8 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "specdec"
 LOWER = ["models", "net", "sampling", "stats", "timing", "kernels", "engine", "policies", "drafters", "suffix", "controllers",
          "costmodel", "decode", "vocab", "heads", "trees", "checkpoints", "distill", "train"]
-UPPER = ["synthetic", "specs", "provenance", "summary", "batch_summary", "bench", "batch_bench", "report", "cli"]
+UPPER = ["synthetic", "specs", "serve", "provenance", "summary", "batch_summary", "bench", "batch_bench", "report",
+         "cli"]
 # the harness's own floors, from the ground up: what a run measured, what it says, how it runs, what people look at
 HARNESS = ["provenance", "summary", "batch_summary", "bench", "batch_bench", "report"]
 # the draft heads' floors, from the ground up: their vocabulary, the heads, their checkpoints, the data the target writes
@@ -84,3 +85,50 @@ def test_the_heads_keep_their_floors():
     assert graph["trees"] & set(HEADS) == set()                      # trees grow from `tree_scores`, whoever defines it
     floor4 = {"decode", "distill", "train"}
     assert {m: sorted(graph[m] & floor4) for m in ["vocab", "heads", "trees", "checkpoints"] if graph[m] & floor4} == {}
+
+
+SERVE_EXTRA = {"fastapi", "uvicorn", "prometheus_client", "starlette", "pydantic"}   # specdec[serve] and what it brings
+
+
+def top_level_imports(path:Path) -> set[str]:
+    "Modules a module imports when it is imported (imports inside functions excluded), dotted (relative: `.x`)."
+    names, todo = set(), list(ast.parse(path.read_text()).body)
+    while todo:
+        node = todo.pop()
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)): continue
+        if isinstance(node, ast.Import): names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = "." * node.level + (node.module or "")
+            names |= {base} if node.module else {base + a.name for a in node.names}
+        todo += list(ast.iter_child_nodes(node))
+    return names
+
+
+def test_the_server_sits_on_top_and_only_it_needs_the_serve_extra():
+    """specdec imports without specdec[serve]: no other module imports its packages at import time (the CLI imports
+    specdec.serve inside `specdec serve` only), and serve builds on decode and specs, never on the harness or the CLI."""
+    graph = import_graph()
+    extra = lambda p: sorted({n.split(".")[0] for n in top_level_imports(p)} & SERVE_EXTRA)
+    assert {p.stem: extra(p) for p in PACKAGE.glob("*.py") if p.stem != "serve" and extra(p)} == {}
+    assert {"fastapi", "prometheus_client"} <= set(extra(PACKAGE / "serve.py"))               # the check can fail
+    assert {"decode", "specs"} <= graph["serve"] and graph["serve"] & (set(HARNESS) | {"cli"}) == set()
+    assert "serve" in graph["cli"] and not top_level_imports(PACKAGE / "cli.py") & {".serve", "specdec.serve"}
+
+
+def test_specdec_and_its_command_work_without_the_serve_extra():
+    """With fastapi, uvicorn and prometheus-client unimportable, specdec and its CLI import; `specdec serve` says what to
+    install."""
+    import subprocess, sys
+    blocked = ["fastapi", "uvicorn", "prometheus_client", "starlette"]
+    script = f"""
+import importlib.abc, sys
+class Missing(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {blocked!r}: raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
+sys.meta_path.insert(0, Missing())
+import specdec, specdec.cli, specdec.decode, specdec.specs
+raise SystemExit(specdec.cli.main(["serve", "tiny-llama"]))
+"""
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2, run.stderr
+    assert "specdec serve needs the serve extra (fastapi is not installed): pip install 'specdec[serve]'" in run.stderr
