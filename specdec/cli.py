@@ -316,7 +316,8 @@ def _serve_parser(sub) -> None:
                        description="Serves MODEL at http://HOST:PORT: GET /health (503 while loading), GET /v1/models, "
                                    "POST /v1/completions and /v1/chat/completions (streaming: one chunk per "
                                    "verification step), GET /metrics (Prometheus). One engine thread decodes the "
-                                   "queued requests one at a time. SIGTERM or Ctrl-C: in-flight requests finish (up to "
+                                   "queued requests, up to --max-batch of them together. SIGTERM or Ctrl-C: in-flight "
+                                   "requests finish (up to "
                                    "--shutdown-timeout), then it exits. Needs the serve extra: pip install "
                                    "'specdec[serve]'.")
     p.add_argument("model", help="zoo name, .gguf file, local folder or hub id")
@@ -324,7 +325,9 @@ def _serve_parser(sub) -> None:
     p.add_argument("--controller", default="4",
                    help="K, or a controller spec (default: 4):\n" + specs.help_text("controller"))
     p.add_argument("--max-batch", type=int, default=1,
-                   help="requests decoded together (default: 1; only 1 until continuous batching is built)")
+                   help="requests decoded together, continuous batching (default: 1: one at a time)")
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="prompt plus output tokens served (default: the model's context)")
     p.add_argument("--host", default="127.0.0.1"); p.add_argument("--port", type=int, default=8000)
     p.add_argument("--served-model-name", default=None, help="the name requests give as `model` (default: MODEL)")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413 (default: 1 MiB)")
@@ -343,7 +346,7 @@ def run_serve(args) -> int:
                          "pip install 'specdec[serve]'") from None
     return serve(args.model, args.drafter, args.controller, args.host, args.port, args.served_model_name,
                  args.max_batch, args.max_body_bytes, args.max_waiting, args.device, args.dtype, args.compile,
-                 args.shutdown_timeout, args.log_level)
+                 args.shutdown_timeout, args.log_level, args.max_model_len)
 
 # %% ../nbs/09_cli.ipynb #04be8cc6
 def main(argv:list[str]|None=None) -> int:

@@ -17,7 +17,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException
 from . import specs
-from .decode import generate
+from fastcore.basics import patch
+from .decode import Batch, generate
 from .stats import Stats
 
 # %% auto #0
@@ -37,12 +38,14 @@ class ServedModel:
     drafter: Any = None                # a `Drafter`, or None
     controller: Any = None             # a `Controller` (None: generate's default with a drafter)
     compile: str = "auto"              # `engine.COMPILE_MODES`
+    max_model_len: int|None = None     # prompt plus output tokens served (None: the model's context)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def max_context(self) -> int:
-        "Prompt plus output tokens the model takes (its `max_position_embeddings`)."
-        return int(getattr(self.target.config, "max_position_embeddings", None) or 2048)
+        "Prompt plus output tokens served: `max_model_len`, at most the model's `max_position_embeddings`."
+        context = int(getattr(self.target.config, "max_position_embeddings", None) or 2048)
+        return min(context, self.max_model_len) if self.max_model_len else context
 
     def encode(self, prompt:str) -> list[int]:
         "Token ids of a completion prompt (a ValueError for an empty one)."
@@ -73,11 +76,13 @@ class ServedModel:
 def load_served(model:str, # zoo name, .gguf file, local folder or hub id (`specs.load_target`)
                 drafter:str|None="pld", # a drafter spec (`none`: plain decoding)
                 controller:str="4", # K, or a controller spec
-                device=None, dtype=None, compile:str="auto") -> ServedModel:
+                device=None, dtype=None, compile:str="auto",
+                max_model_len:int|None=None) -> ServedModel: # prompt plus output tokens served (None: the context)
     "Load the target and build its drafter and controller from their specs, as `specdec generate` does."
     target = specs.load_target(model, device=device, dtype=dtype)
     draft = specs.make_drafter(drafter, target)
-    return ServedModel(target, draft, specs.make_controller(controller) if draft is not None else None, compile)
+    return ServedModel(target, draft, specs.make_controller(controller) if draft is not None else None, compile,
+                       max_model_len)
 
 # %% ../nbs/18_serve.ipynb #2deb98d5
 class TextStream:
@@ -217,15 +222,31 @@ class ServerBusy(Exception):
     "The engine cannot take a request now (HTTP `status`: 429 queue full, 503 loading or shutting down)."
     def __init__(self, message:str, status:int): super().__init__(message); self.status = status
 
+@dataclass
+class _Slot:
+    "A request held in a row of the batch: its handle, its text so far, when its first tokens came, its drafts so far."
+    handle: Handle
+    text: TextStream
+    first: list = field(default_factory=list)        # [the time of its first step's tokens]
+    steps: int = 0
+    proposed: int = 0                                # the row's proposed drafts counted so far
+
 class EngineWorker:
-    """One thread owns the model: it loads it (`loader`), then decodes the submitted jobs in arrival order, one at a
-    time, each through `generate(..., on_step=...)`: every verification step's tokens go to the request as they come.
-    Requests wait in a queue (`max_waiting` of them; more get 429)."""
+    """One thread owns the model: it loads it (`loader`), then decodes the submitted jobs in arrival order. With
+    `max_batch=1`, one at a time, each through `generate(..., on_step=...)`; with more, continuous batching over one
+    `decode.Batch` of `max_batch` rows: waiting jobs take free rows at step boundaries, every step's tokens go to each
+    row's request, finished or abandoned rows are released. One sampling setting (temperature, top_p, ignore_eos) a
+    batch: a job that differs waits, and the jobs behind it, until the batch is empty. Every verification step's tokens
+    go to the request as they come. Requests wait in a queue (`max_waiting` of them; more get 429)."""
     def __init__(self, loader:Callable[[], ServedModel], # builds the model (runs in the engine thread)
-                 metrics:ServeMetrics, max_waiting:int=256):
-        self.loader, self.metrics, self.max_waiting = loader, metrics, max_waiting
+                 metrics:ServeMetrics, max_waiting:int=256,
+                 max_batch:int=1): # requests decoded together (rows of the batch)
+        if max_batch < 1: raise ValueError(f"max_batch={max_batch}: give at least 1 row")
+        self.loader, self.metrics, self.max_waiting, self.max_batch = loader, metrics, max_waiting, max_batch
         self.served, self.load_error, self.closing, self.running = None, None, False, None
         self.jobs, self.lock, self.loaded = queue.Queue(), threading.Lock(), threading.Event()
+        self.pending, self.slots, self.batch, self.sampling = [], {}, None, None  # batching: taken jobs, held rows
+        self.max_running = 0                                 # the most rows held at once
         self.thread = threading.Thread(target=self._run, name="specdec-engine", daemon=True)
 
     @property
@@ -244,48 +265,58 @@ class EngineWorker:
             if self.served is None:
                 raise ServerBusy("the model failed to load: " + self.load_error if self.load_error else
                                  "the model is still loading: retry when GET /health answers 200", 503)
-            if self.jobs.qsize() >= self.max_waiting:
+            if self.jobs.qsize() + len(self.pending) >= self.max_waiting:
                 raise ServerBusy(f"{self.max_waiting} requests are already waiting: retry later", 429)
             handle = Handle(job, asyncio.get_running_loop())
             self.metrics.waiting.inc(); self.jobs.put(handle)
         return handle
 
     def close(self, timeout:float=30.0) -> None:
-        "Refuse new jobs, fail the waiting ones (503), stop the running one at its next step, end the thread."
+        "Refuse new jobs, fail the waiting ones (503), stop the running ones at their next step, end the thread."
         with self.lock:
             self.closing = True
-            while not self.jobs.empty():
-                handle = self.jobs.get_nowait()
+            waiting = self.pending + [self.jobs.get_nowait() for _ in range(self.jobs.qsize())]
+            self.pending.clear()
+            for handle in waiting:
                 self.metrics.waiting.dec()
                 handle.put(Failed(handle.job.request_id, "the server is shutting down", 503))
             if self.running is not None: self.running.cancel()
+            for slot in list(self.slots.values()): slot.handle.cancel()
             self.jobs.put(None)
         self.thread.join(timeout)
 
     def _run(self) -> None:
         t0 = time.perf_counter()
-        try: self.served = self.loader()
+        try:
+            served = self.loader()
+            if self.max_batch > 1: self.batch = self._new_batch(served)   # a drafter a batch cannot take fails here
+            self.served = served
         except Exception as e:
             _log.exception("loading the model failed"); self.load_error = f"{type(e).__name__}: {e}"; return
         finally: self.loaded.set()
         _log.info("model loaded in %.1f s; serving %s", time.perf_counter() - t0, self.served.describe())
+        if self.max_batch > 1: return self._run_batched()
         while (handle := self.jobs.get()) is not None:
             with self.lock: self.metrics.waiting.dec(); self.running = handle
             try:
                 if handle.cancelled.is_set(): self.metrics.finished("abort")
                 else:
-                    self.metrics.running.inc()
-                    try: self._decode(handle)
-                    finally: self.metrics.running.dec()
+                    self.metrics.running.inc(); self.max_running = 1
+                    try: self._decode(handle)                      # its `_finish` counts it out of running
+                    except Exception: self.metrics.running.dec(); raise
             except Exception as e:                       # fails this request only; the engine serves the next one
-                _log.exception("request %s failed", handle.job.request_id)
-                handle.put(Failed(handle.job.request_id, f"internal error in request {handle.job.request_id}: "
-                                                         f"{type(e).__name__} (logged by the server)"))
+                self._fail(handle, e)
             finally:
                 with self.lock: self.running = None
 
+    def _fail(self, handle:Handle, e:Exception) -> None:
+        "Log `e` as the failure of `handle`'s request, which gets a 500 naming its id."
+        _log.exception("request %s failed", handle.job.request_id, exc_info=e)
+        handle.put(Failed(handle.job.request_id, f"internal error in request {handle.job.request_id}: "
+                                                 f"{type(e).__name__} (logged by the server)"))
+
     def _decode(self, handle:Handle) -> None:
-        "Decode one job, its steps streamed to its handle; the inner loop continuous batching will replace."
+        "Decode one job alone (`max_batch=1`), its steps streamed to its handle."
         job, served, m = handle.job, self.served, self.metrics
         m.queue_time.observe(time.perf_counter() - handle.arrival)
         text, first = TextStream(served.decode, job.stop), []
@@ -298,17 +329,113 @@ class EngineWorker:
                        controller=served.controller, max_new_tokens=job.max_tokens, temperature=job.temperature,
                        top_p=job.top_p, seed=job.seed, eos_token_id=[] if job.ignore_eos else None,
                        compile=served.compile, on_step=on_step)
-        tokens, end = out.tokens[0].tolist(), time.perf_counter()
+        self._finish(handle, text, first, out.tokens[0].tolist(), out.stats)
+
+    def _finish(self, handle:Handle, text:TextStream, first:list, tokens:list[int], stats:Stats) -> None:
+        "Count a decoded request out of the running ones and hand it its `Done` (or, cancelled, its `Failed`)."
+        job, m, end = handle.job, self.metrics, time.perf_counter()
+        m.running.dec()                                          # before the request can see its end
         m.prompt_tokens.inc(len(job.prompt_ids)); m.generation_tokens.inc(len(tokens))
         if handle.cancelled.is_set() and not text.stopped:
             why = "the server is shutting down" if self.closing else "the client went away"
             m.finished("abort"); handle.put(Failed(job.request_id, f"request cancelled: {why}", 503))
             return
-        eos = not job.ignore_eos and tokens and tokens[-1] in served.target.eos_token_ids
+        eos = not job.ignore_eos and tokens and tokens[-1] in self.served.target.eos_token_ids
         reason = "stop" if text.stopped or eos or len(tokens) < job.max_tokens else "length"
         m.e2e.observe(end - handle.arrival); m.finished(reason)
         if len(tokens) > 1: m.tpot.observe((end - first[0]) / (len(tokens) - 1))
-        handle.put(Done(text.finish(), reason, len(job.prompt_ids), len(tokens), out.stats))
+        handle.put(Done(text.finish(), reason, len(job.prompt_ids), len(tokens), stats))
+
+# %% ../nbs/18_serve.ipynb #fcc2822d
+@patch
+def _new_batch(self:EngineWorker, s:ServedModel) -> Batch:
+    "An empty batch of `max_batch` rows over the served model `s` (greedy until a job sets its sampling)."
+    batch = Batch(s.target, self.max_batch, s.max_context, s.drafter, None, s.controller, 0.0, 1.0, None, s.compile)
+    batch.start(None, [], 1)
+    self.sampling = (0.0, 1.0, False)
+    return batch
+
+@patch
+def _set_sampling(self:EngineWorker, sampling:tuple) -> None:
+    """The empty batch samples as the next job asks: temperature, top_p, ignore_eos. `Batch` has no setter for its
+    EOS ids: they are set here, as its constructor would."""
+    temperature, top_p, ignore_eos = sampling
+    self.batch.set_sampling(temperature, top_p)
+    eos = [] if ignore_eos else list(self.served.target.eos_token_ids)
+    self.batch.eos_ids = torch.tensor(eos, dtype=torch.long, device=self.served.target.device)     # [E]
+    self.sampling = sampling
+
+@patch
+def _admit(self:EngineWorker) -> None:
+    """Waiting jobs take free rows, in arrival order; one whose sampling differs waits (and those behind it) for an
+    empty batch."""
+    batch, m = self.batch, self.metrics
+    while batch.free_rows:
+        with self.lock:
+            if self.closing or not self.pending: return
+            handle = self.pending[0]
+            job, cancelled = handle.job, handle.cancelled.is_set()
+            sampling = (job.temperature, job.top_p, job.ignore_eos)
+            if not cancelled and sampling != self.sampling and self.slots: return
+            self.pending.pop(0); m.waiting.dec()
+        if cancelled: m.finished("abort"); continue
+        try:
+            if sampling != self.sampling: self._set_sampling(sampling)
+            row = batch.admit(job.prompt_ids, job.max_tokens, job.seed)
+        except Exception as e: self._fail(handle, e); continue      # fails this request only
+        m.queue_time.observe(time.perf_counter() - handle.arrival); m.running.inc()
+        with self.lock:
+            self.slots[row] = _Slot(handle, TextStream(self.served.decode, job.stop))
+            if self.closing: handle.cancel()
+        self.max_running = max(self.max_running, len(self.slots))
+
+@patch
+def _step(self:EngineWorker) -> None:
+    "One step over the batch: each held row's new tokens to its request as one chunk, with the row's drafts."
+    batch, m = self.batch, self.metrics
+    added = batch.step()                                                           # [B]
+    for row, slot in self.slots.items():
+        if not added[row]: continue
+        stats, now = batch.row_stats[row], time.perf_counter()
+        proposed, accepted = stats.proposed - slot.proposed, batch.accepted_lengths[row][-1]
+        slot.proposed = stats.proposed
+        if not slot.first: slot.first.append(now); m.ttft.observe(now - slot.handle.arrival)
+        m.step(proposed, accepted)
+        tokens = batch.output(row)[-added[row]:].tolist()
+        slot.handle.put(StepChunk(slot.steps, slot.text.add(tokens), tokens, proposed, accepted))
+        slot.steps += 1
+
+@patch
+def _release_finished(self:EngineWorker) -> None:
+    "Release the rows whose request is done, stopped by a stop string or cancelled; each gets its `Done` or `Failed`."
+    for row, slot in list(self.slots.items()):
+        if not (self.batch.done[row] or slot.text.stopped or slot.handle.cancelled.is_set()): continue
+        out, stats = self.batch.release(row)
+        with self.lock: del self.slots[row]
+        self._finish(slot.handle, slot.text, slot.first, out.tolist(), stats)
+
+@patch
+def _run_batched(self:EngineWorker) -> None:
+    "Continuous batching: take the queued jobs, release finished rows, admit, step while a row is held."
+    stopping = False
+    while not stopping or self.slots:
+        while not stopping:                       # wait for a job only while nothing is held or waiting
+            try: handle = self.jobs.get(block=not self.slots and not self.pending)
+            except queue.Empty: break
+            if handle is None: stopping = True
+            else:
+                with self.lock: self.pending.append(handle)
+        self._release_finished()
+        if not stopping: self._admit()
+        if not self.slots: continue
+        try: self._step()
+        except Exception as e:                    # fails every request in the batch; a fresh batch serves on
+            for slot in self.slots.values(): self._fail(slot.handle, e)
+            with self.lock: self.metrics.running.dec(len(self.slots)); self.slots.clear()
+            self.batch = self._new_batch(self.served)
+    with self.lock: left, self.pending = self.pending, []          # taken from the queue as it closed
+    for handle in left:
+        self.metrics.waiting.dec(); handle.put(Failed(handle.job.request_id, "the server is shutting down", 503))
 
 # %% ../nbs/18_serve.ipynb #ac6cc0c4
 class _Strict(BaseModel):
@@ -549,11 +676,12 @@ def make_app(loader:Callable[[], ServedModel], # builds the model; runs in the e
              model_name:str, # the name requests give as `model`
              max_body_bytes:int=1 << 20, # larger request bodies get 413
              max_waiting:int=256, # requests queued beyond this get 429
+             max_batch:int=1, # requests decoded together (rows of one continuous batch)
             ) -> FastAPI:
     """The OpenAI-compatible app: `/health`, `/v1/models`, `/v1/completions`, `/v1/chat/completions`, `/metrics`. Its
     engine thread starts (and loads the model) with the app's lifespan, and stops with it."""
     metrics = ServeMetrics(model_name)
-    worker = EngineWorker(loader, metrics, max_waiting)
+    worker = EngineWorker(loader, metrics, max_waiting, max_batch)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -628,18 +756,20 @@ def serve(model:str, # zoo name, .gguf file, local folder or hub id
           drafter:str="pld", controller:str="4", # their specs (`specdec generate --drafter/--k`)
           host:str="127.0.0.1", port:int=8000,
           served_model_name:str|None=None, # the name requests give (default: `model`)
-          max_batch:int=1, # requests decoded together (this slice: 1)
+          max_batch:int=1, # requests decoded together (continuous batching over that many rows)
           max_body_bytes:int=1 << 20, max_waiting:int=256,
           device=None, dtype=None, compile:str="auto",
           shutdown_timeout:float=30.0, # seconds SIGTERM waits for in-flight requests before cancelling them
-          log_level:str="info") -> int:
+          log_level:str="info",
+          max_model_len:int|None=None) -> int: # prompt plus output tokens served (None: the model's context)
     "Serve `model` with uvicorn until SIGINT/SIGTERM (graceful: in-flight requests finish or get an error)."
     import uvicorn
     specs.validate("drafter", drafter); specs.validate("controller", controller)   # bad specs fail before binding
-    if max_batch != 1: raise NotImplementedError(f"--max-batch {max_batch}: this server decodes one request at a "
-                                                 "time (continuous batching is not built yet); use --max-batch 1")
+    if max_batch < 1: raise ValueError(f"--max-batch {max_batch}: give at least 1 (requests decoded together)")
+    if max_model_len is not None and max_model_len < 2: raise ValueError(f"--max-model-len {max_model_len}: give at "
+                                                                          "least 2 (prompt plus output tokens)")
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
-    app = make_app(lambda: load_served(model, drafter, controller, device, dtype, compile), served_model_name or model,
-                   max_body_bytes, max_waiting)
+    app = make_app(lambda: load_served(model, drafter, controller, device, dtype, compile, max_model_len),
+                   served_model_name or model, max_body_bytes, max_waiting, max_batch)
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=shutdown_timeout)
     return 0

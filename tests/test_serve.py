@@ -475,18 +475,155 @@ def test_engine_worker_stops_a_cancelled_request_at_the_next_step(tiny, monkeypa
     assert metrics.generation_tokens._value.get() == len(first.tokens) and not worker.thread.is_alive()
 
 
+# --- continuous batching (--max-batch 2)
+
+def gated_admission(monkeypatch, n:int):
+    "Hold the engine's first admission until `n` requests wait (set the returned event once they do)."
+    real, gate = serve.EngineWorker._admit, threading.Event()
+    def admit(self):
+        assert gate.wait(60)
+        return real(self)
+    monkeypatch.setattr(serve.EngineWorker, "_admit", admit)
+    return gate
+
+
+def post_together(client, gate, bodies:list[dict]) -> list:
+    "Post `bodies` concurrently, queued in their order; open the gate once all of them wait; the responses in order."
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        futures, deadline = [], time.monotonic() + 60
+        for i, body in enumerate(bodies):
+            futures.append(pool.submit(client.post, "/v1/completions", json=body))
+            while stat(metrics(client), "num_requests_waiting") < i + 1:
+                assert time.monotonic() < deadline, "the requests never all waited"
+                time.sleep(0.02)
+        gate.set()
+        return [f.result(120) for f in futures]
+
+
+@pytest.mark.parametrize("drafter", [None, "pld"])
+def test_a_batch_of_two_rows_serves_four_requests_as_generate_alone(tiny, drafter, monkeypatch):
+    "Four concurrent requests, two rows: each text is what `generate` gives for its prompt alone; counters add up."
+    gate = gated_admission(monkeypatch, 4)
+    prompts = [(PROMPT, 24), ("the cat the cat", 9), ("one two three one two", 30), ("zz yy zz yy zz", 17)]
+    model = served(tiny, drafter)
+    app = serve.make_app(lambda: model, NAME, max_batch=2)
+    with TestClient(app) as client:
+        assert app.state.worker.wait_loaded(60)
+        responses = post_together(client, gate, [ask(prompt=p, max_tokens=n) for p, n in prompts])
+        after = metrics(client)
+    assert app.state.worker.max_running == 2
+    bodies = [r.json() for r in responses]
+    for body, (p, n) in zip(bodies, prompts):
+        out = offline(tiny, drafter, tiny.encode(p), max_new_tokens=n)
+        assert body["choices"][0]["text"] == tiny.decode(out.tokens), p
+        assert body["usage"]["completion_tokens"] == out.tokens.shape[1]
+    total = lambda key: sum(b["specdec"][key] for b in bodies)
+    assert stat(after, "num_verification_steps_total") == total("steps")
+    assert stat(after, "spec_decode_num_drafts_total") == total("drafts")
+    assert stat(after, "spec_decode_num_draft_tokens_total") == total("draft_tokens")
+    assert stat(after, "spec_decode_num_accepted_tokens_total") == total("accepted_tokens")
+    if drafter == "pld": assert total("draft_tokens") > 0
+    assert stat(after, "generation_tokens_total") == sum(b["usage"]["completion_tokens"] for b in bodies)
+    assert stat(after, "num_requests_running") == stat(after, "num_requests_waiting") == 0
+
+
+def test_a_batch_streams_one_chunk_per_step_of_its_row(tiny, monkeypatch):
+    gate = gated_admission(monkeypatch, 2)
+    app = serve.make_app(lambda: served(tiny, "pld"), NAME, max_batch=2)
+    with TestClient(app) as client:
+        assert app.state.worker.wait_loaded(60)
+        streamed, whole = post_together(client, gate, [ask(stream=True), ask(prompt="the cat the cat")])
+    *steps, last = events(streamed.text)
+    out = offline(tiny, "pld", tiny.encode(PROMPT), max_new_tokens=24)
+    assert [c["specdec"]["step"] for c in steps] == list(range(len(steps))) == list(range(last["specdec"]["steps"]))
+    assert sum(c["specdec"]["tokens"] for c in steps) == out.tokens.shape[1]
+    assert "".join(c["choices"][0]["text"] for c in [*steps, last]) == tiny.decode(out.tokens)
+    assert whole.status_code == 200
+
+
+def test_a_cancelled_row_is_freed_for_a_waiting_request(tiny):
+    "Two rows held by endless requests: cancelling one lets a third request in while the other still decodes."
+    metrics_ = serve.ServeMetrics(NAME)
+    worker = serve.EngineWorker(lambda: served(tiny, "pld"), metrics_, max_batch=2)
+    worker.start()
+    assert worker.wait_loaded(60)
+    ids = tiny.encode(PROMPT)[0].tolist()
+    async def until_end(handle):
+        items = [await asyncio.wait_for(handle.get(), 60)]
+        while isinstance(items[-1], serve.StepChunk): items.append(await asyncio.wait_for(handle.get(), 60))
+        return items
+    async def run():
+        a, b = (worker.submit(serve.Job(r, ids, 4000, ignore_eos=True)) for r in ("a", "b"))
+        await a.get(); await b.get()                                      # both rows decode
+        c = worker.submit(serve.Job("c", ids, 8, ignore_eos=True))
+        a.cancel()
+        third = await until_end(c)                                        # served while b still holds its row
+        b_running = worker.slots and not b.cancelled.is_set()
+        b.cancel()
+        return (await until_end(a))[-1], (await until_end(b))[-1], third, b_running
+    first, second, third, b_running = asyncio.run(run())
+    worker.close()
+    out = offline(tiny, "pld", torch.tensor([ids]), max_new_tokens=8, eos_token_id=[])
+    assert isinstance(third[-1], serve.Done) and third[-1].completion_tokens == 8 and b_running
+    assert sum((c.tokens for c in third[:-1]), []) == out.tokens[0].tolist()
+    assert first.status == second.status == 503 and "the client went away" in first.message
+    assert stat_value(metrics_.request_success, "abort") == 2 and not worker.thread.is_alive()
+
+
+def stat_value(counter, label) -> float:
+    return counter.labels(NAME, label)._value.get()
+
+
+def test_a_request_with_other_sampling_waits_for_an_empty_batch(tiny, monkeypatch):
+    "Greedy, then sampled, then greedy: the sampled one runs alone once the batch empties; all succeed."
+    gate = gated_admission(monkeypatch, 3)
+    app = serve.make_app(lambda: served(tiny, "pld"), NAME, max_batch=2)
+    sampled = dict(temperature=0.9, top_p=0.8, seed=7)
+    with TestClient(app) as client:
+        assert app.state.worker.wait_loaded(60)
+        responses = post_together(client, gate, [ask(), ask(prompt="the cat the cat", **sampled),
+                                                 ask(prompt="zz yy zz yy zz")])
+        again = client.post("/v1/completions", json=ask(prompt="the cat the cat", **sampled))
+    assert [r.status_code for r in responses] == [200, 200, 200]
+    assert app.state.worker.max_running == 1                    # nobody shared the batch with the sampled request
+    for r, p in zip(responses[::2], (PROMPT, "zz yy zz yy zz")):
+        out = offline(tiny, "pld", tiny.encode(p), max_new_tokens=24)
+        assert r.json()["choices"][0]["text"] == tiny.decode(out.tokens)
+    assert responses[1].json()["choices"][0]["text"] == again.json()["choices"][0]["text"]
+
+
+def test_an_error_in_a_batch_step_fails_its_rows_and_the_server_goes_on(tiny, monkeypatch, caplog):
+    gate = gated_admission(monkeypatch, 2)
+    real, calls = serve.Batch.step, []
+    def failing(self):
+        calls.append(1)
+        if len(calls) == 3: raise RuntimeError("a deliberate failure")
+        return real(self)
+    monkeypatch.setattr(serve.Batch, "step", failing)
+    app = serve.make_app(lambda: served(tiny, "pld"), NAME, max_batch=2)
+    with caplog.at_level(logging.ERROR, logger="specdec.serve"), TestClient(app) as client:
+        assert app.state.worker.wait_loaded(60)
+        failed = post_together(client, gate, [ask(ignore_eos=True), ask(prompt="the cat the cat", ignore_eos=True)])
+        after = client.post("/v1/completions", json=ask())
+    errors = [r.json()["error"] for r in failed]
+    assert [r.status_code for r in failed] == [500, 500] and len({e["request_id"] for e in errors}) == 2
+    assert all(e["request_id"] in e["message"] and "RuntimeError" in e["message"] for e in errors)
+    out = offline(tiny, "pld", tiny.encode(PROMPT), max_new_tokens=24)
+    assert after.status_code == 200 and after.json()["choices"][0]["text"] == tiny.decode(out.tokens)
+
+
 # --- the command line and a real server
 
 def test_serve_command_line_refuses_what_it_cannot_do():
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), pytest.raises(SystemExit): main(["serve", "--help"])
     for flag in ("--drafter", "--controller", "--max-batch", "--host", "--port", "--served-model-name",
-                 "--max-body-bytes", "--shutdown-timeout"):
+                 "--max-body-bytes", "--shutdown-timeout", "--max-model-len"):
         assert flag in out.getvalue()
     with contextlib.redirect_stderr(err):
-        assert main(["serve", NAME, "--max-batch", "4"]) == 2
+        assert main(["serve", NAME, "--max-batch", "0"]) == 2
         assert main(["serve", NAME, "--drafter", "pdl"]) == 2
-    assert "--max-batch 4: this server decodes one request at a time" in err.getvalue()
+    assert "--max-batch 0: give at least 1" in err.getvalue()
     assert "pdl" in err.getvalue().splitlines()[1]
 
 
