@@ -145,9 +145,10 @@ def test_chat_template_of_a_real_tokenizer(smol):
     assert body["choices"][0]["message"]["content"] == smol.decode(out.tokens) and out.tokens.shape[1] > 1
 
 
-def test_stop_strings_end_the_text(tiny):
+@pytest.mark.parametrize("max_batch", [1, 2])
+def test_stop_strings_end_the_text(tiny, max_batch):
     "The text ends before the earliest stop string, streamed or not; a stop string that never appears changes nothing."
-    with client_for(served(tiny, "pld")) as client:
+    with client_for(served(tiny, "pld"), max_batch=max_batch) as client:
         text = client.post("/v1/completions", json=ask(max_tokens=40)).json()["choices"][0]["text"]
         i = next(i for i in range(4, len(text) - 2) if "\ufffd" not in text[i:i + 2])
         first, later = text[i:i + 2], text[i + 4:i + 6]
@@ -163,10 +164,18 @@ def test_stop_strings_end_the_text(tiny):
     assert one["choices"][0]["text"] == text
 
 
-def test_ignore_eos_decodes_all_max_tokens(tiny):
-    with client_for(served(tiny, "pld")) as client:
+@pytest.mark.parametrize("max_batch", [1, 2])
+def test_ignore_eos_decodes_all_max_tokens(tiny, max_batch, monkeypatch):
+    "With its 11th greedy token made the EOS: ignore_eos decodes all 60 tokens, the next request stops at the EOS."
+    eos = offline(tiny, None, tiny.encode(PROMPT), max_new_tokens=60).tokens[0, 10].item()
+    monkeypatch.setattr(type(tiny), "eos_token_ids", property(lambda self: [eos]))
+    with client_for(served(tiny, "pld"), max_batch=max_batch) as client:
         body = client.post("/v1/completions", json=ask(max_tokens=60, ignore_eos=True)).json()
+        after = client.post("/v1/completions", json=ask(max_tokens=60)).json()        # EOS ends the text again
     assert body["usage"]["completion_tokens"] == 60 and body["choices"][0]["finish_reason"] == "length"
+    out = offline(tiny, "pld", tiny.encode(PROMPT), max_new_tokens=60)
+    assert out.tokens.shape[1] <= 11 and after["choices"][0]["finish_reason"] == "stop"
+    assert after["choices"][0]["text"] == tiny.decode(out.tokens)
 
 
 # --- metrics
