@@ -185,6 +185,12 @@ def _event(step:int, draft, proposed:int, accepted:int, emitted, before:dict, ti
                      {k: timer.totals[k] - before[k] for k in before})
 
 # %% ../nbs/08_decode.ipynb #97f7ed3c
+def _eos_ids(target, eos_token_id:int|list[int]|None) -> torch.Tensor:
+    "The ids that end a row `[E]`: None: the target's EOS ids; [] none (never stops early)."
+    eos = list(target.eos_token_ids if eos_token_id is None else
+               ([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id))
+    return torch.tensor(eos, dtype=torch.long, device=target.device)
+
 class Batch:
     """The rows of one decoding loop, as slots. `start` prefills a batch of prompts together (the clock starts);
     between two steps `admit` prefills a new prompt into a free row, alone, and `release` frees a row, finished or
@@ -218,9 +224,7 @@ class Batch:
         self.target, self.drafter, self.policy, self.controller, self.sampling = target, drafter, policy, controller, \
             sampling
         self.rows, self.max_length, device = rows, max_length, target.device
-        eos = list(target.eos_token_ids if eos_token_id is None else
-                   ([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id))
-        self.eos_ids = torch.tensor(eos, dtype=torch.long, device=device)                  # [E]
+        self.eos_ids = _eos_ids(target, eos_token_id)                                    # [E]
         block = drafter.max_drafts(controller.max_k) if drafter is not None else 0     # the most drafts a step verifies
         self.capacity = max_length + block + 1
         self.runner, self.cache, self.runners, self.engine = _runners(target, drafter, compile, rows, self.capacity,
@@ -247,6 +251,12 @@ class Batch:
         if not self.default_policy: raise ValueError("this batch was given its policy: sampling stays as built")
         self.sampling = SamplingConfig(temperature, top_p)
         self.policy = Greedy() if self.sampling.greedy else RejectionSampling()
+
+    def set_eos(self, eos_token_id:int|list[int]|None) -> None:
+        "End the next requests' rows at these ids (None: the target's EOS ids; []: never early), while none is held."
+        if any(self.held): raise RuntimeError(f"rows {[b for b in range(self.rows) if self.held[b]]} hold requests: "
+                                              "the EOS ids change only while the batch is empty")
+        self.eos_ids = _eos_ids(self.target, eos_token_id)                          # [E]
 
     def output(self, row:int) -> torch.Tensor:
         "Row's new tokens so far `[n]` (up to its EOS)."

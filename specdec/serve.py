@@ -357,12 +357,10 @@ def _new_batch(self:EngineWorker, s:ServedModel) -> Batch:
 
 @patch
 def _set_sampling(self:EngineWorker, sampling:tuple) -> None:
-    """The empty batch samples as the next job asks: temperature, top_p, ignore_eos. `Batch` has no setter for its
-    EOS ids: they are set here, as its constructor would."""
+    "The empty batch samples as the next job asks: temperature, top_p, ignore_eos."
     temperature, top_p, ignore_eos = sampling
     self.batch.set_sampling(temperature, top_p)
-    eos = [] if ignore_eos else list(self.served.target.eos_token_ids)
-    self.batch.eos_ids = torch.tensor(eos, dtype=torch.long, device=self.served.target.device)     # [E]
+    self.batch.set_eos([] if ignore_eos else None)
     self.sampling = sampling
 
 @patch

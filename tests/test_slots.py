@@ -85,6 +85,7 @@ def test_an_empty_batch_changes_its_sampling_for_the_next_requests(tiny):
     batch = Batch(tiny, 1, 200, DraftModel("tiny-llama-draft"), **kw)
     batch.start(prompts[0][None], [prompts[0].numel()], 10)
     with pytest.raises(RuntimeError, match=r"rows \[0\] hold requests"): batch.set_sampling(0.9)
+    with pytest.raises(RuntimeError, match=r"rows \[0\] hold requests: the EOS ids"): batch.set_eos([])
     while not batch.done[0]: batch.step()
     greedy, _ = batch.release(0)
     batch.set_sampling(0.9)
