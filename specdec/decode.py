@@ -191,6 +191,12 @@ def _eos_ids(target, eos_token_id:int|list[int]|None) -> torch.Tensor:
                ([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id))
     return torch.tensor(eos, dtype=torch.long, device=target.device)
 
+def _check_budget(max_new_tokens) -> int:
+    "`max_new_tokens` as an int, or an error naming it."
+    if isinstance(max_new_tokens, bool) or int(max_new_tokens) != max_new_tokens or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    return int(max_new_tokens)
+
 class Batch:
     """The rows of one decoding loop, as slots. `start` prefills a batch of prompts together (the clock starts);
     between two steps `admit` prefills a new prompt into a free row, alone, and `release` frees a row, finished or
@@ -246,17 +252,19 @@ class Batch:
     def set_sampling(self, temperature:float, top_p:float=1.0) -> None:
         """Sample the next requests at `temperature` and `top_p` (one setting a batch): only while no row holds one,
         and with the default policy (Greedy at temperature 0, else RejectionSampling)."""
-        if any(self.held): raise RuntimeError(f"rows {[b for b in range(self.rows) if self.held[b]]} hold requests: "
-                                              "the sampling changes only while the batch is empty")
+        self._check_empty("the sampling")
         if not self.default_policy: raise ValueError("this batch was given its policy: sampling stays as built")
         self.sampling = SamplingConfig(temperature, top_p)
         self.policy = Greedy() if self.sampling.greedy else RejectionSampling()
 
     def set_eos(self, eos_token_id:int|list[int]|None) -> None:
         "End the next requests' rows at these ids (None: the target's EOS ids; []: never early), while none is held."
-        if any(self.held): raise RuntimeError(f"rows {[b for b in range(self.rows) if self.held[b]]} hold requests: "
-                                              "the EOS ids change only while the batch is empty")
+        self._check_empty("the EOS ids")
         self.eos_ids = _eos_ids(self.target, eos_token_id)                          # [E]
+
+    def _check_empty(self, what:str) -> None:
+        held = [b for b in range(self.rows) if self.held[b]]
+        if held: raise RuntimeError(f"rows {held} hold requests: {what} can change only while the batch is empty")
 
     def output(self, row:int) -> torch.Tensor:
         "Row's new tokens so far `[n]` (up to its EOS)."
@@ -276,7 +284,8 @@ def start(self:Batch, prompt:torch.Tensor|None, # [n, S] the prompts, right-padd
     if prompt is None: prompt, prompt_lengths = torch.zeros(0, 2, dtype=torch.long, device=device), []
     given, S = prompt.shape
     if given > B: raise ValueError(f"{given} prompts for a batch of {B} rows")
-    budgets = list(max_new_tokens) if isinstance(max_new_tokens, (list, tuple)) else [max_new_tokens] * given
+    budgets = [_check_budget(n) for n in (max_new_tokens if isinstance(max_new_tokens, (list, tuple))
+                                          else [max_new_tokens] * given)]
     if len(budgets) != given: raise ValueError(f"{len(budgets)} budgets (max_new_tokens) for {given} prompts")
     if S + max(budgets, default=0) > self.max_length:
         raise ValueError(f"prompts of up to {S} tokens + {max(budgets)} new > the batch's max_length "
@@ -312,8 +321,7 @@ def admit(self:Batch, prompt_ids, # [S] a new prompt's token ids
     ids = torch.as_tensor(prompt_ids, dtype=torch.long).flatten().to(self.target.device)   # [S]
     S = ids.numel()
     if S == 0: raise ValueError("empty prompt: admit got no tokens")
-    if isinstance(max_new_tokens, bool) or int(max_new_tokens) != max_new_tokens or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    max_new_tokens = _check_budget(max_new_tokens)
     if S + max_new_tokens > self.max_length:
         raise ValueError(f"a prompt of {S} tokens + {max_new_tokens} new > the batch's max_length {self.max_length}")
     b = free[0]
@@ -324,7 +332,7 @@ def admit(self:Batch, prompt_ids, # [S] a new prompt's token ids
     if self.drafter is not None: self.drafter.admit(b, ids, None if prefill is None else prefill.features)
     self.tokens[b, :S] = ids
     self.lengths[b] = self.prompt_lengths[b] = S
-    self.budgets[b], self.held[b], self.done[b] = int(max_new_tokens), True, False
+    self.budgets[b], self.held[b], self.done[b] = max_new_tokens, True, False
     if self.lengths_t is not None: self.lengths_t[b] = S
     generator = torch.Generator(device=self.target.device).manual_seed(seed)
     if self.rows == 1: self.generator = generator
@@ -433,8 +441,7 @@ def generate(target:LoadedModel, # the model whose output we want (anything with
     """Decode from `target`, speculatively when a `drafter` is given: one prompt, or a batch of prompts (a list of id
     sequences of any lengths, or `[B, S]` ids) decoded together, each row at its own length (a `Batch` started with
     them, stepped until every row is done)."""
-    if isinstance(max_new_tokens, bool) or int(max_new_tokens) != max_new_tokens or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    _check_budget(max_new_tokens)
     prompt, prompt_lengths, single = _prompts(input_ids, target.device)    # [B, S], [B]
     B, S = prompt.shape
     if B > 1 and on_step is not None:
