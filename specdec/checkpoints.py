@@ -12,6 +12,7 @@ import torch
 from .models import LoadedModel
 from .vocab import DraftVocab
 from .heads import HEAD_TYPES, EagleHead, MedusaHeads
+from .eagle3 import Eagle3Head   # registers the reference layout in HEAD_TYPES
 
 # %% auto #0
 __all__ = ['HEAD_FORMAT', 'SHIPPED_HEADS', 'target_fingerprint', 'save_head', 'head_dtype', 'load_head', 'shipped_head']
@@ -99,6 +100,7 @@ def load_head(path, target:LoadedModel,
         raise ValueError(f"head {path}: the draft vocabulary in config.json does not match the one in head.safetensors")
     vocab = DraftVocab(stored, target.vocab_size)
     head = (MedusaHeads(target, config.get("num_heads", 1), vocab) if kind == "medusa"
+            else Eagle3Head(target, vocab, layers=config.get("target_layers")) if kind == "eagle3"
             else EagleHead(target, vocab, layers=config.get("target_layers"), num_layers=config.get("num_layers", 1)))
     try: head.load_state_dict(tensors)
     except RuntimeError as e:

@@ -18,7 +18,8 @@ from .parameters import notebook_parameters, parameter_value
 
 # %% auto #0
 __all__ = ['LinesHelpFormatter', 'run_generate', 'bench_notebook', 'add_parameter_flags', 'run_bench',
-           'run_bench_batch', 'run_kaggle', 'run_summary_text', 'run_report', 'run_serve', 'main']
+           'run_bench_batch', 'run_kaggle', 'run_summary_text', 'run_report', 'run_serve', 'run_export_head',
+           'main']
 
 # %% ../nbs/09_cli.ipynb #d000c634
 class LinesHelpFormatter(argparse.HelpFormatter):
@@ -348,17 +349,45 @@ def run_serve(args) -> int:
                  args.max_batch, args.max_body_bytes, args.max_waiting, args.device, args.dtype, args.compile,
                  args.shutdown_timeout, args.log_level, args.max_model_len)
 
+# %% ../nbs/09_cli.ipynb #adf94699
+def _export_head_parser(sub) -> None:
+    p = sub.add_parser("export-head", help="write an EAGLE-3 head (reference layout) as vLLM or SGLang load it",
+                       description="Writes DIR/config.json (LlamaForCausalLMEagle3) and DIR/model.safetensors from "
+                                   "the head checkpoint HEAD; DIR must be new or empty.")
+    p.add_argument("head", help="a head checkpoint folder (config.json and head.safetensors)")
+    p.add_argument("dir", help="the folder to write (new or empty)")
+    p.add_argument("--format", default="vllm", help="vllm or sglang (default: vllm)")
+    p.add_argument("--model", default=None, help="the head's target (default: the one its checkpoint names)")
+    p.add_argument("--dtype", default="float32", help="the exported weights' dtype: float32, float16 or bfloat16")
+
+def run_export_head(args) -> int:
+    "Run `specdec export-head` with parsed `args`: print the folder written."
+    import json
+    from specdec.models import load_model
+    from specdec.checkpoints import load_head
+    from specdec.eagle3 import export_head, EXPORT_FORMATS
+    if args.format not in EXPORT_FORMATS:                              # before loading a model
+        raise ValueError(f"unknown export format {args.format!r}: use {' or '.join(EXPORT_FORMATS)}")
+    config = Path(args.head) / "config.json"
+    if args.model is None and not config.exists():
+        raise ValueError(f"{args.head} is not a head checkpoint: no config.json")
+    model = args.model or json.loads(config.read_text()).get("target", {}).get("name")
+    head = load_head(args.head, load_model(model), dtype=args.dtype)
+    print(export_head(head, args.dir, args.format))
+    return 0
+
 # %% ../nbs/09_cli.ipynb #04be8cc6
 def main(argv:list[str]|None=None) -> int:
     "Entry point of the `specdec` command."
     parser = argparse.ArgumentParser(prog="specdec", description="speculative decoding workbench")
     sub = parser.add_subparsers(dest="command", required=True)
     _generate_parser(sub); _bench_parser(sub); _bench_batch_parser(sub); _kaggle_parser(sub); _summary_parser(sub)
-    _report_parser(sub); _serve_parser(sub)
+    _report_parser(sub); _serve_parser(sub); _export_head_parser(sub)
     args = parser.parse_args(argv)
     try:
         commands = {"generate": run_generate, "bench": run_bench, "bench-batch": run_bench_batch, "kaggle": run_kaggle,
-                    "summary": run_summary_text, "report": run_report, "serve": run_serve}
+                    "summary": run_summary_text, "report": run_report, "serve": run_serve,
+                    "export-head": run_export_head}
         return commands[args.command](args)
     except (ValueError, NotImplementedError) as e:
         print(f"specdec: error: {e}", file=sys.stderr)

@@ -16,6 +16,7 @@ from .sampling import SamplingConfig, logits_to_probs, sample
 from .vocab import DraftVocab
 from .drafters import Draft, Drafter, no_draft, per_row
 from .engine import HeadSteps, HEAD_MODES
+from .unroll import unroll
 
 # %% auto #0
 __all__ = ['HALF_ROWS', 'HEAD_TYPES', 'CAPACITY_MULTIPLE', 'ResBlock', 'MedusaHeads', 'eagle3_layers', 'EagleLayer',
@@ -250,12 +251,7 @@ class EagleHead(_Head):
         if isinstance(num_layers, bool) or int(num_layers) != num_layers or num_layers < 1:
             raise ValueError(f"EagleHead num_layers must be a positive integer, got {num_layers!r}")
         cfg, H = target.config, self.hidden_size
-        n_layers = cfg.num_hidden_layers
-        self.target_layers = tuple(int(i) for i in (eagle3_layers(n_layers) if layers is None else layers))
-        if not self.target_layers or any(not 0 <= i < n_layers for i in self.target_layers):
-            raise ValueError(f"EagleHead layers must be target layers 0..{n_layers - 1}, got {self.target_layers}")
-        self.num_heads, self.num_kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
-        self.head_dim = getattr(cfg, "head_dim", None) or H // self.num_heads
+        self._shape(eagle3_layers(cfg.num_hidden_layers) if layers is None else layers)
         self.fuse = nn.Linear(len(self.target_layers) * H, H, bias=False)      # [layers*H] -> [H]
         self.fc = nn.Linear(2 * H, H)                                          # [embedding ; hidden] -> [H]
         # the first layer: the head's own
@@ -265,6 +261,22 @@ class EagleHead(_Head):
                                          # layers 2.. (the first is the head's own)
                                          for _ in range(int(num_layers) - 1))
         self.cache, self.known = None, [0]
+
+    def _shape(self, layers) -> None:
+        "The target layers it reads (checked) and its attention's shape, from the target's."
+        cfg, n_layers = self.target.config, self.target.config.num_hidden_layers
+        self.target_layers = tuple(int(i) for i in layers)
+        if not self.target_layers or any(not 0 <= i < n_layers for i in self.target_layers):
+            raise ValueError(f"{type(self).__name__} layers must be target layers 0..{n_layers - 1}, "
+                             f"got {self.target_layers}")
+        self.num_heads, self.num_kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or self.hidden_size // self.num_heads
+
+    # the reference layout (`specdec.eagle3`) overrides these: the stream entering the first layer from
+    # [embedding ; hidden] `[B, q, 2H]`, the first layer's attention input, and the residual its attention adds to
+    def _stream(self, pair:torch.Tensor) -> torch.Tensor: return _linear(self.fc, pair)   # [B, q, H]
+    def _normed(self, layer, x:torch.Tensor) -> torch.Tensor: return layer.input_layernorm(x)
+    def _residual(self, x:torch.Tensor) -> torch.Tensor: return x
 
     @property
     def num_layers(self) -> int: return 1 + len(self.more_layers)
@@ -295,7 +307,7 @@ def _eagle_inputs(self:EagleHead, input_ids:torch.Tensor, # [B, q] tokens x_{t+1
     """The residual stream `[B, q, H]` entering the first layer, and the rotary `cos`, `sin` `[1, 1, q, D]` of the
     positions."""
     emb = self.target.model.model.embed_tokens(input_ids).to(self.fc.weight.dtype)       # [B, q, H], frozen
-    x = _linear(self.fc, torch.cat([emb, hidden.to(emb.dtype)], -1))                      # [B, q, H]
+    x = self._stream(torch.cat([emb, hidden.to(emb.dtype)], -1))                         # [B, q, H]
     rows = positions if positions.dim() == 2 else positions[None]                         # [B|1, q]
     cos, sin = self.target.model.model.rotary_emb(x, rows)                                # [B|1, q, D]
     return x, cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)
@@ -311,7 +323,7 @@ def _eagle_qkv(self:EagleHead, layer, # the head (its first layer) or an `EagleL
                cos, sin) -> tuple:
     "The layer's rotated query, key and value `[B, heads, q, D]`."
     B, q, _ = x.shape
-    h = layer.input_layernorm(x)
+    h = self._normed(layer, x)
     shape = (B, q, -1, self.head_dim)
     # [B, h, q, D]
     query, key, value = (_linear(p, h).view(shape).transpose(1, 2) for p in (layer.q_proj, layer.k_proj, layer.v_proj))
@@ -322,7 +334,7 @@ def _eagle_outputs(self:EagleHead, layer, x:torch.Tensor, # [B, q, H] residual s
                   ) -> torch.Tensor:
     "The layer's output hidden `[B, q, H]` (before the norm)."
     B, _, q, _ = attended.shape
-    x = x + _linear(layer.o_proj, attended.transpose(1, 2).reshape(B, q, -1))
+    x = self._residual(x) + _linear(layer.o_proj, attended.transpose(1, 2).reshape(B, q, -1))
     h = layer.post_attention_layernorm(x)
     return x + _linear(layer.down_proj, F.silu(_linear(layer.gate_proj, h)) * _linear(layer.up_proj, h))
 
@@ -352,51 +364,7 @@ def _eagle_forward(self:EagleHead, input_ids:torch.Tensor, # [B, q] tokens x_{t+
     if cache is not None: cache.length = start + q
     return x
 EagleHead._inputs, EagleHead._qkv = _eagle_inputs, _eagle_qkv
-EagleHead._outputs, EagleHead.forward = _eagle_outputs, _eagle_forward
-
-# %% ../nbs/05a_heads.ipynb #fe3a7c11
-def _unrolled_attention(query:torch.Tensor, # [B, h, T, D] step j's queries
-                        keys:list, values:list, # steps 0..j: [B, kv, T, D] each
-                       ) -> torch.Tensor:
-    """Step j of the training-time test: the query at t sees step 0's keys at s <= t-j (the target's features) and step
-    i's key at t-(j-i) for i = 1..j (the head's own earlier drafts), as drafting does. Returns `[B, h, T, D]`."""
-    j, (B, h, T, D) = len(keys) - 1, query.shape
-    rep = h // keys[0].shape[1]
-    grow = lambda t: t.repeat_interleave(rep, 1)                                    # GQA: [B, kv, T, D] -> [B, h, T, D]
-    scale = D ** -0.5
-    scores = [(query @ grow(keys[0]).transpose(-1, -2) * scale)                      # [B, h, T, T]
-              .masked_fill(~torch.ones(T, T, dtype=torch.bool, device=query.device).tril(-j), float("-inf"))]
-    shifted = []
-    for i in range(1, j + 1):
-        shift = j - i                                                                 # step i's key at t - shift
-        k_i, v_i = (F.pad(grow(t), (0, 0, shift, 0))[:, :, :T] for t in (keys[i], values[i]))   # [B, h, T, D]
-        score = (query * k_i).sum(-1, keepdim=True) * scale                          # [B, h, T, 1]
-        scores.append(score.masked_fill((torch.arange(T, device=query.device) < shift)[:, None], float("-inf")))
-        shifted.append(v_i)
-    probs = torch.softmax(torch.cat(scores, -1), -1)                                 # [B, h, T, T+j]
-    out = probs[..., :T] @ grow(values[0])
-    for i, v_i in enumerate(shifted): out = out + probs[..., T + i:T + i + 1] * v_i
-    return out
-
-def _eagle_unroll(self:EagleHead, input_ids:torch.Tensor, # [B, T] tokens x_{t+1} of the pairs at t = 0..T-1
-                  features:torch.Tensor, # [B, T, layers*H] the target's features of positions t
-                  steps:int=1) -> list:
-    """Training-time test: `steps` outputs `[B, T, H]`; step j's at t is what drafting computes for position t after j
-    drafts of its own (its hidden input is step j-1's output at t-1), so it drafts token t+2 as draft j+1."""
-    positions = torch.arange(input_ids.shape[1], device=input_ids.device)
-    layers = self.decoder_layers()
-    hidden, outputs = self.fused(features), []
-    keys, values = [[] for _ in layers], [[] for _ in layers]                      # per layer: steps 0..j
-    for j in range(steps):
-        x, cos, sin = self._inputs(input_ids, hidden, positions)
-        for i, layer in enumerate(layers):
-            query, key, value = self._qkv(layer, x, cos, sin)
-            keys[i].append(key); values[i].append(value)
-            x = self._outputs(layer, x, _unrolled_attention(query, keys[i], values[i]))
-        outputs.append(x)
-        hidden = F.pad(x[:, :-1], (0, 0, 1, 0))                                      # step j+1 at t reads step j at t-1
-    return outputs
-EagleHead.unroll = _eagle_unroll
+EagleHead._outputs, EagleHead.forward, EagleHead.unroll = _eagle_outputs, _eagle_forward, unroll
 
 # %% ../nbs/05a_heads.ipynb #b5d48c99
 # a head's cache capacity at fixed shapes is rounded up to this, so graphs rarely need a new one

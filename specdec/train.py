@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 from .models import LoadedModel
 from .vocab import DraftVocab
 from .heads import EagleHead, EagleLayer, MedusaHeads, HEAD_TYPES
+from .eagle3 import Eagle3Head   # registers the reference layout in HEAD_TYPES
 from .distill import record_features
 from .drafters import PromptLookup
 from .decode import generate
@@ -109,22 +110,26 @@ def head_loss(head, batch:dict, ttt_steps:int=1, step_weight:float=0.8) -> tuple
 
 # %% ../nbs/08c_train.ipynb #3836b77e
 def _copy_target_layer(layer, target:LoadedModel) -> None:
-    """Copy the target's last decoder layer (attention, MLP, norms) into an EAGLE layer (the head itself or an
-    `EagleLayer`)."""
+    """Copy the target's last decoder layer (attention, MLP, norms) into an EAGLE layer (the head itself, an
+    `EagleLayer` or an `Eagle3Layer`, whose q/k/v read [embedding ; hidden]: the target's weights on the hidden half,
+    zeros on the embedding's; its `hidden_norm` starts as the input norm)."""
     last = target.model.model.layers[-1]
     with torch.no_grad():
         for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            getattr(layer, name).weight.copy_(getattr(last.self_attn, name).weight)
+            weight, source = getattr(layer, name).weight, getattr(last.self_attn, name).weight
+            weight.zero_(); weight[:, weight.shape[1] - source.shape[1]:].copy_(source)
         for name in ("gate_proj", "up_proj", "down_proj"):
             getattr(layer, name).weight.copy_(getattr(last.mlp, name).weight)
         for name in ("input_layernorm", "post_attention_layernorm"):
             getattr(layer, name).weight.copy_(getattr(last, name).weight)
+        if hasattr(layer, "hidden_norm"): layer.hidden_norm.weight.copy_(last.input_layernorm.weight)
 
 def add_eagle_layers(head:EagleHead, num_layers:int) -> EagleHead:
     """Grow `head` to `num_layers` decoder layers. Each new layer is the target's last layer with its output
     projections (`o_proj`, `down_proj`) at zero, so it adds nothing yet: the grown head drafts exactly as before, and
     training goes on from there (a 1-layer checkpoint continued as a 2-layer head)."""
-    if not isinstance(head, EagleHead): raise ValueError(f"only an EAGLE head takes more layers, got {head.name}")
+    if not isinstance(head, EagleHead) or isinstance(head, Eagle3Head):
+        raise ValueError(f"only an eagle head takes more layers (eagle3 has the engines' one), got {head.name}")
     if isinstance(num_layers, bool) or int(num_layers) != num_layers or num_layers < head.num_layers:
         raise ValueError(f"an EAGLE head with {head.num_layers} layers cannot grow to {num_layers!r}")
     w = head.fc.weight
@@ -141,21 +146,28 @@ def new_head(head_type:str, target:LoadedModel, draft_vocab:DraftVocab|None=None
              seed:int=0,
              num_layers:int=1, # EAGLE: decoder layers (the second and later start as the identity, `add_eagle_layers`)
             ) -> EagleHead|MedusaHeads:
-    """A fresh head, its initialisation seeded; EAGLE's layer starts from the target's last layer, `fuse` and `fc`
-    passing the last fused layer through."""
+    """A fresh head, its initialisation seeded; an EAGLE layer starts from the target's last layer, the fused hidden as
+    the last fused layer (`eagle`: `fuse` and `fc` pass it through; `eagle3`: `fc` does, and its `lm_head` starts as
+    the target's rows of the draft vocabulary)."""
     if head_type not in HEAD_TYPES: raise ValueError(f"unknown head type {head_type!r}: use {', '.join(HEAD_TYPES)}")
+    if head_type == "eagle3" and num_layers != 1:
+        raise ValueError(f"an eagle3 head has one decoder layer (vLLM and SGLang load one), not {num_layers!r}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        head = MedusaHeads(target, n, draft_vocab) if head_type == "medusa" else EagleHead(target, draft_vocab)
-    if head_type == "eagle":
+        head = (MedusaHeads(target, n, draft_vocab) if head_type == "medusa"
+                else HEAD_TYPES[head_type](target, draft_vocab))
+    if head_type != "medusa":
         H = head.hidden_size
-        _copy_target_layer(head, target)
+        _copy_target_layer(head.decoder_layers()[0], target)
         with torch.no_grad():
             head.norm.weight.copy_(target.model.model.norm.weight)
-            head.fc.weight.zero_(); head.fc.weight[:, H:].copy_(torch.eye(H)); head.fc.bias.zero_()
             # starts as the last fused layer (the highest by default)
-            head.fuse.weight.zero_(); head.fuse.weight[:, -H:].copy_(torch.eye(H))
-        add_eagle_layers(head, num_layers)
+            fuse = head.fc if head_type == "eagle3" else head.fuse
+            fuse.weight.zero_(); fuse.weight[:, -H:].copy_(torch.eye(H))
+            rows = head.draft_vocab.ids.long()
+            if head_type == "eagle3": head.lm_head.weight.copy_(target.model.lm_head.weight[rows])
+            else: head.fc.weight.zero_(); head.fc.weight[:, H:].copy_(torch.eye(H)); head.fc.bias.zero_()
+        if head_type == "eagle": add_eagle_layers(head, num_layers)
     return head.float().to(target.device)
 
 # %% ../nbs/08c_train.ipynb #c1793192
@@ -167,7 +179,8 @@ def train_head(head:EagleHead|MedusaHeads, records:list[dict],
                layers=None, # the target layers `recorded` holds (the data manifest's `features.layers`)
                epochs:int=1, lr:float=1e-3, batch_size:int=8, # conversations per optimizer step
                max_len:int=512, # tokens per conversation (longer ones are cut)
-               ttt_steps:int=3, # EAGLE: training-time-test steps (drafts unrolled on its own outputs)
+               # EAGLE: training-time-test steps (drafts unrolled on its own outputs); default eagle3 7, eagle 3
+               ttt_steps:int|None=None,
                max_steps:int|None=None, seed:int=0, progress:bool=True,
                # each batch's vocabulary adds its prompts' tokens (as drafting with `prompt_vocab` does)
                prompt_vocab:bool=False,
@@ -179,6 +192,7 @@ def train_head(head:EagleHead|MedusaHeads, records:list[dict],
     With `max_seconds` (a short GPU lease, say) training stops once that much time has passed, and the cosine decay ends
     near there: after the first `FIT_AFTER` steps their pace sets the planned steps (a timed run is not repeatable)."""
     if not records: raise ValueError("no training records")
+    if ttt_steps is None: ttt_steps = 7 if isinstance(head, Eagle3Head) else 3
     if recorded is None:
         layers = head.target_layers
         recorded = record_features(head.target, records, layers)
