@@ -5,7 +5,7 @@ import pytest, torch
 from specdec import generate
 from specdec.models import tiny_llama
 from specdec.vocab import DraftVocab
-from specdec.eagle3 import Eagle3Head, reference_layers
+from specdec.eagle3 import Eagle3Head, reference_layers, export_head
 from specdec.heads import EagleHead, eagle3_layers
 from specdec.checkpoints import save_head, load_head
 from specdec.distill import record_features
@@ -132,3 +132,13 @@ def test_an_eagle3_checkpoint_round_trips_and_an_old_one_still_loads(tiny, train
     old = new_head("eagle", tiny, seed=0)
     save_head(old, tmp_path / "old")
     assert type(load_head(tmp_path / "old", tiny, dtype="float32")) is EagleHead
+
+
+def test_the_exported_trained_head_drafts_as_ours(tiny, trained, tmp_path):
+    "Export parity on trained weights (tiny-llama; no trained eagle3 head ships yet), its chain of drafts not constant."
+    from test_eagle3_export import parity, TOL
+    head = trained[0]
+    folder = export_head(head, tmp_path / "vllm", "vllm")
+    diff, drafts, ref_drafts, _ = parity(tiny, head, folder, tiny.encode(TEXTS[1]), k=5)
+    assert diff <= TOL, diff
+    assert drafts == ref_drafts and len(set(drafts)) > 1, (drafts, ref_drafts)
