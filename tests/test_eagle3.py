@@ -142,3 +142,16 @@ def test_the_exported_trained_head_drafts_as_ours(tiny, trained, tmp_path):
     diff, drafts, ref_drafts, _ = parity(tiny, head, folder, tiny.encode(TEXTS[1]), k=5)
     assert diff <= TOL, diff
     assert drafts == ref_drafts and len(set(drafts)) > 1, (drafts, ref_drafts)
+
+
+def test_a_float16_eagle3_head_stays_lossless_and_a_prompt_vocabulary_is_refused(tiny, trained, tmp_path):
+    head, records, _ = trained
+    save_head(head, tmp_path / "e3")
+    half = load_head(tmp_path / "e3", tiny)                                # "auto": float16 on the CPU
+    assert half.dtype == torch.float16
+    prompt = tiny.encode(TEXTS[1])
+    out = generate(tiny, prompt, drafter=half, controller=FixedK(4), max_new_tokens=30)
+    assert torch.equal(out.tokens, hf_greedy(tiny, prompt, 30)) and out.stats.accepted > 0
+    half.prompt_vocab = True                    # its lm_head has the draft vocabulary's rows only
+    with pytest.raises(ValueError, match="own lm_head over its draft vocabulary: no prompt_vocab"):
+        generate(tiny, prompt, drafter=half, controller=FixedK(4), max_new_tokens=5)
