@@ -129,7 +129,7 @@ def add_eagle_layers(head:EagleHead, num_layers:int) -> EagleHead:
     projections (`o_proj`, `down_proj`) at zero, so it adds nothing yet: the grown head drafts exactly as before, and
     training goes on from there (a 1-layer checkpoint continued as a 2-layer head)."""
     if not isinstance(head, EagleHead) or isinstance(head, Eagle3Head):
-        raise ValueError(f"only an eagle head takes more layers (eagle3 has the engines' one), got {head.name}")
+        raise ValueError(f"only an EAGLE head takes more layers (eagle3 has the engines' one), got {head.name}")
     if isinstance(num_layers, bool) or int(num_layers) != num_layers or num_layers < head.num_layers:
         raise ValueError(f"an EAGLE head with {head.num_layers} layers cannot grow to {num_layers!r}")
     w = head.fc.weight

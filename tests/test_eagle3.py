@@ -54,7 +54,7 @@ def test_a_new_eagle3_head_has_the_reference_names(tiny):
     assert head.fc.weight.shape == (H, L * H) and head.fc.bias is None
     assert head.midlayer.self_attn.q_proj.weight.shape[1] == 2 * H
     with pytest.raises(ValueError, match="one decoder layer"): new_head("eagle3", tiny, num_layers=2)
-    with pytest.raises(ValueError, match="only an eagle head takes more layers"): add_eagle_layers(head, 2)
+    with pytest.raises(ValueError, match="only an EAGLE head takes more layers"): add_eagle_layers(head, 2)
 
 
 @pytest.mark.parametrize("k", [1, 4])
