@@ -18,7 +18,8 @@ from .parameters import notebook_parameters, parameter_value
 
 # %% auto #0
 __all__ = ['LinesHelpFormatter', 'run_generate', 'bench_notebook', 'add_parameter_flags', 'run_bench',
-           'run_bench_batch', 'run_kaggle', 'run_summary_text', 'run_report', 'run_serve', 'main']
+           'run_bench_batch', 'run_kaggle', 'run_summary_text', 'run_report', 'run_serve', 'run_bench_serve',
+           'main']
 
 # %% ../nbs/09_cli.ipynb #d000c634
 class LinesHelpFormatter(argparse.HelpFormatter):
@@ -348,17 +349,38 @@ def run_serve(args) -> int:
                  args.max_batch, args.max_body_bytes, args.max_waiting, args.device, args.dtype, args.compile,
                  args.shutdown_timeout, args.log_level, args.max_model_len)
 
+# %% ../nbs/09_cli.ipynb #7689664e
+def _bench_serve_parser(sub, notebook:Path|None=None) -> None:
+    p = sub.add_parser("bench-serve", help="run the serve benchmark notebook through papermill; prints the run folder",
+                       formatter_class=LinesHelpFormatter,
+                       description="Runs nbs/bench/serve.ipynb with these parameters: GuideLLM drives `specdec serve` "
+                                   "(started on a free port, then again with --drafter none as the baseline) or the "
+                                   "OpenAI-compatible --endpoint given, at each load profile, with /metrics scraped "
+                                   "around each; the executed notebook is the report (report.ipynb and report.html "
+                                   "in the run folder). Needs specdec[serve,bench-serve].")
+    try: params = notebook_parameters(notebook or bench_notebook("serve"))
+    except (ValueError, ImportError) as e:
+        p.description += f" Unavailable here: {e}."; return
+    add_parameter_flags(p, params)
+    p.add_argument("--no-html", dest="html", action="store_false", help="do not render report.html")
+
+def run_bench_serve(args) -> int:
+    "Run `specdec bench-serve` with parsed `args`: papermill executes nbs/bench/serve.ipynb into the run folder."
+    from specdec.serve_bench import serve_config
+    return _run_notebook(args, bench_notebook("serve"), serve_config, "bench-serve")
+
 # %% ../nbs/09_cli.ipynb #04be8cc6
 def main(argv:list[str]|None=None) -> int:
     "Entry point of the `specdec` command."
     parser = argparse.ArgumentParser(prog="specdec", description="speculative decoding workbench")
     sub = parser.add_subparsers(dest="command", required=True)
     _generate_parser(sub); _bench_parser(sub); _bench_batch_parser(sub); _kaggle_parser(sub); _summary_parser(sub)
-    _report_parser(sub); _serve_parser(sub)
+    _report_parser(sub); _serve_parser(sub); _bench_serve_parser(sub)
     args = parser.parse_args(argv)
     try:
         commands = {"generate": run_generate, "bench": run_bench, "bench-batch": run_bench_batch, "kaggle": run_kaggle,
-                    "summary": run_summary_text, "report": run_report, "serve": run_serve}
+                    "summary": run_summary_text, "report": run_report, "serve": run_serve,
+                    "bench-serve": run_bench_serve}
         return commands[args.command](args)
     except (ValueError, NotImplementedError) as e:
         print(f"specdec: error: {e}", file=sys.stderr)

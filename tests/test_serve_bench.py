@@ -1,0 +1,180 @@
+"""specdec.serve_bench: the /metrics deltas (specdec's, vLLM's and SGLang's names) on recorded fixtures, GuideLLM's
+report read on one it wrote, the health poll's deadline, failed requests counted, and one short run against real
+`specdec serve` subprocesses (speculative and baseline) that writes a run folder. Functional only: no timing here is
+a result. Fixtures: tests/fixtures/serve_bench (make_metrics.py writes the vLLM and SGLang texts; the specdec texts
+and response were scraped around one request to `specdec serve smollm2-135m --drafter pld`; the GuideLLM reports are
+GuideLLM 0.8.1's own, from runs against `specdec serve smollm2-135m`, their request lists cut to one each)."""
+import http.server, json, subprocess, sys, threading
+from pathlib import Path
+import pytest
+from specdec.serve_bench import (ServeBenchConfig, guidellm_scenario, read_guidellm, run_guidellm, run_serve_bench,
+                                 save_tokenizer, spec_delta, parse_metrics, engine_of, wait_healthy, free_port,
+                                 profile_record, serve_table, acceptance_table, fig_serve)
+from specdec.cli import main
+
+FIX = Path(__file__).parent / "fixtures" / "serve_bench"
+text = lambda name: (FIX / name).read_text()
+
+
+def test_vllm_counters_give_tau_and_per_position_acceptance():
+    d = spec_delta(text("vllm_metrics_before.txt"), text("vllm_metrics_after.txt"))
+    assert d["engine"] == "vllm" and not d["sampled"]
+    assert (d["drafts"], d["draft_tokens"], d["accepted_tokens"], d["generation_tokens"]) == (40, 120, 70, 110)
+    assert d["accepted_per_position"] == [30, 24, 16]
+    assert d["acceptance_per_position"] == pytest.approx([0.75, 0.6, 0.4])
+    assert d["acceptance_rate"] == pytest.approx(70 / 120)
+    assert d["mean_acceptance_length"] == d["tau"] == pytest.approx(2.75)   # vLLM counts no steps: 1 + accepted/drafts
+    assert d["verification_steps"] is None
+    same = spec_delta(text("vllm_metrics_after.txt"), text("vllm_metrics_after.txt"))     # no load in between
+    assert (same["drafts"], same["tau"], same["acceptance_per_position"]) == (0, None, [])
+
+
+def test_specdec_counters_equal_the_response_own_statistics():
+    "One request between the scrapes: the deltas are its `specdec` statistics (τ = tokens per verification step)."
+    stats = json.loads(text("specdec_response.json"))["specdec"]
+    d = spec_delta(text("specdec_metrics_before.txt"), text("specdec_metrics_after.txt"))
+    assert d["engine"] == "specdec"
+    assert (d["verification_steps"], d["drafts"], d["draft_tokens"], d["accepted_tokens"]) == (
+        stats["steps"], stats["drafts"], stats["draft_tokens"], stats["accepted_tokens"])
+    assert d["accepted_per_position"] == stats["accepted_per_position"]   # absent before the request: counted from 0
+    assert d["tau"] == pytest.approx(stats["tau"]) and d["tau"] != pytest.approx(d["mean_acceptance_length"])
+
+
+def test_sglang_gauges_are_sampled_and_other_servers_have_none():
+    d = spec_delta("", text("sglang_metrics.txt"))
+    assert d == {"engine": "sglang", "sampled": True, "mean_acceptance_length": 2.9, "tau": 2.9,
+                 "acceptance_rate": 0.27}
+    assert spec_delta("", "") == {"engine": None}
+    samples = parse_metrics(text("vllm_metrics_after.txt"))             # prometheus_client's parser: labels kept
+    key = (("engine", "0"), ("model_name", "meta-llama/Llama-3.1-8B-Instruct"), ("position", "2"))
+    assert samples["vllm:spec_decode_num_accepted_tokens_per_pos_total"][key] == 19
+    assert engine_of(samples) == "vllm" and engine_of(parse_metrics(text("specdec_metrics_after.txt"))) == "specdec"
+
+
+def test_guidellm_report_is_read_with_every_failed_request_counted():
+    (ok,) = read_guidellm(json.loads(text("guidellm_stream_concurrent2.json")))
+    assert (ok["strategy"], ok["streams"], ok["requests"], ok["failed"]) == (
+        "concurrent", 2, {"successful": 3, "errored": 0, "incomplete": 0}, 0)
+    assert ok["latency"]["ttft_ms"]["count"] == 3 and ok["latency"]["itl_ms"]["count"] == 21
+    assert all(ok["latency"][k]["p50"] > 0 for k in ("ttft_ms", "itl_ms", "tpot_ms", "e2e_s"))
+    assert ok["requests_per_s"] == pytest.approx(3 / ok["duration_s"])
+    assert ok["output_tokens"] == 24
+    (bad,) = read_guidellm(json.loads(text("guidellm_errored.json")))
+    assert (bad["requests"]["successful"], bad["failed"]) == (0, 2)
+    assert "400 Bad Request" in bad["errors"][0] and bad["latency"]["ttft_ms"]["p50"] is None
+    with pytest.raises(ValueError, match="schema version 2"): read_guidellm({"metadata": {"version": 1}})
+
+
+def test_the_vllm_fixture_makes_a_record_and_its_tables():
+    report = json.loads(text("guidellm_stream_concurrent2.json"))
+    rec = profile_record("speculative", "concurrent", 2, report, text("vllm_metrics_before.txt"),
+                         text("vllm_metrics_after.txt"))
+    assert (rec["label"], rec["spec"]["engine"], rec["spec"]["tau"]) == ("concurrent@2", "vllm", pytest.approx(2.75))
+    table, acc = serve_table([rec]), acceptance_table([rec])
+    assert list(acc.loc[0, ["pos 0", "pos 1", "pos 2"]]) == pytest.approx([0.75, 0.6, 0.4])
+    assert table.loc[0, "failed"] == 0 and table.loc[0, "tau"] == pytest.approx(2.75)
+    assert len(fig_serve([rec]).data) == 4
+
+
+class _Fake(http.server.BaseHTTPRequestHandler):
+    "An OpenAI-compatible server that answers 500 to every second completion request; /health as `health` says."
+    health, count = (200, b'{"status": "ok"}'), 0
+    def log_message(self, *a): pass
+    def _send(self, status, body):
+        self.send_response(status); self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body))); self.end_headers(); self.wfile.write(body)
+    def do_GET(self):
+        if self.path == "/health": self._send(*type(self).health)
+        elif self.path == "/v1/models": self._send(200, b'{"object": "list", "data": [{"id": "fake"}]}')
+        else: self._send(404, b'{}')
+    def do_POST(self):
+        self.rfile.read(int(self.headers["Content-Length"]))
+        type(self).count += 1
+        if type(self).count % 2 == 0: return self._send(500, b'{"error": {"message": "internal error"}}')
+        self._send(200, json.dumps({"id": "x", "object": "chat.completion", "created": 0, "model": "fake",
+                                    "choices": [{"index": 0, "message": {"role": "assistant", "content": "a b c"},
+                                                 "finish_reason": "length"}],
+                                    "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}}).encode())
+
+
+@pytest.fixture
+def fake_server():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Fake)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown(); _Fake.health, _Fake.count = (200, b'{"status": "ok"}'), 0
+
+
+def test_health_poll_names_the_endpoint_and_its_last_answer(fake_server):
+    _Fake.health = (503, b'{"status": "loading"}')
+    with pytest.raises(TimeoutError, match=rf"{fake_server}/health did not answer 200 within 1 s; last answer: "
+                                           r'HTTP 503: \{"status": "loading"\}'):
+        wait_healthy(fake_server, timeout=1, poll=0.2)
+    nobody = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(TimeoutError, match=rf"{nobody}/health did not answer 200 within 0.5 s; last answer: Connect"):
+        wait_healthy(nobody, timeout=0.5, poll=0.2)
+    _Fake.health = (200, b'{"status": "ok"}')
+    assert wait_healthy(fake_server, timeout=5) < 5
+    dead = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"]); dead.wait()
+    with pytest.raises(RuntimeError, match="exited with code 3 before it was healthy"):
+        wait_healthy(nobody, timeout=30, process=dead)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    return save_tokenizer("smollm2-135m", tmp_path_factory.mktemp("tok"))
+
+
+def test_guidellm_counts_the_requests_a_server_fails(fake_server, tokenizer, tmp_path):
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"say {i}"}) + "\n" for i in range(4)))
+    scenario = guidellm_scenario(fake_server, "fake", "synchronous", None, data, tokenizer, tmp_path / "r.json",
+                                 requests=4, max_seconds=0, max_tokens=3, chat=True, stream=False, temperature=0,
+                                 seed=0)
+    (b,) = read_guidellm(run_guidellm(scenario, tmp_path, "fake"))
+    assert _Fake.count == 4                                              # no retry: one POST per request
+    assert (b["requests"]["successful"], b["requests"]["errored"], b["failed"]) == (2, 2, 2)
+    assert "500" in b["errors"][0]
+
+
+def test_a_short_run_against_specdec_serve_writes_its_run_folder(tokenizer, tmp_path):
+    "Speculative (pld) and baseline (--drafter none) servers started here, two requests each, a few tokens."
+    cfg = ServeBenchConfig(model="smollm2-135m", drafter="pld", synchronous=True, concurrencies="", requests=2,
+                           max_tokens=6, warmup=1, n_prompts=2, stream=False, out=str(tmp_path), run_id="run",
+                           tokenizer=tokenizer)
+    run_dir = run_serve_bench(cfg)
+    manifest = json.loads((run_dir / "MANIFEST.json").read_text())
+    records = [json.loads(l) for l in (run_dir / "records.jsonl").read_text().splitlines()]
+    assert (manifest["kind"], manifest["status"], manifest["failed_requests"]) == ("serve", "complete", 0)
+    assert manifest["git"]["commit"] and manifest["versions"]["guidellm"] == "0.8.1"
+    # stopped by SIGTERM: uvicorn shuts down gracefully, then re-raises the signal (exit code -15)
+    assert {r: (s["engine"], s["exit_code"]) for r, s in manifest["servers"].items()} == {
+        "speculative": ("specdec", -15), "baseline": ("specdec", -15)}
+    assert "Application shutdown complete" in (run_dir / "server-baseline.log").read_text()
+    assert [(r["server"], r["label"], r["requests"]["successful"]) for r in records] == [
+        ("speculative", "synchronous", 2), ("baseline", "synchronous", 2)]
+    spec, base = (r["spec"] for r in records)
+    for r in records:                                                   # the warm-up is not in the deltas
+        assert r["spec"]["generation_tokens"] == r["output_tokens"] > 0 and (run_dir / r["guidellm"]).is_file()
+    assert spec["drafts"] > 0 and spec["verification_steps"] <= spec["generation_tokens"]
+    assert base["drafts"] == 0 and base["tau"] == 1.0                    # speculation off: one token a step
+    assert not records[0]["streamed"] and records[0]["latency"]["ttft_ms"]["p50"] is None      # no stream, no TTFT
+    assert records[0]["latency"]["e2e_s"]["count"] == 2
+
+
+def test_bench_serve_refuses_resume(capsys):
+    assert main(["bench-serve", "--resume", "somerun"]) == 2
+    assert "a serve benchmark cannot be resumed" in capsys.readouterr().err
+
+
+def test_the_config_has_the_notebook_parameters():
+    "One parameter list: ServeBenchConfig has exactly nbs/bench/serve.ipynb's parameters, with the same defaults."
+    import dataclasses
+    from specdec.parameters import notebook_parameters
+    params = notebook_parameters(Path(__file__).resolve().parents[1] / "nbs/bench/serve.ipynb")
+    fields = {f.name: f.default for f in dataclasses.fields(ServeBenchConfig)}
+    assert {n: p["default"] for n, p in params.items()} == fields
+    assert ServeBenchConfig(rates="0.5,2", concurrencies="1").profiles() == [
+        ("synchronous", None), ("concurrent", 1), ("poisson", 0.5), ("poisson", 2.0)]
+    with pytest.raises(ValueError, match="concurrencies must be integers"): ServeBenchConfig(concurrencies="1,x")
+    with pytest.raises(ValueError, match="no load profile"): ServeBenchConfig(synchronous=False, concurrencies="")
