@@ -123,15 +123,21 @@ def add_parameter_flags(parser:argparse.ArgumentParser, params:dict[str, dict]) 
         else: parser.add_argument(flag, dest=name, type=_flag_type(name, info), default=None, help=help)
 
 # %% ../nbs/09_cli.ipynb #6cb7f743
+def _notebook_flags(p, notebook:Path|None, name:str) -> bool:
+    """Add the parameters of a benchmark notebook (`notebook`, or nbs/bench/`name`.ipynb) to the parser `p` as flags;
+    False, and why in `p`'s description, where the notebook cannot be read here."""
+    try: params = notebook_parameters(notebook or bench_notebook(name))
+    except (ValueError, ImportError) as e:
+        p.description += f" Unavailable here: {e}."; return False
+    add_parameter_flags(p, params)
+    return True
+
 def _bench_parser(sub, notebook:Path|None=None) -> None:
     p = sub.add_parser("bench", help="run the benchmark notebook through papermill; prints the run folder",
                        formatter_class=LinesHelpFormatter,
                        description="Runs nbs/bench/methods.ipynb with these parameters; the executed notebook is the "
                                    "report (report.ipynb and report.html in the run folder).")
-    try: params = notebook_parameters(notebook or bench_notebook())
-    except (ValueError, ImportError) as e:
-        p.description += f" Unavailable here: {e}."; return
-    add_parameter_flags(p, params)
+    if not _notebook_flags(p, notebook, "methods"): return
     p.add_argument("--notebook", default=None, help="the benchmark notebook to run (default: nbs/bench/methods.ipynb)")
     p.add_argument("--no-html", dest="html", action="store_false", help="do not render report.html")
 
@@ -141,10 +147,7 @@ def _bench_batch_parser(sub, notebook:Path|None=None) -> None:
                        description="Runs nbs/bench/batch.ipynb with these parameters: one pool of prompts decoded at "
                                    "every batch size by every method (up to what batch does speculation pay?); the "
                                    "executed notebook is the report (report.ipynb and report.html in the run folder).")
-    try: params = notebook_parameters(notebook or bench_notebook("batch"))
-    except (ValueError, ImportError) as e:
-        p.description += f" Unavailable here: {e}."; return
-    add_parameter_flags(p, params)
+    if not _notebook_flags(p, notebook, "batch"): return
     p.add_argument("--no-html", dest="html", action="store_false", help="do not render report.html")
 
 # %% ../nbs/09_cli.ipynb #efe67202
@@ -358,10 +361,7 @@ def _bench_serve_parser(sub, notebook:Path|None=None) -> None:
                                    "OpenAI-compatible --endpoint given, at each load profile, with /metrics scraped "
                                    "around each; the executed notebook is the report (report.ipynb and report.html "
                                    "in the run folder). Needs specdec[serve,bench-serve].")
-    try: params = notebook_parameters(notebook or bench_notebook("serve"))
-    except (ValueError, ImportError) as e:
-        p.description += f" Unavailable here: {e}."; return
-    add_parameter_flags(p, params)
+    if not _notebook_flags(p, notebook, "serve"): return
     p.add_argument("--no-html", dest="html", action="store_false", help="do not render report.html")
 
 def run_bench_serve(args) -> int:
