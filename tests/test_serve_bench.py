@@ -1,15 +1,18 @@
 """specdec.serve_bench: the /metrics deltas (specdec's, vLLM's and SGLang's names) on recorded fixtures, GuideLLM's
-report read on one it wrote, the health poll's deadline, failed requests counted, and one short run against real
-`specdec serve` subprocesses (speculative and baseline) that writes a run folder. Functional only: no timing here is
-a result. Fixtures: tests/fixtures/serve_bench (make_metrics.py writes the vLLM and SGLang texts; the specdec texts
-and response were scraped around one request to `specdec serve smollm2-135m --drafter pld`; the GuideLLM reports are
-GuideLLM 0.8.1's own, from runs against `specdec serve smollm2-135m`, their request lists cut to one each)."""
+report read on ones it wrote, the health poll's deadline, `specdec bench-serve --endpoint` against a server that fails
+every second request and exports vLLM's counters, and one short run against real `specdec serve` subprocesses
+(speculative and baseline) that writes a run folder. Functional only: no timing here is a result. Fixtures:
+tests/fixtures/serve_bench (make_metrics.py writes the vLLM and SGLang texts; the specdec texts and response were
+scraped around one request to `specdec serve smollm2-135m --drafter pld`; the GuideLLM reports are GuideLLM 0.8.1's
+own, their request lists cut to one each: guidellm_errored.json from a streamed run against `specdec serve
+smollm2-135m` that refused every request (400: stream_options.continuous_usage_stats), guidellm_stream_concurrent2.json
+from a streamed run against the same server with StreamOptions taking that field, a local edit not committed)."""
 import http.server, json, subprocess, sys, threading
 from pathlib import Path
 import pytest
-from specdec.serve_bench import (ServeBenchConfig, guidellm_scenario, read_guidellm, run_guidellm, run_serve_bench,
-                                 save_tokenizer, spec_delta, parse_metrics, engine_of, wait_healthy, free_port,
-                                 profile_record, serve_table, acceptance_table, fig_serve)
+from specdec.serve_bench import (ServeBenchConfig, read_guidellm, run_serve_bench, save_tokenizer, spec_delta,
+                                 parse_metrics, engine_of, wait_healthy, free_port, profile_record, serve_table,
+                                 acceptance_table, fig_serve)
 from specdec.cli import main
 
 FIX = Path(__file__).parent / "fixtures" / "serve_bench"
@@ -77,7 +80,8 @@ def test_the_vllm_fixture_makes_a_record_and_its_tables():
 
 
 class _Fake(http.server.BaseHTTPRequestHandler):
-    "An OpenAI-compatible server that answers 500 to every second completion request; /health as `health` says."
+    """An OpenAI-compatible server that answers 500 to every second completion request, /health as `health` says, and
+    /metrics with the recorded vLLM text: the one before a load until a request came, then the one after."""
     health, count = (200, b'{"status": "ok"}'), 0
     def log_message(self, *a): pass
     def _send(self, status, body):
@@ -86,6 +90,8 @@ class _Fake(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
         if self.path == "/health": self._send(*type(self).health)
         elif self.path == "/v1/models": self._send(200, b'{"object": "list", "data": [{"id": "fake"}]}')
+        elif self.path == "/metrics":
+            self._send(200, text("vllm_metrics_after.txt" if type(self).count else "vllm_metrics_before.txt").encode())
         else: self._send(404, b'{}')
     def do_POST(self):
         self.rfile.read(int(self.headers["Content-Length"]))
@@ -125,16 +131,24 @@ def tokenizer(tmp_path_factory):
     return save_tokenizer("smollm2-135m", tmp_path_factory.mktemp("tok"))
 
 
-def test_guidellm_counts_the_requests_a_server_fails(fake_server, tokenizer, tmp_path):
-    data = tmp_path / "prompts.jsonl"
-    data.write_text("".join(json.dumps({"prompt": f"say {i}"}) + "\n" for i in range(4)))
-    scenario = guidellm_scenario(fake_server, "fake", "synchronous", None, data, tokenizer, tmp_path / "r.json",
-                                 requests=4, max_seconds=0, max_tokens=3, chat=True, stream=False, temperature=0,
-                                 seed=0)
-    (b,) = read_guidellm(run_guidellm(scenario, tmp_path, "fake"))
+def test_bench_serve_against_a_vllm_like_endpoint_counts_failures_and_reads_its_counters(fake_server, tokenizer,
+                                                                                        tmp_path):
+    """`specdec bench-serve --endpoint`: the notebook runs GuideLLM against a server that fails every second request and
+    exports vLLM's counters; the manifest, the records and the executed report say so (the same ones as specdec's)."""
+    assert main(["bench-serve", "--endpoint", fake_server, "--served-model", "fake", "--tokenizer", tokenizer,
+                 "--concurrencies", "", "--requests", "4", "--max-tokens", "3", "--warmup", "0", "--no-stream",
+                 "--out", str(tmp_path), "--run-id", "vllm", "--no-html"]) == 0
+    run_dir = tmp_path / "vllm"
+    manifest = json.loads((run_dir / "MANIFEST.json").read_text())
+    (rec,) = [json.loads(l) for l in (run_dir / "records.jsonl").read_text().splitlines()]
     assert _Fake.count == 4                                              # no retry: one POST per request
-    assert (b["requests"]["successful"], b["requests"]["errored"], b["failed"]) == (2, 2, 2)
-    assert "500" in b["errors"][0]
+    assert (rec["requests"]["successful"], rec["requests"]["errored"], rec["failed"]) == (2, 2, 2)
+    assert "500" in rec["errors"][0] and manifest["failed_requests"] == 2
+    assert list(manifest["servers"]) == ["speculative"] and manifest["servers"]["speculative"]["engine"] == "vllm"
+    assert rec["spec"]["tau"] == pytest.approx(2.75)
+    assert rec["spec"]["acceptance_per_position"] == pytest.approx([0.75, 0.6, 0.4])
+    report = (run_dir / "report.ipynb").read_text()
+    assert "pos 2" in report and "500 Internal Server Error" in report    # the acceptance table, the failures
 
 
 def test_a_short_run_against_specdec_serve_writes_its_run_folder(tokenizer, tmp_path):
