@@ -173,7 +173,7 @@ def guidellm_scenario(endpoint:str, model:str, profile:str, load:float|None, dat
             {"kind": "concurrent", "streams": [int(load)]} if profile == "concurrent" else
             {"kind": "poisson", "rate": [float(load)]})
     constraints = [{"kind": "max_requests", "count": requests}]
-    if max_seconds: constraints.append({"kind": "max_duration", "duration": max_seconds})
+    if max_seconds: constraints.append({"kind": "max_duration", "seconds": max_seconds})
     backend = {"kind": "openai_http", "target": endpoint, "model": model, "max_tokens": max_tokens, "stream": stream,
                "request_format": "/v1/chat/completions" if chat else "/v1/completions",
                "extras": {"body": {"temperature": temperature}}}

@@ -192,3 +192,21 @@ def test_the_config_has_the_notebook_parameters():
         ("synchronous", None), ("concurrent", 1), ("poisson", 0.5), ("poisson", 2.0)]
     with pytest.raises(ValueError, match="concurrencies must be integers"): ServeBenchConfig(concurrencies="1,x")
     with pytest.raises(ValueError, match="no load profile"): ServeBenchConfig(synchronous=False, concurrencies="")
+
+
+def test_each_profile_scenario_is_valid_for_guidellm():
+    "The scenario of every load profile (with a time limit too) validates against GuideLLM 0.8.1's own schema."
+    from guidellm.schemas.benchmark import BenchmarkScenario
+    from specdec.serve_bench import guidellm_scenario
+    for profile, load, want in [("synchronous", None, {}), ("concurrent", 4, {"streams": [4]}),
+                                ("poisson", 0.5, {"rate": [0.5]})]:
+        s = guidellm_scenario("http://127.0.0.1:1", "m", profile, load, Path("d.jsonl"), "tok", Path("o.json"),
+                              requests=8, max_seconds=30, max_tokens=16, chat=True, stream=True, temperature=0.0,
+                              seed=0)
+        spec = BenchmarkScenario.create(scenario=None, **s).spec
+        assert spec.profile.kind == profile and all(getattr(spec.profile, k) == v for k, v in want.items())
+        assert [(c.kind, getattr(c, "count", None) or c.seconds) for c in spec.constraints] == [
+            ("max_requests", 8), ("max_duration", 30)]
+        assert spec.backend.extras.body == {"temperature": 0.0} and spec.backend.max_tokens == 16
+    with pytest.raises(ValueError, match="unknown load profile 'sweep'"):
+        guidellm_scenario("http://x", "m", "sweep", None, Path("d"), "t", Path("o"), 1, 0, 1, True, True, 0.0, 0)
