@@ -419,13 +419,18 @@ def run_serve_bench(cfg:ServeBenchConfig) -> Path:
         finally:
             if server: manifest["servers"].setdefault(role, {})["exit_code"] = server.stop()
             write_json(run_dir / "MANIFEST.json", manifest)
-    manifest |= {"status": "complete", "finished": datetime.datetime.now().isoformat(timespec="seconds"),
+    dead = [r for r in records if r["requests"]["successful"] == 0]       # profiles where every request failed
+    manifest |= {"status": "failed" if dead else "complete",
+                 "finished": datetime.datetime.now().isoformat(timespec="seconds"),
                  "failed_requests": sum(r["failed"] for r in records)}
     write_json(run_dir / "MANIFEST.json", manifest)
-    if dead := [r for r in records if r["requests"]["successful"] == 0]:
+    if dead:
         r = dead[0]
+        log = run_dir / f"server-{r['server']}.log"
+        where = "" if cfg.endpoint else f"; the server's log: {log}"
         raise RuntimeError(f"every request of {r['label']} against the {r['server']} server ({r['endpoint']}) failed "
-                           f"({r['failed']}); first error: {(r['errors'] or ['unknown'])[0]}")
+                           f"({r['failed']}); first error: {(r['errors'] or ['unknown'])[0]}; GuideLLM's logs: "
+                           f"{run_dir / 'guidellm'}{where}")
     return run_dir
 
 # %% ../nbs/19_serve_bench.ipynb #801390fc

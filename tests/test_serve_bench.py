@@ -82,7 +82,7 @@ def test_the_vllm_fixture_makes_a_record_and_its_tables():
 class _Fake(http.server.BaseHTTPRequestHandler):
     """An OpenAI-compatible server that answers 500 to every second completion request, /health as `health` says, and
     /metrics with the recorded vLLM text: the one before a load until a request came, then the one after."""
-    health, count = (200, b'{"status": "ok"}'), 0
+    health, count, fail_every = (200, b'{"status": "ok"}'), 0, 2
     def log_message(self, *a): pass
     def _send(self, status, body):
         self.send_response(status); self.send_header("Content-Type", "application/json")
@@ -96,7 +96,8 @@ class _Fake(http.server.BaseHTTPRequestHandler):
     def do_POST(self):
         self.rfile.read(int(self.headers["Content-Length"]))
         type(self).count += 1
-        if type(self).count % 2 == 0: return self._send(500, b'{"error": {"message": "internal error"}}')
+        if type(self).count % type(self).fail_every == 0:
+            return self._send(500, b'{"error": {"message": "internal error"}}')
         self._send(200, json.dumps({"id": "x", "object": "chat.completion", "created": 0, "model": "fake",
                                     "choices": [{"index": 0, "message": {"role": "assistant", "content": "a b c"},
                                                  "finish_reason": "length"}],
@@ -108,7 +109,7 @@ def fake_server():
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Fake)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown(); _Fake.health, _Fake.count = (200, b'{"status": "ok"}'), 0
+    server.shutdown(); _Fake.health, _Fake.count, _Fake.fail_every = (200, b'{"status": "ok"}'), 0, 2
 
 
 def test_health_poll_names_the_endpoint_and_its_last_answer(fake_server):
@@ -149,6 +150,17 @@ def test_bench_serve_against_a_vllm_like_endpoint_counts_failures_and_reads_its_
     assert rec["spec"]["acceptance_per_position"] == pytest.approx([0.75, 0.6, 0.4])
     report = (run_dir / "report.ipynb").read_text()
     assert "pos 2" in report and "500 Internal Server Error" in report    # the acceptance table, the failures
+
+
+def test_a_profile_whose_every_request_failed_ends_the_run_with_the_error(fake_server, tokenizer, tmp_path):
+    _Fake.fail_every = 1
+    cfg = ServeBenchConfig(endpoint=fake_server, served_model="fake", tokenizer=tokenizer, concurrencies="", requests=1,
+                           max_tokens=3, warmup=0, stream=False, out=str(tmp_path), run_id="dead")
+    with pytest.raises(RuntimeError, match=rf"every request of synchronous against the speculative server "
+                                           rf"\({fake_server}\) failed \(1\); first error: .*500"):
+        run_serve_bench(cfg)
+    manifest = json.loads((tmp_path / "dead" / "MANIFEST.json").read_text())
+    assert (manifest["status"], manifest["failed_requests"]) == ("failed", 1)      # recorded before the error
 
 
 def test_a_short_run_against_specdec_serve_writes_its_run_folder(tokenizer, tmp_path):
