@@ -292,6 +292,12 @@ def run_summary_text(args) -> int:
     if kinds == {"batch"}:
         from specdec.batch_summary import batch_text_summary
         print("\n\n".join(batch_text_summary(r) for r in runs))
+    elif kinds == {"serve"}:
+        from specdec.serve_bench import serve_text_summary
+        print("\n\n".join(serve_text_summary(r) for r in runs))
+    elif "serve" in kinds:
+        raise ValueError(f"runs {', '.join(args.run)} mix serve runs (specdec bench-serve) with others: summarize "
+                         f"them apart")
     elif "batch" in kinds:
         raise ValueError(f"runs {', '.join(args.run)} mix batch runs (specdec bench-batch) and method runs "
                          f"(specdec bench): summarize them apart")

@@ -18,7 +18,7 @@ __all__ = ['SPEC_COUNTERS', 'ENGINES', 'SGLANG_GAUGES', 'GUIDELLM_VERSION', 'par
            'free_port', 'wait_healthy', 'scrape', 'Server', 'guidellm_scenario', 'run_guidellm',
            'read_guidellm', 'ServeBenchConfig', 'write_prompts', 'save_tokenizer', 'warm_up', 'profile_label',
            'profile_record', 'run_serve_bench', 'serve_config', 'run_serve_from_parameters', 'load_serve_run',
-           'serve_table', 'acceptance_table', 'fig_serve']
+           'serve_text_summary', 'serve_table', 'acceptance_table', 'fig_serve']
 
 # %% ../nbs/19_serve_bench.ipynb #b1c60fde
 # the speculative counters, as each engine names them; specdec's are vLLM's under its own prefix
@@ -207,9 +207,10 @@ def _dist(d:dict) -> dict:
 
 def read_guidellm(report:dict) -> list[dict]:
     """Each benchmark of a GuideLLM report (benchmarks JSON, schema version 2) as a flat dict: its strategy and load,
-    requests by status (every failed one counted: errored and incomplete) with their errors, the latency
-    distributions of the successful requests (TTFT, ITL, TPOT in ms, end to end in s) and the throughput (successful
-    requests and their output tokens over the benchmark's duration). Not streamed: no TTFT or ITL (None)."""
+    requests by status (every request made; failed: errored and incomplete) with their errors, those in GuideLLM's
+    measured window (`measured`), the latency distributions of the successful requests (TTFT, ITL, TPOT in ms, end to
+    end in s) and the throughput (measured successful requests and their output tokens over the benchmark's
+    duration). Not streamed: no TTFT or ITL (None)."""
     if (report.get("metadata") or {}).get("version") != 2:
         raise ValueError(f"not a GuideLLM benchmarks report of schema version 2 (GuideLLM {GUIDELLM_VERSION}): "
                          f"metadata {report.get('metadata')!r}")
@@ -218,16 +219,18 @@ def read_guidellm(report:dict) -> list[dict]:
     out = []
     for b in report["benchmarks"]:
         strategy, m, reqs = b["config"]["strategy"], b["metrics"], b["requests"]
-        counts = {k: int(m["request_totals"][k]) for k in ("successful", "errored", "incomplete")}
+        # every request the scheduler made (warm-up and cool-down included); the distributions and the throughput are
+        # GuideLLM's measured window, which can leave a request out under load
+        counts = {k: int(b["scheduler_metrics"]["requests_made"][k]) for k in ("successful", "errored", "incomplete")}
+        measured = {k: int(m["request_totals"][k]) for k in ("successful", "errored", "incomplete")}
         errors = [r["info"].get("error") for r in reqs.get("errored") or []]   # those GuideLLM kept (a sample)
         tokens = m["output_token_count"]["successful"]["total_sum"]
         latency = {k: _dist(m[v]["successful"]) for k, v in _LATENCIES.items()}
         if not streamed: latency |= {k: _dist({"count": 0}) for k in ("ttft_ms", "itl_ms")}
         out.append({"strategy": strategy["type_"], "streams": strategy.get("streams"), "rate": strategy.get("rate"),
                     "requests": counts, "failed": counts["errored"] + counts["incomplete"], "errors": errors[:5],
-                    "duration_s": b["duration"],
-                    "streamed": streamed, "latency": latency,
-                    "requests_per_s": counts["successful"] / b["duration"] if b["duration"] else None,
+                    "measured": measured, "duration_s": b["duration"], "streamed": streamed, "latency": latency,
+                    "requests_per_s": measured["successful"] / b["duration"] if b["duration"] else None,
                     "output_tokens_per_s": tokens / b["duration"] if b["duration"] else None,
                     "concurrency": m["request_concurrency"]["successful"]["mean"], "output_tokens": tokens})
     return out
@@ -447,6 +450,17 @@ def load_serve_run(run_dir) -> tuple[dict, list[dict]]:
     "A serve run's manifest and records."
     from specdec.provenance import read_manifest, read_records
     return read_manifest(run_dir), read_records(Path(run_dir) / "records.jsonl")
+
+def serve_text_summary(run_dir) -> str:
+    "A serve run as text (`specdec summary RUN`): its servers, the latency and throughput table, the acceptance table."
+    manifest, records = load_serve_run(run_dir)
+    servers = "; ".join(f"{role} {s.get('endpoint')} ({s.get('engine') or 'no speculative metrics'})"
+                        for role, s in manifest["servers"].items())
+    failed = [f"{r['server']} {r['label']}: {r['failed']} failed, first: {r['errors'][0] if r['errors'] else '?'}"
+              for r in records if r["failed"]]
+    return "\n\n".join([f"run {manifest['run_id']} ({manifest['status']}), profiles {', '.join(manifest['profiles'])}; "
+                        f"servers: {servers}", serve_table(records).to_string(index=False),
+                        acceptance_table(records).to_string(index=False), "\n".join(failed) or "no failed request"])
 
 # %% ../nbs/19_serve_bench.ipynb #7a75dd55
 def serve_table(records:list[dict]):

@@ -60,7 +60,7 @@ def test_guidellm_report_is_read_with_every_failed_request_counted():
         "concurrent", 2, {"successful": 3, "errored": 0, "incomplete": 0}, 0)
     assert ok["latency"]["ttft_ms"]["count"] == 3 and ok["latency"]["itl_ms"]["count"] == 21
     assert all(ok["latency"][k]["p50"] > 0 for k in ("ttft_ms", "itl_ms", "tpot_ms", "e2e_s"))
-    assert ok["requests_per_s"] == pytest.approx(3 / ok["duration_s"])
+    assert ok["measured"] == ok["requests"] and ok["requests_per_s"] == pytest.approx(3 / ok["duration_s"])
     assert ok["output_tokens"] == 24
     (bad,) = read_guidellm(json.loads(text("guidellm_errored.json")))
     assert (bad["requests"]["successful"], bad["failed"]) == (0, 2)
@@ -133,7 +133,7 @@ def tokenizer(tmp_path_factory):
 
 
 def test_bench_serve_against_a_vllm_like_endpoint_counts_failures_and_reads_its_counters(fake_server, tokenizer,
-                                                                                        tmp_path):
+                                                                                        tmp_path, capsys):
     """`specdec bench-serve --endpoint`: the notebook runs GuideLLM against a server that fails every second request and
     exports vLLM's counters; the manifest, the records and the executed report say so (the same ones as specdec's)."""
     assert main(["bench-serve", "--endpoint", fake_server, "--served-model", "fake", "--tokenizer", tokenizer,
@@ -150,6 +150,8 @@ def test_bench_serve_against_a_vllm_like_endpoint_counts_failures_and_reads_its_
     assert rec["spec"]["acceptance_per_position"] == pytest.approx([0.75, 0.6, 0.4])
     report = (run_dir / "report.ipynb").read_text()
     assert "pos 2" in report and "500 Internal Server Error" in report    # the acceptance table, the failures
+    assert main(["summary", str(run_dir)]) == 0
+    assert "speculative synchronous: 2 failed, first: HTTPStatusError" in capsys.readouterr().out
 
 
 def test_a_profile_whose_every_request_failed_ends_the_run_with_the_error(fake_server, tokenizer, tmp_path):
@@ -163,7 +165,7 @@ def test_a_profile_whose_every_request_failed_ends_the_run_with_the_error(fake_s
     assert (manifest["status"], manifest["failed_requests"]) == ("failed", 1)      # recorded before the error
 
 
-def test_a_short_run_against_specdec_serve_writes_its_run_folder(tokenizer, tmp_path):
+def test_a_short_run_against_specdec_serve_writes_its_run_folder(tokenizer, tmp_path, capsys):
     "Speculative (pld) and baseline (--drafter none) servers started here, two requests each, a few tokens."
     cfg = ServeBenchConfig(model="smollm2-135m", drafter="pld", synchronous=True, concurrencies="", requests=2,
                            max_tokens=6, warmup=1, n_prompts=2, stream=False, out=str(tmp_path), run_id="run",
@@ -186,6 +188,9 @@ def test_a_short_run_against_specdec_serve_writes_its_run_folder(tokenizer, tmp_
     assert base["drafts"] == 0 and base["tau"] == 1.0                    # speculation off: one token a step
     assert not records[0]["streamed"] and records[0]["latency"]["ttft_ms"]["p50"] is None      # no stream, no TTFT
     assert records[0]["latency"]["e2e_s"]["count"] == 2
+    assert main(["summary", str(run_dir)]) == 0                          # specdec summary RUN: the tables as text
+    out = capsys.readouterr().out
+    assert "servers: speculative http://127.0.0.1:" in out and "baseline" in out and "no failed request" in out
 
 
 def test_bench_serve_refuses_resume(capsys):
