@@ -151,10 +151,11 @@ def _bench_batch_parser(sub, notebook:Path|None=None) -> None:
     p.add_argument("--no-html", dest="html", action="store_false", help="do not render report.html")
 
 # %% ../nbs/09_cli.ipynb #efe67202
-def _run_notebook(args, notebook:Path, config, command:str) -> int:
+def _run_notebook(args, notebook:Path, config, command:str, resumable:bool=True) -> int:
     """Execute a benchmark `notebook` with the parameters `args` give (the others at the notebook's defaults) into a new
     run folder (or the one a valid `--resume` names), through papermill; `config` makes and checks its run config from
-    the parameters (a resume: the run's own). Prints the folder; `command` names the command in messages."""
+    the parameters (a resume: the run's own). Prints the folder; `command` names the command in messages (a failed
+    run that is not `resumable` is started afresh)."""
     import papermill as pm
     from specdec.bench import git_state, system_info, open_run
     from specdec.report import render_html
@@ -175,7 +176,8 @@ def _run_notebook(args, notebook:Path, config, command:str) -> int:
     except pm.PapermillExecutionError as e:
         if e.ename in ("ResumeRefused", "ValueError"): print(f"specdec: error: {e.evalue}", file=sys.stderr); return 2
         print(f"specdec: error: the benchmark failed ({e.ename}: {e.evalue}); finished records are kept in {run_dir}, "
-              f"the executed notebook in {executed}; continue with: specdec {command} --resume {run_dir}",
+              f"the executed notebook in {executed}; "
+              + (f"continue with: specdec {command} --resume {run_dir}" if resumable else "start a fresh run"),
               file=sys.stderr)
         return 1
     if args.html: render_html(executed)
@@ -373,7 +375,7 @@ def _bench_serve_parser(sub, notebook:Path|None=None) -> None:
 def run_bench_serve(args) -> int:
     "Run `specdec bench-serve` with parsed `args`: papermill executes nbs/bench/serve.ipynb into the run folder."
     from specdec.serve_bench import serve_config
-    return _run_notebook(args, bench_notebook("serve"), serve_config, "bench-serve")
+    return _run_notebook(args, bench_notebook("serve"), serve_config, "bench-serve", resumable=False)
 
 # %% ../nbs/09_cli.ipynb #04be8cc6
 def main(argv:list[str]|None=None) -> int:

@@ -7,7 +7,7 @@ scraped around one request to `specdec serve smollm2-135m --drafter pld`; the Gu
 own, their request lists cut to one each: guidellm_errored.json from a streamed run against `specdec serve
 smollm2-135m` that refused every request (400: stream_options.continuous_usage_stats), guidellm_stream_concurrent2.json
 from a streamed run against the same server with StreamOptions taking that field, a local edit not committed)."""
-import http.server, json, subprocess, sys, threading
+import http.server, json, re, subprocess, sys, threading
 from pathlib import Path
 import pytest
 from specdec.serve_bench import (ServeBenchConfig, read_guidellm, run_serve_bench, save_tokenizer, spec_delta,
@@ -154,13 +154,16 @@ def test_bench_serve_against_a_vllm_like_endpoint_counts_failures_and_reads_its_
     assert "speculative synchronous: 2 failed, first: HTTPStatusError" in capsys.readouterr().out
 
 
-def test_a_profile_whose_every_request_failed_ends_the_run_with_the_error(fake_server, tokenizer, tmp_path):
+def test_a_profile_whose_every_request_failed_ends_the_run_with_the_error(fake_server, tokenizer, tmp_path, capsys):
+    "Through `specdec bench-serve`: exit 1, the error naming the server, the profile and the first error; no --resume."
     _Fake.fail_every = 1
-    cfg = ServeBenchConfig(endpoint=fake_server, served_model="fake", tokenizer=tokenizer, concurrencies="", requests=1,
-                           max_tokens=3, warmup=0, stream=False, out=str(tmp_path), run_id="dead")
-    with pytest.raises(RuntimeError, match=rf"every request of synchronous against the speculative server "
-                                           rf"\({fake_server}\) failed \(1\); first error: .*500"):
-        run_serve_bench(cfg)
+    assert main(["bench-serve", "--endpoint", fake_server, "--served-model", "fake", "--tokenizer", tokenizer,
+                 "--concurrencies", "", "--requests", "1", "--max-tokens", "3", "--warmup", "0", "--no-stream",
+                 "--out", str(tmp_path), "--run-id", "dead", "--no-html"]) == 1
+    err = capsys.readouterr().err
+    assert re.search(rf"every request of synchronous against the speculative server \({fake_server}\) failed \(1\); "
+                     r"first error: .*500", err)
+    assert "start a fresh run" in err and "--resume" not in err.split("the benchmark failed")[1]
     manifest = json.loads((tmp_path / "dead" / "MANIFEST.json").read_text())
     assert (manifest["status"], manifest["failed_requests"]) == ("failed", 1)      # recorded before the error
 
