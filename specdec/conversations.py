@@ -111,9 +111,10 @@ def read_conversations(path, # a ShareGPT-format JSON file (default: the `shareg
 class NearTexts:
     """Fuzzy membership in a set of texts: a text is near one of them when, over character `n`-grams of the normalised
     texts (lower case, single spaces), their Jaccard similarity is at least `jaccard` or at least `containment` of the
-    set text's n-grams are in it (it quotes the set text, perhaps inside a longer one). Candidates are found by prefix
+    set text's n-grams are in it (it quotes the set text nearly verbatim, perhaps inside a longer one). The defaults
+    are calibrated in the text above. Candidates are found by prefix
     filtering (each set text indexed by its rarest n-grams), so a check costs a few set operations, not one per text."""
-    def __init__(self, texts, n:int=5, jaccard:float=0.5, containment:float=0.8):
+    def __init__(self, texts, n:int=5, jaccard:float=0.3, containment:float=0.9):
         if not 0 < jaccard <= 1 or not 0 < containment <= 1:
             raise ValueError(f"jaccard and containment are fractions in (0, 1], got {jaccard}, {containment}")
         self.n, self.jaccard, self.containment = n, jaccard, containment
@@ -147,7 +148,7 @@ class NearTexts:
     def __len__(self) -> int: return len(self.texts)
 
 def evaluation_near(exclude=(), # Spec-Bench-format prompt files (the dev and test splits): never train on them
-                    n:int=5, jaccard:float=0.5, containment:float=0.8) -> NearTexts:
+                    n:int=5, jaccard:float=0.3, containment:float=0.9) -> NearTexts:
     "`NearTexts` over `evaluation_texts(exclude)`: the built-in prompts, the repeated workload and the files' turns."
     return NearTexts(evaluation_texts(exclude), n, jaccard, containment)
 
