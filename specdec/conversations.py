@@ -113,7 +113,8 @@ class NearTexts:
     texts (lower case, single spaces), their Jaccard similarity is at least `jaccard` or at least `containment` of the
     set text's n-grams are in it (it quotes the set text nearly verbatim, perhaps inside a longer one). The defaults
     are calibrated in the text above. Candidates are found by prefix
-    filtering (each set text indexed by its rarest n-grams), so a check costs a few set operations, not one per text."""
+    filtering: each set text is indexed by its rarest n-grams, as many as a text meeting a threshold must share one of
+    (|A ∩ B| >= t·|B| for either test, and Jaccard also needs |B| >= t·|A|), so a check costs a few set operations."""
     def __init__(self, texts, n:int=5, jaccard:float=0.3, containment:float=0.9):
         if not 0 < jaccard <= 1 or not 0 < containment <= 1:
             raise ValueError(f"jaccard and containment are fractions in (0, 1], got {jaccard}, {containment}")
@@ -121,23 +122,29 @@ class NearTexts:
         self.texts = sorted({_normal(t) for t in texts if _normal(t)})
         self.grams = [self._grams(t) for t in self.texts]
         count = Counter(g for grams in self.grams for g in grams)
-        # both tests need |A ∩ B| >= least·|B|: such an A shares one of B's rarest |B| - ceil(least·|B|) + 1 n-grams
-        least, self.index = min(jaccard, containment), {}
-        for i, grams in enumerate(self.grams):
-            rarest = sorted(grams, key=lambda g: (count[g], g))
-            for g in rarest[:len(grams) - math.ceil(least * len(grams)) + 1]: self.index.setdefault(g, []).append(i)
-        self.keys = frozenset(self.index)
+        rarest = [sorted(grams, key=lambda g: (count[g], g)) for grams in self.grams]
+        self.index = {}                             # test -> n-gram -> the set texts with it among their rarest
+        for test, least in (("jaccard", jaccard), ("containment", containment)):
+            self.index[test] = {}
+            for i, grams in enumerate(rarest):
+                for g in grams[:len(grams) - math.ceil(least * len(grams)) + 1]:
+                    self.index[test].setdefault(g, []).append(i)
+        self.keys = {test: frozenset(index) for test, index in self.index.items()}
 
     def _grams(self, text:str) -> frozenset:
         return frozenset(text[i:i + self.n] for i in range(max(len(text) - self.n + 1, 1)))
 
     def match(self, text:str) -> tuple[float, float, str|None]:
-        "The Jaccard similarity and containment of the nearest set text (the one with the highest of the two), and it."
+        """The Jaccard similarity and containment of the nearest set text that could meet a threshold (the one with the
+        highest of the two), and it; (0, 0, None) when none could."""
         grams = self._grams(_normal(text))
+        could = {i for g in grams & self.keys["containment"] for i in self.index["containment"][g]}
+        could |= {i for g in grams & self.keys["jaccard"] for i in self.index["jaccard"][g]
+                  if len(self.grams[i]) >= self.jaccard * len(grams)}
         best = (0.0, 0.0, None)
-        for i in {i for g in grams & self.keys for i in self.index[g]}:
+        for i in could:
             shared = len(grams & self.grams[i])
-            got = (shared / len(grams | self.grams[i]), shared / len(self.grams[i]), self.texts[i])
+            got = (shared / (len(grams) + len(self.grams[i]) - shared), shared / len(self.grams[i]), self.texts[i])
             if max(got[:2]) > max(best[:2]): best = got
         return best
 
