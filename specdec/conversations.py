@@ -113,9 +113,10 @@ class NearTexts:
     texts (lower case, single spaces), their Jaccard similarity is at least `jaccard` or at least `containment` of the
     set text's n-grams are in it (it quotes the set text nearly verbatim, perhaps inside a longer one). The defaults
     are calibrated in the text above. Candidates are found by prefix
-    filtering: each set text is indexed by its rarest n-grams, as many as a text meeting a threshold must share one of
-    (|A ∩ B| >= t·|B| for either test, and Jaccard also needs |B| >= t·|A|), so a check costs a few set operations."""
-    def __init__(self, texts, n:int=5, jaccard:float=0.3, containment:float=0.9):
+    filtering: a text meeting a threshold t shares m = ceil(t·|B|) n-grams with set text B (either test; Jaccard also
+    needs |B| >= t·|A|), so it shares at least min(`shared`, m) with B's |B| - m + min(`shared`, m) rarest ones: B is
+    indexed by those, and only texts with that many hits are compared, in a few set operations."""
+    def __init__(self, texts, n:int=5, jaccard:float=0.3, containment:float=0.9, shared:int=8):
         if not 0 < jaccard <= 1 or not 0 < containment <= 1:
             raise ValueError(f"jaccard and containment are fractions in (0, 1], got {jaccard}, {containment}")
         self.n, self.jaccard, self.containment = n, jaccard, containment
@@ -123,12 +124,13 @@ class NearTexts:
         self.grams = [self._grams(t) for t in self.texts]
         count = Counter(g for grams in self.grams for g in grams)
         rarest = [sorted(grams, key=lambda g: (count[g], g)) for grams in self.grams]
-        self.index = {}                             # test -> n-gram -> the set texts with it among their rarest
+        self.index, self.need = {}, {}        # test -> n-gram -> set texts indexed by it; test -> hits each needs
         for test, least in (("jaccard", jaccard), ("containment", containment)):
-            self.index[test] = {}
+            self.index[test], self.need[test] = {}, []
             for i, grams in enumerate(rarest):
-                for g in grams[:len(grams) - math.ceil(least * len(grams)) + 1]:
-                    self.index[test].setdefault(g, []).append(i)
+                m = math.ceil(least * len(grams))
+                self.need[test].append(min(shared, m))
+                for g in grams[:len(grams) - m + min(shared, m)]: self.index[test].setdefault(g, []).append(i)
         self.keys = {test: frozenset(index) for test, index in self.index.items()}
 
     def _grams(self, text:str) -> frozenset:
@@ -138,9 +140,11 @@ class NearTexts:
         """The Jaccard similarity and containment of the nearest set text that could meet a threshold (the one with the
         highest of the two), and it; (0, 0, None) when none could."""
         grams = self._grams(_normal(text))
-        could = {i for g in grams & self.keys["containment"] for i in self.index["containment"][g]}
-        could |= {i for g in grams & self.keys["jaccard"] for i in self.index["jaccard"][g]
-                  if len(self.grams[i]) >= self.jaccard * len(grams)}
+        could = set()
+        for test in ("containment", "jaccard"):
+            hits = Counter(i for g in grams & self.keys[test] for i in self.index[test][g])
+            could |= {i for i, got in hits.items() if got >= self.need[test][i]
+                      and (test == "containment" or len(self.grams[i]) >= self.jaccard * len(grams))}
         best = (0.0, 0.0, None)
         for i in could:
             shared = len(grams & self.grams[i])
