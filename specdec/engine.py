@@ -14,8 +14,8 @@ from .net import DecoderNet, Forward, KVCache, TreeLayout, kept_features
 from .timing import sync
 
 # %% auto #0
-__all__ = ['COMPILE_MODES', 'HEAD_MODES', 'CompileMode', 'compile_help', 'resolve_compile', 'graph_memory',
-           'capture_graph', 'HeadSteps', 'Engine', 'engine_for']
+__all__ = ['COMPILE_MODES', 'HEAD_MODES', 'NO_LAUNCH', 'CompileMode', 'compile_help', 'resolve_compile', 'graph_memory',
+           'capture_graph', 'HeadSteps', 'Engine', 'engine_for', 'count_step_ops']
 
 # %% ../nbs/02a_engine.ipynb #ac517e7b
 @dataclass(frozen=True)
@@ -315,3 +315,44 @@ def engine_for(net, # a DecoderNet (or any net with its interface)
     key = (mode, role)
     if key not in net.engines: net.engines[key] = Engine(net, mode, **kwargs)
     return net.engines[key]
+
+# %% ../nbs/02a_engine.ipynb #18f56108
+from collections import Counter
+from torch.utils._python_dispatch import TorchDispatchMode
+
+NO_LAUNCH = frozenset({"empty", "empty_strided", "empty_like", "lift_fresh", "detach", "alias", "_local_scalar_dense"})
+
+class _OpCounter(TorchDispatchMode):
+    "Counts ATen ops that launch work (not views, not allocations); ops inside a fused op are not counted."
+    def __init__(self):
+        super().__init__()
+        self.ops, self.inside = Counter(), 0
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if not self.inside and not func.is_view and name not in NO_LAUNCH: self.ops[name] += 1
+        return func(*args, **(kwargs or {}))
+
+def _counted(fn, name:str, counter:_OpCounter):
+    "`fn`, counted as one launch of fused op `name`."
+    def run(*args):
+        counter.ops[f"{name} (fused)"] += 1
+        counter.inside += 1
+        try: return fn(*args)
+        finally: counter.inside -= 1
+    return run
+
+def count_step_ops(net:DecoderNet,
+                   q:int=1,           # new tokens in the step (1: autoregressive; K+1: verification)
+                   context:int=128,   # tokens already in the cache
+                   fused:bool=True,   # count each fused step op as one launch (False: the ops of its torch reference)
+                  ) -> Counter:
+    "Ops one `forward_at` step of `q` tokens dispatches, by name (`sum(...)` is the step's launch count)."
+    cache = net.new_cache(1, context + q)
+    input_ids = torch.zeros(1, q, dtype=torch.long, device=net.device)
+    positions = torch.arange(context, context + q, device=net.device)
+    counter, ops = _OpCounter(), net.ops
+    if fused: net.ops = {name: _counted(fn, name, counter) for name, fn in ops.items()}
+    try:
+        with torch.inference_mode(), counter: net.forward_at(input_ids, positions, cache, "all")
+    finally: net.ops = ops
+    return counter.ops

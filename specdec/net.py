@@ -14,10 +14,10 @@ import specdec_kernels
 from .kernels import choose
 
 # %% auto #0
-__all__ = ['SUPPORTED_ARCHITECTURES', 'STEP_OPS', 'NO_LAUNCH', 'KVCache', 'onednn_available', 'onednn_bf16_available',
+__all__ = ['SUPPORTED_ARCHITECTURES', 'STEP_OPS', 'KVCache', 'onednn_available', 'onednn_bf16_available',
            'linear_backend', 'fuse_weights', 'Linear', 'time_linears', 'step_ops', 'layer_windows',
            'cache_dtype', 'attend', 'TreeLayout', 'attention_mask', 'tree_attention_mask', 'Forward',
-           'kept_features', 'DecoderNet', 'count_step_ops']
+           'kept_features', 'DecoderNet']
 
 # %% ../nbs/02_net.ipynb #bf03e52f
 class KVCache:
@@ -567,44 +567,3 @@ def forward_at(self:DecoderNet, input_ids:torch.Tensor, # [B, q] new tokens
     return Forward(out, kept_features(kept, keep))
 
 DecoderNet.__call__ = DecoderNet.forward
-
-# %% ../nbs/02_net.ipynb #18f56108
-from collections import Counter
-from torch.utils._python_dispatch import TorchDispatchMode
-
-NO_LAUNCH = frozenset({"empty", "empty_strided", "empty_like", "lift_fresh", "detach", "alias", "_local_scalar_dense"})
-
-class _OpCounter(TorchDispatchMode):
-    "Counts ATen ops that launch work (not views, not allocations); ops inside a fused op are not counted."
-    def __init__(self):
-        super().__init__()
-        self.ops, self.inside = Counter(), 0
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func.overloadpacket.__name__
-        if not self.inside and not func.is_view and name not in NO_LAUNCH: self.ops[name] += 1
-        return func(*args, **(kwargs or {}))
-
-def _counted(fn, name:str, counter:_OpCounter):
-    "`fn`, counted as one launch of fused op `name`."
-    def run(*args):
-        counter.ops[f"{name} (fused)"] += 1
-        counter.inside += 1
-        try: return fn(*args)
-        finally: counter.inside -= 1
-    return run
-
-def count_step_ops(net:DecoderNet,
-                   q:int=1,           # new tokens in the step (1: autoregressive; K+1: verification)
-                   context:int=128,   # tokens already in the cache
-                   fused:bool=True,   # count each fused step op as one launch (False: the ops of its torch reference)
-                  ) -> Counter:
-    "Ops one `forward_at` step of `q` tokens dispatches, by name (`sum(...)` is the step's launch count)."
-    cache = net.new_cache(1, context + q)
-    input_ids = torch.zeros(1, q, dtype=torch.long, device=net.device)
-    positions = torch.arange(context, context + q, device=net.device)
-    counter, ops = _OpCounter(), net.ops
-    if fused: net.ops = {name: _counted(fn, name, counter) for name, fn in ops.items()}
-    try:
-        with torch.inference_mode(), counter: net.forward_at(input_ids, positions, cache, "all")
-    finally: net.ops = ops
-    return counter.ops

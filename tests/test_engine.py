@@ -337,7 +337,8 @@ def test_auto_linears_are_the_faster_backend_timed_once_per_model():
 
 def test_the_lean_step_launches_about_nine_kernels_per_layer():
     "Counted on the CPU: each fused op is one launch; the torch references of the same ops launch several."
-    from specdec.net import count_step_ops, STEP_OPS
+    from specdec.engine import count_step_ops
+    from specdec.net import STEP_OPS
     small = tiny_llama(seed=9, num_layers=3)
     net = DecoderNet(small.model, linear="torch", kernels="torch")
     lean, unfused = count_step_ops(net, q=5), count_step_ops(net, q=5, fused=False)

@@ -8,7 +8,7 @@ pytest.importorskip("fastapi", reason="specdec serve needs the serve extra: pip 
 import httpx
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
-from specdec import serve, specs
+from specdec import serve, serve_engine, specs
 from specdec.cli import main
 from specdec.decode import generate
 
@@ -18,7 +18,7 @@ NAME = "tiny-llama"
 
 def served(target, drafter=None, controller="4"):
     d = specs.make_drafter(drafter, target)
-    return serve.ServedModel(target, d, specs.make_controller(controller) if d is not None else None)
+    return serve_engine.ServedModel(target, d, specs.make_controller(controller) if d is not None else None)
 
 
 def offline(target, drafter, ids, **kw):
@@ -315,7 +315,7 @@ def test_a_body_over_the_limit_gets_413(tiny):
 def test_an_internal_error_fails_only_its_request(tiny, monkeypatch, caplog):
     """A request whose decoding raises gets 500 with its id (logged); one that fails mid-stream gets an error event; the
     next request is served."""
-    real, calls = serve.generate, []
+    real, calls = serve_engine.generate, []
     def failing(*args, on_step=None, **kw):
         calls.append(1)
         if len(calls) == 1: raise RuntimeError("a deliberate failure")
@@ -325,7 +325,7 @@ def test_an_internal_error_fails_only_its_request(tiny, monkeypatch, caplog):
                 return on_step(event)
             return real(*args, on_step=step, **kw)
         return real(*args, on_step=on_step, **kw)
-    monkeypatch.setattr(serve, "generate", failing)
+    monkeypatch.setattr(serve_engine, "generate", failing)
     with caplog.at_level(logging.ERROR, logger="specdec.serve"), client_for(served(tiny, "pld")) as client:
         first = client.post("/v1/completions", json=ask())
         stream = client.post("/v1/completions", json=ask(stream=True, ignore_eos=True))
@@ -375,12 +375,12 @@ def test_a_model_that_fails_to_load_says_why(tiny):
 
 def test_concurrent_requests_queue_and_both_complete(tiny, monkeypatch):
     "The second request waits (the waiting gauge shows it) until the engine has finished the first."
-    real, started, release = serve.generate, threading.Event(), threading.Event()
+    real, started, release = serve_engine.generate, threading.Event(), threading.Event()
     def held(*args, **kw):
         started.set()
         assert release.wait(60)
         return real(*args, **kw)
-    monkeypatch.setattr(serve, "generate", held)
+    monkeypatch.setattr(serve_engine, "generate", held)
     prompts = [PROMPT, "the cat the cat"]
     with client_for(served(tiny, "pld")) as client, ThreadPoolExecutor(2) as pool:
         first = pool.submit(client.post, "/v1/completions", json=ask(prompt=prompts[0]))
@@ -404,11 +404,11 @@ def test_concurrent_requests_queue_and_both_complete(tiny, monkeypatch):
 
 
 def test_a_full_queue_answers_429(tiny, monkeypatch):
-    real, started, release = serve.generate, threading.Event(), threading.Event()
+    real, started, release = serve_engine.generate, threading.Event(), threading.Event()
     def held(*args, **kw):
         started.set(); assert release.wait(60)
         return real(*args, **kw)
-    monkeypatch.setattr(serve, "generate", held)
+    monkeypatch.setattr(serve_engine, "generate", held)
     with client_for(served(tiny, "pld"), max_waiting=1) as client, ThreadPoolExecutor(2) as pool:
         running = pool.submit(client.post, "/v1/completions", json=ask())
         assert started.wait(60)
@@ -463,23 +463,23 @@ def test_a_client_that_disconnects_cancels_its_request(tiny):
 
 def test_engine_worker_stops_a_cancelled_request_at_the_next_step(tiny, monkeypatch):
     "A handle cancelled as its first step's chunk is handed over gets no further chunk, then its `Failed`."
-    class CancelledAtFirstStep(serve.Handle):
+    class CancelledAtFirstStep(serve_engine.Handle):
         def put(self, item):
             super().put(item)
-            if isinstance(item, serve.StepChunk): self.cancel()
-    monkeypatch.setattr(serve, "Handle", CancelledAtFirstStep)
-    metrics = serve.ServeMetrics(NAME)
-    worker = serve.EngineWorker(lambda: served(tiny, "pld"), metrics)
+            if isinstance(item, serve_engine.StepChunk): self.cancel()
+    monkeypatch.setattr(serve_engine, "Handle", CancelledAtFirstStep)
+    metrics = serve_engine.ServeMetrics(NAME)
+    worker = serve_engine.EngineWorker(lambda: served(tiny, "pld"), metrics)
     worker.start()
     assert worker.wait_loaded(60)
     async def run():
-        handle = worker.submit(serve.Job("cmpl-test", tiny.encode(PROMPT)[0].tolist(), 300, ignore_eos=True))
+        handle = worker.submit(serve_engine.Job("cmpl-test", tiny.encode(PROMPT)[0].tolist(), 300, ignore_eos=True))
         items = [await handle.get()]
-        while not isinstance(items[-1], serve.Failed): items.append(await handle.get())
+        while not isinstance(items[-1], serve_engine.Failed): items.append(await handle.get())
         return items
     first, failed = asyncio.run(run())
     worker.close()
-    assert isinstance(first, serve.StepChunk) and first.step == 0
+    assert isinstance(first, serve_engine.StepChunk) and first.step == 0
     assert failed.status == 503 and failed.message == "request cancelled: the client went away"
     assert metrics.generation_tokens._value.get() == len(first.tokens) and not worker.thread.is_alive()
 
@@ -488,11 +488,11 @@ def test_engine_worker_stops_a_cancelled_request_at_the_next_step(tiny, monkeypa
 
 def gated_admission(monkeypatch, n:int):
     "Hold the engine's first admission until `n` requests wait (set the returned event once they do)."
-    real, gate = serve.EngineWorker._admit, threading.Event()
+    real, gate = serve_engine.EngineWorker._admit, threading.Event()
     def admit(self):
         assert gate.wait(60)
         return real(self)
-    monkeypatch.setattr(serve.EngineWorker, "_admit", admit)
+    monkeypatch.setattr(serve_engine.EngineWorker, "_admit", admit)
     return gate
 
 
@@ -552,19 +552,19 @@ def test_a_batch_streams_one_chunk_per_step_of_its_row(tiny, monkeypatch):
 
 def test_a_cancelled_row_is_freed_for_a_waiting_request(tiny):
     "Two rows held by endless requests: cancelling one lets a third request in while the other still decodes."
-    metrics_ = serve.ServeMetrics(NAME)
-    worker = serve.EngineWorker(lambda: served(tiny, "pld"), metrics_, max_batch=2)
+    metrics_ = serve_engine.ServeMetrics(NAME)
+    worker = serve_engine.EngineWorker(lambda: served(tiny, "pld"), metrics_, max_batch=2)
     worker.start()
     assert worker.wait_loaded(60)
     ids = tiny.encode(PROMPT)[0].tolist()
     async def until_end(handle):
         items = [await asyncio.wait_for(handle.get(), 60)]
-        while isinstance(items[-1], serve.StepChunk): items.append(await asyncio.wait_for(handle.get(), 60))
+        while isinstance(items[-1], serve_engine.StepChunk): items.append(await asyncio.wait_for(handle.get(), 60))
         return items
     async def run():
-        a, b = (worker.submit(serve.Job(r, ids, 4000, ignore_eos=True)) for r in ("a", "b"))
+        a, b = (worker.submit(serve_engine.Job(r, ids, 4000, ignore_eos=True)) for r in ("a", "b"))
         await a.get(); await b.get()                                      # both rows decode
-        c = worker.submit(serve.Job("c", ids, 8, ignore_eos=True))
+        c = worker.submit(serve_engine.Job("c", ids, 8, ignore_eos=True))
         a.cancel()
         third = await until_end(c)                                        # served while b still holds its row
         b_running = worker.slots and not b.cancelled.is_set()
@@ -573,7 +573,7 @@ def test_a_cancelled_row_is_freed_for_a_waiting_request(tiny):
     first, second, third, b_running = asyncio.run(run())
     worker.close()
     out = offline(tiny, "pld", torch.tensor([ids]), max_new_tokens=8, eos_token_id=[])
-    assert isinstance(third[-1], serve.Done) and third[-1].completion_tokens == 8 and b_running
+    assert isinstance(third[-1], serve_engine.Done) and third[-1].completion_tokens == 8 and b_running
     assert sum((c.tokens for c in third[:-1]), []) == out.tokens[0].tolist()
     assert first.status == second.status == 503 and "the client went away" in first.message
     assert stat_value(metrics_.request_success, "abort") == 2 and not worker.thread.is_alive()
@@ -603,12 +603,12 @@ def test_a_request_with_other_sampling_waits_for_an_empty_batch(tiny, monkeypatc
 
 def test_an_error_in_a_batch_step_fails_its_rows_and_the_server_goes_on(tiny, monkeypatch, caplog):
     gate = gated_admission(monkeypatch, 2)
-    real, calls = serve.Batch.step, []
+    real, calls = serve_engine.Batch.step, []
     def failing(self):
         calls.append(1)
         if len(calls) == 3: raise RuntimeError("a deliberate failure")
         return real(self)
-    monkeypatch.setattr(serve.Batch, "step", failing)
+    monkeypatch.setattr(serve_engine.Batch, "step", failing)
     app = serve.make_app(lambda: served(tiny, "pld"), NAME, max_batch=2)
     with caplog.at_level(logging.ERROR, logger="specdec.serve"), TestClient(app) as client:
         assert app.state.worker.wait_loaded(60)
