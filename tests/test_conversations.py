@@ -193,6 +193,11 @@ def test_fixed_text_carries_the_targets_soft_labels_at_every_position(tiny, tmp_
                                        rtol=2e-3, atol=2e-3)
     # negative control: another record's labels do not fit this one
     assert not torch.equal(recorded[0]["top_ids"], recorded[1]["top_ids"])
+    kw = dict(n_records=5, batch_size=2, top_k=8, progress=False)
+    again = write_conversation_data(tiny, tmp_path / "text.jsonl", conversations, provenance, max_tokens=60, **kw)
+    assert again["hash"] == manifest["hash"] and again["records"] == 5                      # resumed: nothing added
+    with pytest.raises(ValueError, match="other settings \\(max_tokens"):
+        write_conversation_data(tiny, tmp_path / "text.jsonl", conversations, provenance, max_tokens=50, **kw)
     text = (tmp_path / "text.json").read_text()
     assert "otters" not in text.lower() and manifest["prompt_sources"]["sharegpt_text"]["provenance"]["kept"] == 13
 
