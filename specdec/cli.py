@@ -18,7 +18,8 @@ from .parameters import notebook_parameters, parameter_value
 
 # %% auto #0
 __all__ = ['LinesHelpFormatter', 'run_generate', 'bench_notebook', 'add_parameter_flags', 'run_bench',
-           'run_bench_batch', 'run_kaggle', 'run_summary_text', 'run_report', 'run_serve', 'main']
+           'run_bench_batch', 'run_kaggle', 'run_summary_text', 'run_report', 'run_serve', 'run_bench_serve',
+           'main']
 
 # %% ../nbs/09_cli.ipynb #d000c634
 class LinesHelpFormatter(argparse.HelpFormatter):
@@ -122,15 +123,21 @@ def add_parameter_flags(parser:argparse.ArgumentParser, params:dict[str, dict]) 
         else: parser.add_argument(flag, dest=name, type=_flag_type(name, info), default=None, help=help)
 
 # %% ../nbs/09_cli.ipynb #6cb7f743
+def _notebook_flags(p, notebook:Path|None, name:str) -> bool:
+    """Add the parameters of a benchmark notebook (`notebook`, or nbs/bench/`name`.ipynb) to the parser `p` as flags;
+    False, and why in `p`'s description, where the notebook cannot be read here."""
+    try: params = notebook_parameters(notebook or bench_notebook(name))
+    except (ValueError, ImportError) as e:
+        p.description += f" Unavailable here: {e}."; return False
+    add_parameter_flags(p, params)
+    return True
+
 def _bench_parser(sub, notebook:Path|None=None) -> None:
     p = sub.add_parser("bench", help="run the benchmark notebook through papermill; prints the run folder",
                        formatter_class=LinesHelpFormatter,
                        description="Runs nbs/bench/methods.ipynb with these parameters; the executed notebook is the "
                                    "report (report.ipynb and report.html in the run folder).")
-    try: params = notebook_parameters(notebook or bench_notebook())
-    except (ValueError, ImportError) as e:
-        p.description += f" Unavailable here: {e}."; return
-    add_parameter_flags(p, params)
+    if not _notebook_flags(p, notebook, "methods"): return
     p.add_argument("--notebook", default=None, help="the benchmark notebook to run (default: nbs/bench/methods.ipynb)")
     p.add_argument("--no-html", dest="html", action="store_false", help="do not render report.html")
 
@@ -140,17 +147,15 @@ def _bench_batch_parser(sub, notebook:Path|None=None) -> None:
                        description="Runs nbs/bench/batch.ipynb with these parameters: one pool of prompts decoded at "
                                    "every batch size by every method (up to what batch does speculation pay?); the "
                                    "executed notebook is the report (report.ipynb and report.html in the run folder).")
-    try: params = notebook_parameters(notebook or bench_notebook("batch"))
-    except (ValueError, ImportError) as e:
-        p.description += f" Unavailable here: {e}."; return
-    add_parameter_flags(p, params)
+    if not _notebook_flags(p, notebook, "batch"): return
     p.add_argument("--no-html", dest="html", action="store_false", help="do not render report.html")
 
 # %% ../nbs/09_cli.ipynb #efe67202
-def _run_notebook(args, notebook:Path, config, command:str) -> int:
+def _run_notebook(args, notebook:Path, config, command:str, resumable:bool=True) -> int:
     """Execute a benchmark `notebook` with the parameters `args` give (the others at the notebook's defaults) into a new
     run folder (or the one a valid `--resume` names), through papermill; `config` makes and checks its run config from
-    the parameters (a resume: the run's own). Prints the folder; `command` names the command in messages."""
+    the parameters (a resume: the run's own). Prints the folder; `command` names the command in messages (a failed
+    run that is not `resumable` is started afresh)."""
     import papermill as pm
     from specdec.bench import git_state, system_info, open_run
     from specdec.report import render_html
@@ -171,7 +176,8 @@ def _run_notebook(args, notebook:Path, config, command:str) -> int:
     except pm.PapermillExecutionError as e:
         if e.ename in ("ResumeRefused", "ValueError"): print(f"specdec: error: {e.evalue}", file=sys.stderr); return 2
         print(f"specdec: error: the benchmark failed ({e.ename}: {e.evalue}); finished records are kept in {run_dir}, "
-              f"the executed notebook in {executed}; continue with: specdec {command} --resume {run_dir}",
+              f"the executed notebook in {executed}; "
+              + (f"continue with: specdec {command} --resume {run_dir}" if resumable else "start a fresh run"),
               file=sys.stderr)
         return 1
     if args.html: render_html(executed)
@@ -288,6 +294,12 @@ def run_summary_text(args) -> int:
     if kinds == {"batch"}:
         from specdec.batch_summary import batch_text_summary
         print("\n\n".join(batch_text_summary(r) for r in runs))
+    elif kinds == {"serve"}:
+        from specdec.serve_bench import serve_text_summary
+        print("\n\n".join(serve_text_summary(r) for r in runs))
+    elif "serve" in kinds:
+        raise ValueError(f"runs {', '.join(args.run)} mix serve runs (specdec bench-serve) with others: summarize "
+                         f"them apart")
     elif "batch" in kinds:
         raise ValueError(f"runs {', '.join(args.run)} mix batch runs (specdec bench-batch) and method runs "
                          f"(specdec bench): summarize them apart")
@@ -348,17 +360,35 @@ def run_serve(args) -> int:
                  args.max_batch, args.max_body_bytes, args.max_waiting, args.device, args.dtype, args.compile,
                  args.shutdown_timeout, args.log_level, args.max_model_len)
 
+# %% ../nbs/09_cli.ipynb #7689664e
+def _bench_serve_parser(sub, notebook:Path|None=None) -> None:
+    p = sub.add_parser("bench-serve", help="run the serve benchmark notebook through papermill; prints the run folder",
+                       formatter_class=LinesHelpFormatter,
+                       description="Runs nbs/bench/serve.ipynb with these parameters: GuideLLM drives `specdec serve` "
+                                   "(started on a free port, then again with --drafter none as the baseline) or the "
+                                   "OpenAI-compatible --endpoint given, at each load profile, with /metrics scraped "
+                                   "around each; the executed notebook is the report (report.ipynb and report.html "
+                                   "in the run folder). Needs specdec[serve,bench-serve].")
+    if not _notebook_flags(p, notebook, "serve"): return
+    p.add_argument("--no-html", dest="html", action="store_false", help="do not render report.html")
+
+def run_bench_serve(args) -> int:
+    "Run `specdec bench-serve` with parsed `args`: papermill executes nbs/bench/serve.ipynb into the run folder."
+    from specdec.serve_bench import serve_config
+    return _run_notebook(args, bench_notebook("serve"), serve_config, "bench-serve", resumable=False)
+
 # %% ../nbs/09_cli.ipynb #04be8cc6
 def main(argv:list[str]|None=None) -> int:
     "Entry point of the `specdec` command."
     parser = argparse.ArgumentParser(prog="specdec", description="speculative decoding workbench")
     sub = parser.add_subparsers(dest="command", required=True)
     _generate_parser(sub); _bench_parser(sub); _bench_batch_parser(sub); _kaggle_parser(sub); _summary_parser(sub)
-    _report_parser(sub); _serve_parser(sub)
+    _report_parser(sub); _serve_parser(sub); _bench_serve_parser(sub)
     args = parser.parse_args(argv)
     try:
         commands = {"generate": run_generate, "bench": run_bench, "bench-batch": run_bench_batch, "kaggle": run_kaggle,
-                    "summary": run_summary_text, "report": run_report, "serve": run_serve}
+                    "summary": run_summary_text, "report": run_report, "serve": run_serve,
+                    "bench-serve": run_bench_serve}
         return commands[args.command](args)
     except (ValueError, NotImplementedError) as e:
         print(f"specdec: error: {e}", file=sys.stderr)

@@ -372,7 +372,8 @@ def step(self:Batch) -> list[int]:
             cache_lengths.append(lengths[b] - 1); n[b] = 0; continue
         # up to an EOS, the budget
         kept = min(n[b], eos_at[b], self.budgets[b] - (lengths[b] - self.prompt_lengths[b]) - 1)
-        if proposed[b] > 0: self.controller.update(proposed[b], n[b])
+        # a step that verified drafts cost every row its block: a row that drafted none counts a rejection at 0
+        if proposed[b] > 0 or draft.k > 0: self.controller.update(proposed[b] or draft.k, n[b])
         if B > 1: n[b] = kept                             # what the row committed (one row: the loop ends there)
         cache_lengths.append(lengths[b] + n[b])           # the current token and the n accepted drafts
         self.row_stats[b].record_step(proposed[b], kept)  # drafts after an EOS are not counted

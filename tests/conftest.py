@@ -37,3 +37,19 @@ def smol():
 def smol_draft(smol):
     "SmolLM2's weights plus noise: a co-seeded draft with partial acceptance."
     return perturbed(smol, SMOL_DRAFT_NOISE, seed=1, name="smollm2-135m+noise")
+
+
+class VirtualClock:
+    "`time.sleep` advances it and `time.perf_counter` reads it: the loop's timings are the synthetic costs, under any load."
+    def __init__(self): self.now = 0.0
+    def sleep(self, seconds:float) -> None: self.now += max(seconds, 0.0)
+    def perf_counter(self) -> float: return self.now
+
+
+@pytest.fixture
+def virtual_clock(monkeypatch):
+    import time
+    clock = VirtualClock()
+    monkeypatch.setattr(time, "sleep", clock.sleep)
+    monkeypatch.setattr(time, "perf_counter", clock.perf_counter)
+    return clock

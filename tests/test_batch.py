@@ -4,7 +4,7 @@ emitting; sampled rows follow the target's distribution (chi-square, with a nega
 rows beside them."""
 import pytest, torch
 from specdec import generate
-from specdec.drafters import PromptLookup, DraftModel, LayerSkip, Fallback
+from specdec.drafters import PromptLookup, DraftModel, LayerSkip, Fallback, Drafter, no_draft, padded_draft
 from specdec.controllers import FixedK
 from specdec.policies import RejectionSampling
 from specdec.sampling import SamplingConfig, logits_to_probs
@@ -112,3 +112,41 @@ def test_a_sampled_row_does_not_depend_on_its_neighbours(tiny):
     four = generate(tiny, [prompts[0], prompts[3], prompts[2], prompts[1]], **kw)
     assert torch.equal(two.tokens[0], four.tokens[0])
     assert not torch.equal(two.tokens[1], four.tokens[1])                        # the neighbours themselves differ
+
+
+class _FirstRowDrafts(Drafter):
+    "Drafts k copies of row 0's last token for row 0; every other row drafts nothing (padded: `n_valid` 0)."
+    def propose(self, tokens, k, sampling=SamplingConfig(), generator=None, lengths=None):
+        last = tokens[0, lengths[0] - 1]
+        return padded_draft([last.repeat(k)] + [tokens.new_empty(0)] * (tokens.shape[0] - 1), tokens.device)
+
+
+class _Recorded(FixedK):
+    "FixedK that records each `update(proposed, accepted)`."
+    def reset(self):
+        super().reset()
+        self.updates = []
+    def update(self, proposed, accepted):
+        self.updates.append((proposed, accepted))
+        super().update(proposed, accepted)
+
+
+def test_a_row_that_drafts_nothing_counts_as_rejected_for_the_controller(tiny):
+    """A batch step verifies K+1 tokens in every row when any row drafted: a row that drafted nothing paid for the block
+    and gained nothing, so the controller sees it as a rejection at the first position (what a cost-aware K weighs);
+    alone, a row that drafts nothing decodes one token and the controller sees no step."""
+    prompts = _prompts(tiny, 2)
+    controller = _Recorded(3)
+    out = generate(tiny, prompts, drafter=_FirstRowDrafts(), controller=controller, max_new_tokens=12, eos_token_id=[])
+    steps = [len(a) for a in out.accepted_lengths]                                # [B] each row's steps
+    assert len(controller.updates) == sum(steps) and steps[1] >= 4
+    assert all(p == 3 for p, _ in controller.updates)                             # every row: the step's K
+    assert sum(u == (3, 0) for u in controller.updates) >= steps[1]              # row 1: rejected at 0, each step
+    assert sum(a for p, a in controller.updates) == sum(out.accepted_lengths[0])  # only row 0's drafts were kept
+    alone = _Recorded(3)
+    generate(tiny, prompts[1], drafter=_NoDrafts(), controller=alone, max_new_tokens=12, eos_token_id=[])
+    assert alone.updates == []
+
+
+class _NoDrafts(Drafter):
+    def propose(self, tokens, k, sampling=SamplingConfig(), generator=None, lengths=None): return no_draft(tokens)

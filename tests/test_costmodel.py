@@ -72,16 +72,17 @@ def test_conditional_acceptance():
     assert conditional_acceptance(Stats()) == []
 
 
-def test_measure_synthetic_costs():
-    "Target forwards through the target's own `.net`; the drafter timed through propose, like any drafter."
+def test_measure_synthetic_costs(virtual_clock):
+    """Target forwards through the target's own `.net`; the drafter timed through propose, like any drafter (on a virtual
+    clock: the synthetic sleeps are the only time that passes)."""
     from specdec.synthetic import SyntheticTarget, SyntheticDrafter
     verify = {1: 0.002, 2: 0.003, 4: 0.005}
     target = SyntheticTarget(verify_cost=verify)
     costs = measure_step_costs(target, context=16, q_values=(1, 2, 4), repeats=3)
-    for q, t in verify.items(): assert t <= costs.verify[q] < t + 0.003   # sleep overshoot only
+    for q, t in verify.items(): assert costs.verify[q] == pytest.approx(t)
     assert costs.draft == 0.0 and costs.source["context"] == 16
     drafted = measure_step_costs(target, SyntheticDrafter(0.5, draft_cost=0.002), context=16, verify=costs.verify, repeats=3)
-    assert 0.002 <= drafted.draft < 0.002 + 0.003 and drafted.verify == costs.verify   # the set sleep per token (+ overshoot)
+    assert drafted.draft == pytest.approx(0.002) and drafted.verify == costs.verify   # the set sleep per token
     assert drafted.source["drafter"] == "synthetic:0.5" and drafted.source["draft_k"] == 4
 
 

@@ -6,8 +6,8 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "specdec"
 LOWER = ["models", "net", "sampling", "stats", "timing", "kernels", "engine", "policies", "drafters", "suffix", "controllers",
          "costmodel", "decode", "vocab", "heads", "trees", "checkpoints", "distill", "train"]
-UPPER = ["synthetic", "specs", "serve_engine", "serve", "provenance", "summary", "batch_summary", "bench", "batch_bench", "report",
-         "cli"]
+UPPER = ["synthetic", "specs", "serve_engine", "serve", "serve_bench", "provenance", "summary", "batch_summary",
+         "bench", "batch_bench", "report", "cli"]
 # the harness's own floors, from the ground up: what a run measured, what it says, how it runs, what people look at
 HARNESS = ["provenance", "summary", "batch_summary", "bench", "batch_bench", "report"]
 # the draft heads' floors, from the ground up: their vocabulary, the heads, their checkpoints, the data the target writes
@@ -115,6 +115,16 @@ def test_the_server_sits_on_top_and_only_it_needs_the_serve_extra():
     assert {"decode", "specs"} <= graph["serve_engine"] and "serve_engine" in graph["serve"]
     assert (graph["serve"] | graph["serve_engine"]) & (set(HARNESS) | {"cli"}) == set()
     assert "serve" in graph["cli"] and not top_level_imports(PACKAGE / "cli.py") & {".serve", "specdec.serve"}
+
+
+def test_the_serve_benchmark_sits_above_the_server():
+    """serve_bench (the client) talks to a server over HTTP and imports neither the server (serve, serve_engine) nor the
+    harness above provenance; nothing but the CLI imports it, and the CLI only inside `specdec bench-serve`."""
+    graph = import_graph()
+    assert graph["serve_bench"] & ({"serve", "serve_engine", "cli"} | set(HARNESS[1:])) == set()
+    assert {"provenance", "prompts"} <= graph["serve_bench"]                               # the check can fail
+    assert {m for m in graph if "serve_bench" in graph[m]} == {"cli"}
+    assert not top_level_imports(PACKAGE / "cli.py") & {".serve_bench", "specdec.serve_bench"}
 
 
 def test_specdec_and_its_command_work_without_the_serve_extra():

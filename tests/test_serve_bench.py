@@ -1,0 +1,232 @@
+"""specdec.serve_bench: the /metrics deltas (specdec's, vLLM's and SGLang's names) on recorded fixtures, GuideLLM's
+report read on ones it wrote, the health poll's deadline, `specdec bench-serve --endpoint` against a server that fails
+every second request and exports vLLM's counters, and one short run against real `specdec serve` subprocesses
+(speculative and baseline) that writes a run folder. Functional only: no timing here is a result. Fixtures:
+tests/fixtures/serve_bench (make_metrics.py writes the vLLM and SGLang texts; the specdec texts and response were
+scraped around one request to `specdec serve smollm2-135m --drafter pld`; the GuideLLM reports are GuideLLM 0.8.1's
+own, their request lists cut to one each: guidellm_errored.json from a streamed run against `specdec serve
+smollm2-135m` that refused every request (400: stream_options.continuous_usage_stats), guidellm_stream_concurrent2.json
+from a streamed run against the same server with StreamOptions taking that field, a local edit not committed)."""
+import http.server, json, re, subprocess, sys, threading
+from pathlib import Path
+import pytest
+from specdec.serve_bench import (ServeBenchConfig, read_guidellm, run_serve_bench, save_tokenizer, spec_delta,
+                                 parse_metrics, engine_of, wait_healthy, free_port, profile_record, serve_table,
+                                 acceptance_table, fig_serve)
+from specdec.cli import main
+
+FIX = Path(__file__).parent / "fixtures" / "serve_bench"
+text = lambda name: (FIX / name).read_text()
+
+
+def test_vllm_counters_give_tau_and_per_position_acceptance():
+    d = spec_delta(text("vllm_metrics_before.txt"), text("vllm_metrics_after.txt"))
+    assert d["engine"] == "vllm" and not d["sampled"]
+    assert (d["drafts"], d["draft_tokens"], d["accepted_tokens"], d["generation_tokens"]) == (40, 120, 70, 110)
+    assert d["accepted_per_position"] == [30, 24, 16]
+    assert d["acceptance_per_position"] == pytest.approx([0.75, 0.6, 0.4])
+    assert d["acceptance_rate"] == pytest.approx(70 / 120)
+    assert d["mean_acceptance_length"] == d["tau"] == pytest.approx(2.75)   # vLLM counts no steps: 1 + accepted/drafts
+    assert d["verification_steps"] is None
+    same = spec_delta(text("vllm_metrics_after.txt"), text("vllm_metrics_after.txt"))     # no load in between
+    assert (same["drafts"], same["tau"], same["acceptance_per_position"]) == (0, None, [])
+
+
+def test_specdec_counters_equal_the_response_own_statistics():
+    "One request between the scrapes: the deltas are its `specdec` statistics (τ = tokens per verification step)."
+    stats = json.loads(text("specdec_response.json"))["specdec"]
+    d = spec_delta(text("specdec_metrics_before.txt"), text("specdec_metrics_after.txt"))
+    assert d["engine"] == "specdec"
+    assert (d["verification_steps"], d["drafts"], d["draft_tokens"], d["accepted_tokens"]) == (
+        stats["steps"], stats["drafts"], stats["draft_tokens"], stats["accepted_tokens"])
+    assert d["accepted_per_position"] == stats["accepted_per_position"]   # absent before the request: counted from 0
+    assert d["tau"] == pytest.approx(stats["tau"]) and d["tau"] != pytest.approx(d["mean_acceptance_length"])
+
+
+def test_sglang_gauges_are_sampled_and_other_servers_have_none():
+    d = spec_delta("", text("sglang_metrics.txt"))
+    assert d == {"engine": "sglang", "sampled": True, "mean_acceptance_length": 2.9, "tau": 2.9,
+                 "acceptance_rate": 0.27}
+    assert spec_delta("", "") == {"engine": None}
+    samples = parse_metrics(text("vllm_metrics_after.txt"))             # prometheus_client's parser: labels kept
+    key = (("engine", "0"), ("model_name", "meta-llama/Llama-3.1-8B-Instruct"), ("position", "2"))
+    assert samples["vllm:spec_decode_num_accepted_tokens_per_pos_total"][key] == 19
+    assert engine_of(samples) == "vllm" and engine_of(parse_metrics(text("specdec_metrics_after.txt"))) == "specdec"
+
+
+def test_guidellm_report_is_read_with_every_failed_request_counted():
+    (ok,) = read_guidellm(json.loads(text("guidellm_stream_concurrent2.json")))
+    assert (ok["strategy"], ok["streams"], ok["requests"], ok["failed"]) == (
+        "concurrent", 2, {"successful": 3, "errored": 0, "incomplete": 0}, 0)
+    assert ok["latency"]["ttft_ms"]["count"] == 3 and ok["latency"]["itl_ms"]["count"] == 21
+    assert all(ok["latency"][k]["p50"] > 0 for k in ("ttft_ms", "itl_ms", "tpot_ms", "e2e_s"))
+    assert ok["measured"] == ok["requests"] and ok["requests_per_s"] == pytest.approx(3 / ok["duration_s"])
+    assert ok["output_tokens"] == 24
+    (bad,) = read_guidellm(json.loads(text("guidellm_errored.json")))
+    assert (bad["requests"]["successful"], bad["failed"]) == (0, 2)
+    assert "400 Bad Request" in bad["errors"][0] and bad["latency"]["ttft_ms"]["p50"] is None
+    with pytest.raises(ValueError, match="schema version 2"): read_guidellm({"metadata": {"version": 1}})
+
+
+def test_the_vllm_fixture_makes_a_record_and_its_tables():
+    report = json.loads(text("guidellm_stream_concurrent2.json"))
+    rec = profile_record("speculative", "concurrent", 2, report, text("vllm_metrics_before.txt"),
+                         text("vllm_metrics_after.txt"))
+    assert (rec["label"], rec["spec"]["engine"], rec["spec"]["tau"]) == ("concurrent@2", "vllm", pytest.approx(2.75))
+    table, acc = serve_table([rec]), acceptance_table([rec])
+    assert list(acc.loc[0, ["pos 0", "pos 1", "pos 2"]]) == pytest.approx([0.75, 0.6, 0.4])
+    assert table.loc[0, "failed"] == 0 and table.loc[0, "tau"] == pytest.approx(2.75)
+    assert len(fig_serve([rec]).data) == 4
+
+
+class _Fake(http.server.BaseHTTPRequestHandler):
+    """An OpenAI-compatible server that answers 500 to every second completion request, /health as `health` says, and
+    /metrics with the recorded vLLM text: the one before a load until a request came, then the one after."""
+    health, count, fail_every = (200, b'{"status": "ok"}'), 0, 2
+    def log_message(self, *a): pass
+    def _send(self, status, body):
+        self.send_response(status); self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body))); self.end_headers(); self.wfile.write(body)
+    def do_GET(self):
+        if self.path == "/health": self._send(*type(self).health)
+        elif self.path == "/v1/models": self._send(200, b'{"object": "list", "data": [{"id": "fake"}]}')
+        elif self.path == "/metrics":
+            self._send(200, text("vllm_metrics_after.txt" if type(self).count else "vllm_metrics_before.txt").encode())
+        else: self._send(404, b'{}')
+    def do_POST(self):
+        self.rfile.read(int(self.headers["Content-Length"]))
+        type(self).count += 1
+        if type(self).count % type(self).fail_every == 0:
+            return self._send(500, b'{"error": {"message": "internal error"}}')
+        self._send(200, json.dumps({"id": "x", "object": "chat.completion", "created": 0, "model": "fake",
+                                    "choices": [{"index": 0, "message": {"role": "assistant", "content": "a b c"},
+                                                 "finish_reason": "length"}],
+                                    "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}}).encode())
+
+
+@pytest.fixture
+def fake_server():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Fake)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown(); _Fake.health, _Fake.count, _Fake.fail_every = (200, b'{"status": "ok"}'), 0, 2
+
+
+def test_health_poll_names_the_endpoint_and_its_last_answer(fake_server):
+    _Fake.health = (503, b'{"status": "loading"}')
+    with pytest.raises(TimeoutError, match=rf"{fake_server}/health did not answer 200 within 1 s; last answer: "
+                                           r'HTTP 503: \{"status": "loading"\}'):
+        wait_healthy(fake_server, timeout=1, poll=0.2)
+    nobody = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(TimeoutError, match=rf"{nobody}/health did not answer 200 within 0.5 s; last answer: Connect"):
+        wait_healthy(nobody, timeout=0.5, poll=0.2)
+    _Fake.health = (200, b'{"status": "ok"}')
+    assert wait_healthy(fake_server, timeout=5) < 5
+    dead = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"]); dead.wait()
+    with pytest.raises(RuntimeError, match="exited with code 3 before it was healthy"):
+        wait_healthy(nobody, timeout=30, process=dead)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    return save_tokenizer("smollm2-135m", tmp_path_factory.mktemp("tok"))
+
+
+def test_bench_serve_against_a_vllm_like_endpoint_counts_failures_and_reads_its_counters(fake_server, tokenizer,
+                                                                                        tmp_path, capsys):
+    """`specdec bench-serve --endpoint`: the notebook runs GuideLLM against a server that fails every second request and
+    exports vLLM's counters; the manifest, the records and the executed report say so (the same ones as specdec's)."""
+    assert main(["bench-serve", "--endpoint", fake_server, "--served-model", "fake", "--tokenizer", tokenizer,
+                 "--concurrencies", "", "--requests", "4", "--max-tokens", "3", "--warmup", "0", "--no-stream",
+                 "--out", str(tmp_path), "--run-id", "vllm", "--no-html"]) == 0
+    run_dir = tmp_path / "vllm"
+    manifest = json.loads((run_dir / "MANIFEST.json").read_text())
+    (rec,) = [json.loads(l) for l in (run_dir / "records.jsonl").read_text().splitlines()]
+    assert _Fake.count == 4                                              # no retry: one POST per request
+    assert (rec["requests"]["successful"], rec["requests"]["errored"], rec["failed"]) == (2, 2, 2)
+    assert "500" in rec["errors"][0] and manifest["failed_requests"] == 2
+    assert list(manifest["servers"]) == ["speculative"] and manifest["servers"]["speculative"]["engine"] == "vllm"
+    assert rec["spec"]["tau"] == pytest.approx(2.75)
+    assert rec["spec"]["acceptance_per_position"] == pytest.approx([0.75, 0.6, 0.4])
+    report = (run_dir / "report.ipynb").read_text()
+    assert "pos 2" in report and "500 Internal Server Error" in report    # the acceptance table, the failures
+    assert main(["summary", str(run_dir)]) == 0
+    assert "speculative synchronous: 2 failed, first: HTTPStatusError" in capsys.readouterr().out
+
+
+def test_a_profile_whose_every_request_failed_ends_the_run_with_the_error(fake_server, tokenizer, tmp_path, capsys):
+    "Through `specdec bench-serve`: exit 1, the error naming the server, the profile and the first error; no --resume."
+    _Fake.fail_every = 1
+    assert main(["bench-serve", "--endpoint", fake_server, "--served-model", "fake", "--tokenizer", tokenizer,
+                 "--concurrencies", "", "--requests", "1", "--max-tokens", "3", "--warmup", "0", "--no-stream",
+                 "--out", str(tmp_path), "--run-id", "dead", "--no-html"]) == 1
+    err = capsys.readouterr().err
+    assert re.search(rf"every request of synchronous against the speculative server \({fake_server}\) failed \(1\); "
+                     r"first error: .*500", err)
+    assert "start a fresh run" in err and "--resume" not in err.split("the benchmark failed")[1]
+    manifest = json.loads((tmp_path / "dead" / "MANIFEST.json").read_text())
+    assert (manifest["status"], manifest["failed_requests"]) == ("failed", 1)      # recorded before the error
+
+
+def test_a_short_run_against_specdec_serve_writes_its_run_folder(tokenizer, tmp_path, capsys):
+    "Speculative (pld) and baseline (--drafter none) servers started here, two requests each, a few tokens."
+    cfg = ServeBenchConfig(model="smollm2-135m", drafter="pld", synchronous=True, concurrencies="", requests=2,
+                           max_tokens=6, warmup=1, n_prompts=2, stream=False, out=str(tmp_path), run_id="run",
+                           tokenizer=tokenizer)
+    run_dir = run_serve_bench(cfg)
+    manifest = json.loads((run_dir / "MANIFEST.json").read_text())
+    records = [json.loads(l) for l in (run_dir / "records.jsonl").read_text().splitlines()]
+    assert (manifest["kind"], manifest["status"], manifest["failed_requests"]) == ("serve", "complete", 0)
+    assert manifest["git"]["commit"] and manifest["versions"]["guidellm"] == "0.8.1"
+    # stopped by SIGTERM: uvicorn shuts down gracefully, then re-raises the signal (exit code -15)
+    assert {r: (s["engine"], s["exit_code"]) for r, s in manifest["servers"].items()} == {
+        "speculative": ("specdec", -15), "baseline": ("specdec", -15)}
+    assert "Application shutdown complete" in (run_dir / "server-baseline.log").read_text()
+    assert [(r["server"], r["label"], r["requests"]["successful"]) for r in records] == [
+        ("speculative", "synchronous", 2), ("baseline", "synchronous", 2)]
+    spec, base = (r["spec"] for r in records)
+    for r in records:                                                   # the warm-up is not in the deltas
+        assert r["spec"]["generation_tokens"] == r["output_tokens"] > 0 and (run_dir / r["guidellm"]).is_file()
+    assert spec["drafts"] > 0 and spec["verification_steps"] <= spec["generation_tokens"]
+    assert base["drafts"] == 0 and base["tau"] == 1.0                    # speculation off: one token a step
+    assert not records[0]["streamed"] and records[0]["latency"]["ttft_ms"]["p50"] is None      # no stream, no TTFT
+    assert records[0]["latency"]["e2e_s"]["count"] == 2
+    assert main(["summary", str(run_dir)]) == 0                          # specdec summary RUN: the tables as text
+    out = capsys.readouterr().out
+    assert "servers: speculative http://127.0.0.1:" in out and "baseline" in out and "no failed request" in out
+
+
+def test_bench_serve_refuses_resume(capsys):
+    assert main(["bench-serve", "--resume", "somerun"]) == 2
+    assert "a serve benchmark cannot be resumed" in capsys.readouterr().err
+
+
+def test_the_config_has_the_notebook_parameters():
+    "One parameter list: ServeBenchConfig has exactly nbs/bench/serve.ipynb's parameters, with the same defaults."
+    import dataclasses
+    from specdec.parameters import notebook_parameters
+    params = notebook_parameters(Path(__file__).resolve().parents[1] / "nbs/bench/serve.ipynb")
+    fields = {f.name: f.default for f in dataclasses.fields(ServeBenchConfig)}
+    assert {n: p["default"] for n, p in params.items()} == fields
+    assert ServeBenchConfig(rates="0.5,2", concurrencies="1").profiles() == [
+        ("synchronous", None), ("concurrent", 1), ("poisson", 0.5), ("poisson", 2.0)]
+    with pytest.raises(ValueError, match="concurrencies must be integers"): ServeBenchConfig(concurrencies="1,x")
+    with pytest.raises(ValueError, match="no load profile"): ServeBenchConfig(synchronous=False, concurrencies="")
+
+
+def test_each_profile_scenario_is_valid_for_guidellm():
+    "The scenario of every load profile (with a time limit too) validates against GuideLLM 0.8.1's own schema."
+    from guidellm.schemas.benchmark import BenchmarkScenario
+    from specdec.serve_bench import guidellm_scenario
+    for profile, load, want in [("synchronous", None, {}), ("concurrent", 4, {"streams": [4]}),
+                                ("poisson", 0.5, {"rate": [0.5]})]:
+        s = guidellm_scenario("http://127.0.0.1:1", "m", profile, load, Path("d.jsonl"), "tok", Path("o.json"),
+                              requests=8, max_seconds=30, max_tokens=16, chat=True, stream=True, temperature=0.0,
+                              seed=0)
+        spec = BenchmarkScenario.create(scenario=None, **s).spec
+        assert spec.profile.kind == profile and all(getattr(spec.profile, k) == v for k, v in want.items())
+        assert [(c.kind, getattr(c, "count", None) or c.seconds) for c in spec.constraints] == [
+            ("max_requests", 8), ("max_duration", 30)]
+        assert spec.backend.extras.body == {"temperature": 0.0} and spec.backend.max_tokens == 16
+    with pytest.raises(ValueError, match="unknown load profile 'sweep'"):
+        guidellm_scenario("http://x", "m", "sweep", None, Path("d"), "t", Path("o"), 1, 0, 1, True, True, 0.0, 0)
