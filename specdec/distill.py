@@ -145,16 +145,19 @@ def _write_prompts(target, b:int, prefix, n:int, style:dict, seed:int, evaluatio
 
 def _write_batch(target, b:int, prefix, n:int, max_prompt_tokens:int|None, max_new_tokens:int, temperature:float,
                  seed:int, evaluation:set, layers=(), top_k:int=16, chat:bool=True,
-                 style:tuple[str, dict]=("open", None)) -> tuple[list[dict], dict, int]:
-    """Batch `b`: `n` prompts written by the target in `style` (a name and its `PROMPT_STYLES` entry), then its
-    answers. Returns the records, their features (the outputs of `layers` at every position but the last,
-    `[T-1, len(layers), H]`, and the top-`top_k` next-token probabilities at each answer token's position) and how many
-    prompts were excluded."""
+                 style:tuple[str, dict]=("open", None),
+                 prompts:list[str]|None=None, # given prompts (a `write_distill_data` source's): answered, not written
+                ) -> tuple[list[dict], dict, int]:
+    """Batch `b`: `n` prompts written by the target in `style` (a name and its `PROMPT_STYLES` entry), or the given
+    `prompts` (their style the name alone), then its answers. Returns the records, their features (the outputs of
+    `layers` at every position but the last, `[T-1, len(layers), H]`, and the top-`top_k` next-token probabilities at
+    each answer token's position) and how many prompts were excluded."""
     torch.manual_seed(seed * 1_000_003 + b)                                   # each batch repeats alone: resumable
-    style_name = style[0]
-    style_spec = _styles({style_name: style[1] or PROMPT_STYLES["open"]}, max_prompt_tokens)[style_name]
-    written, excluded = _write_prompts(target, b, prefix, n, style_spec, seed, evaluation)
-    prompts = [p for p, _ in written]
+    style_name, excluded = style[0], 0
+    if prompts is None:
+        style_spec = _styles({style_name: style[1] or PROMPT_STYLES["open"]}, max_prompt_tokens)[style_name]
+        written, excluded = _write_prompts(target, b, prefix, n, style_spec, seed, evaluation)
+        prompts = [p for p, _ in written]
     if not prompts: return [], {}, excluded
     rows = [target.encode(p, chat=chat)[0].tolist() for p in prompts]
     mode_temperature = 0.0 if b % 2 == 0 else temperature                    # even batches greedy, odd ones sampled
@@ -177,14 +180,20 @@ def _write_batch(target, b:int, prefix, n:int, max_prompt_tokens:int|None, max_n
     return records, features, excluded
 
 def _settings_of(manifest:dict) -> dict:
-    "What a data file's batches depend on, from its manifest (files written before prompt styles were all 'open')."
+    """What a data file's batches depend on, from its manifest (files written before prompt styles were all 'open'):
+    the prompt styles, or the source the prompts came from."""
     sources, features = manifest["prompt_sources"], manifest["features"]
-    magpie, answers = sources["magpie"], sources["answers"]
+    answers = sources["answers"]
+    common = {"max_new_tokens": answers["max_new_tokens"], "answer temperature": answers["odd_batches"],
+              "layers": features["layers"], "top_k": features["top_k"]}
+    given = [name for name in sources if name not in ("magpie", "answers")]
+    if given:
+        spec = sources[given[0]]
+        return common | {"source": {given[0]: spec["settings"]}, "batch_size": spec["batch_size"], "seed": spec["seed"]}
+    magpie = sources["magpie"]
     open_style = {"open": dict(PROMPT_STYLES["open"], max_prompt_tokens=magpie["max_prompt_tokens"])}
     styles = magpie.get("styles") or open_style
-    return {"styles": styles, "batch_size": magpie["batch_size"], "seed": magpie["seed"],
-            "max_new_tokens": answers["max_new_tokens"], "answer temperature": answers["odd_batches"],
-            "layers": features["layers"], "top_k": features["top_k"]}
+    return common | {"styles": styles, "batch_size": magpie["batch_size"], "seed": magpie["seed"]}
 
 def _styles(styles, max_prompt_tokens:int|None=None) -> dict:
     """The prompt styles to write in, checked: `PROMPT_STYLES` names (a list or comma-separated) or a dict like
@@ -273,6 +282,12 @@ def _resume_data(path:Path, now:dict, # the settings of this call
                                 for line in by_batch.get(b, []) + [json.dumps({"batch_done": b})]))
     return done
 
+def _data_manifest(target:LoadedModel, path:Path, records:list[dict]) -> dict:
+    "What every data file's manifest begins with: the target, the file, its records' counts and hash."
+    return {"target": target.name, "target_weights": target_fingerprint(target), "file": path.name,
+            "records": len(records), "tokens": sum(len(r["ids"]) for r in records),
+            "answer_tokens": sum(len(r["ids"]) - r["answer_start"] for r in records), "hash": data_hash(records)}
+
 def write_distill_data(target:LoadedModel, path, # a .jsonl file (appended to; resumed when it exists)
                        n_batches:int=4, batch_size:int=8, # prompts written per batch
                        max_prompt_tokens:int|None=None, # cap on a written prompt's tokens (default: each style's own)
@@ -287,19 +302,26 @@ def write_distill_data(target:LoadedModel, path, # a .jsonl file (appended to; r
                        top_k:int=16, # target next-token probabilities kept per answer token
                        progress:bool=True,
                        max_seconds:float|None=None, # no batch is begun after this long (a later call writes the rest)
+                       # prompts from elsewhere instead of the target's (`styles` unused): an object with `name`,
+                       # `settings` (what its batches depend on, JSON), `prompts(b, n)` (batch b's n prompts, the same
+                       # on every call; [] when it has no more) and `manifest()` (its provenance and counts), e.g.
+                       # `conversations.ConversationPrompts`
+                       source=None,
                       ) -> dict:
-    """Write self-distillation data: Magpie-style prompts by the target (open, or begun with a task's starter) and its
-    answers (`path`), the target's features and next-token probabilities recorded while it wrote them
-    (`features_dir(path)`, one safetensors file per batch); returns the manifest (also `path.json`). Under `max_seconds`
-    it holds the batches finished in time (`batches_done` of `n_batches`, `stopped` "time")."""
+    """Write self-distillation data: Magpie-style prompts by the target (open, or begun with a task's starter) or the
+    prompts of a `source`, and the target's answers (`path`), its features and next-token probabilities recorded while
+    it wrote them (`features_dir(path)`, one safetensors file per batch); returns the manifest (also `path.json`). Under
+    `max_seconds` it holds the batches finished in time (`batches_done` of `n_batches`, `stopped` "time"); a source
+    that runs out stops it too (`stopped` "source")."""
     from safetensors.torch import save_file
     styles = _styles(styles, max_prompt_tokens)
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
     layers = feature_layers(target.num_layers) if layers is None else tuple(layers)
     features = features_dir(path); features.mkdir(exist_ok=True)
-    done = _resume_data(path, {"styles": styles, "batch_size": batch_size, "seed": seed,
-                               "max_new_tokens": max_new_tokens, "answer temperature": f"T={temperature:g}",
-                               "layers": list(layers), "top_k": top_k}, _settings_of)
+    prompting = {"styles": styles} if source is None else {"source": {source.name: source.settings}}
+    done = _resume_data(path, prompting | {"batch_size": batch_size, "seed": seed, "max_new_tokens": max_new_tokens,
+                                           "answer temperature": f"T={temperature:g}", "layers": list(layers),
+                                           "top_k": top_k}, _settings_of)
     prefix, evaluation = magpie_prefix(target), evaluation_texts(exclude)
     excluded, t0, written, stopped = 0, time.perf_counter(), 0, "done"
     with open(path, "a") as f:
@@ -307,27 +329,30 @@ def write_distill_data(target:LoadedModel, path, # a .jsonl file (appended to; r
             if b in done: continue
             if max_seconds is not None and written and time.perf_counter() - t0 >= max_seconds:
                 stopped = "time"; break
-            style = list(styles.items())[b % len(styles)]
+            given = None if source is None else source.prompts(b, batch_size)
+            if given is not None and not given: stopped = "source"; break
+            style = list(styles.items())[b % len(styles)] if source is None else (source.name, None)
             new, tensors, dropped = _write_batch(target, b, prefix, batch_size, None, max_new_tokens, temperature,
-                                                 seed, evaluation, layers, top_k, style=style)
+                                                 seed, evaluation, layers, top_k, style=style, prompts=given)
             excluded += dropped
             save_file(tensors, str(features / f"{b:05d}.safetensors"))       # before the batch is marked done
             f.write("".join(json.dumps(r) + "\n" for r in new) + json.dumps({"batch_done": b}) + "\n"); f.flush()
             written += 1
     records, finished = read_data(path)
     records = [r for r in records if r["batch"] < n_batches]
-    manifest = {"target": target.name, "target_weights": target_fingerprint(target), "file": path.name,
-                "records": len(records), "tokens": sum(len(r["ids"]) for r in records),
-                "answer_tokens": sum(len(r["ids"]) - r["answer_start"] for r in records), "hash": data_hash(records),
-                "prompt_sources": {"magpie": {"prefix_ids": prefix, "temperature": 1.0,
-                                              "max_prompt_tokens": max_prompt_tokens,
-                                              "n_batches": n_batches, "batch_size": batch_size, "seed": seed,
-                                              "styles": styles,
-                                              "style_of_batch": "styles[b % len(styles)], in this order"},
-                                   "answers": {"even_batches": "greedy", "odd_batches": f"T={temperature:g}",
-                                               "max_new_tokens": max_new_tokens}},
+    if source is None:
+        prompts = {"magpie": {"prefix_ids": prefix, "temperature": 1.0, "max_prompt_tokens": max_prompt_tokens,
+                              "n_batches": n_batches, "batch_size": batch_size, "seed": seed, "styles": styles,
+                              "style_of_batch": "styles[b % len(styles)], in this order"}}
+    else:
+        prompts = {source.name: source.manifest() | {"settings": source.settings, "n_batches": n_batches,
+                                                     "batch_size": batch_size, "seed": seed}}
+    manifest = _data_manifest(target, path, records) | {
+                "prompt_sources": prompts | {"answers": {"even_batches": "greedy", "odd_batches": f"T={temperature:g}",
+                                                         "max_new_tokens": max_new_tokens}},
                 "features": {"dir": features.name, "layers": list(layers), "top_k": top_k, "dtype": "float16"},
-                "records_by_style": {k: sum(r.get("style", "open") == k for r in records) for k in styles},
+                "records_by_style": {k: sum(r.get("style", "open") == k for r in records)
+                                     for k in (styles if source is None else [source.name])},
                 "excluded_evaluation_sets": ["builtin", "repeated"] + [str(p) for p in exclude],
                 "excluded_prompts_this_run": excluded,
                 "batches_done": len([b for b in finished if b < n_batches]), "stopped": stopped}
@@ -382,6 +407,25 @@ def record_features(target:LoadedModel, records:list[dict], layers=None, # defau
         top_ids, top_probs = _top(logits[0, r["answer_start"] - 1:-1], top_k)          # [answer tokens, k]
         out.append({"hidden": hidden.to(torch.float16).cpu(), "top_ids": top_ids.cpu(), "top_probs": top_probs.cpu()})
     return out
+def _write_scored(target:LoadedModel, path:Path, records:list[dict], # conversations to score (`ids`, `answer_start`)
+                  settings:dict, # what the batches depend on (checked when resuming)
+                  settings_of, # manifest -> the settings it was written with
+                  batch_size:int, layers, top_k:int, desc:str, progress:bool) -> list[dict]:
+    """Append `records` to the data file `path` in batches of `batch_size` (each with its `batch` and `row`), the
+    target's features and next-token probabilities over each (`record_features`: one forward per record) in
+    `features_dir(path)`; resumes a file written with the same `settings`. Returns the file's records."""
+    from safetensors.torch import save_file
+    features = features_dir(path); features.mkdir(exist_ok=True)
+    done = _resume_data(path, settings, settings_of)
+    with open(path, "a") as f:
+        for b in tqdm(range(-(-len(records) // batch_size)), desc=desc, disable=not progress):
+            if b in done: continue
+            batch = [dict(r, batch=b, row=j) for j, r in enumerate(records[b * batch_size:(b + 1) * batch_size])]
+            with torch.inference_mode(): got = record_features(target, batch, layers, top_k)
+            save_file({f"{j}.{k}": v.contiguous() for j, g in enumerate(got) for k, v in g.items()},
+                      str(features / f"{b:05d}.safetensors"))
+            f.write("".join(json.dumps(r) + "\n" for r in batch) + json.dumps({"batch_done": b}) + "\n"); f.flush()
+    return read_data(path)[0]
 
 # %% ../nbs/08a_distill.ipynb #a75d0490
 # prompt template, and what the answer copies: "all" the text, "lead" its first sentences, "span" a run of them
@@ -447,7 +491,6 @@ def write_copy_data(target:LoadedModel, path, # a .jsonl file (appended to; resu
                     layers=None, top_k:int=16, progress:bool=True) -> dict:
     """Write copy-task conversations (`copy_records`) and the target's features and next-token probabilities over them
     (one forward each), in `write_distill_data`'s format; returns the manifest (also `path.json`)."""
-    from safetensors.torch import save_file
     path, sources = Path(path), [Path(p) for p in ([sources] if isinstance(sources, (str, Path)) else sources)]
     path.parent.mkdir(parents=True, exist_ok=True)
     layers = feature_layers(target.num_layers) if layers is None else tuple(layers)
@@ -464,24 +507,14 @@ def write_copy_data(target:LoadedModel, path, # a .jsonl file (appended to; resu
     settings = {"tasks": tasks, "sources": [data_hash(got) for _, got in quoted], "n_records": n_records,
                 "min_tokens": min_tokens,
                 "batch_size": batch_size, "seed": seed, "layers": list(layers), "top_k": top_k}
-    features = features_dir(path); features.mkdir(exist_ok=True)
-    done = _resume_data(path, settings, lambda m: m["prompt_sources"]["copy"]["settings"])
-    with open(path, "a") as f:
-        for b in tqdm(range(-(-len(records) // batch_size)), desc="copy data", disable=not progress):
-            if b in done: continue
-            batch = [dict(r, batch=b, row=j) for j, r in enumerate(records[b * batch_size:(b + 1) * batch_size])]
-            with torch.inference_mode(): got = record_features(target, batch, layers, top_k)
-            save_file({f"{j}.{k}": v.contiguous() for j, g in enumerate(got) for k, v in g.items()},
-                      str(features / f"{b:05d}.safetensors"))
-            f.write("".join(json.dumps(r) + "\n" for r in batch) + json.dumps({"batch_done": b}) + "\n"); f.flush()
-    records, _ = read_data(path)
-    manifest = {"target": target.name, "target_weights": target_fingerprint(target), "file": path.name,
-                "records": len(records), "tokens": sum(len(r["ids"]) for r in records),
-                "answer_tokens": sum(len(r["ids"]) - r["answer_start"] for r in records), "hash": data_hash(records),
+    records = _write_scored(target, path, records, settings, lambda m: m["prompt_sources"]["copy"]["settings"],
+                            batch_size, layers, top_k, "copy data", progress)
+    manifest = _data_manifest(target, path, records) | {
                 "prompt_sources": {"copy": {"templates": {t: COPY_TASKS[t] for t in tasks}, "settings": settings,
                                             "quoted_files": [{"file": str(p), "records": len(got), "hash": h}
                                                              for (p, got), h in zip(quoted, settings["sources"])]}},
-                "features": {"dir": features.name, "layers": list(layers), "top_k": top_k, "dtype": "float16"},
+                "features": {"dir": features_dir(path).name, "layers": list(layers), "top_k": top_k,
+                             "dtype": "float16"},
                 "records_by_style": {f"copy-{t}": sum(r["style"] == f"copy-{t}" for r in records) for t in tasks},
                 "excluded_evaluation_sets": ["builtin", "repeated"] + [str(p) for p in exclude]}
     path.with_suffix(".json").write_text(json.dumps(manifest, indent=1))

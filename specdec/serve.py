@@ -30,6 +30,7 @@ class _Strict(BaseModel):
 
 class StreamOptions(_Strict):
     include_usage: bool = False                          # a last chunk with the usage
+    continuous_usage_stats: bool = False                 # vLLM's: with include_usage, every chunk has the usage so far
 
 class TextPart(_Strict):
     type: Literal["text"]
@@ -186,20 +187,22 @@ def spec_stats(stats:Stats) -> dict:
 
 class _Shapes:
     "OpenAI's response and chunk shapes for one request of the completions or the chat endpoint."
-    def __init__(self, chat:bool, request_id:str, model:str, include_usage:bool=False):
+    def __init__(self, chat:bool, request_id:str, model:str, include_usage:bool=False,
+                 prompt_tokens:int|None=None): # every chunk carries the usage so far (`continuous_usage_stats`)
         self.chat, self.id, self.model, self.include_usage = chat, request_id, model, include_usage
-        self.created = int(time.time())
+        self.created, self.prompt_tokens = int(time.time()), prompt_tokens
 
     def _envelope(self, kind:str, choices:list, **extra) -> dict:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model, "choices": choices,
                 **extra}
 
-    def chunk(self, text:str, first:bool=False, finish_reason:str|None=None, **extra) -> dict:
-        "One streamed chunk (the chat endpoint's first names the assistant's role)."
+    def chunk(self, text:str, first:bool=False, finish_reason:str|None=None, completion_tokens:int=0, **extra) -> dict:
+        "One streamed chunk (the chat endpoint's first names the assistant's role), `completion_tokens` so far."
         delta = {"role": "assistant", "content": text} if first else {"content": text}
         choice = {"index": 0, "delta": delta} if self.chat else {"index": 0, "text": text}
         kind = "chat.completion.chunk" if self.chat else "text_completion"
         usage = {"usage": None} if self.include_usage else {}
+        if self.prompt_tokens is not None: usage = {"usage": _usage_of(self.prompt_tokens, completion_tokens)}
         return self._envelope(kind, [{**choice, "logprobs": None, "finish_reason": finish_reason}], **usage, **extra)
 
     def usage_chunk(self, done:Done) -> dict:
@@ -213,9 +216,11 @@ class _Shapes:
                               [{**choice, "logprobs": None, "finish_reason": done.finish_reason}],
                               usage=_usage(done), specdec=spec_stats(done.stats))
 
-def _usage(done:Done) -> dict:
-    return {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens,
-            "total_tokens": done.prompt_tokens + done.completion_tokens}
+def _usage_of(prompt_tokens:int, completion_tokens:int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+def _usage(done:Done) -> dict: return _usage_of(done.prompt_tokens, done.completion_tokens)
 
 def _sse(data) -> str: return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
 
@@ -238,19 +243,21 @@ async def next_item(handle:Handle, request:Request):
 
 async def _stream(handle:Handle, request:Request, item, shapes:_Shapes):
     "SSE events: one chunk per verification step, a last one with the finish reason and stats, the usage, [DONE]."
-    finished = False
+    finished, produced = False, 0
     try:
         while not finished:
             if isinstance(item, StepChunk):
                 step = {"step": item.step, "proposed": item.proposed, "accepted": item.accepted,
                         "tokens": len(item.tokens)}
-                yield _sse(shapes.chunk(item.text, first=item.step == 0, specdec=step))
+                produced += len(item.tokens)
+                yield _sse(shapes.chunk(item.text, first=item.step == 0, completion_tokens=produced, specdec=step))
                 item = await next_item(handle, request)
                 continue
             finished = True
             if isinstance(item, Failed): yield _sse(json.loads(_failure(item).body))
             else:
-                yield _sse(shapes.chunk(item.text, finish_reason=item.finish_reason, specdec=spec_stats(item.stats)))
+                yield _sse(shapes.chunk(item.text, finish_reason=item.finish_reason,
+                                        completion_tokens=item.completion_tokens, specdec=spec_stats(item.stats)))
                 if shapes.include_usage: yield _sse(shapes.usage_chunk(item))
             yield _sse("[DONE]")
     except ClientGone: pass
@@ -315,10 +322,12 @@ def make_app(loader:Callable[[], ServedModel], # builds the model; runs in the e
             raise APIError(404, f"the model `{body.model}` does not exist: this server serves `{model_name}`", "model",
                            "model_not_found")
         if not worker.ready: raise APIError(503, "the model is not ready: retry when GET /health answers 200")
-        try: handle = worker.submit(_job(worker.served, body, request_id))
+        job = _job(worker.served, body, request_id)
+        try: handle = worker.submit(job)
         except ServerBusy as e: raise APIError(e.status, str(e)) from None
-        shapes = _Shapes(chat, request_id, model_name, body.stream_options is not None and
-                         body.stream_options.include_usage)
+        options = body.stream_options or StreamOptions()
+        continuous = len(job.prompt_ids) if options.include_usage and options.continuous_usage_stats else None
+        shapes = _Shapes(chat, request_id, model_name, options.include_usage, continuous)
         try:
             item = await next_item(handle, request)
             if isinstance(item, Failed): return _failure(item)

@@ -110,6 +110,21 @@ def test_a_stream_sends_one_chunk_per_step_and_adds_up_to_the_text(tiny, drafter
     assert len(plain) == len(steps) + 1 and all("usage" not in c for c in plain)
 
 
+def test_continuous_usage_stats_put_the_usage_so_far_in_every_chunk(tiny):
+    "vLLM's `continuous_usage_stats` (GuideLLM asks for it): each step chunk counts the tokens sent up to it."
+    options = {"include_usage": True, "continuous_usage_stats": True}
+    with client_for(served(tiny, "pld")) as client:
+        whole = client.post("/v1/completions", json=ask()).json()
+        *steps, last, usage = events(client.post("/v1/completions", json=ask(stream=True, stream_options=options)).text)
+        alone = events(client.post("/v1/completions", json=ask(stream=True, stream_options={
+            "continuous_usage_stats": True})).text)                         # without include_usage: no usage at all
+    sent = [sum(c["specdec"]["tokens"] for c in steps[:i + 1]) for i in range(len(steps))]
+    assert [c["usage"]["completion_tokens"] for c in steps] == sent and len(sent) > 2
+    assert {c["usage"]["prompt_tokens"] for c in [*steps, last]} == {whole["usage"]["prompt_tokens"]}
+    assert last["usage"] == usage["usage"] == whole["usage"] and usage["choices"] == []
+    assert all("usage" not in c for c in alone)
+
+
 def test_chat_applies_the_template_and_streams_deltas(tiny):
     "tiny-llama's byte tokenizer has no chat template: one user message is what `encode(chat=True)` writes."
     chat = {"model": NAME, "messages": [{"role": "user", "content": "say abc abc"}], "max_tokens": 12, "temperature": 0}

@@ -5,8 +5,8 @@ every second request and exports vLLM's counters, and one short run against real
 tests/fixtures/serve_bench (make_metrics.py writes the vLLM and SGLang texts; the specdec texts and response were
 scraped around one request to `specdec serve smollm2-135m --drafter pld`; the GuideLLM reports are GuideLLM 0.8.1's
 own, their request lists cut to one each: guidellm_errored.json from a streamed run against `specdec serve
-smollm2-135m` that refused every request (400: stream_options.continuous_usage_stats), guidellm_stream_concurrent2.json
-from a streamed run against the same server with StreamOptions taking that field, a local edit not committed)."""
+smollm2-135m` that refused every request (400: stream_options.continuous_usage_stats, before the server took vLLM's
+field), guidellm_stream_concurrent2.json from a streamed run against the same server taking that field)."""
 import http.server, json, re, subprocess, sys, threading
 from pathlib import Path
 import pytest
@@ -169,9 +169,9 @@ def test_a_profile_whose_every_request_failed_ends_the_run_with_the_error(fake_s
 
 
 def test_a_short_run_against_specdec_serve_writes_its_run_folder(tokenizer, tmp_path, capsys):
-    "Speculative (pld) and baseline (--drafter none) servers started here, two requests each, a few tokens."
+    "Speculative (pld) and baseline (--drafter none) servers started here, two streamed requests each, a few tokens."
     cfg = ServeBenchConfig(model="smollm2-135m", drafter="pld", synchronous=True, concurrencies="", requests=2,
-                           max_tokens=6, warmup=1, n_prompts=2, stream=False, out=str(tmp_path), run_id="run",
+                           max_tokens=6, warmup=1, n_prompts=2, stream=True, out=str(tmp_path), run_id="run",
                            tokenizer=tokenizer)
     run_dir = run_serve_bench(cfg)
     manifest = json.loads((run_dir / "MANIFEST.json").read_text())
@@ -189,7 +189,8 @@ def test_a_short_run_against_specdec_serve_writes_its_run_folder(tokenizer, tmp_
         assert r["spec"]["generation_tokens"] == r["output_tokens"] > 0 and (run_dir / r["guidellm"]).is_file()
     assert spec["drafts"] > 0 and spec["verification_steps"] <= spec["generation_tokens"]
     assert base["drafts"] == 0 and base["tau"] == 1.0                    # speculation off: one token a step
-    assert not records[0]["streamed"] and records[0]["latency"]["ttft_ms"]["p50"] is None      # no stream, no TTFT
+    assert all(r["streamed"] and r["latency"]["ttft_ms"]["count"] == 2 for r in records)   # GuideLLM's own options
+    assert 0 < records[0]["latency"]["ttft_ms"]["p50"] <= 1000 * records[0]["latency"]["e2e_s"]["p50"]
     assert records[0]["latency"]["e2e_s"]["count"] == 2
     assert main(["summary", str(run_dir)]) == 0                          # specdec summary RUN: the tables as text
     out = capsys.readouterr().out
