@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from .models import LoadedModel
 from .prompts import builtin_prompts, repeated_prompts, read_spec_bench
 from .checkpoints import target_fingerprint
+from .eagle3 import reference_layers
 
 # %% auto #0
 __all__ = ['PROMPT_STYLES', 'COPY_TASKS', 'magpie_prefix', 'evaluation_texts', 'feature_layers', 'read_data',
@@ -96,8 +97,10 @@ def _hf_generate(target, rows:list[list[int]], max_new_tokens:int, temperature:f
     return [row[width:].tolist() for row in out], width
 
 def feature_layers(num_layers:int) -> tuple[int, ...]:
-    "The layers whose outputs the data keeps: EAGLE-3's low, middle and high layers, and the last one (Medusa)."
-    return tuple(sorted({min(2, num_layers - 1), num_layers // 2, max(num_layers - 3, 0), num_layers - 1}))
+    """The layers whose outputs the data keeps: our EAGLE head's low, middle and high layers, the last one (Medusa),
+    and the reference head's (`eagle3.reference_layers`: the inputs of layers 2, L//2 and L-3)."""
+    ours = {min(2, num_layers - 1), num_layers // 2, max(num_layers - 3, 0), num_layers - 1}
+    return tuple(sorted(ours | set(reference_layers(num_layers))))
 
 def _top(logits:torch.Tensor, # [..., V]
          k:int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,6 +14,7 @@ from .policies import AcceptancePolicy, Greedy, RejectionSampling, Typical, Conf
 from .drafters import Drafter, PromptLookup, DraftModel, LayerSkip, Fallback
 from .suffix import SuffixDecoding
 from .heads import EagleHead, MedusaHeads
+from .eagle3 import Eagle3Head
 from .trees import TokenTree
 from .checkpoints import load_head, shipped_head
 from .controllers import Controller, FixedK, AdaptiveK, DynamicK, CostAwareK
@@ -228,23 +229,23 @@ DRAFTERS.register("synthetic", lambda rates, **_: SyntheticDrafter(rates, DRY_RU
                   Arg("ALPHA[/ALPHA...]", floats, "acceptance", [0.8], "acceptance rates in [0, 1]"),
                   help="dry runs: drafts the synthetic target's text, right with probability ALPHA per position",
                   cls=SyntheticDrafter, example="synthetic:0.8")
-for _kind in ("eagle", "medusa"):
+_HEADS = {"eagle": ("EAGLE head", EagleHead), "medusa": ("set of Medusa heads", MedusaHeads),
+          "eagle3": ("EAGLE-3 head in vLLM's and SGLang's layout", Eagle3Head)}
+for _kind, (_what, _cls) in _HEADS.items():
     DRAFTERS.register(_kind, lambda path, target=None, _kind=_kind, **_: (load_head(path, target, _kind) if path
                                                                           else shipped_head(target, _kind)),
                       Arg("PATH", nonempty, "checkpoint", None, "a head checkpoint folder", always=False, rest=True),
-                      help=f"a trained {'EAGLE head' if _kind == 'eagle' else 'set of Medusa heads'} for the target: "
-                           "a folder written by specdec.checkpoints.save_head, or (no PATH) the one shipped for the "
-                           "target",
-                      cls=EagleHead if _kind == "eagle" else MedusaHeads, example=f"{_kind}:heads/{_kind}-tiny",
-                      needs_target=True)
-for _kind in ("eagle", "medusa"):
+                      help=f"a trained {_what} for the target: a folder written by specdec.checkpoints.save_head, or "
+                           "(no PATH) the one shipped for the target",
+                      cls=_cls, example=f"{_kind}:heads/{_kind}-tiny", needs_target=True)
+for _kind in _HEADS:
     DRAFTERS.register(f"{_kind}-tree", lambda width, nodes, path, target=None, _kind=_kind, **_: TokenTree(
                           load_head(path, target, _kind) if path else shipped_head(target, _kind), width, nodes),
                       Arg("WIDTH", int, "width", 4, "an integer tree width"),
                       Arg("NODES", int, "nodes", 10, "an integer node count"),
                       Arg("PATH", nonempty, "head.checkpoint", None, "a head checkpoint folder", always=False,
                           rest=True),
-                      help=f"the {'EAGLE head' if _kind == 'eagle' else 'Medusa heads'} drafting a token tree "
+                      help=f"the {_HEADS[_kind][0]} drafting a token tree "
                            "(EAGLE-2's): expand the WIDTH best nodes of each depth by their WIDTH likeliest tokens, "
                            "K deep, and verify the NODES best in one forward",
                       cls=TokenTree, example=f"{_kind}-tree:4:10", needs_target=True,

@@ -155,3 +155,18 @@ def test_a_float16_eagle3_head_stays_lossless_and_a_prompt_vocabulary_is_refused
     half.prompt_vocab = True                    # its lm_head has the draft vocabulary's rows only
     with pytest.raises(ValueError, match="own lm_head over its draft vocabulary: no prompt_vocab"):
         generate(tiny, prompt, drafter=half, controller=FixedK(4), max_new_tokens=5)
+
+
+def test_the_spec_language_names_an_eagle3_head(tiny, trained, tmp_path):
+    "`eagle3:PATH` and `eagle3-tree:W:N:PATH` build the saved head (greedy output the target's own); no head ships."
+    from specdec import specs
+    from specdec.trees import TokenTree
+    save_head(trained[0], tmp_path / "e3")
+    chain, tree = (specs.make_drafter(s, tiny) for s in (f"eagle3:{tmp_path}/e3", f"eagle3-tree:2:6:{tmp_path}/e3"))
+    assert type(chain) is Eagle3Head and type(tree) is TokenTree and type(tree.head) is Eagle3Head
+    assert specs.spec_of(chain) == f"eagle3:{tmp_path}/e3" and specs.spec_of(tree) == f"eagle3-tree:2:6:{tmp_path}/e3"
+    prompt = tiny.encode("abc abc abc")
+    plain = generate(tiny, prompt, max_new_tokens=16, eos_token_id=[]).tokens
+    assert all(torch.equal(generate(tiny, prompt, drafter=d, max_new_tokens=16, eos_token_id=[]).tokens, plain)
+               for d in (chain, tree))
+    with pytest.raises(ValueError, match="no eagle3 head ships for target"): specs.make_drafter("eagle3", tiny)

@@ -663,7 +663,8 @@ def test_loopback_server_streams_and_sigterm_lets_the_stream_finish(tmp_path):
     port = free_port()
     log = open(tmp_path / "server.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "specdec.cli", "serve", NAME, "--drafter", "pld", "--port", str(port),
-                             "--log-level", "info"], stdout=log, stderr=subprocess.STDOUT)
+                             "--log-level", "info", "--shutdown-timeout", "600"],   # on a loaded machine too
+                            stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
