@@ -4,10 +4,10 @@ every second request and exports vLLM's counters, and one short run against real
 (speculative and baseline) that writes a run folder. Functional only: no timing here is a result. Fixtures:
 tests/fixtures/serve_bench (make_metrics.py writes the vLLM and SGLang texts; the specdec texts and response were
 scraped around one request to `specdec serve smollm2-135m --drafter pld`; the GuideLLM reports are GuideLLM 0.8.1's
-own, their request lists cut to one each: guidellm_errored.json from a streamed run against `specdec serve
+own, their request lists cut to one each, gzipped: guidellm_errored.json.gz from a streamed run against `specdec serve
 smollm2-135m` that refused every request (400: stream_options.continuous_usage_stats, before the server took vLLM's
-field), guidellm_stream_concurrent2.json from a streamed run against the same server taking that field)."""
-import http.server, json, re, subprocess, sys, threading
+field), guidellm_stream_concurrent2.json.gz from a streamed run against the same server taking that field)."""
+import gzip, http.server, json, re, subprocess, sys, threading
 from pathlib import Path
 import pytest
 from specdec.serve_bench import (ServeBenchConfig, read_guidellm, run_serve_bench, save_tokenizer, spec_delta,
@@ -16,7 +16,8 @@ from specdec.serve_bench import (ServeBenchConfig, read_guidellm, run_serve_benc
 from specdec.cli import main
 
 FIX = Path(__file__).parent / "fixtures" / "serve_bench"
-text = lambda name: (FIX / name).read_text()
+text = lambda name: (gzip.decompress((FIX / name).read_bytes()).decode() if name.endswith(".gz") else
+                     (FIX / name).read_text())   # the GuideLLM reports are gzipped (the tree travels to a GPU)
 
 
 def test_vllm_counters_give_tau_and_per_position_acceptance():
@@ -55,21 +56,21 @@ def test_sglang_gauges_are_sampled_and_other_servers_have_none():
 
 
 def test_guidellm_report_is_read_with_every_failed_request_counted():
-    (ok,) = read_guidellm(json.loads(text("guidellm_stream_concurrent2.json")))
+    (ok,) = read_guidellm(json.loads(text("guidellm_stream_concurrent2.json.gz")))
     assert (ok["strategy"], ok["streams"], ok["requests"], ok["failed"]) == (
         "concurrent", 2, {"successful": 3, "errored": 0, "incomplete": 0}, 0)
     assert ok["latency"]["ttft_ms"]["count"] == 3 and ok["latency"]["itl_ms"]["count"] == 21
     assert all(ok["latency"][k]["p50"] > 0 for k in ("ttft_ms", "itl_ms", "tpot_ms", "e2e_s"))
     assert ok["measured"] == ok["requests"] and ok["requests_per_s"] == pytest.approx(3 / ok["duration_s"])
     assert ok["output_tokens"] == 24
-    (bad,) = read_guidellm(json.loads(text("guidellm_errored.json")))
+    (bad,) = read_guidellm(json.loads(text("guidellm_errored.json.gz")))
     assert (bad["requests"]["successful"], bad["failed"]) == (0, 2)
     assert "400 Bad Request" in bad["errors"][0] and bad["latency"]["ttft_ms"]["p50"] is None
     with pytest.raises(ValueError, match="schema version 2"): read_guidellm({"metadata": {"version": 1}})
 
 
 def test_the_vllm_fixture_makes_a_record_and_its_tables():
-    report = json.loads(text("guidellm_stream_concurrent2.json"))
+    report = json.loads(text("guidellm_stream_concurrent2.json.gz"))
     rec = profile_record("speculative", "concurrent", 2, report, text("vllm_metrics_before.txt"),
                          text("vllm_metrics_after.txt"))
     assert (rec["label"], rec["spec"]["engine"], rec["spec"]["tau"]) == ("concurrent@2", "vllm", pytest.approx(2.75))
