@@ -125,6 +125,33 @@ def test_continuous_usage_stats_put_the_usage_so_far_in_every_chunk(tiny):
     assert all("usage" not in c for c in alone)
 
 
+
+def test_the_openai_client_works_against_it(tiny):
+    """The `openai` Python client (pinned in .ci/requirements.txt) through the app: completions and chat, streamed and
+    not, give `generate`'s text and statistics; a refused request raises the client's own error with our message."""
+    import openai
+    chat = [{"role": "user", "content": "say abc abc"}]
+    with client_for(served(tiny, "pld")) as http:                    # TestClient is an httpx.Client
+        client = openai.OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=http, max_retries=0)
+        whole = client.completions.create(model=NAME, prompt=PROMPT, max_tokens=24, temperature=0)
+        pieces = list(client.completions.create(model=NAME, prompt=PROMPT, max_tokens=24, temperature=0, stream=True,
+                                                stream_options={"include_usage": True}))
+        answer = client.chat.completions.create(model=NAME, messages=chat, max_tokens=12, temperature=0)
+        deltas = list(client.chat.completions.create(model=NAME, messages=chat, max_tokens=12, temperature=0,
+                                                     stream=True))
+        with pytest.raises(openai.BadRequestError, match=r"temperature"):
+            client.completions.create(model=NAME, prompt=PROMPT, max_tokens=4, temperature=5)
+        with pytest.raises(openai.NotFoundError, match="does not exist"):
+            client.completions.create(model="another-model", prompt=PROMPT, max_tokens=4)
+        assert [m.id for m in client.models.list().data] == [NAME]
+    out = offline(tiny, "pld", tiny.encode(PROMPT), max_new_tokens=24)
+    assert whole.choices[0].text == tiny.decode(out.tokens) and whole.usage.completion_tokens == out.tokens.shape[1]
+    assert whole.model_extra["specdec"]["steps"] == len(out.accepted_lengths)
+    assert "".join(c.choices[0].text for c in pieces if c.choices) == whole.choices[0].text
+    assert pieces[-1].choices == [] and pieces[-1].usage == whole.usage
+    assert "".join(c.choices[0].delta.content or "" for c in deltas if c.choices) == answer.choices[0].message.content
+    assert answer.choices[0].message.content and deltas[0].choices[0].delta.role == "assistant"
+
 def test_chat_applies_the_template_and_streams_deltas(tiny):
     "tiny-llama's byte tokenizer has no chat template: one user message is what `encode(chat=True)` writes."
     chat = {"model": NAME, "messages": [{"role": "user", "content": "say abc abc"}], "max_tokens": 12, "temperature": 0}
