@@ -9,15 +9,16 @@ from __future__ import annotations
 import json, random, statistics, threading, time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Callable
 import httpx
 from collections import Counter
 from tqdm.auto import tqdm
 from .serve_bench import parse_metrics
 
 # %% auto #0
-__all__ = ['HOSTILE_KINDS', 'Hostile', 'hostile_requests', 'status_class', 'send_hostile', 'send_all',
+__all__ = ['HOSTILE_KINDS', 'EXPLICIT', 'Hostile', 'hostile_requests', 'status_class', 'send_hostile', 'send_all',
            'summarise_hostile', 'stream_request', 'concurrent_clients', 'running_requests',
-           'disconnect_check', 'reliability_targets', 'run_reliability']
+           'disconnect_check', 'sigterm_check', 'reliability_targets', 'run_reliability']
 
 # %% ../nbs/19a_serve_reliability.ipynb #bba1ff7a
 @dataclass(frozen=True)
@@ -274,12 +275,14 @@ def _complete_usage(usage) -> bool:
     p, c, t = (usage.get(k) for k in ("prompt_tokens", "completion_tokens", "total_tokens"))
     return all(isinstance(x, int) for x in (p, c, t)) and c >= 1 and t == p + c
 
-def stream_request(client:httpx.Client, endpoint:str, model:str, prompt:str, max_tokens:int,
-                   timeout:float=120) -> dict:
+def stream_request(client:httpx.Client, endpoint:str, model:str, prompt:str, max_tokens:int, timeout:float=120,
+                   on_chunk:Callable[[], None]|None=None, # called as each chunk with choices arrives
+                  ) -> dict:
     """One streamed greedy completion (ignore_eos, usage included), read to its end. `outcome`: `complete` (a finish
     reason, the full usage, `[DONE]`), `http NNN` (refused: the answer's start in `detail`), `error_event` (an error
-    in the stream), `truncated` (the stream ended early) or `no_response`; a complete one has its TTFT and its TPOT
-    ((last chunk - first chunk) / (completion tokens - 1)) and `step_s`, the mean interval between its chunks."""
+    in the stream), `truncated` (the stream ended early), `connection_refused` or `no_response` (accepted, no
+    answer); a complete one has its TTFT and its TPOT ((last chunk - first chunk) / (completion tokens - 1)) and
+    `step_s`, the mean interval between its chunks."""
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
             "stream": True, "stream_options": {"include_usage": True}}
     start, status, first, last, chunks, finish, usage, done, error = time.perf_counter(), None, None, None, 0, None, \
@@ -298,8 +301,11 @@ def stream_request(client:httpx.Client, endpoint:str, model:str, prompt:str, max
                 if event.get("choices"):
                     last, chunks = time.perf_counter(), chunks + 1
                     first = first or last
+                    if on_chunk is not None: on_chunk()
                     finish = event["choices"][0].get("finish_reason") or finish
                 if event.get("usage"): usage = event["usage"]
+    except httpx.ConnectError as e:                 # never accepted: nothing was in flight
+        return {"outcome": "connection_refused", "status": None, "detail": f"{type(e).__name__}: {e}"}
     except (httpx.HTTPError, json.JSONDecodeError) as e:
         return {"outcome": "no_response" if status is None else "truncated", "status": status,
                 "detail": f"{type(e).__name__}: {e}"}
@@ -343,8 +349,10 @@ def disconnect_check(endpoint:str, model:str, prompt:str="The quick brown fox", 
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
             "stream": True}
     with httpx.Client() as client:
-        running = lambda: running_requests(client.get(endpoint + "/metrics", timeout=timeout).text)
-        before = running()
+        def running():
+            try: return running_requests(client.get(endpoint + "/metrics", timeout=timeout).text)
+            except httpx.HTTPError: return None                        # the server is gone: nothing to read
+        before, status, during = running(), None, None
         if before is None: return {"gauge": False, "running_before": None, "running_during": None, "elapsed_s": None}
         leaving = httpx.Client()
         try:
@@ -353,12 +361,42 @@ def disconnect_check(endpoint:str, model:str, prompt:str="The quick brown fox", 
                 for line in r.iter_lines():
                     if line.startswith("data: "): break
                 during = running()
+        except httpx.HTTPError: pass                                   # no stream: the gauge never rose
         finally: leaving.close()                  # the response was not read to its end: the connection is dropped
         left, elapsed = time.perf_counter(), None
         while time.perf_counter() - left < timeout:
-            if running() <= before: elapsed = time.perf_counter() - left; break
+            now = running()
+            if now is not None and now <= before: elapsed = time.perf_counter() - left; break
             time.sleep(poll)
     return {"gauge": True, "status": status, "running_before": before, "running_during": during, "elapsed_s": elapsed}
+
+# how a request in flight at SIGTERM may end: served, refused, told why, or never accepted (the server stopped
+# listening)
+EXPLICIT = ("complete", "http 429", "http 503", "error_event", "connection_refused")
+
+def sigterm_check(endpoint:str, model:str,
+                  terminate:Callable[[], None], # sends the server SIGTERM (the caller owns the process)
+                  streams:int=4, prompt:str="The quick brown fox", max_tokens:int=64,
+                  timeout:float=120) -> dict:
+    """`streams` concurrent streamed requests; `terminate` is called once the first chunk of any arrived. Each must end
+    explicitly (`EXPLICIT`: complete, 429, 503 or an error event) within `timeout`; a stream cut short or left hanging
+    is listed in `hung_or_cut`. `last_end_s`: seconds from the signal to the last stream's end."""
+    chunk, ends = threading.Event(), []
+    def one(i):
+        with httpx.Client() as client:
+            result = stream_request(client, endpoint, model, prompt, max_tokens, timeout, on_chunk=chunk.set)
+        ends.append(time.perf_counter())
+        return result
+    with ThreadPoolExecutor(streams) as pool:
+        futures = [pool.submit(one, i) for i in range(streams)]
+        in_flight = chunk.wait(timeout)
+        signalled = time.perf_counter()
+        terminate()
+        results = [f.result() for f in futures]
+    return {"streams": streams, "in_flight_at_signal": in_flight,
+            "outcomes": dict(sorted(Counter(r["outcome"] for r in results).items())),
+            "hung_or_cut": [{"stream": i, **r} for i, r in enumerate(results) if r["outcome"] not in EXPLICIT],
+            "last_end_s": max(ends) - signalled}
 
 # %% ../nbs/19a_serve_reliability.ipynb #b4adbde8
 def _median(xs) -> float|None:
@@ -370,7 +408,7 @@ def _target(threshold:str, value, passed:bool) -> dict:
 
 def reliability_targets(result:dict, tpot_ratio_max:float=1.2, slot_free_s:float=1.0) -> dict:
     "Issue 30's reliability targets, each with its threshold, the value measured and whether it passed."
-    hostile, clients, gone = result["hostile"], result["clients"], result["disconnect"]
+    hostile, clients, gone, term = result["hostile"], result["clients"], result["disconnect"], result.get("sigterm")
     four = hostile["by_status_class"].get("4xx", 0)
     ratio = hostile["tpot_ratio"]
     freed = gone["elapsed_s"]
@@ -390,8 +428,11 @@ def reliability_targets(result:dict, tpot_ratio_max:float=1.2, slot_free_s:float
         "disconnect_frees_slot": _target(f"requests running back to its value within {slot_free_s} s of a disconnect "
                                          "(the gauge seen to rise first)", freed,
                                          saw and freed is not None and freed <= slot_free_s),
-        "alive_at_end": _target("GET /health answers 200 at the end", result["health_at_end"],
-                                result["health_at_end"] == 200)}
+        "alive_at_end": _target("GET /health answers 200 at the end (before any SIGTERM)", result["health_at_end"],
+                                result["health_at_end"] == 200),
+        **({} if term is None else {"sigterm_no_hung_request": _target(
+            "after SIGTERM every in-flight stream ends complete or with 429/503/an error event",
+            term["outcomes"], term["in_flight_at_signal"] and not term["hung_or_cut"])})}
 
 def _health(endpoint:str, timeout:float) -> int|None:
     try: return httpx.get(endpoint + "/health", timeout=timeout).status_code
@@ -408,13 +449,16 @@ def run_reliability(endpoint:str, # a live OpenAI-compatible server: http://host
                     stream_tokens:int=64, repeats:int=3, # the TPOT stream's tokens; unloaded streams measured
                     client_tokens:int=16, disconnect_tokens:int=2000, # each client's tokens; the leaving stream's
                     tpot_ratio_max:float=1.2, slot_free_s:float=1.0, # the targets' thresholds
+                    terminate:Callable[[], None]|None=None, # sends the server SIGTERM: then a last check (5)
+                    sigterm_streams:int=4, # streams in flight at the SIGTERM
                     timeout:float=120, progress:bool=True) -> dict:
     """Issue 30's reliability checks against `endpoint`: (1) a streamed request's TPOT unloaded (median of `repeats`);
     (2) `n_hostile` hostile requests from `hostile_threads` threads while the same stream repeats: answers by status
     class and by hostile class, every non-4xx listed, /health after, the stream's TPOT under load / unloaded; (3)
     `clients` concurrent streamed clients: complete, 429, 503, anything else listed; (4) a client that leaves
-    mid-stream: seconds until the running-requests gauge drops. A JSON-able dict; `targets` holds each target's
-    threshold, value and pass, `passed` whether all passed."""
+    mid-stream: seconds until the running-requests gauge drops; (5) given `terminate`, `sigterm_streams` streams in
+    flight when it sends SIGTERM each end explicitly (the server is gone after it). A JSON-able dict; `targets` holds
+    each target's threshold, value and pass, `passed` whether all passed."""
     say = (lambda *a: print("[reliability]", *a, flush=True)) if progress else (lambda *a: None)
     if _health(endpoint, timeout) != 200: raise RuntimeError(f"{endpoint}/health does not answer 200: start the server")
     if max_context is None:
@@ -424,7 +468,8 @@ def run_reliability(endpoint:str, # a live OpenAI-compatible server: http://host
     config = dict(endpoint=endpoint, model=model, n_hostile=n_hostile, hostile_threads=hostile_threads,
                   clients=clients, seed=seed, max_body_bytes=max_body_bytes, max_context=max_context, prompt=prompt,
                   stream_tokens=stream_tokens, repeats=repeats, client_tokens=client_tokens,
-                  disconnect_tokens=disconnect_tokens, tpot_ratio_max=tpot_ratio_max, slot_free_s=slot_free_s)
+                  disconnect_tokens=disconnect_tokens, tpot_ratio_max=tpot_ratio_max, slot_free_s=slot_free_s,
+                  sigterm_streams=sigterm_streams if terminate else None)
     with httpx.Client() as client:
         stream = lambda: stream_request(client, endpoint, model, prompt, stream_tokens, timeout)
         unloaded = [stream() for _ in range(repeats)]
@@ -454,6 +499,9 @@ def run_reliability(endpoint:str, # a live OpenAI-compatible server: http://host
     say(f"disconnect: running {gone['running_before']} -> {gone['running_during']}, back after {gone['elapsed_s']} s")
     result = {"config": config, "hostile": hostile, "clients": together, "disconnect": gone,
               "health_at_end": _health(endpoint, timeout)}
+    if terminate is not None:
+        result["sigterm"] = sigterm_check(endpoint, model, terminate, sigterm_streams, prompt, stream_tokens, timeout)
+        say(f"SIGTERM with {sigterm_streams} streams: {result['sigterm']['outcomes']}")
     result["targets"] = reliability_targets(result, tpot_ratio_max, slot_free_s)
     result["passed"] = all(t["passed"] for t in result["targets"].values())
     say("passed" if result["passed"] else "FAILED: " + ", ".join(k for k, t in result["targets"].items()

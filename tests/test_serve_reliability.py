@@ -67,8 +67,9 @@ def test_run_reliability_against_a_loopback_server(tmp_path):
     with Server(NAME, "pld", log=tmp_path / "server.log", extra=("--max-waiting", "2")) as server:
         endpoint = server.start(180)
         result = run_reliability(endpoint, NAME, n_hostile=100, clients=10, repeats=2, stream_tokens=32,
-                                 client_tokens=16, timeout=120, progress=False)
-        code = server.stop(120)
+                                 client_tokens=16, timeout=120, progress=False, sigterm_streams=4,
+                                 terminate=lambda: server.process.send_signal(signal.SIGTERM))
+        code = server.process.wait(120)
     json.dumps(result)                                                       # JSON-able as it is
     hostile, clients, gone, targets = result["hostile"], result["clients"], result["disconnect"], result["targets"]
     assert hostile["n"] == 100 and sum(hostile["by_status_class"].values()) == 100
@@ -84,6 +85,9 @@ def test_run_reliability_against_a_loopback_server(tmp_path):
     assert result["health_at_end"] == 200
     for name in ("hostile_all_4xx", "alive_after_hostile", "clients_complete_or_refused", "alive_at_end"):
         assert targets[name]["passed"] and targets[name]["threshold"], name
+    term = result["sigterm"]                       # 1 decoding, 2 waiting, 1 refused: all served before the exit
+    assert term["in_flight_at_signal"] and term["hung_or_cut"] == [] and sum(term["outcomes"].values()) == 4
+    assert term["outcomes"].get("complete", 0) >= 1 and targets["sigterm_no_hung_request"]["passed"]
     assert result["passed"] == all(t["passed"] for t in targets.values())
     assert code == -signal.SIGTERM                                           # ended by the signal, nothing hung
 
@@ -107,23 +111,28 @@ class ServerErrorOnNonFinite:
 
 
 def test_run_reliability_fails_a_server_that_answers_500(tiny):
-    "The negative control: the same app behind the broken middleware fails `hostile_all_4xx`, and the run fails."
+    """The negative control: the same app behind the broken middleware fails `hostile_all_4xx`; stopped without grace,
+    its cut stream fails `sigterm_no_hung_request`; the run fails."""
     requests = hostile_requests(4 * len(HOSTILE_KINDS), NAME, seed=0)
     broken = {i for i, r in enumerate(requests) if b"NaN" in r.body or b"Infinity" in r.body}
     assert broken and all(requests[i].kind == "non_finite" for i in broken)
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(ServerErrorOnNonFinite(serve.make_app(lambda: served(tiny), NAME)),
-                                           host="127.0.0.1", port=port, log_level="warning"))
+    app = serve.make_app(lambda: served(tiny), NAME)
+    server = uvicorn.Server(uvicorn.Config(ServerErrorOnNonFinite(app), host="127.0.0.1", port=port,
+                                           log_level="critical"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     try:
         endpoint = f"http://127.0.0.1:{port}"
         wait_healthy(endpoint, 120)
+        def force_exit():                          # no graceful shutdown: the streams in flight are cut
+            server.force_exit = server.should_exit = True
         result = run_reliability(endpoint, NAME, n_hostile=len(requests), clients=3, repeats=1, stream_tokens=8,
-                                 client_tokens=4, timeout=120, progress=False)
+                                 client_tokens=4, timeout=120, progress=False, terminate=force_exit, sigterm_streams=2)
     finally:
         server.should_exit = True
         thread.join(60)
+        app.state.worker.close()                   # a forced exit skips the app's shutdown: stop its engine here
     hostile = result["hostile"]
     assert {x["index"] for x in hostile["not_4xx"]} == broken
     assert all(x["status"] == 500 and "deliberately broken" in x["answer"] and x["kind"] == "non_finite"
@@ -133,3 +142,5 @@ def test_run_reliability_fails_a_server_that_answers_500(tiny):
     assert not result["targets"]["hostile_all_4xx"]["passed"] and not result["passed"]
     assert result["targets"]["alive_after_hostile"]["passed"]                 # the other checks still ran and passed
     assert result["clients"]["other"] == [] and result["clients"]["complete"] >= 1
+    cut = result["sigterm"]["hung_or_cut"]                      # the forced exit: a stream cut short, and reported
+    assert "truncated" in {c["outcome"] for c in cut} and not result["targets"]["sigterm_no_hung_request"]["passed"]
