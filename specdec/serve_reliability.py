@@ -46,8 +46,9 @@ _COMPLETION_FIELDS = {"prompt": {"str", "list"}, ("prompt", 0): {"str", "int"}}
 _CHAT_FIELDS = {"messages": {"list"}, ("messages", 0): {"object"}, ("messages", 0, "role"): {"str"},
                 ("messages", 0, "content"): {"str", "list"}, ("messages", 0, "content", 0): {"object"},
                 ("messages", 0, "content", 0, "text"): {"str"}, "max_completion_tokens": _OPT_INT}
-# values of each JSON kind that no lax parser turns into another kind (no "1" for a number)
-_VALUES = {"str": ["sixteen", "", "1e", "true"], "int": [7, -3, 0], "float": [0.5, -2.25], "bool": [True, False],
+# values of each JSON kind that a lax parser (pydantic's) does not turn into another kind: no "1" for a number, no
+# "true" or 0 for a bool (booleans for numbers are refused only by a strict parser, as OpenAI's API and ours are)
+_VALUES = {"str": ["sixteen", "", "1e"], "int": [7, -3], "float": [0.5, -2.25], "bool": [True, False],
            "null": [None], "list": [[], [1, "a"], [[]]], "object": [{}, {"a": 1}]}
 # numbers outside each numeric field's range (a prompt's token id: outside any vocabulary)
 _OUT_OF_RANGE = {"temperature": [-0.1, 2.5, 100], "top_p": [0, -1, 1.5], "max_tokens": [0, -5], "n": [0, -1, 2],
@@ -242,10 +243,14 @@ def send_hostile(client:httpx.Client, endpoint:str, request:Hostile,
 
 def send_all(endpoint:str, requests:list[Hostile], threads:int=4, # requests in flight at once
              client:httpx.Client|None=None, # shared by the threads (default: one client per thread)
-             timeout:float|None=60, progress:bool=True) -> list[dict]:
-    "Send `requests` from `threads` threads; `send_hostile`'s answers, in the requests' order."
-    local, own, lock = threading.local(), [], threading.Lock()
-    def one(request):
+             timeout:float|None=60, progress:bool=True,
+             spread_s:float|None=None, # request i leaves no earlier than i * spread_s / len(requests) after the start
+            ) -> list[dict]:
+    "Send `requests` from `threads` threads (spread over `spread_s` seconds); `send_hostile`'s answers, in order."
+    local, own, lock, start = threading.local(), [], threading.Lock(), time.perf_counter()
+    def one(indexed):
+        i, request = indexed
+        if spread_s: time.sleep(max(0.0, start + i * spread_s / len(requests) - time.perf_counter()))
         if client is not None: return send_hostile(client, endpoint, request, timeout)
         if not hasattr(local, "client"):
             local.client = httpx.Client()
@@ -253,7 +258,7 @@ def send_all(endpoint:str, requests:list[Hostile], threads:int=4, # requests in 
         return send_hostile(local.client, endpoint, request, timeout)
     try:
         with ThreadPoolExecutor(threads) as pool:
-            return list(tqdm(pool.map(one, requests), total=len(requests), desc="hostile requests",
+            return list(tqdm(pool.map(one, enumerate(requests)), total=len(requests), desc="hostile requests",
                              disable=not progress, mininterval=2))
     finally:
         for c in own: c.close()
@@ -315,7 +320,7 @@ def stream_request(client:httpx.Client, endpoint:str, model:str, prompt:str, max
                 "detail": f"[DONE] {'seen' if done else 'missing'}, finish_reason {finish!r}, usage {usage!r}"}
     n = usage["completion_tokens"]
     return {"outcome": "complete", "status": status, "finish_reason": finish, "completion_tokens": n,
-            "ttft_s": first - start, "tpot_s": (last - first) / (n - 1) if n > 1 else None,
+            "e2e_s": last - start, "ttft_s": first - start, "tpot_s": (last - first) / (n - 1) if n > 1 else None,
             "step_s": (last - first) / (chunks - 1) if chunks > 1 else None}
 
 def concurrent_clients(endpoint:str, model:str, clients:int=50, prompt:str="The quick brown fox", max_tokens:int=16,
@@ -335,9 +340,9 @@ def concurrent_clients(endpoint:str, model:str, clients:int=50, prompt:str="The 
             "other": [{"client": i, **r} for i, r in enumerate(results) if r["outcome"] not in expected]}
 
 def running_requests(metrics_text:str) -> float|None:
-    "The requests a server decodes now, from its Prometheus text (specdec's and vLLM's gauge); None without one."
+    "The requests a server decodes now, from its Prometheus text (specdec's, vLLM's, SGLang's gauge); None without one."
     samples = parse_metrics(metrics_text)
-    names = [n for n in samples if n.endswith(":num_requests_running")]
+    names = [n for n in samples if n.endswith(":num_requests_running") or n == "sglang:num_running_reqs"]
     return sum(sum(samples[n].values()) for n in names) if names else None
 
 def disconnect_check(endpoint:str, model:str, prompt:str="The quick brown fox", max_tokens:int=2000,
@@ -450,10 +455,11 @@ def run_reliability(endpoint:str, # a live OpenAI-compatible server: http://host
                     client_tokens:int=16, disconnect_tokens:int=2000, # each client's tokens; the leaving stream's
                     tpot_ratio_max:float=1.2, slot_free_s:float=1.0, # the targets' thresholds
                     terminate:Callable[[], None]|None=None, # sends the server SIGTERM: then a last check (5)
-                    sigterm_streams:int=4, # streams in flight at the SIGTERM
+                    sigterm_streams:int=4, sigterm_tokens:int=256, # streams in flight at the SIGTERM, their tokens
                     timeout:float=120, progress:bool=True) -> dict:
     """Issue 30's reliability checks against `endpoint`: (1) a streamed request's TPOT unloaded (median of `repeats`);
-    (2) `n_hostile` hostile requests from `hostile_threads` threads while the same stream repeats: answers by status
+    (2) `n_hostile` hostile requests from `hostile_threads` threads, spread over `repeats` + 1 unloaded streams' time
+    (as fast as the threads go if that is longer), while the same stream repeats: answers by status
     class and by hostile class, every non-4xx listed, /health after, the stream's TPOT under load / unloaded; (3)
     `clients` concurrent streamed clients: complete, 429, 503, anything else listed; (4) a client that leaves
     mid-stream: seconds until the running-requests gauge drops; (5) given `terminate`, `sigterm_streams` streams in
@@ -464,20 +470,22 @@ def run_reliability(endpoint:str, # a live OpenAI-compatible server: http://host
     if max_context is None:
         cards = httpx.get(endpoint + "/v1/models", timeout=timeout).json().get("data") or [{}]
         max_context = next((c.get("max_model_len") for c in cards if c.get("id") == model), None) or 4096
-    disconnect_tokens = max(1, min(disconnect_tokens, max_context - 64))
+    disconnect_tokens, sigterm_tokens = (max(1, min(n, max_context - 64)) for n in (disconnect_tokens, sigterm_tokens))
     config = dict(endpoint=endpoint, model=model, n_hostile=n_hostile, hostile_threads=hostile_threads,
                   clients=clients, seed=seed, max_body_bytes=max_body_bytes, max_context=max_context, prompt=prompt,
                   stream_tokens=stream_tokens, repeats=repeats, client_tokens=client_tokens,
                   disconnect_tokens=disconnect_tokens, tpot_ratio_max=tpot_ratio_max, slot_free_s=slot_free_s,
-                  sigterm_streams=sigterm_streams if terminate else None)
+                  **({"sigterm_streams": sigterm_streams, "sigterm_tokens": sigterm_tokens} if terminate else {}))
     with httpx.Client() as client:
         stream = lambda: stream_request(client, endpoint, model, prompt, stream_tokens, timeout)
         unloaded = [stream() for _ in range(repeats)]
         say(f"unloaded streams: {[s['outcome'] for s in unloaded]}, "
             f"median TPOT {_median(s.get('tpot_s') for s in unloaded)}")
         requests = hostile_requests(n_hostile, model, seed, max_body_bytes, max_context)
+        # the load is spread over `repeats` + 1 unloaded streams' time, so that streams run within it, not after it
+        spread = (repeats + 1) * (_median(s.get("e2e_s") for s in unloaded) or 0)
         with ThreadPoolExecutor(1) as background:
-            sending = background.submit(send_all, endpoint, requests, hostile_threads, None, timeout, progress)
+            sending = background.submit(send_all, endpoint, requests, hostile_threads, None, timeout, progress, spread)
             loaded = []
             while not loaded or not sending.done():   # each stream marked whether it ended under the load
                 loaded.append(stream()); loaded[-1]["within_load"] = not sending.done()
@@ -486,7 +494,8 @@ def run_reliability(endpoint:str, # a live OpenAI-compatible server: http://host
     # under the load: the streams that ended before it did (the first one alone when the load was shorter)
     under = [s for s in loaded if s["within_load"]] or loaded[:1]
     unloaded_tpot, loaded_tpot = _median(s.get("tpot_s") for s in unloaded), _median(s.get("tpot_s") for s in under)
-    hostile.update(health_after=_health(endpoint, timeout), unloaded_streams=unloaded, loaded_streams=loaded,
+    hostile.update(health_after=_health(endpoint, timeout), spread_s=spread, unloaded_streams=unloaded,
+                   loaded_streams=loaded,
                    unloaded_tpot_s=unloaded_tpot, loaded_tpot_s=loaded_tpot,
                    tpot_ratio=loaded_tpot / unloaded_tpot if loaded_tpot and unloaded_tpot else None)
     say(f"hostile: {hostile['by_status_class']}, health after {hostile['health_after']}, {len(loaded)} streams "
@@ -500,7 +509,7 @@ def run_reliability(endpoint:str, # a live OpenAI-compatible server: http://host
     result = {"config": config, "hostile": hostile, "clients": together, "disconnect": gone,
               "health_at_end": _health(endpoint, timeout)}
     if terminate is not None:
-        result["sigterm"] = sigterm_check(endpoint, model, terminate, sigterm_streams, prompt, stream_tokens, timeout)
+        result["sigterm"] = sigterm_check(endpoint, model, terminate, sigterm_streams, prompt, sigterm_tokens, timeout)
         say(f"SIGTERM with {sigterm_streams} streams: {result['sigterm']['outcomes']}")
     result["targets"] = reliability_targets(result, tpot_ratio_max, slot_free_s)
     result["passed"] = all(t["passed"] for t in result["targets"].values())
