@@ -212,7 +212,8 @@ def hostile_requests(n:int, # how many requests
                      max_context:int=4096, # the server's context in tokens: `oversize_prompt` requests go over it
                     ) -> list[Hostile]:
     """`n` malformed or hostile requests, cycling through `HOSTILE_KINDS` (every class once `n` reaches their number),
-    each built by its own generator seeded from `seed` and its index, half for each endpoint."""
+    each built by its own generator seeded from `seed` and its index (so request i is the same for any `n`), for
+    the completions or the chat endpoint by a coin flip."""
     if n < 0: raise ValueError(f"n={n}: give a count of requests, 0 or more")
     if max_body_bytes < 64: raise ValueError(f"max_body_bytes={max_body_bytes}: too small for any request (64 or more)")
     if max_context < 2: raise ValueError(f"max_context={max_context}: give the server's context in tokens (2 or more)")
