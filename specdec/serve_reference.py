@@ -80,7 +80,8 @@ def measure_reference(cfg, # a `serve_bench.ServeBenchConfig`: model, drafter, c
     them (`load_served`), each server role (`cfg.servers()`: speculative, baseline with no drafter) warmed up
     (`cfg.warmup` decodes of each mode), then `cfg.reference_iterations` interleaved iterations of `cfg.requests`
     requests (`cfg.max_tokens` each, at `cfg.temperature`), batch 1 and (when `cfg.max_batch` > 1) batched at
-    `max_batch`; each (role, mode, iteration) appended to `run_dir`/records.jsonl. Returns what was measured, for the manifest; the model is freed before it returns."""
+    `max_batch`; each (role, mode, iteration) appended to `run_dir`/records.jsonl. Returns what was measured, for
+    the manifest; the model is freed before it returns."""
     import torch
     from specdec.serve_engine import ServedModel, load_served
     from specdec.provenance import record_provenance
