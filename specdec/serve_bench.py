@@ -6,7 +6,7 @@ Docs: https://specdec.github.io/specdec/serve_bench.html.md"""
 
 # %% ../nbs/19_serve_bench.ipynb #1e0cba13
 from __future__ import annotations
-import dataclasses, datetime, json, os, signal, socket, subprocess, sys, time
+import dataclasses, datetime, json, signal, socket, subprocess, sys, time
 from dataclasses import dataclass
 from pathlib import Path
 from .prompts import load_prompts
@@ -19,8 +19,9 @@ __all__ = ['SPEC_COUNTERS', 'ENGINES', 'SGLANG_GAUGES', 'QUEUE_HISTOGRAM', 'GUID
            'parse_metrics', 'engine_of', 'spec_delta', 'histogram_quantile', 'queue_delta', 'free_port',
            'wait_healthy', 'scrape', 'Server', 'guidellm_scenario', 'run_guidellm', 'read_guidellm',
            'ServeBenchConfig', 'write_prompts', 'save_tokenizer', 'warm_up', 'profile_label',
-           'profile_record', 'run_serve_bench', 'serve_config', 'run_serve_from_parameters', 'load_serve_run',
-           'served_records', 'serve_text_summary', 'serve_table', 'acceptance_table', 'fig_serve']
+           'profile_record', 'server_flags', 'run_serve_bench', 'serve_config', 'run_serve_from_parameters',
+           'load_serve_run', 'served_records', 'serve_text_summary', 'serve_table', 'acceptance_table',
+           'fig_serve']
 
 # %% ../nbs/19_serve_bench.ipynb #b1c60fde
 # the speculative counters, as each engine names them; specdec's are vLLM's under its own prefix
@@ -279,6 +280,11 @@ class ServeBenchConfig:
     baseline: bool = True
     reference: bool|None = None    # None: measured when the run starts its servers, not against endpoints
     reference_iterations: int = 2
+    # after the load profiles, a fresh speculative server's reliability (`serve_reliability.reliability_for_run`):
+    # hostile requests, concurrent clients, a client leaving mid-stream, SIGTERM last (a server the run started)
+    reliability: bool = False
+    n_hostile: int = 1000
+    clients: int = 50
     endpoint: str = ""
     baseline_endpoint: str = ""
     served_model: str = ""
@@ -312,7 +318,7 @@ class ServeBenchConfig:
         if self.resume:
             raise ValueError("a serve benchmark cannot be resumed (each load profile runs against a live server): "
                              "start a fresh run instead, leave out --resume (papermill: resume=\"\")")
-        for name in ("requests", "max_tokens", "reference_iterations"):
+        for name in ("requests", "max_tokens", "reference_iterations", "n_hostile", "clients"):
             if getattr(self, name) < 1: raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.warmup < 0: raise ValueError(f"warmup must be >= 0, got {self.warmup}")
         if not self.profiles(): raise ValueError("no load profile: set synchronous, concurrencies or rates")
@@ -415,6 +421,11 @@ def _server_info(endpoint:str) -> dict:
     models = r.json().get("data", []) if r.status_code == 200 else []
     return {"endpoint": endpoint, "models": models, "engine": engine_of(parse_metrics(scrape(endpoint)))}
 
+def server_flags(cfg:ServeBenchConfig) -> tuple:
+    "The `specdec serve` flags a run passes on (--device, --dtype, --compile where set)."
+    return tuple(x for flag, v in (("--device", cfg.device), ("--dtype", cfg.dtype), ("--compile", cfg.compile))
+                 if v for x in (flag, v))
+
 def run_serve_bench(cfg:ServeBenchConfig) -> Path:
     """Run the serve benchmark `cfg`: first, where `cfg.measures_reference`, the in-process reference
     (`serve_reference.measure_reference`: the same model and methods decoded here, one request at a time and batched);
@@ -435,6 +446,10 @@ def run_serve_bench(cfg:ServeBenchConfig) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="specdec-serve-bench-"))
     prompts = write_prompts(cfg, work / "prompts.jsonl")
+    if cfg.requests > len(prompts):        # GuideLLM sends each prompt once: a profile would wait for the rest forever
+        raise ValueError(f"requests={cfg.requests} is more than the {len(prompts)} prompts selected: GuideLLM sends "
+                         "each prompt once, so a load profile would wait for requests that never come; lower "
+                         "--requests or select more prompts")
     model = cfg.served_model or cfg.model
     tokenizer = cfg.tokenizer or (model if cfg.endpoint else save_tokenizer(cfg.model, work / "tokenizer"))
     started = datetime.datetime.now().isoformat(timespec="seconds")
@@ -452,8 +467,7 @@ def run_serve_bench(cfg:ServeBenchConfig) -> Path:
     if cfg.measures_reference:                      # before any server: the model's memory is freed when it returns
         manifest["reference"] = measure_reference(cfg, [p.turns[0] for p in prompts], run_dir, git)
         write_json(run_dir / "MANIFEST.json", manifest)
-    extra = tuple(x for flag, v in (("--device", cfg.device), ("--dtype", cfg.dtype), ("--compile", cfg.compile))
-                  if v for x in (flag, v))
+    extra = server_flags(cfg)
     records = []
     for role, endpoint in cfg.servers().items():
         server = None if endpoint else Server(cfg.model, cfg.drafter if role == "speculative" else "none",
@@ -518,11 +532,17 @@ def serve_text_summary(run_dir) -> str:
                         for role, s in manifest["servers"].items())
     failed = [f"{r['server']} {r['label']}: {r['failed']} failed, first: {r['errors'][0] if r['errors'] else '?'}"
               for r in served_records(records) if r["failed"]]
+    rel = manifest.get("reliability")
+    reliability = ("reliability: not checked (--reliability)" if not rel else
+                   f"reliability ({'passed' if rel['passed'] else 'FAILED'}): " + "; ".join(
+                       f"{name} {t['value']} (goal {t['threshold']}: {'met' if t['passed'] else 'missed'})"
+                       for name, t in rel["targets"].items()))
     return "\n\n".join([f"run {manifest['run_id']} ({manifest['status']}), profiles {', '.join(manifest['profiles'])}; "
                         f"servers: {servers}", serve_table(records).to_string(index=False),
                         acceptance_table(records).to_string(index=False), "\n".join(failed) or "no failed request",
                         measured, targets.to_string(index=False)]
-                       + ([reference_table(records).to_string(index=False)] if ref.get("measured") else []))
+                       + ([reference_table(records).to_string(index=False)] if ref.get("measured") else [])
+                       + [reliability])
 
 # %% ../nbs/19_serve_bench.ipynb #7a75dd55
 def serve_table(records:list[dict]):

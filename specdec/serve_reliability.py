@@ -18,7 +18,8 @@ from .serve_bench import parse_metrics
 # %% auto #0
 __all__ = ['HOSTILE_KINDS', 'EXPLICIT', 'Hostile', 'hostile_requests', 'status_class', 'send_hostile', 'send_all',
            'summarise_hostile', 'stream_request', 'concurrent_clients', 'running_requests',
-           'disconnect_check', 'sigterm_check', 'reliability_targets', 'run_reliability']
+           'disconnect_check', 'sigterm_check', 'reliability_targets', 'run_reliability',
+           'reliability_for_run', 'reliability_table']
 
 # %% ../nbs/19a_serve_reliability.ipynb #bba1ff7a
 @dataclass(frozen=True)
@@ -517,3 +518,43 @@ def run_reliability(endpoint:str, # a live OpenAI-compatible server: http://host
     say("passed" if result["passed"] else "FAILED: " + ", ".join(k for k, t in result["targets"].items()
                                                                    if not t["passed"]))
     return result
+
+# %% ../nbs/19a_serve_reliability.ipynb #7b0047d7
+def reliability_for_run(cfg, # a `serve_bench.ServeBenchConfig`
+                        run_dir, # its run folder (after `run_serve_bench`)
+                        progress:bool=True) -> dict:
+    """`run_reliability` as part of a serve benchmark run: against a fresh speculative server started as the run starts
+    its servers (log `server-reliability.log`), SIGTERM last, then its exit code; or against `cfg.endpoint`, no
+    SIGTERM (the run does not own it). Writes `reliability.json` and the targets into `MANIFEST.json`; returns it."""
+    import signal
+    from pathlib import Path
+    from .serve_bench import Server, server_flags
+    from .provenance import write_json, read_manifest
+    run_dir = Path(run_dir)
+    model = cfg.served_model or cfg.model
+    server = None if cfg.endpoint else Server(cfg.model, cfg.drafter, cfg.controller, cfg.max_batch,
+                                              run_dir / "server-reliability.log", server_flags(cfg))
+    try:
+        endpoint = server.start(cfg.health_timeout) if server else cfg.endpoint
+        terminate = (lambda: server.process.send_signal(signal.SIGTERM)) if server else None
+        result = run_reliability(endpoint, model, n_hostile=cfg.n_hostile, clients=cfg.clients, seed=cfg.seed,
+                                 stream_tokens=cfg.max_tokens, terminate=terminate, progress=progress)
+    finally:
+        exit_code = server.stop(60) if server else None
+    if server:
+        result["server"] = {"command": server.command(server.port)[1:], "exit_code": exit_code,
+                            "exit": "by SIGTERM" if exit_code == -signal.SIGTERM else f"code {exit_code}"}
+    write_json(run_dir / "reliability.json", result)
+    manifest = read_manifest(run_dir)
+    manifest["reliability"] = {"file": "reliability.json", "passed": result["passed"], "targets": result["targets"],
+                               "server": result.get("server", {"endpoint": cfg.endpoint})}
+    write_json(run_dir / "MANIFEST.json", manifest)
+    return result
+
+def reliability_table(manifest:dict):
+    "The reliability targets of a run's manifest as a table (None where the run did not check them)."
+    import pandas as pd
+    rel = manifest.get("reliability")
+    if not rel: return None
+    return pd.DataFrame([{"target": name, "goal": t["threshold"], "value": t["value"], "met": t["passed"]}
+                         for name, t in rel["targets"].items()])

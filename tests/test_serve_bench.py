@@ -340,3 +340,11 @@ def test_the_reference_is_on_when_the_run_starts_its_servers():
     assert not ServeBenchConfig(endpoint="http://x:1").measures_reference            # another engine's model: asked
     assert ServeBenchConfig(endpoint="http://x:1", reference=True).measures_reference
     with pytest.raises(ValueError, match="reference_iterations must be >= 1"): ServeBenchConfig(reference_iterations=0)
+
+
+def test_more_requests_than_prompts_is_refused_before_any_server(tmp_path):
+    "GuideLLM sends each prompt once: a profile asking for more requests would wait forever, so the run says so first."
+    cfg = ServeBenchConfig(categories="qa", n_prompts=1, requests=5, out=str(tmp_path), run_id="short")
+    with pytest.raises(ValueError, match=r"requests=5 is more than the 1 prompts selected: GuideLLM sends each"):
+        run_serve_bench(cfg)
+    assert not (tmp_path / "short" / "MANIFEST.json").exists()

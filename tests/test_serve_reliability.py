@@ -150,3 +150,23 @@ def test_run_reliability_fails_a_server_that_answers_500(tiny):
     cut = result["sigterm"]["hung_or_cut"]                      # the forced exit: a stream cut short, and reported
     assert "truncated" in {c["outcome"] for c in cut}, result["sigterm"]
     assert not result["targets"]["sigterm_no_hung_request"]["passed"]
+
+
+def test_a_serve_benchmark_run_checks_reliability_on_a_server_of_its_own(tmp_path, capsys):
+    """`bench-serve --reliability`'s step: a fresh `specdec serve` as the run starts its servers, the checks, SIGTERM
+    last (its exit recorded), `reliability.json` and the targets in the run's MANIFEST and report table."""
+    from specdec.serve_bench import ServeBenchConfig
+    from specdec.serve_reliability import reliability_for_run, reliability_table
+    from specdec.provenance import write_json, read_manifest
+    cfg = ServeBenchConfig(model=NAME, drafter="pld", max_batch=2, n_hostile=36, clients=6, max_tokens=8)
+    write_json(tmp_path / "MANIFEST.json", {"kind": "serve", "run_id": "r", "status": "complete"})
+    result = reliability_for_run(cfg, tmp_path, progress=False)
+    assert result["hostile"]["n"] == 36 and result["hostile"]["by_status_class"] == {"4xx": 36}
+    assert result["server"]["exit"] == "by SIGTERM" and result["server"]["command"][2:5] == ["serve", NAME, "--drafter"]
+    assert json.loads((tmp_path / "reliability.json").read_text())["targets"] == result["targets"]
+    manifest = read_manifest(tmp_path)
+    assert manifest["reliability"]["passed"] == result["passed"] and manifest["status"] == "complete"
+    table = reliability_table(manifest)
+    assert set(table["target"]) == set(result["targets"]) >= {"hostile_all_4xx", "sigterm_no_hung_request"}
+    assert table.set_index("target").loc["hostile_all_4xx", "met"]
+    assert (tmp_path / "server-reliability.log").exists()
