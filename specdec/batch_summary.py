@@ -13,7 +13,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import torch
 
-from .costmodel import StepCosts, predicted_speedup, best_k, conditional_acceptance
+from .costmodel import StepCosts, predicted_speedup, best_k, conditional_acceptance, expected_tokens
 from .stats import Stats
 from .provenance import read_records, read_manifest
 from .summary import (HF, AR, HF_BASELINES, bootstrap_geomean, stats_of, tokens_equal, run_summary,
@@ -21,7 +21,7 @@ from .summary import (HF, AR, HF_BASELINES, bootstrap_geomean, stats_of, tokens_
 
 # %% auto #0
 __all__ = ['BATCH_CI_NOTE', 'NEAR_TIE', 'pool_throughput', 'paired_speedup', 'summarize_cell', 'first_difference',
-           'row_certificate', 'explain_divergences', 'acceptance_at_batch_1', 'row_acceptance',
+           'row_certificate', 'explain_divergences', 'acceptance_at_batch_1', 'row_acceptance', 'monotone',
            'batch_step_costs', 'break_even_batch', 'predict_batch', 'summarize_batch_run',
            'load_batch_summary', 'throughput_table', 'speedup_table', 'predicted_table', 'tau_table',
            'latency_table', 'row_certificate_table', 'divergence_table', 'cost_table', 'unavailable_lines',
@@ -163,19 +163,61 @@ def acceptance_at_batch_1(records:list[dict], methods:dict[str, dict]) -> dict[s
         share = (s.proposed_by_position or [0])[0] / s.target_forwards           # steps with at least one draft
         out[d] = {"methods": fixed, "per_position": _none(s.per_position_acceptance),
                   "conditional": conditional_acceptance(s.per_position_acceptance), "draft_share": share,
-                  "tau": _none(s.tau)}
+                  "tau": _none(s.tau), "rows": _rows_at_batch_1(records, fixed)}
+    return out
+
+def _rows_at_batch_1(records:list[dict], names:list[str]) -> dict[str, dict]:
+    "Per prompt, its batch-1 generations by the methods `names`: conditional acceptance, draft share, new tokens."
+    rows = {}
+    for r in records:
+        if r["method"] in names and r["batch_size"] == 1 and r.get("purpose", "speed") == "speed":
+            rows.setdefault(r["prompt_ids"][0], []).append(r)
+    out = {}
+    for pid, rs in rows.items():
+        s = stats_of(rs)
+        if s.target_forwards:
+            out[pid] = {"conditional": conditional_acceptance(s.per_position_acceptance),
+                        "draft_share": (s.proposed_by_position or [0])[0] / s.target_forwards,
+                        "new_tokens": s.new_tokens / max(s.generations, 1)}
     return out
 
 def row_acceptance(conditional:list[float], draft_share:float) -> list[float]:
     "Conditional acceptance per position of a row that drafts on a `draft_share` of its steps: `E[L] = 1 + f Σ Π α`."
     return [draft_share * conditional[0], *(conditional[1:] or conditional)] if conditional else [0.0]
 
-def batch_step_costs(verify:dict, draft:float, draft_share:float, batch:int) -> StepCosts:
-    """The costs a step of `batch` rows meets when each row drafts on a `draft_share` of its steps: verifying q > 1
-    tokens a row costs `p T(B, q) + (1 - p) T(B, 1)` with `p = 1 - (1 - f)^B` (where no row drafted, one token)."""
-    verify = {int(q): t for q, t in verify.items()}
-    p = 1 - (1 - draft_share) ** batch
+def monotone(verify:dict) -> dict[int, float]:
+    "Verification costs by width, each raised to the highest at or below it: a wider forward never costs less (noise)."
+    out, highest = {}, 0.0
+    for q, t in sorted((int(q), t) for q, t in verify.items()): highest = out[q] = max(highest, t)
+    return out
+
+def batch_step_costs(verify:dict, draft:float, draft_share:float|list[float], batch:int) -> StepCosts:
+    """The costs a step of `batch` rows meets when each row drafts on a `draft_share` of its steps (one share, or one
+    per row): verifying q > 1 tokens a row costs `p T(B, q) + (1 - p) T(B, 1)` with `p = 1 - Π (1 - f)` over the
+    rows (where no row drafted, one token)."""
+    verify = monotone(verify)
+    shares = draft_share if isinstance(draft_share, list) else [draft_share] * batch
+    p = 1 - math.prod(1 - f for f in shares)
     return StepCosts({q: t if q == 1 else p * t + (1 - p) * verify[1] for q, t in verify.items()}, draft)
+
+def _speedups(s:dict, draft:float, acc:dict, B:int, groups:list|None, k_max:int) -> tuple[list[float], str]:
+    """Predicted speedup at K = 0..k_max at batch size B, and the model used. Where the run grouped its rows and
+    measured each at batch 1 (`acc["rows"]`): a fixed batch ends with its slowest row, so each group takes
+    `max_rows(n / E[L]) · step(K)` against `max_rows(n) · T(B, 1)` (summed over groups). Otherwise rows alike."""
+    rows = acc.get("rows") or {}
+    if groups and all(i in rows for g in groups for i in g):
+        spec, plain = [0.0] * (k_max + 1), 0.0
+        for g in groups:
+            costs = batch_step_costs(s["verify"], draft, [rows[i]["draft_share"] for i in g], B)
+            rates = [row_acceptance(rows[i]["conditional"], rows[i]["draft_share"]) for i in g]
+            plain += max(rows[i]["new_tokens"] for i in g) * costs.verify_cost(1)
+            for k in range(k_max + 1):
+                step = costs.verify_cost(1) if k == 0 else k * costs.draft + costs.verify_cost(k + 1)
+                spec[k] += max(rows[i]["new_tokens"] / expected_tokens(r, k) for i, r in zip(g, rates)) * step
+        return [plain / t for t in spec], "slowest row of each group"
+    costs = batch_step_costs(s["verify"], draft, acc["draft_share"], B)
+    rates = row_acceptance(acc["conditional"], acc["draft_share"])
+    return [predicted_speedup(costs, rates, k) for k in range(k_max + 1)], "rows alike"
 
 def break_even_batch(batch_sizes:list[int], speedups:list[float]) -> dict:
     """Where a speedup curve over ascending batch sizes first falls to 1 or below: interpolated linearly in log B
@@ -192,29 +234,38 @@ def break_even_batch(batch_sizes:list[int], speedups:list[float]) -> dict:
     at = math.exp(math.log(b0) + (math.log(b1) - math.log(b0)) * (s0 - 1) / (s0 - s1))
     return {"batch": at, "between": [b0, b1], "note": f"falls through 1 between B={b0} and B={b1} (at about {at:.1f})"}
 
-def _method_prediction(info:dict, costs:StepCosts, rates:list[float]) -> float|None:
+def _best(speedups:list[float], k_max:int) -> int:
+    "The K in 0..k_max with the highest predicted speedup (0 unless some K beats plain decoding)."
+    best = 0
+    for k in range(1, min(k_max, len(speedups) - 1) + 1):
+        if speedups[k] > max(speedups[best], 1.0) * (1 + 1e-9): best = k
+    return best
+
+def _method_prediction(info:dict, speedups:list[float]) -> float|None:
     "A fixed-K method's predicted speedup at its K; a cost-aware one's at the best K up to its K_MAX; others: None."
     c = info.get("controller") or {}
-    if c.get("kind") == "fixed": return predicted_speedup(costs, rates, c["k_max"])
-    if c.get("kind") == "cost": return predicted_speedup(costs, rates, best_k(costs, rates, c["k_max"]))
+    if c.get("kind") == "fixed" and c["k_max"] < len(speedups): return speedups[c["k_max"]]
+    if c.get("kind") == "cost": return speedups[_best(speedups, c["k_max"])]
     return None
 
-def predict_batch(surface:dict, acceptance:dict[str, dict], methods:dict[str, dict]) -> dict:
-    """The cost model over batch sizes: per drafter and batch size K(B) (`best_k`), the predicted speedup there and that
-    of the best K ≥ 1 (`drafting`), the break-even batch; per method and batch size its predicted speedup. Chains
-    only: drafters of token trees (`surface["trees"]`) are left out."""
+def predict_batch(surface:dict, acceptance:dict[str, dict], methods:dict[str, dict],
+                  groups:dict[str, list]|None=None, # the run's rows by batch size (`manifest["groups"]`)
+                 ) -> dict:
+    """The cost model over batch sizes: per drafter and batch size K(B), the predicted speedup there and that of the
+    best K ≥ 1 (`drafting`), the break-even batch; per method and batch size its predicted speedup. With `groups` and
+    each row's batch-1 acceptance, the slowest row of each group sets its time (`_speedups`). Chains only: drafters of
+    token trees (`surface["trees"]`) are left out."""
     k_max, drafters, by_method = surface["k_max"], {}, {}
     for d, acc in acceptance.items():
         if d in surface.get("trees", ()): continue              # a token tree verifies its nodes: not a chain's K+1
         rates, by = row_acceptance(acc["conditional"], acc["draft_share"]), {}
         for B, s in surface["by_batch"].items():
             if s["draft"].get(d) is None: continue
-            costs = batch_step_costs(s["verify"], s["draft"][d], acc["draft_share"], int(B))
-            k = best_k(costs, rates, k_max)
-            by[B] = {"k_best": k, "speedup_best": predicted_speedup(costs, rates, k),
-                     "speedup_drafting": max(predicted_speedup(costs, rates, j) for j in range(1, k_max + 1))}
+            speedups, model = _speedups(s, s["draft"][d], acc, int(B), (groups or {}).get(str(B)), k_max)
+            k = _best(speedups, k_max)
+            by[B] = {"k_best": k, "speedup_best": speedups[k], "speedup_drafting": max(speedups[1:]), "model": model}
             for name, info in methods.items():
-                if info.get("drafter") == d and (p := _method_prediction(info, costs, rates)) is not None:
+                if info.get("drafter") == d and (p := _method_prediction(info, speedups)) is not None:
                     by_method.setdefault(name, {})[B] = p
         sizes = sorted(int(b) for b in by)
         drafters[d] = {"by_batch": by, "rates": rates, "draft_share": acc["draft_share"],
@@ -247,7 +298,8 @@ def summarize_batch_run(records:list[dict], manifest:dict) -> dict:
               "iterations_complete": min((len(v) for v in iterations.values()), default=0)}
     cost = None
     if manifest.get("cost_surface"):
-        cost = predict_batch(manifest["cost_surface"], acceptance_at_batch_1(speed, methods), methods)
+        cost = predict_batch(manifest["cost_surface"], acceptance_at_batch_1(speed, methods), methods,
+                             manifest.get("groups"))
         for name, by in cost["methods"].items():
             for B, p in by.items():
                 if B in results.get(name, {}).get("by_batch", {}): results[name]["by_batch"][B]["predicted_speedup"] = p

@@ -6,7 +6,7 @@ Docs: https://specdec.github.io/specdec/controllers.html.md"""
 
 # %% ../nbs/06_controllers.ipynb #9669956a
 from __future__ import annotations
-from .costmodel import StepCosts, best_k, measure_step_costs
+from .costmodel import StepCosts, best_k, expected_tokens, measure_step_costs
 
 # %% auto #0
 __all__ = ['Controller', 'FixedK', 'AdaptiveK', 'DynamicK', 'shrunk_estimates', 'CostAwareK']
@@ -51,7 +51,15 @@ class Controller:
             return 0
         return self.choose_k()
 
-    def update(self, proposed:int, accepted:int) -> None:
+    def plan(self, remaining:dict[int, int], # row -> tokens it still has to write, for each row decoding this step
+             refilled:bool=False) -> None: # finished rows are refilled (serving) rather than left idle (a fixed batch)
+        "Told by a batch before each `next_k`: which rows the step decodes (controllers that ignore rows: nothing)."
+
+    def reset_row(self, row:int) -> None:
+        "A batch row took a new request: forget what was learnt about the previous one there (default: nothing)."
+
+    def update(self, proposed:int, accepted:int,
+               row:int=0) -> None: # the batch row it happened in
         "Record a step's outcome."
         if proposed == 0: return
         self.acceptance = (1 - self.ema) * self.acceptance + self.ema * accepted / proposed
@@ -86,7 +94,7 @@ class AdaptiveK(Controller):
     @property
     def max_k(self): return self.k_max
     def choose_k(self): return self.k
-    def update(self, proposed, accepted):
+    def update(self, proposed, accepted, row=0):
         super().update(proposed, accepted)
         if proposed == 0: return
         if accepted == proposed: self.k = min(self.k + 1, self.k_max)
@@ -134,7 +142,12 @@ class CostAwareK(Controller):
 
     def reset(self):
         super().reset()
-        self.passed, self.tried, self.plain_steps = [0.0] * self.k_max, [0.0] * self.k_max, 0
+        # per row: (decayed) drafts accepted and judged at each position; the rows of this step and their budgets
+        self.passed, self.tried, self.plain_steps = {}, {}, 0
+        self.remaining, self.refilled = {}, False
+
+    def reset_row(self, row):
+        self.passed.pop(row, None); self.tried.pop(row, None)
 
     def start(self, target, drafter, compile="auto", batch=1):
         """Reset, and measure the pair's step costs (on the path `compile` runs, at this batch size) unless they were
@@ -152,22 +165,49 @@ class CostAwareK(Controller):
 
     @property
     def max_k(self): return self.k_max
-    def acceptance_estimates(self) -> list[float]:
-        return shrunk_estimates(self.passed, self.tried, self.prior, self.prior_weight)
+    def acceptance_estimates(self, row:int|None=None) -> list[float]:
+        "Conditional acceptance per draft position: of `row`, or pooled over every row (None)."
+        zero = [0.0] * self.k_max
+        rows = list(self.passed) if row is None else [row]
+        passed = [sum(x) for x in zip(zero, *(self.passed.get(r, zero) for r in rows))]
+        tried = [sum(x) for x in zip(zero, *(self.tried.get(r, zero) for r in rows))]
+        return shrunk_estimates(passed, tried, self.prior, self.prior_weight)
+
+    def plan(self, remaining, refilled=False): self.remaining, self.refilled = dict(remaining), refilled
 
     def choose_k(self):
-        k = best_k(self.costs, self.acceptance_estimates(), self.k_max)
+        if len(self.remaining) > 1: k = self._batch_k()
+        else: k = best_k(self.costs, self.acceptance_estimates(next(iter(self.remaining), None)), self.k_max)
         if k == 0:
             self.plain_steps += 1
             if self.plain_steps >= self.probe_every: self.plain_steps, k = 0, 1
         return k
 
-    def update(self, proposed, accepted):
+    def _batch_k(self) -> int:
+        """K for a step over several rows, each with its own acceptance. Refilled rows (serving): the most tokens per
+        second over the rows. A fixed batch ends with its slowest row: the K that brings the last row's end soonest
+        (its remaining tokens over its expected tokens a step, times the step's cost)."""
+        c, rows = self.costs, self.remaining
+        expected = {r: [expected_tokens(self.acceptance_estimates(r), k) for k in range(self.k_max + 1)] for r in rows}
+        step = [c.verify_cost(1) + c.overhead] + [k * c.draft + c.verify_cost(k + 1) + c.overhead
+                                                  for k in range(1, self.k_max + 1)]
+        # tokens a second over the rows (refilled), or one over the time until the last row is done (fixed)
+        gain = [sum(e[k] for e in expected.values()) / step[k] if self.refilled
+                else 1 / (max(n / expected[r][k] for r, n in rows.items()) * step[k]) for k in range(self.k_max + 1)]
+        best = 0
+        for k in range(1, self.k_max + 1):
+            if gain[k] > gain[best] * (1 + 1e-9): best = k
+        return best
+
+    def update(self, proposed, accepted, row=0):
         if proposed == 0: return
-        self.passed, self.tried = [p * self.decay for p in self.passed], [t * self.decay for t in self.tried]
+        zero = [0.0] * self.k_max
+        passed = [p * self.decay for p in self.passed.get(row, zero)]
+        tried = [t * self.decay for t in self.tried.get(row, zero)]
         # judged positions: the accepted ones and the first rejection
         for i in range(min(accepted + 1, proposed)):
-            self.tried[i] += 1
-            if i < accepted: self.passed[i] += 1
+            tried[i] += 1
+            if i < accepted: passed[i] += 1
+        self.passed[row], self.tried[row] = passed, tried
 
     def describe(self): return f"k_max={self.k_max}, prior={self.prior}"

@@ -221,7 +221,10 @@ class Batch:
                  drafter:Drafter|None=None, policy:AcceptancePolicy|None=None, controller:Controller|None=None,
                  temperature:float=0.0, top_p:float=1.0,
                  eos_token_id:int|list[int]|None=None, # None: the target's EOS ids; [] never stops early
-                 compile:str="auto"): # `engine.COMPILE_MODES`
+                 compile:str="auto", # `engine.COMPILE_MODES`
+                 # finished rows take new requests (a server's continuous batching): the controller then weighs the
+                 # rows' tokens a second, not when the last of a fixed batch ends
+                 refilled:bool=False):
         sampling = SamplingConfig(temperature, top_p)
         self.default_policy = policy is None                   # the policy follows the temperature (`set_sampling`)
         if policy is None: policy = Greedy() if sampling.greedy else RejectionSampling()
@@ -240,7 +243,7 @@ class Batch:
             drafter.stop_below = controller.stop_below
         self.target, self.drafter, self.policy, self.controller, self.sampling = target, drafter, policy, controller, \
             sampling
-        self.rows, self.max_length, device = rows, max_length, target.device
+        self.rows, self.max_length, self.refilled, device = rows, max_length, refilled, target.device
         self.eos_ids = _eos_ids(target, eos_token_id)                                    # [E]
         block = drafter.max_drafts(controller.max_k) if drafter is not None else 0     # the most drafts a step verifies
         self.capacity = max_length + block + 1
@@ -350,6 +353,7 @@ def admit(self:Batch, prompt_ids, # [S] a new prompt's token ids
     else: self.generator.generators[b] = generator
     self.row_stats[b], self.accepted_lengths[b] = Stats(generations=1), []
     self.admitted_at[b] = time.perf_counter()
+    if self.controller is not None: self.controller.reset_row(b)     # what it learnt there was another request's
     return b
 
 @patch
@@ -372,6 +376,9 @@ def step(self:Batch) -> list[int]:
     controller's for every row; one row drafts no further than its budget (a batch: rows drop what passes theirs, so
     that each row's random draws, K a step, do not depend on when its neighbours finish)."""
     B, drafter, lengths = self.rows, self.drafter, self.lengths
+    if drafter is not None:        # the rows this step decodes, and what each still has to write
+        self.controller.plan({b: self.budgets[b] - (lengths[b] - self.prompt_lengths[b]) for b in range(B)
+                              if not self.done[b]}, self.refilled)
     k = self.controller.next_k() if drafter is not None else 0
     if B == 1: k = min(k, self.budgets[0] - (lengths[0] - self.prompt_lengths[0]) - 1)
     draft, n, eos_at, proposed, features = _step(self.runner, self.cache, drafter, self.policy, self.tokens, lengths,
@@ -384,7 +391,7 @@ def step(self:Batch) -> list[int]:
         # up to an EOS, the budget
         kept = min(n[b], eos_at[b], self.budgets[b] - (lengths[b] - self.prompt_lengths[b]) - 1)
         # a step that verified drafts cost every row its block: a row that drafted none counts a rejection at 0
-        if proposed[b] > 0 or draft.k > 0: self.controller.update(proposed[b] or draft.k, n[b])
+        if proposed[b] > 0 or draft.k > 0: self.controller.update(proposed[b] or draft.k, n[b], b)
         if B > 1: n[b] = kept                             # what the row committed (one row: the loop ends there)
         cache_lengths.append(lengths[b] + n[b])           # the current token and the n accepted drafts
         self.row_stats[b].record_step(proposed[b], kept)  # drafts after an EOS are not counted

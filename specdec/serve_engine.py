@@ -343,7 +343,8 @@ class EngineWorker:
 @patch
 def _new_batch(self:EngineWorker, s:ServedModel) -> Batch:
     "An empty batch of `max_batch` rows over the served model `s` (greedy until a job sets its sampling)."
-    batch = Batch(s.target, self.max_batch, s.max_context, s.drafter, None, s.controller, 0.0, 1.0, None, s.compile)
+    batch = Batch(s.target, self.max_batch, s.max_context, s.drafter, None, s.controller, 0.0, 1.0, None, s.compile,
+                  refilled=True)
     batch.start(None, [], 1)
     self.sampling = (0.0, 1.0, False)
     return batch

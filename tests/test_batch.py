@@ -124,13 +124,13 @@ class _FirstRowDrafts(Drafter):
 
 
 class _Recorded(FixedK):
-    "FixedK that records each `update(proposed, accepted)`."
+    "FixedK that records each `update(proposed, accepted, row)`."
     def reset(self):
         super().reset()
         self.updates = []
-    def update(self, proposed, accepted):
-        self.updates.append((proposed, accepted))
-        super().update(proposed, accepted)
+    def update(self, proposed, accepted, row=0):
+        self.updates.append((proposed, accepted, row))
+        super().update(proposed, accepted, row)
 
 
 def test_a_row_that_drafts_nothing_counts_as_rejected_for_the_controller(tiny):
@@ -142,9 +142,9 @@ def test_a_row_that_drafts_nothing_counts_as_rejected_for_the_controller(tiny):
     out = generate(tiny, prompts, drafter=_FirstRowDrafts(), controller=controller, max_new_tokens=12, eos_token_id=[])
     steps = [len(a) for a in out.accepted_lengths]                                # [B] each row's steps
     assert len(controller.updates) == sum(steps) and steps[1] >= 4
-    assert all(p == 3 for p, _ in controller.updates)                             # every row: the step's K
-    assert sum(u == (3, 0) for u in controller.updates) >= steps[1]              # row 1: rejected at 0, each step
-    assert sum(a for p, a in controller.updates) == sum(out.accepted_lengths[0])  # only row 0's drafts were kept
+    assert all(p == 3 for p, _, _ in controller.updates)                          # every row: the step's K
+    assert [u for u in controller.updates if u[2] == 1] == [(3, 0, 1)] * steps[1] # row 1: rejected at 0, each step
+    assert sum(a for p, a, r in controller.updates) == sum(out.accepted_lengths[0])  # only row 0's drafts were kept
     alone = _Recorded(3)
     generate(tiny, prompts[1], drafter=_NoDrafts(), controller=alone, max_new_tokens=12, eos_token_id=[])
     assert alone.updates == []

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest, torch
 import specdec.batch_bench as bb
 from specdec.batch_bench import BatchConfig, prompt_pool, batch_groups, run_batch_benchmark, batch_key
-from specdec.batch_summary import (paired_speedup, pool_throughput, row_certificate, explain_divergences, predict_batch,
+from specdec.batch_summary import (paired_speedup, pool_throughput, row_certificate, explain_divergences, predict_batch, monotone,
                                    break_even_batch, batch_step_costs, row_acceptance, load_batch_summary,
                                    batch_text_summary)
 from specdec.bench import schedule
@@ -236,3 +236,28 @@ def test_the_break_even_batch_from_a_synthetic_cost_surface():
     assert break_even_batch([1, 4], [1.5, 0.5])["batch"] == pytest.approx(2.0)    # halfway in log B
     assert break_even_batch([1, 2, 4], [1.2, 1.1, 1.05])["batch"] is None
     assert break_even_batch([1, 2], [0.9, 0.8])["note"] == "does not pay even at B=1"
+
+
+def test_a_fixed_batch_is_predicted_from_its_slowest_row():
+    """Two rows a group: one accepts most drafts, one drafts nothing. Rows alike (the mean of the two) predict a gain at
+    B=2; the group's own rows predict none, since the batch ends when the row that gains nothing does. Two good rows
+    (the negative control) are predicted to gain as one row alone would, and costs that dip with q are made monotone."""
+    verify = {str(q): 0.010 * (1 + 0.05 * (q - 1)) for q in range(1, 6)}
+    verify["4"] = 0.001                                                            # a noisy, impossible dip
+    surface = {"k_max": 4, "by_batch": {"1": {"verify": verify, "draft": {"d": 0.0}},
+                                        "2": {"verify": verify, "draft": {"d": 0.0}}}}
+    good, idle = ({"conditional": [0.9] * 4, "draft_share": 1.0, "new_tokens": 64},
+                  {"conditional": [], "draft_share": 0.0, "new_tokens": 64})
+    methods = {"d/cost:4": {"drafter": "d", "controller": {"kind": "cost", "k_max": 4}}}
+    mixed = {"d": {"conditional": [0.9] * 4, "draft_share": 0.5, "rows": {"a": good, "b": idle}}}
+    groups = {"1": [["a"], ["b"]], "2": [["a", "b"]]}
+    alike = predict_batch(surface, mixed, methods)["drafters"]["d"]["by_batch"]["2"]
+    by_rows = predict_batch(surface, mixed, methods, groups)["drafters"]["d"]["by_batch"]
+    assert alike["speedup_drafting"] > 1.1 and alike["model"] == "rows alike"
+    assert by_rows["2"]["speedup_drafting"] < 1 and by_rows["2"]["k_best"] == 0
+    assert by_rows["2"]["model"] == "slowest row of each group"
+    both = {"d": {"conditional": [0.9] * 4, "draft_share": 1.0, "rows": {"a": good, "c": dict(good)}}}
+    two = predict_batch(surface, both, methods, {"1": [["a"], ["c"]], "2": [["a", "c"]]})["drafters"]["d"]["by_batch"]
+    assert two["2"]["speedup_drafting"] == pytest.approx(two["1"]["speedup_drafting"])
+    assert two["1"]["speedup_drafting"] > 1.5
+    assert monotone(verify)[4] == monotone(verify)[3] == verify["3"]               # the dip raised to its left

@@ -232,3 +232,38 @@ def test_the_mix_reads_and_trains_together(tiny, tmp_path):
     metrics = train_head(head, records, recorded, layers=mixed["features"]["layers"], batch_size=4, max_steps=2,
                          seed=0, progress=False)
     assert metrics["steps"] == 2 and all(torch.isfinite(torch.tensor(metrics["losses"])))
+
+
+def test_the_data_curve_notebook_trains_a_head_per_source_and_size(tiny, tmp_path):
+    """nbs/bench/train_curve.ipynb on the tiny model: fixed text and self-written answers, a fresh head per source and
+    size, τ measured for each; a rerun over the same folder keeps the points it has; a size past the data says so."""
+    import papermill as pm
+    from specdec.specs import make_drafter
+    root = Path(__file__).resolve().parents[1]
+    conversations, provenance = read_conversations(cut_file(tmp_path / "cut.json"))
+    write_conversation_data(tiny, tmp_path / "text" / "data.jsonl", conversations, provenance, n_records=8,
+                            max_tokens=40, progress=False)
+    write_distill_data(tiny, tmp_path / "self" / "data.jsonl", n_batches=2, batch_size=4, max_new_tokens=12,
+                       source=ConversationPrompts(tiny, conversations, provenance), progress=False)
+    params = {"target": "tiny-llama", "head_type": "eagle3", "text_data": str(tmp_path / "text" / "data.jsonl"),
+              "self_data": str(tmp_path / "self" / "data.jsonl"), "sizes": "20,40", "draft_vocab_size": 64,
+              "tau_prompts": "builtin", "tau_per_category": 1, "tau_new_tokens": 6, "tree": "2:4:2", "reference": "",
+              "out_dir": str(tmp_path / "curve"), "checkpoint_dir": str(tmp_path / "heads")}
+    run = lambda name, **kw: pm.execute_notebook(str(root / "nbs/bench/train_curve.ipynb"), str(tmp_path / name),
+                                                 parameters=params | kw, kernel_name="python3", cwd=str(tmp_path),
+                                                 progress_bar=False)
+    run("curve.ipynb")
+    points = [json.loads(l) for l in (tmp_path / "curve" / "curve.jsonl").read_text().splitlines()]
+    assert [(p["source"], p["size"]) for p in points] == [(s, n) for s in ("text", "self", "mixed") for n in (20, 40)]
+    assert all(p["trained_positions"] >= p["size"] and p["chain"]["tau"] >= 1 and p["steps"] >= 1 for p in points)
+    assert all(p["train_cpu_hours"] > 0 and len(p["chain"]["accepted_by_position"]) == 4 for p in points)
+    report = json.loads((tmp_path / "curve" / "report.json").read_text())
+    best = report["best"]
+    assert (best["source"], best["size"]) in {(p["source"], p["size"]) for p in points} and best["tree"]["tau"] >= 1
+    head = make_drafter(f"eagle3:{best['checkpoint']}", tiny)
+    assert head.config["metrics"]["trained_positions"] == next(p["trained_positions"] for p in points
+                                                               if (p["source"], p["size"]) == (best["source"], best["size"]))
+    run("again.ipynb")                                                             # nothing left to train: kept
+    assert (tmp_path / "curve" / "curve.jsonl").read_text().count("\n") == 6
+    with pytest.raises(pm.PapermillExecutionError, match="fewer than 100000: write more"):
+        run("more.ipynb", sizes="100000", sources="text")

@@ -7,8 +7,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "specdec"
 LOWER = ["models", "net", "sampling", "stats", "timing", "kernels", "engine", "policies", "drafters", "suffix", "controllers",
          "costmodel", "decode", "vocab", "unroll", "heads", "eagle3", "trees", "checkpoints", "distill",
          "train"]
-UPPER = ["synthetic", "specs", "serve_engine", "serve", "serve_bench", "provenance", "summary", "batch_summary",
-         "bench", "batch_bench", "report", "cli"]
+UPPER = ["synthetic", "specs", "serve_engine", "serve", "serve_bench", "serve_reliability", "provenance", "summary",
+         "batch_summary", "bench", "batch_bench", "report", "cli"]
 # the harness's own floors, from the ground up: what a run measured, what it says, how it runs, what people look at
 HARNESS = ["provenance", "summary", "batch_summary", "bench", "batch_bench", "report"]
 # the draft heads' floors, from the ground up: their vocabulary, the training-time test, the heads, the reference
@@ -127,8 +127,17 @@ def test_the_serve_benchmark_sits_above_the_server():
     graph = import_graph()
     assert graph["serve_bench"] & ({"serve", "serve_engine", "cli"} | set(HARNESS[1:])) == set()
     assert {"provenance", "prompts"} <= graph["serve_bench"]                               # the check can fail
-    assert {m for m in graph if "serve_bench" in graph[m]} == {"cli"}
+    assert {m for m in graph if "serve_bench" in graph[m]} <= {"cli", "serve_reliability"}
     assert not top_level_imports(PACKAGE / "cli.py") & {".serve_bench", "specdec.serve_bench"}
+
+
+def test_the_reliability_checks_sit_above_the_serve_benchmark():
+    """serve_reliability (issue 30's reliability checks) is a client too: it may use serve_bench's helpers, never the
+    server or the harness, and serve_bench never imports it."""
+    graph = import_graph()
+    assert "serve_bench" in graph["serve_reliability"]                                     # the check can fail
+    assert graph["serve_reliability"] & ({"serve", "serve_engine"} | set(HARNESS[1:])) == set()
+    assert "serve_reliability" not in graph["serve_bench"]
 
 
 def test_specdec_and_its_command_work_without_the_serve_extra():
