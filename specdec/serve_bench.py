@@ -12,13 +12,15 @@ from pathlib import Path
 from .prompts import load_prompts
 from .provenance import (git_state, system_info, machine_of, versions, record_provenance, write_json, file_hash,
                          portable_path, config_hash as _config_hash)
+from .serve_reference import IN_PROCESS, measure_reference, targets_table, reference_table
 
 # %% auto #0
-__all__ = ['SPEC_COUNTERS', 'ENGINES', 'SGLANG_GAUGES', 'GUIDELLM_VERSION', 'parse_metrics', 'engine_of', 'spec_delta',
-           'free_port', 'wait_healthy', 'scrape', 'Server', 'guidellm_scenario', 'run_guidellm',
-           'read_guidellm', 'ServeBenchConfig', 'write_prompts', 'save_tokenizer', 'warm_up', 'profile_label',
+__all__ = ['SPEC_COUNTERS', 'ENGINES', 'SGLANG_GAUGES', 'QUEUE_HISTOGRAM', 'GUIDELLM_VERSION', 'TARGET_COLUMNS',
+           'parse_metrics', 'engine_of', 'spec_delta', 'histogram_quantile', 'queue_delta', 'free_port',
+           'wait_healthy', 'scrape', 'Server', 'guidellm_scenario', 'run_guidellm', 'read_guidellm',
+           'ServeBenchConfig', 'write_prompts', 'save_tokenizer', 'warm_up', 'profile_label',
            'profile_record', 'run_serve_bench', 'serve_config', 'run_serve_from_parameters', 'load_serve_run',
-           'serve_text_summary', 'serve_table', 'acceptance_table', 'fig_serve']
+           'served_records', 'serve_text_summary', 'serve_table', 'acceptance_table', 'fig_serve']
 
 # %% ../nbs/19_serve_bench.ipynb #b1c60fde
 # the speculative counters, as each engine names them; specdec's are vLLM's under its own prefix
@@ -83,6 +85,35 @@ def spec_delta(before:str, after:str) -> dict:
             "acceptance_rate": accepted / draft_tokens if draft_tokens else None,
             "acceptance_per_position": [x / drafts for x in per_pos] if drafts else [],
             "mean_acceptance_length": mal, "tau": generated / steps if steps else mal}
+
+QUEUE_HISTOGRAM = "request_queue_time_seconds"   # the queue-time histogram, under the engine's prefix (specdec, vLLM)
+
+def histogram_quantile(q:float, buckets:list[tuple[float, float]]) -> float|None:
+    """Prometheus's `histogram_quantile`: the `q` quantile of cumulative `buckets` `[(upper bound, count)]` in ascending
+    order (the last `inf`), linear inside its bucket (the first from 0); in the `inf` bucket, the highest finite bound.
+    None for no observation."""
+    if not buckets or buckets[-1][1] <= 0: return None
+    rank, lower, below = q * buckets[-1][1], 0.0, 0.0
+    for upper, count in buckets:
+        if count >= rank and count > below:
+            return lower if upper == float("inf") else lower + (upper - lower) * (rank - below) / (count - below)
+        lower, below = upper, count
+    return lower
+
+def queue_delta(before:str, after:str) -> dict|None:
+    """The requests' queue time between two scrapes of `/metrics`, from the deltas of the `request_queue_time_seconds`
+    histogram (specdec's and vLLM's): requests, mean, p50 and p90 (seconds; the percentiles interpolated inside the
+    buckets). None where the server exports no such histogram."""
+    b, a = parse_metrics(before), parse_metrics(after)
+    names = sorted(n.removesuffix("_count") for n in a if n.endswith(f":{QUEUE_HISTOGRAM}_count"))
+    if not names: return None
+    name = names[0]
+    count = _total(a, f"{name}_count") - _total(b, f"{name}_count")
+    seconds = _total(a, f"{name}_sum") - _total(b, f"{name}_sum")
+    bounds = sorted({dict(labels)["le"] for labels in a.get(f"{name}_bucket", {})}, key=float)
+    buckets = [(float(le), _total(a, f"{name}_bucket", le=le) - _total(b, f"{name}_bucket", le=le)) for le in bounds]
+    return {"metric": name, "count": count, "mean_s": seconds / count if count else None,
+            "p50_s": histogram_quantile(0.5, buckets), "p90_s": histogram_quantile(0.9, buckets)}
 
 # %% ../nbs/19_serve_bench.ipynb #65b4910d
 def free_port(host:str="127.0.0.1") -> int:
@@ -246,6 +277,8 @@ class ServeBenchConfig:
     controller: str = "4"
     max_batch: int = 1
     baseline: bool = True
+    reference: bool|None = None    # None: measured when the run starts its servers, not against endpoints
+    reference_iterations: int = 2
     endpoint: str = ""
     baseline_endpoint: str = ""
     served_model: str = ""
@@ -279,7 +312,7 @@ class ServeBenchConfig:
         if self.resume:
             raise ValueError("a serve benchmark cannot be resumed (each load profile runs against a live server): "
                              "start a fresh run instead, leave out --resume (papermill: resume=\"\")")
-        for name in ("requests", "max_tokens"):
+        for name in ("requests", "max_tokens", "reference_iterations"):
             if getattr(self, name) < 1: raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.warmup < 0: raise ValueError(f"warmup must be >= 0, got {self.warmup}")
         if not self.profiles(): raise ValueError("no load profile: set synchronous, concurrencies or rates")
@@ -305,6 +338,11 @@ class ServeBenchConfig:
             return {"speculative": self.endpoint} | ({"baseline": self.baseline_endpoint}
                                                      if self.baseline_endpoint else {})
         return {"speculative": None} | ({"baseline": None} if self.baseline else {})
+
+    @property
+    def measures_reference(self) -> bool:
+        "Whether the in-process reference is measured: `reference`, or (None) when the run starts its own servers."
+        return (not self.endpoint) if self.reference is None else bool(self.reference)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -346,12 +384,12 @@ def profile_label(profile:str, load:float|None) -> str:
     return profile if load is None else f"{profile}@{load:g}"
 
 def profile_record(server:str, profile:str, load:float|None, report:dict, before:str, after:str) -> dict:
-    """One load profile's record: GuideLLM's report of it (one benchmark) and the speculative metrics between the
-    scrapes of `/metrics` before and after it."""
+    """One load profile's record: GuideLLM's report of it (one benchmark), and the speculative metrics and the queue
+    time (None: no queue-time histogram) between the scrapes of `/metrics` before and after it."""
     benchmarks = read_guidellm(report)
     if len(benchmarks) != 1: raise ValueError(f"expected one benchmark per profile, the report has {len(benchmarks)}")
     return {"server": server, "profile": profile, "load": load, "label": profile_label(profile, load),
-            **benchmarks[0], "spec": spec_delta(before, after)}
+            **benchmarks[0], "spec": spec_delta(before, after), "queue": queue_delta(before, after)}
 
 # %% ../nbs/19_serve_bench.ipynb #ba46b7e6
 def _measure(cfg:ServeBenchConfig, role:str, endpoint:str, model:str, data:Path, tokenizer:str, run_dir:Path,
@@ -378,10 +416,13 @@ def _server_info(endpoint:str) -> dict:
     return {"endpoint": endpoint, "models": models, "engine": engine_of(parse_metrics(scrape(endpoint)))}
 
 def run_serve_bench(cfg:ServeBenchConfig) -> Path:
-    """Run the serve benchmark `cfg`: for each server (speculative, then the baseline with `--drafter none`; started
-    here on a free port, or the endpoints given) wait for /health, warm up, then each load profile through GuideLLM
-    with /metrics scraped around it. Writes `records.jsonl` (one record per server and profile), GuideLLM's reports
-    under `guidellm/`, the servers' logs and `MANIFEST.json` (kind `serve`) into the run folder; returns it."""
+    """Run the serve benchmark `cfg`: first, where `cfg.measures_reference`, the in-process reference
+    (`serve_reference.measure_reference`: the same model and methods decoded here, one request at a time and batched);
+    then for each server (speculative, then the baseline with `--drafter none`; started here on a free port, or the
+    endpoints given) wait for /health, warm up, then each load profile through GuideLLM with /metrics scraped around
+    it. Writes `records.jsonl` (one record per server and profile, and the reference's with `server` "in-process"),
+    GuideLLM's reports under `guidellm/`, the servers' logs and `MANIFEST.json` (kind `serve`) into the run folder;
+    returns it."""
     import tempfile
     from specdec.models import resolve_device
     git, device = git_state(), resolve_device(cfg.device or None)
@@ -404,8 +445,13 @@ def run_serve_bench(cfg:ServeBenchConfig) -> Path:
                 "prompt_set": {"name": cfg.prompts if cfg.prompts == "builtin" else Path(cfg.prompts).name,
                                "file_sha256": file_hash(cfg.prompts), "selected": len(prompts),
                                "categories": sorted({p.category for p in prompts})},
-                "profiles": [profile_label(*p) for p in cfg.profiles()], "servers": {}}
+                "profiles": [profile_label(*p) for p in cfg.profiles()], "servers": {},
+                "reference": {"measured": False, "why": "--no-reference" if cfg.reference is False else
+                              "servers given by endpoint (--reference measures cfg.model here)"}}
     write_json(run_dir / "MANIFEST.json", manifest)
+    if cfg.measures_reference:                      # before any server: the model's memory is freed when it returns
+        manifest["reference"] = measure_reference(cfg, [p.turns[0] for p in prompts], run_dir, git)
+        write_json(run_dir / "MANIFEST.json", manifest)
     extra = tuple(x for flag, v in (("--device", cfg.device), ("--dtype", cfg.dtype), ("--compile", cfg.compile))
                   if v for x in (flag, v))
     records = []
@@ -451,16 +497,32 @@ def load_serve_run(run_dir) -> tuple[dict, list[dict]]:
     from specdec.provenance import read_manifest, read_records
     return read_manifest(run_dir), read_records(Path(run_dir) / "records.jsonl")
 
+def served_records(records:list[dict]) -> list[dict]:
+    "The records of the load profiles against servers (the in-process reference's left out)."
+    return [r for r in records if r["server"] != IN_PROCESS]
+
+TARGET_COLUMNS = ["target", "server", "served profile", "served", "in-process", "ratio", "goal", "met",
+                  "TTFT p50 (ms)", "queue p50 (ms)", "queue mean (ms)", "note"]
+
 def serve_text_summary(run_dir) -> str:
-    "A serve run as text (`specdec summary RUN`): its servers, the latency and throughput table, the acceptance table."
+    """A serve run as text (`specdec summary RUN`): its servers, the latency and throughput table, the acceptance
+    table, failed requests, then issue 30's targets (served / in-process) and the in-process reference."""
     manifest, records = load_serve_run(run_dir)
+    ref = manifest.get("reference") or {}
+    why = ref.get("why", "a run from before the reference")
+    measured = ("in-process reference: " + ("measured" if ref.get("measured") else f"not measured ({why})")
+                + "; ratio = served / in-process; TPOT goal <= 1.10 (issue 30: concurrency 1 within 10% of in-process "
+                "generate), throughput goal >= 0.90 (concurrency max_batch against the in-process batched loop)")
+    targets = targets_table(records, manifest["params"]["max_batch"])[TARGET_COLUMNS]
     servers = "; ".join(f"{role} {s.get('endpoint')} ({s.get('engine') or 'no speculative metrics'})"
                         for role, s in manifest["servers"].items())
     failed = [f"{r['server']} {r['label']}: {r['failed']} failed, first: {r['errors'][0] if r['errors'] else '?'}"
-              for r in records if r["failed"]]
+              for r in served_records(records) if r["failed"]]
     return "\n\n".join([f"run {manifest['run_id']} ({manifest['status']}), profiles {', '.join(manifest['profiles'])}; "
                         f"servers: {servers}", serve_table(records).to_string(index=False),
-                        acceptance_table(records).to_string(index=False), "\n".join(failed) or "no failed request"])
+                        acceptance_table(records).to_string(index=False), "\n".join(failed) or "no failed request",
+                        measured, targets.to_string(index=False)]
+                       + ([reference_table(records).to_string(index=False)] if ref.get("measured") else []))
 
 # %% ../nbs/19_serve_bench.ipynb #7a75dd55
 def serve_table(records:list[dict]):
@@ -469,7 +531,7 @@ def serve_table(records:list[dict]):
     acceptance length from the /metrics deltas."""
     import pandas as pd
     rows = []
-    for r in records:
+    for r in served_records(records):
         lat, spec = r["latency"], r["spec"]
         rows.append({"server": r["server"], "profile": r["label"], "ok": r["requests"]["successful"],
                      "failed": r["failed"], "concurrency": r["concurrency"],
@@ -483,7 +545,7 @@ def acceptance_table(records:list[dict]):
     "Per-position acceptance (accepted at position i / drafts) and the counters' deltas, by server and profile."
     import pandas as pd
     rows = []
-    for r in records:
+    for r in served_records(records):
         s = r["spec"]
         rows.append({"server": r["server"], "profile": r["label"], "engine": s.get("engine"),
                      **{k: s.get(k) for k in ("drafts", "draft_tokens", "accepted_tokens", "generation_tokens",
@@ -499,6 +561,7 @@ def fig_serve(records:list[dict]):
     panels = [("ttft_ms", "TTFT p50 (ms)"), ("tpot_ms", "TPOT p50 (ms)"), ("e2e_s", "end to end p50 (s)"),
               (None, "output tokens / s")]
     fig = make_subplots(rows=1, cols=4, subplot_titles=[t for _, t in panels])
+    records = served_records(records)
     for i, server in enumerate(dict.fromkeys(r["server"] for r in records)):
         rs = sorted((r for r in records if r["server"] == server), key=lambda r: r["concurrency"] or 0)
         for col, (key, _) in enumerate(panels, 1):

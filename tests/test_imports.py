@@ -7,8 +7,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "specdec"
 LOWER = ["models", "net", "sampling", "stats", "timing", "kernels", "engine", "policies", "drafters", "suffix", "controllers",
          "costmodel", "decode", "vocab", "unroll", "heads", "eagle3", "trees", "checkpoints", "distill",
          "train"]
-UPPER = ["synthetic", "specs", "serve_engine", "serve", "serve_bench", "serve_reliability", "provenance", "summary",
-         "batch_summary", "bench", "batch_bench", "report", "cli"]
+UPPER = ["synthetic", "specs", "serve_engine", "serve", "serve_reference", "serve_bench", "serve_reliability",
+         "provenance", "summary", "batch_summary", "bench", "batch_bench", "report", "cli"]
 # the harness's own floors, from the ground up: what a run measured, what it says, how it runs, what people look at
 HARNESS = ["provenance", "summary", "batch_summary", "bench", "batch_bench", "report"]
 # the draft heads' floors, from the ground up: their vocabulary, the training-time test, the heads, the reference
@@ -129,6 +129,19 @@ def test_the_serve_benchmark_sits_above_the_server():
     assert {"provenance", "prompts"} <= graph["serve_bench"]                               # the check can fail
     assert {m for m in graph if "serve_bench" in graph[m]} <= {"cli", "serve_reliability"}
     assert not top_level_imports(PACKAGE / "cli.py") & {".serve_bench", "specdec.serve_bench"}
+
+
+def test_the_in_process_reference_builds_what_the_server_builds():
+    """serve_reference (issue 30's in-process reference, which serve_bench runs before its servers) loads the model
+    through the engine (serve_engine) and decodes with decode, imports neither the app, the client nor the CLI, and
+    imports torch and the engine only inside its functions (serve_bench imports it at import time)."""
+    graph = import_graph()
+    assert {"serve_engine", "decode"} <= graph["serve_reference"]                          # the check can fail
+    assert graph["serve_reference"] & ({"serve", "serve_bench", "cli"} | set(HARNESS[1:])) == set()
+    top = {n.lstrip(".").removeprefix("specdec.").split(".")[0]
+           for n in top_level_imports(PACKAGE / "serve_reference.py")}
+    assert top & {"torch", "serve_engine", "decode", "prometheus_client"} == set()
+    assert "serve_reference" in graph["serve_bench"]
 
 
 def test_the_reliability_checks_sit_above_the_serve_benchmark():

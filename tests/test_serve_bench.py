@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 from specdec.serve_bench import (ServeBenchConfig, read_guidellm, run_serve_bench, save_tokenizer, spec_delta,
                                  parse_metrics, engine_of, wait_healthy, free_port, profile_record, serve_table,
-                                 acceptance_table, fig_serve)
+                                 acceptance_table, fig_serve, queue_delta, histogram_quantile)
+from specdec.serve_reference import IN_PROCESS, target_rows, targets_table, reference_summary
 from specdec.cli import main
 
 FIX = Path(__file__).parent / "fixtures" / "serve_bench"
@@ -170,13 +171,16 @@ def test_a_profile_whose_every_request_failed_ends_the_run_with_the_error(fake_s
 
 
 def test_a_short_run_against_specdec_serve_writes_its_run_folder(tokenizer, tmp_path, capsys):
-    "Speculative (pld) and baseline (--drafter none) servers started here, two streamed requests each, a few tokens."
-    cfg = ServeBenchConfig(model="smollm2-135m", drafter="pld", synchronous=True, concurrencies="", requests=2,
-                           max_tokens=6, warmup=1, n_prompts=2, stream=True, out=str(tmp_path), run_id="run",
-                           tokenizer=tokenizer)
+    """Speculative (pld) and baseline (--drafter none) servers started here with --max-batch 2, two streamed requests
+    each, synchronous and at concurrency 2, a few tokens; before them, the in-process reference of both (batch 1 and
+    batched at 2) and the targets' rows in `specdec summary`."""
+    cfg = ServeBenchConfig(model="smollm2-135m", drafter="pld", max_batch=2, synchronous=True, concurrencies="2",
+                           requests=2, max_tokens=6, warmup=1, n_prompts=4, stream=True, out=str(tmp_path),
+                           run_id="run", tokenizer=tokenizer, reference_iterations=1)
     run_dir = run_serve_bench(cfg)
     manifest = json.loads((run_dir / "MANIFEST.json").read_text())
-    records = [json.loads(l) for l in (run_dir / "records.jsonl").read_text().splitlines()]
+    everything = [json.loads(l) for l in (run_dir / "records.jsonl").read_text().splitlines()]
+    reference, records = everything[:4], everything[4:]                 # the reference is measured first
     assert (manifest["kind"], manifest["status"], manifest["failed_requests"]) == ("serve", "complete", 0)
     assert manifest["git"]["commit"] and manifest["versions"]["guidellm"] == "0.8.1"
     # stopped by SIGTERM: uvicorn shuts down gracefully, then re-raises the signal (exit code -15)
@@ -184,18 +188,49 @@ def test_a_short_run_against_specdec_serve_writes_its_run_folder(tokenizer, tmp_
         "speculative": ("specdec", -15), "baseline": ("specdec", -15)}
     assert "Application shutdown complete" in (run_dir / "server-baseline.log").read_text()
     assert [(r["server"], r["label"], r["requests"]["successful"]) for r in records] == [
-        ("speculative", "synchronous", 2), ("baseline", "synchronous", 2)]
-    spec, base = (r["spec"] for r in records)
+        ("speculative", "synchronous", 2), ("speculative", "concurrent@2", 2), ("baseline", "synchronous", 2),
+        ("baseline", "concurrent@2", 2)]
+    spec, base = records[0]["spec"], records[2]["spec"]
     for r in records:                                                   # the warm-up is not in the deltas
         assert r["spec"]["generation_tokens"] == r["output_tokens"] > 0 and (run_dir / r["guidellm"]).is_file()
+        assert r["queue"]["metric"] == "specdec:request_queue_time_seconds" and r["queue"]["count"] == 2
     assert spec["drafts"] > 0 and spec["verification_steps"] <= spec["generation_tokens"]
     assert base["drafts"] == 0 and base["tau"] == 1.0                    # speculation off: one token a step
     assert all(r["streamed"] and r["latency"]["ttft_ms"]["count"] == 2 for r in records)   # GuideLLM's own options
     assert 0 < records[0]["latency"]["ttft_ms"]["p50"] <= 1000 * records[0]["latency"]["e2e_s"]["p50"]
     assert records[0]["latency"]["e2e_s"]["count"] == 2
+    # the in-process reference: the same two requests (the data's first two rows, chat template applied), decoded
+    # alone and as one batch of 2
+    assert [(r["server"], r["role"], r["mode"], r["batch_size"], r["drafter"]) for r in reference] == [
+        ("in-process", "speculative", "batch-1", 1, "pld:3"), ("in-process", "baseline", "batch-1", 1, "none"),
+        ("in-process", "speculative", "batched", 2, "pld:3"), ("in-process", "baseline", "batched", 2, "none")]
+    spec1, base1, spec2, base2 = reference
+    assert len(spec1["decoded"]) == 2 and [b["rows"] for b in spec2["batches"]] == [2]
+    assert [d["tokens"] for d in spec1["decoded"]] == [d["tokens"] for d in base1["decoded"]] == spec2["batches"][0][
+        "tokens"]                                                        # greedy: every way decodes the same tokens
+    assert spec1["output_tokens"] == records[0]["output_tokens"]        # ... as the server did (6 each, or to EOS)
+    for d in spec1["decoded"] + base1["decoded"]:
+        assert 0 < d["ttft_s"] <= d["e2e_s"] and d["tpot_ms"] > 0 and d["steps"] <= d["tokens"] <= 6
+    assert sum(d["steps"] for d in base1["decoded"]) == base1["output_tokens"]   # no drafter: one token a step
+    assert all(r["output_tokens_per_s"] > 0 for r in reference)
+    ref = manifest["reference"]
+    assert (ref["measured"], ref["modes"], ref["requests"], ref["iterations"], ref["unavailable"]) == (
+        True, {"batch-1": 1, "batched": 2}, 2, 1, {})
+    assert ref["roles"] == {"speculative": {"drafter": "pld:3", "controller": "fixed:4"},
+                            "baseline": {"drafter": "none", "controller": "none"}}
     assert main(["summary", str(run_dir)]) == 0                          # specdec summary RUN: the tables as text
     out = capsys.readouterr().out
     assert "servers: speculative http://127.0.0.1:" in out and "baseline" in out and "no failed request" in out
+    assert "in-process reference: measured; ratio = served / in-process" in out
+    for row in ("TPOT at concurrency 1 / in-process generate at batch 1", "throughput at concurrency 2 / in-process "
+                "batched loop at B=2"):
+        assert out.count(row) == 2                                        # speculative and baseline
+    from specdec.serve_reference import target_rows
+    rows = target_rows(everything, 2)
+    assert [(r["server"], r["served profile"], r["note"]) for r in rows] == [
+        ("speculative", "synchronous", ""), ("speculative", "concurrent@2", ""), ("baseline", "synchronous", ""),
+        ("baseline", "concurrent@2", "")]
+    assert all(r["ratio"] > 0 and r["queue p50 (ms)"] is not None for r in rows)
 
 
 def test_bench_serve_refuses_resume(capsys):
@@ -232,3 +267,76 @@ def test_each_profile_scenario_is_valid_for_guidellm():
         assert spec.backend.extras.body == {"temperature": 0.0} and spec.backend.max_tokens == 16
     with pytest.raises(ValueError, match="unknown load profile 'sweep'"):
         guidellm_scenario("http://x", "m", "sweep", None, Path("d"), "t", Path("o"), 1, 0, 1, True, True, 0.0, 0)
+
+
+def test_queue_time_is_read_from_the_histogram_deltas():
+    "One request between the specdec scrapes: queue count 1, its seconds, p50/p90 inside the first bucket (0-10 ms)."
+    q = queue_delta(text("specdec_metrics_before.txt"), text("specdec_metrics_after.txt"))
+    assert (q["metric"], q["count"]) == ("specdec:request_queue_time_seconds", 1)
+    assert q["mean_s"] == pytest.approx(16.3051638140023 - 16.301282027001434)
+    assert (q["p50_s"], q["p90_s"]) == (pytest.approx(0.005), pytest.approx(0.009))
+    assert queue_delta(text("vllm_metrics_before.txt"), text("vllm_metrics_after.txt")) is None  # no such histogram
+    same = queue_delta(text("specdec_metrics_after.txt"), text("specdec_metrics_after.txt"))
+    assert (same["count"], same["mean_s"], same["p50_s"]) == (0, None, None)
+    # Prometheus's rule: linear inside the bucket, the first from 0; in the +Inf bucket, the highest finite bound
+    buckets = [(0.1, 2.0), (1.0, 6.0), (float("inf"), 10.0)]
+    assert histogram_quantile(0.1, buckets) == pytest.approx(0.05)
+    assert histogram_quantile(0.5, buckets) == pytest.approx(0.1 + 0.9 * 3 / 4)
+    assert histogram_quantile(0.9, buckets) == 1.0 and histogram_quantile(0.5, []) is None
+
+
+def _served(role, label, tok_s, itl=None, tpot=None, streamed=True, queue=None):
+    "A served record with only what the targets read (GuideLLM's p50s, its throughput, the /metrics queue time)."
+    return {"server": role, "label": label, "streamed": streamed, "output_tokens_per_s": tok_s, "queue": queue,
+            "latency": {"itl_ms": {"p50": itl}, "tpot_ms": {"p50": tpot}, "ttft_ms": {"p50": 25.0}}}
+
+
+def _batch1(role, i, decoded):
+    "In-process batch-1 record of (tokens, TPOT ms, ms per token, e2e s) requests."
+    rows = [{"tokens": n, "tpot_ms": t, "ms_per_token": m, "ttft_s": 0.01 * (i + 1), "e2e_s": e}
+            for n, t, m, e in decoded]
+    tokens, wall = sum(d[0] for d in decoded), sum(d[3] for d in decoded)
+    return {"server": IN_PROCESS, "role": role, "mode": "batch-1", "batch_size": 1, "iteration": i, "decoded": rows,
+            "output_tokens": tokens, "wall_s": wall, "output_tokens_per_s": tokens / wall}
+
+
+def test_the_targets_divide_served_by_in_process_and_say_what_is_missing():
+    """TPOT: token-weighted medians (a long request counts more), served ITL when streamed, GuideLLM's TPOT against ms
+    per token when not; throughput at concurrency max_batch; a missing profile or reference is a note, not a number."""
+    records = [_batch1("speculative", 0, [(11, 10.0, 12.0, 0.2), (3, 40.0, 50.0, 0.1)]),     # weights 10 and 2
+               _batch1("speculative", 1, [(11, 12.0, 13.0, 0.2), (3, 44.0, 50.0, 0.1)]),
+               {"server": IN_PROCESS, "role": "speculative", "mode": "batched", "batch_size": 4, "iteration": 0,
+                "batches": [{"rows": 4}], "output_tokens": 120, "wall_s": 1.0, "output_tokens_per_s": 120.0},
+               _served("speculative", "synchronous", 50.0, itl=11.5,
+                       queue={"count": 2, "mean_s": 0.003, "p50_s": 0.002}),
+               _served("speculative", "concurrent@4", 100.0, itl=20.0),
+               _served("baseline", "concurrent@1", 40.0, tpot=30.0, streamed=False)]
+    spec_tpot, spec_tput, base_tpot, base_tput = target_rows(records, max_batch=4)
+    assert spec_tpot["in-process"] == 12.0             # 10 (x10), 40 (x2), 12 (x10), 44 (x2); unweighted: 26
+    assert (spec_tpot["served profile"], spec_tpot["served"], spec_tpot["ratio"], spec_tpot["met"]) == (
+        "synchronous", 11.5, pytest.approx(11.5 / 12.0), True)
+    assert (spec_tpot["queue p50 (ms)"], spec_tpot["queue mean (ms)"], spec_tpot["TTFT p50 (ms)"]) == (2.0, 3.0, 25.0)
+    assert spec_tpot["in-process over iterations"] == "10-12 ms" and spec_tpot["note"] == ""
+    assert "<= 1.10" == spec_tpot["goal"] and ">= 0.90" == spec_tput["goal"]
+    assert (spec_tput["served profile"], spec_tput["ratio"], spec_tput["met"]) == ("concurrent@4", 100 / 120, False)
+    assert spec_tput["note"] == "no queue-time histogram in the server's /metrics"
+    # the baseline: not streamed (GuideLLM's TPOT, first token included), no in-process record, no concurrent@4
+    assert "first token included" in base_tpot["metric"] and base_tpot["served"] == 30.0
+    assert (base_tpot["in-process"], base_tpot["ratio"], base_tpot["met"]) == (None, None, None)
+    assert "no in-process batch-1 reference for baseline" in base_tpot["note"]
+    assert (base_tput["served profile"], base_tput["served"], base_tput["ratio"]) == (None, None, None)
+    assert base_tput["note"].startswith("no concurrent@4 profile against the baseline server; no in-process batched")
+    # max_batch 1: the throughput row reads the batch-1 decodes and takes the synchronous profile
+    one = target_rows(records, max_batch=1)[1]
+    assert (one["served profile"], one["in-process"]) == ("synchronous", pytest.approx(28 / 0.6))
+    summary = {(s["role"], s["mode"]): s for s in reference_summary(records)}
+    assert summary[("speculative", "batch-1")]["ms_per_token"] == 13.0 and summary[("speculative", "batched")][
+        "requests"] == 4
+    assert list(targets_table(records, 4)["met"]) == [True, False, None, None]
+
+
+def test_the_reference_is_on_when_the_run_starts_its_servers():
+    assert ServeBenchConfig().measures_reference and not ServeBenchConfig(reference=False).measures_reference
+    assert not ServeBenchConfig(endpoint="http://x:1").measures_reference            # another engine's model: asked
+    assert ServeBenchConfig(endpoint="http://x:1", reference=True).measures_reference
+    with pytest.raises(ValueError, match="reference_iterations must be >= 1"): ServeBenchConfig(reference_iterations=0)
