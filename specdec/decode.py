@@ -124,55 +124,66 @@ def _step(runner, cache, drafter, policy, tokens, lengths:list, lengths_t, k:int
     K = draft.k
     current = tokens[:, L - 1:L] if B == 1 else tokens.gather(1, lengths_t[:, None] - 1)   # [B, 1] each row's last
     verify_ids = torch.cat([current, draft.tokens], dim=1)                         # [B, K+1]
+    extra = {} if draft.n_valid is None else {"n_valid": draft.n_valid}
     if draft.parents is not None:
-        return _tree_step(runner, cache, policy, draft, verify_ids, tokens, L, sampling, generator, eos_ids, keep,
-                          timer)
+        return _tree_step(runner, cache, policy, draft, verify_ids, tokens, L, lengths_t, sampling, generator, eos_ids,
+                          keep, timer, extra)
     target_logits, features = runner(verify_ids, cache, keep=keep)               # [B, K+1, V], [B, K+1, F]
     timer.lap("verify")
-    extra = {} if draft.n_valid is None else {"n_valid": draft.n_valid}
     verdict = policy(draft.tokens, draft.probs, target_logits, sampling, generator, **extra)
     new, eos_index = _emitted(draft.tokens, verdict, eos_ids)                      # [B, K+1], [B]
-    # slots past the emitted: overwritten later
-    if B == 1: tokens[:, L:L + K + 1] = new
-    # each row at its end
-    else: tokens.scatter_(1, lengths_t[:, None] + torch.arange(K + 1, device=tokens.device), new)
+    _write(tokens, new, L, lengths_t)
     proposed = torch.full_like(eos_index, K) if draft.n_valid is None else draft.n_valid
     n, eos_at, proposed = read_step(torch.stack([verdict.n_accepted, eos_index, proposed]))   # the one sync
     return draft, n, eos_at, proposed, features
 
-def _tree_step(runner, cache, policy, draft, verify_ids, tokens, length:int, sampling, generator, eos_ids, keep, timer):
-    """`_step` for a token tree (one row): verify every branch in one forward, keep the accepted branch's cache entries,
-    and its features first in the block."""
+def _write(tokens, new, L:int, lengths_t) -> None:
+    "A step's tokens `[B, m]` written at each row's end (slots past the emitted: overwritten later)."
+    if lengths_t is None: tokens[:, L:L + new.shape[1]] = new                      # one row
+    else: tokens.scatter_(1, lengths_t[:, None] + torch.arange(new.shape[1], device=tokens.device), new)
+
+def _tree_step(runner, cache, policy, draft, verify_ids, tokens, length:int, lengths_t, sampling, generator, eos_ids,
+               keep, timer, extra:dict):
+    """`_step` for token trees (one a row, `[B, n]` nodes; `extra`: their `n_valid`, padding past it): verify every
+    branch in one forward, keep each row's accepted branch's cache entries, and its features first in the block."""
     if not hasattr(runner, "keep_path"):
         raise ValueError(f"token trees are verified by a DecoderNet or its Engine; this target runs "
                          f"{type(runner).__name__}")
+    B = verify_ids.shape[0]
     layout = draft.layout if draft.layout is not None else TreeLayout.of_draft(draft.parents)
-    target_logits, features = runner(verify_ids, cache, tree=layout, keep=keep)    # [1, K+1, V], [1, K+1, F]
+    target_logits, features = runner(verify_ids, cache, tree=layout, keep=keep)    # [B, K+1, V], [B, K+1, F]
     timer.lap("verify")
     # a tree grown on the device: one read
     if draft.layout is not None and policy.verifies_trees_on_device:
-        # n [1] accepted, path [K] the kept branch's nodes by depth (junk past n), next_token [1]
-        n, path, next_token = policy.verify_tree_on_device(draft.tokens, layout, target_logits, sampling, generator)
+        # n [B] accepted, path [B, K] the kept branch's nodes by depth (junk past n), next_token [B]
+        n, path, next_token = policy.verify_tree_on_device(draft.tokens, layout, target_logits, sampling, generator,
+                                                           **extra)
+        path = path.reshape(B, -1)
         # entries past the branch move junk past it
-        runner.keep_path(cache, length - 1, path)
-        new, eos_index = _emitted(verify_ids[:, path], Verdict(n, next_token), eos_ids)   # [1, K+1], [1]
-        tokens[:, length:length + new.shape[1]] = new
-        # proposes `depth`
-        (n,), (eos_at,), (depth,) = read_step(torch.stack([n, eos_index, layout.depths.max()[None]]))
-        kept = torch.cat([path.new_zeros(1), path[:n]])                            # [n+1] the block rows committed
+        runner.keep_path(cache, length - 1 if lengths_t is None else lengths_t - 1, path)
+        new, eos_index = _emitted(verify_ids.gather(1, path), Verdict(n, next_token), eos_ids)   # [B, K+1], [B]
+        _write(tokens, new, length, lengths_t)
+        depths = layout.rows(B, verify_ids.device)[0]                               # [B, K+1]
+        if extra:                                                                   # padding proposes nothing
+            depths = depths * (torch.arange(depths.shape[1], device=depths.device) <= extra["n_valid"][:, None])
+        # a tree proposes its depth
+        n, eos_at, depth = read_step(torch.stack([n, eos_index, depths.max(-1).values]))
+        kept = torch.cat([path.new_zeros(B, 1), path], 1)                          # [B, K+1] the block rows committed
     else:
+        if B > 1 or extra: raise NotImplementedError(f"{type(policy).__name__} verifies token trees on the host: "
+                                                     "one prompt at a time")
         parents = draft.parents if isinstance(draft.parents, list) else draft.parents.tolist()
         branch, next_token = policy.verify_tree(draft.tokens, parents, target_logits, sampling, generator)   # [n], [1]
         # the branch's K/V where a chain's would be
         runner.keep_path(cache, length - 1, [i + 1 for i in branch])
-        n = len(branch)
-        verdict = Verdict(torch.full_like(next_token, n), next_token)
+        verdict = Verdict(torch.full_like(next_token, len(branch)), next_token)
         new, eos_index = _emitted(draft.tokens[:, branch], verdict, eos_ids)       # [1, n+1], [1]
-        tokens[:, length:length + n + 1] = new
-        eos_at, depth = int(eos_index[0]), int(layout.depths.max())               # a tree proposes `depth` positions
-        kept = torch.tensor([0] + [i + 1 for i in branch], device=verify_ids.device)   # [n+1] the block rows committed
-    features = None if features is None else features.index_select(1, kept.to(features.device))   # [1, n+1, F]
-    return draft, [n], [eos_at], [depth], features
+        tokens[:, length:length + len(branch) + 1] = new
+        n, eos_at, depth = [len(branch)], [int(eos_index[0])], [int(layout.depths.max())]
+        kept = torch.tensor([[0] + [i + 1 for i in branch]], device=verify_ids.device)   # [1, n+1] the rows committed
+    if features is not None:   # [B, K+1, F] (one row: [1, n+1, F])
+        features = features.gather(1, kept.to(features.device)[..., None].expand(-1, -1, features.shape[-1]))
+    return draft, n, eos_at, depth, features
 
 def _event(step:int, draft, proposed:int, accepted:int, emitted, before:dict, timer) -> StepEvent:
     "The host-side record of a step, for `on_step` callbacks."
@@ -222,7 +233,7 @@ class Batch:
         if drafter is not None and drafter.drafts_trees and not policy.verifies_trees:
             raise ValueError(f"{drafter.name} drafts token trees, which policy {type(policy).__name__} cannot verify: "
                              "use greedy or rejection")
-        if rows > 1 and drafter is not None and drafter.drafts_trees:
+        if rows > 1 and drafter is not None and drafter.drafts_trees and not drafter.batches_trees:
             raise NotImplementedError(f"{drafter.name} drafts token trees, which are drafted and verified for one "
                                       f"prompt at a time; got {rows}: use a chain drafter for a batch")
         if drafter is not None and controller is None: controller = FixedK(4)

@@ -38,6 +38,7 @@ class Drafter:
     use, declared here with its default. A drafter overrides `propose` and what else it needs; nothing else is asked."""
     target_layers:tuple = ()   # target layers whose outputs it drafts from, handed to `start`/`observe` as features
     drafts_trees:bool = False  # proposes token trees (`Draft.parents`): only a policy that verifies trees can keep them
+    batches_trees:bool = False # its trees are drafted for rows of a batch too (`[B, n]`, each row's own tree)
     forwards:int = 0           # draft forward passes in the current generation
     missing_features:int = 0   # steps this generation drafted without the target features it reads (a head: from zeros)
     # joined drafters (`Fallback`): per member, the steps it drafted, its drafts proposed and accepted

@@ -188,9 +188,11 @@ def _forward_fn(self:Engine, logits:str="all"):
                 return compiled(ids, positions, cache, logits, packed=False, tree=tree, keep=keep)
     return lambda ids, positions, cache, tree=None: forward(ids, positions, cache, logits, tree=tree, keep=all_layers)
 
-def _static_tree(q:int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    "A chain's `(depths [q], ancestors [q, q])`: a valid tree to build a tree step with (each call copies its own in)."
-    return torch.arange(q, device=device), torch.ones(q, q, dtype=torch.bool, device=device).tril()
+def _static_tree(q:int, device, rows:int=1) -> tuple[torch.Tensor, torch.Tensor]:
+    """A chain's `(depths [q], ancestors [q, q])`: a valid tree to build a tree step with (each call copies its own in);
+    a batch's rows (`rows` > 1) each their own: `[B, q]`, `[B, q, q]`."""
+    depths, ancestors = torch.arange(q, device=device), torch.ones(q, q, dtype=torch.bool, device=device).tril()
+    return (depths, ancestors) if rows == 1 else (depths.repeat(rows, 1), ancestors.repeat(rows, 1, 1))
 
 def _capture(self:Engine, q:int, logits:str, cache:KVCache):
     """Warm up, capture `forward_at` of width `q` as a CUDA graph; return the replaying step function. `logits="tree"`:
@@ -198,7 +200,7 @@ def _capture(self:Engine, q:int, logits:str, cache:KVCache):
     device = self.net.device
     static_ids = torch.zeros(cache.keys.shape[1], q, dtype=torch.long, device=device)   # [B, q]
     static_pos = cache.positions(q).clone()                                              # [B, q]
-    static_tree = _static_tree(q, device) if logits == "tree" else None                   # ([q], [q, q])
+    static_tree = _static_tree(q, device, cache.batch) if logits == "tree" else None      # ([(B,) q], [(B,) q, q])
     # the outputs: logits and {layer: [B, q, H]}
     graph, static_out = capture_graph(self._forward_fn(logits), [static_ids, static_pos, cache, static_tree], device)
     def replay(input_ids, cache, tree=None):
@@ -225,7 +227,7 @@ def _step(self:Engine, q:int, logits:str, cache:KVCache):
             fn = lambda ids, cache, tree=None: forward(ids, cache.positions(ids.shape[1]), cache, tree)
             if self.mode == "compile" and logits != "none":                  # compile now
                 fn(torch.zeros(cache.keys.shape[1], q, dtype=torch.long, device=self.net.device), cache,
-                   _static_tree(q, self.net.device) if logits == "tree" else None)
+                   _static_tree(q, self.net.device, cache.batch) if logits == "tree" else None)
         sync(self.net.device); name = f"q={q}/{logits}"
         self.setup_seconds[name] = self.setup_seconds.get(name, 0.0) + time.perf_counter() - t0   # summed over rebuilds
         self.steps[key], self.tables = fn, self.net.cos

@@ -534,48 +534,59 @@ EagleHead._catch_up, EagleHead.propose = _eagle_catch_up, _eagle_propose
 EagleHead._first, EagleHead._first_rows, EagleHead._next = _eagle_first, _eagle_first_rows, _eagle_next
 
 # %% ../nbs/05a_heads.ipynb #f6fd750e
-def _eagle_tree_scores(self:EagleHead, tokens:torch.Tensor, # [1, L] the sequence so far
+def _eagle_tree_scores(self:EagleHead, tokens:torch.Tensor, # [1, L] the sequence so far ([B, L]: rows, right-padded)
                        depth:int, # the deepest draft of the tree
+                       lengths:list[int]|None=None, # rows: each one's length (each grows its own tree)
                       ) -> tuple|None:
     """The scores a token tree grows from (`specdec.trees.TokenTree`): the first draft's log-probabilities `[N]`, and
     `expand`, one head forward per depth over the nodes it expands, each attending to the committed prefix and its own
     ancestors in the head's cache (at fixed shapes under `HeadSteps`: one graph replay per depth on CUDA); the depth,
-    and the full id of each draft id. None when there is nothing to draft."""
-    L = tokens.shape[1]
-    if depth == 0 or L < 2: return None
-    cache = self.cache
-    out, logits = self._first(tokens)                                               # [1, 1, H] at L-2, [1, N]
-    prefix = cache.steps < L - 1                                                    # [capacity] the committed pairs
-    state = {"out": out, "seen": None, "slot": L - 1}                  # last outputs; each row's ancestors' slots
+    and the full id of each draft id. None when there is nothing to draft. Rows (`lengths`): `[B, N]`, and `expand`
+    over `[B, f]` nodes, each row's at its own slots past its own sequence (eagerly, at fixed shapes)."""
+    B, L = tokens.shape
+    if depth == 0 or min(lengths or [L]) < 2: return None
+    cache, C = self.cache, self.cache.capacity
+    out, logits = self._first(tokens, lengths)                                      # [B, 1, H] at L_b-2, [B, N]
+    ends = torch.tensor(lengths or [L], device=tokens.device)[:, None] - 1          # [B, 1] each row's slot L_b-1
+    prefix = cache.steps < ends                                                     # [B, capacity] committed pairs
+    state = {"out": out, "seen": None, "slot": 0}                  # last outputs; each one's ancestors' slots
 
-    def expand(d, frontier_tokens, parent_rows):
-        f, slot = frontier_tokens.shape[0], state["slot"]
-        slots = torch.arange(slot, slot + f, device=prefix.device)                  # [f]
-        seen = cache.steps[None] == slots[:, None]                                  # [f, capacity] itself...
-        if state["seen"] is not None: seen |= state["seen"][parent_rows]            # ...and its ancestors
-        hidden = state["out"][:, parent_rows]                          # [1, f, H] each reads its parent's output
-        positions = torch.full((f,), L - 3 + d, device=prefix.device)              # depth d-1 nodes sit at L-2+(d-1)
-        if self.steps is None:
-            out = self(frontier_tokens[None], hidden, slot, cache, positions, (prefix[None] | seen)[:, :slot + f])
-            logp = torch.log_softmax(self.logits(out[0]), -1)
+    def expand(d, frontier_tokens, parent_rows):                   # [f] each ([B, f]: rows)
+        frontier, parent = frontier_tokens.reshape(B, -1), parent_rows.reshape(B, -1)   # [B, f]
+        f, slot = frontier.shape[1], state["slot"]
+        slots = ends + slot + torch.arange(f, device=ends.device)                  # [B, f] past each row's sequence
+        seen = cache.steps == slots[..., None]                                      # [B, f, capacity] itself...
+        if state["seen"] is not None: seen |= state["seen"].gather(1, parent[..., None].expand(-1, -1, C))
+        # [B, f, H] each reads its parent's output
+        hidden = state["out"].gather(1, parent[..., None].expand(-1, -1, state["out"].shape[-1]))
+        positions = (ends + d - 2).expand(B, f)                   # [B, f] depth d-1 nodes sit at L_b-2+(d-1)
+        visible = prefix[:, None] | seen                                            # [B, f, capacity]
+        if lengths is not None:                                                     # rows: eagerly, at fixed shapes
+            out = self.forward_at(frontier, hidden, positions, cache, slots, visible)
+            logp = torch.log_softmax(self.logits(out), -1)                          # [B, f, N]
+        elif self.steps is None:
+            out = self(frontier, hidden, L - 1 + slot, cache, positions[0], visible[0, :, :L - 1 + slot + f])
+            logp = torch.log_softmax(self.logits(out[0]), -1)                       # [f, N]
         else:
-            out, logp = self.steps("tree", f, self._tree_at, frontier_tokens[None], hidden, slots, positions,
-                                   prefix[None] | seen)
+            out, logp = self.steps("tree", f, self._tree_at, frontier, hidden, slots[0], positions[0], visible[0])
         state.update(out=out, seen=seen, slot=slot + f)
-        return logp                                                                 # [f, N]
+        return logp
 
     self.forwards += depth                                            # the first, then one per depth as the tree grows
-    return torch.log_softmax(logits[0], -1), expand, depth, self.vocab.ids_on(tokens.device)
+    first = torch.log_softmax(logits, -1)                                           # [B, N]
+    return first if lengths is not None else first[0], expand, depth, self.vocab.ids_on(tokens.device)
 
-def _medusa_tree_scores(self:MedusaHeads, tokens:torch.Tensor, # [1, L] the sequence so far
-                        depth:int) -> tuple|None:
+def _medusa_tree_scores(self:MedusaHeads, tokens:torch.Tensor, # [1, L] the sequence so far ([B, L]: rows)
+                        depth:int, lengths:list[int]|None=None) -> tuple|None:
     """The scores a token tree grows from, at most `n` deep: head d's log-probabilities score every node of depth d,
-    whatever its parent (Medusa's heads all read the same last feature), so the tree costs one forward of the heads."""
+    whatever its parent (Medusa's heads all read the same last feature), so the tree costs one forward of the heads.
+    Rows (`lengths`): `[B, N]`, and `expand` over `[B, f]` nodes."""
     depth = min(depth, self.n)
-    logits = self.newest_logits(depth)                                              # [depth, 1, N]
+    logits = self.newest_logits(depth)                                              # [depth, B, N]
     if logits is None: return None
-    logp = torch.log_softmax(logits[:, 0], -1)                                      # [depth, N] head d-1 drafts depth d
-    expand = lambda d, frontier_tokens, _: logp[d - 1].expand(frontier_tokens.shape[0], -1)   # [f, N]
+    # [depth, (B,) N] head d-1 drafts depth d
+    logp = torch.log_softmax(logits if lengths is not None else logits[:, 0], -1)
+    expand = lambda d, frontier_tokens, _: logp[d - 1][..., None, :].expand(*frontier_tokens.shape, -1)   # [(B,) f, N]
     return logp[0], expand, depth, self.vocab.ids_on(tokens.device)
 
 EagleHead.tree_scores, MedusaHeads.tree_scores = _eagle_tree_scores, _medusa_tree_scores

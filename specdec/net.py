@@ -275,15 +275,24 @@ class TreeLayout:
     def on_device(cls, parents:torch.Tensor,
                   max_depth:int, # no node deeper (one gather per generation)
                  ) -> "TreeLayout":
-        "The same layout built on the device, with no host read (a tree grown there: `grow_tree_on_device`)."
-        eye = torch.eye(parents.shape[0], dtype=torch.bool, device=parents.device)
-        ancestors = eye                                                      # [q, q]
-        for _ in range(max_depth): ancestors = eye | ancestors[parents.clamp_min(0)]   # one more generation each time
+        """The same layout built on the device, with no host read (a tree grown there: `grow_tree_on_device`); parents
+        `[B, q]` (each row its own tree): depths `[B, q]`, ancestors `[B, q, q]`."""
+        q = parents.shape[-1]
+        eye = torch.eye(q, dtype=torch.bool, device=parents.device)
+        up = parents.clamp_min(0)[..., None].expand(*parents.shape, q)        # [(B,) q, q] row i: its parent's
+        ancestors = eye.expand(*parents.shape, q)                            # [(B,) q, q]
+        # one more generation each time
+        for _ in range(max_depth): ancestors = eye | torch.take_along_dim(ancestors, up, dim=-2)
         layout = cls.__new__(cls)
         layout.parents, layout.depths, layout.ancestors = parents, ancestors.sum(-1) - 1, ancestors
         return layout
 
-    def __len__(self): return self.depths.shape[0]
+    def __len__(self): return self.depths.shape[-1]
+
+    def rows(self, batch:int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        "`(depths [B, q], ancestors [B, q, q])` on `device`: each row's tree (one tree: every row's)."
+        depths, ancestors = self.on(device)
+        return depths.expand(batch, -1), ancestors.expand(batch, -1, -1)
 
     def on(self, device) -> tuple[torch.Tensor, torch.Tensor]:
         "`(depths [q], ancestors [q, q])` on `device`, for a fixed-shape forward (`DecoderNet.forward_at(tree=...)`)."
@@ -306,17 +315,20 @@ def tree_attention_mask(slots:torch.Tensor,     # [q] cache slots of the tree's 
                         window:int|None=None,   # sliding window, over positions (a node's position is start + depth)
                        ) -> torch.Tensor:
     """Boolean `[q, n]` at fixed shapes, on the device: a tree node sees every slot before the tree and its ancestors in
-    it (slots past the tree: nothing)."""
-    q = slots.shape[0]
-    start = slots[0]                                                     # a device scalar: no host read
-    rel = key_slots - start                                              # [n] slot index within the tree
-    in_tree = (rel >= 0) & (rel < q)                                     # [n]
-    node = rel.clamp(0, q - 1)                                           # [n] (meaningful where in_tree)
-    visible = torch.where(in_tree[None, :], ancestors[:, node], (key_slots < start)[None, :])   # [q, n]
+    it (slots past the tree: nothing). Rows of a batch, each its own tree at its own slots (`[B, q]`, `[B, q, q]`):
+    `[B, q, n]`."""
+    q = slots.shape[-1]
+    start = slots[..., :1]                                               # [(B,) 1] on the device: no host read
+    rel = key_slots - start                                              # [(B,) n] slot index within the tree
+    in_tree = (rel >= 0) & (rel < q)                                     # [(B,) n]
+    node = rel.clamp(0, q - 1)                                           # [(B,) n] (meaningful where in_tree)
+    # [(B,) q, n] node i sees the node at that slot
+    seen = torch.take_along_dim(ancestors, node[..., None, :], dim=-1)
+    visible = torch.where(in_tree[..., None, :], seen, (key_slots < start)[..., None, :])   # [(B,) q, n]
     if window is not None:
-        query_pos = start + depths                                       # [q]
-        key_pos = torch.where(in_tree, start + depths[node], key_slots)  # [n]
-        visible &= key_pos[None, :] > query_pos[:, None] - window
+        query_pos = start + depths                                       # [(B,) q]
+        key_pos = torch.where(in_tree, start + depths.gather(-1, node), key_slots)   # [(B,) n]
+        visible &= key_pos[..., None, :] > query_pos[..., :, None] - window
     return visible
 
 # %% ../nbs/02_net.ipynb #7bddfc93
@@ -470,7 +482,8 @@ def forward(self:DecoderNet, input_ids:torch.Tensor, # [B, q] new tokens, writte
     and attends to the cache and to its ancestors in the tree."""
     B, q_len = input_ids.shape
     cache.check_room(q_len)
-    if not cache.uniform: return self._forward_rows(input_ids, cache, logits, tree, keep)
+    if not cache.uniform or (tree is not None and tree.depths.dim() == 2):   # rows at their own lengths, or trees
+        return self._forward_rows(input_ids, cache, logits, tree, keep)
     start = cache.length
     end = start + q_len
     device = input_ids.device
@@ -493,36 +506,46 @@ def forward(self:DecoderNet, input_ids:torch.Tensor, # [B, q] new tokens, writte
 def _forward_rows(self:DecoderNet, input_ids, cache, logits, tree, keep) -> Forward:
     """`forward` over rows at different lengths: row b's tokens at positions `lengths[b] + 0..q-1` (written at those
     slots), each row attending to its own keys only; every row's length grows by q (a caller keeps fewer by rolling
-    back). Token trees are verified one row at a time (batch size 1)."""
-    if tree is not None: raise NotImplementedError("token trees are verified for batch size 1")
+    back). A `tree` (one for every row, or `[B, q]` depths: each row's): row b's node i sits at position
+    `lengths[b] + depth[b, i]` (written at slot `lengths[b] + i`) and sees the row's cache and its own ancestors."""
     B, q_len = input_ids.shape
     lengths = cache.lengths
     end = max(lengths) + q_len
-    positions = cache.positions(q_len)                                  # [B, q] each row's own
+    positions = cache.positions(q_len)                                  # [B, q] each row's slots
     hidden = self.embed(input_ids)                                      # [B, q, H]
-    cos, sin = self.rotary(hidden, positions)                           # [B, q, D]
     key_pos = torch.arange(end, device=input_ids.device)                # [end]
-    masks = {w: attention_mask(positions, key_pos, w) for w in set(self.windows)}   # [B, q, end]
+    if tree is None:
+        rotary_pos, masks = positions, {w: attention_mask(positions, key_pos, w) for w in set(self.windows)}
+    else:
+        depths, ancestors = tree.rows(B, input_ids.device)              # [B, q], [B, q, q]
+        rotary_pos = positions[:, :1] + depths                          # [B, q] each node at its row's length + depth
+        masks = {w: tree_attention_mask(positions, depths, ancestors, key_pos, w) for w in set(self.windows)}
+    cos, sin = self.rotary(hidden, rotary_pos)                          # [B, q, D]; masks [B, q, end]
     out, kept = self._layers_and_head(hidden, cos, sin, cache, positions, end, masks, logits, True, keep)
     cache.lengths = [n + q_len for n in lengths]
     return Forward(out, kept_features(kept, keep))
 
 @patch
 def keep_path(self:DecoderNet, cache:KVCache,
-              start:int, # the slot of the block's first token (a tree's root)
+              start:int|torch.Tensor, # the slot of the block's first token (a tree's root); [B]: each row's
               path:list[int]|torch.Tensor, # block indices to keep after the first, in order (a tree's accepted branch);
-                                            # a device tensor may run past the branch (those entries move junk past it)
+                                            # a device tensor may run past the branch (those entries move junk past it);
+                                            # [B, n]: each row's
              ) -> None:
     """After verifying a token tree: move the keys and values of the kept `path` to the slots right after `start` (where
-    a chain's would be). `cache.length` is left alone. (The caller selects the forward's features of `[0] + path`.)"""
+    a chain's would be), in each row. `cache.length` is left alone. (The caller selects the forward's features of
+    `[0] + path`.)"""
     if len(path) == 0: return
     device = cache.keys.device
-    # [n] (no host read when on the device)
-    path = torch.as_tensor(path, device=device)
-    src = start + path                                                               # [n] slots now
-    dest = slice(start + 1, start + 1 + len(path))                                   # [n] slots a chain would use
-    cache.keys[:, :, :, dest] = cache.keys.index_select(3, src)                      # index_select copies: no overlap
-    cache.values[:, :, :, dest] = cache.values.index_select(3, src)
+    path = torch.as_tensor(path, device=device)                                      # no host read on the device
+    path = path.reshape(-1, path.shape[-1])                                          # [B|1, n]
+    start = torch.as_tensor(start, device=device).reshape(-1, 1)                     # [B|1, 1]
+    L, B, H, _, D = cache.keys.shape
+    # [B, n] each row's slots now, and the slots a chain would use
+    src, dest = ((start + offset).expand(B, -1) for offset in (path, 1 + torch.arange(path.shape[1], device=device)))
+    for kv in (cache.keys, cache.values):                                            # gather copies: no overlap
+        kv.scatter_(3, dest[None, :, None, :, None].expand(L, B, H, -1, D),
+                    kv.gather(3, src[None, :, None, :, None].expand(L, B, H, -1, D)))
 
 @patch
 def forward_layers_at(self:DecoderNet, input_ids:torch.Tensor, # [B, q] new tokens
@@ -543,14 +566,14 @@ def forward_layers_at(self:DecoderNet, input_ids:torch.Tensor, # [B, q] new toke
         rotary_pos = positions
         masks = {w: attention_mask(positions, cache.steps, w) for w in set(self.windows)}   # [B, q, capacity]
     else:
-        if positions.dim() == 2:                                        # a tree is verified at batch size 1
-            if positions.shape[0] != 1: raise NotImplementedError("token trees are verified for batch size 1")
+        depths, ancestors = tree                                        # [q], [q, q]; rows: [B, q], [B, q, q]
+        if positions.dim() == 2 and depths.dim() == 1:                  # one tree: at batch size 1
+            if positions.shape[0] != 1: raise NotImplementedError("one token tree is verified for batch size 1")
             positions = positions[0]                                    # [q]
-        depths, ancestors = tree                                        # [q], [q, q]
-        rotary_pos = positions[0] + depths                              # [q]
+        rotary_pos = positions[..., :1] + depths                        # [(B,) q]
         masks = {w: tree_attention_mask(positions, depths, ancestors, cache.steps, w)
-                 for w in set(self.windows)}                            # [q, capacity]
-    cos, sin = self.cos[rotary_pos], self.sin[rotary_pos]               # [B, q, D] (a tree: [q, D])
+                 for w in set(self.windows)}                            # [(B,) q, capacity]
+    cos, sin = self.cos[rotary_pos], self.sin[rotary_pos]               # [B, q, D] (one tree: [q, D])
     return self._layers_and_head(hidden, cos, sin, cache, positions, None, masks, logits, packed, keep)
 
 @patch

@@ -71,18 +71,29 @@ def greedy_branch(parents:list[int], # [k] parent draft index of each draft (-1:
         node = match[0]                   # a tree drafter never repeats a token among siblings
         branch.append(node)
 
-def tree_branch_on_device(match:torch.Tensor, # [q] whether node i is the one its parent's rule keeps (the root: True)
-                          layout, # the verification block's `TreeLayout` on the device
+# [B, q] whether node i is the one its parent's rule keeps (the root: True)
+def tree_branch_on_device(match:torch.Tensor,
+                          layout, # the verification block's `TreeLayout` on the device (one tree, or each row's)
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The kept branch with no host read: `(n_accepted [1], path [q-1], leaf [1])`. A node is kept when every node from
-    the root to it matches; a rule keeps at most one child per node, so the kept nodes form one branch, ending at `leaf`
-    (the deepest); `path[d-1]` is its node at depth d (entries past `n_accepted`: junk)."""
-    depths, ancestors = layout.depths, layout.ancestors                          # [q], [q, q]
-    kept = ~(ancestors & ~match[None]).any(-1)                                   # [q] its whole branch matches
-    leaf = torch.where(kept, depths, -1).argmax(0, keepdim=True)                  # [1]
-    # [q-1, q]
-    at_depth = ancestors[leaf] & (depths[None] == torch.arange(1, depths.shape[0], device=depths.device)[:, None])
-    return depths[leaf], at_depth.int().argmax(-1), leaf
+    """Each row's kept branch with no host read: `(n_accepted [B], path [B, q-1], leaf [B])`. A node is kept when every
+    node from the root to it matches; a rule keeps at most one child per node, so the kept nodes form one branch, ending
+    at `leaf` (the deepest); `path[b, d-1]` is its node at depth d (entries past `n_accepted`: junk)."""
+    B, q = match.shape
+    depths, ancestors = layout.rows(B, match.device)                             # [B, q], [B, q, q]
+    kept = ~(ancestors & ~match[:, None]).any(-1)                                # [B, q] its whole branch matches
+    leaf = torch.where(kept, depths, -1).argmax(-1)                               # [B]
+    on_branch = ancestors.gather(1, leaf[:, None, None].expand(B, 1, q))          # [B, 1, q] the leaf's ancestors
+    # [B, q-1, q] the branch's node at each depth
+    at_depth = on_branch & (depths[:, None] == torch.arange(1, q, device=match.device)[None, :, None])
+    return depths.gather(1, leaf[:, None])[:, 0], at_depth.int().argmax(-1), leaf
+
+def _tree_rows(draft_tokens, layout, n_valid) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's block parents `[B, q]` and which nodes are real `[B, q]` (the root and the first `n_valid[b]` drafts;
+    None: all): padding nodes are never accepted."""
+    B, q = draft_tokens.shape[0], draft_tokens.shape[1] + 1
+    parents = layout.parents.to(draft_tokens.device).expand(B, q)
+    valid = None if n_valid is None else torch.arange(q, device=draft_tokens.device) <= n_valid[:, None]
+    return parents, valid
 
 # %% ../nbs/04_policies.ipynb #104bf3f7
 class Greedy(AcceptancePolicy):
@@ -110,23 +121,27 @@ class Greedy(AcceptancePolicy):
         return branch, target_next[last][None]                                       # [1]
 
     verifies_trees_on_device = True
-    def verify_tree_on_device(self, draft_tokens, # [1, k] the tree's drafts, parents first
-                              layout, # the verification block's `TreeLayout` on the device (root, then the k drafts)
-                              target_logits, # [1, k+1, V]
-                              sampling=SamplingConfig(), generator=None
+    def verify_tree_on_device(self, draft_tokens, # [1, k] the tree's drafts, parents first ([B, k]: each row's)
+                              # the verification block's `TreeLayout` on the device (root, then the k drafts; one tree,
+                              # or each row's)
+                              layout,
+                              target_logits, # [B, k+1, V]
+                              sampling=SamplingConfig(), generator=None,
+                              n_valid=None, # [B] each row's real drafts (the rest: padding, never accepted); None: all
                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """`verify_tree` with no host read: `(n_accepted [1], path [k], next_token [1])`, where `path[d-1]` is the block
-        index of the accepted branch's node at depth d (entries past `n_accepted`: junk). A node is accepted when every
-        node from the root to it equals the target's argmax after its parent; siblings never repeat a token, so the
-        accepted nodes form one branch."""
+        """`verify_tree` with no host read: `(n_accepted [B], path [k], next_token [B])`, where `path[d-1]` is the block
+        index of the accepted branch's node at depth d (entries past `n_accepted`: junk); rows' trees: `path [B, k]`.
+        A node is accepted when every node from the root to it equals the target's argmax after its parent; siblings
+        never repeat a token, so the accepted nodes form one branch."""
         if not sampling.greedy:
             raise ValueError(f"Greedy policy needs temperature=0 (got {sampling.temperature}); "
                              "use RejectionSampling to sample")
-        target_next = target_logits[0].argmax(-1)                                    # [q] after each node
-        match = torch.cat([torch.ones(1, dtype=torch.bool, device=target_next.device),
-                           draft_tokens[0] == target_next[layout.parents[1:]]])      # [q] the root always
-        n, path, leaf = tree_branch_on_device(match, layout)
-        return n, path, target_next[leaf]
+        parents, valid = _tree_rows(draft_tokens, layout, n_valid)                   # [B, q], [B, q]|None
+        target_next = target_logits.argmax(-1)                                       # [B, q] after each node
+        match = torch.cat([torch.ones_like(draft_tokens[:, :1], dtype=torch.bool),
+                           draft_tokens == target_next.gather(1, parents[:, 1:])], 1)   # [B, q] the root always
+        n, path, leaf = tree_branch_on_device(match if valid is None else match & valid, layout)
+        return n, path if layout.depths.dim() == 2 else path[0], target_next.gather(1, leaf[:, None])[:, 0]
 
 # %% ../nbs/04_policies.ipynb #c4d037d0
 class RejectionSampling(AcceptancePolicy):
@@ -185,38 +200,47 @@ class RejectionSampling(AcceptancePolicy):
         return (type(self).accept_child is RejectionSampling.accept_child
                 and type(self).without is RejectionSampling.without)
 
-    def verify_tree_on_device(self, draft_tokens, # [1, k] the tree's drafts, parents first
-                              layout, # the verification block's `TreeLayout` on the device (root, then the k drafts)
-                              target_logits, # [1, k+1, V]
-                              sampling=SamplingConfig(), generator=None
+    def verify_tree_on_device(self, draft_tokens, # [1, k] the tree's drafts, parents first ([B, k]: each row's)
+                              # the verification block's `TreeLayout` on the device (root, then the k drafts; one tree,
+                              # or each row's)
+                              layout,
+                              target_logits, # [B, k+1, V]
+                              sampling=SamplingConfig(), generator=None,
+                              n_valid=None, # [B] each row's real drafts (the rest: padding, never accepted); None: all
                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """`verify_tree` with no host read: `(n_accepted [1], path [k], next_token [1])`. Every node decides at once
+        """`verify_tree` with no host read: `(n_accepted [B], path [k], next_token [B])` (rows' trees: `path [B, k]`),
+        each row from its own draws (a `RowGenerators`: its own generator). Every node decides at once
         which child it would keep: children are tried in order, child i with probability p(x_i) / (1 - the mass of the
         siblings tried before it), which is `accept_child` on `without`'s residual; the branch of kept children from the
         root is `tree_branch_on_device`'s, and the next token is drawn from the leaf's residual (its children removed)
         by the exponential race. A node off the branch decides with uniforms of its own that nothing reads, so the law
         is the host walk's."""
-        target_probs = logits_to_probs(target_logits, sampling)[0].float()         # [q, V]
-        q, device = target_probs.shape[0], target_probs.device
-        tokens = draft_tokens[0]                                                     # [k] node i+1's token
-        child = torch.cat([torch.zeros(q, 1, dtype=torch.bool, device=device),
-                           # [q, q] j -> child i
-                           layout.parents[1:][None] == torch.arange(q, device=device)[:, None]], 1)
-        p_child = torch.cat([torch.zeros(q, 1, device=device), target_probs[:, tokens]], 1) * child   # [q, q] p_j(x_i)
-        tried = p_child.cumsum(-1) - p_child                                         # [q, q] mass of earlier siblings
-        uniforms = torch.rand(q, q, device=device, generator=generator)             # [q, q]
+        target_probs = logits_to_probs(target_logits, sampling).float()            # [B, q, V]
+        (B, q, V), device = target_probs.shape, target_probs.device
+        parents, valid = _tree_rows(draft_tokens, layout, n_valid)                   # [B, q], [B, q]|None
+        nodes = torch.arange(q, device=device)
+        # [B, q, q] j -> child i (a real one)
+        child = torch.cat([torch.zeros(B, q, 1, dtype=torch.bool, device=device),
+                           parents[:, None, 1:] == nodes[None, :, None]], -1)
+        if valid is not None: child &= valid[:, None]
+        # [B, q, q] p_j(x_i)
+        p_child = torch.cat([torch.zeros(B, q, 1, device=device),
+                             target_probs.gather(2, draft_tokens[:, None].expand(B, q, q - 1))], -1) * child
+        tried = p_child.cumsum(-1) - p_child                                         # [B, q, q] earlier siblings' mass
+        uniforms = uniform((B, q, q), device, generator)                             # [B, q, q]
         accept = child & (uniforms * (1 - tried) < p_child)
-        # [q] the child each node keeps (-1: none)
+        # [B, q] the child each node keeps (-1: none)
         kept = torch.where(accept.any(-1), accept.int().argmax(-1), -1)
-        match = torch.cat([torch.ones(1, dtype=torch.bool, device=device),
-                           kept[layout.parents[1:]] == torch.arange(1, q, device=device)])
+        match = torch.cat([torch.ones(B, 1, dtype=torch.bool, device=device),
+                           kept.gather(1, parents[:, 1:]) == nodes[1:]], 1)         # [B, q]
         n, path, leaf = tree_branch_on_device(match, layout)
-        # [V]
-        removed = torch.zeros(target_probs.shape[-1], device=device).scatter_add_(0, tokens, child[leaf][0, 1:].float())
-        # [1, V] the leaf's children removed
-        residual = target_probs[leaf] * (removed == 0)
-        exp_noise = exponential_noise(residual.shape, device, generator)            # [1, V]
-        return n, path, (residual / exp_noise).argmax(-1)                           # [1], [k], [1]
+        leaf_children = child.gather(1, leaf[:, None, None].expand(B, 1, q))[:, 0, 1:]   # [B, q-1]
+        removed = torch.zeros(B, V, device=device).scatter_add_(1, draft_tokens, leaf_children.float())   # [B, V]
+        # [B, V] the leaf's children removed
+        residual = target_probs.gather(1, leaf[:, None, None].expand(B, 1, V))[:, 0] * (removed == 0)
+        exp_noise = exponential_noise(residual.shape, device, generator)            # [B, V]
+        # [B], [(B,) k], [B]
+        return n, path if layout.depths.dim() == 2 else path[0], (residual / exp_noise).argmax(-1)
 
     def accept_child(self, probs, token:int, generator) -> bool:
         "Accept a one-hot draft of `token` with probability `probs[token]`."

@@ -73,38 +73,49 @@ def grow_tree_on_device(first_logp:torch.Tensor, # [N] the draft's log-probabili
     """`grow_tree` at fixed shapes on the device, with no host read: the same tree (the same nodes in the same order;
     ties between scores broken alike), and its verification block's `TreeLayout` (`Draft.layout`), built there too.
     `expand` gets each depth's frontier tokens (full ids) and the row of each one's parent in the previous call (zeros:
-    the root)."""
-    device, w, first_logp = first_logp.device, min(width, first_logp.shape[-1]), _losing_nan(first_logp)
-    top = first_logp.topk(w)                                                       # [w]
-    # per depth: [n_d] cumulative log-probs, full ids, parent candidates (-1: the root)
+    the root). Rows of a batch (`first_logp` `[B, N]`; `expand` gets `[B, f]` and returns `[B, f, N]`): each row grows
+    its own tree, of the same number of nodes (tokens and parents `[B, n]`, the layout's `[B, n+1]`)."""
+    one = first_logp.dim() == 1                                    # one tree: the rows' code on one row
+    grow = (lambda d, t, rows: expand(d, t[0], rows[0])[None]) if one else expand
+    first_logp = _losing_nan(first_logp if not one else first_logp[None])            # [B, N]
+    device, (B, N) = first_logp.device, first_logp.shape
+    w = min(width, N)
+    top = first_logp.topk(w)                                                       # [B, w]
+    # per depth: [B, n_d] cumulative log-probs, full ids, parent candidates (-1: the root)
     scores, tokens = [top.values.float()], [full_ids[top.indices]]
-    parents = [torch.full((w,), -1, device=device)]
-    frontier, parent_rows, first = torch.arange(w, device=device), torch.zeros(w, dtype=torch.long, device=device), 0
+    parents = [torch.full((B, w), -1, device=device)]
+    frontier, first = torch.arange(w, device=device).expand(B, w), 0              # [B, f] candidates to expand
+    parent_rows = torch.zeros(B, w, dtype=torch.long, device=device)
     for d in range(2, depth + 1):
-        logp = _losing_nan(expand(d, tokens[-1][frontier - first], parent_rows))   # [f, N]
-        child = logp.topk(w, -1)                                                   # [f, w]
-        f = frontier.shape[0]
-        child_scores = (scores[-1][frontier - first][:, None] + child.values.float()).flatten()   # [f*w]
-        first += scores[-1].shape[0]
-        scores.append(child_scores); tokens.append(full_ids[child.indices.flatten()])
-        parents.append(frontier[:, None].expand(f, w).flatten())
-        best = child_scores.topk(min(width, f * w)).indices                        # [f'] the next frontier
+        logp = _losing_nan(grow(d, tokens[-1].gather(1, frontier - first), parent_rows))   # [B, f, N]
+        child = logp.topk(w, -1)                                                   # [B, f, w]
+        f = frontier.shape[1]
+        # [B, f*w]
+        child_scores = (scores[-1].gather(1, frontier - first)[..., None] + child.values.float()).flatten(1)
+        first += scores[-1].shape[1]
+        scores.append(child_scores); tokens.append(full_ids[child.indices.flatten(1)])
+        parents.append(frontier[..., None].expand(B, f, w).flatten(1))
+        best = child_scores.topk(min(width, f * w), -1).indices                    # [B, f'] the next frontier
         frontier, parent_rows = first + best, best // w
-    scores, tokens, parents = (torch.cat(x) for x in (scores, tokens, parents))   # [n] each
-    n = min(nodes, scores.shape[0])
-    chosen = torch.sort(-scores, stable=True).indices[:n].sort().values   # [n] best n (ties: earlier first), in order
-    row = torch.full_like(parents, -1).scatter_(0, chosen, torch.arange(n, device=device))   # candidate -> draft index
-    draft_parents = torch.where(parents[chosen] >= 0, row[parents[chosen].clamp_min(0)], -1)   # [n]
+    scores, tokens, parents = (torch.cat(x, 1) for x in (scores, tokens, parents))   # [B, n_all] each
+    n = min(nodes, scores.shape[1])
+    # [B, n] best n (ties: earlier first), in order
+    chosen = torch.sort(-scores, stable=True).indices[:, :n].sort().values
+    # candidate -> draft index
+    row = torch.full_like(parents, -1).scatter_(1, chosen, torch.arange(n, device=device).expand(B, n))
+    chosen_parents = parents.gather(1, chosen)                                     # [B, n]
+    draft_parents = torch.where(chosen_parents >= 0, row.gather(1, chosen_parents.clamp_min(0)), -1)   # [B, n]
     # the verification block: the root, then the drafts
-    layout = TreeLayout.on_device(torch.cat([draft_parents.new_full((1,), -1), draft_parents + 1]), depth)
-    return Draft(tokens[chosen][None], parents=draft_parents, layout=layout)       # [1, n]
+    block_parents = torch.cat([draft_parents.new_full((B, 1), -1), draft_parents + 1], 1)   # [B, n+1]
+    layout = TreeLayout.on_device(block_parents[0] if one else block_parents, depth)
+    return Draft(tokens.gather(1, chosen), parents=draft_parents[0] if one else draft_parents, layout=layout)
 
 # %% ../nbs/05b_trees.ipynb #ac23106f
 class TokenTree(Drafter):
     """A head drafting a token tree of up to `nodes` drafts instead of a chain, grown on the device from the head's
     scores (`tree_scores`); the controller's K is the tree's depth (the most drafts a step can accept, as for a chain).
     Verified by `Greedy` or `RejectionSampling`."""
-    drafts_trees = True
+    drafts_trees = batches_trees = True
     def __init__(self, head:Drafter, # a drafter with `tree_scores` (`EagleHead`, `MedusaHeads`)
                  width:int=4, nodes:int=10):
         for what, v in (("width", width), ("nodes", nodes)):
@@ -130,16 +141,16 @@ class TokenTree(Drafter):
     def check(self, target) -> None: self.head.check(target)
     def start(self, target, prompt_ids, capacity, features=None, lengths=None):
         "The head starts with room for the nodes it expands past the sequence (`width` per depth)."
-        if lengths is not None and len(lengths) > 1:
-            raise NotImplementedError("token trees are drafted for batch size 1")
-        self.head.start(target, prompt_ids, capacity + (self.nodes - 1) * self.width, features)
-    def observe(self, n_accepted:int, features=None) -> None: self.head.observe(n_accepted, features)
+        self.head.start(target, prompt_ids, capacity + (self.nodes - 1) * self.width, features,
+                        **({} if lengths is None else {"lengths": lengths}))
+    def admit(self, row, prompt_ids, features=None) -> None: self.head.admit(row, prompt_ids, features)
+    def observe(self, n_accepted:int|list[int], features=None) -> None: self.head.observe(n_accepted, features)
 
     def propose(self, tokens, k, sampling=SamplingConfig(), generator=None, lengths=None):
         """A tree `k` deep at most (`grow_tree_on_device`). It is the same whatever the temperature: a policy takes its
-        nodes as one-hot drafts (`RejectionSampling.verify_tree`)."""
-        if tokens.shape[0] != 1: raise NotImplementedError("token trees are drafted for batch size 1")
-        scores = self.head.tree_scores(tokens, min(k, self.nodes))
+        nodes as one-hot drafts (`RejectionSampling.verify_tree`). Rows at their own `lengths`: each row's own tree
+        (`[B, nodes]` tokens and parents), scored from the row's own sequence."""
+        scores = self.head.tree_scores(tokens, min(k, self.nodes), lengths)
         if scores is None: return no_draft(tokens)
         first_logp, expand, depth, full_ids = scores
         return grow_tree_on_device(first_logp, expand, depth, self.width, self.nodes, full_ids)

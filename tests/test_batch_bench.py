@@ -81,12 +81,12 @@ def test_papermill_smoke_run_through_the_cli(tmp_path):
 
 
 def test_a_drafter_that_cannot_run_at_a_batch_size_is_recorded_and_the_run_resumes(tmp_path, monkeypatch):
-    """A token tree is drafted for one prompt at a time: at B=2 its generation (and its timed draft) raises
-    NotImplementedError. The run records that, measures the rest (prompt lookup's predicted speedups beside its
-    measured ones), and an interrupted run resumes without measuring twice; its partial summary plans no records where a
-    method cannot run."""
+    """A token tree filling in for prompt lookup (`pld+eagle-tree`) is drafted for one prompt at a time: at B=2 its
+    generation raises NotImplementedError. The run records that, measures the rest (prompt lookup's predicted speedups
+    beside its measured ones), and an interrupted run resumes without measuring twice; its partial summary plans no
+    records where a method cannot run."""
     monkeypatch.setattr(bb, "git_state", lambda *a, **k: dict(COMMIT))
-    tree = f"eagle-tree:2:4:{ROOT}/tests/fixtures/heads/eagle-tiny"
+    tree = f"pld:3:2+eagle-tree:2:4:{ROOT}/tests/fixtures/heads/eagle-tiny"
     cfg = BatchConfig(**{**TINY, "warmup": 1}, drafters=f"pld,{tree}", ks="4", hf=False, out=str(tmp_path), run_id="r")
     run_dir = run_batch_benchmark(cfg, progress=False)
     manifest = json.loads((run_dir / "MANIFEST.json").read_text())
@@ -94,7 +94,7 @@ def test_a_drafter_that_cannot_run_at_a_batch_size_is_recorded_and_the_run_resum
     assert "NotImplementedError" in manifest["unavailable"][f"{tree}/k4"]["2"]
     assert "for one prompt at a time" in manifest["unavailable"][f"{tree}/k4"]["2"]
     surface = manifest["cost_surface"]
-    assert "NotImplementedError" in surface["by_batch"]["2"]["errors"][tree] and surface["trees"] == [tree]
+    assert surface["trees"] == [tree]                         # (its timed draft of rows: prompt lookup's, no error)
     assert {len(s["verify"]) for s in surface["by_batch"].values()} == {9}                          # q = 1..K_max+1
     records = read_records(run_dir / "records.jsonl")
     measured = sorted((r["method"], r["batch_size"]) for r in records)
