@@ -256,7 +256,7 @@ def test_the_data_curve_notebook_trains_a_head_per_source_and_size(tiny, tmp_pat
     points = [json.loads(l) for l in (tmp_path / "curve" / "curve.jsonl").read_text().splitlines()]
     assert [(p["source"], p["size"]) for p in points] == [(s, n) for s in ("text", "self", "mixed") for n in (20, 40)]
     assert all(p["trained_positions"] >= p["size"] and p["chain"]["tau"] >= 1 and p["steps"] >= 1 for p in points)
-    assert all(p["train_cpu_hours"] > 0 and len(p["chain"]["accepted_by_position"]) == 4 and p["epochs"] == 1
+    assert all(p["train_cpu_seconds"] > 0 and len(p["chain"]["accepted_by_position"]) == 4 and p["epochs"] == 1
                for p in points)
     report = json.loads((tmp_path / "curve" / "report.json").read_text())
     best = report["best"]

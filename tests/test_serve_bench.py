@@ -187,18 +187,22 @@ def test_a_short_run_against_specdec_serve_writes_its_run_folder(tokenizer, tmp_
     assert {r: (s["engine"], s["exit_code"]) for r, s in manifest["servers"].items()} == {
         "speculative": ("specdec", -15), "baseline": ("specdec", -15)}
     assert "Application shutdown complete" in (run_dir / "server-baseline.log").read_text()
-    assert [(r["server"], r["label"], r["requests"]["successful"]) for r in records] == [
-        ("speculative", "synchronous", 2), ("speculative", "concurrent@2", 2), ("baseline", "synchronous", 2),
-        ("baseline", "concurrent@2", 2)]
+    assert [(r["server"], r["label"]) for r in records] == [
+        ("speculative", "synchronous"), ("speculative", "concurrent@2"), ("baseline", "synchronous"),
+        ("baseline", "concurrent@2")]
+    # on a loaded machine GuideLLM's scheduler has made one request of the two asked: every one made must succeed
+    assert all(1 <= r["requests"]["successful"] <= 2 and r["failed"] == 0 for r in records)
     spec, base = records[0]["spec"], records[2]["spec"]
     for r in records:                                                   # the warm-up is not in the deltas
         assert r["spec"]["generation_tokens"] == r["output_tokens"] > 0 and (run_dir / r["guidellm"]).is_file()
-        assert r["queue"]["metric"] == "specdec:request_queue_time_seconds" and r["queue"]["count"] == 2
+        assert r["queue"]["metric"] == "specdec:request_queue_time_seconds"
+        assert r["queue"]["count"] == r["requests"]["successful"]
     assert spec["drafts"] > 0 and spec["verification_steps"] <= spec["generation_tokens"]
     assert base["drafts"] == 0 and base["tau"] == 1.0                    # speculation off: one token a step
-    assert all(r["streamed"] and r["latency"]["ttft_ms"]["count"] == 2 for r in records)   # GuideLLM's own options
+    # GuideLLM's own options
+    assert all(r["streamed"] and r["latency"]["ttft_ms"]["count"] == r["requests"]["successful"] for r in records)
     assert 0 < records[0]["latency"]["ttft_ms"]["p50"] <= 1000 * records[0]["latency"]["e2e_s"]["p50"]
-    assert records[0]["latency"]["e2e_s"]["count"] == 2
+    assert records[0]["latency"]["e2e_s"]["count"] == records[0]["requests"]["successful"]
     # the in-process reference: the same two requests (the data's first two rows, chat template applied), decoded
     # alone and as one batch of 2
     assert [(r["server"], r["role"], r["mode"], r["batch_size"], r["drafter"]) for r in reference] == [
@@ -208,7 +212,8 @@ def test_a_short_run_against_specdec_serve_writes_its_run_folder(tokenizer, tmp_
     assert len(spec1["decoded"]) == 2 and [b["rows"] for b in spec2["batches"]] == [2]
     assert [d["tokens"] for d in spec1["decoded"]] == [d["tokens"] for d in base1["decoded"]] == spec2["batches"][0][
         "tokens"]                                                        # greedy: every way decodes the same tokens
-    assert spec1["output_tokens"] == records[0]["output_tokens"]        # ... as the server did (6 each, or to EOS)
+    if records[0]["requests"]["successful"] == 2:                       # ... as the server did (6 each, or to EOS)
+        assert spec1["output_tokens"] == records[0]["output_tokens"]
     for d in spec1["decoded"] + base1["decoded"]:
         assert 0 < d["ttft_s"] <= d["e2e_s"] and d["tpot_ms"] > 0 and d["steps"] <= d["tokens"] <= 6
     assert sum(d["steps"] for d in base1["decoded"]) == base1["output_tokens"]   # no drafter: one token a step
