@@ -13,7 +13,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import torch
 
-from .costmodel import StepCosts, predicted_speedup, best_k, conditional_acceptance, expected_tokens
+from .costmodel import StepCosts, predicted_speedup, best_gain, conditional_acceptance, expected_tokens, step_seconds
 from .stats import Stats
 from .provenance import read_records, read_manifest
 from .summary import (HF, AR, HF_BASELINES, bootstrap_geomean, stats_of, tokens_equal, run_summary,
@@ -210,10 +210,10 @@ def _speedups(s:dict, draft:float, acc:dict, B:int, groups:list|None, k_max:int)
         for g in groups:
             costs = batch_step_costs(s["verify"], draft, [rows[i]["draft_share"] for i in g], B)
             rates = [row_acceptance(rows[i]["conditional"], rows[i]["draft_share"]) for i in g]
-            plain += max(rows[i]["new_tokens"] for i in g) * costs.verify_cost(1)
+            plain += max(rows[i]["new_tokens"] for i in g) * step_seconds(costs, 0)
             for k in range(k_max + 1):
-                step = costs.verify_cost(1) if k == 0 else k * costs.draft + costs.verify_cost(k + 1)
-                spec[k] += max(rows[i]["new_tokens"] / expected_tokens(r, k) for i, r in zip(g, rates)) * step
+                spec[k] += max(rows[i]["new_tokens"] / expected_tokens(r, k) for i, r in zip(g, rates)) \
+                           * step_seconds(costs, k)
         return [plain / t for t in spec], "slowest row of each group"
     costs = batch_step_costs(s["verify"], draft, acc["draft_share"], B)
     rates = row_acceptance(acc["conditional"], acc["draft_share"])
@@ -234,18 +234,11 @@ def break_even_batch(batch_sizes:list[int], speedups:list[float]) -> dict:
     at = math.exp(math.log(b0) + (math.log(b1) - math.log(b0)) * (s0 - 1) / (s0 - s1))
     return {"batch": at, "between": [b0, b1], "note": f"falls through 1 between B={b0} and B={b1} (at about {at:.1f})"}
 
-def _best(speedups:list[float], k_max:int) -> int:
-    "The K in 0..k_max with the highest predicted speedup (0 unless some K beats plain decoding)."
-    best = 0
-    for k in range(1, min(k_max, len(speedups) - 1) + 1):
-        if speedups[k] > max(speedups[best], 1.0) * (1 + 1e-9): best = k
-    return best
-
 def _method_prediction(info:dict, speedups:list[float]) -> float|None:
     "A fixed-K method's predicted speedup at its K; a cost-aware one's at the best K up to its K_MAX; others: None."
     c = info.get("controller") or {}
     if c.get("kind") == "fixed" and c["k_max"] < len(speedups): return speedups[c["k_max"]]
-    if c.get("kind") == "cost": return speedups[_best(speedups, c["k_max"])]
+    if c.get("kind") == "cost": return speedups[best_gain(speedups[:c["k_max"] + 1])]
     return None
 
 def predict_batch(surface:dict, acceptance:dict[str, dict], methods:dict[str, dict],
@@ -262,7 +255,7 @@ def predict_batch(surface:dict, acceptance:dict[str, dict], methods:dict[str, di
         for B, s in surface["by_batch"].items():
             if s["draft"].get(d) is None: continue
             speedups, model = _speedups(s, s["draft"][d], acc, int(B), (groups or {}).get(str(B)), k_max)
-            k = _best(speedups, k_max)
+            k = best_gain(speedups)
             by[B] = {"k_best": k, "speedup_best": speedups[k], "speedup_drafting": max(speedups[1:]), "model": model}
             for name, info in methods.items():
                 if info.get("drafter") == d and (p := _method_prediction(info, speedups)) is not None:

@@ -6,7 +6,7 @@ Docs: https://specdec.github.io/specdec/controllers.html.md"""
 
 # %% ../nbs/06_controllers.ipynb #9669956a
 from __future__ import annotations
-from .costmodel import StepCosts, best_k, expected_tokens, measure_step_costs
+from .costmodel import StepCosts, best_gain, best_k, expected_tokens, measure_step_costs, step_seconds
 
 # %% auto #0
 __all__ = ['Controller', 'FixedK', 'AdaptiveK', 'DynamicK', 'shrunk_estimates', 'CostAwareK']
@@ -187,17 +187,12 @@ class CostAwareK(Controller):
         """K for a step over several rows, each with its own acceptance. Refilled rows (serving): the most tokens per
         second over the rows. A fixed batch ends with its slowest row: the K that brings the last row's end soonest
         (its remaining tokens over its expected tokens a step, times the step's cost)."""
-        c, rows = self.costs, self.remaining
-        expected = {r: [expected_tokens(self.acceptance_estimates(r), k) for k in range(self.k_max + 1)] for r in rows}
-        step = [c.verify_cost(1) + c.overhead] + [k * c.draft + c.verify_cost(k + 1) + c.overhead
-                                                  for k in range(1, self.k_max + 1)]
+        rows, ks = self.remaining, range(self.k_max + 1)
+        expected = {r: [expected_tokens(self.acceptance_estimates(r), k) for k in ks] for r in rows}
+        step = [step_seconds(self.costs, k) for k in ks]
         # tokens a second over the rows (refilled), or one over the time until the last row is done (fixed)
-        gain = [sum(e[k] for e in expected.values()) / step[k] if self.refilled
-                else 1 / (max(n / expected[r][k] for r, n in rows.items()) * step[k]) for k in range(self.k_max + 1)]
-        best = 0
-        for k in range(1, self.k_max + 1):
-            if gain[k] > gain[best] * (1 + 1e-9): best = k
-        return best
+        return best_gain([sum(e[k] for e in expected.values()) / step[k] if self.refilled
+                          else 1 / (max(n / expected[r][k] for r, n in rows.items()) * step[k]) for k in ks])
 
     def update(self, proposed, accepted, row=0):
         if proposed == 0: return

@@ -14,8 +14,8 @@ from .engine import engine_for, resolve_compile
 from .timing import sync
 
 # %% auto #0
-__all__ = ['expected_tokens', 'StepCosts', 'predicted_speedup', 'best_k', 'conditional_acceptance',
-           'measure_step_costs']
+__all__ = ['expected_tokens', 'StepCosts', 'step_seconds', 'predicted_speedup', 'best_gain', 'best_k',
+           'conditional_acceptance', 'measure_step_costs']
 
 # %% ../nbs/12_costmodel.ipynb #b0e650ef
 def _alpha(acceptance:list[float]|float, i:int) -> float:
@@ -60,20 +60,25 @@ class StepCosts:
         return max(self.verify[lo] + slope * (q - lo), 0.0)
 
 # %% ../nbs/12_costmodel.ipynb #6d59db37
+def step_seconds(costs:StepCosts, k:int) -> float:
+    "Seconds of a step drafting `k` tokens: the drafts, a forward over k+1 tokens, the overhead (k=0: plain decoding)."
+    return (k * costs.draft + costs.verify_cost(k + 1) if k else costs.verify_cost(1)) + costs.overhead
+
 def predicted_speedup(costs:StepCosts, acceptance:list[float]|float, k:int) -> float:
     "Predicted tokens per second with `k` drafts per step, relative to plain decoding."
     if k == 0: return 1.0
-    step = k * costs.draft + costs.verify_cost(k + 1) + costs.overhead
-    plain = costs.verify_cost(1) + costs.overhead
-    return expected_tokens(acceptance, k) / step * plain
+    return expected_tokens(acceptance, k) / step_seconds(costs, k) * step_seconds(costs, 0)
+
+def best_gain(gains:list[float]) -> int:
+    "The K whose gain (`gains[K]`, K = 0..) is highest: 0 unless a K beats plain decoding, the smaller K on a tie."
+    best = 0
+    for k in range(1, len(gains)):
+        if gains[k] > gains[best] * (1 + 1e-9): best = k
+    return best
 
 def best_k(costs:StepCosts, acceptance:list[float]|float, k_max:int=16) -> int:
     "The K in 0..k_max with the highest predicted speedup (0 when drafting does not pay)."
-    best, best_speedup = 0, 1.0
-    for k in range(1, k_max + 1):
-        s = predicted_speedup(costs, acceptance, k)
-        if s > best_speedup * (1 + 1e-9): best, best_speedup = k, s
-    return best
+    return best_gain([predicted_speedup(costs, acceptance, k) for k in range(k_max + 1)])
 
 # %% ../nbs/12_costmodel.ipynb #aebb3d61
 def conditional_acceptance(per_position) -> list[float]:

@@ -12,8 +12,8 @@ import numpy as np
 
 # %% auto #0
 __all__ = ['IN_PROCESS', 'MODES', 'TPOT_GOAL', 'THROUGHPUT_GOAL', 'request_order', 'batches_of', 'prompt_ids',
-           'decode_one', 'decode_batch', 'measure_reference', 'weighted_p50', 'reference_summary',
-           'reference_table', 'target_rows', 'targets_table']
+           'decode_one', 'decode_batch', 'measure_reference', 'weighted_p50', 'median_of',
+           'reference_summary', 'reference_table', 'target_rows', 'targets_table']
 
 # %% ../nbs/18b_serve_reference.ipynb #496fe3a4
 IN_PROCESS = "in-process"          # the `server` of a reference record (a served record names its role there)
@@ -137,7 +137,8 @@ def weighted_p50(values:list, weights:list) -> float|None:
     if not kept: return None
     return float(np.percentile(np.repeat([v for v, _ in kept], [w for _, w in kept]), 50))
 
-def _p50(values:list) -> float|None:
+def median_of(values) -> float|None:
+    "The median of the values that are not None (None: none is)."
     values = [v for v in values if v is not None]
     return float(np.median(values)) if values else None
 
@@ -145,7 +146,8 @@ def _decoded_figures(decoded:list[dict]) -> dict:
     "TPOT and ms per token (token-weighted medians, ms), TTFT (ms) and end to end (s) medians of batch-1 decodes."
     return {"tpot_ms": weighted_p50([d["tpot_ms"] for d in decoded], [d["tokens"] - 1 for d in decoded]),
             "ms_per_token": weighted_p50([d["ms_per_token"] for d in decoded], [d["tokens"] for d in decoded]),
-            "ttft_ms": _p50([1000 * d["ttft_s"] for d in decoded]), "e2e_s": _p50([d["e2e_s"] for d in decoded])}
+            "ttft_ms": median_of([1000 * d["ttft_s"] for d in decoded]),
+            "e2e_s": median_of([d["e2e_s"] for d in decoded])}
 
 def reference_summary(records:list[dict]) -> list[dict]:
     """Per role and mode of the in-process records: iterations, requests, output tokens per second (all iterations'

@@ -6,7 +6,7 @@ Docs: https://specdec.github.io/specdec/serve_reliability.html.md"""
 
 # %% ../nbs/19a_serve_reliability.ipynb #c0ede79f
 from __future__ import annotations
-import json, random, statistics, threading, time
+import json, random, threading, time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
@@ -14,6 +14,7 @@ import httpx
 from collections import Counter
 from tqdm.auto import tqdm
 from .serve_bench import parse_metrics
+from .serve_reference import median_of
 
 # %% auto #0
 __all__ = ['HOSTILE_KINDS', 'EXPLICIT', 'Hostile', 'hostile_requests', 'status_class', 'send_hostile', 'send_all',
@@ -406,10 +407,6 @@ def sigterm_check(endpoint:str, model:str,
             "last_end_s": max(ends) - signalled}
 
 # %% ../nbs/19a_serve_reliability.ipynb #b4adbde8
-def _median(xs) -> float|None:
-    xs = [x for x in xs if x is not None]
-    return statistics.median(xs) if xs else None
-
 def _target(threshold:str, value, passed:bool) -> dict:
     return {"threshold": threshold, "value": value, "passed": passed}
 
@@ -482,10 +479,10 @@ def run_reliability(endpoint:str, # a live OpenAI-compatible server: http://host
         stream = lambda: stream_request(client, endpoint, model, prompt, stream_tokens, timeout)
         unloaded = [stream() for _ in range(repeats)]
         say(f"unloaded streams: {[s['outcome'] for s in unloaded]}, "
-            f"median TPOT {_median(s.get('tpot_s') for s in unloaded)}")
+            f"median TPOT {median_of(s.get('tpot_s') for s in unloaded)}")
         requests = hostile_requests(n_hostile, model, seed, max_body_bytes, max_context)
         # the load is spread over `repeats` + 1 unloaded streams' time, so that streams run within it, not after it
-        spread = (repeats + 1) * (_median(s.get("e2e_s") for s in unloaded) or 0)
+        spread = (repeats + 1) * (median_of(s.get("e2e_s") for s in unloaded) or 0)
         with ThreadPoolExecutor(1) as background:
             sending = background.submit(send_all, endpoint, requests, hostile_threads, None, timeout, progress, spread)
             loaded = []
@@ -495,7 +492,8 @@ def run_reliability(endpoint:str, # a live OpenAI-compatible server: http://host
     hostile = summarise_hostile(requests, answers)
     # under the load: the streams that ended before it did (the first one alone when the load was shorter)
     under = [s for s in loaded if s["within_load"]] or loaded[:1]
-    unloaded_tpot, loaded_tpot = _median(s.get("tpot_s") for s in unloaded), _median(s.get("tpot_s") for s in under)
+    unloaded_tpot = median_of(s.get("tpot_s") for s in unloaded)
+    loaded_tpot = median_of(s.get("tpot_s") for s in under)
     hostile.update(health_after=_health(endpoint, timeout), spread_s=spread, unloaded_streams=unloaded,
                    loaded_streams=loaded,
                    unloaded_tpot_s=unloaded_tpot, loaded_tpot_s=loaded_tpot,
@@ -506,7 +504,7 @@ def run_reliability(endpoint:str, # a live OpenAI-compatible server: http://host
     say(f"{clients} clients: {together['complete']} complete, {together['refused_429']} 429, "
         f"{together['refused_503']} 503, {len(together['other'])} other")
     gone = disconnect_check(endpoint, model, prompt, disconnect_tokens, timeout)
-    gone["step_s"] = _median(s.get("step_s") for s in unloaded)
+    gone["step_s"] = median_of(s.get("step_s") for s in unloaded)
     say(f"disconnect: running {gone['running_before']} -> {gone['running_during']}, back after {gone['elapsed_s']} s")
     result = {"config": config, "hostile": hostile, "clients": together, "disconnect": gone,
               "health_at_end": _health(endpoint, timeout)}
