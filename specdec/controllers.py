@@ -35,9 +35,10 @@ class Controller:
 
     def start(self, target, drafter,
               compile:str="auto", # the mode the generation decodes in
-              batch:int=1) -> None: # rows decoded together
+              batch:int=1, # rows decoded together
+              widths:tuple=()) -> None: # the rows a step may decode (a batch skipping its free last rows); (): batch
         """Called by `generate` before each generation (cost-aware controllers measure the pair here, at this batch
-        size)."""
+        size, or at each width a step may have)."""
         self.reset()
 
     @property
@@ -52,7 +53,8 @@ class Controller:
         return self.choose_k()
 
     def plan(self, remaining:dict[int, int], # row -> tokens it still has to write, for each row decoding this step
-             refilled:bool=False) -> None: # finished rows are refilled (serving) rather than left idle (a fixed batch)
+             refilled:bool=False, # finished rows are refilled (serving) rather than left idle (a fixed batch)
+             width:int|None=None) -> None: # the rows the step's forward decodes (free ones too); None: the batch
         "Told by a batch before each `next_k`: which rows the step decodes (controllers that ignore rows: nothing)."
 
     def reset_row(self, row:int) -> None:
@@ -132,7 +134,8 @@ def shrunk_estimates(passed:list[float], # (decayed) drafts accepted at each pos
 class CostAwareK(Controller):
     "Each step, the K in 0..k_max that the cost model predicts fastest under running acceptance estimates."
     def __init__(self, k_max:int=8,
-                 costs:StepCosts|None=None, # measured step costs; None: measured at the first start() and kept
+                 # measured step costs (or {rows a step decodes: costs}); None: measured at the first start() and kept
+                 costs:StepCosts|dict|None=None,
                  prior:float=0.5, prior_weight:float=2.0, # acceptance prior and its weight in pseudo-steps
                  decay:float=0.95, # weight kept by old observations at each step
                  probe_every:int=8):
@@ -144,24 +147,29 @@ class CostAwareK(Controller):
         super().reset()
         # per row: (decayed) drafts accepted and judged at each position; the rows of this step and their budgets
         self.passed, self.tried, self.plain_steps = {}, {}, 0
-        self.remaining, self.refilled = {}, False
+        self.remaining, self.refilled, self.width = {}, False, None
 
     def reset_row(self, row):
         self.passed.pop(row, None); self.tried.pop(row, None)
 
-    def start(self, target, drafter, compile="auto", batch=1):
-        """Reset, and measure the pair's step costs (on the path `compile` runs, at this batch size) unless they were
-        given or measured on this same pair, mode and batch size. At a batch size where a wider verification costs
-        more than its expected tokens are worth, the cost model chooses K=0: plain batched decoding."""
+    def start(self, target, drafter, compile="auto", batch=1, widths=()):
+        """Reset, and measure the pair's step costs (on the path `compile` runs) at each width a step may have (this
+        batch size, or `widths`) unless they were given or measured on this same pair, mode and widths. At a width
+        where a wider verification costs more than its expected tokens are worth, the cost model chooses K=0: plain
+        batched decoding."""
         self.reset()
-        if self.measured_on is not None:
-            t, d, mode, b = self.measured_on
-            # measure again
-            if not (t is target and d is drafter and mode == compile and b == batch): self.costs = None
+        widths = tuple(widths) or (batch,)
+        # measure again
+        if self.measured_on is not None and self.measured_on != (target, drafter, compile, widths): self.costs = None
         if self.costs is None:
-            self.costs = measure_step_costs(target, drafter, q_values=range(1, self.k_max + 2), repeats=3,
-                                            compile=compile, batch=batch)
-            self.measured_on = (target, drafter, compile, batch)
+            self.costs = {w: measure_step_costs(target, drafter, q_values=range(1, self.k_max + 2), repeats=3,
+                                                compile=compile, batch=w) for w in widths}
+            self.measured_on = (target, drafter, compile, widths)
+
+    def costs_at(self, width:int|None) -> StepCosts:
+        "The costs of a step whose forward decodes `width` rows: those measured at the narrowest width at least it."
+        if not isinstance(self.costs, dict): return self.costs
+        return self.costs[min((w for w in self.costs if w >= (width or 1)), default=max(self.costs))]
 
     @property
     def max_k(self): return self.k_max
@@ -173,11 +181,14 @@ class CostAwareK(Controller):
         tried = [sum(x) for x in zip(zero, *(self.tried.get(r, zero) for r in rows))]
         return shrunk_estimates(passed, tried, self.prior, self.prior_weight)
 
-    def plan(self, remaining, refilled=False): self.remaining, self.refilled = dict(remaining), refilled
+    def plan(self, remaining, refilled=False, width=None):
+        self.remaining, self.refilled, self.width = dict(remaining), refilled, width
 
     def choose_k(self):
         if len(self.remaining) > 1: k = self._batch_k()
-        else: k = best_k(self.costs, self.acceptance_estimates(next(iter(self.remaining), None)), self.k_max)
+        else:
+            rates = self.acceptance_estimates(next(iter(self.remaining), None))
+            k = best_k(self.costs_at(self.width), rates, self.k_max)
         if k == 0:
             self.plain_steps += 1
             if self.plain_steps >= self.probe_every: self.plain_steps, k = 0, 1
@@ -189,7 +200,7 @@ class CostAwareK(Controller):
         (its remaining tokens over its expected tokens a step, times the step's cost)."""
         rows, ks = self.remaining, range(self.k_max + 1)
         expected = {r: [expected_tokens(self.acceptance_estimates(r), k) for k in ks] for r in rows}
-        step = [step_seconds(self.costs, k) for k in ks]
+        step = [step_seconds(self.costs_at(self.width), k) for k in ks]
         # tokens a second over the rows (refilled), or one over the time until the last row is done (fixed)
         return best_gain([sum(e[k] for e in expected.values()) / step[k] if self.refilled
                           else 1 / (max(n / expected[r][k] for r, n in rows.items()) * step[k]) for k in ks])

@@ -116,13 +116,14 @@ def _step(runner, cache, drafter, policy, tokens, lengths:list, lengths_t, k:int
     """One speculative step over every row, on the device up to its one read: `(draft, n_accepted, eos_index,
     n_proposed, features)`, the counts one list a row, the features `[B, K+1, F]` of the verified block (a row
     commits its first n_accepted+1; None when `keep` is empty)."""
-    B, L = tokens.shape[0], max(lengths)
+    L = max(lengths)
     timer.start()
-    rows = {} if B == 1 else {"lengths": lengths}                                  # rows at their own lengths
+    rows = {} if lengths_t is None else {"lengths": lengths}      # a batch (of any rows this step): their own lengths
     draft = drafter.propose(tokens[:, :L], k, sampling, generator, **rows) if k > 0 else no_draft(tokens)
     timer.lap("draft")
     K = draft.k
-    current = tokens[:, L - 1:L] if B == 1 else tokens.gather(1, lengths_t[:, None] - 1)   # [B, 1] each row's last
+    # [B, 1] each row's last
+    current = tokens[:, L - 1:L] if lengths_t is None else tokens.gather(1, lengths_t[:, None] - 1)
     verify_ids = torch.cat([current, draft.tokens], dim=1)                         # [B, K+1]
     extra = {} if draft.n_valid is None else {"n_valid": draft.n_valid}
     if draft.parents is not None:
@@ -213,7 +214,8 @@ class Batch:
     between two steps `admit` prefills a new prompt into a free row, alone, and `release` frees a row, finished or
     not, the other rows going on; `step` runs one speculative step over every row (rows done or free run along and
     keep nothing). `generate` is `start`, then `step` until every row is done, then `finish`; a server's continuous
-    batching admits and releases as requests come and go."""
+    batching admits and releases as requests come and go. Run eagerly, a step decodes the rows up to the last one
+    not done: free or finished rows past it are skipped (one request in a server of 8 rows pays a 1-row step)."""
     @torch.inference_mode()
     def __init__(self, target:LoadedModel, # the model whose output we want
                  rows:int, # B: the batch's rows
@@ -237,8 +239,12 @@ class Batch:
             raise NotImplementedError(f"{drafter.name} drafts token trees, which are drafted and verified for one "
                                       f"prompt at a time; got {rows}: use a chain drafter for a batch")
         if drafter is not None and controller is None: controller = FixedK(4)
+        # eager forwards take any rows: a step skips the free rows past the last in use (fixed shapes: the batch)
+        self.narrows = rows > 1 and resolve_compile(compile, target.net) == "eager"
+        # the rows a step may decode: 1, 2, 4, ... and the batch
+        widths = sorted({min(2 ** i, rows) for i in range(rows.bit_length() + 1)}) if self.narrows else [rows]
         if controller is not None and drafter is not None:
-            controller.start(target, drafter, compile, rows)
+            controller.start(target, drafter, compile, rows, widths=tuple(widths))
             # `DynamicK`: drafting token by token stops at an unlikely chain
             drafter.stop_below = controller.stop_below
         self.target, self.drafter, self.policy, self.controller, self.sampling = target, drafter, policy, controller, \
@@ -374,18 +380,35 @@ def release(self:Batch, row:int) -> tuple[torch.Tensor, Stats]:
 def step(self:Batch) -> list[int]:
     """One speculative step over every row: the tokens each row added `[B]` (0: a row done or free). K is the
     controller's for every row; one row drafts no further than its budget (a batch: rows drop what passes theirs, so
-    that each row's random draws, K a step, do not depend on when its neighbours finish)."""
+    that each row's random draws, K a step, do not depend on when its neighbours finish). Run eagerly, it decodes the
+    rows up to the last one not done (`narrows`): the target's cache, the tokens, the generators and the drafter's
+    per-row state (`Drafter.narrow`) cut to them; the rows past it keep theirs."""
+    live = [b for b in range(self.rows) if not self.done[b]]
+    m = live[-1] + 1 if self.narrows and live else self.rows                    # the rows this step decodes
+    if m == self.rows: return self._step_rows(m, self.cache, self.tokens, self.lengths_t, self.generator)
+    cache = self.cache.rows(0, m)
+    write_back = self.drafter.narrow(m) if self.drafter is not None else None
+    try: added = self._step_rows(m, cache, self.tokens[:m], self.lengths_t[:m], self.generator.first(m))
+    finally:
+        if write_back is not None: write_back()
+    self.cache.lengths = cache.lengths + self.cache.lengths[m:]
+    return added + [0] * (self.rows - m)
+
+@patch
+def _step_rows(self:Batch, m:int, # the first m rows step (`m` = rows: all)
+               cache, tokens, lengths_t, generator) -> list[int]:   # theirs: the cache, `[m, capacity]`, `[m]`
+    "`step` over the batch's first `m` rows: the tokens each added `[m]`."
     B, drafter, lengths = self.rows, self.drafter, self.lengths
     if drafter is not None:        # the rows this step decodes, and what each still has to write
-        self.controller.plan({b: self.budgets[b] - (lengths[b] - self.prompt_lengths[b]) for b in range(B)
-                              if not self.done[b]}, self.refilled)
+        self.controller.plan({b: self.budgets[b] - (lengths[b] - self.prompt_lengths[b]) for b in range(m)
+                              if not self.done[b]}, self.refilled, m)
     k = self.controller.next_k() if drafter is not None else 0
     if B == 1: k = min(k, self.budgets[0] - (lengths[0] - self.prompt_lengths[0]) - 1)
-    draft, n, eos_at, proposed, features = _step(self.runner, self.cache, drafter, self.policy, self.tokens, lengths,
-                                                 self.lengths_t, k, self.sampling, self.generator, self.eos_ids,
-                                                 self.keep, self.timer)
-    cache_lengths, added = [], [0] * B
-    for b in range(B):
+    draft, n, eos_at, proposed, features = _step(self.runner, cache, drafter, self.policy, tokens, lengths[:m],
+                                                 lengths_t, k, self.sampling, generator, self.eos_ids, self.keep,
+                                                 self.timer)
+    cache_lengths, added = [], [0] * m
+    for b in range(m):
         if self.done[b]:                                  # a finished (or free) row runs along; it keeps nothing
             cache_lengths.append(lengths[b] - 1); n[b] = 0; continue
         # up to an EOS, the budget
@@ -400,7 +423,7 @@ def step(self:Batch) -> list[int]:
         added[b] = kept + 1
         if eos_at[b] <= n[b] or lengths[b] - self.prompt_lengths[b] >= self.budgets[b]:
             self.done[b], self.row_stats[b].wall_time = True, time.perf_counter() - self.admitted_at[b]
-    self.cache.rollback(cache_lengths if B > 1 else cache_lengths[0])
+    cache.rollback(cache_lengths if B > 1 else cache_lengths[0])
     if self.lengths_t is not None: self.lengths_t.copy_(torch.tensor(lengths), non_blocking=True)
     if drafter is not None:
         if B == 1: drafter.observe(n[0], None if features is None else features[:, :n[0] + 1])

@@ -7,9 +7,10 @@ Docs: https://specdec.github.io/specdec/drafters.html.md"""
 # %% ../nbs/05_drafters.ipynb #1cb02c74
 from __future__ import annotations
 from dataclasses import dataclass
+from typing import Callable
 import torch
 from .models import LoadedModel, load_model
-from .net import DecoderNet
+from .net import DecoderNet, KVCache
 from .sampling import SamplingConfig, logits_to_probs, sample
 from .engine import Engine, engine_for
 from . import kernels
@@ -48,6 +49,8 @@ class Drafter:
     # its own counters of the current generation, which the benchmark records (suffix: acceptance
     counters:dict|None = None
                                # by match length)
+    # attributes holding its per-row state (lists `[B]`, `KVCache`s of B rows, drafters): what `narrow` cuts
+    row_state:tuple = ()
 
     @property
     def name(self) -> str: return type(self).__name__   # registered drafters: their canonical spec (`specs.spec_of`)
@@ -75,6 +78,25 @@ class Drafter:
         raise NotImplementedError(f"{self.name} cannot take a new prompt into a running batch (no admit)")
     # row's request ended with `output` `[n]`: its state may go (one that learns keeps the output)
     def release(self, row:int, output:torch.Tensor) -> None: pass
+
+    def narrow(self, rows:int) -> Callable[[], None]:
+        """Cut its per-row state (`row_state`, and its members') to the batch's first `rows` rows, for a step that
+        decodes only those (the later rows are free and keep their state); the function that writes the step back."""
+        undo = [m.narrow(rows) for m in self.members if m is not self]
+        whole = {name: getattr(self, name) for name in self.row_state}
+        for name, value in whole.items():
+            if isinstance(value, Drafter): undo.append(value.narrow(rows))
+            elif value is not None: setattr(self, name, value.rows(0, rows) if isinstance(value, KVCache)
+                                            else value[:rows])
+        def write_back():
+            for name, value in whole.items():
+                if value is None or isinstance(value, Drafter): continue
+                part = getattr(self, name)                       # the step may have replaced it (same rows)
+                if isinstance(value, KVCache): value.lengths = part.lengths + value.lengths[rows:]
+                else: value[:rows] = part
+                setattr(self, name, value)
+            for u in undo: u()
+        return write_back
 
     def start(self, target:LoadedModel, prompt_ids:torch.Tensor, # [B, S] (a batch: right-padded)
               capacity:int, # the most tokens a sequence will hold
@@ -184,6 +206,7 @@ def check_same_vocabulary(target:LoadedModel, draft:LoadedModel) -> None:
 
 class DraftModel(Drafter):
     "Draft with a smaller causal LM sharing the target's vocabulary (its own KV cache)."
+    row_state = ("cache",)
     def __init__(self, draft:LoadedModel|str, num_layers:int|None=None, device=None, dtype=None):
         self.draft = load_model(draft, device=device, dtype=dtype) if isinstance(draft, str) else draft
         self.net = self.draft.net if num_layers is None else DecoderNet(self.draft.model, num_layers)

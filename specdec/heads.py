@@ -27,6 +27,7 @@ class _Head(nn.Module, Drafter):
     """What EAGLE and Medusa heads share: the target they draft for, its norm and output head over the draft vocabulary,
     and the target's features (the outputs of `target_layers`) that the loop hands to `start` and `observe`."""
     head_type = ""
+    row_state = ("pending",)                              # each row's target features not yet run through the head
 
     def __init__(self, target:LoadedModel, draft_vocab:DraftVocab|None=None):
         nn.Module.__init__(self)
@@ -131,9 +132,12 @@ class _Head(nn.Module, Drafter):
     def _reset(self, batch:int, capacity:int) -> None: pass
 
     def admit(self, row, prompt_ids, features=None) -> None:
-        "The new row's prefill features (every prompt position but its last) wait for its first draft."
+        """The new row's prefill features (every prompt position but its last) wait for its first draft; with
+        `prompt_vocab` (one row), its prompt's tokens join the draft vocabulary."""
         if self.run_vocab is not None:
-            raise NotImplementedError(f"{self.name} with prompt_vocab drafts one prompt at a time")
+            if len(self.pending) > 1:
+                raise NotImplementedError(f"{self.name} with prompt_vocab drafts one prompt at a time")
+            self.run_vocab = self.draft_vocab.with_ids(prompt_ids)
         n = prompt_ids.shape[-1]
         self.pending[row] = [self._taken(features, n - 1, 1)[0]] if n > 1 else []
         self._admit_row(row, prompt_ids)
@@ -244,6 +248,7 @@ class EagleHead(_Head):
     hidden is the target's low, middle and high layer outputs fused by a linear map; as it drafts ahead, its own
     output. Logits come from the target's output head (draft vocabulary rows) after the head's own norm."""
     head_type = "eagle"
+    row_state = ("pending", "known", "cache")
     def __init__(self, target:LoadedModel, draft_vocab:DraftVocab|None=None,
                  layers=None, # target layers to fuse (default `eagle3_layers`)
                  num_layers:int=1): # decoder layers in the head (EAGLE-3: 1)

@@ -68,13 +68,16 @@ class KVCache:
         if max(self._lengths) + n > self.capacity:
             raise ValueError(f"KV cache overflow: {max(self._lengths)}+{n} positions > capacity {self.capacity}")
 
-    def row(self, b:int) -> "KVCache":
-        """Row b as a one-row cache over the same storage: what a forward writes through it lands in row b (a prompt
-        joining a running batch is prefilled this way). Its length is its own: `set_row_length(b, ...)` after."""
+    def rows(self, first:int, end:int) -> "KVCache":
+        """Rows first..end-1 as a cache over the same storage and device lengths: what a forward writes through it
+        lands in those rows (a prompt joining a running batch is prefilled this way; a step skips a batch's free last
+        rows). Its host lengths are its own: set them here after (`set_row_length`, `lengths`)."""
         view = KVCache.__new__(KVCache)
-        view.keys, view.values, view.steps = self.keys[:, b:b + 1], self.values[:, b:b + 1], self.steps
-        view.lengths_t, view._lengths = self.lengths_t[b:b + 1].clone(), [self._lengths[b]]
+        view.keys, view.values, view.steps = self.keys[:, first:end], self.values[:, first:end], self.steps
+        view.lengths_t, view._lengths = self.lengths_t[first:end], self._lengths[first:end]
         return view
+
+    def row(self, b:int) -> "KVCache": return self.rows(b, b + 1)
 
     def set_row_length(self, b:int, n:int) -> None:
         "Row b holds its first `n` positions (0 <= n <= capacity); the other rows keep theirs."

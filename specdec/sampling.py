@@ -53,6 +53,11 @@ class RowGenerators:
         self.generators = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
     def __len__(self): return len(self.generators)
     def __repr__(self): return f"RowGenerators({len(self)} rows)"
+    def first(self, rows:int) -> "RowGenerators":
+        "The first `rows` rows' generators (the same objects: draws through either advance them)."
+        part = RowGenerators.__new__(RowGenerators)
+        part.generators = self.generators[:rows]
+        return part
 
 def _draw(fill, shape, device, generator) -> torch.Tensor:
     "`shape` float32 values, each row from its own generator when `generator` is a `RowGenerators`."

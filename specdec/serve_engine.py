@@ -9,11 +9,10 @@ from __future__ import annotations
 import asyncio, logging, queue, threading, time
 from dataclasses import dataclass, field
 from typing import Any, Callable
-import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from fastcore.basics import patch
 from . import specs
-from .decode import Batch, generate
+from .decode import Batch
 from .stats import Stats
 
 # %% auto #0
@@ -225,10 +224,10 @@ class _Slot:
     proposed: int = 0                                # the row's proposed drafts counted so far
 
 class EngineWorker:
-    """One thread owns the model: it loads it (`loader`), then decodes the submitted jobs in arrival order. With
-    `max_batch=1`, one at a time, each through `generate(..., on_step=...)`; with more, continuous batching over one
-    `decode.Batch` of `max_batch` rows: waiting jobs take free rows at step boundaries, every step's tokens go to each
-    row's request, finished or abandoned rows are released. One sampling setting (temperature, top_p, ignore_eos) a
+    """One thread owns the model: it loads it (`loader`), then decodes the submitted jobs in arrival order, by
+    continuous batching over one `decode.Batch` of `max_batch` rows (1: one request at a time): waiting jobs take the
+    lowest free rows at step boundaries, a step decodes the rows up to the last one in use, every step's tokens go to
+    each row's request, finished or abandoned rows are released. One sampling setting (temperature, top_p, ignore_eos) a
     batch: a job that differs waits, and the jobs behind it, until the batch is empty. Every verification step's tokens
     go to the request as they come. Requests wait in a queue (`max_waiting` of them; more get 429)."""
     def __init__(self, loader:Callable[[], ServedModel], # builds the model (runs in the engine thread)
@@ -236,7 +235,7 @@ class EngineWorker:
                  max_batch:int=1): # requests decoded together (rows of the batch)
         if max_batch < 1: raise ValueError(f"max_batch={max_batch}: give at least 1 row")
         self.loader, self.metrics, self.max_waiting, self.max_batch = loader, metrics, max_waiting, max_batch
-        self.served, self.load_error, self.closing, self.running = None, None, False, None
+        self.served, self.load_error, self.closing = None, None, False
         self.jobs, self.lock, self.loaded = queue.Queue(), threading.Lock(), threading.Event()
         self.pending, self.slots, self.batch, self.sampling = [], {}, None, None  # batching: taken jobs, held rows
         self.max_running = 0                                 # the most rows held at once
@@ -273,7 +272,6 @@ class EngineWorker:
             for handle in waiting:
                 self.metrics.waiting.dec()
                 handle.put(Failed(handle.job.request_id, "the server is shutting down", 503))
-            if self.running is not None: self.running.cancel()
             for slot in list(self.slots.values()): slot.handle.cancel()
             self.jobs.put(None)
         self.thread.join(timeout)
@@ -282,47 +280,19 @@ class EngineWorker:
         t0 = time.perf_counter()
         try:
             served = self.loader()
-            if self.max_batch > 1: self.batch = self._new_batch(served)   # a drafter a batch cannot take fails here
+            self.batch = self._new_batch(served)              # a drafter a batch cannot take fails here
             self.served = served
         except Exception as e:
             _log.exception("loading the model failed"); self.load_error = f"{type(e).__name__}: {e}"; return
         finally: self.loaded.set()
         _log.info("model loaded in %.1f s; serving %s", time.perf_counter() - t0, self.served.describe())
-        if self.max_batch > 1: return self._run_batched()
-        while (handle := self.jobs.get()) is not None:
-            with self.lock: self.metrics.waiting.dec(); self.running = handle
-            try:
-                if handle.cancelled.is_set(): self.metrics.finished("abort")
-                else:
-                    self.metrics.running.inc(); self.max_running = 1
-                    try: self._decode(handle)                      # its `_finish` counts it out of running
-                    except Exception: self.metrics.running.dec(); raise
-            except Exception as e:                       # fails this request only; the engine serves the next one
-                self._fail(handle, e)
-            finally:
-                with self.lock: self.running = None
+        self._run_batched()
 
     def _fail(self, handle:Handle, e:Exception) -> None:
         "Log `e` as the failure of `handle`'s request, which gets a 500 naming its id."
         _log.exception("request %s failed", handle.job.request_id, exc_info=e)
         handle.put(Failed(handle.job.request_id, f"internal error in request {handle.job.request_id}: "
                                                  f"{type(e).__name__} (logged by the server)"))
-
-    def _decode(self, handle:Handle) -> None:
-        "Decode one job alone (`max_batch=1`), its steps streamed to its handle."
-        job, served, m = handle.job, self.served, self.metrics
-        m.queue_time.observe(time.perf_counter() - handle.arrival)
-        text, first = TextStream(served.decode, job.stop), []
-        def on_step(event) -> bool:
-            if not first: first.append(time.perf_counter()); m.ttft.observe(first[0] - handle.arrival)
-            m.step(event.proposed, event.accepted)
-            handle.put(StepChunk(event.step, text.add(event.emitted), event.emitted, event.proposed, event.accepted))
-            return not (text.stopped or handle.cancelled.is_set())
-        out = generate(served.target, torch.tensor(job.prompt_ids), drafter=served.drafter,
-                       controller=served.controller, max_new_tokens=job.max_tokens, temperature=job.temperature,
-                       top_p=job.top_p, seed=job.seed, eos_token_id=[] if job.ignore_eos else None,
-                       compile=served.compile, on_step=on_step)
-        self._finish(handle, text, first, out.tokens[0].tolist(), out.stats)
 
     def _finish(self, handle:Handle, text:TextStream, first:list, tokens:list[int], stats:Stats) -> None:
         "Count a decoded request out of the running ones and hand it its `Done` (or, cancelled, its `Failed`)."

@@ -203,6 +203,7 @@ class SuffixDecoding(Drafter):
     """Draft what most often followed the end of the sequence, in this request's prompt and output and in the responses
     to earlier generations, as far as the estimated probability stays at or above `min_token_prob` and
     `max_spec_factor` × the match's length allows (SuffixDecoding, Oliaro et al. 2024). Model-free, on the host."""
+    row_state = ("_requests", "_seen", "_prompt_lengths", "_pending")
     def __init__(self, max_spec_factor:float=2.0, # at most this many drafts per matched token (tuned on Spec-Bench dev)
                  min_token_prob:float=0.1, # a draft's estimated probability (its path's) must be at least this
                  min_score:float=0.0, # draft only where the expected accepted drafts (sum of probabilities) reach this
@@ -291,7 +292,7 @@ class SuffixDecoding(Drafter):
         return self._pending[b] and draft
 
     def propose(self, tokens, k, sampling=None, generator=None, lengths=None):
-        B, L = tokens.shape
+        (B, L), one = tokens.shape, lengths is None           # one row: its response joins the cache as it grows
         lengths = list(lengths or [L] * B)                                          # [B] each row's sequence
         low = min(self._seen)
         if max(lengths) > low:                                                      # the newest tokens: one host read
@@ -299,10 +300,10 @@ class SuffixDecoding(Drafter):
             for b in range(B):
                 new = block[b][self._seen[b] - low:lengths[b] - low]
                 self._requests[b].extend(new)
-                if B == 1 and self.max_cached_tokens: self.cache.extend(new)   # the response joins the cache
+                if one and self.max_cached_tokens: self.cache.extend(new)
                 self._seen[b] = lengths[b]
         drafts = [self._draft(b, k) for b in range(B)]
-        if B > 1:
+        if not one:
             return padded_draft([torch.tensor(d.tokens if d else [], dtype=torch.long) for d in drafts], tokens.device)
         if drafts[0] is None: return no_draft(tokens)
         ids = torch.tensor([drafts[0].tokens], device=tokens.device)                # [1, n]

@@ -116,6 +116,7 @@ class TokenTree(Drafter):
     scores (`tree_scores`); the controller's K is the tree's depth (the most drafts a step can accept, as for a chain).
     Verified by `Greedy` or `RejectionSampling`."""
     drafts_trees = batches_trees = True
+    row_state = ("head",)
     def __init__(self, head:Drafter, # a drafter with `tree_scores` (`EagleHead`, `MedusaHeads`)
                  width:int=4, nodes:int=10):
         for what, v in (("width", width), ("nodes", nodes)):

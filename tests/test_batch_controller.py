@@ -73,9 +73,9 @@ class _Planned(CostAwareK):
     def reset(self):
         super().reset()
         self.plans = []
-    def plan(self, remaining, refilled=False):
-        self.plans.append((dict(remaining), refilled))
-        super().plan(remaining, refilled)
+    def plan(self, remaining, refilled=False, width=None):
+        self.plans.append((dict(remaining), refilled, width))
+        super().plan(remaining, refilled, width)
 
 
 def test_a_batch_tells_the_controller_its_rows_and_their_budgets(tiny):
@@ -89,16 +89,17 @@ def test_a_batch_tells_the_controller_its_rows_and_their_budgets(tiny):
     while not all(batch.done):
         before = [budgets[b] - added[b] for b in range(3) if not batch.done[b]]
         step = batch.step()
-        remaining, refilled = c.plans[-1]
+        remaining, refilled, width = c.plans[-1]
         assert sorted(remaining.values()) == sorted(before) and refilled is False
+        assert width == max(remaining) + 1                                      # the rows up to the last not done
         added = [a + s for a, s in zip(added, step)]
     assert added == budgets
-    assert {tuple(sorted(r)) for r, _ in c.plans} >= {(0, 1, 2), (1,)}           # rows leave as they finish
+    assert {tuple(sorted(r)) for r, *_ in c.plans} >= {(0, 1, 2), (1,)}           # rows leave as they finish
     served = Batch(tiny, 2, 64, PromptLookup(), None, _Planned(4, costs=COSTS), refilled=True)
     served.start(None, [], 1)
     served.admit(prompts[0], 4)
     served.step()
-    assert served.controller.plans[-1] == ({0: 4}, True)
+    assert served.controller.plans[-1] == ({0: 4}, True, 1)                 # one row held: a one-row step
 
 
 def test_fixed_batch_output_is_unchanged_by_the_choice(tiny):
@@ -108,3 +109,28 @@ def test_fixed_batch_output_is_unchanged_by_the_choice(tiny):
     out = generate(tiny, prompts, drafter=PromptLookup(), controller=CostAwareK(4, costs=COSTS), max_new_tokens=20,
                    eos_token_id=[])
     assert all(torch.equal(a, t) for a, t in zip(alone, out.tokens))
+
+
+def test_a_step_is_costed_at_the_rows_its_forward_decodes(monkeypatch):
+    """Measured at each width a step may have (a batch skipping its free last rows), a step over one row of an 8-row
+    batch is costed at width 1, one over 3 rows at width 4: where verifying 8 rows wide does not pay and 1 row does, a
+    lone request drafts and the full batch does not."""
+    import specdec.controllers as controllers
+    # width 1: a wide verification nearly free; width 4 and 8: each drafted token as dear as a step
+    table = {1: COSTS, 2: COSTS, 4: StepCosts({q: float(q) for q in range(1, 10)}),
+             8: StepCosts({q: float(q) for q in range(1, 10)})}
+    calls = []
+    def measured(target, drafter, batch=1, **kw):
+        calls.append(batch); return table[batch]
+    monkeypatch.setattr(controllers, "measure_step_costs", measured)
+    c = CostAwareK(8)
+    c.start("target", "drafter", "eager", 8, widths=(1, 2, 4, 8))
+    c.start("target", "drafter", "eager", 8, widths=(1, 2, 4, 8))               # the same pair and widths: kept
+    assert calls == [1, 2, 4, 8] and c.costs_at(3) is table[4] and c.costs_at(1) is table[1]
+    for _ in range(30): c.update(4, 4, 0)                                        # row 0 accepts every draft
+    c.plan({0: 40}, refilled=True, width=1)
+    assert c.next_k() > 0
+    c.plan({0: 40}, refilled=True, width=8)                                      # the same row, a batch-8 forward
+    assert c.next_k() == 0
+    c.start("target", "drafter", "eager", 8)                                    # the batch's width alone: measured
+    assert calls == [1, 2, 4, 8, 8] and c.costs_at(1) is table[8]

@@ -89,7 +89,7 @@ class _Padded(TokenTree):
     def propose(self, tokens, k, sampling=SamplingConfig(), generator=None, lengths=None):
         draft = super().propose(tokens, k, sampling, generator, lengths)
         if draft.parents is None or draft.tokens.shape[0] == 1: return draft
-        valid = self.valid[self.steps % len(self.valid)]
+        valid = self.valid[self.steps % len(self.valid)][:tokens.shape[0]]     # the rows this step decodes
         self.steps += 1
         draft.n_valid = torch.tensor(valid, device=tokens.device).clamp(max=draft.k)
         return draft

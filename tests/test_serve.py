@@ -10,7 +10,7 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 from specdec import serve, serve_engine, specs
 from specdec.cli import main
-from specdec.decode import generate
+from specdec.decode import Batch, generate
 
 PROMPT = "abc abc abc abc"
 NAME = "tiny-llama"
@@ -357,17 +357,13 @@ def test_a_body_over_the_limit_gets_413(tiny):
 def test_an_internal_error_fails_only_its_request(tiny, monkeypatch, caplog):
     """A request whose decoding raises gets 500 with its id (logged); one that fails mid-stream gets an error event; the
     next request is served."""
-    real, calls = serve_engine.generate, []
-    def failing(*args, on_step=None, **kw):
+    real, calls = Batch.step, []
+    def failing(batch):
         calls.append(1)
-        if len(calls) == 1: raise RuntimeError("a deliberate failure")
-        if len(calls) == 2:                                   # fails at its third step, two chunks already sent
-            def step(event):
-                if event.step == 2: raise RuntimeError("a deliberate failure mid-stream")
-                return on_step(event)
-            return real(*args, on_step=step, **kw)
-        return real(*args, on_step=on_step, **kw)
-    monkeypatch.setattr(serve_engine, "generate", failing)
+        if len(calls) == 1: raise RuntimeError("a deliberate failure")          # the first request's first step
+        if len(calls) == 4: raise RuntimeError("a deliberate failure mid-stream")   # the stream's third step
+        return real(batch)
+    monkeypatch.setattr(Batch, "step", failing)
     with caplog.at_level(logging.ERROR, logger="specdec.serve"), client_for(served(tiny, "pld")) as client:
         first = client.post("/v1/completions", json=ask())
         stream = client.post("/v1/completions", json=ask(stream=True, ignore_eos=True))
@@ -417,12 +413,12 @@ def test_a_model_that_fails_to_load_says_why(tiny):
 
 def test_concurrent_requests_queue_and_both_complete(tiny, monkeypatch):
     "The second request waits (the waiting gauge shows it) until the engine has finished the first."
-    real, started, release = serve_engine.generate, threading.Event(), threading.Event()
-    def held(*args, **kw):
+    real, started, release = Batch.step, threading.Event(), threading.Event()
+    def held(batch):
         started.set()
         assert release.wait(60)
-        return real(*args, **kw)
-    monkeypatch.setattr(serve_engine, "generate", held)
+        return real(batch)
+    monkeypatch.setattr(Batch, "step", held)
     prompts = [PROMPT, "the cat the cat"]
     with client_for(served(tiny, "pld")) as client, ThreadPoolExecutor(2) as pool:
         first = pool.submit(client.post, "/v1/completions", json=ask(prompt=prompts[0]))
@@ -446,11 +442,11 @@ def test_concurrent_requests_queue_and_both_complete(tiny, monkeypatch):
 
 
 def test_a_full_queue_answers_429(tiny, monkeypatch):
-    real, started, release = serve_engine.generate, threading.Event(), threading.Event()
-    def held(*args, **kw):
+    real, started, release = Batch.step, threading.Event(), threading.Event()
+    def held(batch):
         started.set(); assert release.wait(60)
-        return real(*args, **kw)
-    monkeypatch.setattr(serve_engine, "generate", held)
+        return real(batch)
+    monkeypatch.setattr(Batch, "step", held)
     with client_for(served(tiny, "pld"), max_waiting=1) as client, ThreadPoolExecutor(2) as pool:
         running = pool.submit(client.post, "/v1/completions", json=ask())
         assert started.wait(60)

@@ -8,7 +8,10 @@ from specdec.drafters import Drafter, PromptLookup, DraftModel, LayerSkip, Fallb
 from specdec.controllers import FixedK
 from specdec.suffix import SuffixDecoding
 from specdec.train import new_head
+from specdec.net import DecoderNet
+from specdec.specs import make_drafter
 from test_batch import _prompts
+from test_batch_trees import HEADS
 
 
 def _drafters(tiny):
@@ -120,3 +123,75 @@ def test_slots_say_what_they_cannot_do(tiny):
     stateful.start(None, [], 8)
     with pytest.raises(NotImplementedError, match="cannot take a new prompt into a running batch"):
         stateful.admit(prompts[0], 8)
+
+
+def _served(tiny, drafter, prompts, budgets, arrivals, rows=4, compile="eager"):
+    """Requests arriving at given steps (`arrivals[i]`: prompt i's) into a batch of `rows`, each taking the lowest free
+    row, released when done: every prompt's output, and per step the rows the target's forward decoded beside the rows
+    that held a request then (1 + the last row not done)."""
+    batch = Batch(tiny, rows, max(p.numel() for p in prompts) + max(budgets), drafter,
+                  controller=FixedK(3) if drafter is not None else None, eos_token_id=[], compile=compile)
+    batch.start(None, [], 1)
+    widths, stepping, forward = [], [False], DecoderNet.__call__
+    def counted(net, input_ids, cache, *a, **kw):
+        if stepping[0] and net is tiny.net: widths[-1].append(input_ids.shape[0])
+        return forward(net, input_ids, cache, *a, **kw)
+    row_of, outputs, step = {}, {}, 0
+    DecoderNet.__call__ = counted
+    try:
+        while len(outputs) < len(prompts):
+            for i in [i for i, t in enumerate(arrivals) if t == step]:
+                row_of[batch.admit(prompts[i], budgets[i], seed=i)] = i
+            if row_of:
+                live = max(b for b in row_of if not batch.done[b]) + 1
+                widths.append([live]); stepping[0] = True
+                batch.step()
+                stepping[0] = False
+            for b, i in list(row_of.items()):
+                if batch.done[b]: outputs[i] = batch.release(b)[0]; del row_of[b]
+            step += 1
+    finally: DecoderNet.__call__ = forward
+    return [outputs[i] for i in range(len(prompts))], widths
+
+
+@pytest.mark.parametrize("kind", ["ar", "pld", "model", "eagle", "suffix", "pld+layerskip", "eagle-tree"])
+def test_a_step_decodes_only_the_rows_up_to_the_last_in_use(tiny, kind):
+    """Requests come and go in a batch of 4 rows: rows 0-2 taken, row 0 free while rows 1 and 2 run on, row 2 done
+    while row 1 runs on, then one request alone (row 0) and another beside it. Each step's target forward decodes the rows up to the last one in use (a free row before it
+    runs along; free rows after it are skipped, their state kept), and every output is its batch-1 greedy output."""
+    prompts, budgets, arrivals = _prompts(tiny, 5), [5, 28, 20, 9, 6], [0, 0, 0, 40, 41]
+    alone = [generate(tiny, p, max_new_tokens=n, eos_token_id=[]).tokens[0] for p, n in zip(prompts, budgets)]
+    drafter = (make_drafter(f"eagle-tree:2:4:{HEADS}/eagle-tiny", tiny) if kind == "eagle-tree"
+               else _drafters(tiny)[kind]())
+    outputs, widths = _served(tiny, drafter, prompts, budgets, arrivals)
+    assert [o.tolist() for o in outputs] == [a.tolist() for a in alone], kind
+    assert all(decoded == [live] for live, *decoded in widths), widths
+    assert {w[0] for w in widths} >= {1, 2, 3}                                   # the batch narrowed and widened
+
+
+def test_fixed_shapes_step_the_whole_batch(tiny):
+    "The fixed-shape engine runs the batch whole (its shapes are built for it): every step decodes all 4 rows."
+    prompts, budgets = _prompts(tiny, 2), [8, 5]
+    alone = [generate(tiny, p, max_new_tokens=n, eos_token_id=[]).tokens[0] for p, n in zip(prompts, budgets)]
+    outputs, widths = _served(tiny, PromptLookup(), prompts, budgets, [0, 3], compile="fixed")
+    assert [o.tolist() for o in outputs] == [a.tolist() for a in alone]
+    assert not any(decoded for _, *decoded in widths)                           # the engine's own forwards, not the net's
+
+
+def test_a_prompt_vocabulary_head_takes_requests_in_a_one_row_batch(tiny):
+    """A head drafting its prompt's tokens too (`prompt_vocab`) serves request after request in a one-row batch (as a
+    one-row server does): each request's prompt joins its vocabulary, each output is the target's; two rows refuse it."""
+    from specdec.vocab import DraftVocab
+    prompts, budgets = _prompts(tiny, 3), [10, 12, 8]
+    alone = [generate(tiny, p, max_new_tokens=n, eos_token_id=[]).tokens[0] for p, n in zip(prompts, budgets)]
+    head = new_head("eagle", tiny, DraftVocab(torch.arange(16), tiny.vocab_size), seed=0)
+    head.prompt_vocab = True
+    batch = Batch(tiny, 1, 200, head, controller=FixedK(3), eos_token_id=[])
+    batch.start(None, [], 1)
+    for p, n, expect in zip(prompts, budgets, alone):
+        batch.admit(p, n)
+        assert set(p.tolist()) <= set(head.run_vocab.ids.tolist()) and len(head.run_vocab) > 16
+        while not batch.done[0]: batch.step()
+        assert batch.release(0)[0].tolist() == expect.tolist()
+    two = Batch(tiny, 2, 200, head, controller=FixedK(3), eos_token_id=[])
+    with pytest.raises(NotImplementedError, match="with prompt_vocab drafts one prompt at a time"): two.start(None, [], 1)

@@ -190,7 +190,7 @@ def test_cost_controller_measures_once_per_pair(monkeypatch):
     a, b, d = object(), object(), object()
     c = CostAwareK(4)
     c.start(a, d); c.start(a, d)
-    assert calls == [(a, d)] and c.costs.verify == {1: 0.01}
+    assert calls == [(a, d)] and c.costs_at(1).verify == {1: 0.01}
     c.start(b, d)                                                           # another pair: measured again
     assert calls == [(a, d), (b, d)]
     CostAwareK(4).start(a, d)                                              # a new instance shares nothing
