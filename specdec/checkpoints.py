@@ -13,6 +13,7 @@ from .models import LoadedModel
 from .vocab import DraftVocab
 from .heads import HEAD_TYPES, EagleHead, MedusaHeads
 from .eagle3 import Eagle3Head   # registers the reference layout in HEAD_TYPES
+from .medusa1 import Medusa1Heads   # registers Medusa-1's heads (each its own output layer) in HEAD_TYPES
 
 # %% auto #0
 __all__ = ['HEAD_FORMAT', 'SHIPPED_HEADS', 'target_fingerprint', 'save_head', 'head_dtype', 'load_head', 'shipped_head']
@@ -77,7 +78,7 @@ def head_dtype(target:LoadedModel, dtype="auto") -> torch.dtype:
     return named
 
 def load_head(path, target:LoadedModel,
-              head_type:str|None=None, # "eagle" or "medusa": required to match the checkpoint when given
+              head_type:str|None=None, # a `HEAD_TYPES` name: required to match the checkpoint when given
               dtype="auto", # the dtype the head computes in (`head_dtype`)
              ) -> EagleHead|MedusaHeads:
     "The head saved at `path`, for `target`: an error names a corrupt file, another target, or a mismatched vocabulary."
@@ -99,7 +100,8 @@ def load_head(path, target:LoadedModel,
     if stored is None or stored.tolist() != config.get("draft_vocab"):
         raise ValueError(f"head {path}: the draft vocabulary in config.json does not match the one in head.safetensors")
     vocab = DraftVocab(stored, target.vocab_size)
-    head = (MedusaHeads(target, config.get("num_heads", 1), vocab) if kind == "medusa"
+    # medusa, medusa1: n heads
+    head = (HEAD_TYPES[kind](target, config.get("num_heads", 1), vocab) if issubclass(HEAD_TYPES[kind], MedusaHeads)
             else Eagle3Head(target, vocab, layers=config.get("target_layers")) if kind == "eagle3"
             else EagleHead(target, vocab, layers=config.get("target_layers"), num_layers=config.get("num_layers", 1)))
     try: head.load_state_dict(tensors)

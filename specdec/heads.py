@@ -175,12 +175,13 @@ class MedusaHeads(_Head):
         self.n = int(n)
         self.blocks = nn.ModuleList([ResBlock(self.hidden_size) for _ in range(self.n)])   # separate weights per head
 
-
+    # head i: normed features [..., H] -> draft logits [..., N] (specdec.medusa1: each head its own output layer)
+    def head_logits(self, i:int, normed:torch.Tensor) -> torch.Tensor: return self.draft_logits(self.blocks[i](normed))
     def forward(self, features:torch.Tensor # [B, T, H] target features (before the final norm)
                ) -> torch.Tensor:
         "Draft logits `[n, B, T, N]`: head i's prediction of the token i+2 positions ahead."
         normed = self.target_norm(features).to(self.blocks[0].linear.weight.dtype)
-        return torch.stack([self.draft_logits(block(normed)) for block in self.blocks])
+        return torch.stack([self.head_logits(i, normed) for i in range(self.n)])
 
     def newest_logits(self, k:int) -> torch.Tensor|None:
         """The first `k` heads' draft logits `[k, B, N]` from each row's newest feature (position L-2); None when there

@@ -15,6 +15,7 @@ from .drafters import Drafter, PromptLookup, DraftModel, LayerSkip, Fallback
 from .suffix import SuffixDecoding
 from .heads import EagleHead, MedusaHeads
 from .eagle3 import Eagle3Head
+from .medusa1 import Medusa1Heads
 from .trees import TokenTree
 from .checkpoints import load_head, shipped_head
 from .controllers import Controller, FixedK, AdaptiveK, DynamicK, CostAwareK
@@ -230,7 +231,8 @@ DRAFTERS.register("synthetic", lambda rates, **_: SyntheticDrafter(rates, DRY_RU
                   help="dry runs: drafts the synthetic target's text, right with probability ALPHA per position",
                   cls=SyntheticDrafter, example="synthetic:0.8")
 _HEADS = {"eagle": ("EAGLE head", EagleHead), "medusa": ("set of Medusa heads", MedusaHeads),
-          "eagle3": ("EAGLE-3 head in vLLM's and SGLang's layout", Eagle3Head)}
+          "eagle3": ("EAGLE-3 head in vLLM's and SGLang's layout", Eagle3Head),
+          "medusa1": ("set of Medusa-1 heads (each its own output layer)", Medusa1Heads)}
 for _kind, (_what, _cls) in _HEADS.items():
     DRAFTERS.register(_kind, lambda path, target=None, _kind=_kind, **_: (load_head(path, target, _kind) if path
                                                                           else shipped_head(target, _kind)),

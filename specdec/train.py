@@ -13,6 +13,7 @@ from .models import LoadedModel
 from .vocab import DraftVocab
 from .heads import EagleHead, EagleLayer, MedusaHeads, HEAD_TYPES
 from .eagle3 import Eagle3Head   # registers the reference layout in HEAD_TYPES
+from .medusa1 import Medusa1Heads   # registers Medusa-1's heads in HEAD_TYPES
 from .distill import record_features
 from .drafters import PromptLookup
 from .decode import generate
@@ -102,8 +103,8 @@ def head_loss(head, batch:dict, ttt_steps:int=1, step_weight:float=0.8) -> tuple
             losses.append(step_weight ** j * loss); agreement.append((hits, count))
     else:
         normed = head.target_norm(batch["features"])                                      # [B, P, H]
-        for i, block in enumerate(head.blocks):
-            loss, hits, count = soft_cross_entropy(lambda h: head.draft_logits(block(h)), normed,
+        for i in range(head.n):                                  # medusa1: each head through its own output layer
+            loss, hits, count = soft_cross_entropy(lambda h, i=i: head.head_logits(i, h), normed,
                                                    *batch["labels"][1 + i])
             losses.append(loss); agreement.append((hits, count))
     return torch.stack(losses).sum(), agreement
@@ -148,15 +149,16 @@ def new_head(head_type:str, target:LoadedModel, draft_vocab:DraftVocab|None=None
             ) -> EagleHead|MedusaHeads:
     """A fresh head, its initialisation seeded; an EAGLE layer starts from the target's last layer, the fused hidden as
     the last fused layer (`eagle`: `fuse` and `fc` pass it through; `eagle3`: `fc` does, and its `lm_head` starts as
-    the target's rows of the draft vocabulary)."""
+    the target's rows of the draft vocabulary); Medusa heads start as the identity on the target's normed hidden
+    (`medusa1`: each head's own output layer starts as those rows too)."""
     if head_type not in HEAD_TYPES: raise ValueError(f"unknown head type {head_type!r}: use {', '.join(HEAD_TYPES)}")
     if head_type == "eagle3" and num_layers != 1:
         raise ValueError(f"an eagle3 head has one decoder layer (vLLM and SGLang load one), not {num_layers!r}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        head = (MedusaHeads(target, n, draft_vocab) if head_type == "medusa"
+        head = (HEAD_TYPES[head_type](target, n, draft_vocab) if issubclass(HEAD_TYPES[head_type], MedusaHeads)
                 else HEAD_TYPES[head_type](target, draft_vocab))
-    if head_type != "medusa":
+    if not isinstance(head, MedusaHeads):
         H = head.hidden_size
         _copy_target_layer(head.decoder_layers()[0], target)
         with torch.no_grad():

@@ -15,8 +15,7 @@ from specdec.trees import TokenTree
 from conftest import hf_greedy
 from test_heads import own_records
 from test_lossless_tiny import TEXTS
-from test_batch import _prompts
-from test_slots import _run_slots
+from test_slots import admitted_and_alone
 
 
 @pytest.fixture(scope="module")
@@ -94,11 +93,8 @@ def test_a_batch_with_the_eagle3_head_drafts_each_row_as_alone(tiny, trained, co
 
 def test_a_prompt_admitted_next_to_a_running_row_decodes_its_batch_1_output(tiny, trained):
     "Rows as slots (admit/release) with the eagle3 head: every output equals its prompt's batch-1 greedy output."
-    prompts = _prompts(tiny, 5)
-    budgets = [12, 12, 20, 7, 15]
-    alone = [generate(tiny, p, max_new_tokens=n, eos_token_id=[]).tokens[0] for p, n in zip(prompts, budgets)]
-    outputs = _run_slots(tiny, trained[0], prompts, budgets)
-    assert [o.tolist() for o in outputs] == [a.tolist() for a in alone]
+    outputs, alone = admitted_and_alone(tiny, trained[0])
+    assert outputs == alone
 
 
 def test_drafting_computes_what_training_unrolled(tiny, trained):
@@ -157,16 +153,23 @@ def test_a_float16_eagle3_head_stays_lossless_and_a_prompt_vocabulary_is_refused
         generate(tiny, prompt, drafter=half, controller=FixedK(4), max_new_tokens=5)
 
 
-def test_the_spec_language_names_an_eagle3_head(tiny, trained, tmp_path):
-    "`eagle3:PATH` and `eagle3-tree:W:N:PATH` build the saved head (greedy output the target's own); no head ships."
+def spec_language_builds(tiny, head, tmp_path):
+    """`KIND:PATH` and `KIND-tree:2:6:PATH` build the saved `head` (its own class; their specs round-trip; greedy output
+    the target's own); no head of its kind ships."""
     from specdec import specs
-    from specdec.trees import TokenTree
-    save_head(trained[0], tmp_path / "e3")
-    chain, tree = (specs.make_drafter(s, tiny) for s in (f"eagle3:{tmp_path}/e3", f"eagle3-tree:2:6:{tmp_path}/e3"))
-    assert type(chain) is Eagle3Head and type(tree) is TokenTree and type(tree.head) is Eagle3Head
-    assert specs.spec_of(chain) == f"eagle3:{tmp_path}/e3" and specs.spec_of(tree) == f"eagle3-tree:2:6:{tmp_path}/e3"
+    kind, cls, path = head.head_type, type(head), tmp_path / head.head_type
+    save_head(head, path)
+    chain, tree = (specs.make_drafter(s, tiny) for s in (f"{kind}:{path}", f"{kind}-tree:2:6:{path}"))
+    assert type(chain) is cls and type(tree) is TokenTree and type(tree.head) is cls
+    assert specs.spec_of(chain) == f"{kind}:{path}" and specs.spec_of(tree) == f"{kind}-tree:2:6:{path}"
     prompt = tiny.encode("abc abc abc")
     plain = generate(tiny, prompt, max_new_tokens=16, eos_token_id=[]).tokens
     assert all(torch.equal(generate(tiny, prompt, drafter=d, max_new_tokens=16, eos_token_id=[]).tokens, plain)
                for d in (chain, tree))
-    with pytest.raises(ValueError, match="no eagle3 head ships for target"): specs.make_drafter("eagle3", tiny)
+    with pytest.raises(ValueError, match=f"no {kind} head ships for target"): specs.make_drafter(kind, tiny)
+    return path
+
+
+def test_the_spec_language_names_an_eagle3_head(tiny, trained, tmp_path):
+    "`eagle3:PATH` and `eagle3-tree:W:N:PATH` build the saved head (greedy output the target's own); no head ships."
+    spec_language_builds(tiny, trained[0], tmp_path)

@@ -460,7 +460,7 @@ def test_a_head_drafts_the_same_over_cuda_graphs():
     "On CUDA (float32) the captured target's static feature buffers reach the head intact: same drafts as eager."
     gpu = tiny_llama(seed=0, device="cuda", dtype=torch.float32)
     records = own_records(gpu, [gpu.encode(t) for t in TEXTS[:4]])
-    for kind, layers in (("eagle", 1), ("medusa", 1), ("eagle", 2)):
+    for kind, layers in (("eagle", 1), ("medusa", 1), ("eagle", 2), ("medusa1", 1)):
         head = new_head(kind, gpu, None, n=3, seed=0, num_layers=layers)
         train_head(head, records, epochs=4, lr=1e-2, batch_size=2, seed=0, progress=False)
         for drafter in (head, Fallback([PromptLookup(3, 2), head])):

@@ -5,16 +5,16 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "specdec"
 LOWER = ["models", "net", "sampling", "stats", "timing", "kernels", "engine", "policies", "drafters", "suffix", "controllers",
-         "costmodel", "decode", "vocab", "unroll", "heads", "eagle3", "trees", "checkpoints", "distill",
+         "costmodel", "decode", "vocab", "unroll", "heads", "eagle3", "medusa1", "trees", "checkpoints", "distill",
          "train"]
 UPPER = ["synthetic", "specs", "serve_engine", "serve", "serve_reference", "serve_bench", "serve_reliability",
          "provenance", "summary", "batch_summary", "bench", "batch_bench", "report", "cli"]
 # the harness's own floors, from the ground up: what a run measured, what it says, how it runs, what people look at
 HARNESS = ["provenance", "summary", "batch_summary", "bench", "batch_bench", "report"]
 # the draft heads' floors, from the ground up: their vocabulary, the training-time test, the heads, the reference
-# EAGLE-3 layout and its export, their checkpoints, the data the target writes for them, their training; token trees
-# grow from any drafter's `tree_scores` and name none of these
-HEADS = ["vocab", "unroll", "heads", "eagle3", "checkpoints", "distill", "train"]
+# EAGLE-3 layout and its export, Medusa-1's heads (each its own output layer), their checkpoints, the data the target
+# writes for them, their training; token trees grow from any drafter's `tree_scores` and name none of these
+HEADS = ["vocab", "unroll", "heads", "eagle3", "medusa1", "checkpoints", "distill", "train"]
 
 
 def import_graph(package:Path=PACKAGE) -> dict[str, set[str]]:
@@ -80,15 +80,15 @@ def test_the_harness_keeps_its_floors():
 
 
 def test_the_heads_keep_their_floors():
-    """vocab < unroll < heads < eagle3 < checkpoints < distill < train; the floor-3 modules never import floor 4 (the
-    loop, data, training)."""
+    """vocab < unroll < heads < eagle3 < medusa1 < checkpoints < distill < train; the floor-3 modules never import
+    floor 4 (the loop, data, training)."""
     graph = import_graph()
     below = {m: sorted(graph[m] & set(HEADS[i:])) for i, m in enumerate(HEADS) if graph[m] & set(HEADS[i:])}
     assert below == {}
     assert graph["trees"] & set(HEADS) == set()                      # trees grow from `tree_scores`, whoever defines it
     floor4 = {"decode", "distill", "train"}
-    assert {m: sorted(graph[m] & floor4) for m in ["vocab", "unroll", "heads", "eagle3", "trees", "checkpoints"]
-            if graph[m] & floor4} == {}
+    floor3 = ["vocab", "unroll", "heads", "eagle3", "medusa1", "trees", "checkpoints"]
+    assert {m: sorted(graph[m] & floor4) for m in floor3 if graph[m] & floor4} == {}
 
 
 SERVE_EXTRA = {"fastapi", "uvicorn", "prometheus_client", "starlette", "pydantic"}   # specdec[serve] and what it brings

@@ -46,16 +46,23 @@ def _run_slots(tiny, drafter, prompts, budgets, rows=2, compile="eager", tempera
     return [outputs[i] for i in range(len(prompts))]
 
 
+def admitted_and_alone(tiny, drafter) -> tuple[list, list]:
+    """Five prompts of different lengths and budgets through two rows (`_run_slots`): each one's output ids, and its
+    batch-1 greedy output's."""
+    prompts = _prompts(tiny, 5)
+    budgets = [12, 12, 20, 7, 15]
+    alone = [generate(tiny, p, max_new_tokens=n, eos_token_id=[]).tokens[0] for p, n in zip(prompts, budgets)]
+    outputs = _run_slots(tiny, drafter, prompts, budgets)
+    return [o.tolist() for o in outputs], [a.tolist() for a in alone]
+
+
 @pytest.mark.parametrize("kind", ["ar", "pld", "pld-device", "model", "layerskip", "eagle", "medusa", "suffix",
                                   "pld+layerskip"])
 def test_a_prompt_admitted_into_a_running_batch_decodes_its_batch_1_output(tiny, kind):
     """Two rows; five prompts of different lengths and budgets: each prompt after the first two takes the row that
     finished first, while the other row is mid-generation. Every output equals that prompt's batch-1 greedy output."""
-    prompts = _prompts(tiny, 5)
-    budgets = [12, 12, 20, 7, 15]
-    alone = [generate(tiny, p, max_new_tokens=n, eos_token_id=[]).tokens[0] for p, n in zip(prompts, budgets)]
-    outputs = _run_slots(tiny, _drafters(tiny)[kind](), prompts, budgets)
-    assert [o.tolist() for o in outputs] == [a.tolist() for a in alone], kind
+    outputs, alone = admitted_and_alone(tiny, _drafters(tiny)[kind]())
+    assert outputs == alone, kind
 
 
 def test_slots_at_fixed_shapes_and_in_a_one_row_batch(tiny):

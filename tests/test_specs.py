@@ -27,6 +27,8 @@ CASES = [
     ("drafter", f"medusa-tree:3:8:{HEADS}/medusa-tiny", f"medusa-tree:3:8:{HEADS}/medusa-tiny"),
     ("drafter", f"eagle3:{HEADS}/eagle3-tiny", f"eagle3:{HEADS}/eagle3-tiny"),
     ("drafter", f"eagle3-tree:2:6:{HEADS}/eagle3-tiny", f"eagle3-tree:2:6:{HEADS}/eagle3-tiny"),
+    ("drafter", f"medusa1:{HEADS}/medusa1-tiny", f"medusa1:{HEADS}/medusa1-tiny"),
+    ("drafter", f"Medusa1-tree:3:8:{HEADS}/medusa1-tiny", f"medusa1-tree:3:8:{HEADS}/medusa1-tiny"),
     ("drafter", "suffix", "suffix:2:0.1"), ("drafter", "Suffix:1", "suffix:1:0.1"), ("drafter", "suffix:1.5:0.25", "suffix:1.5:0.25"),
     ("drafter", "suffix:1:0.1:0", "suffix:1:0.1"), ("drafter", "suffix:2:0.1:3", "suffix:2:0.1:3"),
     ("drafter", "suffix:1:0.1:0:24:5000", "suffix:1:0.1:0:24:5000"), ("drafter", "suffix:1:0.1:0:32", "suffix:1:0.1:0:32"),
