@@ -10,14 +10,14 @@ from dataclasses import dataclass
 from typing import Callable
 import torch
 from .models import LoadedModel, load_model
-from .net import DecoderNet, KVCache
+from .net import DecoderNet, KVCache, TreeLayout
 from .sampling import SamplingConfig, logits_to_probs, sample
 from .engine import Engine, engine_for
 from . import kernels
 
 # %% auto #0
-__all__ = ['Draft', 'Drafter', 'no_draft', 'padded_draft', 'per_row', 'PromptLookup', 'check_same_vocabulary',
-           'DraftModel', 'LayerSkip', 'Fallback']
+__all__ = ['Draft', 'Drafter', 'no_draft', 'padded_draft', 'tree_draft', 'per_row', 'PromptLookup',
+           'check_same_vocabulary', 'DraftModel', 'LayerSkip', 'Fallback']
 
 # %% ../nbs/05_drafters.ipynb #4cf13ffe
 @dataclass
@@ -139,15 +139,29 @@ def no_draft(tokens:torch.Tensor) -> Draft:
     return Draft(tokens.new_empty(tokens.shape[0], 0))
 
 def padded_draft(rows:list[torch.Tensor], # [B] each row's drafts [k_b] (any may be empty)
-                 device, probs:list|None=None) -> Draft:
-    "One draft for a batch from each row's own: `[B, max k_b]`, right-padded, with `n_valid` where the rows differ."
+                 device,
+                 parents:list|None=None, # [B] each row's token tree: its drafts' parents [k_b] (-1: the current token)
+                ) -> Draft:
+    """One draft for a batch from each row's own: `[B, max k_b]`, right-padded, with `n_valid` where the rows differ;
+    token trees (`parents`) with their layout, a row's padding hanging from the current token."""
     K = max(r.numel() for r in rows)
     if K == 0: return Draft(torch.zeros(len(rows), 0, dtype=torch.long, device=device))
     tokens = torch.zeros(len(rows), K, dtype=torch.long)
     for b, r in enumerate(rows): tokens[b, :r.numel()] = r
     counts = [r.numel() for r in rows]
     n_valid = None if min(counts) == K else torch.tensor(counts, device=device)     # [B] real drafts a row
-    return Draft(tokens.to(device), n_valid=n_valid)
+    if parents is None: return Draft(tokens.to(device), n_valid=n_valid)
+    tree = torch.full((len(rows), K), -1, dtype=torch.long)                          # [B, K]
+    for b, p in enumerate(parents): tree[b, :len(p)] = torch.as_tensor(p, dtype=torch.long)
+    return tree_draft(tokens.to(device), tree.to(device), n_valid)
+
+def tree_draft(tokens:torch.Tensor, # [B, K] each row's token tree's drafts
+               parents:torch.Tensor, # [B, K] each draft's parent draft (-1: the current token)
+               n_valid:torch.Tensor|None=None, # [B] real drafts a row (the rest: padding)
+              ) -> Draft:
+    "A batch's token trees as one draft, with its verification block's layout (the current token, then the drafts)."
+    block = torch.cat([parents.new_full((parents.shape[0], 1), -1), parents + 1], 1)   # [B, K+1]
+    return Draft(tokens, None, n_valid, parents=parents, layout=TreeLayout.on_device(block, parents.shape[1]))
 
 def per_row(n:int|list[int], batch:int) -> list[int]:
     "`observe`'s count as one per row (one row: an int)."
@@ -320,6 +334,7 @@ class Fallback(Drafter):
             raise ValueError(f"Fallback needs two or more drafters, got {drafters!r}")
         self.drafters = drafters
         self.drafts_trees = any(d.drafts_trees for d in drafters)
+        self.batches_trees = all(d.batches_trees for d in drafters if d.drafts_trees)   # rows choose chain or tree
         self.target_layers = tuple(sorted({i for d in drafters for i in d.target_layers}))   # every member's, once
         self._used, self._proposed_by = None, []
         self._reset_usage()
@@ -386,14 +401,12 @@ class Fallback(Drafter):
                 self._used = i
                 self.usage[i]["proposed"] += valid
                 return draft
-            if draft.parents is not None and merged is not None:
-                raise NotImplementedError(f"{self.name}: a token tree cannot fill in for rows of a draft "
-                                          "made on the device")
             if draft.n_valid is None and merged is None:               # a draft the host knows is real: use it
                 self._used = i
                 self.usage[i]["proposed"] += draft.k
                 return draft
-            merged = draft if merged is None else _merge(merged, draft)  # rows without a real draft take the next one's
+            # rows without a real draft take the next one's
+            merged = draft if merged is None else _merge(merged, draft, sampling)
         self._used = "device" if merged is not None else None
         return merged if merged is not None else no_draft(tokens)
 
@@ -408,8 +421,9 @@ class Fallback(Drafter):
             u = self.usage[self._used]; u["steps"] += 1; u["accepted"] += sum(per_row(n_accepted, 1))
         self._used, self._proposed_by = None, []                       # a step without a proposal uses no one
 
-def _merge(first:Draft, second:Draft) -> Draft:
+def _merge(first:Draft, second:Draft, sampling:SamplingConfig=SamplingConfig()) -> Draft:
     "Per row: `first` where it has real drafts (`n_valid` > 0), else `second`; on the device, no host read."
+    if first.parents is not None or second.parents is not None: return _merge_trees(first, second, sampling)
     K = max(first.k, second.k)
     pad = lambda t: torch.nn.functional.pad(t, (0, K - t.shape[1]))            # [B, K]
     use_first = first.n_valid > 0                                                # [B]
@@ -423,3 +437,28 @@ def _merge(first:Draft, second:Draft) -> Draft:
         probs = torch.where(use_first[:, None, None], torch.nn.functional.pad(as_probs(first), (0, 0, 0, K - first.k)),
                             torch.nn.functional.pad(as_probs(second), (0, 0, 0, K - second.k)))   # [B, K, V]
     return Draft(tokens, probs, torch.where(use_first, first.n_valid, second_valid))
+
+def _tree_form(draft:Draft, K:int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A draft as token trees of `K` nodes a row: tokens and each node's parent `[B, K]` (a chain's nodes each hang from
+    the one before; padding from the current token) and the real nodes a row `[B]`."""
+    B, k = draft.tokens.shape
+    chain = (torch.arange(k, device=draft.tokens.device) - 1).expand(B, k)              # [B, k]
+    parents = torch.nn.functional.pad(draft.parents if draft.parents is not None else chain, (0, K - k), value=-1)
+    valid = draft.n_valid if draft.n_valid is not None else torch.full((B,), k, device=draft.tokens.device)
+    return torch.nn.functional.pad(draft.tokens, (0, K - k)), parents, valid
+
+def _merge_trees(first:Draft, second:Draft, sampling:SamplingConfig) -> Draft:
+    """`_merge` where either drafts token trees: a row takes the first's chain or tree where it has real drafts, else
+    the second's, in one block of trees. A tree's nodes are verified as drawn for certain (one-hot): a chain drawn
+    from a distribution joins one only when decoding greedily."""
+    drawn = [d for d in (first, second) if d.probs is not None]
+    if drawn and not sampling.greedy:
+        raise NotImplementedError("a chain sampled from its drafter's distribution cannot fill in for rows of a token "
+                                  "tree (verified one-hot): decode greedily, or put drafters without distributions "
+                                  "(prompt lookup, suffix) beside a tree")
+    K = max(first.k, second.k)
+    (t1, p1, v1), (t2, p2, v2) = _tree_form(first, K), _tree_form(second, K)           # [B, K], [B, K], [B]
+    use_first = v1 > 0                                                                  # [B]
+    return tree_draft(torch.where(use_first[:, None], t1, t2), torch.where(use_first[:, None], p1, p2),
+                      torch.where(use_first, v1, v2))
+

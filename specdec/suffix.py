@@ -204,6 +204,7 @@ class SuffixDecoding(Drafter):
     to earlier generations, as far as the estimated probability stays at or above `min_token_prob` and
     `max_spec_factor` × the match's length allows (SuffixDecoding, Oliaro et al. 2024). Model-free, on the host."""
     row_state = ("_requests", "_seen", "_prompt_lengths", "_pending")
+    batches_trees = True                                  # a batch: each row's tree drafted on the host, padded
     def __init__(self, max_spec_factor:float=2.0, # at most this many drafts per matched token (tuned on Spec-Bench dev)
                  min_token_prob:float=0.1, # a draft's estimated probability (its path's) must be at least this
                  min_score:float=0.0, # draft only where the expected accepted drafts (sum of probabilities) reach this
@@ -304,7 +305,9 @@ class SuffixDecoding(Drafter):
                 self._seen[b] = lengths[b]
         drafts = [self._draft(b, k) for b in range(B)]
         if not one:
-            return padded_draft([torch.tensor(d.tokens if d else [], dtype=torch.long) for d in drafts], tokens.device)
+            trees = [d.parents if d else [] for d in drafts] if self.drafts_trees else None   # each row its own tree
+            return padded_draft([torch.tensor(d.tokens if d else [], dtype=torch.long) for d in drafts], tokens.device,
+                                trees)
         if drafts[0] is None: return no_draft(tokens)
         ids = torch.tensor([drafts[0].tokens], device=tokens.device)                # [1, n]
         return Draft(ids, parents=drafts[0].parents if self.drafts_trees else None)

@@ -69,10 +69,10 @@ def test_a_batch_names_what_it_cannot_do(tiny):
     from specdec.trees import TokenTree
     from specdec.train import new_head
     prompts = _prompts(tiny, 2)
-    # a token tree filling in for prompt lookup's rows (trees of rows: tests/test_batch_trees.py)
-    joined = Fallback([PromptLookup(), TokenTree(new_head("eagle", tiny, seed=0), 2, 4)])
+    # a token tree drafted for one prompt at a time (every shipped tree batches: tests/test_batch_trees.py)
+    class OneAtATime(TokenTree): batches_trees = False
     with pytest.raises(NotImplementedError, match="drafted and verified for one prompt at a time; got 2"):
-        generate(tiny, prompts, drafter=joined)
+        generate(tiny, prompts, drafter=Fallback([PromptLookup(), OneAtATime(new_head("eagle", tiny, seed=0), 2, 4)]))
     with pytest.raises(NotImplementedError, match="on_step follows one prompt"):
         generate(tiny, prompts, on_step=lambda e: None)
     with pytest.raises(ValueError, match="empty prompt: prompt 1"): generate(tiny, [prompts[0], []])

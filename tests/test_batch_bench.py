@@ -14,6 +14,7 @@ from specdec.batch_summary import (paired_speedup, pool_throughput, row_certific
 from specdec.bench import schedule
 from specdec.costmodel import expected_tokens
 from specdec.provenance import read_records
+from specdec.trees import TokenTree
 from specdec.stats import Stats
 from specdec.summary import HF, AR
 
@@ -81,11 +82,12 @@ def test_papermill_smoke_run_through_the_cli(tmp_path):
 
 
 def test_a_drafter_that_cannot_run_at_a_batch_size_is_recorded_and_the_run_resumes(tmp_path, monkeypatch):
-    """A token tree filling in for prompt lookup (`pld+eagle-tree`) is drafted for one prompt at a time: at B=2 its
-    generation raises NotImplementedError. The run records that, measures the rest (prompt lookup's predicted speedups
+    """A token tree filling in for prompt lookup (`pld+eagle-tree`), made here to draft for one prompt at a time (every
+    shipped tree batches): at B=2 its generation raises NotImplementedError. The run records that, measures the rest (prompt lookup's predicted speedups
     beside its measured ones), and an interrupted run resumes without measuring twice; its partial summary plans no
     records where a method cannot run."""
     monkeypatch.setattr(bb, "git_state", lambda *a, **k: dict(COMMIT))
+    monkeypatch.setattr(TokenTree, "batches_trees", False)
     tree = f"pld:3:2+eagle-tree:2:4:{ROOT}/tests/fixtures/heads/eagle-tiny"
     cfg = BatchConfig(**{**TINY, "warmup": 1}, drafters=f"pld,{tree}", ks="4", hf=False, out=str(tmp_path), run_id="r")
     run_dir = run_batch_benchmark(cfg, progress=False)

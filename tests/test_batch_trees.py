@@ -214,3 +214,47 @@ def test_a_prompt_admitted_into_a_running_batch_of_trees_decodes_its_own_output(
         while not all(batch.done): batch.step()
         assert torch.equal(first, plain[0][:4]), name
         assert torch.equal(batch.output(1), plain[1]) and torch.equal(batch.output(0), plain[2]), name
+
+
+JOINED = [f"pld:3:2+eagle-tree:2:4:{HEADS}/eagle-tiny", "suffix-tree:6", f"suffix+medusa-tree:2:5:{HEADS}/medusa-tiny"]
+
+
+@pytest.mark.parametrize("B", [2, 4])
+def test_joined_and_host_drafted_trees_decode_each_rows_own_output(tiny, B, monkeypatch):
+    """At B > 1: prompt lookup's chain in the rows where it drafts and the head's tree in the others, in one block of
+    trees; SuffixDecoding's trees drafted on the host per row; every row its batch-1 (and plain) output. Rows of one
+    step did take a chain and a tree side by side."""
+    import specdec.drafters as drafters
+    prompts = _prompts(tiny, B)
+    plain = [generate(tiny, p, max_new_tokens=20, eos_token_id=[]).tokens[0] for p in prompts]
+    mixed, merge = [], drafters._merge_trees
+    def seen(first, second, sampling):
+        out = merge(first, second, sampling)
+        chain = (first.parents is None) & (first.n_valid > 0) if first.n_valid is not None else None
+        if chain is not None and bool(chain.any()) and not bool(chain.all()): mixed.append(first.tokens.shape[0])
+        return out
+    monkeypatch.setattr(drafters, "_merge_trees", seen)
+    for spec in JOINED:
+        kw = dict(controller=FixedK(3), max_new_tokens=20, eos_token_id=[])
+        alone = [generate(tiny, p, drafter=make_drafter(spec, tiny), **kw).tokens[0] for p in prompts]
+        out = generate(tiny, prompts, drafter=make_drafter(spec, tiny), **kw)
+        assert all(torch.equal(p, a) for p, a in zip(plain, alone)), spec
+        assert all(torch.equal(p, t) for p, t in zip(plain, out.tokens)), spec
+    assert mixed                                                                  # a chain beside a tree
+
+
+def test_a_joined_tree_samples_each_row_from_its_own_generator(tiny):
+    """Sampled, `pld+eagle-tree`'s row 0 is the same beside one neighbour or three; a head's sampled chain (drawn from its
+    distribution) cannot fill in for a tree's rows, whose nodes are verified one-hot: refused, greedy decoding allowed."""
+    prompts = _prompts(tiny, 4)
+    kw = dict(controller=FixedK(3), max_new_tokens=20, temperature=0.9, eos_token_id=[], seed=7)
+    two = generate(tiny, prompts[:2], drafter=make_drafter(JOINED[0], tiny), **kw)
+    four = generate(tiny, [prompts[0], prompts[3], prompts[2], prompts[1]], drafter=make_drafter(JOINED[0], tiny), **kw)
+    assert torch.equal(two.tokens[0], four.tokens[0]) and not torch.equal(two.tokens[1], four.tokens[1])
+    sampled = f"pld:3:2+eagle:{HEADS}/eagle-tiny+eagle-tree:2:4:{HEADS}/eagle-tiny"
+    with pytest.raises(NotImplementedError, match="cannot fill in for rows of a token tree"):
+        generate(tiny, prompts, drafter=make_drafter(sampled, tiny), **kw)
+    greedy = generate(tiny, prompts, drafter=make_drafter(sampled, tiny), controller=FixedK(3), max_new_tokens=20,
+                      eos_token_id=[])
+    plain = [generate(tiny, p, max_new_tokens=20, eos_token_id=[]).tokens[0] for p in prompts]
+    assert all(torch.equal(p, t) for p, t in zip(plain, greedy.tokens))

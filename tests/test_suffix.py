@@ -233,8 +233,9 @@ def test_a_batch_drafts_each_row_from_its_own_text_and_the_shared_cache(tiny):
         out = generate(tiny, prompts, drafter=drafter, controller=FixedK(4), max_new_tokens=24, eos_token_id=[])
         assert all(torch.equal(a, t) for a, t in zip(alone, out.tokens))
     assert drafter.cache.sequences == 8 and drafter.counters["by_source"]["cache"][2] > 0
-    with pytest.raises(NotImplementedError, match="one prompt at a time"):
-        generate(tiny, prompts, drafter=SuffixDecoding(tree_nodes=4), max_new_tokens=8)
+    trees = generate(tiny, prompts, drafter=SuffixDecoding(tree_nodes=4), controller=FixedK(4), max_new_tokens=24,
+                     eos_token_id=[])                               # each row its own tree, padded (test_batch_trees)
+    assert all(torch.equal(a, t) for a, t in zip(alone, trees.tokens))
 
 
 # --- rejection sampling keeps the target's distribution ---
