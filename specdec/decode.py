@@ -118,7 +118,7 @@ def _step(runner, cache, drafter, policy, tokens, lengths:list, lengths_t, k:int
     commits its first n_accepted+1; None when `keep` is empty)."""
     L = max(lengths)
     timer.start()
-    rows = {} if lengths_t is None else {"lengths": lengths}      # a batch (of any rows this step): their own lengths
+    rows = {} if tokens.shape[0] == 1 else {"lengths": lengths}   # rows (this step's: 1 may be a batch's): own lengths
     draft = drafter.propose(tokens[:, :L], k, sampling, generator, **rows) if k > 0 else no_draft(tokens)
     timer.lap("draft")
     K = draft.k

@@ -383,10 +383,11 @@ def _eagle_forward_at(self:EagleHead, input_ids:torch.Tensor, # [B, q] tokens x_
                       slots:torch.Tensor|None=None, # [q] cache slots of tree nodes (default: the positions)
                       mask:torch.Tensor|None=None, # [q, capacity] the slots each sees, for tree nodes (default causal)
                      ) -> torch.Tensor:
-    """The head's forward at fixed shapes: K/V written at `slots`, attention over the whole cache; output `[B, q, H]`.
-    Rows at their own positions (`[B, q]`) write and attend at those."""
+    """The head's forward at fixed shapes: K/V written at `slots`, attention over the whole cache (eagerly: up to the
+    last slot written); output `[B, q, H]`. Rows at their own positions (`[B, q]`) write and attend at those."""
     x, cos, sin = self._inputs(input_ids, hidden, positions)
     if slots is None: slots = positions
+    end = cache.capacity if self.steps is not None else int(slots.max()) + 1       # eagerly: the slots in use
     if mask is None: mask = cache.steps <= positions[..., None]                    # [q, capacity] (or [B, q, capacity])
     at = None if slots.dim() == 1 else slots[:, None, :, None].expand(-1, self.num_kv_heads, -1, self.head_dim)
     for i, layer in enumerate(self.decoder_layers()):
@@ -394,7 +395,8 @@ def _eagle_forward_at(self:EagleHead, input_ids:torch.Tensor, # [B, q] tokens x_
         key, value = _finite(key).to(cache.keys.dtype), _finite(value).to(cache.values.dtype)   # [B, kv, q, D]
         if at is None: cache.keys[i].index_copy_(2, slots, key); cache.values[i].index_copy_(2, slots, value)
         else: cache.keys[i].scatter_(2, at, key); cache.values[i].scatter_(2, at, value)      # each row at its slots
-        out = attend(query, cache.keys[i], cache.values[i], mask, False, self.num_heads != self.num_kv_heads)
+        keys, values = cache.keys[i][..., :end, :], cache.values[i][..., :end, :]         # [B, kv, end, D]
+        out = attend(query, keys, values, mask[..., :end], False, self.num_heads != self.num_kv_heads)
         x = self._outputs(layer, x, out)
     return x
 
@@ -470,7 +472,7 @@ def _eagle_catch_up(self:EagleHead, tokens:torch.Tensor # [B, L] the sequence so
     `[B, 1, H]` at L-2."""
     L, known = tokens.shape[1], self.known[0]
     features = self._pending([L])
-    self.cache.rollback(known)
+    self.cache.length = known                       # (rows drafted at fixed shapes do not keep the cache's length)
     out = self(tokens[:, known + 1:L], self.fused(features), known, self.cache)[:, -1:]   # [B, 1, H] at L-2
     self.known = [L - 1]
     return out

@@ -226,6 +226,7 @@ class SuffixDecoding(Drafter):
         self.drafts_trees = self.tree_nodes > 0
         self.cache = SuffixIndex()                   # the responses to earlier generations, oldest first
         self._requests, self._seen, self._prompt_lengths, self._pending = [], [0], [0], []   # per row of a generation
+        self._one_row = True
 
     @property
     def name(self) -> str:
@@ -275,6 +276,7 @@ class SuffixDecoding(Drafter):
         self._prompt_lengths = list(lengths or [S] * B)                             # [B]
         self._seen, self._pending = list(self._prompt_lengths), [None] * B         # [B] tokens each index holds
         self._requests = [SuffixIndex() for _ in range(B)]
+        self._one_row = B == 1                        # one row: its response joins the cache as it grows
         for b, ids in enumerate(prompt_ids.tolist()): self._requests[b].extend(ids[:self._prompt_lengths[b]])
         self.cache.close()                            # a response the last generation did not finish stays as it was
         self.counters = {"drafts": 0, "no_draft": 0, "by_match_length": {}, "by_source": {}, "by_probability": {}}
@@ -293,7 +295,7 @@ class SuffixDecoding(Drafter):
         return self._pending[b] and draft
 
     def propose(self, tokens, k, sampling=None, generator=None, lengths=None):
-        (B, L), one = tokens.shape, lengths is None           # one row: its response joins the cache as it grows
+        (B, L), one = tokens.shape, self._one_row                 # (a batch's step over one row: not one row)
         lengths = list(lengths or [L] * B)                                          # [B] each row's sequence
         low = min(self._seen)
         if max(lengths) > low:                                                      # the newest tokens: one host read
