@@ -159,8 +159,9 @@ class CostAwareK(Controller):
         batched decoding."""
         self.reset()
         widths = tuple(widths) or (batch,)
-        # measure again
-        if self.measured_on is not None and self.measured_on != (target, drafter, compile, widths): self.costs = None
+        if self.measured_on is not None:                      # measure again for another pair, mode or widths
+            t, d, mode, w = self.measured_on
+            if not (t is target and d is drafter and mode == compile and w == widths): self.costs = None
         if self.costs is None:
             self.costs = {w: measure_step_costs(target, drafter, q_values=range(1, self.k_max + 2), repeats=3,
                                                 compile=compile, batch=w) for w in widths}

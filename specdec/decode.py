@@ -391,7 +391,7 @@ def step(self:Batch) -> list[int]:
     try: added = self._step_rows(m, cache, self.tokens[:m], self.lengths_t[:m], self.generator.first(m))
     finally:
         if write_back is not None: write_back()
-    self.cache.lengths = cache.lengths + self.cache.lengths[m:]
+    self.cache.take_lengths(cache)
     return added + [0] * (self.rows - m)
 
 @patch

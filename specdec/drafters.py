@@ -92,7 +92,7 @@ class Drafter:
             for name, value in whole.items():
                 if value is None or isinstance(value, Drafter): continue
                 part = getattr(self, name)                       # the step may have replaced it (same rows)
-                if isinstance(value, KVCache): value.lengths = part.lengths + value.lengths[rows:]
+                if isinstance(value, KVCache): value.take_lengths(part)
                 else: value[:rows] = part
                 setattr(self, name, value)
             for u in undo: u()
@@ -451,8 +451,7 @@ def _merge_trees(first:Draft, second:Draft, sampling:SamplingConfig) -> Draft:
     """`_merge` where either drafts token trees: a row takes the first's chain or tree where it has real drafts, else
     the second's, in one block of trees. A tree's nodes are verified as drawn for certain (one-hot): a chain drawn
     from a distribution joins one only when decoding greedily."""
-    drawn = [d for d in (first, second) if d.probs is not None]
-    if drawn and not sampling.greedy:
+    if (first.probs is not None or second.probs is not None) and not sampling.greedy:
         raise NotImplementedError("a chain sampled from its drafter's distribution cannot fill in for rows of a token "
                                   "tree (verified one-hot): decode greedily, or put drafters without distributions "
                                   "(prompt lookup, suffix) beside a tree")

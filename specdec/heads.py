@@ -383,11 +383,11 @@ def _eagle_forward_at(self:EagleHead, input_ids:torch.Tensor, # [B, q] tokens x_
                       slots:torch.Tensor|None=None, # [q] cache slots of tree nodes (default: the positions)
                       mask:torch.Tensor|None=None, # [q, capacity] the slots each sees, for tree nodes (default causal)
                      ) -> torch.Tensor:
-    """The head's forward at fixed shapes: K/V written at `slots`, attention over the whole cache (eagerly: up to the
-    last slot written); output `[B, q, H]`. Rows at their own positions (`[B, q]`) write and attend at those."""
+    """The head's forward at fixed shapes: K/V written at `slots`, attention over the whole cache (eagerly on the CPU:
+    up to the last slot written); output `[B, q, H]`. Rows at their own positions (`[B, q]`) write and attend there."""
     x, cos, sin = self._inputs(input_ids, hidden, positions)
     if slots is None: slots = positions
-    end = cache.capacity if self.steps is not None else int(slots.max()) + 1       # eagerly: the slots in use
+    end = cache.capacity if self.steps is not None or slots.is_cuda else int(slots.max()) + 1 # CPU: read free
     if mask is None: mask = cache.steps <= positions[..., None]                    # [q, capacity] (or [B, q, capacity])
     at = None if slots.dim() == 1 else slots[:, None, :, None].expand(-1, self.num_kv_heads, -1, self.head_dim)
     for i, layer in enumerate(self.decoder_layers()):

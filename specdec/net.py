@@ -71,13 +71,17 @@ class KVCache:
     def rows(self, first:int, end:int) -> "KVCache":
         """Rows first..end-1 as a cache over the same storage and device lengths: what a forward writes through it
         lands in those rows (a prompt joining a running batch is prefilled this way; a step skips a batch's free last
-        rows). Its host lengths are its own: set them here after (`set_row_length`, `lengths`)."""
+        rows). Its host lengths are its own: bring them here after (`take_lengths`, `set_row_length`)."""
         view = KVCache.__new__(KVCache)
         view.keys, view.values, view.steps = self.keys[:, first:end], self.values[:, first:end], self.steps
         view.lengths_t, view._lengths = self.lengths_t[first:end], self._lengths[first:end]
         return view
 
     def row(self, b:int) -> "KVCache": return self.rows(b, b + 1)
+
+    def take_lengths(self, view:"KVCache", first:int=0) -> None:
+        "The host lengths of `view` (`rows(first, ...)`) after writes through it; the device ones are shared already."
+        self._lengths[first:first + view.batch] = view._lengths
 
     def set_row_length(self, b:int, n:int) -> None:
         "Row b holds its first `n` positions (0 <= n <= capacity); the other rows keep theirs."
