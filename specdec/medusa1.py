@@ -22,7 +22,8 @@ class Medusa1Heads(MedusaHeads):
     head_type = "medusa1"
     def __init__(self, target:LoadedModel, n:int=3, draft_vocab:DraftVocab|None=None):
         super().__init__(target, n, draft_vocab)
-        rows = self.draft_weight()                          # [N, H] the target's output-head rows, draft vocabulary
+        weight = target.model.lm_head.weight.detach()                          # [V, H] the target's output head
+        rows = weight.index_select(0, self.draft_vocab.ids_on(weight.device))  # [N, H] the draft vocabulary's
         self.lm_heads = nn.ModuleList([nn.Linear(self.hidden_size, len(self.draft_vocab), bias=False)
                                        for _ in range(self.n)])                # separate weights per head
         with torch.no_grad():
