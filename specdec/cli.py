@@ -340,6 +340,9 @@ def _serve_parser(sub) -> None:
                    help="requests decoded together, continuous batching (default: 1: one at a time)")
     p.add_argument("--max-model-len", type=int, default=None,
                    help="prompt plus output tokens served (default: the model's context)")
+    p.add_argument("--encode-nice", type=int, default=19,
+                   help="niceness added to the threads that encode prompts, so that a flood of long prompts takes no "
+                        "CPU from decoding (Linux; 0: the engine's priority; default: 19)")
     p.add_argument("--host", default="127.0.0.1"); p.add_argument("--port", type=int, default=8000)
     p.add_argument("--served-model-name", default=None, help="the name requests give as `model` (default: MODEL)")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413 (default: 1 MiB)")
@@ -358,7 +361,7 @@ def run_serve(args) -> int:
                          "pip install 'specdec[serve]'") from None
     return serve(args.model, args.drafter, args.controller, args.host, args.port, args.served_model_name,
                  args.max_batch, args.max_body_bytes, args.max_waiting, args.device, args.dtype, args.compile,
-                 args.shutdown_timeout, args.log_level, args.max_model_len)
+                 args.shutdown_timeout, args.log_level, args.max_model_len, args.encode_nice)
 
 # %% ../nbs/09_cli.ipynb #7689664e
 def _bench_serve_parser(sub, notebook:Path|None=None) -> None:

@@ -6,7 +6,8 @@ Docs: https://specdec.github.io/specdec/serve.html.md"""
 
 # %% ../nbs/18_serve.ipynb #a239e3dc
 from __future__ import annotations
-import asyncio, json, logging, random, time, uuid
+import asyncio, json, logging, os, random, sys, threading, time, uuid
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Callable, Literal
 from fastapi import FastAPI, Request
@@ -21,7 +22,8 @@ from .serve_engine import (
 
 # %% auto #0
 __all__ = ['StreamOptions', 'TextPart', 'ChatMessage', 'CompletionRequest', 'ChatRequest', 'APIError', 'error_response',
-           'parse_body', 'BodyLimit', 'spec_stats', 'ClientGone', 'next_item', 'make_app', 'serve']
+           'parse_body', 'BodyLimit', 'spec_stats', 'ClientGone', 'next_item', 'PromptEncoders', 'make_app',
+           'serve']
 
 # %% ../nbs/18_serve.ipynb #ac6cc0c4
 class _Strict(BaseModel):
@@ -265,22 +267,38 @@ async def _stream(handle:Handle, request:Request, item, shapes:_Shapes):
         if not finished: handle.cancel()                # the client went away (or the server cancelled the stream)
 
 # %% ../nbs/18_serve.ipynb #14cb04f1
+class PromptEncoders(ThreadPoolExecutor):
+    "The threads that validate requests and encode their prompts, `nice` below the others (Linux; elsewhere as is)."
+    def __init__(self, nice:int=19, threads:int=2):
+        if not 0 <= nice <= 19: raise ValueError(f"encode_nice {nice}: give 0 to 19 (0: the engine's priority)")
+        super().__init__(threads, "specdec-encode", initializer=_lower_priority, initargs=(nice,))
+        self.nice = nice
+
+def _lower_priority(nice:int) -> None:
+    "Add `nice` to the calling thread's niceness (Linux: that thread alone; elsewhere nice is the process's: left)."
+    if nice and sys.platform.startswith("linux"):
+        thread = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, thread, min(19, os.getpriority(os.PRIO_PROCESS, thread) + nice))
+
 def make_app(loader:Callable[[], ServedModel], # builds the model; runs in the engine thread when the app starts
              model_name:str, # the name requests give as `model`
              max_body_bytes:int=1 << 20, # larger request bodies get 413
              max_waiting:int=256, # requests queued beyond this get 429
              max_batch:int=1, # requests decoded together (rows of one continuous batch)
+             encode_nice:int=19, # niceness added to the threads that encode prompts (0: the engine's priority)
             ) -> FastAPI:
     """The OpenAI-compatible app: `/health`, `/v1/models`, `/v1/completions`, `/v1/chat/completions`, `/metrics`. Its
     engine thread starts (and loads the model) with the app's lifespan, and stops with it."""
     metrics = ServeMetrics(model_name)
     worker = EngineWorker(loader, metrics, max_waiting, max_batch)
+    encoders = PromptEncoders(encode_nice)
 
     @asynccontextmanager
     async def lifespan(app):
         worker.start()
         yield
         await asyncio.to_thread(worker.close)
+        encoders.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="specdec", lifespan=lifespan)
     app.state.worker, app.state.metrics = worker, metrics
@@ -322,7 +340,8 @@ def make_app(loader:Callable[[], ServedModel], # builds the model; runs in the e
             raise APIError(404, f"the model `{body.model}` does not exist: this server serves `{model_name}`", "model",
                            "model_not_found")
         if not worker.ready: raise APIError(503, "the model is not ready: retry when GET /health answers 200")
-        job = _job(worker.served, body, request_id)
+        # off the event loop, at a lower priority than the engine: a long prompt's encoding takes no step's CPU
+        job = await asyncio.get_running_loop().run_in_executor(encoders, _job, worker.served, body, request_id)
         try: handle = worker.submit(job)
         except ServerBusy as e: raise APIError(e.status, str(e)) from None
         options = body.stream_options or StreamOptions()
@@ -356,7 +375,8 @@ def serve(model:str, # zoo name, .gguf file, local folder or hub id
           device=None, dtype=None, compile:str="auto",
           shutdown_timeout:float=30.0, # seconds SIGTERM waits for in-flight requests before cancelling them
           log_level:str="info",
-          max_model_len:int|None=None) -> int: # prompt plus output tokens served (None: the model's context)
+          max_model_len:int|None=None, # prompt plus output tokens served (None: the model's context)
+          encode_nice:int=19) -> int: # niceness added to the threads that encode prompts (`make_app`)
     "Serve `model` with uvicorn until SIGINT/SIGTERM (graceful: in-flight requests finish or get an error)."
     import uvicorn
     specs.validate("drafter", drafter); specs.validate("controller", controller)   # bad specs fail before binding
@@ -365,6 +385,6 @@ def serve(model:str, # zoo name, .gguf file, local folder or hub id
                                                                           "least 2 (prompt plus output tokens)")
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
     app = make_app(lambda: load_served(model, drafter, controller, device, dtype, compile, max_model_len),
-                   served_model_name or model, max_body_bytes, max_waiting, max_batch)
+                   served_model_name or model, max_body_bytes, max_waiting, max_batch, encode_nice)
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=shutdown_timeout)
     return 0

@@ -307,6 +307,7 @@ class ServeBenchConfig:
     device: str = ""
     dtype: str = ""
     compile: str = "auto"
+    encode_nice: int = 19
     out: str = "results"
     run_id: str = ""
     resume: str = ""
@@ -422,9 +423,10 @@ def _server_info(endpoint:str) -> dict:
     return {"endpoint": endpoint, "models": models, "engine": engine_of(parse_metrics(scrape(endpoint)))}
 
 def server_flags(cfg:ServeBenchConfig) -> tuple:
-    "The `specdec serve` flags a run passes on (--device, --dtype, --compile where set)."
-    return tuple(x for flag, v in (("--device", cfg.device), ("--dtype", cfg.dtype), ("--compile", cfg.compile))
-                 if v for x in (flag, v))
+    "The `specdec serve` flags a run passes on (--device, --dtype, --compile where set; --encode-nice)."
+    flags = (("--device", cfg.device), ("--dtype", cfg.dtype), ("--compile", cfg.compile),
+             ("--encode-nice", str(cfg.encode_nice)))
+    return tuple(x for flag, v in flags if v for x in (flag, v))
 
 def run_serve_bench(cfg:ServeBenchConfig) -> Path:
     """Run the serve benchmark `cfg`: first, where `cfg.measures_reference`, the in-process reference

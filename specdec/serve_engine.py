@@ -6,7 +6,7 @@ Docs: https://specdec.github.io/specdec/serve_engine.html.md"""
 
 # %% ../nbs/18a_serve_engine.ipynb #044830c3
 from __future__ import annotations
-import asyncio, logging, queue, threading, time
+import asyncio, copy, logging, queue, threading, time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -25,13 +25,19 @@ _log = logging.getLogger("specdec.serve")
 @dataclass
 class ServedModel:
     """What the server decodes with: the target, its drafter and controller (None: plain decoding), and how forwards
-    run. Text goes through `encode`/`decode`, which hold `lock`: the engine thread decodes while the server encodes."""
+    run. Prompts are encoded on the server's threads with a copy of the tokenizer (`prompt_tokenizer`, under `lock`)
+    and the engine thread decodes with the target's own: a long prompt being encoded (the tokenizer lets go of the GIL)
+    never holds up a decoding step."""
     target: Any                        # a `LoadedModel`
     drafter: Any = None                # a `Drafter`, or None
     controller: Any = None             # a `Controller` (None: generate's default with a drafter)
     compile: str = "auto"              # `engine.COMPILE_MODES`
     max_model_len: int|None = None     # prompt plus output tokens served (None: the model's context)
-    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)   # held while encoding
+
+    def __post_init__(self):
+        tok = self.target.tokenizer
+        self.prompt_tokenizer = None if tok is None else copy.deepcopy(tok)
 
     @property
     def max_context(self) -> int:
@@ -41,10 +47,12 @@ class ServedModel:
 
     def encode(self, prompt:str) -> list[int]:
         "Token ids of a completion prompt (a ValueError for an empty one)."
-        with self.lock: return self.target.encode(prompt)[0].tolist()
+        if not prompt.strip(): raise ValueError("empty prompt: give some text to continue")
+        with self.lock: return list(self.prompt_tokenizer.encode(prompt))
 
     def decode(self, ids:list[int]) -> str:
-        with self.lock: return self.target.decode(ids)
+        "Text of token ids (the engine thread's: the only user of the target's tokenizer while serving)."
+        return self.target.decode(ids)
 
     def describe(self) -> dict:
         "The method served: the drafter's and the controller's specs."
@@ -57,7 +65,7 @@ class ServedModel:
         """Token ids of a conversation (`[{"role", "content"}]`) through the tokenizer's chat template, ready for the
         assistant's turn; a tokenizer without one gets `Role: content` lines and `Assistant:` (for one user message,
         what `LoadedModel.encode(chat=True)` writes)."""
-        tok = self.target.tokenizer
+        tok = self.prompt_tokenizer
         with self.lock:
             if getattr(tok, "chat_template", None):
                 text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

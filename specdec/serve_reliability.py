@@ -484,17 +484,21 @@ def run_reliability(endpoint:str, # a live OpenAI-compatible server: http://host
         # the load is spread over `repeats` + 1 unloaded streams' time, so that streams run within it, not after it
         spread = (repeats + 1) * (median_of(s.get("e2e_s") for s in unloaded) or 0)
         with ThreadPoolExecutor(1) as background:
-            sending = background.submit(send_all, endpoint, requests, hostile_threads, None, timeout, progress, spread)
+            def send():
+                started = time.perf_counter()
+                return send_all(endpoint, requests, hostile_threads, None, timeout, progress, spread), \
+                       time.perf_counter() - started
+            sending = background.submit(send)
             loaded = []
             while not loaded or not sending.done():   # each stream marked whether it ended under the load
                 loaded.append(stream()); loaded[-1]["within_load"] = not sending.done()
-            answers = sending.result()
+            answers, load_s = sending.result()
     hostile = summarise_hostile(requests, answers)
     # under the load: the streams that ended before it did (the first one alone when the load was shorter)
     under = [s for s in loaded if s["within_load"]] or loaded[:1]
     unloaded_tpot = median_of(s.get("tpot_s") for s in unloaded)
     loaded_tpot = median_of(s.get("tpot_s") for s in under)
-    hostile.update(health_after=_health(endpoint, timeout), spread_s=spread, unloaded_streams=unloaded,
+    hostile.update(health_after=_health(endpoint, timeout), spread_s=spread, load_s=load_s, unloaded_streams=unloaded,
                    loaded_streams=loaded,
                    unloaded_tpot_s=unloaded_tpot, loaded_tpot_s=loaded_tpot,
                    tpot_ratio=loaded_tpot / unloaded_tpot if loaded_tpot and unloaded_tpot else None)

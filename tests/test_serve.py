@@ -441,6 +441,41 @@ def test_concurrent_requests_queue_and_both_complete(tiny, monkeypatch):
     assert stat(after, "num_requests_running") == stat(after, "num_requests_waiting") == 0
 
 
+def test_a_prompt_being_encoded_holds_up_neither_the_event_loop_nor_the_engine(tiny):
+    """Prompts are encoded on the encoder threads: while one prompt's encoding is held, /health answers and a request
+    of token ids completes; released, the held request completes with `generate`'s text."""
+    model = served(tiny, "pld")
+    entered, release, encoder = threading.Event(), threading.Event(), model.prompt_tokenizer
+    class Held:
+        def encode(self, text, *args, **kw):
+            entered.set()
+            assert release.wait(60)
+            return encoder.encode(text, *args, **kw)
+    model.prompt_tokenizer = Held()
+    other = tiny.encode("the cat the cat")[0].tolist()
+    with client_for(model) as client, ThreadPoolExecutor(1) as pool:
+        held = pool.submit(client.post, "/v1/completions", json=ask())
+        assert entered.wait(60)
+        health, ids = client.get("/health"), client.post("/v1/completions", json=ask(prompt=other))
+        done_first = not held.done()
+        release.set()
+        held = held.result(60)
+    assert health.status_code == 200 and ids.status_code == 200 and done_first
+    for r, prompt in ((ids, torch.tensor([other])), (held, tiny.encode(PROMPT))):
+        assert r.json()["choices"][0]["text"] == tiny.decode(offline(tiny, "pld", prompt, max_new_tokens=24).tokens)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a thread's own niceness is Linux's")
+def test_prompt_encoders_run_below_the_other_threads():
+    def niceness(): return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    here = niceness()
+    for nice in (0, 5):
+        with serve.PromptEncoders(nice) as pool: theirs = pool.submit(niceness).result(60)
+        assert theirs == min(19, here + nice) and niceness() == here
+    for bad in (-1, 20):
+        with pytest.raises(ValueError, match=f"encode_nice {bad}: give 0 to 19"): serve.PromptEncoders(bad)
+
+
 def test_a_full_queue_answers_429(tiny, monkeypatch):
     real, started, release = Batch.step, threading.Event(), threading.Event()
     def held(batch):
@@ -665,12 +700,14 @@ def test_serve_command_line_refuses_what_it_cannot_do():
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), pytest.raises(SystemExit): main(["serve", "--help"])
     for flag in ("--drafter", "--controller", "--max-batch", "--host", "--port", "--served-model-name",
-                 "--max-body-bytes", "--shutdown-timeout", "--max-model-len"):
+                 "--max-body-bytes", "--shutdown-timeout", "--max-model-len", "--encode-nice"):
         assert flag in out.getvalue()
     with contextlib.redirect_stderr(err):
         assert main(["serve", NAME, "--max-batch", "0"]) == 2
         assert main(["serve", NAME, "--drafter", "pdl"]) == 2
+        assert main(["serve", NAME, "--encode-nice", "20"]) == 2
     assert "--max-batch 0: give at least 1" in err.getvalue()
+    assert "encode_nice 20: give 0 to 19" in err.getvalue()
     assert "pdl" in err.getvalue().splitlines()[1]
 
 
