@@ -16,7 +16,7 @@ from tqdm import tqdm
 from . import specs
 from .models import seed_everything
 from .decode import generate
-from .costmodel import StepCosts, measure_step_costs
+from .costmodel import StepCosts, measure_step_costs, measure_tree_step
 from .prompts import Prompt, load_prompts
 from .stats import Stats
 from .timing import peak_memory, reset_peak_memory
@@ -201,20 +201,38 @@ class BatchRunner:
         return rec
 
 # %% ../nbs/11b_batch_bench.ipynb #23d80a9d
+def _or_why(work) -> tuple[object, str|None]:
+    "`work()` and no reason, or None and why it cannot run at this batch size (it raised NotImplementedError)."
+    try: return work(), None
+    except NotImplementedError as e: return None, f"{type(e).__name__}: {e}"
+
+def _tree_step_at(target, drafter, k:int, at:dict) -> dict:
+    "A token tree's step at `at['batch']` rows (`measure_tree_step`): only where it drafts trees for rows of a batch."
+    if at["batch"] > 1 and not drafter.batches_trees:
+        raise NotImplementedError(f"{drafter.name} drafts token trees for one prompt at a time")
+    return measure_tree_step(target, drafter, k, **at)
+
 def measure_batch_costs(target, drafters:dict, context:int, batch_sizes:list[int], k_max:int=8, compile:str="auto",
-                        progress:bool=True) -> dict[int, dict]:
+                        progress:bool=True,
+                        tree_k:dict[str, int]|None=None, # per drafter of token trees, the K (depth) it is timed at
+                       ) -> dict[int, dict]:
     """Per batch size: seconds of a target forward over q = 1..k_max+1 new tokens a row (`verify`), each drafter's
-    seconds per draft token (`draft`; None where it cannot draft a batch of that size, the reason in `errors`)."""
+    seconds per draft token (`draft`), and each token tree's step (`tree`: its width q, the target's forward over q
+    tokens a row as one tree, the whole tree's draft; `measure_tree_step` at the K `tree_k` gives it, else 4). None
+    where a drafter cannot draft a batch of that size, the reason in `errors`."""
     out = {}
     for B in tqdm(batch_sizes, desc="step costs", disable=not progress, leave=False):
         at = dict(context=context, compile=compile, batch=B)
         verify = measure_step_costs(target, q_values=range(1, k_max + 2), **at).verify
-        draft, errors = {}, {}
+        draft, tree, errors = {}, {}, {}
         for d, dr in drafters.items():
             if dr is None: continue
-            try: draft[d] = measure_step_costs(target, dr, verify=verify, **at).draft
-            except NotImplementedError as e: draft[d], errors[d] = None, f"{type(e).__name__}: {e}"
-        out[B] = {"verify": verify, "draft": draft, "errors": errors}
+            draft[d], why = _or_why(lambda: measure_step_costs(target, dr, verify=verify, **at).draft)
+            if dr.drafts_trees:
+                tree[d], why_tree = _or_why(lambda: _tree_step_at(target, dr, (tree_k or {}).get(d, 4), at))
+                why = why or why_tree
+            if why: errors[d] = why
+        out[B] = {"verify": verify, "draft": draft, "tree": tree, "errors": errors}
     return out
 
 def surface_costs(surface:dict) -> dict[int, dict]:
@@ -223,11 +241,20 @@ def surface_costs(surface:dict) -> dict[int, dict]:
             for B, s in surface.items()}
 
 # %% ../nbs/11b_batch_bench.ipynb #bd07f73b
+def _tree_depths(methods:list[Method]) -> dict[str, int]:
+    """Per drafter, the K its token tree's step is timed at: the largest of its fixed-K methods, whose batch-1 τ the
+    cost model reads (`acceptance_at_batch_1`), else of all its methods."""
+    out = {}
+    for d in dict.fromkeys(m.drafter for m in methods if m.drafter):
+        mine = [m.controller for m in methods if m.drafter == d]
+        out[d] = max(c.k_max for c in ([c for c in mine if c.kind == "fixed"] or mine))
+    return out
+
 def prepare_batch(cfg:BatchConfig, opts:dict, target, pool:list, methods:list[Method], git:dict, run_id:str,
                   progress:bool=True) -> BatchRunner:
     """The run's setup: the target's net built (fused before any HF generation), the methods' drafters, the pool
     encoded, and the cost surface at every batch size where the cost model or a cost-aware controller needs it (at
-    the pool's median prompt length plus half the new tokens)."""
+    the pool's median prompt length plus half the new tokens; a token tree's own step at its K: `_tree_depths`)."""
     target.net
     drafters = {d: specs.make_drafter(d, target) for d in dict.fromkeys(m.drafter for m in methods if m.drafter)}
     encoded = {p.id: p.encode(target, chat=cfg.chat) for p in pool}
@@ -235,7 +262,8 @@ def prepare_batch(cfg:BatchConfig, opts:dict, target, pool:list, methods:list[Me
     k_max = max([8] + [m.controller.k_max for m in methods if m.controller])
     surface = None
     if cfg.cost_model or any(m.controller and m.controller.needs_costs for m in methods):
-        measured = measure_batch_costs(target, drafters, context, cfg.batch_size_list, k_max, cfg.compile, progress)
+        measured = measure_batch_costs(target, drafters, context, cfg.batch_size_list, k_max, cfg.compile, progress,
+                                       _tree_depths(methods))
         trees = [d for d, dr in drafters.items() if dr is not None and dr.drafts_trees]   # verified wider than K+1
         surface = {"context": context, "k_max": k_max, "trees": trees,
                    "by_batch": {str(B): s for B, s in measured.items()}}

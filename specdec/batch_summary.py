@@ -167,7 +167,7 @@ def acceptance_at_batch_1(records:list[dict], methods:dict[str, dict]) -> dict[s
     return out
 
 def _rows_at_batch_1(records:list[dict], names:list[str]) -> dict[str, dict]:
-    "Per prompt, its batch-1 generations by the methods `names`: conditional acceptance, draft share, new tokens."
+    "Per prompt, its batch-1 generations by the methods `names`: conditional acceptance, draft share, new tokens, τ."
     rows = {}
     for r in records:
         if r["method"] in names and r["batch_size"] == 1 and r.get("purpose", "speed") == "speed":
@@ -178,7 +178,7 @@ def _rows_at_batch_1(records:list[dict], names:list[str]) -> dict[str, dict]:
         if s.target_forwards:
             out[pid] = {"conditional": conditional_acceptance(s.per_position_acceptance),
                         "draft_share": (s.proposed_by_position or [0])[0] / s.target_forwards,
-                        "new_tokens": s.new_tokens / max(s.generations, 1)}
+                        "new_tokens": s.new_tokens / max(s.generations, 1), "tau": s.tau}
     return out
 
 def row_acceptance(conditional:list[float], draft_share:float) -> list[float]:
@@ -241,29 +241,79 @@ def _method_prediction(info:dict, speedups:list[float]) -> float|None:
     if c.get("kind") == "cost": return speedups[best_gain(speedups[:c["k_max"] + 1])]
     return None
 
+def _break_even(by:dict) -> dict:
+    "`break_even_batch` of a drafter's best drafting speedup at each batch size (`by`: B as text -> its prediction)."
+    sizes = sorted(int(b) for b in by)
+    return break_even_batch(sizes, [by[str(b)]["speedup_drafting"] for b in sizes])
+
+def _predict_chain(surface:dict, d:str, acc:dict, methods:dict, groups:dict|None) -> tuple[dict, dict]:
+    """A chain drafter's predictions: per batch size K(B), the predicted speedup there and that of the best K ≥ 1
+    (`drafting`), the break-even batch, the first size where no K pays; per method of it and batch size, its own."""
+    by, by_method = {}, {}
+    for B, s in surface["by_batch"].items():
+        if s["draft"].get(d) is None: continue
+        speedups, model = _speedups(s, s["draft"][d], acc, int(B), (groups or {}).get(str(B)), surface["k_max"])
+        k = best_gain(speedups)
+        by[B] = {"k_best": k, "speedup_best": speedups[k], "speedup_drafting": max(speedups[1:]), "model": model}
+        for name, info in methods.items():
+            if info.get("drafter") == d and (p := _method_prediction(info, speedups)) is not None:
+                by_method.setdefault(name, {})[B] = p
+    return {"by_batch": by, "rates": row_acceptance(acc["conditional"], acc["draft_share"]),
+            "draft_share": acc["draft_share"], "break_even": _break_even(by),
+            "k0_from": next((int(b) for b in sorted(by, key=int) if by[b]["k_best"] == 0), None)}, by_method
+
+def _tree_seconds(s:dict, tree:dict, draft_share:float|list[float], B:int) -> tuple[float, float]:
+    """Seconds of a plain step of B rows, and of a token tree's step (`tree`: the step measured at B): its draft, and
+    its forward over `width` tokens a row where some row drafted, else over one (`batch_step_costs`)."""
+    verify = {1: monotone(s["verify"])[1], tree["width"]: tree["verify"]}        # one token a row; the tree's nodes
+    costs = batch_step_costs(verify, tree["draft"], draft_share, B)
+    return costs.verify_cost(1), costs.draft + costs.verify_cost(tree["width"])
+
+def _tree_speedup(s:dict, tree:dict, acc:dict, B:int, groups:list|None) -> tuple[float, str]:
+    """A token tree's predicted speedup at batch size B, and the model used: each step drafts the tree and verifies its
+    nodes (`_tree_seconds`) and keeps τ tokens a row, τ as the run measured it at batch 1. Where the run grouped its
+    rows and measured each at batch 1, a group takes `max_rows(n / τ_row)` tree steps against `max_rows(n)` plain
+    ones, as a chain's (`_speedups`). Otherwise rows alike, at the drafter's τ."""
+    rows = acc.get("rows") or {}
+    if groups and all(rows.get(i, {}).get("tau") for g in groups for i in g):
+        plain = spec = 0.0
+        for g in groups:
+            one, step = _tree_seconds(s, tree, [rows[i]["draft_share"] for i in g], B)
+            plain += max(rows[i]["new_tokens"] for i in g) * one
+            spec += max(rows[i]["new_tokens"] / rows[i]["tau"] for i in g) * step
+        return plain / spec, "slowest row of each group"
+    one, step = _tree_seconds(s, tree, acc["draft_share"], B)
+    return acc["tau"] * one / step, "rows alike"
+
+def _predict_tree(surface:dict, d:str, acc:dict, methods:dict, groups:dict|None) -> tuple[dict, dict]:
+    """A token tree's predictions at each batch size where the surface measured its step (`by_batch[B]["tree"]`): its
+    width and predicted speedup (`_tree_speedup`), the break-even batch; the same for each method whose batch-1 τ it
+    is (`acc["methods"]`; none named: every method of the drafter)."""
+    by, by_method = {}, {}
+    names = acc.get("methods") or [n for n, i in methods.items() if i.get("drafter") == d]
+    for B, s in surface["by_batch"].items():
+        if not (tree := (s.get("tree") or {}).get(d)): continue
+        speedup, model = _tree_speedup(s, tree, acc, int(B), (groups or {}).get(str(B)))
+        by[B] = {"width": tree["width"], "speedup_drafting": speedup, "model": model}
+        for name in names: by_method.setdefault(name, {})[B] = speedup
+    return {"tree": True, "by_batch": by, "tau": acc["tau"], "draft_share": acc["draft_share"],
+            "rates": row_acceptance(acc.get("conditional") or [], acc["draft_share"]),   # by depth, as the report shows
+            "break_even": _break_even(by)}, by_method
+
 def predict_batch(surface:dict, acceptance:dict[str, dict], methods:dict[str, dict],
                   groups:dict[str, list]|None=None, # the run's rows by batch size (`manifest["groups"]`)
                  ) -> dict:
-    """The cost model over batch sizes: per drafter and batch size K(B), the predicted speedup there and that of the
-    best K ≥ 1 (`drafting`), the break-even batch; per method and batch size its predicted speedup. With `groups` and
-    each row's batch-1 acceptance, the slowest row of each group sets its time (`_speedups`). Chains only: drafters of
-    token trees (`surface["trees"]`) are left out."""
-    k_max, drafters, by_method = surface["k_max"], {}, {}
+    """The cost model over batch sizes: per drafter its predictions at each batch size and its break-even batch; per
+    method and batch size its predicted speedup. A chain: K(B), the best K ≥ 1 (`_predict_chain`); a token tree
+    (`surface["trees"]`): its own step at its τ (`_predict_tree`). With `groups` and each row's batch-1 acceptance, the
+    slowest row of each group sets its time. A tree whose step the surface did not measure (a surface from before
+    trees were timed, or a tree that drafts no batch size there) is left out."""
+    drafters, by_method = {}, {}
     for d, acc in acceptance.items():
-        if d in surface.get("trees", ()): continue              # a token tree verifies its nodes: not a chain's K+1
-        rates, by = row_acceptance(acc["conditional"], acc["draft_share"]), {}
-        for B, s in surface["by_batch"].items():
-            if s["draft"].get(d) is None: continue
-            speedups, model = _speedups(s, s["draft"][d], acc, int(B), (groups or {}).get(str(B)), k_max)
-            k = best_gain(speedups)
-            by[B] = {"k_best": k, "speedup_best": speedups[k], "speedup_drafting": max(speedups[1:]), "model": model}
-            for name, info in methods.items():
-                if info.get("drafter") == d and (p := _method_prediction(info, speedups)) is not None:
-                    by_method.setdefault(name, {})[B] = p
-        sizes = sorted(int(b) for b in by)
-        drafters[d] = {"by_batch": by, "rates": rates, "draft_share": acc["draft_share"],
-                       "break_even": break_even_batch(sizes, [by[str(b)]["speedup_drafting"] for b in sizes]),
-                       "k0_from": next((b for b in sizes if by[str(b)]["k_best"] == 0), None)}
+        tree = d in surface.get("trees", ())
+        if tree and not any((s.get("tree") or {}).get(d) for s in surface["by_batch"].values()): continue
+        drafters[d], predicted = (_predict_tree if tree else _predict_chain)(surface, d, acc, methods, groups)
+        for name, by in predicted.items(): by_method.setdefault(name, {}).update(by)
     return {"drafters": drafters, "methods": by_method}
 
 # %% ../nbs/11a_batch_summary.ipynb #d6c43a8a
@@ -371,17 +421,23 @@ def divergence_table(manifest:dict) -> pd.DataFrame|str:
             for n, by in manifest["certificate"].items() for B, c in by.items() for d in c["differ"]]
     return pd.DataFrame(rows).set_index(["method", "B"]) if rows else "every row identical to its reference"
 
+def _cost_cell(p:dict) -> str:
+    "A drafter's prediction at one batch size: K(B) (a token tree: its width q) and its best drafting speedup."
+    size = f"q={p['width']}" if "width" in p else f"K={p['k_best']}"
+    return f"{size}, {_fmt(p['speedup_drafting'])}"
+
 def cost_table(manifest:dict) -> pd.DataFrame|str:
-    "Per drafter and batch size, the cost model's K(B) and its predicted speedup (K ≥ 1 at best), and the break-even."
+    """Per drafter and batch size, the cost model's K(B) and its predicted speedup (K ≥ 1 at best; a token tree: its
+    width and its predicted speedup), and the break-even."""
     cost = manifest.get("cost_model")
     if not cost or not cost["drafters"]: return "no cost model in this run (cost_model=False, or no batch-1 acceptance)"
     rows = {}
     for d, v in cost["drafters"].items():
-        rows[d] = {f"B={B}": (f"K={v['by_batch'][str(B)]['k_best']}, {_fmt(v['by_batch'][str(B)]['speedup_drafting'])}"
-                              if str(B) in v["by_batch"] else "-") for B in manifest["batch_sizes"]}
+        rows[d] = {f"B={B}": _cost_cell(v["by_batch"][str(B)]) if str(B) in v["by_batch"] else "-"
+                   for B in manifest["batch_sizes"]}
         rows[d]["break-even B"] = v["break_even"]["note"]
     table = pd.DataFrame(rows).T
-    table.columns.name = "K(B), predicted × specdec-AR of the best K ≥ 1"
+    table.columns.name = "K(B) (a token tree: q, its nodes a row), predicted × specdec-AR of the best K ≥ 1"
     return table
 
 def unavailable_lines(manifest:dict) -> list[str]:

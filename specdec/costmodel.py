@@ -11,11 +11,12 @@ from dataclasses import dataclass, field
 import torch
 from .sampling import SamplingConfig
 from .engine import engine_for, resolve_compile
+from .net import TreeLayout
 from .timing import sync
 
 # %% auto #0
 __all__ = ['expected_tokens', 'StepCosts', 'step_seconds', 'predicted_speedup', 'best_gain', 'best_k',
-           'conditional_acceptance', 'measure_step_costs']
+           'conditional_acceptance', 'measure_step_costs', 'measure_tree_step']
 
 # %% ../nbs/12_costmodel.ipynb #b0e650ef
 def _alpha(acceptance:list[float]|float, i:int) -> float:
@@ -94,9 +95,9 @@ def conditional_acceptance(per_position) -> list[float]:
 
 # %% ../nbs/12_costmodel.ipynb #1fbe035c
 def _time_forward(runner, q:int, context:int, repeats:int, device:torch.device, logits:str, seed:int=0,
-                  batch:int=1) -> float:
+                  batch:int=1, tree:TreeLayout|None=None) -> float:
     """Median seconds of the target's `runner` (its net, or the engine the run uses) over q new tokens a row after
-    `context`."""
+    `context` (with a `tree`: the q tokens as its nodes, each seeing its ancestors)."""
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, runner.vocab_size, (batch, context + q), generator=gen).to(device)   # [B, context+q]
     cache = runner.new_cache(batch, context + q)
@@ -105,16 +106,16 @@ def _time_forward(runner, q:int, context:int, repeats:int, device:torch.device, 
     for r in range(repeats + 1):                                                          # the first is a warm-up
         cache.rollback(context)
         sync(device); t0 = time.perf_counter()
-        runner(ids[:, context:], cache, logits=logits)
+        runner(ids[:, context:], cache, logits=logits, **({} if tree is None else {"tree": tree}))
         sync(device)
         if r: times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
 def _time_drafter(drafter, target, runner, k:int, context:int, repeats:int, device:torch.device, seed:int=0,
-                  batch:int=1) -> float:
-    """Median seconds per draft token of a step (`propose(..., k)`, then `observe(0, features)`) over `batch` rows, one
-    token longer each step; a drafter that reads the target's features gets the target's (`runner`'s) at every
-    position."""
+                  batch:int=1, per_token:bool=True) -> float:
+    """Median seconds per draft token of a step (`propose(..., k)`, then `observe(0, features)`; `per_token=False`: of
+    the whole step) over `batch` rows, one token longer each step; a drafter that reads the target's features gets the
+    target's (`runner`'s) at every position."""
     context = max(context, 1)
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, target.vocab_size, (batch, context + repeats + 1), generator=gen).to(device)   # [B, S_max]
@@ -132,7 +133,7 @@ def _time_drafter(drafter, target, runner, k:int, context:int, repeats:int, devi
         # the verified token's features
         drafter.observe(0 if batch == 1 else [0] * batch, at(context - 1 + r, context + r))
         if r: times.append(time.perf_counter() - t0)
-    return statistics.median(times) / k
+    return statistics.median(times) / (k if per_token else 1)
 
 # %% ../nbs/12_costmodel.ipynb #7fd9d0bd
 @torch.inference_mode()
@@ -162,3 +163,28 @@ def measure_step_costs(target, # a LoadedModel, or a stand-in with a `.net`
     return StepCosts(verify, draft, source={"target": target.name, "device": str(device), "mode": mode, "batch": batch,
                                             "drafter": None if drafter is None else drafter.name, "context": context,
                                             "repeats": repeats, "draft_k": draft_k})
+
+# %% ../nbs/12_costmodel.ipynb #2c9507bf
+@torch.inference_mode()
+def measure_tree_step(target, # a LoadedModel, or a stand-in with a `.net` that verifies token trees
+                      drafter, # a drafter of token trees (`drafts_trees`), timed through propose/observe
+                      k:int=4, # the tree's depth: the K its controller drafts at
+                      context:int=256, # cached tokens before the timed forward
+                      repeats:int=5,
+                      compile:str="auto", # the mode the run decodes in (`decode.generate`'s)
+                      batch:int=1, # rows decoded together
+                     ) -> dict:
+    """A token tree's step at `batch` rows, on the path the run takes: its `width` (the nodes it verifies a row, the
+    root included: `max_drafts(k) + 1`), the seconds of the target's forward over that many tokens a row as one tree
+    (`verify`), and the drafter's seconds for the whole step (`draft`: a tree is not k chain tokens)."""
+    if repeats < 1: raise ValueError(f"repeats must be >= 1, got {repeats}")
+    if not drafter.drafts_trees: raise ValueError(f"{drafter.name} drafts chains: measure_step_costs times them")
+    device, mode = torch.device(target.device), resolve_compile(compile, target.net)
+    runner, q = engine_for(target.net, mode), drafter.max_drafts(k) + 1
+    parents = torch.arange(-1, q - 1, device=device)     # [q] a chain of q nodes: any q nodes cost alike
+    # rows: each its own tree `[B, q]`, as the loop verifies a batch's
+    tree = TreeLayout.on_device(parents if batch == 1 else parents.expand(batch, q), q)
+    verify = _time_forward(runner, q, context, repeats, device, "all", batch=batch, tree=tree)
+    drafter.use_engine(mode)
+    draft = _time_drafter(drafter, target, runner, k, context, repeats, device, batch=batch, per_token=False)
+    return {"width": q, "k": k, "verify": verify, "draft": draft}

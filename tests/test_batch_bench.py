@@ -104,7 +104,10 @@ def test_a_drafter_that_cannot_run_at_a_batch_size_is_recorded_and_the_run_resum
                                (f"{tree}/k4", 1), (f"{tree}/k4", 1)])
     assert set(manifest["certificate"][f"{tree}/k4"]) == {"1"} and manifest["certificate"][f"{tree}/k4"]["1"]["passed"]
     assert all(c["predicted_speedup"] > 0 for c in manifest["results"]["pld/k4"]["by_batch"].values())
-    assert list(manifest["cost_model"]["drafters"]) == ["pld"]                   # a token tree: no chain prediction
+    assert list(manifest["cost_model"]["drafters"]) == ["pld", tree]             # a token tree: from its own step
+    assert list(manifest["cost_model"]["drafters"][tree]["by_batch"]) == ["1"]   # timed where it drafts: B=1 only
+    assert surface["by_batch"]["2"]["tree"][tree] is None and surface["by_batch"]["1"]["tree"][tree]["width"] == 5
+    assert manifest["results"][f"{tree}/k4"]["by_batch"]["1"]["predicted_speedup"] > 0
     assert f"Not measured:\n  {tree}/k4: cannot run at B=2 (NotImplementedError" in batch_text_summary(run_dir)
     (run_dir / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records[:3]))   # cut off after three
     (run_dir / "MANIFEST.json").write_text(json.dumps({**manifest, "status": "running"}))
