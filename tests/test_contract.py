@@ -95,7 +95,10 @@ def test_a_drafter_written_against_the_contract_alone_runs_everywhere(tiny, shap
             seq = torch.tensor([reference[:prompt.shape[1] + n_new - 1]])
             truth = tiny.net(seq, tiny.net.new_cache(1, seq.shape[1]), logits="none", keep=layers).features
         assert handed.shape == truth.shape
-        torch.testing.assert_close(handed, truth, atol=1e-4, rtol=1e-4)
+        # float32 over other matmul shapes (the fixed engine pads its steps): 1.2e-4 seen on an AVX2 host; a feature
+        # from another position differs by O(1) (the negative control below)
+        torch.testing.assert_close(handed, truth, atol=1e-3, rtol=1e-3)
+        assert (handed[:, 1:] - truth[:, :-1]).abs().max() > 1e-2                  # one position off: far apart
 
 
 @pytest.mark.parametrize("shape", ["chain", "tree", "suffix+double"])
