@@ -272,7 +272,6 @@ class PromptEncoders(ThreadPoolExecutor):
     def __init__(self, nice:int=19, threads:int=2):
         if not 0 <= nice <= 19: raise ValueError(f"encode_nice {nice}: give 0 to 19 (0: the engine's priority)")
         super().__init__(threads, "specdec-encode", initializer=_lower_priority, initargs=(nice,))
-        self.nice = nice
 
 def _lower_priority(nice:int) -> None:
     "Add `nice` to the calling thread's niceness (Linux: that thread alone; elsewhere nice is the process's: left)."
