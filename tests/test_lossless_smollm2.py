@@ -29,11 +29,18 @@ def references(smol):
     return {name: (p, hf_greedy(smol, p, N_NEW)) for name, p in prompts.items()}
 
 
+LAYERSKIP_PROMPTS = ("summarization", "code", "chat")   # grounded and open: its accepted and rejected drafts both run
+
+
 @pytest.mark.parametrize("k", [1, 4, 8])
 @pytest.mark.parametrize("drafter_name", ["pld", "layerskip:8"])
 def test_greedy_equals_hf(smol, references, drafter_name, k):
+    """Prompt lookup on every prompt; layer-skip (the target's first 8 layers, k forwards a step: the slowest drafter
+    here) on three of them."""
     drafter = PromptLookup() if drafter_name == "pld" else LayerSkip(smol, 8)
-    for name, (prompt, ref) in references.items():
+    names = PROMPTS if drafter_name == "pld" else LAYERSKIP_PROMPTS
+    for name in names:
+        prompt, ref = references[name]
         out = generate(smol, prompt, drafter=drafter, controller=FixedK(k), max_new_tokens=N_NEW)
         assert out.tokens.shape == ref.shape, name
         assert torch.equal(out.tokens, ref), f"{name}: first difference at {(out.tokens != ref).nonzero()[:1].tolist()}"

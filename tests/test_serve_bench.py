@@ -197,7 +197,7 @@ def test_a_short_run_against_specdec_serve_writes_its_run_folder(tokenizer, tmp_
         # the server counts every request made; GuideLLM's measured window can leave one out of its token count
         assert r["spec"]["generation_tokens"] >= r["output_tokens"] > 0 and (run_dir / r["guidellm"]).is_file()
         assert r["queue"]["metric"] == "specdec:request_queue_time_seconds"
-        assert r["queue"]["count"] == r["requests"]["successful"]
+        assert r["requests"]["successful"] <= r["queue"]["count"] <= 2   # the server's count: every request made
     assert spec["drafts"] > 0 and spec["verification_steps"] <= spec["generation_tokens"]
     assert base["drafts"] == 0 and base["tau"] == 1.0                    # speculation off: one token a step
     # GuideLLM's own options
