@@ -154,35 +154,25 @@ def _tree_step(runner, cache, policy, draft, verify_ids, tokens, length:int, len
     layout = draft.layout if draft.layout is not None else TreeLayout.of_draft(draft.parents)
     target_logits, features = runner(verify_ids, cache, tree=layout, keep=keep)    # [B, K+1, V], [B, K+1, F]
     timer.lap("verify")
-    # a tree grown on the device: one read
-    if draft.layout is not None and policy.verifies_trees_on_device:
-        # n [B] accepted, path [B, K] the kept branch's nodes by depth (junk past n), next_token [B]
+    # n [B] accepted, path [B, K] the kept branch's block rows by depth (junk past n), next_token [B]
+    if draft.layout is not None and policy.verifies_trees_on_device:              # a tree grown on the device: one read
         n, path, next_token = policy.verify_tree_on_device(draft.tokens, layout, target_logits, sampling, generator,
                                                            **extra)
-        path = path.reshape(B, -1)
-        # entries past the branch move junk past it
-        runner.keep_path(cache, length - 1 if lengths_t is None else lengths_t - 1, path)
-        new, eos_index = _emitted(verify_ids.gather(1, path), Verdict(n, next_token), eos_ids)   # [B, K+1], [B]
-        _write(tokens, new, length, lengths_t)
-        depths = layout.rows(B, verify_ids.device)[0]                               # [B, K+1]
-        if extra:                                                                   # padding proposes nothing
-            depths = depths * (torch.arange(depths.shape[1], device=depths.device) <= extra["n_valid"][:, None])
-        # a tree proposes its depth
-        n, eos_at, depth = read_step(torch.stack([n, eos_index, depths.max(-1).values]))
-        kept = torch.cat([path.new_zeros(B, 1), path], 1)                          # [B, K+1] the block rows committed
-    else:
-        if B > 1 or extra: raise NotImplementedError(f"{type(policy).__name__} verifies token trees on the host: "
-                                                     "one prompt at a time")
-        parents = draft.parents if isinstance(draft.parents, list) else draft.parents.tolist()
-        branch, next_token = policy.verify_tree(draft.tokens, parents, target_logits, sampling, generator)   # [n], [1]
-        # the branch's K/V where a chain's would be
-        runner.keep_path(cache, length - 1, [i + 1 for i in branch])
-        verdict = Verdict(torch.full_like(next_token, len(branch)), next_token)
-        new, eos_index = _emitted(draft.tokens[:, branch], verdict, eos_ids)       # [1, n+1], [1]
-        tokens[:, length:length + len(branch) + 1] = new
-        n, eos_at, depth = [len(branch)], [int(eos_index[0])], [int(layout.depths.max())]
-        kept = torch.tensor([[0] + [i + 1 for i in branch]], device=verify_ids.device)   # [1, n+1] the rows committed
-    if features is not None:   # [B, K+1, F] (one row: [1, n+1, F])
+    else:                                                   # a policy that walks each row's tree on the host
+        n, path, next_token = policy.verify_trees_on_host(draft.tokens, layout, target_logits, sampling, generator,
+                                                          **extra)
+    path = path.reshape(B, -1)
+    # the branch's K/V where a chain's would be (entries past the branch move junk past it)
+    runner.keep_path(cache, length - 1 if lengths_t is None else lengths_t - 1, path)
+    new, eos_index = _emitted(verify_ids.gather(1, path), Verdict(n, next_token), eos_ids)   # [B, K+1], [B]
+    _write(tokens, new, length, lengths_t)
+    depths = layout.rows(B, verify_ids.device)[0]                                   # [B, K+1]
+    if extra:                                                                       # padding proposes nothing
+        depths = depths * (torch.arange(depths.shape[1], device=depths.device) <= extra["n_valid"][:, None])
+    # a tree proposes its depth
+    n, eos_at, depth = read_step(torch.stack([n, eos_index, depths.max(-1).values]))
+    kept = torch.cat([path.new_zeros(B, 1), path], 1)                              # [B, K+1] the block rows committed
+    if features is not None:   # [B, K+1, F]
         features = features.gather(1, kept.to(features.device)[..., None].expand(-1, -1, features.shape[-1]))
     return draft, n, eos_at, depth, features
 

@@ -406,7 +406,7 @@ class Fallback(Drafter):
                 self.usage[i]["proposed"] += draft.k
                 return draft
             # rows without a real draft take the next one's
-            merged = draft if merged is None else _merge(merged, draft, sampling)
+            merged = draft if merged is None else _merge(merged, draft)
         self._used = "device" if merged is not None else None
         return merged if merged is not None else no_draft(tokens)
 
@@ -421,9 +421,9 @@ class Fallback(Drafter):
             u = self.usage[self._used]; u["steps"] += 1; u["accepted"] += sum(per_row(n_accepted, 1))
         self._used, self._proposed_by = None, []                       # a step without a proposal uses no one
 
-def _merge(first:Draft, second:Draft, sampling:SamplingConfig=SamplingConfig()) -> Draft:
+def _merge(first:Draft, second:Draft) -> Draft:
     "Per row: `first` where it has real drafts (`n_valid` > 0), else `second`; on the device, no host read."
-    if first.parents is not None or second.parents is not None: return _merge_trees(first, second, sampling)
+    if first.parents is not None or second.parents is not None: return _merge_trees(first, second)
     K = max(first.k, second.k)
     pad = lambda t: torch.nn.functional.pad(t, (0, K - t.shape[1]))            # [B, K]
     use_first = first.n_valid > 0                                                # [B]
@@ -447,14 +447,13 @@ def _tree_form(draft:Draft, K:int) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     valid = draft.n_valid if draft.n_valid is not None else torch.full((B,), k, device=draft.tokens.device)
     return torch.nn.functional.pad(draft.tokens, (0, K - k)), parents, valid
 
-def _merge_trees(first:Draft, second:Draft, sampling:SamplingConfig) -> Draft:
+def _merge_trees(first:Draft, second:Draft) -> Draft:
     """`_merge` where either drafts token trees: a row takes the first's chain or tree where it has real drafts, else
-    the second's, in one block of trees. A tree's nodes are verified as drawn for certain (one-hot): a chain drawn
-    from a distribution joins one only when decoding greedily."""
-    if (first.probs is not None or second.probs is not None) and not sampling.greedy:
-        raise NotImplementedError("a chain sampled from its drafter's distribution cannot fill in for rows of a token "
-                                  "tree (verified one-hot): decode greedily, or put drafters without distributions "
-                                  "(prompt lookup, suffix) beside a tree")
+    the second's, in one block of trees. A tree's nodes are verified one-hot (each accepted with the target's
+    probability of it, else removed from the target's distribution and the next sibling tried): a chain sampled from a
+    drafter's distribution joins as such nodes, its distribution dropped. That stays lossless (a one-hot test keeps the
+    target's law whatever drew the token), but accepts less often than testing against the distribution it was drawn
+    from, as the chain does in a step with no tree."""
     K = max(first.k, second.k)
     (t1, p1, v1), (t2, p2, v2) = _tree_form(first, K), _tree_form(second, K)           # [B, K], [B, K], [B]
     use_first = v1 > 0                                                                  # [B]

@@ -27,7 +27,11 @@ class _Head(nn.Module, Drafter):
     """What EAGLE and Medusa heads share: the target they draft for, its norm and output head over the draft vocabulary,
     and the target's features (the outputs of `target_layers`) that the loop hands to `start` and `observe`."""
     head_type = ""
-    row_state = ("pending",)                              # each row's target features not yet run through the head
+    # each row's target features not yet run through the head; with `prompt_vocab` in a batch, what each row drafts
+    row_state = ("pending", "row_bias")
+    # [B, N] with `prompt_vocab` in a batch: 0 where a row may draft an id (the draft vocabulary, its own prompt), -inf
+    # elsewhere; None otherwise
+    row_bias:torch.Tensor|None = None
 
     def __init__(self, target:LoadedModel, draft_vocab:DraftVocab|None=None):
         nn.Module.__init__(self)
@@ -115,15 +119,14 @@ class _Head(nn.Module, Drafter):
         return w.new_zeros(batch, count, w.shape[1] * len(self.target_layers))
 
     def start(self, target, prompt_ids, capacity, features=None, lengths=None):
-        """Keep each row's prefill features (every prompt position but its last); with `prompt_vocab`, draft the
-        prompt's tokens too (one prompt at a time)."""
+        """Keep each row's prefill features (every prompt position but its last); with `prompt_vocab`, each row drafts
+        its own prompt's tokens too."""
         self.check(target)
         B, S = prompt_ids.shape
         lengths = lengths or [S] * B
-        if self.prompt_vocab and B > 1:
-            raise NotImplementedError(f"{self.name} with prompt_vocab drafts one prompt at a time")
         self.forwards, self.missing_features = 0, 0
-        self.run_vocab = self.draft_vocab.with_ids(prompt_ids) if self.prompt_vocab else None
+        self.row_prompts = [prompt_ids[b, :n] for b, n in enumerate(lengths)]   # [S_b] each, without the padding
+        self._set_vocab()
         prompt = self._taken(features, S - 1, B)                             # [B, S-1, F]
         # each row's [m, F] blocks
         self.pending = [[prompt[b, :n - 1]] if n > 1 else [] for b, n in enumerate(lengths)]
@@ -131,13 +134,32 @@ class _Head(nn.Module, Drafter):
 
     def _reset(self, batch:int, capacity:int) -> None: pass
 
+    def _set_vocab(self) -> None:
+        """With `prompt_vocab`, the vocabulary of this generation: the draft vocabulary and the rows' prompts, each row
+        drafting from the draft vocabulary and its own prompt (`row_bias`, when there are rows)."""
+        if not self.prompt_vocab:
+            self.run_vocab, self.row_bias = None, None
+            return
+        self.run_vocab = self.draft_vocab.with_ids(torch.cat([p.flatten() for p in self.row_prompts]))
+        rows = len(self.row_prompts) > 1
+        self.row_bias = self.run_vocab.row_bias(self.draft_vocab, self.row_prompts).to(self.target.device) if rows \
+                        else None
+
+    def in_row_vocab(self, logits:torch.Tensor, # [..., B, ..., N] draft logits over the run's vocabulary
+                     row_dim:int=0) -> torch.Tensor:
+        "`logits` with the ids each row may not draft at -inf (`row_bias`; unchanged without one)."
+        if self.row_bias is None: return logits
+        if self.row_bias.shape[0] == 1: return logits + self.row_bias[0]           # one row: every leading dim is its
+        shape = [1] * logits.dim()
+        shape[row_dim], shape[-1] = self.row_bias.shape
+        return logits + self.row_bias.view(shape)
+
     def admit(self, row, prompt_ids, features=None) -> None:
         """The new row's prefill features (every prompt position but its last) wait for its first draft; with
-        `prompt_vocab` (one row), its prompt's tokens join the draft vocabulary."""
-        if self.run_vocab is not None:
-            if len(self.pending) > 1:
-                raise NotImplementedError(f"{self.name} with prompt_vocab drafts one prompt at a time")
-            self.run_vocab = self.draft_vocab.with_ids(prompt_ids)
+        `prompt_vocab`, its prompt's tokens join its vocabulary (those of the prompt it replaces leave)."""
+        if self.prompt_vocab:
+            self.row_prompts[row] = prompt_ids.flatten()
+            self._set_vocab()
         n = prompt_ids.shape[-1]
         self.pending[row] = [self._taken(features, n - 1, 1)[0]] if n > 1 else []
         self._admit_row(row, prompt_ids)
@@ -190,9 +212,9 @@ class MedusaHeads(_Head):
         if k == 0 or not all(self.pending): return None
         self.forwards += 1
         newest = torch.stack([rows[-1][-1:] for rows in self.pending])        # [B, 1, H]
-        if self.steps is None: return self(newest)[:k, :, -1]                  # [k, B, N]
+        if self.steps is None: return self.in_row_vocab(self(newest)[:k, :, -1], 1)   # [k, B, N]
         self.steps.reset(self.draft_weight())
-        return self.steps("heads", 1, self, newest)[:k, :, -1]                 # one replay for every head
+        return self.in_row_vocab(self.steps("heads", 1, self, newest)[:k, :, -1], 1)   # one replay for every head
 
     def propose(self, tokens, k, sampling=SamplingConfig(), generator=None, lengths=None):
         k = min(k, self.n)
@@ -249,7 +271,7 @@ class EagleHead(_Head):
     hidden is the target's low, middle and high layer outputs fused by a linear map; as it drafts ahead, its own
     output. Logits come from the target's output head (draft vocabulary rows) after the head's own norm."""
     head_type = "eagle"
-    row_state = ("pending", "known", "cache")
+    row_state = ("pending", "row_bias", "known", "cache")
     def __init__(self, target:LoadedModel, draft_vocab:DraftVocab|None=None,
                  layers=None, # target layers to fuse (default `eagle3_layers`)
                  num_layers:int=1): # decoder layers in the head (EAGLE-3: 1)
@@ -301,8 +323,8 @@ class EagleHead(_Head):
 
     def logits(self, hidden:torch.Tensor # [..., H] the head's outputs
               ) -> torch.Tensor:
-        "Draft logits `[..., N]`."
-        return self.draft_logits(self.norm(hidden))
+        "Draft logits `[..., N]` (rows drafting with `prompt_vocab`: `[B, ..., N]`, each over its own vocabulary)."
+        return self.in_row_vocab(self.draft_logits(self.norm(hidden)))
 
 HEAD_TYPES = {"eagle": EagleHead, "medusa": MedusaHeads}   # head type -> class (checkpoints, training)
 

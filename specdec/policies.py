@@ -8,7 +8,7 @@ Docs: https://specdec.github.io/specdec/policies.html.md"""
 from __future__ import annotations
 from dataclasses import dataclass
 import torch
-from .sampling import SamplingConfig, logits_to_probs, sample, exponential_noise, uniform
+from .sampling import SamplingConfig, RowGenerators, logits_to_probs, sample, exponential_noise, uniform
 from . import kernels
 
 # %% auto #0
@@ -50,6 +50,29 @@ class AcceptancePolicy:
         "A token tree's verdict: the accepted branch (draft indices, root to leaf) and the next token `[B]`."
         raise NotImplementedError(f"{type(self).__name__} cannot verify token trees: use Greedy or RejectionSampling, "
                                   "or a chain drafter (e.g. eagle)")
+
+    def verify_trees_on_host(self, draft_tokens, # [B, k] each row's tree's drafts, parents first
+                             layout, # the verification block's `TreeLayout` (root, then the k drafts; one tree or
+                                     # each row's)
+                             target_logits, # [B, k+1, V]
+                             sampling:SamplingConfig=SamplingConfig(), generator=None,
+                             n_valid=None, # [B] each row's real drafts (the rest: padding); None: all
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`verify_tree` walked on the host for each row in turn, over its real nodes, with its own generator (a
+        `RowGenerators`' row b): `(n_accepted [B], path [B, k], next_token [B])` as `verify_tree_on_device` gives them
+        (path: the kept branch's block rows by depth, 0 past it)."""
+        B, k = draft_tokens.shape
+        parents = torch.as_tensor(layout.parents).expand(B, k + 1).tolist()           # [B, k+1] block parents
+        real = [k] * B if n_valid is None else n_valid.tolist()
+        path = torch.zeros(B, k, dtype=torch.long, device=draft_tokens.device)        # [B, k]
+        accepted, next_tokens = [], []
+        for b, m in enumerate(real):
+            rows_generator = generator.generators[b] if isinstance(generator, RowGenerators) else generator
+            branch, next_token = self.verify_tree(draft_tokens[b:b + 1, :m], [p - 1 for p in parents[b][1:m + 1]],
+                                                  target_logits[b:b + 1, :m + 1], sampling, rows_generator)
+            path[b, :len(branch)] = torch.tensor([i + 1 for i in branch], dtype=torch.long)
+            accepted.append(len(branch)); next_tokens.append(next_token)
+        return torch.tensor(accepted, device=draft_tokens.device), path, torch.cat(next_tokens)
 
 def tree_children(parents:list[int] # [k] parent draft index of each draft (-1: the current token)
                  ) -> dict:

@@ -51,6 +51,15 @@ class DraftVocab:
         new = extra[self.to_draft[extra] < 0].unique()                       # [n] ids not drafted so far
         return self if new.numel() == 0 else DraftVocab(torch.cat([self.ids, new]), self.vocab_size)
 
+    def row_bias(self, base:"DraftVocab", # the ids every row may draft (the draft vocabulary)
+                 rows:list) -> torch.Tensor: # [S_b] each row's own ids (its prompt)
+        """Additive logits `[B, N]` over this vocabulary, one row per entry of `rows`: 0 where row b may draft the id
+        (in `base` or in `rows[b]`), -inf elsewhere."""
+        allowed = (base.to_draft[self.ids] >= 0).expand(len(rows), -1).clone()          # [B, N]
+        for b, ids in enumerate(rows):
+            allowed[b] |= torch.isin(self.ids, torch.as_tensor(ids, dtype=torch.long).flatten().cpu())
+        return torch.zeros(allowed.shape).masked_fill_(~allowed, float("-inf"))
+
     def ids_on(self, device) -> torch.Tensor:
         "`ids` on `device`, copied there once (drafting maps draft ids to full ids every token)."
         key = str(torch.device(device))

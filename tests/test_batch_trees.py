@@ -168,25 +168,55 @@ def _law_pvalue(counts:dict, law:dict, runs:int) -> float:
     return chisquare(observed, expected).pvalue
 
 
-def test_rejection_sampling_over_rows_of_trees_follows_each_rows_walk():
+class HostWalk(RejectionSampling):
+    "Rejection sampling with a child test of its own (the same rule): its trees are walked on the host, row by row."
+    def accept_child(self, probs, token, generator):
+        return bool(torch.rand((), device=probs.device, generator=generator) < probs[token])
+
+
+@pytest.mark.parametrize("walk", ["device", "host"])
+def test_rejection_sampling_over_rows_of_trees_follows_each_rows_walk(walk):
     """Rows of different trees verified together emit, each, what the host walk over the row's own tree emits, in law
-    (chi-square), each row from its own generator; a row's counts against its neighbour's law: rejected."""
+    (chi-square), each row from its own generator, padding never accepted (row 1's last two nodes), on the device and
+    walked on the host row by row (a policy changing a child's test); a row's counts against its neighbour's law:
+    rejected."""
     rows = [([-1, -1, -1, 0, 0, 1, 3], [2, 4, 1, 3, 4, 2, 5]), ([-1, 0, 0, -1, 1, 1, 2], [1, 3, 5, 0, 2, 4, 1])]
     g = torch.Generator().manual_seed(3)
     logits = torch.randn(2, 8, 6, generator=g) * 1.5                               # [B, q, V=6]
-    sampling, runs = SamplingConfig(1.0), 4000
+    sampling, runs, n_valid = SamplingConfig(1.0), 4000, torch.tensor([7, 5])
     parents = torch.tensor([[-1] + [p + 1 for p in ps] for ps, _ in rows])         # [B, q]
     layout, drafts = TreeLayout.on_device(parents, 4), torch.tensor([d for _, d in rows])
-    laws = [_walk_law(ps, d, logits_to_probs(logits[b:b + 1], sampling)[0]) for b, (ps, d) in enumerate(rows)]
+    laws = [_walk_law(ps[:m], d[:m], logits_to_probs(logits[b:b + 1], sampling)[0])
+            for b, ((ps, d), m) in enumerate(zip(rows, n_valid.tolist()))]
+    policy = RejectionSampling() if walk == "device" else HostWalk()
+    assert policy.verifies_trees_on_device == (walk == "device")
+    verify = policy.verify_tree_on_device if walk == "device" else policy.verify_trees_on_host
     counts, gen = [{}, {}], RowGenerators([11, 12], "cpu")
     for _ in range(runs):
-        n, path, next_token = RejectionSampling().verify_tree_on_device(drafts, layout, logits, sampling, gen)
+        n, path, next_token = verify(drafts, layout, logits, sampling, gen, n_valid=n_valid)
         for b in range(2):
             emitted = tuple(drafts[b, path[b, :n[b]] - 1].tolist()) + (int(next_token[b]),)
             counts[b][emitted] = counts[b].get(emitted, 0) + 1
     for b in range(2):
-        assert set(counts[b]) <= set(laws[b]) and _law_pvalue(counts[b], laws[b], runs) > 1e-3, b
+        assert set(counts[b]) <= set(laws[b]) and _law_pvalue(counts[b], laws[b], runs) > 1e-3, (walk, b)
     assert _law_pvalue(counts[1], laws[0], runs) < 1e-6                           # the negative control
+
+
+def test_a_policy_walking_trees_on_the_host_samples_rows_of_trees(tiny, trees):
+    """A policy whose trees are walked on the host decodes rows of trees: greedy, each row its plain output; sampled,
+    row 0 (its own seed) the same beside one prompt or three, and alone up to where its tree is cut to its budget."""
+    prompts = _prompts(tiny, 4)
+    plain = [generate(tiny, p, max_new_tokens=20, eos_token_id=[]).tokens[0] for p in prompts]
+    for name, tree in trees.items():
+        kw = dict(drafter=tree, policy=HostWalk(), controller=FixedK(3), max_new_tokens=20, eos_token_id=[])
+        greedy = generate(tiny, prompts, **kw)
+        assert all(torch.equal(p, t) for p, t in zip(plain, greedy.tokens)) and greedy.stats.accepted > 0, name
+        kw.update(temperature=0.9, seed=7)
+        two = generate(tiny, prompts[:2], **kw)
+        four = generate(tiny, [prompts[0], prompts[3], prompts[2], prompts[1]], **kw)
+        alone = generate(tiny, prompts[0], **kw).tokens[0]
+        assert torch.equal(two.tokens[0], four.tokens[0]) and not torch.equal(two.tokens[1], four.tokens[1]), name
+        assert torch.equal(alone[:16], four.tokens[0][:16]), name                  # depth 3: cut only past 20-1-3
 
 
 def test_rows_of_trees_at_fixed_shapes_keep_each_rows_tokens(tiny, trees):
@@ -228,8 +258,8 @@ def test_joined_and_host_drafted_trees_decode_each_rows_own_output(tiny, B, monk
     prompts = _prompts(tiny, B)
     plain = [generate(tiny, p, max_new_tokens=20, eos_token_id=[]).tokens[0] for p in prompts]
     mixed, merge = [], drafters._merge_trees
-    def seen(first, second, sampling):
-        out = merge(first, second, sampling)
+    def seen(first, second):
+        out = merge(first, second)
         chain = (first.parents is None) & (first.n_valid > 0) if first.n_valid is not None else None
         if chain is not None and bool(chain.any()) and not bool(chain.all()): mixed.append(first.tokens.shape[0])
         return out
@@ -244,17 +274,43 @@ def test_joined_and_host_drafted_trees_decode_each_rows_own_output(tiny, B, monk
 
 
 def test_a_joined_tree_samples_each_row_from_its_own_generator(tiny):
-    """Sampled, `pld+eagle-tree`'s row 0 is the same beside one neighbour or three; a head's sampled chain (drawn from its
-    distribution) cannot fill in for a tree's rows, whose nodes are verified one-hot: refused, greedy decoding allowed."""
+    """Sampled, `pld+eagle-tree`'s row 0 is the same beside one neighbour or three; so is it where a head's sampled
+    chain (drawn from its distribution) fills in for a tree's rows as one-hot nodes."""
     prompts = _prompts(tiny, 4)
     kw = dict(controller=FixedK(3), max_new_tokens=20, temperature=0.9, eos_token_id=[], seed=7)
-    two = generate(tiny, prompts[:2], drafter=make_drafter(JOINED[0], tiny), **kw)
-    four = generate(tiny, [prompts[0], prompts[3], prompts[2], prompts[1]], drafter=make_drafter(JOINED[0], tiny), **kw)
-    assert torch.equal(two.tokens[0], four.tokens[0]) and not torch.equal(two.tokens[1], four.tokens[1])
     sampled = f"pld:3:2+eagle:{HEADS}/eagle-tiny+eagle-tree:2:4:{HEADS}/eagle-tiny"
-    with pytest.raises(NotImplementedError, match="cannot fill in for rows of a token tree"):
-        generate(tiny, prompts, drafter=make_drafter(sampled, tiny), **kw)
+    for spec in (JOINED[0], sampled):
+        two = generate(tiny, prompts[:2], drafter=make_drafter(spec, tiny), **kw)
+        four = generate(tiny, [prompts[0], prompts[3], prompts[2], prompts[1]], drafter=make_drafter(spec, tiny), **kw)
+        assert torch.equal(two.tokens[0], four.tokens[0]) and not torch.equal(two.tokens[1], four.tokens[1]), spec
+        assert four.stats.accepted > 0, spec
     greedy = generate(tiny, prompts, drafter=make_drafter(sampled, tiny), controller=FixedK(3), max_new_tokens=20,
                       eos_token_id=[])
     plain = [generate(tiny, p, max_new_tokens=20, eos_token_id=[]).tokens[0] for p in prompts]
     assert all(torch.equal(p, t) for p, t in zip(plain, greedy.tokens))
+
+
+def test_a_sampled_chain_filling_in_for_a_tree_keeps_the_targets_law():
+    """A chain drawn from a distribution q, joined to a batch of trees as one-hot nodes (its q dropped), emits its first
+    token with the target's law p (chi-square over 6,000 verifications, a fresh chain each), the tree beside it in its
+    own row; the same counts against q (what accepting the drafts unchecked would give): rejected."""
+    from specdec.drafters import Draft, tree_draft, _merge
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(2, 4, 6, generator=g) * 1.5                               # [B, K+1, V=6] the target
+    q = torch.softmax(torch.randn(3, 6, generator=g) * 2, -1)                      # [K, V] the chain's drafter
+    sampling, runs = SamplingConfig(1.0), 6000
+    tree = tree_draft(torch.tensor([[2, 4, 1], [0, 0, 0]]), torch.tensor([[-1, -1, 0], [-1, -1, -1]]),
+                      torch.tensor([3, 0]))                                         # row 1: no tree
+    p = logits_to_probs(logits[1:2, :1], sampling)[0, 0]                           # [V] the target's first token
+    counts, gen, draws = {}, RowGenerators([21, 22], "cpu"), torch.Generator().manual_seed(9)
+    for _ in range(runs):
+        chain = torch.multinomial(q, 1, generator=draws).T.expand(2, 3)            # [B, K] drawn from q
+        merged = _merge(tree, Draft(chain, q[None].expand(2, -1, -1)))
+        assert merged.probs is None and merged.parents[1].tolist() == [-1, 0, 1]  # row 1: the chain, one-hot
+        n, path, next_token = RejectionSampling().verify_tree_on_device(merged.tokens, merged.layout, logits,
+                                                                        sampling, gen, n_valid=merged.n_valid)
+        first = int(merged.tokens[1, path[1, 0] - 1]) if n[1] > 0 else int(next_token[1])
+        counts[(first,)] = counts.get((first,), 0) + 1
+    law = {(t,): float(v) for t, v in enumerate(p)}
+    assert _law_pvalue(counts, law, runs) > 1e-3
+    assert _law_pvalue(counts, {(t,): float(v) for t, v in enumerate(q[0])}, runs) < 1e-6   # the negative control

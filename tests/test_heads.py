@@ -399,6 +399,53 @@ def test_a_head_with_a_prompt_vocabulary_drafts_prompt_tokens_and_stays_lossless
     assert drafts and set(drafts) <= set(base.ids.tolist())
 
 
+@pytest.mark.parametrize("kind", ["eagle", "medusa"])
+def test_a_batch_with_a_prompt_vocabulary_drafts_each_row_from_its_own_prompt(tiny, kind):
+    """`prompt_vocab` in a batch: the run's vocabulary holds every row's prompt, yet each row drafts from the draft
+    vocabulary and its own prompt only, as alone: its tokens and accepted drafts equal that prompt's run by itself
+    (greedy, eager and at fixed shapes), and its sampled drafts stay in its vocabulary. Negative control: without the
+    per-row mask (`in_row_vocab` a no-op) rows draft their neighbours' prompt tokens."""
+    base = DraftVocab(torch.arange(16), tiny.vocab_size)
+    head = new_head(kind, tiny, base, n=3, seed=0)
+    head.prompt_vocab = True
+    prompts = [tiny.encode(TEXTS[i] + " again" * i)[0] for i in range(3)]         # ids [S_b], ragged
+    own = [set(range(16)) | set(p.tolist()) for p in prompts]
+    drafts, original = [], head.propose
+    def propose(tokens, k, *args, **kwargs):
+        draft = original(tokens, k, *args, **kwargs)
+        drafts.append([row[:k] for row in draft.tokens.tolist()])                   # [rows, k] this step
+        return draft
+    def run(ps, compile="eager", **sampling):
+        drafts.clear()
+        return generate(tiny, ps, drafter=head, controller=FixedK(3), max_new_tokens=20, eos_token_id=[],
+                        compile=compile, **sampling)
+    def strays():                                      # drafts outside their row's own vocabulary
+        return [t for step in drafts for b, row in enumerate(step) for t in row if t not in own[b]]
+    head.propose = propose
+    try:
+        for compile in ("eager", "fixed"):
+            alone = [run(p, compile) for p in prompts]
+            out = run(prompts, compile)
+            assert all(torch.equal(a.tokens[0], t) for a, t in zip(alone, out.tokens)), (kind, compile)
+            assert [a.stats.accepted for a in alone] == [rs.accepted for rs in out.row_stats], (kind, compile)
+            assert len(head.run_vocab) > max(map(len, own)) and not strays(), (kind, compile)
+            assert any(t >= 16 for step in drafts for row in step for t in row)    # prompt tokens are drafted
+        run(prompts, temperature=1.0, seed=3)
+        assert drafts and not strays(), kind
+        head.in_row_vocab = lambda logits, row_dim=0: logits                          # the negative control
+        run(prompts)
+        assert strays(), kind
+    finally: del head.propose; head.__dict__.pop("in_row_vocab", None)
+
+
+def test_a_row_bias_keeps_each_row_to_the_draft_vocabulary_and_its_own_ids():
+    base = DraftVocab([5, 2, 9], 20)
+    run = base.with_ids(torch.tensor([7, 3, 11]))                                   # ids 5, 2, 9, 3, 7, 11
+    bias = run.row_bias(base, [torch.tensor([7, 2]), torch.tensor([[3, 11, 11]])])
+    assert (bias == 0).tolist() == [[True, True, True, False, True, False], [True, True, True, True, False, True]]
+    assert bias.shape == (2, 6) and torch.isinf(bias[bias != 0]).all() and (bias[bias != 0] < 0).all()
+
+
 def test_a_vocabulary_copies_its_ids_to_a_device_once():
     vocab = DraftVocab([5, 2, 9], 20)
     on_cpu = vocab.ids_on("cpu")

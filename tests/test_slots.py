@@ -187,7 +187,8 @@ def test_fixed_shapes_step_the_whole_batch(tiny):
 
 def test_a_prompt_vocabulary_head_takes_requests_in_a_one_row_batch(tiny):
     """A head drafting its prompt's tokens too (`prompt_vocab`) serves request after request in a one-row batch (as a
-    one-row server does): each request's prompt joins its vocabulary, each output is the target's; two rows refuse it."""
+    one-row server does): each request's prompt joins its vocabulary, each output is the target's; in two rows, each row
+    drafts from the draft vocabulary and its own request's prompt, never its neighbour's."""
     from specdec.vocab import DraftVocab
     prompts, budgets = _prompts(tiny, 3), [10, 12, 8]
     alone = [generate(tiny, p, max_new_tokens=n, eos_token_id=[]).tokens[0] for p, n in zip(prompts, budgets)]
@@ -200,5 +201,27 @@ def test_a_prompt_vocabulary_head_takes_requests_in_a_one_row_batch(tiny):
         assert set(p.tolist()) <= set(head.run_vocab.ids.tolist()) and len(head.run_vocab) > 16
         while not batch.done[0]: batch.step()
         assert batch.release(0)[0].tolist() == expect.tolist()
-    two = Batch(tiny, 2, 200, head, controller=FixedK(3), eos_token_id=[])
-    with pytest.raises(NotImplementedError, match="with prompt_vocab drafts one prompt at a time"): two.start(None, [], 1)
+    admitted, drafts = _run_with_drafts(tiny, head, prompts, budgets)            # two rows, taking requests in turn
+    assert [o.tolist() for o in admitted] == [a.tolist() for a in alone]
+    held = [set(head.draft_vocab.ids.tolist()) | set(p.tolist()) for p in prompts]   # each request's own vocabulary
+    assert all(set(row) <= held[i] for i, row in drafts), "a row drafted a token of another request's prompt"
+    assert any(set(row) - set(range(16)) for _, row in drafts)                    # it drafts its prompt's tokens
+
+
+def _run_with_drafts(tiny, head, prompts, budgets):
+    """`_run_slots` over two rows, recording each row's drafts a step: the outputs, and (request, draft ids) pairs."""
+    drafts, original, rows = [], head.propose, {}
+    def propose(tokens, k, *args, **kwargs):
+        draft = original(tokens, k, *args, **kwargs)
+        for b, row in enumerate(draft.tokens.tolist()):
+            if b in rows: drafts.append((rows[b], row[:k]))
+        return draft
+    admit = Batch.admit
+    def admit_and_note(batch, prompt, *args, **kwargs):
+        b = admit(batch, prompt, *args, **kwargs)
+        rows[b] = next(i for i, p in enumerate(prompts) if p is prompt)
+        return b
+    head.propose, Batch.admit = propose, admit_and_note
+    rows.update({0: 0, 1: 1})
+    try: return _run_slots(tiny, head, prompts, budgets), drafts
+    finally: del head.propose; Batch.admit = admit
