@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 from .models import LoadedModel
-from .prompts import builtin_prompts, repeated_prompts, read_spec_bench
+from .prompts import builtin_prompts, read_spec_bench, WORKLOADS
 from .checkpoints import target_fingerprint
 from .eagle3 import reference_layers
 
@@ -37,7 +37,8 @@ def _normal(text:str) -> str: return " ".join(text.lower().split())
 
 def evaluation_texts(exclude=()) -> set[str]:
     "Normalised turns of the built-in prompts, the repeated workload and the Spec-Bench-format files in `exclude`."
-    prompts = builtin_prompts() + repeated_prompts() + [p for path in exclude for p in read_spec_bench(path)]
+    workloads = [p for load in WORKLOADS.values() for p in load()]                # the repeated workload and its dev set
+    prompts = builtin_prompts() + workloads + [p for path in exclude for p in read_spec_bench(path)]
     return {_normal(t) for p in prompts for t in p.turns}
 
 # %% ../nbs/08a_distill.ipynb #26f317f5

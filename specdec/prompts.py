@@ -12,8 +12,9 @@ from pathlib import Path
 import torch
 
 # %% auto #0
-__all__ = ['BUILTIN_PROMPTS', 'REPEATED_WORKLOAD', 'WORKLOADS', 'Prompt', 'builtin_prompts', 'read_spec_bench',
-           'repeated_prompts', 'load_prompts', 'prompt_set_hash', 'summarize']
+__all__ = ['BUILTIN_PROMPTS', 'REPEATED_WORKLOAD', 'REPEATED_DEV_WORKLOAD', 'WORKLOADS', 'Prompt', 'builtin_prompts',
+           'read_spec_bench', 'repeated_prompts', 'repeated_dev_prompts', 'load_prompts', 'prompt_set_hash',
+           'summarize']
 
 # %% ../nbs/10_prompts.ipynb #5f02814c
 @dataclass(repr=False)
@@ -341,14 +342,70 @@ REPEATED_WORKLOAD = {
          "classes move to the following weekend."))],
 }
 
+# the same three kinds of task with other instructions and inputs: where a drafter for repeated requests is tuned, so
+# that the repeated workload itself stays a measurement
+_EXTRACT_BOOKING = ("Extract the guest's name, the number of nights, the room type and the arrival day from this "
+                    "email. Answer with JSON only, using the keys \"name\", \"nights\", \"room\" and \"arrival\".\n\n"
+                    "Email: {}")
+_GUARD = ("Add a check that raises ValueError when the list argument is empty, and a one-line docstring, to this "
+          "Python function. Change nothing else and answer with the code only.\n\n{}")
+_SHORTEN = "Now rewrite your invitation as a text message of at most 20 words, keeping the day and the place."
+_INVITE = "Write a two-sentence invitation to a {} on {} at the {}."
+
+REPEATED_DEV_WORKLOAD = {
+    "extract_booking": [_EXTRACT_BOOKING.format(m) for m in (
+        "Dear hotel, I am Sofia Marques and I would like a double room for three nights, arriving on Tuesday.",
+        "Hello, please book a single room for Arjun Patel. I arrive Friday evening and stay two nights.",
+        "We need the family suite for a week (7 nights) from Sunday. Regards, Helga Lindqvist",
+        "Hi! Mateo Silva here, one night in a twin room please, I get in on Thursday.",
+        "Booking request from Aiko Tanaka: a double room with a sea view, arriving Monday, for four nights.",
+        "Good afternoon, this is Omar Haddad. Could I have a single room from Saturday for five nights?")],
+    "add_empty_check": [_GUARD.format(f) for f in (
+        "def largest(numbers):\n    return max(numbers)\n",
+        "def mean(values):\n    return sum(values) / len(values)\n",
+        "def longest_word(words):\n    best = words[0]\n    for word in words:\n        if len(word) > len(best):\n"
+        "            best = word\n    return best\n",
+        "def last_item(items):\n    return items[-1]\n",
+        "def spread(values):\n    return max(values) - min(values)\n",
+        "def joined(names):\n    return \", \".join(sorted(names))\n")],
+    "shorten_invite": [{"turns": [_INVITE.format(event, day, place), _SHORTEN], "replies": [reply]}
+                       for event, day, place, reply in (
+        ("book club meeting", "Tuesday", "corner café",
+         "You are warmly invited to our book club meeting on Tuesday at the corner café. We will discuss this month's "
+         "novel over coffee and cake."),
+        ("charity run", "Sunday", "riverside park",
+         "Join us for the charity run on Sunday at the riverside park. Every kilometre you run helps the local food "
+         "bank."),
+        ("garden party", "Saturday", "old rectory",
+         "We would love to see you at our garden party on Saturday at the old rectory. There will be music, games and "
+         "lemonade for everyone."),
+        ("chess evening", "Wednesday", "public library",
+         "Come along to a friendly chess evening on Wednesday at the public library. Boards are provided and "
+         "beginners are very welcome."),
+        ("quiz night", "Friday", "Red Lion pub",
+         "Gather your team for quiz night on Friday at the Red Lion pub. Prizes go to the top three teams."),
+        ("pottery workshop", "Thursday", "arts centre",
+         "Try your hand at clay in our pottery workshop on Thursday at the arts centre. All materials are included "
+         "and no experience is needed."))],
+}
+
+def _interleaved(families:dict, name:str) -> list[Prompt]:
+    "A workload's families in a fixed order: request i of each family in turn (`NAME-01`, `-02`, ...)."
+    rows = [[(category, e) for e in entries] for category, entries in families.items()]
+    out = []
+    for category, entry in (pair for row in zip(*rows) for pair in row):
+        turns, replies = ([entry], []) if isinstance(entry, str) else (list(entry["turns"]), list(entry["replies"]))
+        out.append(Prompt(f"{name}-{len(out) + 1:02d}", category, turns, replies, name))
+    return out
+
 def repeated_prompts() -> list[Prompt]:
     "The repeated-request workload in its fixed order: request i of each family in turn (`repeated-01`, `-02`, ...)."
-    families = [[(category, e) for e in entries] for category, entries in REPEATED_WORKLOAD.items()]
-    out = []
-    for category, entry in (pair for row in zip(*families) for pair in row):
-        turns, replies = ([entry], []) if isinstance(entry, str) else (list(entry["turns"]), list(entry["replies"]))
-        out.append(Prompt(f"repeated-{len(out) + 1:02d}", category, turns, replies, "repeated"))
-    return out
+    return _interleaved(REPEATED_WORKLOAD, "repeated")
+
+def repeated_dev_prompts() -> list[Prompt]:
+    """The repeated workload's tuning set, in the same form (`repeated_dev-01`, ...): other instructions and inputs,
+    for choosing a drafter's parameters without looking at the workload it is measured on."""
+    return _interleaved(REPEATED_DEV_WORKLOAD, "repeated_dev")
 
 # %% ../nbs/10_prompts.ipynb #133d17a9
 def _category_list(categories) -> list[str]|None:
@@ -359,7 +416,8 @@ def _category_list(categories) -> list[str]|None:
     if bad: raise ValueError(f"categories must be strings, got {bad!r}")
     return [c.strip() for c in categories if c.strip()] or None
 
-WORKLOADS = {"repeated": repeated_prompts}   # prompt sets measured as a sequence: filters keep their order
+# prompt sets measured as a sequence: filters keep their order
+WORKLOADS = {"repeated": repeated_prompts, "repeated_dev": repeated_dev_prompts}
 
 def load_prompts(spec:str="builtin", # "builtin", a workload ("repeated") or the path of a Spec-Bench-format JSONL file
                  categories:list[str]|str|None=None, # keep only these (list or comma-separated); None or empty: all

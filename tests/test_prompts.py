@@ -199,7 +199,22 @@ def test_repeated_workload_is_a_fixed_interleaved_sequence():
         load_prompts("repeated", categories="qa")
 
 
-def test_the_repeated_workload_is_kept_out_of_training_data():
+def test_the_repeated_workloads_tuning_set_has_its_form_and_none_of_its_requests():
+    "`repeated_dev`: the same kinds of task in the same order, other instructions and inputs (nothing shared)."
+    from specdec.prompts import REPEATED_DEV_WORKLOAD, WORKLOADS
+    dev, measured = load_prompts("repeated_dev"), load_prompts("repeated")
+    assert [p.id for p in dev] == [f"repeated_dev-{i:02d}" for i in range(1, 19)] and "repeated_dev" in WORKLOADS
+    assert [p.category for p in dev] == list(REPEATED_DEV_WORKLOAD) * 6 and all(p.source == "repeated_dev" for p in dev)
+    for family in REPEATED_DEV_WORKLOAD:                                        # one instruction, varying inputs
+        mine = [p for p in dev if p.category == family]
+        assert len({p.turns[-1].split("\n\n")[0] for p in mine}) == 1 and len({tuple(p.turns) for p in mine}) == 6
+    assert [(len(p.turns), len(p.replies)) for p in dev] == [(len(p.turns), len(p.replies)) for p in measured]
+    assert not {t for p in dev for t in p.turns} & {t for p in measured for t in p.turns}
+    assert not {p.category for p in dev} & {p.category for p in measured}
+
+
+@pytest.mark.parametrize("workload", ["repeated", "repeated_dev"])
+def test_the_repeated_workload_is_kept_out_of_training_data(workload):
     from specdec.distill import evaluation_texts
     texts = evaluation_texts()
-    assert all(" ".join(t.lower().split()) in texts for p in load_prompts("repeated") for t in p.turns)
+    assert all(" ".join(t.lower().split()) in texts for p in load_prompts(workload) for t in p.turns)
