@@ -22,8 +22,8 @@ from .prompts import load_prompts, prompt_set_hash
 from .stats import Stats
 from .timing import peak_memory, reset_peak_memory, chrome_trace, sync
 from .provenance import (git_state, system_info, machine_of, versions, record_provenance, read_records, record_key,
-                                find_run, read_manifest, check_resume, config_hash as params_hash, portable_path,
-                                write_json, file_hash, target_source, linear_choice)
+                                find_run, read_manifest, holds_run, check_resume, config_hash as params_hash,
+                                portable_path, write_json, file_hash, target_source, linear_choice)
 from .summary import HF, HF_PLD, HF_STATIC, AR, summarize_run
 
 # %% auto #0
@@ -420,7 +420,7 @@ def open_run(cfg:BenchConfig, git:dict, system:dict) -> tuple[str, Path, dict|No
         return old["run_id"], run_dir, old
     run_id = cfg.run_id or cfg.new_run_id()
     run_dir = Path(cfg.out) / run_id
-    if (run_dir / "MANIFEST.json").exists() or (run_dir / "records.jsonl").exists():
+    if holds_run(run_dir):
         raise ValueError(f"run folder {run_dir} already holds a run: a fresh run never writes into it. Choose "
                          f"another run id (or leave it empty), or pass --resume {run_id} (papermill: "
                          f"resume={run_id!r}) to continue that run after an interruption")

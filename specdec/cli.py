@@ -289,7 +289,7 @@ def run_summary_text(args) -> int:
     "Run `specdec summary` with parsed `args`: print the text summary of one run, or of several side by side."
     from specdec.provenance import find_run, read_manifest
     from specdec.summary import text_summary
-    runs = [find_run(run, args.results, purpose="to summarize") for run in args.run]
+    runs = [find_run(run, args.results, purpose="to summarize", committed=True) for run in args.run]
     kinds = {read_manifest(r).get("kind", "methods") for r in runs}
     if kinds == {"batch"}:
         from specdec.batch_summary import batch_text_summary

@@ -37,7 +37,7 @@ def _normal(text:str) -> str: return " ".join(text.lower().split())
 
 def evaluation_texts(exclude=()) -> set[str]:
     "Normalised turns of the built-in prompts, the repeated workload and the Spec-Bench-format files in `exclude`."
-    workloads = [p for load in WORKLOADS.values() for p in load()]                # the repeated workload and its dev set
+    workloads = [p for load in WORKLOADS.values() for p in load()]          # the repeated workload and its dev set
     prompts = builtin_prompts() + workloads + [p for path in exclude for p in read_spec_bench(path)]
     return {_normal(t) for p in prompts for t in p.turns}
 

@@ -12,10 +12,10 @@ import torch
 import specdec
 
 # %% auto #0
-__all__ = ['CPU_ISA_FLAGS', 'NOT_MEASURED', 'git_state', 'cpu_isa', 'system_info', 'machine_of', 'versions',
-           'record_provenance', 'ResumeRefused', 'read_records', 'record_key', 'measured_params',
-           'config_hash', 'find_run', 'read_manifest', 'check_resume', 'portable_path', 'write_json',
-           'file_hash', 'target_source', 'linear_choice']
+__all__ = ['CPU_ISA_FLAGS', 'NOT_MEASURED', 'MANIFEST_NAMES', 'git_state', 'cpu_isa', 'system_info', 'machine_of',
+           'versions', 'record_provenance', 'ResumeRefused', 'read_records', 'record_key', 'measured_params',
+           'config_hash', 'manifest_path', 'holds_run', 'find_run', 'read_manifest', 'check_resume',
+           'portable_path', 'write_json', 'file_hash', 'target_source', 'linear_choice']
 
 # %% ../nbs/10a_provenance.ipynb #98371518
 def _git(args:list[str], cwd) -> str|None:
@@ -143,17 +143,36 @@ def config_hash(params:dict) -> str:
     "Hash of what a run's parameters measure (not of where it is written)."
     return hashlib.sha256(json.dumps(measured_params(params), sort_keys=True, default=str).encode()).hexdigest()[:8]
 
-def find_run(run:str, out:str="results", purpose:str="to resume") -> Path:
+# a run's manifest as written, and as compressed for committing (`report.compress_run`)
+MANIFEST_NAMES = ("MANIFEST.json", "MANIFEST.json.gz")
+
+def manifest_path(run_dir) -> Path|None:
+    "The run folder's manifest, plain or compressed; None when it holds none."
+    return next((p for p in (Path(run_dir) / name for name in MANIFEST_NAMES) if p.is_file()), None)
+
+def holds_run(run_dir) -> bool:
+    "Whether a folder holds a run (a manifest or records, plain or compressed): a fresh run never writes into it."
+    records = (Path(run_dir) / name for name in ("records.jsonl", "records.jsonl.gz"))
+    return manifest_path(run_dir) is not None or any(p.is_file() for p in records)
+
+def find_run(run:str, out:str="results", purpose:str="to resume",
+             committed:bool=False, # a run compressed for committing will do (to read it, never to resume it)
+            ) -> Path:
     "The run folder named by a path or by a run id under `out`."
     for cand in (Path(run), Path(out) / run):
-        if (cand / "MANIFEST.json").is_file(): return cand
+        if (found := manifest_path(cand)) is None: continue
+        if found.name != MANIFEST_NAMES[0] and not committed:
+            raise ValueError(f"run {run!r} was compressed for committing ({found.name}): it is finished, and a "
+                             "committed run is regenerated, never resumed")
+        return cand
     raise ValueError(f"no run {run!r} {purpose}: neither {run} nor {Path(out) / run} holds a MANIFEST.json")
 
 def read_manifest(run_dir) -> dict:
-    "The MANIFEST.json of a run folder (a ValueError when the folder holds none)."
-    path = Path(run_dir) / "MANIFEST.json"
-    if not path.is_file(): raise ValueError(f"{run_dir} is not a run folder: it has no MANIFEST.json")
-    return json.loads(path.read_text())
+    "The manifest of a run folder, plain or compressed (a ValueError when the folder holds none)."
+    if (path := manifest_path(run_dir)) is None:
+        raise ValueError(f"{run_dir} is not a run folder: it has no MANIFEST.json")
+    data = path.read_bytes()
+    return json.loads(gzip.decompress(data) if path.suffix == ".gz" else data)
 
 def check_resume(manifest:dict, config_hash:str, git:dict, machine:dict) -> None:
     "Raise `ResumeRefused` unless this code measured the run in `manifest`, on this machine, with these parameters."

@@ -13,7 +13,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import plotly.express as px
 from . import specs
-from .provenance import read_records, read_manifest
+from .provenance import read_records, read_manifest, manifest_path
 from .summary import HF, AR, _fmt
 from .summary import run_summary, headline_table, framework_table, category_table, text_summary
 _all_ = ["run_summary", "headline_table", "framework_table", "category_table", "text_summary"]   # from `summary`
@@ -344,15 +344,18 @@ def _gzip(path:Path) -> Path:
     path.unlink()
     return packed
 
-def compress_run(run_dir, notebooks:bool=False) -> list[Path]:
+def compress_run(run_dir, notebooks:bool=False, manifest:bool=False) -> list[Path]:
     """Compress a finished run folder for committing: `records.jsonl` → `records.jsonl.gz` (`read_records` reads either)
-    and, with `notebooks`, its executed notebooks → `.ipynb.gz` (`render_reports` reads either; GitHub shows only plain
-    ones, so the newest runs keep theirs). Lossless: the compressed files hold the same bytes. Returns the compressed
-    files. A run still `running` is refused: its records are appended to while it measures."""
+    and, with `notebooks`, its executed notebooks → `.ipynb.gz` (`render_reports` reads either), with `manifest`, its
+    `MANIFEST.json` → `MANIFEST.json.gz` (`read_manifest` and `specdec summary` read either; such a run is never
+    resumed). GitHub shows only plain files, so the newest runs keep theirs; older ones are compressed to keep the
+    tracked tree within what a device call carries. Lossless: the compressed files hold the same bytes. Returns the
+    compressed files. A run still `running` is refused: its records are appended to while it measures."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir(): raise ValueError(f"no run folder {run_dir}")
-    if (manifest := run_dir / "MANIFEST.json").is_file():
-        status = json.loads(manifest.read_text()).get("status")
+    if manifest_path(run_dir) is not None:
+        status = read_manifest(run_dir).get("status")
         if status != "done": raise ValueError(f"{run_dir} is {status!r}, not done: compress a run once it has finished")
-    files = [run_dir / "records.jsonl", *(sorted(run_dir.glob("*.ipynb")) if notebooks else [])]
+    files = [run_dir / "records.jsonl", *(sorted(run_dir.glob("*.ipynb")) if notebooks else []),
+             *([run_dir / "MANIFEST.json"] if manifest else [])]
     return [_gzip(f) for f in files if f.is_file()]

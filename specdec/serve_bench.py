@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from .prompts import load_prompts
 from .provenance import (git_state, system_info, machine_of, versions, record_provenance, write_json, file_hash,
-                         portable_path, config_hash as _config_hash)
+                         portable_path, holds_run, config_hash as _config_hash)
 from .serve_reference import IN_PROCESS, measure_reference, targets_table, reference_table
 
 # %% auto #0
@@ -442,7 +442,7 @@ def run_serve_bench(cfg:ServeBenchConfig) -> Path:
     system = system_info(device)
     run_id = cfg.run_id or cfg.new_run_id()
     run_dir = Path(cfg.out) / run_id
-    if (run_dir / "MANIFEST.json").exists() or (run_dir / "records.jsonl").exists():
+    if holds_run(run_dir):
         raise ValueError(f"run folder {run_dir} already holds a run: a fresh run never writes into it; choose another "
                          f"run id (or leave it empty)")
     run_dir.mkdir(parents=True, exist_ok=True)

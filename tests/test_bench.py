@@ -6,7 +6,7 @@ import pytest, torch
 import specdec.bench as bench
 import specdec.provenance as provenance
 from specdec.bench import BenchConfig, Method, run_benchmark, methods_from
-from specdec.provenance import read_records, record_key, git_state, ResumeRefused
+from specdec.provenance import read_records, read_manifest, record_key, git_state, ResumeRefused
 from specdec.summary import certificate, tokens_equal, bootstrap_geomean, speedup, HF, HF_PLD, AR
 from specdec.policies import Greedy, Verdict
 from specdec.report import validate_manifest
@@ -431,7 +431,7 @@ def test_committed_runs_still_summarize(run):
     "Runs written by older code (a K sweep, dynamic:6:0.1, pinned trees) print as they did, their CIs labelled."
     out = cli("summary", run)
     assert out.returncode == 0, out.stderr[-2000:]
-    manifest = json.loads((RESULTS / run / "MANIFEST.json").read_text())
+    manifest = read_manifest(RESULTS / run)
     assert run in out.stdout and "95% CI across prompts, this run" in out.stdout
     for name in manifest["methods"]:
         sp = manifest["results"][name]["speedup"][AR]
@@ -442,7 +442,7 @@ def test_committed_runs_still_summarize(run):
 
 def test_summary_of_several_runs_shows_the_spread_between_them():
     "Two committed runs of the default preset: each figure is the median of the runs' own figures with their min-max."
-    manifests = [json.loads((RESULTS / r / "MANIFEST.json").read_text()) for r in DEFAULT_RUNS]
+    manifests = [read_manifest(RESULTS / r) for r in DEFAULT_RUNS]
     out = cli("summary", *DEFAULT_RUNS)
     assert out.returncode == 0, out.stderr[-2000:]
     lines = out.stdout.splitlines()
@@ -465,7 +465,7 @@ def test_summary_of_several_runs_shows_the_spread_between_them():
 def test_summary_refuses_runs_that_measured_different_things(tmp_path):
     other = cli("summary", DEFAULT_RUNS[0], "20261127-020753-smollm2-135m-f9bb01b6")       # the k_sweep preset
     assert other.returncode == 2 and "measured different methods" in other.stderr
-    manifest = json.loads((RESULTS / DEFAULT_RUNS[1] / "MANIFEST.json").read_text())   # same methods, other lengths
+    manifest = read_manifest(RESULTS / DEFAULT_RUNS[1])   # same methods, other lengths
     (tmp_path / "longer").mkdir()
     manifest["params"]["max_new_tokens"] = 128
     (tmp_path / "longer" / "MANIFEST.json").write_text(json.dumps({**manifest, "run_id": "longer"}))
@@ -477,7 +477,7 @@ def test_summary_refuses_runs_that_measured_different_things(tmp_path):
 
 def test_a_parameter_added_later_is_read_as_what_older_runs_measured(tmp_path):
     "`history` came with the suffix drafters: a run without it measured 'sequence'; a run with 'none' differs."
-    manifest = json.loads((RESULTS / DEFAULT_RUNS[1] / "MANIFEST.json").read_text())
+    manifest = read_manifest(RESULTS / DEFAULT_RUNS[1])
     assert "history" not in manifest["params"]
     for name, history in (("newer", "sequence"), ("other", "none")):
         (tmp_path / name).mkdir()

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 from specdec.bench import read_records
 from specdec.report import compress_run, render_reports, text_summary
+from specdec.provenance import read_manifest, find_run, holds_run
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "results" / "example-synthetic"
@@ -18,7 +19,7 @@ def tracked(under:str="") -> set[str]:
 
 def test_committed_runs_are_compressed_and_hold_no_rendering():
     files = tracked("results")
-    runs = {str(Path(f).parent) for f in files if f.endswith("/MANIFEST.json")}
+    runs = {str(Path(f).parent) for f in files if f.endswith(("/MANIFEST.json", "/MANIFEST.json.gz"))}
     assert len(runs) >= 20
     for run in runs:
         assert f"{run}/records.jsonl.gz" in files and f"{run}/records.jsonl" not in files, run
@@ -57,6 +58,15 @@ def test_compress_run_is_lossless_and_refuses_a_running_run(plain_run):
     assert read_records(plain_run / "records.jsonl") == [json.loads(l) for l in records.decode().splitlines()]
     assert text_summary(plain_run) == summary and "× specdec-AR" in summary
     assert compress_run(plain_run, notebooks=True) == []                                   # nothing left to compress
+    manifest = read_manifest(plain_run)
+    assert compress_run(plain_run, manifest=True) == [plain_run / "MANIFEST.json.gz"]      # an older run's manifest
+    assert read_manifest(plain_run) == manifest and text_summary(plain_run) == summary and holds_run(plain_run)
+    assert find_run("example", plain_run.parent, committed=True) == plain_run              # read, as `specdec summary`
+    with pytest.raises(ValueError, match="was compressed for committing .MANIFEST.json.gz.: .* never resumed"):
+        find_run("example", plain_run.parent)                                              # never resumed
+    assert not holds_run(plain_run.parent / "fresh")
+    (plain_run / "MANIFEST.json").write_bytes(gzip.decompress((plain_run / "MANIFEST.json.gz").read_bytes()))
+    (plain_run / "MANIFEST.json.gz").unlink()                                               # plain again, as written
     (plain_run / "records.jsonl").write_bytes(records)
     with pytest.raises(ValueError, match=r"records.jsonl.gz exists already: .* was compressed before"):
         compress_run(plain_run)
