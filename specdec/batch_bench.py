@@ -16,7 +16,7 @@ from tqdm import tqdm
 from . import specs
 from .models import seed_everything
 from .decode import generate
-from .costmodel import StepCosts, measure_step_costs, measure_tree_step
+from .costmodel import StepCosts, measure_step_costs, measure_tree_step, COST_PASSES, check_passes
 from .prompts import Prompt, load_prompts
 from .stats import Stats
 from .timing import peak_memory, reset_peak_memory
@@ -28,9 +28,8 @@ from .bench import (BenchConfig, Method, methods_from, schedule, open_run, stop_
 from .batch_summary import summarize_batch_run, explain_divergences
 
 # %% auto #0
-__all__ = ['COST_PASSES', 'BatchConfig', 'prompt_pool', 'Group', 'batch_groups', 'batch_key', 'BatchRunner',
-           'measure_batch_costs', 'surface_costs', 'prepare_batch', 'run_batch_benchmark',
-           'run_batch_from_parameters']
+__all__ = ['BatchConfig', 'prompt_pool', 'Group', 'batch_groups', 'batch_key', 'BatchRunner', 'measure_batch_costs',
+           'surface_costs', 'prepare_batch', 'run_batch_benchmark', 'run_batch_from_parameters']
 
 # %% ../nbs/11b_batch_bench.ipynb #5abca143
 @dataclass
@@ -213,7 +212,7 @@ def _tree_step_at(target, drafter, k:int, at:dict) -> dict:
         raise NotImplementedError(f"{drafter.name} drafts token trees for one prompt at a time")
     return measure_tree_step(target, drafter, k, **at)
 
-COST_PASSES = 2   # the cost surface's passes over every batch size (`measure_batch_costs`), recorded with it
+
 
 def _costs_at(target, drafters:dict, at:dict, k_max:int, tree_k:dict[str, int]) -> dict:
     "One pass at one batch size (`at`: context, compile, batch): `measure_batch_costs`'s entry for it."
@@ -248,10 +247,8 @@ def measure_batch_costs(target, drafters:dict, context:int, batch_sizes:list[int
     where a drafter cannot draft a batch of that size, the reason in `errors`. On a shared host a burst of other work
     slows every repeat of whatever is timed during it (seconds: 0.44 s for a 0.07 s forward, seen); a second pass over
     every batch size, a minute later, meets another moment, and each cost keeps the lower of the passes."""
-    if isinstance(passes, bool) or int(passes) != passes or passes < 1:
-        raise ValueError(f"passes must be an integer >= 1, got {passes!r}")
     out = {}
-    order = [B for _ in range(passes) for B in batch_sizes]
+    order = [B for _ in range(check_passes(passes)) for B in batch_sizes]
     for B in tqdm(order, desc="step costs", disable=not progress, leave=False):
         costs = _costs_at(target, drafters, dict(context=context, compile=compile, batch=B), k_max, tree_k or {})
         out[B] = _lowest(out[B], costs) if B in out else costs

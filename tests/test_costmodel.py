@@ -119,3 +119,28 @@ def test_a_batchs_draft_costs_are_timed_row_by_row(tiny, compile):
         costs = measure_step_costs(tiny, drafter, context=16, q_values=(1, 2), repeats=2, batch=2, compile=compile)
         assert costs.draft > 0 and set(costs.verify) == {1, 2}, drafter.name
         assert head.missing_features == 0                                     # the head drafted from the target's features
+
+
+def test_a_runs_step_costs_keep_each_cost_at_its_lowest_pass(monkeypatch):
+    """`bench.measure_costs` (a run's costs at B=1, which `cost:` controllers choose K from) times the target, then each
+    drafter, then all of it again, and keeps each cost at the lower of its passes: a burst of the host's other work,
+    scripted here in pass 1 on the target's q=2 and in pass 2 on drafter a's draft, is gone; `source` counts the passes;
+    a single pass keeps the burst; a bad `passes` is refused."""
+    import specdec.bench as bench
+    calls, burst = [], {(0, "q2"), (1, "a")}
+    def step_costs(target, drafter=None, context=0, verify=None, q_values=(), compile="auto"):
+        calls.append("verify" if verify is None else drafter)
+        n = calls.count("verify") - 1                                         # the pass: the target comes first
+        if verify is None: return StepCosts({q: 0.5 if (n, f"q{q}") in burst else 0.01 * q for q in q_values})
+        return StepCosts(verify, 0.5 if (n, drafter) in burst else 0.002, source={"drafter": drafter})
+    monkeypatch.setattr(bench, "measure_step_costs", step_costs)
+    costs = bench.measure_costs(None, {"a": "a", "b": "b", "ar": None}, 64, k_max=2, progress=False)
+    assert calls == ["verify", "a", "b"] * 2 and set(costs) == {"a", "b"}
+    assert costs["a"].verify == costs["b"].verify == {1: 0.01, 2: 0.02, 3: 0.03}
+    assert costs["a"].draft == costs["b"].draft == 0.002
+    assert costs["a"].source == {"drafter": "a", "passes": 2}
+    calls.clear()
+    one = bench.measure_costs(None, {"a": "a"}, 64, k_max=2, progress=False, passes=1)
+    assert one["a"].verify[2] == 0.5 and one["a"].source["passes"] == 1      # one pass keeps the burst
+    with pytest.raises(ValueError, match="passes must be an integer >= 1, got 0"):
+        bench.measure_costs(None, {"a": "a"}, 64, passes=0)
