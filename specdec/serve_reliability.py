@@ -288,9 +288,10 @@ def stream_request(client:httpx.Client, endpoint:str, model:str, prompt:str, max
                   ) -> dict:
     """One streamed greedy completion (ignore_eos, usage included), read to its end. `outcome`: `complete` (a finish
     reason, the full usage, `[DONE]`), `http NNN` (refused: the answer's start in `detail`), `error_event` (an error
-    in the stream), `truncated` (the stream ended early), `connection_refused` or `no_response` (accepted, no
-    answer); a complete one has its TTFT and its TPOT ((last chunk - first chunk) / (completion tokens - 1)) and
-    `step_s`, the mean interval between its chunks."""
+    in the stream), `truncated` (the stream ended early), `connection_refused`, `closed_unanswered` (the connection
+    closed before any answer: uvicorn, shutting down, closes a connection whose request it has not begun) or
+    `no_response` (no answer within `timeout`); a complete one has its TTFT and its TPOT ((last chunk - first chunk) /
+    (completion tokens - 1)) and `step_s`, the mean interval between its chunks."""
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
             "stream": True, "stream_options": {"include_usage": True}}
     start, status, first, last, chunks, finish, usage, done, error = time.perf_counter(), None, None, None, 0, None, \
@@ -315,7 +316,8 @@ def stream_request(client:httpx.Client, endpoint:str, model:str, prompt:str, max
     except httpx.ConnectError as e:                 # never accepted: nothing was in flight
         return {"outcome": "connection_refused", "status": None, "detail": f"{type(e).__name__}: {e}"}
     except (httpx.HTTPError, json.JSONDecodeError) as e:
-        return {"outcome": "no_response" if status is None else "truncated", "status": status,
+        unanswered = "no_response" if isinstance(e, httpx.TimeoutException) else "closed_unanswered"
+        return {"outcome": unanswered if status is None else "truncated", "status": status,
                 "detail": f"{type(e).__name__}: {e}"}
     if error is not None: return {"outcome": "error_event", "status": status, "detail": json.dumps(error)[:300]}
     if not (done and finish and _complete_usage(usage)):
@@ -378,17 +380,18 @@ def disconnect_check(endpoint:str, model:str, prompt:str="The quick brown fox", 
             time.sleep(poll)
     return {"gauge": True, "status": status, "running_before": before, "running_during": during, "elapsed_s": elapsed}
 
-# how a request in flight at SIGTERM may end: served, refused, told why, or never accepted (the server stopped
-# listening)
-EXPLICIT = ("complete", "http 429", "http 503", "error_event", "connection_refused")
+# how a request in flight at SIGTERM may end: served, refused, told why, or never taken (the server stopped listening,
+# or closed the connection before beginning its request: nothing of it ran, a client may resend it)
+EXPLICIT = ("complete", "http 429", "http 503", "error_event", "connection_refused", "closed_unanswered")
 
 def sigterm_check(endpoint:str, model:str,
                   terminate:Callable[[], None], # sends the server SIGTERM (the caller owns the process)
                   streams:int=4, prompt:str="The quick brown fox", max_tokens:int=64,
                   timeout:float=120) -> dict:
     """`streams` concurrent streamed requests; `terminate` is called once the first chunk of any arrived. Each must end
-    explicitly (`EXPLICIT`: complete, 429, 503 or an error event) within `timeout`; a stream cut short or left hanging
-    is listed in `hung_or_cut`. `last_end_s`: seconds from the signal to the last stream's end."""
+    explicitly (`EXPLICIT`: complete, 429, 503, an error event, or never taken) within `timeout`; a stream cut short
+    (its answer begun) or left hanging (`no_response`) is listed in `hung_or_cut`. `last_end_s`: seconds from the
+    signal to the last stream's end."""
     chunk, ends = threading.Event(), []
     def one(i):
         with httpx.Client() as client:

@@ -170,3 +170,29 @@ def test_a_serve_benchmark_run_checks_reliability_on_a_server_of_its_own(tmp_pat
     assert set(table["target"]) == set(result["targets"]) >= {"hostile_all_4xx", "sigterm_no_hung_request"}
     assert table.set_index("target").loc["hostile_all_4xx", "met"]
     assert (tmp_path / "server-reliability.log").exists()
+
+
+def test_a_stream_closed_before_any_answer_is_told_from_one_left_hanging():
+    """At shutdown uvicorn closes a connection whose request it has not begun: the stream ends `closed_unanswered`
+    (never taken, so an explicit end at SIGTERM, as a refused connection is); a server that never answers ends
+    `no_response` at the timeout (hanging: not explicit), and a stream cut after its answer began stays `truncated`."""
+    import socket, threading, httpx
+    from specdec.serve_reliability import stream_request, EXPLICIT
+    def serve_once(reply:bytes|None):                     # one connection: read the request, answer `reply` or nothing
+        listener = socket.create_server(("127.0.0.1", 0))
+        def run():
+            conn, _ = listener.accept()
+            conn.recv(65536)
+            if reply is None: threading.Event().wait(3)   # hang past the client's timeout
+            else: conn.sendall(reply)
+            conn.close(); listener.close()
+        threading.Thread(target=run, daemon=True).start()
+        return f"http://127.0.0.1:{listener.getsockname()[1]}"
+    started = (b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+               b"1a\r\ndata: {\"choices\": [{}]}\n\n\r\n")
+    outcomes = {}
+    for name, reply in (("closed", b""), ("hanging", None), ("cut", started)):
+        with httpx.Client() as client:
+            outcomes[name] = stream_request(client, serve_once(reply), "m", "hi", 4, timeout=1)["outcome"]
+    assert outcomes == {"closed": "closed_unanswered", "hanging": "no_response", "cut": "truncated"}
+    assert "closed_unanswered" in EXPLICIT and not {"no_response", "truncated"} & set(EXPLICIT)
