@@ -212,8 +212,6 @@ def _tree_step_at(target, drafter, k:int, at:dict) -> dict:
         raise NotImplementedError(f"{drafter.name} drafts token trees for one prompt at a time")
     return measure_tree_step(target, drafter, k, **at)
 
-
-
 def _costs_at(target, drafters:dict, at:dict, k_max:int, tree_k:dict[str, int]) -> dict:
     "One pass at one batch size (`at`: context, compile, batch): `measure_batch_costs`'s entry for it."
     verify = measure_step_costs(target, q_values=range(1, k_max + 2), **at).verify

@@ -13,7 +13,7 @@ from .models import LoadedModel
 from .net import KVCache, attend, cache_dtype
 from specdec_kernels.rotary_kv import rotate
 from .sampling import SamplingConfig, logits_to_probs, sample
-from .vocab import DraftVocab
+from .vocab import DraftVocab, prompts_vocab, with_row_bias
 from .drafters import Draft, Drafter, no_draft, per_row
 from .engine import HeadSteps, HEAD_MODES
 from .unroll import unroll
@@ -27,11 +27,8 @@ class _Head(nn.Module, Drafter):
     """What EAGLE and Medusa heads share: the target they draft for, its norm and output head over the draft vocabulary,
     and the target's features (the outputs of `target_layers`) that the loop hands to `start` and `observe`."""
     head_type = ""
-    # each row's target features not yet run through the head; with `prompt_vocab` in a batch, what each row drafts
-    row_state = ("pending", "row_bias")
-    # [B, N] with `prompt_vocab` in a batch: 0 where a row may draft an id (the draft vocabulary, its own prompt), -inf
-    # elsewhere; None otherwise
-    row_bias:torch.Tensor|None = None
+    row_state = ("pending", "row_bias")   # each row's features not yet run through the head; what each row may draft
+    row_bias:torch.Tensor|None = None     # [B, N] with `prompt_vocab` in a batch (`vocab.prompts_vocab`), else None
 
     def __init__(self, target:LoadedModel, draft_vocab:DraftVocab|None=None):
         nn.Module.__init__(self)
@@ -67,9 +64,7 @@ class _Head(nn.Module, Drafter):
     def target_norm(self, features): return self.target.model.model.norm(features)
 
     @property
-    def dtype(self) -> torch.dtype:
-        "The dtype the head computes in: its weights' (`head_dtype`)."
-        return next(self.parameters()).dtype
+    def dtype(self) -> torch.dtype: return next(self.parameters()).dtype   # what it computes in (`head_dtype`)
 
     def use_engine(self, compile:str) -> dict:
         """Run the head's forwards as the target's resolved mode runs (`HEAD_MODES`: CUDA graphs under `graphs`, fixed
@@ -88,12 +83,9 @@ class _Head(nn.Module, Drafter):
         (not per draft token)."""
         weight = self.target.model.lm_head.weight                             # [V, H], frozen
         key = (weight.data_ptr(), weight.dtype, weight.device, self.dtype)
-        cached = getattr(self, "_draft_rows", (None, None, None))
-        vocab = self.vocab
-        # a new weight or dtype, or a vocabulary set since
-        if cached[0] != key or cached[1] is not vocab:
-            # a plain tensor: training may use it later
-            with torch.inference_mode(False), torch.no_grad():
+        cached, vocab = getattr(self, "_draft_rows", (None, None, None)), self.vocab
+        if cached[0] != key or cached[1] is not vocab:                        # a new weight, dtype or vocabulary
+            with torch.inference_mode(False), torch.no_grad():               # a plain tensor: training may use it
                 rows = weight if len(vocab) == weight.shape[0] else weight.index_select(0, vocab.ids_on(weight.device))
                 rows = rows.to(self.dtype)                                     # a draft reads these rows once per token
             self._draft_rows = (key, vocab, rows)
@@ -135,31 +127,17 @@ class _Head(nn.Module, Drafter):
     def _reset(self, batch:int, capacity:int) -> None: pass
 
     def _set_vocab(self) -> None:
-        """With `prompt_vocab`, the vocabulary of this generation: the draft vocabulary and the rows' prompts, each row
-        drafting from the draft vocabulary and its own prompt (`row_bias`, when there are rows)."""
-        if not self.prompt_vocab:
-            self.run_vocab, self.row_bias = None, None
-            return
-        self.run_vocab = self.draft_vocab.with_ids(torch.cat([p.flatten() for p in self.row_prompts]))
-        rows = len(self.row_prompts) > 1
-        self.row_bias = self.run_vocab.row_bias(self.draft_vocab, self.row_prompts).to(self.target.device) if rows \
-                        else None
+        "With `prompt_vocab`: the draft vocabulary and the rows' prompts, each row kept to its own (`prompts_vocab`)."
+        self.run_vocab, bias = prompts_vocab(self.draft_vocab, self.row_prompts) if self.prompt_vocab else (None, None)
+        self.row_bias = None if bias is None else bias.to(self.target.device)
 
-    def in_row_vocab(self, logits:torch.Tensor, # [..., B, ..., N] draft logits over the run's vocabulary
-                     row_dim:int=0) -> torch.Tensor:
-        "`logits` with the ids each row may not draft at -inf (`row_bias`; unchanged without one)."
-        if self.row_bias is None: return logits
-        if self.row_bias.shape[0] == 1: return logits + self.row_bias[0]           # one row: every leading dim is its
-        shape = [1] * logits.dim()
-        shape[row_dim], shape[-1] = self.row_bias.shape
-        return logits + self.row_bias.view(shape)
+    # draft logits [..., B, ..., N] over the run's vocabulary, with what each row may not draft at -inf
+    def in_row_vocab(self, logits, row_dim:int=0): return with_row_bias(logits, self.row_bias, row_dim)
 
     def admit(self, row, prompt_ids, features=None) -> None:
         """The new row's prefill features (every prompt position but its last) wait for its first draft; with
         `prompt_vocab`, its prompt's tokens join its vocabulary (those of the prompt it replaces leave)."""
-        if self.prompt_vocab:
-            self.row_prompts[row] = prompt_ids.flatten()
-            self._set_vocab()
+        if self.prompt_vocab: self.row_prompts[row] = prompt_ids.flatten(); self._set_vocab()
         n = prompt_ids.shape[-1]
         self.pending[row] = [self._taken(features, n - 1, 1)[0]] if n > 1 else []
         self._admit_row(row, prompt_ids)
@@ -312,7 +290,6 @@ class EagleHead(_Head):
     def decoder_layers(self) -> list:
         "Each layer's weights: the head itself holds the first (the EAGLE-3 layout), `more_layers` the rest."
         return [self, *self.more_layers]
-
 
     def fused(self, features:torch.Tensor # [B, T, layers*H] the target layers' outputs
              ) -> torch.Tensor:

@@ -12,10 +12,10 @@ import torch
 import specdec
 
 # %% auto #0
-__all__ = ['CPU_ISA_FLAGS', 'NOT_MEASURED', 'MANIFEST_NAMES', 'git_state', 'cpu_isa', 'system_info', 'machine_of',
-           'versions', 'record_provenance', 'ResumeRefused', 'read_records', 'record_key', 'measured_params',
-           'config_hash', 'manifest_path', 'holds_run', 'find_run', 'read_manifest', 'check_resume',
-           'portable_path', 'write_json', 'file_hash', 'target_source', 'linear_choice']
+__all__ = ['CPU_ISA_FLAGS', 'NOT_MEASURED', 'git_state', 'cpu_isa', 'system_info', 'machine_of', 'versions',
+           'record_provenance', 'ResumeRefused', 'plain_or_packed', 'read_text', 'read_records', 'record_key',
+           'measured_params', 'config_hash', 'manifest_path', 'holds_run', 'find_run', 'read_manifest',
+           'check_resume', 'portable_path', 'write_json', 'file_hash', 'target_source', 'linear_choice']
 
 # %% ../nbs/10a_provenance.ipynb #98371518
 def _git(args:list[str], cwd) -> str|None:
@@ -119,13 +119,19 @@ def record_provenance(device, git:dict) -> dict:
 class ResumeRefused(ValueError):
     "A run cannot be resumed here: other code or another machine measured it."
 
+def plain_or_packed(path) -> Path|None:
+    "`path`, or `path.gz` beside it (compressed for committing: `report.compress_run`); None when neither is a file."
+    path = Path(path)
+    return next((p for p in (path, path.with_name(path.name + ".gz")) if p.is_file()), None)
+
+def read_text(path:Path) -> str:
+    "A file's text, decompressed when it is a `.gz`."
+    return gzip.decompress(path.read_bytes()).decode() if path.suffix == ".gz" else path.read_text()
+
 def read_records(path:Path) -> list[dict]:
     "Records of `records.jsonl`, or of `records.jsonl.gz` beside it (a committed run); a torn last line is ignored."
-    path = Path(path)
-    if not path.exists() and path.with_name(path.name + ".gz").exists(): path = path.with_name(path.name + ".gz")
-    if not path.exists(): return []
-    text = gzip.decompress(path.read_bytes()).decode() if path.suffix == ".gz" else path.read_text()
-    out = []
+    if (found := plain_or_packed(path)) is None: return []
+    text, out = read_text(found), []
     for line in text.splitlines():
         try: out.append(json.loads(line))
         except json.JSONDecodeError: pass
@@ -143,17 +149,13 @@ def config_hash(params:dict) -> str:
     "Hash of what a run's parameters measure (not of where it is written)."
     return hashlib.sha256(json.dumps(measured_params(params), sort_keys=True, default=str).encode()).hexdigest()[:8]
 
-# a run's manifest as written, and as compressed for committing (`report.compress_run`)
-MANIFEST_NAMES = ("MANIFEST.json", "MANIFEST.json.gz")
-
 def manifest_path(run_dir) -> Path|None:
     "The run folder's manifest, plain or compressed; None when it holds none."
-    return next((p for p in (Path(run_dir) / name for name in MANIFEST_NAMES) if p.is_file()), None)
+    return plain_or_packed(Path(run_dir) / "MANIFEST.json")
 
 def holds_run(run_dir) -> bool:
     "Whether a folder holds a run (a manifest or records, plain or compressed): a fresh run never writes into it."
-    records = (Path(run_dir) / name for name in ("records.jsonl", "records.jsonl.gz"))
-    return manifest_path(run_dir) is not None or any(p.is_file() for p in records)
+    return manifest_path(run_dir) is not None or plain_or_packed(Path(run_dir) / "records.jsonl") is not None
 
 def find_run(run:str, out:str="results", purpose:str="to resume",
              committed:bool=False, # a run compressed for committing will do (to read it, never to resume it)
@@ -161,7 +163,7 @@ def find_run(run:str, out:str="results", purpose:str="to resume",
     "The run folder named by a path or by a run id under `out`."
     for cand in (Path(run), Path(out) / run):
         if (found := manifest_path(cand)) is None: continue
-        if found.name != MANIFEST_NAMES[0] and not committed:
+        if found.suffix == ".gz" and not committed:
             raise ValueError(f"run {run!r} was compressed for committing ({found.name}): it is finished, and a "
                              "committed run is regenerated, never resumed")
         return cand
@@ -171,8 +173,7 @@ def read_manifest(run_dir) -> dict:
     "The manifest of a run folder, plain or compressed (a ValueError when the folder holds none)."
     if (path := manifest_path(run_dir)) is None:
         raise ValueError(f"{run_dir} is not a run folder: it has no MANIFEST.json")
-    data = path.read_bytes()
-    return json.loads(gzip.decompress(data) if path.suffix == ".gz" else data)
+    return json.loads(read_text(path))
 
 def check_resume(manifest:dict, config_hash:str, git:dict, machine:dict) -> None:
     "Raise `ResumeRefused` unless this code measured the run in `manifest`, on this machine, with these parameters."

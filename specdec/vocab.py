@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 # %% auto #0
-__all__ = ['DraftVocab']
+__all__ = ['DraftVocab', 'prompts_vocab', 'with_row_bias']
 
 # %% ../nbs/03a_vocab.ipynb #3ecc78ec
 class DraftVocab:
@@ -77,3 +77,21 @@ class DraftVocab:
         "The same distributions over the full vocabulary `[..., V]` (zero outside the draft vocabulary)."
         full = draft_probs.new_zeros(*draft_probs.shape[:-1], self.vocab_size)
         return full.index_copy_(-1, self.ids_on(draft_probs.device), draft_probs)
+
+def prompts_vocab(base:DraftVocab, # the draft vocabulary
+                  prompts:list, # [S_b] each row's prompt ids
+                 ) -> tuple[DraftVocab, torch.Tensor|None]:
+    """A generation drafting its prompts' tokens too: `base` with every row's prompt ids, and for more than one row each
+    row kept to `base` and its own prompt (`DraftVocab.row_bias` `[B, N]`; None for one row)."""
+    vocab = base.with_ids(torch.cat([p.flatten() for p in prompts]))
+    return vocab, vocab.row_bias(base, prompts) if len(prompts) > 1 else None
+
+def with_row_bias(logits:torch.Tensor, # [..., B, ..., N] draft logits, rows along `row_dim`
+                  bias:torch.Tensor|None, # [B, N] (`prompts_vocab`); None: unchanged
+                  row_dim:int=0) -> torch.Tensor:
+    "`logits` with the ids each row may not draft at -inf."
+    if bias is None: return logits
+    if bias.shape[0] == 1: return logits + bias[0]                         # one row: every leading dim is its
+    shape = [1] * logits.dim()
+    shape[row_dim], shape[-1] = bias.shape
+    return logits + bias.view(shape)
