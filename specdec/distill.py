@@ -17,9 +17,9 @@ from .checkpoints import target_fingerprint
 from .eagle3 import reference_layers
 
 # %% auto #0
-__all__ = ['PROMPT_STYLES', 'COPY_TASKS', 'magpie_prefix', 'evaluation_texts', 'feature_layers', 'read_data',
-           'features_dir', 'read_features', 'data_hash', 'write_distill_data', 'read_training_data',
-           'record_features', 'copy_records', 'write_copy_data']
+__all__ = ['PROMPT_STYLES', 'COPY_TASKS', 'magpie_prefix', 'evaluation_texts', 'evaluation_sets', 'feature_layers',
+           'read_data', 'features_dir', 'read_features', 'data_hash', 'write_distill_data',
+           'read_training_data', 'record_features', 'copy_records', 'write_copy_data']
 
 # %% ../nbs/08a_distill.ipynb #79515e6c
 _MARKER = "\u2063SPECDEC-USER-TEXT\u2063"
@@ -40,6 +40,10 @@ def evaluation_texts(exclude=()) -> set[str]:
     workloads = [p for load in WORKLOADS.values() for p in load()]          # the repeated workload and its dev set
     prompts = builtin_prompts() + workloads + [p for path in exclude for p in read_spec_bench(path)]
     return {_normal(t) for p in prompts for t in p.turns}
+
+def evaluation_sets(exclude=()) -> list[str]:
+    "What `evaluation_texts(exclude)` holds, for manifests: the built-in set, each workload, the files."
+    return ["builtin", *WORKLOADS] + [str(p) for p in exclude]
 
 # %% ../nbs/08a_distill.ipynb #26f317f5
 def _stop_ids(target:LoadedModel) -> list[int]:
@@ -357,7 +361,7 @@ def write_distill_data(target:LoadedModel, path, # a .jsonl file (appended to; r
                 "features": {"dir": features.name, "layers": list(layers), "top_k": top_k, "dtype": "float16"},
                 "records_by_style": {k: sum(r.get("style", "open") == k for r in records)
                                      for k in (styles if source is None else [source.name])},
-                "excluded_evaluation_sets": ["builtin", "repeated"] + [str(p) for p in exclude],
+                "excluded_evaluation_sets": evaluation_sets(exclude),
                 "excluded_prompts_this_run": excluded,
                 "batches_done": len([b for b in finished if b < n_batches]), "stopped": stopped}
     path.with_suffix(".json").write_text(json.dumps(manifest, indent=1))
@@ -520,6 +524,6 @@ def write_copy_data(target:LoadedModel, path, # a .jsonl file (appended to; resu
                 "features": {"dir": features_dir(path).name, "layers": list(layers), "top_k": top_k,
                              "dtype": "float16"},
                 "records_by_style": {f"copy-{t}": sum(r["style"] == f"copy-{t}" for r in records) for t in tasks},
-                "excluded_evaluation_sets": ["builtin", "repeated"] + [str(p) for p in exclude]}
+                "excluded_evaluation_sets": evaluation_sets(exclude)}
     path.with_suffix(".json").write_text(json.dumps(manifest, indent=1))
     return manifest

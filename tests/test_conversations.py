@@ -6,7 +6,8 @@ import hashlib, json, random, importlib.util
 from pathlib import Path
 import pytest, torch
 from specdec.conversations import (read_conversations, load_sharegpt, sharegpt_file, NearTexts, evaluation_near,
-                                   ConversationPrompts, write_conversation_data, conversation_ids, SHAREGPT)
+                                   ConversationPrompts, write_conversation_data, conversation_ids, SHAREGPT,
+                                   write_sharegpt_subset, subset_provenance_path)
 from specdec.distill import write_distill_data, read_data, read_training_data, feature_layers
 from specdec.prompts import read_spec_bench
 from specdec.train import new_head, train_head
@@ -232,6 +233,35 @@ def test_the_mix_reads_and_trains_together(tiny, tmp_path):
     metrics = train_head(head, records, recorded, layers=mixed["features"]["layers"], batch_size=4, max_steps=2,
                          seed=0, progress=False)
     assert metrics["steps"] == 2 and all(torch.isfinite(torch.tensor(metrics["losses"])))
+
+
+def test_a_subset_to_carry_keeps_whole_conversations_away_from_the_evaluation_sets(tmp_path):
+    """`write_sharegpt_subset`: a gzipped ShareGPT-format file of the source's complete conversations in a seeded
+    order, none near an evaluation text, cut at n or before max_bytes, the same bytes on every call; `load_sharegpt`
+    reads it back with the source's provenance (its licence, hash and counts) beside the subset's own."""
+    source = cut_file(tmp_path / "cut.json")
+    conversations, read = read_conversations(source)
+    exclude = [eval_file(tmp_path / "eval.jsonl", [edit(conversations[5]["turns"][0]["content"], 0, 1)])]
+    got = write_sharegpt_subset(tmp_path / "all.json.gz", 100, 1 << 20, source=source, exclude=exclude)
+    back, provenance = load_sharegpt(tmp_path / "all.json.gz")
+    assert (got["kept"], got["looked_at"], got["near an evaluation text"], got["stopped"]) == (12, 13, 1, "source")
+    by_id = {c["id"]: c for c in conversations}
+    assert {c["id"] for c in back} == set(by_id) - {"ok5"}                       # whole conversations, all turns
+    assert all(c["turns"] == by_id[c["id"]]["turns"] for c in back)
+    assert provenance["subset_of"]["sha256"] == read["sha256"] and provenance["subset"]["kept"] == 12
+    assert provenance["licence"] == "unknown (a file given by path)" and provenance["ended"] == "complete"
+    assert str(exclude[0]) in got["near"]["exclude"] and subset_provenance_path(tmp_path / "all.json.gz").is_file()
+    again = write_sharegpt_subset(tmp_path / "again.json.gz", 100, 1 << 20, source=source, exclude=exclude)
+    assert (tmp_path / "again.json.gz").read_bytes() == (tmp_path / "all.json.gz").read_bytes()
+    assert again["kept"] == 12
+    few = write_sharegpt_subset(tmp_path / "few.json.gz", 3, 1 << 20, source=source, exclude=exclude)
+    assert few["stopped"] == "n" and [c["id"] for c in load_sharegpt(tmp_path / "few.json.gz")[0]] == \
+        [c["id"] for c in back[:3]]                                             # the same order, cut at 3
+    small = write_sharegpt_subset(tmp_path / "small.json.gz", 100, 400, source=source, exclude=exclude)
+    assert small["stopped"] == "max_bytes" and 0 < small["kept"] < 12 and small["bytes"] <= 400
+    assert len(load_sharegpt(tmp_path / "small.json.gz")[0]) == small["kept"]
+    with pytest.raises(ValueError, match="written gzipped: name it \\*.json.gz, not plain.json"):
+        write_sharegpt_subset(tmp_path / "plain.json", 3, 1 << 20, source=source)
 
 
 def test_the_data_curve_notebook_trains_a_head_per_source_and_size(tiny, tmp_path):

