@@ -39,7 +39,7 @@ def test_kernel_runs_offline_from_its_wheels_on_the_image_alone(tmp_path, monkey
     image = tmp_path / "image"
     run([sys.executable, "-m", "venv", str(image)])
     python = str(image / "bin" / "python")
-    run([python, "-m", "pip", "install", "-q", *image_requirements()], env=env)
+    run([python, "-m", "pip", "install", "-q", "--no-compile", *image_requirements()], env=env)   # .pyc on first import
     run([python, "-m", "ipykernel", "install", "--sys-prefix", "--name", "python3"], env=env)
     print(run([python, "-m", "pip", "list"], env=env).stdout)                  # the versions, in the log of a failure
     env.update(PATH=f"{image / 'bin'}{os.pathsep}{env['PATH']}", JUPYTER_PATH=str(image / "share" / "jupyter"),
